@@ -1,0 +1,22 @@
+# The two front-door commands: `make demo` and `make test`. Both set up .venv when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint bench-data
+
+$(VENV)/.installed: pyproject.toml scripts/setup_env.sh
+	VENV=$(VENV) bash scripts/setup_env.sh
+
+setup: $(VENV)/.installed
+
+lint: setup
+	$(PY) -m ruff check src tests benchmarks scripts
+
+test: setup lint
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m prefalign demo -o runs/demo
+
+bench-data: setup
+	$(PY) benchmarks/data_scale.py

@@ -1,0 +1,171 @@
+"""The `prefalign` command line: thin wrappers that build a typed config and call the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from .config import ConfigError, StrictModel, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Align language models to preference data: DPO family and RLHF, measured side by side.")
+data_app = typer.Typer(no_args_is_help=True, help="Check, describe, curate and split preference data.")
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+out = Console()
+
+FORMAT_HELP = "record shape: auto, pairs, conversation, hh, sharegpt, kto, ranked"
+READER_HELP = "file type: auto, jsonl, json, csv, parquet, arrow (a datasets.save_to_disk folder)"
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def build(model: type[StrictModel], options: dict[str, Any], overrides: list[str] | None,
+          config: Path | None = None) -> Any:
+    """Options given on the command line, then the YAML file, then key=value overrides."""
+    base = {k: v for k, v in options.items() if v is not None}
+    try:
+        return load_config(model, config, list(overrides or []), base=base)
+    except ConfigError as e:
+        fail(str(e))
+
+
+def _read_options(format: str, reader: str, split: str | None, ranked: str) -> dict[str, Any]:
+    return {"format": format, "reader": reader, "split": split, "ranked": ranked}
+
+
+@data_app.command("check")
+def data_check(
+    path: Path,
+    format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
+    reader: str = typer.Option("auto", help=READER_HELP),
+    split: Optional[str] = typer.Option(None, help="split of a saved DatasetDict"),
+    ranked: str = typer.Option("best_vs_rest", help="ranked data: best_vs_rest, best_vs_worst, all"),
+    max_problems: int = typer.Option(100, help="problems printed at most"),
+) -> None:
+    """Validate every record; print one line per bad record (file:line: field: problem). Exit 1 if any."""
+    from .data.curate import ReadOptions, compute_stats
+
+    opts = build(ReadOptions, _read_options(format, reader, split, ranked), None)
+    problems: list = []
+    try:
+        stats = compute_stats(path, opts, problems_out=problems, max_problems=max_problems)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    for p in problems:
+        out.print(str(p), highlight=False, markup=False, soft_wrap=True)
+    if stats.invalid > len(problems):
+        out.print(f"... and {stats.invalid - len(problems)} more problems")
+    verdict = "[green]ok[/]" if not stats.invalid else "[red]bad records found[/]"
+    console.print(f"{path}: {stats.records} records, {stats.valid} valid, {stats.invalid} invalid "
+                  f"({stats.pairs} pairs, {stats.unpaired} unpaired): {verdict}", highlight=False)
+    if stats.invalid:
+        raise typer.Exit(1)
+
+
+@data_app.command("stats")
+def data_stats(
+    path: Path,
+    tokenizer: Optional[str] = typer.Option(None, help="local tokenizer folder, for token-length percentiles"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
+    reader: str = typer.Option("auto", help=READER_HELP),
+    split: Optional[str] = typer.Option(None, help="split of a saved DatasetDict"),
+    ranked: str = typer.Option("best_vs_rest", help="ranked data: best_vs_rest, best_vs_worst, all"),
+) -> None:
+    """Counts, duplicates, ties, length bias and length percentiles, streamed in bounded memory."""
+    from .data.curate import ReadOptions, compute_stats
+
+    opts = build(ReadOptions, _read_options(format, reader, split, ranked), None)
+    try:
+        stats = compute_stats(path, opts, tokenizer=tokenizer).to_json()
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(stats))
+        return
+    from rich.table import Table
+
+    table = Table(title=str(path), show_header=False)
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@data_app.command("curate")
+def data_curate(
+    path: Path,
+    output: Path = typer.Option(..., "-o", "--output", help="where the kept records go (JSONL)"),
+    quarantine: Optional[Path] = typer.Option(None, help="bad and set-aside records (default: OUT.quarantine.jsonl)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value settings of the curate config"),
+    config: Optional[Path] = typer.Option(None, help="YAML file of curate settings"),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
+    reader: Optional[str] = typer.Option(None, help=READER_HELP),
+    dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="drop exact duplicates (default on)"),
+    conflicts: Optional[str] = typer.Option(None, help="contradicting pairs: drop (all copies), keep_first, keep"),
+    min_chars: Optional[int] = typer.Option(None, help="shortest answer kept"),
+    max_chars: Optional[int] = typer.Option(None, help="longest answer kept"),
+    max_prompt_chars: Optional[int] = typer.Option(None),
+    tokenizer: Optional[str] = typer.Option(None, help="local tokenizer folder for --max-tokens"),
+    max_tokens: Optional[int] = typer.Option(None, help="longest prompt + answer kept, in tokens"),
+) -> None:
+    """Keep the good records; quarantine every bad or set-aside one with its reason. Counts add up."""
+    from .data.curate import CurateConfig, curate
+
+    cfg = build(CurateConfig, dict(format=format, reader=reader, dedup=dedup, conflicts=conflicts,
+                                   min_chars=min_chars, max_chars=max_chars, max_prompt_chars=max_prompt_chars,
+                                   tokenizer=tokenizer, max_tokens=max_tokens), overrides, config)
+    bad = quarantine or output.with_name(output.name.removesuffix(".jsonl") + ".quarantine.jsonl")
+    try:
+        res = curate(path, output, bad, cfg)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    summary = res.to_json()
+    console.print(f"{path}: {summary['rows']} rows = {summary['rows_valid']} valid + {summary['rows_invalid']} "
+                  f"invalid; {summary['records_valid']} records = {res.kept} kept -> {output} + "
+                  f"{sum(res.set_aside.values())} set aside {dict(res.set_aside)} -> {bad}", highlight=False)
+    print(json.dumps(summary))
+
+
+@data_app.command("split")
+def data_split(
+    path: Path,
+    eval_fraction: float = typer.Option(..., "--eval-fraction", help="share of prompts held out"),
+    output: Path = typer.Option(..., "-o", "--output", help="folder for train.jsonl and eval.jsonl"),
+    salt: str = typer.Option("", help="change to draw another deterministic split"),
+    format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
+    reader: str = typer.Option("auto", help=READER_HELP),
+) -> None:
+    """Deterministic split by prompt hash: no prompt is in both train and eval."""
+    from .data.curate import SplitConfig, split
+
+    cfg = build(SplitConfig, dict(eval_fraction=eval_fraction, salt=salt, format=format, reader=reader), None)
+    try:
+        counts = split(path, output, cfg)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    console.print(f"{path}: {counts.get('train', 0)} train, {counts.get('eval', 0)} eval, "
+                  f"{counts.get('invalid', 0)} invalid rows -> {output}", highlight=False)
+    print(json.dumps(counts))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
