@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup_env.sh
 setup: $(VENV)/.installed
 
 lint: setup
-	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m ruff check --output-format concise src tests benchmarks scripts
 
 test: setup lint
 	$(PY) -m pytest -q

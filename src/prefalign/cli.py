@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -17,8 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 data_app = typer.Typer(no_args_is_help=True, help="Check, describe, curate and split preference data.")
 app.add_typer(data_app, name="data")
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 FORMAT_HELP = "record shape: auto, pairs, conversation, hh, sharegpt, kto, ranked"
 READER_HELP = "file type: auto, jsonl, json, csv, parquet, arrow (a datasets.save_to_disk folder)"
@@ -48,7 +48,7 @@ def data_check(
     path: Path,
     format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
     reader: str = typer.Option("auto", help=READER_HELP),
-    split: Optional[str] = typer.Option(None, help="split of a saved DatasetDict"),
+    split: str | None = typer.Option(None, help="split of a saved DatasetDict"),
     ranked: str = typer.Option("best_vs_rest", help="ranked data: best_vs_rest, best_vs_worst, all"),
     max_problems: int = typer.Option(100, help="problems printed at most"),
 ) -> None:
@@ -75,11 +75,11 @@ def data_check(
 @data_app.command("stats")
 def data_stats(
     path: Path,
-    tokenizer: Optional[str] = typer.Option(None, help="local tokenizer folder, for token-length percentiles"),
+    tokenizer: str | None = typer.Option(None, help="local tokenizer folder, for token-length percentiles"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
     reader: str = typer.Option("auto", help=READER_HELP),
-    split: Optional[str] = typer.Option(None, help="split of a saved DatasetDict"),
+    split: str | None = typer.Option(None, help="split of a saved DatasetDict"),
     ranked: str = typer.Option("best_vs_rest", help="ranked data: best_vs_rest, best_vs_worst, all"),
 ) -> None:
     """Counts, duplicates, ties, length bias and length percentiles, streamed in bounded memory."""
@@ -107,18 +107,18 @@ def data_stats(
 def data_curate(
     path: Path,
     output: Path = typer.Option(..., "-o", "--output", help="where the kept records go (JSONL)"),
-    quarantine: Optional[Path] = typer.Option(None, help="bad and set-aside records (default: OUT.quarantine.jsonl)"),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value settings of the curate config"),
-    config: Optional[Path] = typer.Option(None, help="YAML file of curate settings"),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
-    reader: Optional[str] = typer.Option(None, help=READER_HELP),
-    dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="drop exact duplicates (default on)"),
-    conflicts: Optional[str] = typer.Option(None, help="contradicting pairs: drop (all copies), keep_first, keep"),
-    min_chars: Optional[int] = typer.Option(None, help="shortest answer kept"),
-    max_chars: Optional[int] = typer.Option(None, help="longest answer kept"),
-    max_prompt_chars: Optional[int] = typer.Option(None),
-    tokenizer: Optional[str] = typer.Option(None, help="local tokenizer folder for --max-tokens"),
-    max_tokens: Optional[int] = typer.Option(None, help="longest prompt + answer kept, in tokens"),
+    quarantine: Path | None = typer.Option(None, help="bad and set-aside records (default: OUT.quarantine.jsonl)"),
+    overrides: list[str] | None = typer.Argument(None, help="key=value settings of the curate config"),
+    config: Path | None = typer.Option(None, help="YAML file of curate settings"),
+    format: str | None = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
+    reader: str | None = typer.Option(None, help=READER_HELP),
+    dedup: bool | None = typer.Option(None, "--dedup/--no-dedup", help="drop exact duplicates (default on)"),
+    conflicts: str | None = typer.Option(None, help="contradicting pairs: drop (all copies), keep_first, keep"),
+    min_chars: int | None = typer.Option(None, help="shortest answer kept"),
+    max_chars: int | None = typer.Option(None, help="longest answer kept"),
+    max_prompt_chars: int | None = typer.Option(None),
+    tokenizer: str | None = typer.Option(None, help="local tokenizer folder for --max-tokens"),
+    max_tokens: int | None = typer.Option(None, help="longest prompt + answer kept, in tokens"),
 ) -> None:
     """Keep the good records; quarantine every bad or set-aside one with its reason. Counts add up."""
     from .data.curate import CurateConfig, curate
@@ -158,6 +158,14 @@ def data_split(
     console.print(f"{path}: {counts.get('train', 0)} train, {counts.get('eval', 0)} eval, "
                   f"{counts.get('invalid', 0)} invalid rows -> {output}", highlight=False)
     print(json.dumps(counts))
+
+
+@app.command("demo")
+def demo(output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="folder for everything the demo writes")) -> None:
+    """Run the whole pipeline end to end on what ships with prefalign (no downloads)."""
+    from .demo import run_demo
+
+    run_demo(output, console)
 
 
 def main() -> None:

@@ -54,32 +54,40 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The nested pydantic model a validation error location points into, if any."""
+def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
+    """Follow an error location through nested models, dropping pydantic's union-member tags
+    ('Lora', 'bool', ...): returns the key path a user wrote and the model that owns its last key."""
+    path: list[str] = []
     current: type[BaseModel] | None = model
     for part in loc[:-1]:
-        if current is None or not isinstance(part, str) or part not in current.model_fields:
-            return None
-        annotation = current.model_fields[part].annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-    return current
+        fields = current.model_fields if current is not None else {}
+        if isinstance(part, str) and part in fields:
+            path.append(part)
+            annotation = fields[part].annotation
+            members = [annotation, *getattr(annotation, "__args__", ())]
+            current = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel)), None)
+        elif isinstance(part, int):
+            path.append(str(part))
+    return path + [str(loc[-1])], current
 
 
 def explain(error: ValidationError, model: type[BaseModel], source: str) -> str:
+    items = error.errors()
+    # With a union (`lora: Lora | bool`) pydantic reports every branch; a typo is the useful one.
+    if any(i["type"] == "extra_forbidden" for i in items):
+        items = [i for i in items if i["type"] == "extra_forbidden"]
     lines = []
-    for item in error.errors():
-        loc = tuple(item["loc"])
-        key = ".".join(str(p) for p in loc)
+    for item in items:
+        path, owner = _walk(model, tuple(item["loc"]))
+        key = ".".join(path)
         if item["type"] == "extra_forbidden":
-            owner = _model_at(model, loc)
             valid = sorted(owner.model_fields) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(path[-1], valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
             lines.append(f"{source}: unknown key '{key}'{hint}")
         else:
             lines.append(f"{source}: {key}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
+    return "\n".join(dict.fromkeys(lines))
 
 
 def load_config(model: type[C], path: str | Path | None = None, overrides: list[str] | None = None,

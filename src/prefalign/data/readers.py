@@ -179,7 +179,7 @@ def read_csv(path: Path) -> Iterator[Row | Problem]:
                 yield Problem(where, "", f"has {len(cells)} cells, the header has {len(header)}", "csv",
                               raw=joined)
                 continue
-            yield Row(where, {h: _maybe_json(c) for h, c in zip(header, cells)}, dict(zip(header, cells)))
+            yield Row(where, {h: _maybe_json(c) for h, c in zip(header, cells, strict=False)}, dict(zip(header, cells, strict=False)))
 
 
 def _arrow_rows(batches, path: Path, offset: int = 0) -> Iterator[Row]:

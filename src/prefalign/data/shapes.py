@@ -140,7 +140,8 @@ def check_turns(messages: list[Message], field: str, *, last: str | None = None)
 
 
 def _not_tie(chosen: Text, rejected: Text) -> None:
-    key = (lambda t: norm(t) if isinstance(t, str) else [(m["role"], norm(m["content"])) for m in t])
+    def key(t):
+        return (norm(t) if isinstance(t, str) else [(m["role"], norm(m["content"])) for m in t])
     if key(chosen) == key(rejected):
         raise Bad("rejected", "chosen and rejected are the same answer (a tie)", "tie")
 
