@@ -1,0 +1,5 @@
+"""Pure loss functions over tensors: no model, no I/O."""
+
+from .preference import METHODS, Method
+
+__all__ = ["METHODS", "Method"]

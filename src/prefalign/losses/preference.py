@@ -1,0 +1,158 @@
+"""Offline preference losses: pure functions over per-sequence log-probabilities.
+
+Vocabulary (STYLE.md): `policy_`/`ref_` x `chosen_`/`rejected_` x `logps` are *summed* log-probs of
+the completion tokens, shape (B,); `chosen_lengths`/`rejected_lengths` are their token counts.
+Each function returns (per-example loss (B,), metrics dict of (B,) tensors); the caller averages.
+Every function takes `**_` so one call site can pass the same tensors to any registered loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Metrics = dict[str, Tensor]
+
+
+def _reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Metrics:
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "rewards/accuracy": (chosen_rewards > rejected_rewards).float()}
+
+
+def _logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps) -> Tensor:
+    """h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)."""
+    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+
+
+def _implicit_rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    return _reward_metrics(beta * (policy_chosen_logps - ref_chosen_logps),
+                           beta * (policy_rejected_logps - ref_rejected_logps))
+
+
+def dpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+        ref_rejected_logps: Tensor, *, beta: float = 0.1, label_smoothing: float = 0.0, **_) -> tuple[Tensor, Metrics]:
+    """Rafailov et al. 2023, eq. 7: -log sigma(beta * h).
+
+    With label_smoothing eps > 0 this is conservative DPO (cDPO, Mitchell 2023): the preference label
+    is assumed flipped with probability eps, giving -(1-eps) log sigma(beta h) - eps log sigma(-beta h).
+    """
+    logits = beta * _logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return loss, _implicit_rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                   ref_rejected_logps)
+
+
+def cdpo(*args, label_smoothing: float = 0.1, **kw) -> tuple[Tensor, Metrics]:
+    """Conservative DPO: DPO with label smoothing (default eps = 0.1)."""
+    return dpo(*args, label_smoothing=label_smoothing, **kw)
+
+
+def robust(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+           ref_rejected_logps: Tensor, *, beta: float = 0.1, label_smoothing: float = 0.1, **_) -> tuple[Tensor, Metrics]:
+    """Chowdhury et al. 2024 (rDPO), eq. 8: an unbiased loss under label-flip rate eps < 1/2:
+    [-(1-eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps)."""
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError("robust DPO needs a flip rate label_smoothing in [0, 0.5)")
+    logits = beta * _logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    loss = (-(1 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)) \
+        / (1 - 2 * label_smoothing)
+    return loss, _implicit_rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                   ref_rejected_logps)
+
+
+def ipo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+        ref_rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor, *, beta: float = 0.1,
+        **_) -> tuple[Tensor, Metrics]:
+    """Azar et al. 2023, eq. 17: (h - 1/(2 tau))^2 with tau = beta, on length-normalised log-probs."""
+    h = _logratio_margin(policy_chosen_logps / chosen_lengths, policy_rejected_logps / rejected_lengths,
+                         ref_chosen_logps / chosen_lengths, ref_rejected_logps / rejected_lengths)
+    loss = (h - 1 / (2 * beta)) ** 2
+    return loss, _implicit_rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                   ref_rejected_logps)
+
+
+def hinge(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+          ref_rejected_logps: Tensor, *, beta: float = 0.1, **_) -> tuple[Tensor, Metrics]:
+    """SLiC (Zhao et al. 2023) calibration loss on the reference-normalised margin: max(0, 1 - beta h)."""
+    h = _logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return torch.relu(1 - beta * h), _implicit_rewards(beta, policy_chosen_logps, policy_rejected_logps,
+                                                       ref_chosen_logps, ref_rejected_logps)
+
+
+def simpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
+          rejected_lengths: Tensor, *, beta: float = 2.0, gamma: float = 0.5, **_) -> tuple[Tensor, Metrics]:
+    """Meng et al. 2024, eq. 6: -log sigma(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma).
+    Reference-free; the reward is the length-normalised log-prob scaled by beta."""
+    chosen_rewards = beta * policy_chosen_logps / chosen_lengths
+    rejected_rewards = beta * policy_rejected_logps / rejected_lengths
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    return loss, _reward_metrics(chosen_rewards, rejected_rewards)
+
+
+def orpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
+         rejected_lengths: Tensor, *, beta: float = 0.1, **_) -> tuple[Tensor, Metrics]:
+    """Hong et al. 2024, eqs. 6-7: L_SFT + lambda * L_OR with lambda = beta, where
+    L_OR = -log sigma(log odds(y_w) - log odds(y_l)), odds(y) = P(y)/(1 - P(y)) and
+    P(y) = exp(mean token log-prob). Reference-free."""
+    chosen_mean, rejected_mean = policy_chosen_logps / chosen_lengths, policy_rejected_logps / rejected_lengths
+    # log odds = log p - log(1 - p); log1p(-exp(x)) is stable for x < 0 (clamped away from 0)
+    log_odds = (chosen_mean - rejected_mean) - (
+        torch.log1p(-torch.exp(chosen_mean.clamp(max=-1e-6))) - torch.log1p(-torch.exp(rejected_mean.clamp(max=-1e-6))))
+    ratio_loss = -F.logsigmoid(log_odds)
+    nll = -chosen_mean
+    metrics = _reward_metrics(beta * chosen_mean, beta * rejected_mean)
+    metrics["orpo/log_odds_ratio"] = log_odds.detach()
+    metrics["orpo/nll"] = nll.detach()
+    return nll + beta * ratio_loss, metrics
+
+
+def kto(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl: Tensor, *, beta: float = 0.1,
+        desirable_weight: float = 1.0, undesirable_weight: float = 1.0, **_) -> tuple[Tensor, Metrics]:
+    """Ethayarajh et al. 2024, eq. 8, on unpaired examples.
+
+    r = log pi(y|x) - log pi_ref(y|x); z0 = the batch KL reference point (the caller estimates it on
+    mismatched prompt/completion pairs and passes it in; it carries no gradient here).
+    desirable:   lambda_D (1 - sigma(beta (r - z0)))
+    undesirable: lambda_U (1 - sigma(beta (z0 - r)))
+    """
+    z0 = kl.detach().clamp(min=0)
+    r = policy_logps - ref_logps
+    labels = labels.bool()
+    loss = torch.where(labels, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    reward = (beta * r).detach()
+    metrics = {"rewards/desirable": torch.where(labels, reward, torch.nan),
+               "rewards/undesirable": torch.where(labels, torch.nan, reward),
+               "rewards/accuracy": torch.where(labels, reward > 0, reward < 0).float(),
+               "kto/kl": z0.expand_as(r)}
+    return loss, metrics
+
+
+def with_nll(loss_fn: Callable[..., tuple[Tensor, Metrics]], alpha: float) -> Callable[..., tuple[Tensor, Metrics]]:
+    """RPO (Pang et al. 2024, eq. 2): add alpha times the length-normalised NLL of the chosen answer."""
+    def wrapped(policy_chosen_logps: Tensor, chosen_lengths: Tensor, **kw) -> tuple[Tensor, Metrics]:
+        loss, metrics = loss_fn(policy_chosen_logps=policy_chosen_logps, chosen_lengths=chosen_lengths, **kw)
+        nll = -policy_chosen_logps / chosen_lengths
+        metrics["nll/chosen"] = nll.detach()
+        return loss + alpha * nll, metrics
+    return wrapped
+
+
+@dataclass(frozen=True)
+class Method:
+    loss: Callable[..., tuple[Tensor, Metrics]]
+    needs_reference: bool
+    paired: bool = True  # False: unpaired examples (KTO)
+
+
+METHODS: dict[str, Method] = {
+    "dpo": Method(dpo, True), "cdpo": Method(cdpo, True), "robust": Method(robust, True),
+    "ipo": Method(ipo, True), "hinge": Method(hinge, True), "simpo": Method(simpo, False),
+    "orpo": Method(orpo, False), "kto": Method(kto, True, paired=False),
+}

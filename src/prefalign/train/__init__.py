@@ -1,0 +1,1 @@
+"""One training loop for every offline method; objectives plug into it."""
