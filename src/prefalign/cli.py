@@ -160,6 +160,41 @@ def data_split(
     print(json.dumps(counts))
 
 
+@app.command("train", context_settings={"allow_extra_args": False})
+def train(
+    args: list[str] | None = typer.Argument(None, help="CONFIG.yaml and/or key=value overrides"),
+    method: str | None = typer.Option(None, help="dpo, cdpo, robust, ipo, hinge, simpo, orpo, kto"),
+    model: str | None = typer.Option(None, help="local HF model folder or .gguf file"),
+    data: str | None = typer.Option(None, help="preference data"),
+    output: str | None = typer.Option(None, "--output", "-o", help="run folder"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+) -> None:
+    """Train with any offline method: `prefalign train CONFIG.yaml [key=value ...]` or the short form."""
+    from .train.config import TrainConfig
+    from .train.loop import TrainingError
+    from .train.offline import run_offline
+
+    args = list(args or [])
+    config = Path(args.pop(0)) if args and "=" not in args[0] else None
+    cfg = build(TrainConfig, dict(method=method, model=model, data=data, output=output), args, config)
+    try:
+        run_offline(cfg, log=lambda m: console.print(m, highlight=False, markup=False), progress=not no_progress)
+    except (OSError, ValueError, TrainingError) as e:
+        fail(str(e), 1)
+
+
+@app.command("merge")
+def merge(adapter: Path, output: Path = typer.Option(..., "-o", "--output")) -> None:
+    """Merge a LoRA adapter folder into its base model and write a plain HF folder."""
+    from .models.merge import merge_adapter
+
+    try:
+        merge_adapter(adapter, output)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    console.print(f"merged -> {output}")
+
+
 @app.command("demo")
 def demo(output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="folder for everything the demo writes")) -> None:
     """Run the whole pipeline end to end on what ships with prefalign (no downloads)."""

@@ -33,3 +33,47 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, *, bos: bool = 
     if chat:
         fast.chat_template = CHATML
     return fast
+
+
+ARCHS = ("gpt2", "llama", "qwen2", "mistral", "mamba")
+
+
+def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, **extra):
+    """A small random-init config of a real architecture (the same code paths as the full-size model)."""
+    from transformers import GPT2Config, LlamaConfig, MambaConfig, MistralConfig, Qwen2Config
+
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=1024,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **extra)
+    if arch in ("llama", "qwen2", "mistral"):
+        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+        return cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                   num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=1024,
+                   tie_word_embeddings=extra.pop("tie_word_embeddings", True), **extra)
+    if arch == "mamba":
+        return MambaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, state_size=8,
+                           expand=2, conv_kernel=4, **extra)
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def build_model(arch: str, tokenizer=None, *, vocab_size: int | None = None, seed: int = 0, **kw):
+    """A random-init causal LM; special token ids are taken from the tokenizer when one is given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    vocab = vocab_size or len(tokenizer)
+    ids = {}
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    config = tiny_config(arch, vocab, **kw, **ids)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def save_tiny(path, arch: str, tokenizer, **kw):
+    """Write a tiny model + tokenizer as a standard HF folder (safetensors)."""
+    model = build_model(arch, tokenizer, **kw)
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    return path

@@ -1,0 +1,115 @@
+"""Load any local Hugging Face causal LM (safetensors only, no remote code unless asked), add LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# LoRA targets per architecture: attention and MLP projections for Transformers; the input, x and dt
+# projections for Mamba (PEFT refuses out_proj there: the fused Mamba kernel reads its weight
+# directly, bypassing the adapter). Unknown architectures fall back to PEFT's "all-linear".
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "mamba": ["in_proj", "x_proj", "dt_proj"],
+}
+
+
+class ModelError(ValueError):
+    pass
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    kw: dict[str, Any] = {}
+    if path.suffix == ".gguf":
+        path, kw["gguf_file"] = path.parent, path.name
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kw)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding positions are masked out everywhere
+    return tok
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               device: str | torch.device = "cpu", quantize_4bit: bool = False):
+    """A causal LM from a local folder (safetensors weights) or a .gguf file (dequantised).
+
+    quantize_4bit loads the base in NF4 through bitsandbytes for QLoRA; it needs a CUDA device."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such model folder or file (nothing is downloaded)")
+    kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if path.suffix == ".gguf":
+        kw["gguf_file"], path = path.name, path.parent
+    else:
+        if not any(path.glob("*.safetensors")):
+            raise ModelError(f"{path}: no *.safetensors weights; prefalign never unpickles .bin/.pt files")
+        kw["use_safetensors"] = True
+    if quantize_4bit:
+        if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+            raise ModelError("quantize_4bit (QLoRA) needs a CUDA device; on this machine train LoRA in fp32/bf16")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ModelError("quantize_4bit needs bitsandbytes: pip install bitsandbytes") from None
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_compute_dtype=torch.bfloat16)
+        kw["device_map"] = {"": torch.device(device).index or 0}
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kw)
+    return model.to(device)
+
+
+def lora_targets(model) -> list[str] | str:
+    return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+
+
+def add_lora(model, settings: dict[str, Any] | None = None):
+    """Wrap the model with PEFT LoRA adapters; `settings` are LoraConfig fields (r, lora_alpha, ...)."""
+    from peft import LoraConfig, get_peft_model
+
+    settings = dict(settings or {})
+    settings.setdefault("r", 8)
+    settings.setdefault("lora_alpha", 2 * settings["r"])
+    settings.setdefault("lora_dropout", 0.0)
+    settings.setdefault("target_modules", lora_targets(model))
+    if getattr(model.config, "model_type", "") == "gpt2":
+        settings.setdefault("fan_in_fan_out", True)  # GPT-2 stores its projections as Conv1D (transposed)
+    config = LoraConfig(task_type="CAUSAL_LM", **settings)
+    return get_peft_model(model, config)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def unwrap(model):
+    """The transformers model under a PEFT wrapper (LoRA layers stay in place)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def backbone_and_head(model):
+    """(the trunk that returns hidden states, the output projection to the vocabulary)."""
+    hf = unwrap(model)
+    trunk = getattr(hf, hf.base_model_prefix, None)
+    if trunk is None:
+        raise ModelError(f"cannot find the trunk ('{hf.base_model_prefix}') of {type(hf).__name__}")
+    return trunk, hf.get_output_embeddings()
+
+
+def save_model(model, tokenizer, out: str | Path) -> None:
+    """A HF folder (full fine-tune) or a PEFT adapter folder; both in safetensors."""
+    out = Path(out)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))

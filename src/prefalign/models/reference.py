@@ -1,0 +1,117 @@
+"""The reference model, three ways. All give the same log-probs (tested to 1e-5):
+
+- `precompute`: one pass over the data before training, cached on disk next to the run with a
+  fingerprint of model weights + tokenized data + precision, so training holds one model and runs
+  no reference forward. A stale cache (other model, data or tokenizer settings) is recomputed.
+- `adapter`: with LoRA, the same model with adapters disabled (no second copy).
+- `copy`: a frozen copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .load import is_peft, unwrap
+from .logprobs import sequence_logps
+
+
+def _forward(model, batch: dict[str, Tensor], chunk_mb: float) -> Tensor:
+    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_mb=chunk_mb)
+
+
+class AdapterReference:
+    name = "adapter"
+
+    def __init__(self, model, autocast: Callable = nullcontext, chunk_mb: float = 128.0):
+        if not is_peft(model):
+            raise ValueError("reference: adapter needs LoRA (lora: true)")
+        self.model, self.autocast, self.chunk_mb = model, autocast, chunk_mb
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, Tensor]) -> Tensor:
+        with self.model.disable_adapter(), self.autocast():
+            return _forward(self.model, batch, self.chunk_mb)
+
+
+class CopyReference:
+    name = "copy"
+
+    def __init__(self, model, autocast: Callable = nullcontext, chunk_mb: float = 128.0):
+        self.model = copy.deepcopy(unwrap(model) if not is_peft(model) else model)
+        self.model.requires_grad_(False).eval()
+        self.peft = is_peft(model)
+        self.autocast, self.chunk_mb = autocast, chunk_mb
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, Tensor]) -> Tensor:
+        # a copy taken before training; for a LoRA model the copy's adapters are switched off too
+        ctx = self.model.disable_adapter() if self.peft else nullcontext()
+        with ctx, self.autocast():
+            return _forward(self.model, batch, self.chunk_mb)
+
+
+class PrecomputedReference:
+    name = "precompute"
+
+    def __init__(self, table: Tensor):
+        self.table = table  # (N, slots): log-probs of every sequence of every example
+
+    def logps(self, batch: dict[str, Tensor]) -> Tensor:
+        rows = self.table[batch["index"]]  # (B, slots)
+        return rows.T.reshape(-1).to(batch["input_ids"].device)  # slot-major, as collate orders rows
+
+
+def fingerprint(model, examples, extra: str = "") -> str:
+    """Hash of the base weights (adapters excluded), every tokenized sequence, and settings."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(extra.encode())
+    for name, tensor in sorted(unwrap(model).state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    for ex in examples:
+        for s in ex.seqs:
+            h.update(len(s.input_ids).to_bytes(4, "little") + s.prompt_len.to_bytes(4, "little"))
+            h.update(torch.tensor(s.input_ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def precompute(model, batches: Iterator[dict[str, Tensor]], n_examples: int, slots: int, cache: Path,
+               fp: str, autocast: Callable = nullcontext, chunk_mb: float = 128.0,
+               log: Callable[[str], None] = print) -> PrecomputedReference:
+    from safetensors.torch import load_file, save_file
+
+    if cache.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), "pt") as f:
+            stored = (f.metadata() or {}).get("fingerprint")
+        if stored == fp:
+            log(f"reference log-probs: cached ({cache.name}, fingerprint {fp[:12]})")
+            return PrecomputedReference(load_file(str(cache))["logps"])
+        log(f"reference log-probs: cache {cache.name} is stale (model, data or tokenizer settings changed); recomputing")
+    table = torch.full((n_examples, slots), float("nan"))
+    ctx = model.disable_adapter() if is_peft(model) else nullcontext()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), ctx, autocast():
+        for batch in batches:
+            b = len(batch["index"])
+            table[batch["index"]] = _forward(model, batch, chunk_mb).float().cpu().view(slots, b).T
+    model.train(was_training)
+    if torch.isnan(table).any():
+        raise RuntimeError("reference precompute missed some examples")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    save_file({"logps": table}, str(tmp), metadata={"fingerprint": fp})
+    tmp.replace(cache)
+    log(f"reference log-probs: computed for {n_examples} examples -> {cache.name}")
+    return PrecomputedReference(table)

@@ -1,0 +1,260 @@
+"""The one training loop: AdamW, warmup + schedule, accumulation, clipping, precision, atomic
+checkpoints and exact resume, NaN/Inf guards, metrics and progress. An objective is a function
+`step(batch) -> (mean loss, metrics, real tokens)`; the loop knows nothing about methods.
+
+Exact resume: the data order is a pure function of (seed, micro-batch position), and a checkpoint
+holds the trainable weights, optimizer, scheduler, torch RNG state and that position; a run killed
+at any moment and resumed logs the same losses as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import TrainConfig
+
+Step = Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, float], int]]
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def batch_indices(position: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Indices of micro-batch number `position`: epochs of seeded permutations laid end to end."""
+    out: list[int] = []
+    start = position * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        take = min(batch_size - len(out), n - offset)
+        out.extend(_epoch_order(n, seed, epoch)[offset:offset + take])
+    return out
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def _trainable(model) -> dict[str, Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, step: int, position: int, model, optimizer, scheduler, extra: dict, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    ckpts = out / "checkpoints"
+    final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable(model), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "position": position, **extra}))
+    # the rename is the commit point: a folder named step-N is always complete
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(list_checkpoints(out))[:-keep] if keep > 0 else []:
+        shutil.rmtree(ckpts / f"step-{old}", ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out: Path) -> list[int]:
+    ckpts = out / "checkpoints"
+    if not ckpts.exists():
+        return []
+    return sorted(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    # weights_only: the state file holds tensors and plain containers, never arbitrary objects
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return json.loads((path / "state.json").read_text())
+
+
+# ------------------------------------------------------------------ the loop
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    stopped: str  # "max_steps", "kl_budget"
+    skipped_steps: int
+    wall_seconds: float
+    tokens: int
+    last: dict[str, float] = field(default_factory=dict)
+
+
+def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for m in items for k in m}
+    out = {}
+    for k in sorted(keys):
+        vals = [m[k] for m in items if k in m and not math.isnan(m[k])]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
+def train_loop(cfg: TrainConfig, model, n_examples: int, make_batch: Callable[[list[int]], dict[str, Tensor]],
+               step_fn: Step, device: torch.device, *, eval_fn: Callable[[], dict[str, float]] | None = None,
+               log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
+    out = Path(cfg.output)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    step, position, skipped, bad_in_a_row = 0, 0, 0, 0
+    metrics_path = out / "metrics.jsonl"
+    if cfg.resume and list_checkpoints(out):
+        latest = list_checkpoints(out)[-1]
+        state = load_checkpoint(out / "checkpoints" / f"step-{latest}", model, optimizer, scheduler)
+        step, position, skipped = state["step"], state["position"], state.get("skipped_steps", 0)
+        log(f"resumed from checkpoints/step-{latest}")
+        if metrics_path.exists():  # drop what was logged after the checkpoint, so nothing repeats
+            kept = [x for x in metrics_path.read_text().splitlines() if x and json.loads(x).get("step", 0) <= step]
+            metrics_path.write_text("".join(x + "\n" for x in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _tensorboard(out)
+    recent_kl: deque[float] = deque(maxlen=10)
+    stopped, warned, total_tokens, last = "max_steps", False, 0, {}
+    t_start = time.perf_counter()
+    bar = _progress(cfg.max_steps, step, progress)
+    model.train()
+    with open(metrics_path, "a", encoding="utf-8") as mlog:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            items, tokens, finite = [], 0, True
+            for _ in range(cfg.grad_accum):
+                batch = make_batch(batch_indices(position, cfg.batch_size, n_examples, cfg.seed))
+                position += 1
+                loss, metrics, n_tok = step_fn({k: v.to(device) for k, v in batch.items()})
+                tokens += n_tok
+                if not torch.isfinite(loss):
+                    finite = False
+                    continue
+                (loss / cfg.grad_accum).backward()
+                items.append({"loss": float(loss.detach()), **metrics})
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if finite else torch.tensor(float("nan"))
+            if finite and torch.isfinite(grad_norm):
+                optimizer.step()
+                bad_in_a_row = 0
+            else:
+                skipped += 1
+                bad_in_a_row += 1
+                log(f"step {step + 1}: non-finite {'loss' if not finite else 'gradient'}; step skipped "
+                    f"({bad_in_a_row} in a row)")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            seconds = time.perf_counter() - t0
+            total_tokens += tokens
+            row = {"step": step, **_mean_metrics(items), "grad_norm": float(grad_norm),
+                   "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds,
+                   "step_seconds": seconds, "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": skipped}
+            if bad_in_a_row >= cfg.max_bad_steps:
+                mlog.write(json.dumps(row) + "\n")
+                raise TrainingError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; stopping. "
+                                    "Lower the learning rate, check the data, or use fp32.")
+            if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                row.update({f"eval/{k}": v for k, v in eval_fn().items()})
+                model.train()
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                mlog.write(json.dumps(row) + "\n")
+                mlog.flush()
+                if writer is not None:
+                    for k, v in row.items():
+                        writer.add_scalar(k, v, step)
+            last = row
+            if bar is not None:
+                bar[0].update(bar[1], completed=step, description=f"loss {row.get('loss', float('nan')):.4f} "
+                              f"{row['tokens_per_s']:.0f} tok/s")
+            if "kl/ref" in row:
+                recent_kl.append(row["kl/ref"])
+                running = sum(recent_kl) / len(recent_kl)
+                if cfg.kl_budget is not None and running > cfg.kl_budget:
+                    if not warned:
+                        log(f"step {step}: running kl/ref {running:.4f} exceeds kl_budget {cfg.kl_budget}")
+                        warned = True
+                    if cfg.stop_on_kl_budget:
+                        stopped = "kl_budget"
+            if (cfg.save_every and step % cfg.save_every == 0) or stopped != "max_steps":
+                save_checkpoint(out, step, position, model, optimizer, scheduler, {"skipped_steps": skipped},
+                                cfg.keep_checkpoints)
+            if stopped != "max_steps":
+                log(f"stopping at step {step}: kl/ref is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
+                break
+    if bar is not None:
+        bar[0].stop()
+    if writer is not None:
+        writer.close()
+    return LoopResult(step, stopped, skipped, time.perf_counter() - t_start, total_tokens, last)
+
+
+def _progress(total: int, done: int, enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                 transient=False)
+    p.start()
+    return p, p.add_task("training", total=total, completed=done)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional: metrics.jsonl always has everything
+        return None
+    return SummaryWriter(str(out))

@@ -1,0 +1,207 @@
+"""Any offline preference method on the one loop: a loss from `losses/` plus what it needs."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config import dump_config
+from ..data import ReadOptions, load_records
+from ..losses.preference import METHODS, Method, with_nll
+from ..models.load import add_lora, is_peft, load_model, load_tokenizer, save_model
+from ..models.logprobs import sequence_logps
+from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
+from .batches import TokenizedData, collate, tokenize_records
+from .config import TrainConfig
+from .loop import LoopResult, train_loop
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable:
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_ok)
+    if not use_bf16:
+        return nullcontext
+    return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+
+
+def disable_dropout(model) -> None:
+    # As the DPO reference implementation does: dropout would make policy and reference log-probs
+    # of the same sequence differ at step 0 and add noise to the implicit reward.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def choose_reference(cfg: TrainConfig, method: Method, n_examples: int) -> str | None:
+    if not method.needs_reference:
+        return None
+    if cfg.reference != "auto":
+        return cfg.reference
+    visits = cfg.max_steps * cfg.batch_size * cfg.grad_accum
+    # Precomputing costs one reference forward per example; on the fly costs one per visit.
+    if visits >= n_examples:
+        return "precompute"
+    return "adapter" if cfg.lora else "copy"
+
+
+def _load_data(path: str, cfg: TrainConfig, tokenizer, method: Method, out: Path, name: str,
+               log: Callable[[str], None]) -> TokenizedData:
+    records, problems = load_records(path, ReadOptions(format=cfg.format))
+    data = tokenize_records(tokenizer, records, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                            paired=method.paired)
+    problems += data.problems
+    if problems:
+        bad = out / f"{name}_problems.jsonl"
+        bad.write_text("".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in problems))
+        log(f"{path}: {len(problems)} bad records set aside (first: {problems[0]}); all listed in {bad}")
+    if not data.examples:
+        raise ValueError(f"{path}: no usable records")
+    log(f"{path}: {len(data)} examples, {data.truncated} truncated to max_length={cfg.max_length}")
+    data.problems = problems
+    return data
+
+
+def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Callable):
+    method = METHODS[method_name]
+    loss_fn = method.loss
+    if cfg.rpo_alpha and method.paired:
+        loss_fn = with_nll(loss_fn, cfg.rpo_alpha)
+    hparams = dict(beta=cfg.beta, gamma=cfg.gamma, desirable_weight=cfg.desirable_weight,
+                   undesirable_weight=cfg.undesirable_weight)
+    if cfg.label_smoothing is not None:  # None: the method's own default (cdpo/robust: 0.1)
+        hparams["label_smoothing"] = cfg.label_smoothing
+
+    def step(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], int]:
+        with autocast():
+            logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                   chunk_mb=cfg.logits_chunk_mb)  # (slots * B,)
+        b = len(batch["index"])
+        lengths = batch["lengths"].clamp(min=1)
+        ref = reference.logps(batch).float() if reference is not None else None
+        if method.paired:
+            tensors = dict(policy_chosen_logps=logps[:b], policy_rejected_logps=logps[b:],
+                           chosen_lengths=lengths[:b], rejected_lengths=lengths[b:])
+            if ref is not None:
+                tensors.update(ref_chosen_logps=ref[:b], ref_rejected_logps=ref[b:])
+        else:
+            tensors = dict(policy_logps=logps[:b], ref_logps=ref[:b], labels=batch["labels"],
+                           kl=(logps[b:] - ref[b:]).mean())
+        loss, metrics = loss_fn(**tensors, **hparams)
+        out = {k: float(torch.nanmean(v.float())) for k, v in metrics.items()}
+        logps_d = logps.detach()
+        out["logps/chosen"] = float(logps_d[:b].mean())
+        if method.paired:
+            out["logps/rejected"] = float(logps_d[b:].mean())
+        if ref is not None:
+            # mean policy-reference log-ratio per token on chosen (the desirable completion for KTO)
+            out["kl/ref"] = float((logps[:b] - ref[:b]).detach().sum() / lengths[:b].sum())
+        tokens = int(batch["attention_mask"].sum())
+        return loss.mean(), out, tokens
+
+    return step
+
+
+def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    device = pick_device(cfg.device)
+    autocast = autocast_for(cfg, device)
+    torch.manual_seed(cfg.seed)
+    method = METHODS[cfg.method]
+
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
+                       quantize_4bit=cfg.quantize_4bit)
+    disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    data = _load_data(cfg.data, cfg, tokenizer, method, out, "data", log)
+    eval_data = _load_data(cfg.eval_data, cfg, tokenizer, method, out, "eval_data", log) if cfg.eval_data else None
+
+    strategy = choose_reference(cfg, method, len(data))
+    reference = None
+    if strategy == "copy":
+        reference = CopyReference(model, autocast, cfg.logits_chunk_mb)  # before LoRA and before any update
+    if cfg.lora_settings is not None:
+        model = add_lora(model, cfg.lora_settings)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    pad = tokenizer.pad_token_id
+    make_batch = partial(lambda d, idx: collate([d.examples[i] for i in idx], idx, pad), data)
+    if strategy == "adapter":
+        reference = AdapterReference(model, autocast, cfg.logits_chunk_mb)
+    elif strategy == "precompute":
+        fp = fingerprint(model, data.examples, f"{cfg.precision}|{device.type}")
+        order = [list(range(i, min(i + cfg.batch_size, len(data)))) for i in range(0, len(data), cfg.batch_size)]
+        t0 = time.perf_counter()
+        reference = precompute(model, ({k: v.to(device) for k, v in make_batch(idx).items()} for idx in order),
+                               len(data), len(data.examples[0].seqs),
+                               out / "ref_logps.safetensors", fp, autocast, cfg.logits_chunk_mb, log)
+        log(f"reference pass: {time.perf_counter() - t0:.1f} s")
+    log(f"method {cfg.method}, reference {strategy or 'none (reference-free)'}, "
+        f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {device.type}")
+
+    eval_fn = None
+    if eval_data is not None:
+        eval_fn = _evaluator(model, cfg, eval_data, strategy, autocast, device, pad, reference)
+    step = make_step(model, cfg.method, cfg, reference, autocast)
+    result = train_loop(cfg, model, len(data), make_batch, step, device, eval_fn=eval_fn, log=log, progress=progress)
+    save_model(model, tokenizer, out / "final")
+    summary = {"method": cfg.method, "reference": strategy, "lora": is_peft(model), "steps": result.steps,
+               "stopped": result.stopped, "skipped_steps": result.skipped_steps,
+               "wall_seconds": result.wall_seconds, "tokens": result.tokens,
+               "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,
+               "peak_memory_bytes": result.last.get("peak_memory_bytes"),
+               "model_copies": 2 if strategy == "copy" else 1, "final": result.last}
+    (out / "run.json").write_text(json.dumps(summary, indent=2))
+    log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
+    return result
+
+
+def _evaluator(model, cfg, eval_data, strategy, autocast, device, pad, train_reference):
+    """Mean metrics of the objective over the whole eval set (no gradient)."""
+    reference = train_reference
+    if strategy == "precompute":
+        # eval examples have their own table; computed once with the model as it is now (untrained)
+        fp = fingerprint(model, eval_data.examples, f"{cfg.precision}|{device.type}|eval")
+        order = [list(range(i, min(i + cfg.batch_size, len(eval_data)))) for i in range(0, len(eval_data), cfg.batch_size)]
+        batches = ({k: v.to(device) for k, v in collate([eval_data.examples[i] for i in idx], idx, pad).items()}
+                   for idx in order)
+        reference = precompute(model, batches, len(eval_data), len(eval_data.examples[0].seqs),
+                               Path(cfg.output) / "ref_logps_eval.safetensors", fp, autocast, cfg.logits_chunk_mb,
+                               log=lambda _: None)
+    step = make_step(model, cfg.method, cfg, reference, autocast)
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        rows, weights = [], []
+        for i in range(0, len(eval_data), cfg.batch_size):
+            idx = list(range(i, min(i + cfg.batch_size, len(eval_data))))
+            batch = {k: v.to(device) for k, v in collate([eval_data.examples[j] for j in idx], idx, pad).items()}
+            loss, metrics, _ = step(batch)
+            rows.append({"loss": float(loss), **metrics})
+            weights.append(len(idx))
+        total = sum(weights)
+        return {k: sum(r[k] * w for r, w in zip(rows, weights, strict=True) if not math.isnan(r[k])) / total
+                for k in rows[0]}
+
+    return evaluate
