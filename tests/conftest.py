@@ -24,3 +24,51 @@ def bos_tokenizer():
     from prefalign.models.tiny import build_tokenizer
 
     return build_tokenizer(corpus(), vocab_size=400, bos=True)
+
+
+SUBJECTS = "the movie film plot story scene actor".split()
+
+
+def learnable_pairs(n: int = 48, seed: int = 0) -> list[dict]:
+    """A preference set a tiny model can learn but a random one cannot already rank: which answer
+    is preferred depends on the prompt ("loved" -> praise is chosen, "hated" -> the pan is), so any
+    fixed bias of an untrained model gets about half of the pairs right."""
+    rng = random.Random(seed)
+    good, bad = ["good", "great", "fine"], ["bad", "awful"]
+    rows = []
+    for i in range(n):
+        loved = i % 2 == 0
+        subject = " ".join(rng.choice(SUBJECTS) for _ in range(rng.randint(1, 4)))
+        praise, pan = f" it was {rng.choice(good)}.", f" it was {rng.choice(bad)}."
+        rows.append({"prompt": f"I {'loved' if loved else 'hated'} {subject}",
+                     "chosen": praise if loved else pan, "rejected": pan if loved else praise})
+    return rows
+
+
+def unpaired_from(pairs: list[dict]) -> list[dict]:
+    out = []
+    for i, p in enumerate(pairs):
+        out.append({"prompt": p["prompt"], "completion": p["chosen"] if i % 2 == 0 else p["rejected"],
+                    "label": i % 2 == 0})
+    return out
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer):
+    """arch -> folder of a saved random-init tiny model sharing the session tokenizer."""
+    from prefalign.models.tiny import ARCHS, save_tiny
+
+    root = tmp_path_factory.mktemp("models")
+    return {arch: save_tiny(root / arch, arch, tokenizer, hidden=32) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def pair_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", learnable_pairs())

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..data.records import PreferencePair, Problem, Record, UnpairedExample
-from ..data.tokenize import Tokenized, TokenizationError, tokenize
+from ..data.tokenize import TokenizationError, Tokenized, tokenize
 
 
 @dataclass

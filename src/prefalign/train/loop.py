@@ -172,6 +172,10 @@ def train_loop(cfg: TrainConfig, model, n_examples: int, make_batch: Callable[[l
     bar = _progress(cfg.max_steps, step, progress)
     model.train()
     with open(metrics_path, "a", encoding="utf-8") as mlog:
+        if eval_fn is not None and cfg.eval_every and step == 0:
+            # the baseline: what the untrained model scores, logged as step 0
+            mlog.write(json.dumps({"step": 0, **{f"eval/{k}": v for k, v in eval_fn().items()}}) + "\n")
+            model.train()
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             items, tokens, finite = [], 0, True
