@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import learnable_pairs, write_jsonl
 
+from conftest import learnable_pairs, write_jsonl
 from prefalign.data import load_records
 from prefalign.losses.preference import dpo
 from prefalign.models.load import add_lora, load_model, load_tokenizer

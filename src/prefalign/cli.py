@@ -204,6 +204,17 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="
 
 
 def main() -> None:
+    import os
+
+    # prefalign draws its own progress; transformers' per-load bars would bury it
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     try:
         app()
     except KeyboardInterrupt:
