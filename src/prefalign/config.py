@@ -78,6 +78,9 @@ def explain(error: ValidationError, model: type[BaseModel], source: str) -> str:
         items = [i for i in items if i["type"] == "extra_forbidden"]
     lines = []
     for item in items:
+        if not item["loc"]:  # a check across fields (a model validator)
+            lines.append(f"{source}: {item['msg'].removeprefix('Value error, ')}")
+            continue
         path, owner = _walk(model, tuple(item["loc"]))
         key = ".".join(path)
         if item["type"] == "extra_forbidden":
