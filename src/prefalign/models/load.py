@@ -23,10 +23,17 @@ class ModelError(ValueError):
     pass
 
 
+def _local(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such model folder or file (nothing is downloaded)")
+    return path
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    path = Path(path)
+    path = _local(path)
     kw: dict[str, Any] = {}
     if path.suffix == ".gguf":
         path, kw["gguf_file"] = path.parent, path.name
@@ -43,9 +50,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_re
     quantize_4bit loads the base in NF4 through bitsandbytes for QLoRA; it needs a CUDA device."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"{path}: no such model folder or file (nothing is downloaded)")
+    path = _local(path)
     kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if path.suffix == ".gguf":
         kw["gguf_file"], path = path.name, path.parent
