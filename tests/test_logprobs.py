@@ -37,3 +37,31 @@ def test_matches_full_log_softmax_and_gradients(arch, tokenizer):
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
     # unscored positions are exactly zero
     assert (got[~b["loss_mask"]] == 0).all()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "mistral"])
+def test_shared_prompt_layout_equals_padded(arch, bos_tokenizer):
+    from prefalign.data.records import PreferencePair
+    from prefalign.data.tokenize import tokenize_pair
+    from prefalign.models.logprobs import batch_logps
+    from prefalign.train.batches import Example, collate, collate_shared_prompt
+
+    tok = bos_tokenizer
+    pairs = [PreferencePair("the movie was", " good and great fun.", " bad."),
+             PreferencePair("I hated the plot of the film because", " it was awful.", " it was fine and good, why?"),
+             PreferencePair("Answer: ", "yes", "no")]  # a seam that BPE merges differently per answer
+    examples = [Example(tokenize_pair(tok, p)) for p in pairs]
+    torch.manual_seed(0)
+    model = build_model(arch, tok, hidden=32)
+    padded = collate(examples, [0, 1, 2], tok.pad_token_id)
+    shared = collate_shared_prompt(examples, [0, 1, 2], tok.pad_token_id)
+    assert shared["input_ids"].numel() < padded["input_ids"].numel()
+    assert int(shared["tokens"]) == int(padded["attention_mask"].sum())
+    a = batch_logps(model, padded)
+    b = batch_logps(model, shared)
+    assert torch.allclose(a, b, atol=1e-5), (a, b)
+    ga = torch.autograd.grad(batch_logps(model, padded).sum(), list(model.parameters()), allow_unused=True)
+    gb = torch.autograd.grad(batch_logps(model, shared).sum(), list(model.parameters()), allow_unused=True)
+    for x, y in zip(ga, gb, strict=True):
+        if x is not None:
+            assert torch.allclose(x, y, atol=1e-5)

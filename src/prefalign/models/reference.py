@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from .load import is_peft, unwrap
-from .logprobs import sequence_logps
+from .logprobs import batch_logps
 
 
 def _forward(model, batch: dict[str, Tensor], chunk_mb: float) -> Tensor:
-    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_mb=chunk_mb)
+    return batch_logps(model, batch, chunk_mb)
 
 
 class AdapterReference:

@@ -84,3 +84,49 @@ def collate(examples: list[Example], indices: list[int], pad_id: int) -> dict[st
     if examples[0].label is not None:
         batch["labels"] = torch.tensor([bool(e.label) for e in examples])
     return batch
+
+
+def collate_shared_prompt(examples: list[Example], indices: list[int], pad_id: int) -> dict[str, Tensor]:
+    """One row per pair, [prompt | chosen answer | rejected answer], so the prompt is computed once.
+
+    The rejected answer attends to the prompt and to itself, never to the chosen answer, and its
+    position ids restart where the prompt ends: every token sees exactly the context it has in its
+    own sequence, so the log-probs equal the padded layout's (tested), for ~(2P+C+R)/(P+C+R) fewer
+    tokens through the model. Only for models with attention (a 4D mask); Mamba uses `collate`.
+    """
+    rows = []
+    for e in examples:
+        c, r = e.seqs
+        limit = min(c.prompt_len, r.prompt_len)
+        shared = 0
+        while shared < limit and c.input_ids[shared] == r.input_ids[shared]:
+            shared += 1
+        rows.append((c, r, shared))
+    longest = max(len(c.input_ids) + len(r.input_ids) - p for c, r, p in rows)
+    b = len(rows)
+    ids = torch.full((b, longest), pad_id, dtype=torch.long)
+    pos = torch.zeros((b, longest), dtype=torch.long)
+    seg = torch.full((b, longest), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    pred_rows, pred_cols, labels, seq_ids = [], [], [], []
+    for i, (c, r, p) in enumerate(rows):
+        nc, nr = len(c.input_ids) - p, len(r.input_ids) - p
+        ids[i, :p + nc] = torch.tensor(c.input_ids)
+        ids[i, p + nc:p + nc + nr] = torch.tensor(r.input_ids[p:])
+        pos[i, :p + nc] = torch.arange(p + nc)
+        pos[i, p + nc:p + nc + nr] = torch.arange(p, p + nr)
+        seg[i, :p], seg[i, p:p + nc], seg[i, p + nc:p + nc + nr] = 0, 1, 2
+        for t in range(c.prompt_len, len(c.input_ids)):  # chosen token t is predicted at row t - 1
+            pred_rows.append(i), pred_cols.append(t - 1), labels.append(c.input_ids[t]), seq_ids.append(i)
+        for t in range(r.prompt_len, len(r.input_ids)):  # rejected index t sits at row t (+ nc past the prompt)
+            col = t - 1 if t - 1 < p else t - 1 + nc
+            pred_rows.append(i), pred_cols.append(col), labels.append(r.input_ids[t]), seq_ids.append(b + i)
+    causal = torch.ones(longest, longest, dtype=torch.bool).tril()
+    blocked = (seg[:, :, None] == 2) & (seg[:, None, :] == 1)  # rejected queries never see chosen keys
+    mask = (causal[None] & ~blocked)[:, None]  # (B, 1, T, T), True = attend
+    lengths = torch.tensor([len(c.input_ids) - c.prompt_len for c, _, _ in rows]
+                           + [len(r.input_ids) - r.prompt_len for _, r, _ in rows], dtype=torch.float32)
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "pred_rows": torch.tensor(pred_rows),
+            "pred_cols": torch.tensor(pred_cols), "labels_flat": torch.tensor(labels), "seq_ids": torch.tensor(seq_ids),
+            "index": torch.tensor(indices), "lengths": lengths,
+            # what the padded layout would have processed: the throughput every trainer reports
+            "tokens": torch.tensor(sum(len(c.input_ids) + len(r.input_ids) for c, r, _ in rows))}

@@ -57,6 +57,7 @@ class TrainConfig(StrictModel):
     trust_remote_code: bool = False
     device: str = "auto"
     logits_chunk_mb: float = 128.0
+    share_prompt: bool | Literal["auto"] = "auto"  # one row per pair, prompt computed once (attention models)
 
     save_every: int = 0  # 0: only the final model
     keep_checkpoints: int = 2

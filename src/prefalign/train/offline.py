@@ -16,10 +16,10 @@ from torch import Tensor
 from ..config import dump_config
 from ..data import ReadOptions, load_records
 from ..losses.preference import METHODS, Method, with_nll
-from ..models.load import add_lora, is_peft, load_model, load_tokenizer, save_model
-from ..models.logprobs import sequence_logps
+from ..models.load import add_lora, is_peft, load_model, load_tokenizer, save_model, unwrap
+from ..models.logprobs import batch_logps
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
-from .batches import TokenizedData, collate, tokenize_records
+from .batches import TokenizedData, collate, collate_shared_prompt, tokenize_records
 from .config import TrainConfig
 from .loop import LoopResult, train_loop
 
@@ -77,6 +77,15 @@ def _load_data(path: str, cfg: TrainConfig, tokenizer, method: Method, out: Path
     return data
 
 
+def use_shared_prompt(cfg: TrainConfig, model, method: Method) -> bool:
+    """Shared-prompt rows need pairs and an attention mask the model honours (not Mamba)."""
+    has_attention = hasattr(unwrap(model).config, "num_attention_heads") or hasattr(unwrap(model).config, "n_head")
+    possible = method.paired and has_attention
+    if cfg.share_prompt is True and not possible:
+        raise ValueError("share_prompt needs paired data and an attention model")
+    return possible if cfg.share_prompt == "auto" else bool(cfg.share_prompt)
+
+
 def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Callable):
     method = METHODS[method_name]
     loss_fn = method.loss
@@ -89,8 +98,7 @@ def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Ca
 
     def step(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], int]:
         with autocast():
-            logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                   chunk_mb=cfg.logits_chunk_mb)  # (slots * B,)
+            logps = batch_logps(model, batch, cfg.logits_chunk_mb)  # (slots * B,)
         b = len(batch["index"])
         lengths = batch["lengths"].clamp(min=1)
         ref = reference.logps(batch).float() if reference is not None else None
@@ -108,10 +116,14 @@ def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Ca
         out["logps/chosen"] = float(logps_d[:b].mean())
         if method.paired:
             out["logps/rejected"] = float(logps_d[b:].mean())
+            # does the model itself rank chosen above rejected? (for the untrained model: the
+            # reference's own preference accuracy, the baseline implicit rewards are compared to)
+            out["logps/accuracy"] = float((logps_d[:b] > logps_d[b:]).float().mean())
         if ref is not None:
             # mean policy-reference log-ratio per token on chosen (the desirable completion for KTO)
             out["kl/ref"] = float((logps[:b] - ref[:b]).detach().sum() / lengths[:b].sum())
-        tokens = int(batch["attention_mask"].sum())
+        # real prompt + completion tokens of every sequence, whatever the layout computed
+        tokens = int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
         return loss.mean(), out, tokens
 
     return step
@@ -145,7 +157,9 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     pad = tokenizer.pad_token_id
-    make_batch = partial(lambda d, idx: collate([d.examples[i] for i in idx], idx, pad), data)
+    share = use_shared_prompt(cfg, model, method)
+    collate_fn = collate_shared_prompt if share else collate
+    make_batch = partial(lambda d, idx: collate_fn([d.examples[i] for i in idx], idx, pad), data)
     if strategy == "adapter":
         reference = AdapterReference(model, autocast, cfg.logits_chunk_mb)
     elif strategy == "precompute":
@@ -157,11 +171,13 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
                                out / "ref_logps.safetensors", fp, autocast, cfg.logits_chunk_mb, log)
         log(f"reference pass: {time.perf_counter() - t0:.1f} s")
     log(f"method {cfg.method}, reference {strategy or 'none (reference-free)'}, "
-        f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {device.type}")
+        f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {device.type}, "
+        f"{'shared-prompt rows' if share else 'padded rows'}")
 
     eval_fn = None
     if eval_data is not None:
-        eval_fn = _evaluator(model, cfg, eval_data, strategy, autocast, device, pad, reference)
+        eval_fn = _evaluator(model, cfg, eval_data, strategy, autocast, device, partial(collate_fn, pad_id=pad),
+                             reference)
     step = make_step(model, cfg.method, cfg, reference, autocast)
     result = train_loop(cfg, model, len(data), make_batch, step, device, eval_fn=eval_fn, log=log, progress=progress)
     save_model(model, tokenizer, out / "final")
@@ -176,14 +192,14 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
     return result
 
 
-def _evaluator(model, cfg, eval_data, strategy, autocast, device, pad, train_reference):
+def _evaluator(model, cfg, eval_data, strategy, autocast, device, collate_fn, train_reference):
     """Mean metrics of the objective over the whole eval set (no gradient)."""
     reference = train_reference
     if strategy == "precompute":
         # eval examples have their own table; computed once with the model as it is now (untrained)
         fp = fingerprint(model, eval_data.examples, f"{cfg.precision}|{device.type}|eval")
         order = [list(range(i, min(i + cfg.batch_size, len(eval_data)))) for i in range(0, len(eval_data), cfg.batch_size)]
-        batches = ({k: v.to(device) for k, v in collate([eval_data.examples[i] for i in idx], idx, pad).items()}
+        batches = ({k: v.to(device) for k, v in collate_fn([eval_data.examples[i] for i in idx], idx).items()}
                    for idx in order)
         reference = precompute(model, batches, len(eval_data), len(eval_data.examples[0].seqs),
                                Path(cfg.output) / "ref_logps_eval.safetensors", fp, autocast, cfg.logits_chunk_mb,
@@ -196,7 +212,7 @@ def _evaluator(model, cfg, eval_data, strategy, autocast, device, pad, train_ref
         rows, weights = [], []
         for i in range(0, len(eval_data), cfg.batch_size):
             idx = list(range(i, min(i + cfg.batch_size, len(eval_data))))
-            batch = {k: v.to(device) for k, v in collate([eval_data.examples[j] for j in idx], idx, pad).items()}
+            batch = {k: v.to(device) for k, v in collate_fn([eval_data.examples[j] for j in idx], idx).items()}
             loss, metrics, _ = step(batch)
             rows.append({"loss": float(loss), **metrics})
             weights.append(len(idx))
