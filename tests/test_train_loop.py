@@ -130,6 +130,7 @@ def test_kl_budget_stops_the_run_and_saves(tiny_models, pair_file, tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert (tmp_path / "run" / "checkpoints" / f"step-{result.steps}").exists()
     assert json.loads((tmp_path / "run" / "run.json").read_text())["stopped"] == "kl_budget"
+    assert list((tmp_path / "run").glob("events.out.tfevents*"))  # TensorBoard beside metrics.jsonl
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_models, pair_file, tmp_path):
