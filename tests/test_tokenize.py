@@ -64,3 +64,15 @@ def test_truncation_keeps_prompt_end_and_completion_start(bos_tokenizer):
     for s in (chosen, rejected):
         assert len(s.input_ids) <= 16 and s.prompt_len == 8 and s.truncated
         assert s.input_ids[0] == bos_tokenizer.bos_token_id
+
+
+def test_batches_are_truncated_then_padded_to_their_longest(tokenizer):
+    from prefalign.train.batches import Example, collate, collate_shared_prompt
+
+    pairs = [PreferencePair("the movie " * 40, " was good.", " was bad."), PreferencePair("plot", " yes", " no")]
+    examples = [Example(tokenize_pair(tokenizer, p, max_length=24, max_prompt_length=16)) for p in pairs]
+    padded = collate(examples, [0, 1], tokenizer.pad_token_id)
+    longest = max(len(s.input_ids) for e in examples for s in e.seqs)
+    assert longest <= 24 and padded["input_ids"].shape[1] == longest  # never a global max_length
+    shared = collate_shared_prompt(examples, [0, 1], tokenizer.pad_token_id)
+    assert shared["input_ids"].shape[1] < 2 * longest

@@ -64,7 +64,7 @@ class PrecomputedReference:
         self.table = table  # (N, slots): log-probs of every sequence of every example
 
     def logps(self, batch: dict[str, Tensor]) -> Tensor:
-        rows = self.table[batch["index"]]  # (B, slots)
+        rows = self.table[batch["index"].cpu()]  # (B, slots); the table stays in host memory
         return rows.T.reshape(-1).to(batch["input_ids"].device)  # slot-major, as collate orders rows
 
 
@@ -105,7 +105,7 @@ def precompute(model, batches: Iterator[dict[str, Tensor]], n_examples: int, slo
     with torch.no_grad(), ctx, autocast():
         for batch in batches:
             b = len(batch["index"])
-            table[batch["index"]] = _forward(model, batch, chunk_mb).float().cpu().view(slots, b).T
+            table[batch["index"].cpu()] = _forward(model, batch, chunk_mb).float().cpu().view(slots, b).T
     model.train(was_training)
     if torch.isnan(table).any():
         raise RuntimeError("reference precompute missed some examples")
