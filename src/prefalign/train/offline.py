@@ -159,16 +159,13 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
     pad = tokenizer.pad_token_id
     share = use_shared_prompt(cfg, model, method)
     collate_fn = collate_shared_prompt if share else collate
-    make_batch = partial(lambda d, idx: collate_fn([d.examples[i] for i in idx], idx, pad), data)
+    collate_pad = partial(collate_fn, pad_id=pad)
+    make_batch = partial(lambda d, idx: collate_pad([d.examples[i] for i in idx], idx), data)
     if strategy == "adapter":
         reference = AdapterReference(model, autocast, cfg.logits_chunk_mb)
     elif strategy == "precompute":
-        fp = fingerprint(model, data.examples, f"{cfg.precision}|{device.type}")
-        order = [list(range(i, min(i + cfg.batch_size, len(data)))) for i in range(0, len(data), cfg.batch_size)]
         t0 = time.perf_counter()
-        reference = precompute(model, ({k: v.to(device) for k, v in make_batch(idx).items()} for idx in order),
-                               len(data), len(data.examples[0].seqs),
-                               out / "ref_logps.safetensors", fp, autocast, cfg.logits_chunk_mb, log)
+        reference = _precompute(model, cfg, data, collate_pad, device, autocast, "ref_logps", log)
         log(f"reference pass: {time.perf_counter() - t0:.1f} s")
     log(f"method {cfg.method}, reference {strategy or 'none (reference-free)'}, "
         f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {device.type}, "
@@ -176,8 +173,7 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
 
     eval_fn = None
     if eval_data is not None:
-        eval_fn = _evaluator(model, cfg, eval_data, strategy, autocast, device, partial(collate_fn, pad_id=pad),
-                             reference)
+        eval_fn = _evaluator(model, cfg, eval_data, strategy, autocast, device, collate_pad, reference)
     step = make_step(model, cfg.method, cfg, reference, autocast)
     result = train_loop(cfg, model, len(data), make_batch, step, device, eval_fn=eval_fn, log=log, progress=progress)
     save_model(model, tokenizer, out / "final")
@@ -192,32 +188,40 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
     return result
 
 
+def in_order(data: TokenizedData, batch_size: int, collate_fn, device: torch.device):
+    """Every example once, in file order: (indices, batch on the device)."""
+    for i in range(0, len(data), batch_size):
+        idx = list(range(i, min(i + batch_size, len(data))))
+        yield idx, {k: v.to(device) for k, v in collate_fn([data.examples[j] for j in idx], idx).items()}
+
+
+def _precompute(model, cfg, data, collate_fn, device, autocast, name: str, log):
+    fp = fingerprint(model, data.examples, f"{cfg.precision}|{device.type}")
+    batches = (batch for _, batch in in_order(data, cfg.batch_size, collate_fn, device))
+    return precompute(model, batches, len(data), len(data.examples[0].seqs), Path(cfg.output) / f"{name}.safetensors",
+                      fp, autocast, cfg.logits_chunk_mb, log)
+
+
 def _evaluator(model, cfg, eval_data, strategy, autocast, device, collate_fn, train_reference):
     """Mean metrics of the objective over the whole eval set (no gradient)."""
     reference = train_reference
     if strategy == "precompute":
-        # eval examples have their own table; computed once with the model as it is now (untrained)
-        fp = fingerprint(model, eval_data.examples, f"{cfg.precision}|{device.type}|eval")
-        order = [list(range(i, min(i + cfg.batch_size, len(eval_data)))) for i in range(0, len(eval_data), cfg.batch_size)]
-        batches = ({k: v.to(device) for k, v in collate_fn([eval_data.examples[i] for i in idx], idx).items()}
-                   for idx in order)
-        reference = precompute(model, batches, len(eval_data), len(eval_data.examples[0].seqs),
-                               Path(cfg.output) / "ref_logps_eval.safetensors", fp, autocast, cfg.logits_chunk_mb,
-                               log=lambda _: None)
+        # eval examples have their own table, computed once with the model as it is now (untrained)
+        reference = _precompute(model, cfg, eval_data, collate_fn, device, autocast, "ref_logps_eval", lambda _: None)
     step = make_step(model, cfg.method, cfg, reference, autocast)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         model.eval()
         rows, weights = [], []
-        for i in range(0, len(eval_data), cfg.batch_size):
-            idx = list(range(i, min(i + cfg.batch_size, len(eval_data))))
-            batch = {k: v.to(device) for k, v in collate_fn([eval_data.examples[j] for j in idx], idx).items()}
+        for idx, batch in in_order(eval_data, cfg.batch_size, collate_fn, device):
             loss, metrics, _ = step(batch)
             rows.append({"loss": float(loss), **metrics})
             weights.append(len(idx))
-        total = sum(weights)
-        return {k: sum(r[k] * w for r, w in zip(rows, weights, strict=True) if not math.isnan(r[k])) / total
-                for k in rows[0]}
+        out = {}
+        for k in rows[0]:
+            pairs = [(r[k], w) for r, w in zip(rows, weights, strict=True) if k in r and not math.isnan(r[k])]
+            out[k] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else float("nan")
+        return out
 
     return evaluate
