@@ -161,3 +161,27 @@ def test_accumulation_1x8_equals_8x1(tiny_models, pair_file, tmp_path):
     for a, b in zip(runs["1x8"], runs["8x1"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_schedule_values():
+    from prefalign.train.loop import lr_lambda
+
+    base = dict(model="m", data="d", output="o", max_steps=10, warmup_steps=2)
+    f = lr_lambda(TrainConfig(lr_schedule="linear", **base))
+    assert [round(f(s), 6) for s in (0, 1, 2, 6, 10)] == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 0.5, 0.0]
+    g = lr_lambda(TrainConfig(lr_schedule="cosine", **base))
+    assert g(2) == 1.0 and abs(g(6) - 0.5) < 1e-12 and abs(g(10)) < 1e-12
+    assert lr_lambda(TrainConfig(lr_schedule="constant", **base))(7) == 1.0
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_and_bf16_match_plain_fp32(tiny_models, pair_file, tmp_path, lora):
+    runs = {}
+    for name, extra in {"plain": {}, "gc": {"gradient_checkpointing": True}, "bf16": {"precision": "bf16"}}.items():
+        cfg = TrainConfig(model=str(tiny_models["llama"]), data=str(pair_file), output=str(tmp_path / name),
+                          max_steps=3, batch_size=4, learning_rate=1e-3, lora=lora, reference="copy", **extra)
+        run_offline(cfg, **QUIET)
+        runs[name] = [m["loss"] for m in metrics(tmp_path / name)]
+    assert runs["gc"] == pytest.approx(runs["plain"], abs=1e-5)  # recomputation changes nothing
+    assert runs["bf16"] == pytest.approx(runs["plain"], abs=2e-2)  # bf16 matmuls, fp32 log-softmax
+    assert runs["bf16"] != runs["plain"]  # autocast really ran in bf16

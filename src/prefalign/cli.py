@@ -39,6 +39,14 @@ def build(model: type[StrictModel], options: dict[str, Any], overrides: list[str
         fail(str(e))
 
 
+def _guarded(fn, *args):
+    """Run fn; a bad path or bad input ends the command with a clear message, not a traceback."""
+    try:
+        return fn(*args)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+
+
 def _read_options(format: str, reader: str, split: str | None, ranked: str) -> dict[str, Any]:
     return {"format": format, "reader": reader, "split": split, "ranked": ranked}
 
@@ -188,10 +196,7 @@ def merge(adapter: Path, output: Path = typer.Option(..., "-o", "--output")) -> 
     """Merge a LoRA adapter folder into its base model and write a plain HF folder."""
     from .models.merge import merge_adapter
 
-    try:
-        merge_adapter(adapter, output)
-    except (OSError, ValueError) as e:
-        fail(str(e))
+    _guarded(merge_adapter, adapter, output)
     console.print(f"merged -> {output}")
 
 
@@ -201,10 +206,7 @@ def convert(gguf: str = typer.Argument(..., help="a .gguf file, or 'smollm2' for
     """Write a GGUF model once as a normal HF folder (safetensors) so later loads are fast."""
     from .models.convert import convert_gguf
 
-    try:
-        convert_gguf(gguf, output)
-    except (OSError, ValueError) as e:
-        fail(str(e))
+    _guarded(convert_gguf, gguf, output)
     console.print(f"converted -> {output}")
 
 

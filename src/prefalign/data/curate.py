@@ -73,15 +73,15 @@ class DuplicateTracker:
     def __init__(self) -> None:
         self.seen: dict[int, int] = {}  # key -> first line * 2 + orientation
 
-    def check(self, record: Record) -> tuple[str, int]:
-        """'new' | 'duplicate' | 'conflict', and the line of the first record with this key."""
+    def check(self, record: Record) -> tuple[str, int, int]:
+        """('new' | 'duplicate' | 'conflict', the line of the first record with this key, the key)."""
         key, orient = identity(record)
         line = record.where.line if record.where else 0
         first = self.seen.get(key)
         if first is None:
             self.seen[key] = line * 2 + int(orient)
-            return "new", line
-        return ("duplicate" if first % 2 == int(orient) else "conflict"), first // 2
+            return "new", line, key
+        return ("duplicate" if first % 2 == int(orient) else "conflict"), first // 2, key
 
 
 class Percentiles:
@@ -192,7 +192,7 @@ def compute_stats(path: str | Path, opts: ReadOptions, tokenizer: str | None = N
             continue
         stats.valid += 1
         for record in result:
-            verdict, _ = dups.check(record)
+            verdict, _, _ = dups.check(record)
             stats.duplicates += verdict == "duplicate"
             stats.conflicts += verdict == "conflict"
             stats.length("prompt_chars", len(text_of(record.prompt)))
@@ -272,8 +272,9 @@ def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: Curat
         for _, result in iter_parsed(path, cfg):
             if not isinstance(result, Problem):
                 for record in result:
-                    if tracker.check(record)[0] == "conflict":
-                        conflicted.add(identity(record)[0])
+                    verdict, _, key = tracker.check(record)
+                    if verdict == "conflict":
+                        conflicted.add(key)
         del tracker
     res, dups = CurateResult(), DuplicateTracker()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -286,9 +287,9 @@ def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: Curat
                 bad.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
                 continue
             for record in result:
-                verdict, first = dups.check(record)
+                verdict, first, key = dups.check(record)
                 reason = None
-                if identity(record)[0] in conflicted:
+                if key in conflicted:
                     reason = ("conflict", "another record prefers the opposite answer for this prompt")
                 elif verdict == "duplicate" and cfg.dedup:
                     reason = ("duplicate", f"duplicate of the record at line/row {first}")
