@@ -85,3 +85,31 @@ def test_merge_lora_adapter_into_plain_folder(tiny_models, pair_file, tmp_path):
         a, b, c = (m(ids).logits for m in (peft, merged, base))
     assert torch.allclose(a, b, atol=1e-4)
     assert not torch.allclose(b, c, atol=1e-4)  # the adapter did something
+
+
+@pytest.mark.parametrize("method,fixture", [("dpo", "llamafactory_dpo_40.json"), ("kto", "llamafactory_kto_40.json")])
+def test_real_conversational_data_trains_through_the_chat_template(method, fixture, tiny_models, tmp_path):
+    data = Path(__file__).parent / "fixtures" / fixture
+    run = cli("train", "--method", method, "--model", tiny_models["qwen2"], "--data", data, "-o", tmp_path / "run",
+              "max_steps=2", "batch_size=4", "max_length=96", "max_prompt_length=64", "--no-progress")
+    assert run.returncode == 0, run.stderr
+    assert "40 examples" in run.stderr and "truncated" in run.stderr
+    rows = [__import__("json").loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_csv_with_message_cells(tmp_path):
+    import csv
+    import json
+
+    from prefalign.data import load_records
+
+    path = tmp_path / "c.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "chosen", "rejected"])
+        w.writerow([json.dumps([{"role": "user", "content": "hi"}]), json.dumps([{"role": "assistant", "content": "hello"}]),
+                    json.dumps([{"role": "assistant", "content": "go away"}])])
+    records, problems = load_records(path)
+    assert problems == [] and records[0].prompt == [{"role": "user", "content": "hi"}]
+    assert records[0].rejected[0]["content"] == "go away"
