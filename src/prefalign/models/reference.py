@@ -44,7 +44,7 @@ class CopyReference:
     name = "copy"
 
     def __init__(self, model, autocast: Callable = nullcontext, chunk_mb: float = 128.0):
-        self.model = copy.deepcopy(unwrap(model) if not is_peft(model) else model)
+        self.model = copy.deepcopy(model)
         self.model.requires_grad_(False).eval()
         self.peft = is_peft(model)
         self.autocast, self.chunk_mb = autocast, chunk_mb
