@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .curate import ReadOptions, iter_parsed
-from .records import Location, PreferencePair, Problem, Record, UnpairedExample
+from .readers import read_rows
+from .records import Location, PreferencePair, Problem, Record, Text, UnpairedExample, text_of
+from .shapes import Bad, norm, parse_prompt
 
-__all__ = ["Location", "PreferencePair", "Problem", "ReadOptions", "Record", "UnpairedExample", "load_records"]
+__all__ = ["Location", "PreferencePair", "Problem", "ReadOptions", "Record", "UnpairedExample", "load_prompts",
+           "load_records"]
 
 
 def load_records(path: str | Path, opts: ReadOptions | None = None) -> tuple[list[Record], list[Problem]]:
@@ -21,3 +24,30 @@ def load_records(path: str | Path, opts: ReadOptions | None = None) -> tuple[lis
         else:
             records.extend(result)
     return records, problems
+
+
+def load_prompts(path: str | Path, opts: ReadOptions | None = None) -> tuple[list[Text], list[Problem]]:
+    """The distinct prompts of a file, in file order: rows of {"prompt": ...}, or any preference or
+    completion file (its prompts), so RL can run on the same prompts as DPO. Bad rows are reported."""
+    opts = opts or ReadOptions()
+    prompts: list[Text] = []
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for row in read_rows(path, opts.reader, opts.split):
+        if isinstance(row, Problem):
+            problems.append(row)
+            continue
+        if not isinstance(row.value, dict):
+            problems.append(Problem(row.where, "", f"expected a JSON object, got {type(row.value).__name__}",
+                                    "type", raw=row.raw))
+            continue
+        try:
+            prompt = parse_prompt(row.value, row.where)
+        except Bad as e:
+            problems.append(Problem(row.where, e.field, e.message, e.kind, raw=row.raw))
+            continue
+        key = norm(text_of(prompt))
+        if key not in seen:
+            seen.add(key)
+            prompts.append(prompt)
+    return prompts, problems

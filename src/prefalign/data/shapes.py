@@ -7,6 +7,8 @@ Shapes:
   hh           Anthropic HH-RLHF: "chosen"/"rejected" transcripts of "\\n\\nHuman: ... \\n\\nAssistant: ..."
   sharegpt     LLaMA-Factory: "conversations" [{from, value}] + "chosen"/"rejected" {from, value}
   kto          {"prompt", "completion", "label": bool} or LLaMA-Factory's {"messages", "label"}
+  sft          {"prompt", "completion"} or {"messages"} (the last assistant turn is the completion),
+               no label: demonstrations for supervised fine-tuning (read as desirable completions)
   ranked       {"prompt", "responses": [...], "scores": [...]} expanded into pairs
 """
 
@@ -19,7 +21,7 @@ from typing import Any
 from .readers import Row
 from .records import Location, Message, PreferencePair, Problem, Record, Text, UnpairedExample
 
-SHAPES = ("pairs", "conversation", "hh", "sharegpt", "kto", "ranked")
+SHAPES = ("pairs", "conversation", "hh", "sharegpt", "kto", "sft", "ranked")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "observation": "tool", "function_call": "assistant"}
@@ -43,6 +45,8 @@ def detect_shape(value: Any) -> str | None:
         return "ranked"
     if "label" in keys and ("completion" in keys or "messages" in keys):
         return "kto"
+    if "completion" in keys or ("messages" in keys and "chosen" not in keys):
+        return "sft"
     if "conversations" in keys:
         return "sharegpt"
     chosen = value.get("chosen")
@@ -249,8 +253,8 @@ def _label(row: dict) -> bool:
     raise Bad("label", f"expected true or false, got {value!r}", "type")
 
 
-def parse_kto(row: dict, where: Location, **_: Any) -> list[Record]:
-    label = _label(row)
+def parse_kto(row: dict, where: Location, *, label: bool | None = None, **_: Any) -> list[Record]:
+    label = _label(row) if label is None else label
     if "messages" in row and "completion" not in row:
         messages = _messages(row["messages"], "messages")
         check_turns(messages, "messages", last="assistant")
@@ -264,6 +268,13 @@ def parse_kto(row: dict, where: Location, **_: Any) -> list[Record]:
     else:
         prompt_v, completion = _string(row, "prompt"), _string(row, "completion")
     return [UnpairedExample(prompt_v, completion, label, where)]
+
+
+def parse_sft(row: dict, where: Location, **_: Any) -> list[Record]:
+    """A demonstration: the kto shape without a label, every completion desirable."""
+    if "label" in row:
+        raise Bad("label", "demonstrations carry no label (labelled completions are the kto format)", "type")
+    return parse_kto(row, where, label=True)
 
 
 def parse_ranked(row: dict, where: Location, *, ranked: str = "best_vs_rest", **_: Any) -> list[Record]:
@@ -312,8 +323,24 @@ def parse_ranked(row: dict, where: Location, *, ranked: str = "best_vs_rest", **
     return pairs
 
 
+def parse_prompt(row: dict, where: Location) -> Text:
+    """A prompt for sampling (RL, `prefalign sample`): {"prompt": text or messages ending with a user
+    turn}, or the prompt of any record shape above."""
+    shape = detect_shape(row)
+    if shape is not None:
+        records = PARSERS[shape](row, where)
+        return records[0].prompt
+    if "prompt" not in row:
+        raise Bad("prompt", "missing", "missing")
+    if isinstance(row["prompt"], list):
+        messages = _messages(row["prompt"], "prompt")
+        check_turns(messages, "prompt", last="user")
+        return messages
+    return _string(row, "prompt")
+
+
 PARSERS = {"pairs": parse_pairs, "conversation": parse_conversation, "hh": parse_hh,
-           "sharegpt": parse_sharegpt, "kto": parse_kto, "ranked": parse_ranked}
+           "sharegpt": parse_sharegpt, "kto": parse_kto, "sft": parse_sft, "ranked": parse_ranked}
 
 
 def parse_rows(rows: Iterator[Row | Problem], shape: str = "auto", *, ranked: str = "best_vs_rest",

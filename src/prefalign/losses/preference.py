@@ -144,15 +144,47 @@ def with_nll(loss_fn: Callable[..., tuple[Tensor, Metrics]], alpha: float) -> Ca
     return wrapped
 
 
+def sft(policy_logps: Tensor, lengths: Tensor, **_) -> tuple[Tensor, Metrics]:
+    """Supervised fine-tuning on completions only: the token-mean negative log-likelihood of the
+    batch. Per example the loss is -log pi(y)/|y| weighted by |y|/mean|y|, so the batch mean of the
+    returned (B,) tensor equals sum(-log p over all tokens) / (all tokens): long answers weigh by
+    their tokens, as in a packed run."""
+    loss = -policy_logps / lengths.mean()
+    return loss, {"nll/token": (-policy_logps / lengths).detach(), "sft/tokens": lengths.detach()}
+
+
+def bradley_terry(chosen_scores: Tensor, rejected_scores: Tensor, margins: Tensor | None = None, *,
+                  margin_scale: float = 0.0, **_) -> tuple[Tensor, Metrics]:
+    """Reward-model loss: -log sigma(r(x, y_w) - r(x, y_l) - m) (Bradley and Terry 1952; Ouyang et al.
+    2022, eq. 1; the margin m = margin_scale * the pair's known margin is Llama 2's, Touvron et al.
+    2023, eq. 2)."""
+    diff = chosen_scores - rejected_scores
+    if margins is not None and margin_scale:
+        diff = diff - margin_scale * margins
+    metrics = {"reward/chosen": chosen_scores.detach(), "reward/rejected": rejected_scores.detach(),
+               "reward/margin": (chosen_scores - rejected_scores).detach(),
+               "reward/accuracy": (chosen_scores > rejected_scores).float().detach()}
+    return -F.logsigmoid(diff), metrics
+
+
 @dataclass(frozen=True)
 class Method:
     loss: Callable[..., tuple[Tensor, Metrics]]
     needs_reference: bool
-    paired: bool = True  # False: unpaired examples (KTO)
+    # what one example is: "pairs" (chosen, rejected), "unpaired" (a labelled completion + the
+    # mismatched completion KTO's KL point needs), "completions" (one sequence: SFT)
+    data: str = "pairs"
+    # what the loss consumes: summed completion "logps", or "scores" of a scalar head (reward models)
+    inputs: str = "logps"
+
+    @property
+    def paired(self) -> bool:
+        return self.data == "pairs"
 
 
 METHODS: dict[str, Method] = {
     "dpo": Method(dpo, True), "cdpo": Method(cdpo, True), "robust": Method(robust, True),
     "ipo": Method(ipo, True), "hinge": Method(hinge, True), "simpo": Method(simpo, False),
-    "orpo": Method(orpo, False), "kto": Method(kto, True, paired=False),
+    "orpo": Method(orpo, False), "kto": Method(kto, True, data="unpaired"),
+    "sft": Method(sft, False, data="completions"), "reward": Method(bradley_terry, False, inputs="scores"),
 }

@@ -51,6 +51,10 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_re
     from transformers import AutoModelForCausalLM
 
     path = _local(path)
+    if (path / "adapter_config.json").exists():
+        # a LoRA run's final/: its base with the adapter merged in, so a later run (PPO after DPO)
+        # starts from, and is anchored to, what that run produced
+        return _merged_adapter(path, dtype, trust_remote_code).to(device)
     kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if path.suffix == ".gguf":
         kw["gguf_file"], path = path.name, path.parent
@@ -75,12 +79,35 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_re
     return model.to(device)
 
 
+def _merged_adapter(adapter: Path, dtype: torch.dtype, trust_remote_code: bool):
+    import json
+
+    from peft import PeftModel
+
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if not base or not Path(base).exists():
+        raise ModelError(f"{adapter}: its base model {base!r} is not a local folder (nothing is downloaded)")
+    model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+def load_tokenizer_for(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a model folder, or of an adapter folder's base when the adapter has none."""
+    import json
+
+    path = Path(path)
+    if (path / "adapter_config.json").exists() and not (path / "tokenizer_config.json").exists():
+        path = Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
+    return load_tokenizer(path, trust_remote_code)
+
+
 def lora_targets(model) -> list[str] | str:
     return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
 
 
-def add_lora(model, settings: dict[str, Any] | None = None):
-    """Wrap the model with PEFT LoRA adapters; `settings` are LoraConfig fields (r, lora_alpha, ...)."""
+def add_lora(model, settings: dict[str, Any] | None = None, task_type: str = "CAUSAL_LM"):
+    """Wrap the model with PEFT LoRA adapters; `settings` are LoraConfig fields (r, lora_alpha, ...).
+    task_type SEQ_CLS (reward models, critics) also trains the new scalar head in full."""
     from peft import LoraConfig, get_peft_model
 
     settings = dict(settings or {})
@@ -90,7 +117,7 @@ def add_lora(model, settings: dict[str, Any] | None = None):
     settings.setdefault("target_modules", lora_targets(model))
     if getattr(model.config, "model_type", "") == "gpt2":
         settings.setdefault("fan_in_fan_out", True)  # GPT-2 stores its projections as Conv1D (transposed)
-    config = LoraConfig(task_type="CAUSAL_LM", **settings)
+    config = LoraConfig(task_type=task_type, **settings)
     return get_peft_model(model, config)
 
 
@@ -103,13 +130,18 @@ def unwrap(model):
     return model.get_base_model() if is_peft(model) else model
 
 
-def backbone_and_head(model):
-    """(the trunk that returns hidden states, the output projection to the vocabulary)."""
+def trunk_of(model):
+    """The transformers trunk that returns hidden states (LlamaModel, GPT2Model, MambaModel, ...)."""
     hf = unwrap(model)
     trunk = getattr(hf, hf.base_model_prefix, None)
     if trunk is None:
         raise ModelError(f"cannot find the trunk ('{hf.base_model_prefix}') of {type(hf).__name__}")
-    return trunk, hf.get_output_embeddings()
+    return trunk
+
+
+def backbone_and_head(model):
+    """(the trunk that returns hidden states, the output projection to the vocabulary)."""
+    return trunk_of(model), unwrap(model).get_output_embeddings()
 
 
 def save_model(model, tokenizer, out: str | Path) -> None:

@@ -19,6 +19,7 @@ class Example:
 
     seqs: tuple[Tokenized, ...]
     label: bool | None = None
+    margin: float | None = None  # a pair's known score difference (ranked data, a judge)
 
 
 @dataclass
@@ -32,30 +33,40 @@ class TokenizedData:
 
 
 def tokenize_records(tokenizer, records: list[Record], *, max_length: int, max_prompt_length: int,
-                     paired: bool) -> TokenizedData:
+                     data: str = "pairs") -> TokenizedData:
+    """Examples for a method whose unit is `data` (see losses.preference.Method): "pairs",
+    "unpaired" (KTO) or "completions" (SFT: demonstrations, the chosen answer of a pair, or the
+    desirable completions of labelled data; undesirable ones are skipped)."""
     examples, problems, truncated = [], [], 0
     kw = dict(max_length=max_length, max_prompt_length=max_prompt_length)
-    want = PreferencePair if paired else UnpairedExample
+    want = UnpairedExample if data == "unpaired" else PreferencePair if data == "pairs" else (PreferencePair, UnpairedExample)
     wrong = [r for r in records if not isinstance(r, want)]
     if wrong:
-        kind = "preference pairs" if paired else "unpaired examples (prompt, completion, label)"
+        kind = "preference pairs" if data == "pairs" else "unpaired examples (prompt, completion, label)"
         raise ValueError(f"{wrong[0].where}: this method trains on {kind}, got a {wrong[0].kind} record")
     for i, r in enumerate(records):
         try:
-            if paired:
+            label, margin = None, None
+            if data == "pairs":
                 seqs = (tokenize(tokenizer, r.prompt, r.chosen, **kw), tokenize(tokenizer, r.prompt, r.rejected, **kw))
-                label = None
-            else:
+                margin = r.margin
+            elif data == "unpaired":
                 # KTO's KL reference point: this prompt with the next example's completion (mismatched)
                 other = records[(i + 1) % len(records)]
                 seqs = (tokenize(tokenizer, r.prompt, r.completion, **kw),
                         tokenize(tokenizer, r.prompt, other.completion, **kw))
                 label = r.label
+            elif isinstance(r, PreferencePair):
+                seqs = (tokenize(tokenizer, r.prompt, r.chosen, **kw),)
+            elif r.label:
+                seqs = (tokenize(tokenizer, r.prompt, r.completion, **kw),)
+            else:
+                continue
         except TokenizationError as e:
             problems.append(Problem(r.where, "", str(e), "tokenize"))
             continue
         truncated += any(s.truncated for s in seqs)
-        examples.append(Example(seqs, label))
+        examples.append(Example(seqs, label, margin))
     return TokenizedData(examples, problems, truncated)
 
 
@@ -83,6 +94,8 @@ def collate(examples: list[Example], indices: list[int], pad_id: int) -> dict[st
     batch["lengths"] = batch["loss_mask"].sum(-1).float()
     if examples[0].label is not None:
         batch["labels"] = torch.tensor([bool(e.label) for e in examples])
+    if any(e.margin is not None for e in examples):
+        batch["margins"] = torch.tensor([e.margin or 0.0 for e in examples], dtype=torch.float32)
     return batch
 
 

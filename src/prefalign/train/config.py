@@ -9,6 +9,8 @@ from pydantic import Field, model_validator
 from ..config import StrictModel
 from ..losses import METHODS
 
+RL_METHODS = ("ppo", "rloo", "grpo")
+
 
 class LoraSettings(StrictModel):
     r: int = 8
@@ -17,18 +19,14 @@ class LoraSettings(StrictModel):
     target_modules: list[str] | str | None = None  # default: per architecture (models/load.py)
 
 
-class TrainConfig(StrictModel):
-    """One run of an offline method. Keys spelled as scripts that drive prefalign expect them."""
+class RunConfig(StrictModel):
+    """What every training run has: a model, an output folder, the optimizer and the machinery."""
 
-    method: str = "dpo"
-    model: str = Field(..., description="local HF model folder or .gguf file")
-    data: str = Field(..., description="preference data file or folder")
-    eval_data: str | None = None
+    model: str = Field(..., description="local HF model folder, .gguf file or LoRA run's final/")
     output: str = Field(..., description="run folder")
-    format: str = "auto"  # data shape (see `prefalign data`)
 
     max_steps: int = 100
-    batch_size: int = 8  # pairs (or unpaired examples) per micro-batch
+    batch_size: int = 8  # pairs / examples per micro-batch (offline); prompts per rollout (RL)
     grad_accum: int = 1
     learning_rate: float = 5e-6
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -37,15 +35,7 @@ class TrainConfig(StrictModel):
     max_grad_norm: float = 1.0
     seed: int = 0
 
-    beta: float = 0.1
-    label_smoothing: float | None = None  # cdpo / robust flip rate; None: the method's default (0.1)
-    gamma: float = 0.5  # simpo target margin
-    rpo_alpha: float = 0.0  # NLL on chosen added to any paired loss (RPO)
-    desirable_weight: float = 1.0  # kto
-    undesirable_weight: float = 1.0  # kto
-
     lora: bool | LoraSettings = False
-    reference: Literal["auto", "precompute", "adapter", "copy"] = "auto"
     kl_budget: float | None = None  # nats per token of kl/ref; warn (and stop) above it
     stop_on_kl_budget: bool = False
 
@@ -57,7 +47,6 @@ class TrainConfig(StrictModel):
     trust_remote_code: bool = False
     device: str = "auto"
     logits_chunk_mb: float = 128.0
-    share_prompt: bool | Literal["auto"] = "auto"  # one row per pair, prompt computed once (attention models)
 
     save_every: int = 0  # 0: only the final model
     keep_checkpoints: int = 2
@@ -66,20 +55,12 @@ class TrainConfig(StrictModel):
     log_every: int = 1
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
 
-    @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        if self.method not in METHODS:
-            import difflib
-
-            close = difflib.get_close_matches(self.method, list(METHODS), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"unknown method '{self.method}' (choose one of {', '.join(METHODS)}){hint}")
+    def _check_common(self) -> None:
         if self.quantize_4bit and not self.lora:
             raise ValueError("quantize_4bit (QLoRA) trains adapters only: set lora: true")
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        return self
 
     @property
     def lora_settings(self) -> dict | None:
@@ -87,3 +68,88 @@ class TrainConfig(StrictModel):
             return None
         settings = LoraSettings() if self.lora is True else self.lora
         return {k: v for k, v in settings.model_dump().items() if v is not None}
+
+
+class TrainConfig(RunConfig):
+    """One run of an offline method. Keys spelled as scripts that drive prefalign expect them."""
+
+    method: str = "dpo"
+    data: str = Field(..., description="preference data file or folder")
+    eval_data: str | None = None
+    format: str = "auto"  # data shape (see `prefalign data`)
+
+    beta: float = 0.1
+    label_smoothing: float | None = None  # cdpo / robust flip rate; None: the method's default (0.1)
+    gamma: float = 0.5  # simpo target margin
+    rpo_alpha: float = 0.0  # NLL on chosen added to any paired loss (RPO)
+    desirable_weight: float = 1.0  # kto
+    undesirable_weight: float = 1.0  # kto
+    margin_scale: float = 0.0  # reward: subtract this times each pair's known margin (Llama 2)
+
+    reference: Literal["auto", "precompute", "adapter", "copy"] = "auto"
+    share_prompt: bool | Literal["auto"] = "auto"  # one row per pair, prompt computed once (attention models)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.method not in METHODS:
+            import difflib
+
+            close = difflib.get_close_matches(self.method, [*METHODS, *RL_METHODS], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown method '{self.method}' (choose one of {', '.join([*METHODS, *RL_METHODS])})"
+                             f"{hint}")
+        self._check_common()
+        return self
+
+
+class RLConfig(RunConfig):
+    """PPO and the critic-free RLOO/GRPO on the same rollouts. One step = one rollout batch of
+    `batch_size` prompts (x `samples_per_prompt`) and `ppo_epochs` passes of minibatch updates."""
+
+    method: Literal["ppo", "rloo", "grpo"] = "ppo"
+    prompts: str = Field(..., description="prompt file (or any preference file: its prompts)")
+    reward: str = Field(..., description="MODULE:FUNCTION, FILE.py:FUNCTION or a reward-model folder")
+    format: str = "auto"
+
+    # sampling
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    samples_per_prompt: int = 1  # k; rloo and grpo need k >= 2 (default 4 for them)
+
+    # the KL-regularised reward
+    kl_coef: float = 0.05
+    kl_target: float | None = None  # adaptive controller (Ziegler et al. 2019) when set: nats per sequence
+    kl_horizon: int = 10_000
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    missing_eos_penalty: float | None = None  # subtracted from the score of completions without EOS
+    reward_norm: Literal["none", "batch", "running"] = "none"
+    reward_clip: float | None = None
+
+    # the update
+    ppo_epochs: int = 4
+    num_minibatches: int = 1
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    critic: Literal["value_head", "model"] = "value_head"  # a head on the policy trunk, or a second model
+    reference: Literal["auto", "adapter", "copy"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> RLConfig:
+        self._check_common()
+        if self.method in ("rloo", "grpo") and "samples_per_prompt" not in self.model_fields_set:
+            object.__setattr__(self, "samples_per_prompt", 4)
+        if self.method in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise ValueError(f"{self.method} compares samples of the same prompt: samples_per_prompt must be >= 2")
+        rows = self.batch_size * self.samples_per_prompt
+        if rows % self.num_minibatches:
+            raise ValueError(f"batch_size x samples_per_prompt ({rows}) must divide into num_minibatches "
+                             f"({self.num_minibatches})")
+        if self.reference == "adapter" and not self.lora:
+            raise ValueError("reference: adapter needs lora: true")
+        return self

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import TrainConfig
+from .config import RunConfig
 
 Step = Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, float], int]]
 
@@ -49,7 +49,7 @@ def batch_indices(position: int, batch_size: int, n: int, seed: int) -> list[int
     return out
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
@@ -142,39 +142,75 @@ def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def train_loop(cfg: TrainConfig, model, n_examples: int, make_batch: Callable[[list[int]], dict[str, Tensor]],
-               step_fn: Step, device: torch.device, *, eval_fn: Callable[[], dict[str, float]] | None = None,
-               log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
-    out = Path(cfg.output)
+def build_optimizer(cfg: RunConfig, model) -> tuple[list, torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters (no decay on biases and norms) and the LR schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard events of a run. On resume, what was logged after the checkpoint
+    is dropped so no step appears twice; a fresh run starts a fresh file."""
+
+    def __init__(self, out: Path, resumed_step: int | None):
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "metrics.jsonl"
+        if resumed_step is not None and path.exists():
+            kept = [x for x in path.read_text().splitlines() if x and json.loads(x).get("step", 0) <= resumed_step]
+            path.write_text("".join(x + "\n" for x in kept))
+        elif path.exists():
+            path.unlink()
+        self.file = open(path, "a", encoding="utf-8")
+        self.writer = _tensorboard(out)
+
+    def write(self, row: dict[str, Any], scalars: bool = True) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.writer is not None and scalars:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.writer.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The newest checkpoint's state (weights, optimizer, schedule and RNG restored), or None."""
+    out = Path(cfg.output)
+    if not (cfg.resume and list_checkpoints(out)):
+        return None
+    latest = list_checkpoints(out)[-1]
+    state = load_checkpoint(out / "checkpoints" / f"step-{latest}", model, optimizer, scheduler)
+    log(f"resumed from checkpoints/step-{latest}")
+    return state
+
+
+def train_loop(cfg: RunConfig, model, n_examples: int, make_batch: Callable[[list[int]], dict[str, Tensor]],
+               step_fn: Step, device: torch.device, *, eval_fn: Callable[[], dict[str, float]] | None = None,
+               log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
+    out = Path(cfg.output)
+    params, optimizer, scheduler = build_optimizer(cfg, model)
     step, position, skipped, bad_in_a_row = 0, 0, 0, 0
-    metrics_path = out / "metrics.jsonl"
-    if cfg.resume and list_checkpoints(out):
-        latest = list_checkpoints(out)[-1]
-        state = load_checkpoint(out / "checkpoints" / f"step-{latest}", model, optimizer, scheduler)
+    state = resume(cfg, model, optimizer, scheduler, log)
+    if state is not None:
         step, position, skipped = state["step"], state["position"], state.get("skipped_steps", 0)
-        log(f"resumed from checkpoints/step-{latest}")
-        if metrics_path.exists():  # drop what was logged after the checkpoint, so nothing repeats
-            kept = [x for x in metrics_path.read_text().splitlines() if x and json.loads(x).get("step", 0) <= step]
-            metrics_path.write_text("".join(x + "\n" for x in kept))
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    writer = _tensorboard(out)
+    runlog = RunLog(out, step if state is not None else None)
     recent_kl: deque[float] = deque(maxlen=10)
     stopped, warned, total_tokens, last = "max_steps", False, 0, {}
     t_start = time.perf_counter()
-    bar = _progress(cfg.max_steps, step, progress)
+    bar = progress_bar(cfg.max_steps, step, progress)
     model.train()
-    with open(metrics_path, "a", encoding="utf-8") as mlog:
+    try:
         if eval_fn is not None and cfg.eval_every and step == 0:
             # the baseline: what the untrained model scores, logged as step 0
-            mlog.write(json.dumps({"step": 0, **{f"eval/{k}": v for k, v in eval_fn().items()}}) + "\n")
+            runlog.write({"step": 0, **{f"eval/{k}": v for k, v in eval_fn().items()}})
             model.train()
         while step < cfg.max_steps:
             t0 = time.perf_counter()
@@ -207,45 +243,50 @@ def train_loop(cfg: TrainConfig, model, n_examples: int, make_batch: Callable[[l
                    "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds,
                    "step_seconds": seconds, "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": skipped}
             if bad_in_a_row >= cfg.max_bad_steps:
-                mlog.write(json.dumps(row) + "\n")
+                runlog.write(row)
                 raise TrainingError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; stopping. "
                                     "Lower the learning rate, check the data, or use fp32.")
             if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 row.update({f"eval/{k}": v for k, v in eval_fn().items()})
                 model.train()
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                mlog.write(json.dumps(row) + "\n")
-                mlog.flush()
-                if writer is not None:
-                    for k, v in row.items():
-                        writer.add_scalar(k, v, step)
+                runlog.write(row)
             last = row
-            if bar is not None:
-                bar[0].update(bar[1], completed=step, description=f"loss {row.get('loss', float('nan')):.4f} "
-                              f"{row['tokens_per_s']:.0f} tok/s")
+            update_bar(bar, step, f"loss {row.get('loss', float('nan')):.4f} {row['tokens_per_s']:.0f} tok/s")
             if "kl/ref" in row:
-                recent_kl.append(row["kl/ref"])
-                running = sum(recent_kl) / len(recent_kl)
-                if cfg.kl_budget is not None and running > cfg.kl_budget:
-                    if not warned:
-                        log(f"step {step}: running kl/ref {running:.4f} exceeds kl_budget {cfg.kl_budget}")
-                        warned = True
-                    if cfg.stop_on_kl_budget:
-                        stopped = "kl_budget"
+                warned, over = check_kl_budget(cfg, recent_kl, row["kl/ref"], step, warned, log)
+                stopped = "kl_budget" if over else stopped
             if (cfg.save_every and step % cfg.save_every == 0) or stopped != "max_steps":
                 save_checkpoint(out, step, position, model, optimizer, scheduler, {"skipped_steps": skipped},
                                 cfg.keep_checkpoints)
             if stopped != "max_steps":
                 log(f"stopping at step {step}: kl/ref is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
                 break
-    if bar is not None:
-        bar[0].stop()
-    if writer is not None:
-        writer.close()
+    finally:
+        if bar is not None:
+            bar[0].stop()
+        runlog.close()
     return LoopResult(step, stopped, skipped, time.perf_counter() - t_start, total_tokens, last)
 
 
-def _progress(total: int, done: int, enabled: bool):
+def check_kl_budget(cfg: RunConfig, recent: deque, kl: float, step: int, warned: bool,
+                    log: Callable[[str], None]) -> tuple[bool, bool]:
+    """(warned, over budget and told to stop): the running mean of the last 10 kl/ref values."""
+    recent.append(kl)
+    running = sum(recent) / len(recent)
+    if cfg.kl_budget is None or running <= cfg.kl_budget:
+        return warned, False
+    if not warned:
+        log(f"step {step}: running kl/ref {running:.4f} exceeds kl_budget {cfg.kl_budget}")
+    return True, cfg.stop_on_kl_budget
+
+
+def update_bar(bar, step: int, description: str) -> None:
+    if bar is not None:
+        bar[0].update(bar[1], completed=step, description=description)
+
+
+def progress_bar(total: int, done: int, enabled: bool, label: str = "training"):
     if not enabled:
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -253,7 +294,7 @@ def _progress(total: int, done: int, enabled: bool):
     p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                  transient=False)
     p.start()
-    return p, p.add_task("training", total=total, completed=done)
+    return p, p.add_task(label, total=total, completed=done)
 
 
 def _tensorboard(out: Path):

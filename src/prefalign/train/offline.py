@@ -16,11 +16,12 @@ from torch import Tensor
 from ..config import dump_config
 from ..data import ReadOptions, load_records
 from ..losses.preference import METHODS, Method, with_nll
-from ..models.load import add_lora, is_peft, load_model, load_tokenizer, save_model, unwrap
+from ..models.load import add_lora, is_peft, load_model, load_tokenizer_for, save_model, unwrap
 from ..models.logprobs import batch_logps
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
+from ..models.scalar import load_scalar_model, sequence_scores
 from .batches import TokenizedData, collate, collate_shared_prompt, tokenize_records
-from .config import TrainConfig
+from .config import RunConfig, TrainConfig
 from .loop import LoopResult, train_loop
 
 
@@ -32,7 +33,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable:
+def autocast_for(cfg: RunConfig, device: torch.device) -> Callable:
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_ok)
     if not use_bf16:
@@ -64,7 +65,7 @@ def _load_data(path: str, cfg: TrainConfig, tokenizer, method: Method, out: Path
                log: Callable[[str], None]) -> TokenizedData:
     records, problems = load_records(path, ReadOptions(format=cfg.format))
     data = tokenize_records(tokenizer, records, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                            paired=method.paired)
+                            data=method.data)
     problems += data.problems
     if problems:
         bad = out / f"{name}_problems.jsonl"
@@ -80,7 +81,7 @@ def _load_data(path: str, cfg: TrainConfig, tokenizer, method: Method, out: Path
 def use_shared_prompt(cfg: TrainConfig, model, method: Method) -> bool:
     """Shared-prompt rows need pairs and an attention mask the model honours (not Mamba)."""
     has_attention = hasattr(unwrap(model).config, "num_attention_heads") or hasattr(unwrap(model).config, "n_head")
-    possible = method.paired and has_attention
+    possible = method.paired and method.inputs == "logps" and has_attention
     if cfg.share_prompt is True and not possible:
         raise ValueError("share_prompt needs paired data and an attention model")
     return possible if cfg.share_prompt == "auto" else bool(cfg.share_prompt)
@@ -92,17 +93,27 @@ def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Ca
     if cfg.rpo_alpha and method.paired:
         loss_fn = with_nll(loss_fn, cfg.rpo_alpha)
     hparams = dict(beta=cfg.beta, gamma=cfg.gamma, desirable_weight=cfg.desirable_weight,
-                   undesirable_weight=cfg.undesirable_weight)
+                   undesirable_weight=cfg.undesirable_weight, margin_scale=cfg.margin_scale)
     if cfg.label_smoothing is not None:  # None: the method's own default (cdpo/robust: 0.1)
         hparams["label_smoothing"] = cfg.label_smoothing
 
     def step(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], int]:
+        b = len(batch["index"])
+        # real prompt + completion tokens of every sequence, whatever the layout computed
+        tokens = int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
+        if method.inputs == "scores":  # a reward model: one scalar per sequence
+            with autocast():
+                scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+            loss, metrics = loss_fn(chosen_scores=scores[:b], rejected_scores=scores[b:],
+                                    margins=batch.get("margins"), **hparams)
+            return loss.mean(), {k: float(v.float().mean()) for k, v in metrics.items()}, tokens
         with autocast():
             logps = batch_logps(model, batch, cfg.logits_chunk_mb)  # (slots * B,)
-        b = len(batch["index"])
         lengths = batch["lengths"].clamp(min=1)
         ref = reference.logps(batch).float() if reference is not None else None
-        if method.paired:
+        if method.data == "completions":
+            tensors = dict(policy_logps=logps, lengths=lengths)
+        elif method.paired:
             tensors = dict(policy_chosen_logps=logps[:b], policy_rejected_logps=logps[b:],
                            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:])
             if ref is not None:
@@ -122,8 +133,6 @@ def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Ca
         if ref is not None:
             # mean policy-reference log-ratio per token on chosen (the desirable completion for KTO)
             out["kl/ref"] = float((logps[:b] - ref[:b]).detach().sum() / lengths[:b].sum())
-        # real prompt + completion tokens of every sequence, whatever the layout computed
-        tokens = int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
         return loss.mean(), out, tokens
 
     return step
@@ -138,9 +147,13 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.method]
 
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
-                       quantize_4bit=cfg.quantize_4bit)
+    tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
+    if method.inputs == "scores":
+        model = load_scalar_model(cfg.model, pad_token_id=tokenizer.pad_token_id,
+                                  trust_remote_code=cfg.trust_remote_code, device=device)
+    else:
+        model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
+                           quantize_4bit=cfg.quantize_4bit)
     disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -153,7 +166,7 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
     if strategy == "copy":
         reference = CopyReference(model, autocast, cfg.logits_chunk_mb)  # before LoRA and before any update
     if cfg.lora_settings is not None:
-        model = add_lora(model, cfg.lora_settings)
+        model = add_lora(model, cfg.lora_settings, "SEQ_CLS" if method.inputs == "scores" else "CAUSAL_LM")
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     pad = tokenizer.pad_token_id
@@ -176,7 +189,11 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
         eval_fn = _evaluator(model, cfg, eval_data, strategy, autocast, device, collate_pad, reference)
     step = make_step(model, cfg.method, cfg, reference, autocast)
     result = train_loop(cfg, model, len(data), make_batch, step, device, eval_fn=eval_fn, log=log, progress=progress)
-    save_model(model, tokenizer, out / "final")
+    if method.inputs == "scores" and is_peft(model):
+        # a reward model is a judge for later runs: one standalone folder, not an adapter
+        save_model(model.merge_and_unload(), tokenizer, out / "final")
+    else:
+        save_model(model, tokenizer, out / "final")
     summary = {"method": cfg.method, "reference": strategy, "lora": is_peft(model), "steps": result.steps,
                "stopped": result.stopped, "skipped_steps": result.skipped_steps,
                "wall_seconds": result.wall_seconds, "tokens": result.tokens,

@@ -1,0 +1,179 @@
+"""The pieces of PPO-based RLHF as pure functions over (B, T) completion-aligned tensors.
+
+Layout: every tensor here is aligned to the *completion* tokens of a rollout, right-padded:
+column t is the t-th generated token, `mask[b, t]` is 1 for real tokens (up to and including EOS).
+Whatever padding the prompt had during generation is gone by the time a tensor reaches this file,
+so "the last real token" is simply the last column where the mask is 1.
+
+References: Ziegler et al. 2019 (KL-shaped reward, adaptive KL controller), Schulman et al. 2016
+(GAE), Schulman et al. 2017 (clipped surrogate), Huang et al. 2024 "The N+ implementation details of
+RLHF with PPO" (whitening, value clipping, EOS handling), Ahmadian et al. 2024 (RLOO), Shao et al.
+2024 (GRPO), Schulman 2020 "Approximating KL divergence" (the k1/k3 estimators).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor) -> Tensor:
+    """Unbiased variance of the masked entries (Bessel's correction, as the N-details reference does)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum().clamp(min=2)
+    return ((x - mean) ** 2 * mask).sum() / (n - 1)
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over the masked entries; with shift_mean=False the mean is added back
+    (used for rewards, whose sign carries meaning). Padded entries come back as 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """(B,) column of the last real token of each row: the largest t with mask[b, t] = 1."""
+    cols = torch.arange(mask.shape[1], device=mask.device)
+    return (cols * mask.long()).argmax(-1)
+
+
+# ------------------------------------------------------------------ KL estimators
+
+
+def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """log pi(y) - log pi_ref(y) on samples y ~ pi: unbiased for KL(pi || pi_ref), but a single term
+    (and a small batch's sum) can be negative, and with top-k/top-p or a temperature mismatch the
+    samples are not from pi at all, which is how the peers' users end up reporting negative KL."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """(r - 1) - log r with r = pi_ref(y)/pi(y): also unbiased on samples from pi (E[r] = 1), and
+    non-negative term by term (x - 1 >= log x), so no batch can ever report a negative KL."""
+    log_r = ref_logprobs - logprobs
+    return torch.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+
+
+def kl_shaped_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float,
+                      estimator: str = "k1") -> tuple[Tensor, Tensor]:
+    """Per-token rewards r_t = -kl_coef * kl_t, plus the sequence score at the last real token
+    (Ziegler et al. 2019, eq. 2). Returns (rewards (B, T), per-token kl (B, T)); both 0 on padding."""
+    kl = KL_ESTIMATORS[estimator](logprobs, ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = last_token_index(mask)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards[rows, last] += scores
+    return rewards * mask, kl
+
+
+# ------------------------------------------------------------------ advantages
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), masked.
+
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, with V and A past the last
+    real token taken as 0 (the episode ends there). Returns (advantages, returns = A + V), (B, T).
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advantages[:, t] = adv
+        # a padded column passes nothing back: the value and advantage after the end are 0
+        next_value, next_adv = values[:, t] * mask[:, t], adv
+    return advantages, (advantages + values) * mask
+
+
+def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, eq. 5): rewards (N*k,) grouped as k
+    consecutive samples per prompt; A_i = r_i - mean of the other k-1 rewards of its prompt."""
+    if k < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    r = rewards.view(-1, k)
+    baseline = (r.sum(-1, keepdim=True) - r) / (k - 1)
+    return (r - baseline).reshape(-1)
+
+
+def grpo_advantages(rewards: Tensor, k: int, eps: float = 1e-4) -> Tensor:
+    """GRPO's outcome supervision (Shao et al. 2024, §4.1.2): (r_i - mean(group)) / (std(group) + eps),
+    std with Bessel's correction as the DeepSeekMath reference code does."""
+    if k < 2:
+        raise ValueError("GRPO needs at least 2 samples per prompt")
+    r = rewards.view(-1, k)
+    return ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)).reshape(-1)
+
+
+# ------------------------------------------------------------------ losses
+
+
+def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                        clip: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
+    mean_t max(-A_t rho_t, -A_t clip(rho_t, 1-eps, 1+eps)), rho_t = pi(y_t)/pi_old(y_t)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        metrics = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                   # k3 of the update: how far the policy moved from the one that sampled (>= 0)
+                   "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)}
+    return loss, metrics
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                       clip: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+    """0.5 mean_t max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) (the PPO2 baselines form)."""
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_err, clipped_err = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    with torch.no_grad():
+        metrics = {"value_clipfrac": masked_mean((clipped_err > unclipped_err).float(), mask)}
+    return loss, metrics
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(R - V) / Var(R): 1 is a perfect critic, 0 no better than a constant, < 0 worse."""
+    var_r = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var_r) if var_r > 0 else float("nan")
+
+
+# ------------------------------------------------------------------ KL coefficient
+
+
+@dataclass
+class KLController:
+    """Fixed (target None) or adaptive KL coefficient (Ziegler et al. 2019, §2.2):
+    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta (1 + K_beta e), K_beta = n_steps / horizon."""
+
+    value: float
+    target: float | None = None
+    horizon: int = 10_000
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.target is not None:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n_steps / self.horizon
+        return self.value
