@@ -139,6 +139,16 @@ def trunk_of(model):
     return trunk
 
 
+def position_kwargs(trunk, attention_mask):
+    """position_ids from the attention mask (as generation computes them), for trunks that take
+    them: a left-padded row then sees the same positions as the unpadded sequence."""
+    import inspect
+
+    if "position_ids" not in inspect.signature(trunk.forward).parameters:
+        return {}
+    return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
+
+
 def backbone_and_head(model):
     """(the trunk that returns hidden states, the output projection to the vocabulary)."""
     return trunk_of(model), unwrap(model).get_output_embeddings()

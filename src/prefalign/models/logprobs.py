@@ -13,29 +13,76 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .load import backbone_and_head, unwrap
+from .load import backbone_and_head, position_kwargs, unwrap
 
 
-def _chunk_logps(hidden: Tensor, labels: Tensor, head: torch.nn.Module, softcap: float | None) -> Tensor:
+def _chunk_logits(hidden: Tensor, head: torch.nn.Module, softcap: float | None, temperature: float) -> Tensor:
     logits = head(hidden).float()  # (n, V)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _chunk_logps(hidden: Tensor, labels: Tensor, head: torch.nn.Module, softcap: float | None,
+                 temperature: float = 1.0) -> Tensor:
+    logits = _chunk_logits(hidden, head, softcap, temperature)
     return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (n,)
 
 
-def _scored_logps(model, hidden: Tensor, y: Tensor, chunk_mb: float) -> Tensor:
-    """log p(y_i | state h_i) for N (state, label) pairs, chunked over N: (N, H), (N,) -> (N,)."""
+def _chunks(model, n: int, chunk_mb: float):
     head = backbone_and_head(model)[1]
     softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
     step = max(1, int(chunk_mb * 2**20 // (4 * head.weight.shape[0])))
+    return head, softcap, step, [(start, start + step) for start in range(0, n, step)]
+
+
+def _scored_logps(model, hidden: Tensor, y: Tensor, chunk_mb: float, temperature: float = 1.0) -> Tensor:
+    """log p(y_i | state h_i) for N (state, label) pairs, chunked over N: (N, H), (N,) -> (N,).
+    `temperature` scores under the tempered distribution softmax(logits / T) that sampling used."""
+    head, softcap, step, spans = _chunks(model, hidden.shape[0], chunk_mb)
     pieces = []
-    for start in range(0, hidden.shape[0], step):
-        hs, ys = hidden[start:start + step], y[start:start + step]
+    for a, b in spans:
+        hs, ys = hidden[a:b], y[a:b]
         if torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[0] > step:
-            pieces.append(checkpoint(_chunk_logps, hs, ys, head, softcap, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logps, hs, ys, head, softcap, temperature, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(hs, ys, head, softcap))
+            pieces.append(_chunk_logps(hs, ys, head, softcap, temperature))
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+@torch.no_grad()
+def _scored_entropy(model, hidden: Tensor, chunk_mb: float, temperature: float = 1.0) -> Tensor:
+    """Entropy of the (tempered) next-token distribution at N states, chunked: (N, H) -> (N,)."""
+    head, softcap, _, spans = _chunks(model, hidden.shape[0], chunk_mb)
+    pieces = []
+    for a, b in spans:
+        logp = torch.log_softmax(_chunk_logits(hidden[a:b], head, softcap, temperature), -1)
+        pieces.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def completion_logps(model, input_ids: Tensor, attention_mask: Tensor, n_prompt: int, completion_mask: Tensor, *,
+                     chunk_mb: float = 128.0, temperature: float = 1.0, entropy: bool = False,
+                     hidden_out: bool = False) -> dict[str, Tensor]:
+    """Rows laid out as generation saw them, [left-padded prompt (n_prompt cols) | completion]:
+    `logps` (B, Tc) of each completion token (0 on padding), and on request the `entropy` (B, Tc)
+    of the distribution it was drawn from and the `hidden` states (B, Tc, H) that predicted it
+    (where a value head reads V(s_t)). Positions come from the attention mask, as in generation."""
+    trunk = backbone_and_head(model)[0]
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                   **position_kwargs(trunk, attention_mask)).last_hidden_state  # (B, T, H)
+    states = hidden[:, n_prompt - 1:-1]  # (B, Tc, H): the state before completion token t
+    labels = input_ids[:, n_prompt:]  # (B, Tc)
+    rows, cols = completion_mask.bool().nonzero(as_tuple=True)
+    out = {"logps": torch.zeros(labels.shape, dtype=torch.float32, device=labels.device).index_put(
+        (rows, cols), _scored_logps(model, states[rows, cols], labels[rows, cols], chunk_mb, temperature))}
+    if entropy:
+        out["entropy"] = torch.zeros_like(out["logps"]).index_put(
+            (rows, cols), _scored_entropy(model, states[rows, cols].detach(), chunk_mb, temperature))
+    if hidden_out:
+        out["hidden"] = states
+    return out
+
 
 
 def token_logps(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, *,

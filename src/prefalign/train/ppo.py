@@ -1,0 +1,336 @@
+"""PPO-based RLHF, and the critic-free RLOO and GRPO on the same rollouts: one readable module.
+
+One step of `max_steps`:
+  1. rollout: `batch_size` prompts (each repeated `samples_per_prompt` times, consecutively), one
+     completion sampled per row with the KV cache; the sampled ids are kept as generated.
+  2. score: the judge (a Python callable or a reward model) scores each completion once; a completion
+     that never reached EOS loses `missing_eos_penalty`; scores may be normalised and clipped.
+  3. no-grad pass: the policy's log-probs of its own tokens under the sampling temperature (old
+     log-probs), the reference's, the per-token entropy, and the critic's values V(s_t).
+  4. advantages:
+       ppo:  per-token reward = -kl_coef * KL_t, plus the score at the last real token; GAE over it;
+             advantages whitened (critic learns the unwhitened returns).
+       rloo: sequence reward = score - kl_coef * sum_t KL_t; leave-one-out baseline over the k samples.
+       grpo: group-normalised score; the KL to the reference enters the loss, not the reward.
+  5. update: `ppo_epochs` passes over the rollout in `num_minibatches` shuffled minibatches; clipped
+     surrogate (+ clipped value loss for ppo, + kl_coef * k3 KL for grpo); gradient clipping.
+  6. the KL coefficient adapts towards `kl_target` (Ziegler et al. 2019) when one is set.
+Checkpoints hold the trainable weights (policy adapters or weights, and the critic), the optimizer,
+the schedule, the RNG, the prompt position, the KL coefficient and the running reward statistics, so
+a resumed run samples and updates exactly as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import deque
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..config import dump_config
+from ..data import ReadOptions, load_prompts
+from ..data.records import text_of
+from ..eval.judges import RewardModelJudge, make_judge
+from ..losses import ppo as P
+from ..models.load import add_lora, is_peft, load_model, load_tokenizer_for, save_model
+from ..models.logprobs import completion_logps
+from ..models.scalar import load_scalar_model, score_head
+from ..models.scalar import token_scores as critic_token_scores
+from .config import RLConfig
+from .loop import (LoopResult, RunLog, batch_indices, build_optimizer, check_kl_budget, peak_memory_bytes,
+                   progress_bar, resume, save_checkpoint, update_bar)
+from .offline import autocast_for, disable_dropout, pick_device
+from .rollout import SamplingConfig, encode_prompt, generate
+
+
+class ActorCritic(nn.Module):
+    """The trainable whole: the policy and its critic (a value head on the policy's trunk, a separate
+    scalar model, or none for rloo/grpo). One module so one optimizer and one checkpoint hold both."""
+
+    def __init__(self, policy, value_head: nn.Module | None = None, critic_model=None):
+        super().__init__()
+        self.policy, self.value_head, self.critic_model = policy, value_head, critic_model
+
+    def forward_rows(self, rows: dict[str, Tensor], n_prompt: int, cfg: RLConfig, *, entropy: bool = False):
+        """Log-probs (B, Tc) of the rollout's completion tokens, values (B, Tc) where a critic exists."""
+        out = completion_logps(self.policy, rows["input_ids"], rows["attention_mask"], n_prompt,
+                               rows["completion_mask"], chunk_mb=cfg.logits_chunk_mb, temperature=cfg.temperature,
+                               entropy=entropy, hidden_out=self.value_head is not None)
+        if self.value_head is not None:
+            out["values"] = self.value_head(out.pop("hidden").float()).squeeze(-1)  # V(s_t): the state before token t
+        elif self.critic_model is not None:
+            # same layout, same positions: the critic's head at the state before each completion token
+            out["values"] = critic_token_scores(self.critic_model, rows["input_ids"], rows["attention_mask"])[
+                :, n_prompt - 1:-1]
+        return out
+
+
+@dataclass
+class RunningMoments:
+    """Running mean/variance of scores across rollouts (Chan et al. parallel update), for
+    reward_norm: running. Kept in checkpoints."""
+
+    mean: float = 0.0
+    var: float = 1.0
+    count: float = 1e-4
+
+    def update(self, x: Tensor) -> None:
+        n, m, v = x.numel(), float(x.mean()), float(x.var(unbiased=False)) if x.numel() > 1 else 0.0
+        total = self.count + n
+        delta = m - self.mean
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + v * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+
+@dataclass
+class RLState:
+    step: int = 0
+    position: int = 0
+    skipped: int = 0
+    kl_coef: float = 0.0
+    moments: RunningMoments = field(default_factory=RunningMoments)
+
+
+def _reference(cfg: RLConfig, policy):
+    """(a context manager that makes the policy the reference, or a frozen copy, model copies held)."""
+    strategy = cfg.reference if cfg.reference != "auto" else ("adapter" if cfg.lora else "copy")
+    if strategy == "adapter":
+        return strategy, None
+    ref = copy.deepcopy(policy).requires_grad_(False).eval()  # before LoRA and before any update
+    return strategy, ref
+
+
+def shape_scores(cfg: RLConfig, raw: Tensor, ended: Tensor, moments: RunningMoments) -> Tensor:
+    scores = raw.clone()
+    if cfg.missing_eos_penalty is not None:
+        scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
+    if cfg.reward_norm == "batch" and scores.numel() > 1:
+        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    elif cfg.reward_norm == "running":
+        moments.update(scores)
+        scores = (scores - moments.mean) / math.sqrt(moments.var + 1e-8)
+    if cfg.reward_clip is not None:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    return scores
+
+
+def advantages(cfg: RLConfig, scores: Tensor, old: Tensor, ref: Tensor, values: Tensor | None, mask: Tensor,
+               kl_coef: float) -> tuple[Tensor, Tensor | None]:
+    """(advantages (N, Tc), returns (N, Tc) for the critic or None) for the configured method."""
+    k = cfg.samples_per_prompt
+    if cfg.method == "ppo":
+        rewards, _ = P.kl_shaped_rewards(scores, old, ref, mask, kl_coef, cfg.kl_estimator)
+        adv, returns = P.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        return (P.whiten(adv, mask) if cfg.whiten_advantages else adv), returns
+    if cfg.method == "rloo":
+        kl_seq = (P.KL_ESTIMATORS[cfg.kl_estimator](old, ref) * mask).sum(-1)
+        seq_adv = P.rloo_advantages(scores - kl_coef * kl_seq, k)
+    else:  # grpo: the KL is a loss term, the advantage is the group-normalised score alone
+        seq_adv = P.grpo_advantages(scores, k)
+    adv = seq_adv[:, None] * mask  # every token of a completion shares its sequence's advantage
+    if cfg.method == "rloo" and cfg.whiten_advantages:
+        adv = P.whiten(adv, mask)
+    return adv, None
+
+
+def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    device = pick_device(cfg.device)
+    autocast = autocast_for(cfg, device)
+    torch.manual_seed(cfg.seed)
+
+    tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
+    policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
+                        quantize_4bit=cfg.quantize_4bit)
+    disable_dropout(policy)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    strategy, ref_model = _reference(cfg, policy)
+    if cfg.lora_settings is not None:
+        policy = add_lora(policy, cfg.lora_settings)
+    judge = make_judge(cfg.reward, device)
+
+    value_head, critic_model = None, None
+    if cfg.method == "ppo" and cfg.critic == "value_head":
+        value_head = nn.Linear(policy.config.get_text_config().hidden_size, 1).to(device)
+        nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)  # V = 0 until it learns
+    elif cfg.method == "ppo":
+        # a second model; from the reward model when there is one (InstructGPT), else from the policy
+        source = judge.model_path if isinstance(judge, RewardModelJudge) else cfg.model
+        critic_model = load_scalar_model(source, pad_token_id=tokenizer.pad_token_id, device=device)
+        disable_dropout(critic_model)
+        if cfg.lora_settings is not None:
+            critic_model = add_lora(critic_model, cfg.lora_settings, "SEQ_CLS")
+        score_head(critic_model).requires_grad_(True)
+    ac = ActorCritic(policy, value_head, critic_model)
+
+    prompts, problems = load_prompts(cfg.prompts, ReadOptions(format=cfg.format))
+    if problems:
+        (out / "prompts_problems.jsonl").write_text("".join(json.dumps(p.to_json()) + "\n" for p in problems))
+        log(f"{cfg.prompts}: {len(problems)} bad rows set aside (first: {problems[0]})")
+    if not prompts:
+        raise ValueError(f"{cfg.prompts}: no usable prompts")
+    prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    feed_ids = isinstance(judge, RewardModelJudge) and judge.shares_vocab(tokenizer)
+    copies = 1 + (ref_model is not None) + (critic_model is not None) + (judge.kind == "reward_model")
+    log(f"method {cfg.method}, {len(prompts)} prompts, reference {strategy}, critic "
+        f"{'value head' if value_head is not None else 'model' if critic_model is not None else 'none'}, "
+        f"reward {judge.kind}{' (on the sampled ids)' if feed_ids else ''}, "
+        f"{'LoRA' if is_peft(policy) else 'full fine-tune'}, {copies} model copies, device {device.type}")
+
+    params, optimizer, scheduler = build_optimizer(cfg, ac)
+    st = RLState(kl_coef=cfg.kl_coef)
+    saved = resume(cfg, ac, optimizer, scheduler, log)
+    if saved is not None:
+        st = RLState(saved["step"], saved["position"], saved.get("skipped_steps", 0), saved["kl_coef"],
+                     RunningMoments(**saved["moments"]))
+    kl_ctl = P.KLController(st.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    runlog = RunLog(out, st.step if saved is not None else None)
+    bar = progress_bar(cfg.max_steps, st.step, progress, cfg.method)
+    t_start, total_tokens, last, stopped, warned = time.perf_counter(), 0, {}, "max_steps", False
+    recent_kl: deque[float] = deque(maxlen=10)
+
+    def reference_logps(rows: dict[str, Tensor], n_prompt: int) -> Tensor:
+        model = ref_model if ref_model is not None else policy
+        ctx = policy.disable_adapter() if ref_model is None else nullcontext()
+        with ctx, autocast():
+            return completion_logps(model, rows["input_ids"], rows["attention_mask"], n_prompt,
+                                    rows["completion_mask"], chunk_mb=cfg.logits_chunk_mb,
+                                    temperature=cfg.temperature)["logps"]
+
+    try:
+        while st.step < cfg.max_steps:
+            # ---- 1. rollout
+            t0 = time.perf_counter()
+            idx = batch_indices(st.position, cfg.batch_size, len(prompts), cfg.seed)
+            st.position += 1
+            rows_idx = [i for i in idx for _ in range(cfg.samples_per_prompt)]  # k consecutive samples per prompt
+            roll = generate(policy, tokenizer, [prompt_ids[i] for i in rows_idx], sampling, device=device,
+                            autocast=autocast, prompt_texts=[text_of(prompts[i]) for i in rows_idx])
+            all_rows = roll.select(torch.arange(len(rows_idx)))
+            mask = roll.completion_mask.float()
+
+            # ---- 2. score (once per completion, on the sampled ids when the reward model shares the vocabulary)
+            if feed_ids:
+                raw = judge.score_ids(roll.input_ids, roll.attention_mask).float().to(device)
+            else:
+                raw = torch.tensor(judge.score([prompts[i] for i in rows_idx], roll.completion_texts), device=device)
+            scores = shape_scores(cfg, raw, roll.ended.to(device), st.moments)
+
+            # ---- 3. the no-grad pass: old log-probs, entropy, values; reference log-probs
+            with torch.no_grad():
+                ac.eval()
+                with autocast():
+                    fwd = ac.forward_rows(all_rows, roll.n_prompt, cfg, entropy=True)
+                old, entropy = fwd["logps"], fwd["entropy"]
+                old_values = fwd["values"].float() * mask if "values" in fwd else None
+                ref = reference_logps(all_rows, roll.n_prompt)
+                k1, k3 = P.kl_k1(old, ref) * mask, P.kl_k3(old, ref) * mask
+
+                # ---- 4. advantages
+                adv, returns = advantages(cfg, scores, old, ref, old_values, mask, kl_ctl.value)
+            rollout_seconds = time.perf_counter() - t0
+
+            # ---- 5. update
+            t1 = time.perf_counter()
+            ac.train()
+            n_rows, stats, skipped_now = len(rows_idx), [], 0
+            for _ in range(cfg.ppo_epochs):
+                order = torch.randperm(n_rows)
+                for mb in order.chunk(cfg.num_minibatches):
+                    mb_dev = mb.to(device)
+                    m = mask[mb_dev]
+                    with autocast():
+                        new = ac.forward_rows(roll.select(mb), roll.n_prompt, cfg)
+                    pg_loss, pg_stats = P.clipped_policy_loss(new["logps"], old[mb_dev], adv[mb_dev], m, cfg.clip_range)
+                    loss, row = pg_loss, {"ppo/policy_loss": pg_loss.item(), **{f"ppo/{k}": float(v)
+                                                                                for k, v in pg_stats.items()}}
+                    if returns is not None:
+                        vf_loss, vf_stats = P.clipped_value_loss(new["values"].float(), old_values[mb_dev],
+                                                                 returns[mb_dev], m, cfg.clip_range_value)
+                        loss = loss + cfg.vf_coef * vf_loss
+                        row.update({"ppo/value_loss": vf_loss.item(), "ppo/value_clipfrac": float(vf_stats["value_clipfrac"])})
+                    if cfg.method == "grpo":
+                        kl_term = P.masked_mean(P.kl_k3(new["logps"], ref[mb_dev]), m)
+                        loss = loss + kl_ctl.value * kl_term
+                        row["ppo/kl_loss"] = kl_term.item()
+                    if not torch.isfinite(loss):
+                        skipped_now += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if torch.isfinite(grad_norm):
+                        optimizer.step()
+                    else:
+                        skipped_now += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    stats.append({"loss": loss.item(), "grad_norm": float(grad_norm), **row})
+            scheduler.step()
+            update_seconds = time.perf_counter() - t1
+            st.skipped += skipped_now
+            if skipped_now == cfg.ppo_epochs * cfg.num_minibatches and skipped_now >= cfg.max_bad_steps:
+                raise RuntimeError(f"step {st.step + 1}: every update was non-finite; lower the learning rate")
+
+            # ---- 6. the KL coefficient, bookkeeping
+            kl_seq = (k3 if cfg.kl_estimator == "k3" else k1).sum(-1)
+            kl_ctl.update(float(kl_seq.mean()), n_rows)
+            st.step += 1
+            st.kl_coef = kl_ctl.value
+            tokens = int(roll.attention_mask.sum())
+            total_tokens += tokens
+            seconds = rollout_seconds + update_seconds
+            metrics = {
+                "step": st.step, **{k: sum(s[k] for s in stats) / len(stats) for k in (stats[0] if stats else {})},
+                "ppo/reward": float(raw.mean()), "ppo/reward_std": float(raw.std()) if n_rows > 1 else 0.0,
+                "ppo/score": float(scores.mean()),
+                "ppo/kl": float(kl_seq.mean()), "ppo/kl_k1": float(k1.sum(-1).mean()),
+                "ppo/kl_k3": float(k3.sum(-1).mean()), "kl/ref": float(k3.sum() / mask.sum().clamp(min=1)),
+                "ppo/entropy": float(P.masked_mean(entropy, mask)), "ppo/kl_coef": kl_ctl.value,
+                "ppo/completion_length": float(mask.sum(-1).mean()), "ppo/eos_rate": float(roll.ended.float().mean()),
+                "ppo/rollout_seconds": rollout_seconds, "ppo/update_seconds": update_seconds,
+                "ppo/generation_tokens_per_s": roll.tokens_per_s, "tokens_per_s": tokens / seconds,
+                "step_seconds": seconds, "learning_rate": scheduler.get_last_lr()[0],
+                "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": st.skipped,
+            }
+            if returns is not None:
+                metrics["ppo/value_explained_var"] = P.explained_variance(old_values, returns, mask)
+            if st.step % cfg.log_every == 0 or st.step == cfg.max_steps:
+                runlog.write(metrics)
+            last = metrics
+            update_bar(bar, st.step, f"reward {metrics['ppo/reward']:.3f} kl {metrics['ppo/kl']:.3f}")
+            warned, over = check_kl_budget(cfg, recent_kl, metrics["kl/ref"], st.step, warned, log)
+            stopped = "kl_budget" if over else stopped
+            if (cfg.save_every and st.step % cfg.save_every == 0) or stopped != "max_steps":
+                save_checkpoint(out, st.step, st.position, ac, optimizer, scheduler,
+                                {"skipped_steps": st.skipped, "kl_coef": st.kl_coef, "moments": st.moments.__dict__},
+                                cfg.keep_checkpoints)
+            if stopped != "max_steps":
+                log(f"stopping at step {st.step}: kl/ref is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
+                break
+    finally:
+        if bar is not None:
+            bar[0].stop()
+        runlog.close()
+
+    save_model(policy, tokenizer, out / "final")
+    result = LoopResult(st.step, stopped, st.skipped, time.perf_counter() - t_start, total_tokens, last)
+    summary = {"method": cfg.method, "reference": strategy, "lora": is_peft(policy), "steps": result.steps,
+               "stopped": result.stopped, "skipped_steps": result.skipped_steps, "wall_seconds": result.wall_seconds,
+               "tokens": result.tokens, "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,
+               "peak_memory_bytes": last.get("peak_memory_bytes"), "model_copies": copies,
+               "reward": judge.kind, "final": last}
+    (out / "run.json").write_text(json.dumps(summary, indent=2))
+    log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
+    return result

@@ -1,0 +1,137 @@
+"""Generation: batched sampling with the model's KV cache, left padding, seeded, timed.
+
+A rollout keeps the exact token ids that were sampled, laid out as generation saw them
+([left-padded prompt | completion]); log-probs, values and reward-model scores are computed on those
+ids, never on re-tokenized text (decoding and re-encoding is not the identity for BPE, and the
+policy would be scored on sequences it never produced).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..data.records import Text
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+
+
+@dataclass
+class Rollout:
+    input_ids: Tensor  # (N, P + Tc) [left-padded prompt | completion, right-padded after EOS]
+    attention_mask: Tensor  # (N, P + Tc) 1 on real prompt and completion tokens
+    n_prompt: int  # P: the completion starts at this column in every row
+    completion_mask: Tensor  # (N, Tc) 1 up to and including the first EOS
+    ended: Tensor  # (N,) bool: the completion reached EOS within max_new_tokens
+    seconds: float
+    prompt_texts: list[str]
+    completion_texts: list[str]
+
+    @property
+    def completion_ids(self) -> Tensor:
+        return self.input_ids[:, self.n_prompt:]
+
+    @property
+    def new_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else float("nan")
+
+    def select(self, rows: Tensor) -> dict[str, Tensor]:
+        return {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows],
+                "completion_mask": self.completion_mask[rows]}
+
+
+def encode_prompt(tokenizer, prompt: Text, max_prompt_length: int | None = None) -> list[int]:
+    """Messages go through the chat template with the generation prompt (the template writes BOS);
+    plain text gets the tokenizer's special tokens, as training's tokenization does. Long prompts
+    keep their end (what the answer responds to)."""
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    else:
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_prompt_length is not None and len(ids) > max_prompt_length:
+        ids = ids[len(ids) - max_prompt_length:]
+    return list(ids)
+
+
+def eos_ids(tokenizer, model) -> list[int]:
+    """Every token that ends a completion: the tokenizer's EOS and the model's generation config's."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids.update(extra if isinstance(extra, list) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def completion_mask(completions: Tensor, eos: list[int]) -> tuple[Tensor, Tensor]:
+    """(mask (N, Tc): tokens up to and including the first EOS, ended (N,))."""
+    is_eos = torch.isin(completions, torch.tensor(eos, device=completions.device))
+    ended = is_eos.any(-1)
+    # number of EOS tokens strictly before t == 0  <=>  t is at or before the first EOS
+    before = torch.cumsum(is_eos.long(), -1) - is_eos.long()
+    return (before == 0).long(), ended
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int | None = None,
+             device: torch.device | str = "cpu", autocast=nullcontext, prompt_texts: list[str] | None = None) -> Rollout:
+    """Sample one completion per prompt id list (repeat a prompt for k samples). With `seed`, the
+    draw is reproducible and the global RNG is left as it was; without, it uses (and advances) the
+    global RNG, which a checkpoint saves, so a resumed PPO run samples what the first run would."""
+    pad = tokenizer.pad_token_id
+    eos = eos_ids(tokenizer, model)
+    ids, mask = left_pad(prompts, pad)
+    ids, mask = ids.to(device), mask.to(device)
+    greedy = sampling.temperature <= 0
+    kw = dict(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+              use_cache=True)
+    if not greedy:
+        kw.update(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
+    with rng, autocast():
+        if seed is not None:
+            torch.manual_seed(seed)
+        # min_new_tokens stays 0 and the generation config is passed whole, so no saved default
+        # (a model's own top_k=50, say) changes what the config here asked for
+        from transformers import GenerationConfig
+
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(**kw))
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    completions = out[:, ids.shape[1]:]
+    if completions.shape[1] == 0:  # max_new_tokens 0 or nothing generated: one padding column
+        completions = torch.full((len(prompts), 1), pad, dtype=torch.long, device=out.device)
+    cmask, ended = completion_mask(completions, eos)
+    completions = torch.where(cmask.bool(), completions, torch.full_like(completions, pad))
+    texts = [tokenizer.decode(c[m.bool()], skip_special_tokens=True) for c, m in zip(completions, cmask, strict=True)]
+    if prompt_texts is None:
+        prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    return Rollout(torch.cat([ids, completions], 1), torch.cat([mask, cmask], 1), ids.shape[1], cmask, ended,
+                   seconds, prompt_texts, texts)
