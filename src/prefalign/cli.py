@@ -168,26 +168,60 @@ def data_split(
     print(json.dumps(counts))
 
 
+def _method_of(method: str | None, config: Path | None, overrides: list[str]) -> str:
+    """The method a train command asks for (the last word wins: option, YAML, then key=value)."""
+    import yaml
+
+    found = method
+    if config is not None and config.exists():
+        try:
+            found = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("method", found)
+        except (yaml.YAMLError, AttributeError):
+            pass  # load_config reports the problem properly
+    for text in overrides:
+        if text.startswith("method="):
+            found = text.partition("=")[2].strip()
+    return found or "dpo"
+
+
 @app.command("train", context_settings={"allow_extra_args": False})
 def train(
     args: list[str] | None = typer.Argument(None, help="CONFIG.yaml and/or key=value overrides"),
-    method: str | None = typer.Option(None, help="dpo, cdpo, robust, ipo, hinge, simpo, orpo, kto"),
-    model: str | None = typer.Option(None, help="local HF model folder or .gguf file"),
-    data: str | None = typer.Option(None, help="preference data"),
+    method: str | None = typer.Option(None, help="dpo, cdpo, robust, ipo, hinge, simpo, orpo, kto, sft, reward; "
+                                      "ppo, rloo, grpo"),
+    model: str | None = typer.Option(None, help="local HF model folder, .gguf file or a LoRA run's final/"),
+    data: str | None = typer.Option(None, help="preference data (offline methods)"),
+    prompts: str | None = typer.Option(None, help="prompts (ppo, rloo, grpo): a prompt file or any preference file"),
+    reward: str | None = typer.Option(None, help="ppo, rloo, grpo: MODULE:FUNCTION, FILE.py:FUNCTION or a "
+                                      "reward-model folder"),
     output: str | None = typer.Option(None, "--output", "-o", help="run folder"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
 ) -> None:
-    """Train with any offline method: `prefalign train CONFIG.yaml [key=value ...]` or the short form."""
-    from .train.config import TrainConfig
+    """Train with any method: `prefalign train CONFIG.yaml [key=value ...]` or the short form."""
+    from .train.config import RL_METHODS, RLConfig, TrainConfig
     from .train.loop import TrainingError
-    from .train.offline import run_offline
 
     args = list(args or [])
     config = Path(args.pop(0)) if args and "=" not in args[0] else None
-    cfg = build(TrainConfig, dict(method=method, model=model, data=data, output=output), args, config)
+    log = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731
+    if _method_of(method, config, args) in RL_METHODS:
+        from .eval.judges import JudgeError
+        from .train.ppo import run_rl
+
+        cfg = build(RLConfig, dict(method=method, model=model, prompts=prompts, reward=reward, output=output),
+                    args, config)
+        runner, errors = run_rl, (OSError, ValueError, TrainingError, JudgeError, RuntimeError)
+    else:
+        from .train.offline import run_offline
+
+        for name, value in (("--prompts", prompts), ("--reward", reward)):
+            if value is not None:
+                fail(f"{name} is for ppo, rloo and grpo; offline methods train on --data")
+        cfg = build(TrainConfig, dict(method=method, model=model, data=data, output=output), args, config)
+        runner, errors = run_offline, (OSError, ValueError, TrainingError)
     try:
-        run_offline(cfg, log=lambda m: console.print(m, highlight=False, markup=False), progress=not no_progress)
-    except (OSError, ValueError, TrainingError) as e:
+        runner(cfg, log=log, progress=not no_progress)
+    except errors as e:
         fail(str(e), 1)
 
 

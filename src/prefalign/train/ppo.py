@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import deque
 import math
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +44,18 @@ from ..models.logprobs import completion_logps
 from ..models.scalar import load_scalar_model, score_head
 from ..models.scalar import token_scores as critic_token_scores
 from .config import RLConfig
-from .loop import (LoopResult, RunLog, batch_indices, build_optimizer, check_kl_budget, peak_memory_bytes,
-                   progress_bar, resume, save_checkpoint, update_bar)
+from .loop import (
+    LoopResult,
+    RunLog,
+    batch_indices,
+    build_optimizer,
+    check_kl_budget,
+    peak_memory_bytes,
+    progress_bar,
+    resume,
+    save_checkpoint,
+    update_bar,
+)
 from .offline import autocast_for, disable_dropout, pick_device
 from .rollout import SamplingConfig, encode_prompt, generate
 

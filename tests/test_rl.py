@@ -1,0 +1,193 @@
+"""Generation, PPO, RLOO and GRPO on tiny models: the traps from the peers' trackers, each tested."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import learnable_pairs, write_jsonl
+from prefalign.train.config import RLConfig
+from prefalign.train.ppo import run_rl
+from prefalign.train.rollout import SamplingConfig, completion_mask, encode_prompt, generate
+
+REWARDS = Path(__file__).parent / "fixtures" / "rewards.py"
+PROMPTS = ["I loved the movie", "the plot", "what", "I hated the story and the actor was bad"]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    rows = [{"prompt": r["prompt"]} for r in learnable_pairs(32)]
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", rows)
+
+
+def _rows(run):
+    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generation_and_scoring_see_the_same_tokens(arch, tiny_models, tokenizer):
+    """The tempered log-prob of every sampled token, from the left-padded batch, equals a plain forward
+    over that row alone (no padding, positions from 0): same ids, same positions, same temperature."""
+    from transformers import AutoModelForCausalLM
+
+    from prefalign.models.logprobs import completion_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
+    ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    roll = generate(model, tokenizer, ids, SamplingConfig(max_new_tokens=12, temperature=0.7), seed=3)
+    assert len({len(p) for p in ids}) > 1  # really left-padded
+    with torch.no_grad():
+        batch = completion_logps(model, roll.input_ids, roll.attention_mask, roll.n_prompt, roll.completion_mask,
+                                 temperature=0.7)["logps"]
+        for i, p in enumerate(ids):
+            comp = roll.completion_ids[i][roll.completion_mask[i].bool()]
+            seq = torch.cat([torch.tensor(p), comp])[None]
+            logits = model(seq).logits[0, len(p) - 1:-1] / 0.7
+            alone = torch.log_softmax(logits, -1).gather(-1, comp[:, None])[:, 0]
+            assert torch.allclose(batch[i, :len(comp)], alone, atol=1e-5)
+            assert (batch[i, len(comp):] == 0).all()
+
+
+def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng(tiny_models, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    cfg = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9)
+    state = torch.get_rng_state()
+    a, b = generate(model, tokenizer, ids, cfg, seed=1), generate(model, tokenizer, ids, cfg, seed=1)
+    c = generate(model, tokenizer, ids, cfg, seed=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.completion_texts == b.completion_texts and torch.equal(a.input_ids, b.input_ids)
+    assert a.completion_texts != c.completion_texts
+    assert a.tokens_per_s > 0 and a.new_tokens == int(a.completion_mask.sum())
+    greedy = generate(model, tokenizer, ids, SamplingConfig(max_new_tokens=10, temperature=0), seed=None)
+    assert greedy.completion_texts == generate(model, tokenizer, ids, SamplingConfig(10, 0), seed=9).completion_texts
+
+
+def test_completion_mask_stops_at_the_first_eos():
+    comp = torch.tensor([[5, 7, 2, 9, 2], [5, 5, 5, 5, 5], [2, 0, 0, 0, 0]])
+    mask, ended = completion_mask(comp, [2])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_reward_is_read_at_the_last_real_token_under_left_padding(arch, tiny_models, tokenizer, tmp_path):
+    """A reward model scoring a left-padded rollout gives each row the score of that row alone."""
+    from transformers import AutoModelForCausalLM
+
+    from prefalign.eval.judges import RewardModelJudge
+    from prefalign.models.scalar import load_scalar_model, score_head, sequence_scores
+
+    rm = load_scalar_model(tiny_models[arch], pad_token_id=tokenizer.pad_token_id)
+    torch.nn.init.normal_(score_head(rm).weight, std=1.0)  # a head that reads something
+    rm.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    judge = RewardModelJudge(tmp_path / "rm")
+    assert judge.shares_vocab(tokenizer)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
+    ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    roll = generate(policy, tokenizer, ids, SamplingConfig(max_new_tokens=8), seed=0)
+    batch = judge.score_ids(roll.input_ids, roll.attention_mask)
+    for i, p in enumerate(ids):
+        comp = roll.completion_ids[i][roll.completion_mask[i].bool()]
+        seq = torch.cat([torch.tensor(p), comp])[None]
+        with torch.no_grad():
+            alone = sequence_scores(judge.model, seq, torch.ones_like(seq))
+        assert abs(float(batch[i]) - float(alone)) < 1e-4
+
+
+def _cfg(tmp_path, model, prompts, method, **kw):
+    base = dict(method=method, model=str(model), prompts=str(prompts), reward=f"{REWARDS}:great",
+                output=str(tmp_path / method), max_steps=30, batch_size=8, max_new_tokens=8, learning_rate=1e-2,
+                lr_schedule="constant", kl_coef=0.01, seed=0)
+    base.update(kw)
+    return RLConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["ppo", "rloo", "grpo"])
+def test_callable_reward_is_learned(method, tiny_models, prompt_file, tmp_path):
+    run_rl(_cfg(tmp_path, tiny_models["llama"], prompt_file, method), log=lambda _: None, progress=False)
+    rows = _rows(tmp_path / method)
+    before = sum(r["ppo/reward"] for r in rows[:3]) / 3
+    after = sum(r["ppo/reward"] for r in rows[-3:]) / 3
+    assert after > before + 2.0, (before, after)  # from ~0.1 "great" per completion to several
+    last = rows[-1]
+    for key in ("ppo/reward", "ppo/kl", "ppo/kl_k1", "ppo/kl_k3", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl",
+                "ppo/kl_coef", "ppo/rollout_seconds", "ppo/update_seconds", "tokens_per_s"):
+        assert key in last, key
+    assert all(r["ppo/kl_k3"] >= 0 for r in rows)
+    assert ("ppo/value_explained_var" in last) == (method == "ppo")
+    summary = json.loads((tmp_path / method / "run.json").read_text())
+    assert summary["model_copies"] == 2  # policy + frozen reference (the value head is part of the policy)
+
+
+def test_ppo_with_lora_critic_model_reward_model_and_adaptive_kl(tiny_models, tokenizer, prompt_file, tmp_path):
+    from prefalign.models.scalar import load_scalar_model
+
+    rm = load_scalar_model(tiny_models["llama"], pad_token_id=tokenizer.pad_token_id)
+    rm.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    cfg = _cfg(tmp_path, tiny_models["llama"], prompt_file, "ppo", reward=str(tmp_path / "rm"), lora=True,
+               critic="model", kl_target=1.0, kl_horizon=100, max_steps=3, missing_eos_penalty=1.0,
+               reward_norm="running", ppo_epochs=2, num_minibatches=2)
+    run_rl(cfg, log=lambda _: None, progress=False)
+    rows = _rows(tmp_path / "ppo")
+    summary = json.loads((tmp_path / "ppo" / "run.json").read_text())
+    # policy (reference = adapters off) + critic model + reward model
+    assert summary["model_copies"] == 3 and summary["reference"] == "adapter"
+    assert rows[0]["ppo/kl_coef"] != 0.01  # the controller moved it
+    assert (tmp_path / "ppo" / "final" / "adapter_config.json").exists()
+    # the score the ground truth gave (all 0: a zero head) minus the EOS penalty, normalised
+    assert rows[0]["ppo/reward"] == 0.0
+
+
+def test_shape_scores_penalty_and_running_norm():
+    from prefalign.train.ppo import RunningMoments, shape_scores
+
+    cfg = RLConfig(model="m", output="o", prompts="p", reward="r", missing_eos_penalty=2.0, reward_clip=1.5)
+    out = shape_scores(cfg, torch.tensor([1.0, 1.0]), torch.tensor([True, False]), RunningMoments())
+    assert out.tolist() == [1.0, -1.0]
+    cfg = RLConfig(model="m", output="o", prompts="p", reward="r", reward_norm="running")
+    mom = RunningMoments()
+    shape_scores(cfg, torch.tensor([1.0, 3.0]), torch.tensor([True, True]), mom)
+    shape_scores(cfg, torch.tensor([5.0, 7.0]), torch.tensor([True, True]), mom)
+    assert abs(mom.mean - 4.0) < 1e-3 and abs(mom.var - 5.0) < 1e-2  # population variance of 1, 3, 5, 7
+
+
+def test_exact_resume(tiny_models, prompt_file, tmp_path):
+    cfg = _cfg(tmp_path, tiny_models["gpt2"], prompt_file, "ppo", max_steps=6, save_every=3, keep_checkpoints=5,
+               kl_target=2.0, reward_norm="running")
+    run_rl(cfg, log=lambda _: None, progress=False)
+    full = _rows(tmp_path / "ppo")
+    shutil.rmtree(tmp_path / "ppo" / "checkpoints" / "step-6")  # as if the run died after step 3's checkpoint
+    run_rl(cfg.model_copy(update={"resume": True}), log=lambda _: None, progress=False)
+    resumed = _rows(tmp_path / "ppo")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full[3:], resumed[3:], strict=True):
+        for key in ("ppo/reward", "ppo/kl", "loss", "ppo/kl_coef", "ppo/score"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+def test_cli_short_form_and_errors(tiny_models, prompt_file, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "prefalign", *map(str, args)], capture_output=True, text=True)
+
+    run = cli("train", "--method", "rloo", "--model", tiny_models["llama"], "--prompts", prompt_file,
+              "--reward", f"{REWARDS}:great", "--output", tmp_path / "r", "max_steps=2", "batch_size=2", "--no-progress")
+    assert run.returncode == 0, run.stderr
+    assert len(_rows(tmp_path / "r")) == 2
+    run = cli("train", "--method", "ppo", "--model", tiny_models["llama"], "--prompts", prompt_file,
+              "--reward", f"{REWARDS}:nope", "--output", tmp_path / "x", "max_steps=1", "--no-progress")
+    assert run.returncode == 1 and "has no function 'nope'" in run.stderr
+    run = cli("train", "--method", "grpo", "--model", tiny_models["llama"], "--prompts", prompt_file,
+              "--reward", f"{REWARDS}:great", "--output", tmp_path / "x", "samples_per_prompt=1")
+    assert run.returncode == 2 and "samples_per_prompt must be >= 2" in run.stderr
+    run = cli("train", "--method", "ppo", "--model", tiny_models["llama"], "--prompts", prompt_file,
+              "--reward", f"{REWARDS}:great", "--output", tmp_path / "x", "kl_coeff=0.1")
+    assert run.returncode == 2 and "did you mean 'kl_coef'" in run.stderr
