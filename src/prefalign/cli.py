@@ -201,9 +201,8 @@ def train(
     from .train.config import RL_METHODS, RLConfig, TrainConfig
     from .train.loop import TrainingError
 
-    args = list(args or [])
-    config = Path(args.pop(0)) if args and "=" not in args[0] else None
-    log = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731
+    config, args = _config_and_overrides(args)
+    log = _log
     if _method_of(method, config, args) in RL_METHODS:
         from .eval.judges import JudgeError
         from .train.ppo import run_rl
@@ -222,6 +221,82 @@ def train(
     try:
         runner(cfg, log=log, progress=not no_progress)
     except errors as e:
+        fail(str(e), 1)
+
+
+def _config_and_overrides(args: list[str] | None) -> tuple[Path | None, list[str]]:
+    args = list(args or [])
+    return (Path(args.pop(0)) if args and "=" not in args[0] else None), args
+
+
+def _log(message: str) -> None:
+    console.print(message, highlight=False, markup=False)
+
+
+@app.command("sample")
+def sample_cmd(
+    args: list[str] | None = typer.Argument(None, help="CONFIG.yaml and/or key=value overrides"),
+    model: str | None = typer.Option(None, help="local model folder"),
+    prompts: str | None = typer.Option(None, help="prompt file (or any preference file: its prompts)"),
+    n: int | None = typer.Option(None, "-n", help="completions per prompt (default 4)"),
+    output: str | None = typer.Option(None, "--output", "-o", help="JSONL of {prompt, completions, ended}"),
+    seed: int | None = typer.Option(None),
+) -> None:
+    """n completions per prompt from a model (batched, KV cache, seeded): input for `prefalign label`."""
+    from .feedback.sample import SampleConfig, sample
+
+    config, overrides = _config_and_overrides(args)
+    cfg = build(SampleConfig, dict(model=model, prompts=prompts, n=n, output=output, seed=seed), overrides, config)
+    print(json.dumps(_guarded(sample, cfg, _log)))
+
+
+@app.command("label")
+def label_cmd(
+    samples: str = typer.Argument(..., help="`prefalign sample` output"),
+    judge: str = typer.Option(..., help="MODULE:FUNCTION, FILE.py:FUNCTION, a reward-model folder, or a causal-LM "
+                              "folder (pairwise LLM judge)"),
+    output: str = typer.Option(..., "--output", "-o", help="preference file (or SFT file with --mode best)"),
+    mode: str = typer.Option("best_vs_worst", help="best_vs_worst, best_vs_rest, all, or best (best-of-n SFT data)"),
+    overrides: list[str] | None = typer.Argument(None, help="key=value settings"),
+) -> None:
+    """Turn sampled completions into preference pairs (with the judge's margin) or best-of-n SFT data."""
+    from .eval.judges import JudgeError
+    from .feedback.label import LabelConfig, label
+
+    cfg = build(LabelConfig, dict(samples=samples, judge=judge, output=output, mode=mode), overrides)
+    try:
+        print(json.dumps(label(cfg, _log)))
+    except (OSError, ValueError, JudgeError) as e:
+        fail(str(e), 1)
+
+
+@app.command("iterate")
+def iterate_cmd(
+    args: list[str] | None = typer.Argument(None, help="CONFIG.yaml and/or key=value overrides"),
+    no_progress: bool = typer.Option(False, "--no-progress"),
+) -> None:
+    """Online DPO: `iterations` rounds of sample -> label (judge) -> DPO from the current model."""
+    from .feedback.iterate import IterateConfig, iterate
+
+    config, overrides = _config_and_overrides(args)
+    cfg = build(IterateConfig, {}, overrides, config)
+    _guarded(lambda: iterate(cfg, _log, progress=not no_progress))
+
+
+@app.command("recipe")
+def recipe_cmd(
+    path: Path = typer.Argument(..., help="recipe YAML: {output, stages: {name: train config}}"),
+    overrides: list[str] | None = typer.Argument(None, help="key=value, e.g. stages.ppo.max_steps=10"),
+    no_progress: bool = typer.Option(False, "--no-progress"),
+) -> None:
+    """Run training stages in order (e.g. DPO, then PPO from the DPO model: the hybrid recipe)."""
+    from .train.recipe import run_recipe
+
+    try:
+        run_recipe(path, list(overrides or []), _log, progress=not no_progress)
+    except ConfigError as e:
+        fail(str(e))
+    except (OSError, ValueError, RuntimeError) as e:
         fail(str(e), 1)
 
 

@@ -1,0 +1,76 @@
+"""`prefalign sample`: n completions per prompt from a model, as JSONL a judge can label."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from ..config import StrictModel
+from ..data import ReadOptions, load_prompts
+
+
+class SampleConfig(StrictModel):
+    model: str
+    prompts: str
+    output: str
+    n: int = 4  # completions per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    batch_size: int = 16  # rows (prompt x sample) per generate call
+    max_prompt_length: int = 256
+    max_prompts: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    format: str = "auto"
+    trust_remote_code: bool = False
+
+
+def sample(cfg: SampleConfig, log=print, model=None, tokenizer=None) -> dict:
+    """Writes one line per prompt: {"prompt", "completions": [n], "ended": [n]}. Reproducible: batch b
+    is drawn with seed (seed, b), whatever ran before. `model`/`tokenizer` may be passed in loaded."""
+    from ..models.load import load_model, load_tokenizer_for
+    from ..train.offline import autocast_for, pick_device
+    from ..train.rollout import SamplingConfig, encode_prompt, generate
+
+    if cfg.n < 1:
+        raise ValueError("n must be at least 1")
+    device = pick_device(cfg.device)
+    tokenizer = tokenizer or load_tokenizer_for(cfg.model, cfg.trust_remote_code)
+    model = model or load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device)
+    prompts, problems = load_prompts(cfg.prompts, ReadOptions(format=cfg.format))
+    for p in problems[:5]:
+        log(f"set aside: {p}")
+    prompts = prompts[:cfg.max_prompts] if cfg.max_prompts else prompts
+    if not prompts:
+        raise ValueError(f"{cfg.prompts}: no usable prompts")
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    rows = [i for i in range(len(prompts)) for _ in range(cfg.n)]
+    ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
+    texts: list[str] = []
+    ended: list[bool] = []
+    t0, new_tokens = time.perf_counter(), 0
+    for b, start in enumerate(range(0, len(rows), cfg.batch_size)):
+        chunk = rows[start:start + cfg.batch_size]
+        roll = generate(model, tokenizer, [ids[i] for i in chunk], sampling, seed=cfg.seed * 1_000_003 + b,
+                        device=device, autocast=autocast_for(cfg, device))
+        texts += roll.completion_texts
+        ended += roll.ended.tolist()
+        new_tokens += roll.new_tokens
+    seconds = time.perf_counter() - t0
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for i, prompt in enumerate(prompts):
+            sl = slice(i * cfg.n, (i + 1) * cfg.n)
+            f.write(json.dumps({"prompt": prompt, "completions": texts[sl], "ended": ended[sl]}, ensure_ascii=False)
+                    + "\n")
+    summary = {"prompts": len(prompts), "completions": len(texts), "new_tokens": new_tokens, "seconds": seconds,
+               "tokens_per_s": new_tokens / seconds if seconds else None,
+               "eos_rate": sum(ended) / len(ended), "problems": len(problems)}
+    log(f"{len(texts)} completions for {len(prompts)} prompts -> {out} ({new_tokens / seconds:.0f} tokens/s)")
+    return summary
