@@ -16,17 +16,27 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "prefalign", *map(str, args)], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("example", [p for p in EXAMPLES if not p.name.startswith("smollm2")], ids=lambda p: p.name)
+TRAIN_EXAMPLES = [p for p in EXAMPLES if not p.name.startswith(("smollm2", "hybrid"))]  # hybrid: a recipe
+
+
+@pytest.mark.parametrize("example", TRAIN_EXAMPLES, ids=lambda p: p.name)
 def test_every_example_yaml_trains_a_tiny_model(example, tiny_models, tmp_path):
     import yaml
 
     method = yaml.safe_load(example.read_text())["method"]
     rows = learnable_pairs(16)
     data = write_jsonl(tmp_path / "d.jsonl", unpaired_from(rows) if method == "kto" else rows)
-    run = cli("train", example, f"model={tiny_models['llama']}", f"data={data}", f"output={tmp_path / 'run'}",
-              "max_steps=2", "batch_size=4", "save_every=1", "--no-progress")
+    if method in ("ppo", "rloo", "grpo"):
+        inputs = [f"prompts={data}", f"reward={Path(__file__).parent / 'fixtures' / 'rewards.py'}:great",
+                  "max_new_tokens=4", "batch_size=2"]
+    else:
+        inputs = [f"data={data}", "batch_size=4"]
+    run = cli("train", example, f"model={tiny_models['llama']}", *inputs, f"output={tmp_path / 'run'}",
+              "max_steps=2", "save_every=1", "--no-progress")
     assert run.returncode == 0, run.stderr
-    assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
+    final = tmp_path / "run" / "final"
+    # a reward model is saved merged (a standalone judge); everything else as the LoRA adapter
+    assert (final / ("model.safetensors" if method == "reward" else "adapter_config.json")).exists()
     assert (tmp_path / "run" / "checkpoints" / "step-2").exists()
 
 
