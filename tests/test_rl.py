@@ -112,11 +112,15 @@ def _cfg(tmp_path, model, prompts, method, **kw):
 
 @pytest.mark.parametrize("method", ["ppo", "rloo", "grpo"])
 def test_callable_reward_is_learned(method, tiny_models, prompt_file, tmp_path):
-    run_rl(_cfg(tmp_path, tiny_models["llama"], prompt_file, method), log=lambda _: None, progress=False)
+    # 16 rollout rows of 16 tokens (rloo/grpo: 4 prompts x 4 samples): sampled from the full
+    # vocabulary, the target word comes up about once in 400 tokens at the start
+    cfg = _cfg(tmp_path, tiny_models["llama"], prompt_file, method, max_steps=40, max_new_tokens=16,
+               batch_size=16 if method == "ppo" else 4)
+    run_rl(cfg, log=lambda _: None, progress=False)
     rows = _rows(tmp_path / method)
     before = sum(r["ppo/reward"] for r in rows[:3]) / 3
     after = sum(r["ppo/reward"] for r in rows[-3:]) / 3
-    assert after > before + 2.0, (before, after)  # from ~0.1 "great" per completion to several
+    assert after > before + 4.0, (before, after)  # from ~0.1 "great" per completion to many
     last = rows[-1]
     for key in ("ppo/reward", "ppo/kl", "ppo/kl_k1", "ppo/kl_k3", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl",
                 "ppo/kl_coef", "ppo/rollout_seconds", "ppo/update_seconds", "tokens_per_s"):
@@ -191,3 +195,25 @@ def test_cli_short_form_and_errors(tiny_models, prompt_file, tmp_path):
     run = cli("train", "--method", "ppo", "--model", tiny_models["llama"], "--prompts", prompt_file,
               "--reward", f"{REWARDS}:great", "--output", tmp_path / "x", "kl_coeff=0.1")
     assert run.returncode == 2 and "did you mean 'kl_coef'" in run.stderr
+
+
+@pytest.mark.parametrize("top_k,finite", [(0, None), (5, 5)])
+def test_samples_come_from_the_distribution_ppo_scores(top_k, finite, tiny_models, tokenizer):
+    """The processed distribution generation samples from is softmax(logits / T) over the whole
+    vocabulary when top_k=0 and top_p=1 (no hidden default such as top_k=50), and exactly top_k
+    tokens when asked."""
+    from transformers import AutoModelForCausalLM
+
+    from prefalign.train.rollout import eos_ids, generation_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    cfg = generation_config(SamplingConfig(max_new_tokens=3, temperature=0.7, top_k=top_k), tokenizer.pad_token_id,
+                            eos_ids(tokenizer, model))
+    cfg.output_scores, cfg.output_logits, cfg.return_dict_in_generate = True, True, True
+    ids = torch.tensor([encode_prompt(tokenizer, "I loved the movie")])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    scores, logits = out.scores[0][0], out.logits[0][0]
+    if finite is None:
+        assert torch.allclose(torch.log_softmax(scores, -1), torch.log_softmax(logits / 0.7, -1), atol=1e-5)
+    else:
+        assert int(torch.isfinite(scores).sum()) == finite

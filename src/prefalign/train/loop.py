@@ -202,8 +202,8 @@ def train_loop(cfg: RunConfig, model, n_examples: int, make_batch: Callable[[lis
     if state is not None:
         step, position, skipped = state["step"], state["position"], state.get("skipped_steps", 0)
     runlog = RunLog(out, step if state is not None else None)
-    recent_kl: deque[float] = deque(maxlen=10)
-    stopped, warned, total_tokens, last = "max_steps", False, 0, {}
+    budget = KLBudget(cfg, log)
+    stopped, total_tokens, last = "max_steps", 0, {}
     t_start = time.perf_counter()
     bar = progress_bar(cfg.max_steps, step, progress)
     model.train()
@@ -253,14 +253,10 @@ def train_loop(cfg: RunConfig, model, n_examples: int, make_batch: Callable[[lis
                 runlog.write(row)
             last = row
             update_bar(bar, step, f"loss {row.get('loss', float('nan')):.4f} {row['tokens_per_s']:.0f} tok/s")
-            if "kl/ref" in row:
-                warned, over = check_kl_budget(cfg, recent_kl, row["kl/ref"], step, warned, log)
-                stopped = "kl_budget" if over else stopped
-            if (cfg.save_every and step % cfg.save_every == 0) or stopped != "max_steps":
-                save_checkpoint(out, step, position, model, optimizer, scheduler, {"skipped_steps": skipped},
-                                cfg.keep_checkpoints)
-            if stopped != "max_steps":
-                log(f"stopping at step {step}: kl/ref is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
+            if "kl/ref" in row and budget.over(row["kl/ref"], step):
+                stopped = "kl_budget"
+            if checkpoint_or_stop(cfg, step, position, model, optimizer, scheduler, {"skipped_steps": skipped},
+                                  stopped, log):
                 break
     finally:
         if bar is not None:
@@ -269,16 +265,32 @@ def train_loop(cfg: RunConfig, model, n_examples: int, make_batch: Callable[[lis
     return LoopResult(step, stopped, skipped, time.perf_counter() - t_start, total_tokens, last)
 
 
-def check_kl_budget(cfg: RunConfig, recent: deque, kl: float, step: int, warned: bool,
-                    log: Callable[[str], None]) -> tuple[bool, bool]:
-    """(warned, over budget and told to stop): the running mean of the last 10 kl/ref values."""
-    recent.append(kl)
-    running = sum(recent) / len(recent)
-    if cfg.kl_budget is None or running <= cfg.kl_budget:
-        return warned, False
-    if not warned:
-        log(f"step {step}: running kl/ref {running:.4f} exceeds kl_budget {cfg.kl_budget}")
-    return True, cfg.stop_on_kl_budget
+class KLBudget:
+    """kl_budget: warn once when the running mean of the last 10 kl/ref values exceeds it; `over`
+    says whether the run should stop (stop_on_kl_budget)."""
+
+    def __init__(self, cfg: RunConfig, log: Callable[[str], None]):
+        self.cfg, self.log, self.recent, self.warned = cfg, log, deque(maxlen=10), False
+
+    def over(self, kl: float, step: int) -> bool:
+        self.recent.append(kl)
+        running = sum(self.recent) / len(self.recent)
+        if self.cfg.kl_budget is None or running <= self.cfg.kl_budget:
+            return False
+        if not self.warned:
+            self.log(f"step {step}: running kl/ref {running:.4f} exceeds kl_budget {self.cfg.kl_budget}")
+            self.warned = True
+        return self.cfg.stop_on_kl_budget
+
+
+def checkpoint_or_stop(cfg: RunConfig, step: int, position: int, model, optimizer, scheduler, extra: dict,
+                       stopped: str, log: Callable[[str], None]) -> bool:
+    """Save a checkpoint when one is due or the run stops early; True when the run must stop."""
+    if (cfg.save_every and step % cfg.save_every == 0) or stopped != "max_steps":
+        save_checkpoint(Path(cfg.output), step, position, model, optimizer, scheduler, extra, cfg.keep_checkpoints)
+    if stopped != "max_steps":
+        log(f"stopping at step {step}: kl/ref is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
+    return stopped != "max_steps"
 
 
 def update_bar(bar, step: int, description: str) -> None:

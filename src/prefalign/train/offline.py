@@ -138,13 +138,18 @@ def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Ca
     return step
 
 
-def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
+def start_run(cfg: RunConfig) -> tuple[Path, torch.device, Callable]:
+    """The run folder with its resolved config.yaml, the device, the autocast context; seeded."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     device = pick_device(cfg.device)
-    autocast = autocast_for(cfg, device)
     torch.manual_seed(cfg.seed)
+    return out, device, autocast_for(cfg, device)
+
+
+def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
+    out, device, autocast = start_run(cfg)
     method = METHODS[cfg.method]
 
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)

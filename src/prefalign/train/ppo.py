@@ -26,15 +26,12 @@ import copy
 import json
 import math
 import time
-from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..config import dump_config
 from ..data import ReadOptions, load_prompts
 from ..data.records import text_of
 from ..eval.judges import RewardModelJudge, make_judge
@@ -45,18 +42,18 @@ from ..models.scalar import load_scalar_model, score_head
 from ..models.scalar import token_scores as critic_token_scores
 from .config import RLConfig
 from .loop import (
+    KLBudget,
     LoopResult,
     RunLog,
     batch_indices,
     build_optimizer,
-    check_kl_budget,
+    checkpoint_or_stop,
     peak_memory_bytes,
     progress_bar,
     resume,
-    save_checkpoint,
     update_bar,
 )
-from .offline import autocast_for, disable_dropout, pick_device
+from .offline import disable_dropout, start_run
 from .rollout import SamplingConfig, encode_prompt, generate
 
 
@@ -152,12 +149,7 @@ def advantages(cfg: RLConfig, scores: Tensor, old: Tensor, ref: Tensor, values: 
 
 
 def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    device = pick_device(cfg.device)
-    autocast = autocast_for(cfg, device)
-    torch.manual_seed(cfg.seed)
+    out, device, autocast = start_run(cfg)
 
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
     policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
@@ -208,8 +200,8 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
     kl_ctl = P.KLController(st.kl_coef, cfg.kl_target, cfg.kl_horizon)
     runlog = RunLog(out, st.step if saved is not None else None)
     bar = progress_bar(cfg.max_steps, st.step, progress, cfg.method)
-    t_start, total_tokens, last, stopped, warned = time.perf_counter(), 0, {}, "max_steps", False
-    recent_kl: deque[float] = deque(maxlen=10)
+    t_start, total_tokens, last, stopped = time.perf_counter(), 0, {}, "max_steps"
+    budget = KLBudget(cfg, log)
 
     def reference_logps(rows: dict[str, Tensor], n_prompt: int) -> Tensor:
         model = ref_model if ref_model is not None else policy
@@ -320,14 +312,9 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
                 runlog.write(metrics)
             last = metrics
             update_bar(bar, st.step, f"reward {metrics['ppo/reward']:.3f} kl {metrics['ppo/kl']:.3f}")
-            warned, over = check_kl_budget(cfg, recent_kl, metrics["kl/ref"], st.step, warned, log)
-            stopped = "kl_budget" if over else stopped
-            if (cfg.save_every and st.step % cfg.save_every == 0) or stopped != "max_steps":
-                save_checkpoint(out, st.step, st.position, ac, optimizer, scheduler,
-                                {"skipped_steps": st.skipped, "kl_coef": st.kl_coef, "moments": st.moments.__dict__},
-                                cfg.keep_checkpoints)
-            if stopped != "max_steps":
-                log(f"stopping at step {st.step}: kl/ref is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
+            stopped = "kl_budget" if budget.over(metrics["kl/ref"], st.step) else stopped
+            extra = {"skipped_steps": st.skipped, "kl_coef": st.kl_coef, "moments": st.moments.__dict__}
+            if checkpoint_or_stop(cfg, st.step, st.position, ac, optimizer, scheduler, extra, stopped, log):
                 break
     finally:
         if bar is not None:

@@ -96,6 +96,20 @@ def completion_mask(completions: Tensor, eos: list[int]) -> tuple[Tensor, Tensor
     return (before == 0).long(), ended
 
 
+def generation_config(sampling: SamplingConfig, pad_id: int, eos: list[int]):
+    """Every sampling setting spelled out. A setting left unset falls back to transformers' defaults
+    (top_k=50 among them), and then the samples are not drawn from softmax(logits / T), the
+    distribution PPO scores them under: its k1 KL estimate goes negative (seen, and tested)."""
+    from transformers import GenerationConfig
+
+    greedy = sampling.temperature <= 0
+    return GenerationConfig(
+        do_sample=not greedy, max_new_tokens=sampling.max_new_tokens, min_new_tokens=0, pad_token_id=pad_id,
+        eos_token_id=eos, use_cache=True, temperature=1.0 if greedy else sampling.temperature,
+        top_k=sampling.top_k, top_p=sampling.top_p, min_p=None, typical_p=1.0, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, num_beams=1)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int | None = None,
              device: torch.device | str = "cpu", autocast=nullcontext, prompt_texts: list[str] | None = None) -> Rollout:
@@ -106,11 +120,6 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: SamplingConfi
     eos = eos_ids(tokenizer, model)
     ids, mask = left_pad(prompts, pad)
     ids, mask = ids.to(device), mask.to(device)
-    greedy = sampling.temperature <= 0
-    kw = dict(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-              use_cache=True)
-    if not greedy:
-        kw.update(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -118,11 +127,8 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: SamplingConfi
     with rng, autocast():
         if seed is not None:
             torch.manual_seed(seed)
-        # min_new_tokens stays 0 and the generation config is passed whole, so no saved default
-        # (a model's own top_k=50, say) changes what the config here asked for
-        from transformers import GenerationConfig
-
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(**kw))
+        out = model.generate(input_ids=ids, attention_mask=mask,
+                             generation_config=generation_config(sampling, pad, eos))
     seconds = time.perf_counter() - t0
     model.train(was_training)
     completions = out[:, ids.shape[1]:]
