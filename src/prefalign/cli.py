@@ -300,6 +300,37 @@ def recipe_cmd(
         fail(str(e), 1)
 
 
+@app.command("eval")
+def eval_cmd(
+    args: list[str] | None = typer.Argument(None, help="CONFIG.yaml and/or key=value overrides"),
+    model: str | None = typer.Option(None, help="model folder (a LoRA run's final/ too) or a reward model"),
+    reference: str | None = typer.Option(None, help="reference model (default: the base of an adapter folder)"),
+    baseline: str | None = typer.Option(None, help="win-rate opponent (default: the reference)"),
+    data: str | None = typer.Option(None, help="held-out preference pairs"),
+    prompts: str | None = typer.Option(None, help="held-out prompts (default: those of --data)"),
+    text: str | None = typer.Option(None, help="held-out text for perplexity (JSONL: text, or prompt+completion)"),
+    judge: str | None = typer.Option(None, help="MODULE:FUNCTION, FILE.py:FUNCTION, reward-model or causal-LM folder"),
+    suite: list[str] | None = typer.Option(None, "--suite", help="arithmetic, safety, or a suite YAML (repeatable)"),
+    output: str | None = typer.Option(None, "--output", "-o", help="folder for eval.json, eval.md, samples.jsonl"),
+    no_progress: bool = typer.Option(False, "--no-progress"),
+) -> None:
+    """Preference accuracy, judged reward, win-rate, exact KL, retention and task suites: OUT/eval.json."""
+    from .eval.evaluate import EvalConfig, evaluate
+    from .eval.judges import JudgeError
+
+    config, overrides = _config_and_overrides(args)
+    cfg = build(EvalConfig, dict(model=model, reference=reference, baseline=baseline, data=data, prompts=prompts,
+                                 text=text, judge=judge, suites=suite or None, output=output), overrides, config)
+    try:
+        results = evaluate(cfg, _log, progress=not no_progress)
+    except ConfigError as e:
+        fail(str(e))
+    except (OSError, ValueError, JudgeError) as e:
+        fail(str(e), 1)
+    out.print((Path(cfg.output) / "eval.md").read_text(), markup=False, highlight=False)
+    del results
+
+
 @app.command("merge")
 def merge(adapter: Path, output: Path = typer.Option(..., "-o", "--output")) -> None:
     """Merge a LoRA adapter folder into its base model and write a plain HF folder."""

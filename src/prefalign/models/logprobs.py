@@ -120,3 +120,31 @@ def batch_logps(model, batch: dict[str, Tensor], chunk_mb: float = 128.0) -> Ten
     flat = _scored_logps(model, hidden[batch["pred_rows"], batch["pred_cols"]], batch["labels_flat"], chunk_mb)
     out = torch.zeros(len(batch["lengths"]), dtype=torch.float32, device=flat.device)
     return out.index_add(0, batch["seq_ids"], flat)
+
+
+@torch.no_grad()
+def completion_kl(policy, reference, input_ids: Tensor, attention_mask: Tensor, n_prompt: int,
+                  completion_mask: Tensor, *, chunk_mb: float = 128.0) -> dict[str, Tensor]:
+    """Exact KL(policy || reference) of the next-token distributions at every completion position of
+    rows laid out as `completion_logps` takes them, from the full vocabulary (not a one-sample
+    log-ratio), chunked over positions: `kl` (B, Tc) and the policy's `entropy` (B, Tc), 0 on padding."""
+    rows, cols = completion_mask.bool().nonzero(as_tuple=True)
+    states = []
+    for model in (policy, reference):
+        trunk = backbone_and_head(model)[0]
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                       **position_kwargs(trunk, attention_mask)).last_hidden_state  # (B, T, H)
+        states.append(hidden[:, n_prompt - 1:-1][rows, cols])  # (N, H)
+    head_p, softcap_p, _, spans = _chunks(policy, len(rows), chunk_mb)
+    head_q, softcap_q, _, _ = _chunks(reference, len(rows), chunk_mb)
+    kl, ent = [], []
+    for a, b in spans:
+        logp = torch.log_softmax(_chunk_logits(states[0][a:b], head_p, softcap_p, 1.0), -1)  # (n, V)
+        logq = torch.log_softmax(_chunk_logits(states[1][a:b], head_q, softcap_q, 1.0), -1)
+        p = logp.exp()
+        kl.append((p * (logp - logq)).sum(-1))
+        ent.append(-(p * logp).sum(-1))
+    shape = completion_mask.shape
+    zeros = torch.zeros(shape, dtype=torch.float32, device=input_ids.device)
+    cat = (lambda xs: torch.cat(xs) if xs else zeros.new_zeros(0))  # noqa: E731
+    return {"kl": zeros.index_put((rows, cols), cat(kl)), "entropy": zeros.clone().index_put((rows, cols), cat(ent))}

@@ -1,0 +1,317 @@
+"""`prefalign eval`: does the aligned model prefer what people prefer, at what KL, and what did it forget?
+
+Everything asked for runs batched and lands in OUT/eval.json (keys below, spelled as scripts read
+them), OUT/eval.md (a table) and OUT/samples.jsonl (every generation, for reading).
+
+  preference_accuracy   held-out pairs ranked right: for a policy with a reference, the implicit
+                        reward log pi/pi_ref(chosen) > log pi/pi_ref(rejected); for a reward model,
+                        score(chosen) > score(rejected); with neither, the log-prob ranking
+  preference_margin     mean of that difference (nats; score units for a reward model)
+  reward_mean/_std/_ci95  the judge's score of one sampled completion per held-out prompt
+  win_rate, win_rate_ci95 against the baseline's (default: the reference's) completion of the same
+                        prompt: wins 1, ties 1/2; a pairwise judge is asked in both orders
+  kl_per_sequence       exact KL(policy || reference) of the next-token distributions summed over
+                        each sampled completion, averaged over completions
+  kl_per_token          the same total KL over the total completion tokens
+  perplexity(_reference)  exp(mean NLL) of held-out text under the model (and the reference)
+  entropy               mean per-token entropy of the policy on its own samples
+  distinct_1, distinct_2, mean_length (completion tokens)
+  suites/<name>/score   share of suite items answered right (greedy); safety adds refusal_rate and
+                        over_refusal_rate; with a reference, suites/<name>/score_reference too
+Intervals are 95% percentile bootstraps over prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..config import StrictModel, dump_config
+from . import metrics as M
+
+
+class EvalConfig(StrictModel):
+    model: str
+    output: str
+    reference: str | None = None  # default: the base of an adapter folder
+    baseline: str | None = None  # the win-rate opponent; default: the reference
+    data: str | None = None  # held-out pairs
+    prompts: str | None = None  # held-out prompts (default: the prompts of `data`)
+    text: str | None = None  # held-out text for perplexity (default: prompt + chosen of `data`)
+    judge: str | None = None
+    suites: list[str] = []
+    max_prompts: int | None = 256
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    batch_size: int = 16
+    max_length: int = 512
+    max_prompt_length: int = 256
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    format: str = "auto"
+    trust_remote_code: bool = False
+    logits_chunk_mb: float = 128.0
+
+
+def default_reference(model: str) -> str | None:
+    cfg = Path(model) / "adapter_config.json"
+    return json.loads(cfg.read_text())["base_model_name_or_path"] if cfg.exists() else None
+
+
+class Evaluator:
+    def __init__(self, cfg: EvalConfig, progress=None):
+        from ..models.load import load_model, load_tokenizer_for
+        from ..models.scalar import is_reward_model, load_scalar_model
+        from ..train.offline import autocast_for, pick_device
+
+        self.cfg, self.progress = cfg, progress
+        self.device = pick_device(cfg.device)
+        self.autocast = autocast_for(cfg, self.device)
+        self.tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
+        self.is_reward = is_reward_model(cfg.model)
+        load = dict(trust_remote_code=cfg.trust_remote_code, device=self.device)
+        if self.is_reward:
+            self.model = load_scalar_model(cfg.model, pad_token_id=self.tokenizer.pad_token_id, **load).eval()
+        else:
+            self.model = load_model(cfg.model, **load).eval()
+        self.reference_path = cfg.reference or (None if self.is_reward else default_reference(cfg.model))
+        self.reference = load_model(self.reference_path, **load).eval() if self.reference_path else None
+        self.results: dict[str, Any] = {"model": cfg.model, "reference": self.reference_path}
+        self.samples: list[dict] = []
+
+    def _task(self, name: str, total: int):
+        return self.progress.add_task(name, total=total) if self.progress is not None else None
+
+    def _advance(self, task, n: int = 1) -> None:
+        if task is not None:
+            self.progress.advance(task, n)
+
+    # ------------------------------------------------------------ preference accuracy
+    @torch.no_grad()
+    def preference(self) -> None:
+        from ..data import ReadOptions, load_records
+        from ..models.logprobs import batch_logps
+        from ..models.scalar import sequence_scores
+        from ..train.batches import collate, tokenize_records
+
+        cfg = self.cfg
+        records, problems = load_records(cfg.data, ReadOptions(format=cfg.format))
+        data = tokenize_records(self.tokenizer, records, max_length=cfg.max_length,
+                                max_prompt_length=cfg.max_prompt_length, data="pairs")
+        task = self._task("preference accuracy", len(data))
+        diffs: list[float] = []
+        kind = "score" if self.is_reward else "implicit_reward" if self.reference is not None else "logprob"
+        for i in range(0, len(data), cfg.batch_size):
+            idx = list(range(i, min(i + cfg.batch_size, len(data))))
+            batch = {k: v.to(self.device) for k, v in
+                     collate([data.examples[j] for j in idx], idx, self.tokenizer.pad_token_id).items()}
+            b = len(idx)
+            with self.autocast():
+                if self.is_reward:
+                    s = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])
+                else:
+                    s = batch_logps(self.model, batch, cfg.logits_chunk_mb)
+                    if self.reference is not None:
+                        s = s - batch_logps(self.reference, batch, cfg.logits_chunk_mb)
+            diffs += (s[:b] - s[b:]).float().tolist()
+            self._advance(task, b)
+        right = [1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs]
+        self.results.update({"preference_accuracy": sum(right) / len(right),
+                             "preference_accuracy_ci95": M.bootstrap_ci(right, seed=cfg.seed),
+                             "preference_margin": sum(diffs) / len(diffs), "preference_kind": kind,
+                             "preference_pairs": len(diffs), "preference_problems": len(problems) + len(data.problems)})
+
+    # ------------------------------------------------------------ generations: reward, win rate, KL
+    def _prompts(self) -> list:
+        from ..data import ReadOptions, load_prompts
+
+        prompts, _ = load_prompts(self.cfg.prompts or self.cfg.data, ReadOptions(format=self.cfg.format))
+        return prompts[:self.cfg.max_prompts] if self.cfg.max_prompts else prompts
+
+    def _sample(self, model, prompts: list, name: str, greedy: bool = False, max_new_tokens: int | None = None):
+        """One completion per prompt (seeded per batch, so two models see the same random draws)."""
+        from ..data.records import text_of
+        from ..train.rollout import SamplingConfig, encode_prompt, generate
+
+        cfg = self.cfg
+        sampling = SamplingConfig(max_new_tokens or cfg.max_new_tokens, 0.0 if greedy else cfg.temperature,
+                                  cfg.top_k, cfg.top_p)
+        task = self._task(name, len(prompts))
+        rolls = []
+        for b, i in enumerate(range(0, len(prompts), cfg.batch_size)):
+            chunk = prompts[i:i + cfg.batch_size]
+            ids = [encode_prompt(self.tokenizer, p, cfg.max_prompt_length) for p in chunk]
+            rolls.append(generate(model, self.tokenizer, ids, sampling, seed=cfg.seed * 1_000_003 + b,
+                                  device=self.device, autocast=self.autocast,
+                                  prompt_texts=[text_of(p) for p in chunk]))
+            self._advance(task, len(chunk))
+        return rolls
+
+    def generations(self) -> None:
+        from ..models.logprobs import completion_kl, completion_logps
+
+        cfg = self.cfg
+        prompts = self._prompts()
+        rolls = self._sample(self.model, prompts, "sampling (policy)")
+        texts = [t for r in rolls for t in r.completion_texts]
+        lengths = [int(n) for r in rolls for n in r.completion_mask.sum(-1)]
+        kl_seq, tokens, entropy_sum = [], 0, 0.0
+        task = self._task("exact KL and entropy", len(prompts))
+        with torch.no_grad():
+            for r in rolls:
+                args = (r.input_ids, r.attention_mask, r.n_prompt, r.completion_mask)
+                if self.reference is not None:
+                    out = completion_kl(self.model, self.reference, *args, chunk_mb=cfg.logits_chunk_mb)
+                    kl_seq += out["kl"].sum(-1).tolist()
+                else:
+                    out = completion_logps(self.model, *args, chunk_mb=cfg.logits_chunk_mb, entropy=True)
+                entropy_sum += float(out["entropy"].sum())
+                tokens += int(r.completion_mask.sum())
+                self._advance(task, len(r.completion_texts))
+        self.results.update({"prompts": len(prompts), "mean_length": sum(lengths) / len(lengths),
+                             "entropy": entropy_sum / max(tokens, 1), "distinct_1": M.distinct_n(texts, 1),
+                             "distinct_2": M.distinct_n(texts, 2)})
+        if kl_seq:
+            self.results.update({"kl_per_sequence": sum(kl_seq) / len(kl_seq), "kl_per_token": sum(kl_seq) / max(tokens, 1)})
+        self.samples = [{"prompt": p, "completion": t, "tokens": n} for p, t, n in zip(prompts, texts, lengths, strict=True)]
+        if cfg.judge:
+            self._judged(prompts, texts)
+
+    def _judged(self, prompts: list, texts: list[str]) -> None:
+        from ..eval.judges import PairwiseJudge, make_judge
+        from ..models.load import load_model
+
+        cfg = self.cfg
+        judge = make_judge(cfg.judge, self.device, pairwise_ok=True)
+        self.results["judge"] = judge.kind
+        if not isinstance(judge, PairwiseJudge):
+            scores = judge.score(prompts, texts)
+            mean, std = M.mean_std(scores)
+            self.results.update({"reward_mean": mean, "reward_std": std, "reward_ci95": M.bootstrap_ci(scores, seed=cfg.seed)})
+            for s, row in zip(scores, self.samples, strict=True):
+                row["reward"] = s
+        opponent_path = cfg.baseline or self.reference_path
+        if opponent_path is None:
+            return
+        opponent = self.reference if opponent_path == self.reference_path else load_model(opponent_path, device=self.device)
+        theirs = [t for r in self._sample(opponent, prompts, "sampling (baseline)") for t in r.completion_texts]
+        if isinstance(judge, PairwiseJudge):
+            p, agree = judge.compare(prompts, texts, theirs)
+            results = [1.0 if x > 0.5 else 0.0 if x < 0.5 else 0.5 for x in p.tolist()]
+            self.results["judge_order_agreement"] = float(agree.float().mean())
+        else:
+            baseline_scores = judge.score(prompts, theirs)
+            results = M.outcomes(scores, baseline_scores)
+            self.results["reward_mean_baseline"] = sum(baseline_scores) / len(baseline_scores)
+        rate, ci = M.win_rate(results, seed=cfg.seed)
+        self.results.update({"win_rate": rate, "win_rate_ci95": ci, "win_rate_baseline": opponent_path})
+        for row, theirs_text, o in zip(self.samples, theirs, results, strict=True):
+            row.update({"baseline_completion": theirs_text, "outcome": o})
+
+    # ------------------------------------------------------------ retention
+    @torch.no_grad()
+    def perplexity(self) -> None:
+        from ..data import ReadOptions, load_records
+        from ..data.records import PreferencePair, UnpairedExample
+        from ..data.tokenize import TokenizationError, tokenize
+        from ..models.logprobs import sequence_logps
+        from ..train.batches import pad
+
+        cfg = self.cfg
+        if cfg.text:
+            rows = [json.loads(x) for x in Path(cfg.text).read_text(encoding="utf-8").splitlines() if x.strip()]
+            pieces = [("", r["text"]) if "text" in r else (r["prompt"], r["completion"]) for r in rows]
+        else:
+            records, _ = load_records(cfg.data, ReadOptions(format=cfg.format))
+            pieces = [(r.prompt, r.chosen if isinstance(r, PreferencePair) else r.completion) for r in records
+                      if isinstance(r, PreferencePair) or (isinstance(r, UnpairedExample) and r.label)]
+        seqs = []
+        for prompt, completion in pieces:
+            try:
+                seqs.append(tokenize(self.tokenizer, prompt, completion, max_length=cfg.max_length,
+                                     max_prompt_length=cfg.max_prompt_length))
+            except TokenizationError:
+                continue
+        totals = {"model": 0.0, "reference": 0.0}
+        tokens = 0
+        task = self._task("perplexity", len(seqs))
+        for i in range(0, len(seqs), cfg.batch_size):
+            batch = {k: v.to(self.device) for k, v in pad(seqs[i:i + cfg.batch_size], self.tokenizer.pad_token_id).items()}
+            mask = batch["loss_mask"].clone()
+            mask[:, 0] = False  # the first token has no context to be predicted from
+            tokens += int(mask.sum())
+            for name, model in (("model", self.model), ("reference", self.reference)):
+                if model is not None:
+                    with self.autocast():
+                        totals[name] -= float(sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                                             mask, chunk_mb=cfg.logits_chunk_mb).sum())
+            self._advance(task, len(seqs[i:i + cfg.batch_size]))
+        self.results.update({"perplexity": M.perplexity(totals["model"], tokens), "perplexity_tokens": tokens})
+        if self.reference is not None:
+            self.results["perplexity_reference"] = M.perplexity(totals["reference"], tokens)
+
+    # ------------------------------------------------------------ suites
+    def suites(self) -> None:
+        from .suites import load_suite, score_suite, suite_prompts
+
+        for spec in self.cfg.suites:
+            suite, items = load_suite(spec)
+            prompts = suite_prompts(suite, items, self.tokenizer)
+            for who, model in (("", self.model), ("_reference", self.reference)):
+                if model is None:
+                    continue
+                rolls = self._sample(model, prompts, f"suite {suite.name}{who.replace('_', ' ')}", greedy=True,
+                                     max_new_tokens=suite.max_new_tokens)
+                answers = [t for r in rolls for t in r.completion_texts]
+                for key, value in score_suite(suite, items, answers).items():
+                    self.results[f"suites/{suite.name}/{key}{who}"] = value
+
+
+def evaluate(cfg: EvalConfig, log=print, progress: bool = True) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    if not (cfg.data or cfg.prompts or cfg.text or cfg.suites):
+        raise ValueError("nothing to evaluate: give --data, --prompts, --text or --suite")
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "eval_config.yaml")
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), disable=not progress)
+    with bar:
+        ev = Evaluator(cfg, bar)
+        if ev.is_reward and (cfg.prompts or cfg.suites or cfg.judge):
+            raise ValueError(f"{cfg.model} is a reward model: it is evaluated on --data pairs only")
+        if cfg.data:
+            ev.preference()
+        if not ev.is_reward and (cfg.prompts or cfg.data):
+            ev.generations()
+        if not ev.is_reward and (cfg.text or cfg.data):
+            ev.perplexity()
+        if cfg.suites:
+            ev.suites()
+    results = ev.results
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    (out / "eval.md").write_text(markdown(results))
+    if ev.samples:
+        (out / "samples.jsonl").write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in ev.samples))
+    log(f"eval -> {out / 'eval.json'}, {out / 'eval.md'}")
+    return results
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, float) for v in value):
+        return f"[{value[0]:.4g}, {value[1]:.4g}]"
+    return str(value)
+
+
+def markdown(results: dict) -> str:
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| `{k}` | {_fmt(v)} |" for k, v in results.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,94 @@
+"""`prefalign eval` end to end on tiny models, and the exact KL against a brute-force computation."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import learnable_pairs, write_jsonl
+from prefalign.eval.evaluate import EvalConfig, evaluate
+
+REWARDS = Path(__file__).parent / "fixtures" / "rewards.py"
+
+
+def test_exact_kl_equals_full_logits_brute_force(tiny_models, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from prefalign.models.logprobs import completion_kl
+    from prefalign.train.rollout import SamplingConfig, encode_prompt, generate
+
+    p = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    q = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    with torch.no_grad():
+        for w in q.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+    ids = [encode_prompt(tokenizer, t) for t in ["I loved it", "the plot was", "what"]]
+    roll = generate(p, tokenizer, ids, SamplingConfig(max_new_tokens=6), seed=0)
+    out = completion_kl(p, q, roll.input_ids, roll.attention_mask, roll.n_prompt, roll.completion_mask, chunk_mb=0.001)
+    with torch.no_grad():
+        for i, prompt in enumerate(ids):
+            comp = roll.completion_ids[i][roll.completion_mask[i].bool()]
+            seq = torch.cat([torch.tensor(prompt), comp])[None]
+            lp = torch.log_softmax(p(seq).logits[0, len(prompt) - 1:-1], -1)
+            lq = torch.log_softmax(q(seq).logits[0, len(prompt) - 1:-1], -1)
+            kl = (lp.exp() * (lp - lq)).sum(-1)
+            assert torch.allclose(out["kl"][i, :len(comp)], kl, atol=1e-5)
+            assert (kl > 0).all()
+
+
+def test_a_model_against_itself(tiny_models, pair_file, tmp_path):
+    """Everything relative to the reference is exactly neutral when the reference is the model."""
+    model = str(tiny_models["gpt2"])
+    res = evaluate(EvalConfig(model=model, reference=model, data=str(pair_file), judge=f"{REWARDS}:length",
+                              suites=["arithmetic"], output=str(tmp_path / "e"), max_new_tokens=8, max_prompts=12,
+                              batch_size=5), log=lambda _: None, progress=False)
+    assert res["preference_accuracy"] == 0.5 and res["preference_margin"] == 0.0  # every pair a tie
+    assert res["kl_per_sequence"] == pytest.approx(0.0, abs=1e-6)
+    assert res["win_rate"] == 0.5  # same seeds, same model: the same completions, all ties
+    assert res["perplexity"] == pytest.approx(res["perplexity_reference"])
+    assert res["suites/arithmetic/score"] == res["suites/arithmetic/score_reference"]
+    saved = json.loads((tmp_path / "e" / "eval.json").read_text())
+    for key in ("preference_accuracy", "reward_mean", "reward_ci95", "win_rate", "win_rate_ci95", "kl_per_sequence",
+                "kl_per_token", "perplexity", "perplexity_reference", "mean_length", "suites/arithmetic/score"):
+        assert key in saved, key
+    lo, hi = saved["reward_ci95"]
+    assert lo <= saved["reward_mean"] <= hi
+    assert (tmp_path / "e" / "eval.md").read_text().startswith("| metric | value |")
+    assert len((tmp_path / "e" / "samples.jsonl").read_text().splitlines()) == 12
+
+
+def test_a_dpo_model_prefers_what_the_data_prefers(tiny_models, tmp_path):
+    from prefalign.train.config import TrainConfig
+    from prefalign.train.offline import run_offline
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(48))
+    run_offline(TrainConfig(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "dpo"),
+                            max_steps=40, batch_size=8, learning_rate=3e-3, beta=0.5, lora=True, lr_schedule="constant"),
+                log=lambda _: None, progress=False)
+    run = subprocess.run([sys.executable, "-m", "prefalign", "eval", "--model", tmp_path / "dpo" / "final",
+                          "--data", data, "--suite", "safety", "-o", tmp_path / "e", "max_new_tokens=6",
+                          "max_prompts=16", "--no-progress"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    res = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert res["reference"] == str(tiny_models["llama"])  # the adapter folder's base, found by itself
+    assert res["preference_kind"] == "implicit_reward" and res["preference_accuracy"] >= 0.9
+    assert res["kl_per_sequence"] > 0 and res["kl_per_token"] > 0
+    assert 0 <= res["suites/safety/refusal_rate"] <= 1 and "suites/safety/over_refusal_rate" in res
+    assert "| `preference_accuracy` |" in run.stdout
+
+
+def test_a_reward_model_is_scored_on_pairs(tiny_models, tokenizer, pair_file, tmp_path):
+    from prefalign.models.scalar import load_scalar_model
+
+    rm = load_scalar_model(tiny_models["llama"], pad_token_id=tokenizer.pad_token_id)
+    rm.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    res = evaluate(EvalConfig(model=str(tmp_path / "rm"), data=str(pair_file), output=str(tmp_path / "e")),
+                   log=lambda _: None, progress=False)
+    assert res["preference_kind"] == "score" and res["preference_accuracy"] == 0.5  # a zero head: all ties
+    with pytest.raises(ValueError, match="reward model"):
+        evaluate(EvalConfig(model=str(tmp_path / "rm"), data=str(pair_file), suites=["safety"],
+                            output=str(tmp_path / "e2")), log=lambda _: None, progress=False)
