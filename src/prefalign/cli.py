@@ -331,6 +331,17 @@ def eval_cmd(
     del results
 
 
+@app.command("report")
+def report_cmd(
+    folders: list[Path] = typer.Argument(..., help="run and/or eval folders"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for report.md, report.html, report.json, PNGs"),
+) -> None:
+    """Side-by-side table, training curves and the reward-vs-KL plot of several runs."""
+    from .report.build import build_report
+
+    _guarded(build_report, folders, output, _log)
+
+
 @app.command("merge")
 def merge(adapter: Path, output: Path = typer.Option(..., "-o", "--output")) -> None:
     """Merge a LoRA adapter folder into its base model and write a plain HF folder."""

@@ -1,0 +1,1 @@
+"""Reports over runs and evaluations: tables, plots, markdown, HTML, JSON."""
