@@ -11,7 +11,7 @@
 #   5. otherwise stop and say how to bring a CPU build, rather than pull CUDA wheels for a CPU.
 set -euo pipefail
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-dev}
+EXTRAS=${EXTRAS:-dev,demo}
 PY=${PYTHON:-python3}
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -217,3 +217,11 @@ def test_samples_come_from_the_distribution_ppo_scores(top_k, finite, tiny_model
         assert torch.allclose(torch.log_softmax(scores, -1), torch.log_softmax(logits / 0.7, -1), atol=1e-5)
     else:
         assert int(torch.isfinite(scores).sum()) == finite
+
+
+def test_ppo_and_generation_on_mamba(tiny_models, prompt_file, tmp_path):
+    """A state-space model (no attention mask to bend) samples, scores and updates through the same code."""
+    run_rl(_cfg(tmp_path, tiny_models["mamba"], prompt_file, "ppo", max_steps=2, batch_size=4, max_new_tokens=6),
+           log=lambda _: None, progress=False)
+    rows = _rows(tmp_path / "ppo")
+    assert len(rows) == 2 and all(r["ppo/kl_k3"] >= 0 for r in rows)

@@ -362,11 +362,40 @@ def convert(gguf: str = typer.Argument(..., help="a .gguf file, or 'smollm2' for
 
 
 @app.command("demo")
-def demo(output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="folder for everything the demo writes")) -> None:
-    """Run the whole pipeline end to end on what ships with prefalign (no downloads)."""
+def demo(output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="folder for everything the demo writes"),
+         quick: bool = typer.Option(False, "--quick", help="every stage shrunk (seconds, for tests)"),
+         no_progress: bool = typer.Option(False, "--no-progress")) -> None:
+    """Align the shipped model with DPO and PPO, evaluate both, report: on what ships (no downloads)."""
     from .demo import run_demo
+    from .eval.sentiment import ScorerMissing
 
-    run_demo(output, console)
+    try:
+        run_demo(output, console, quick=quick, progress=not no_progress)
+    except ScorerMissing as e:
+        fail(str(e), 1)
+
+
+study_app = typer.Typer(no_args_is_help=True, help="Experiments that take a while: benchmarks, not tests.")
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("sentiment")
+def study_sentiment(
+    args: list[str] | None = typer.Argument(None, help="CONFIG.yaml and/or key=value overrides"),
+    output: str = typer.Option("runs/study-sentiment", "-o", "--output"),
+    no_progress: bool = typer.Option(False, "--no-progress"),
+) -> None:
+    """DPO at several betas, IPO, PPO at several KL coefficients (+ PPO with a learned reward model) on
+    the shipped model; reward/KL frontier and wall clock of each."""
+    from .eval.sentiment import ScorerMissing
+    from .study import StudyConfig, run_study
+
+    config, overrides = _config_and_overrides(args)
+    cfg = build(StudyConfig, dict(output=output), overrides, config)
+    try:
+        run_study(cfg, _log, progress=not no_progress)
+    except ScorerMissing as e:
+        fail(str(e), 1)
 
 
 def main() -> None:
