@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--train-tokens", type=int, default=12_000_000, help="tokens packed for training (upper bound)")
-    ap.add_argument("--prefixes", type=int, default=200)
+    ap.add_argument("--prefixes", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()

@@ -30,7 +30,7 @@ def test_the_shipped_model_loads_with_plain_transformers_and_writes_english():
     record = json.loads((folder / "training.json").read_text())
     assert record["held_out_perplexity"] < 200 and record["parameters"] > 1_000_000
     prefixes = [json.loads(x) for x in task.PREFIXES.read_text().splitlines()]
-    assert len(prefixes) >= 192 and all(p["prompt"].strip() for p in prefixes)
+    assert len(prefixes) >= 576 and all(p["prompt"].strip() for p in prefixes)
 
 
 def test_the_scorer_on_known_sentences():
