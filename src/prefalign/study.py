@@ -4,7 +4,7 @@ DPO at several betas, IPO at several taus, PPO at several KL coefficients with V
 "PPO (learned reward)": PPO against a reward model trained (Bradley-Terry) on the very pairs DPO
 uses. Every run is evaluated on the same held-out prefixes for VADER reward and exact KL to the base;
 the report plots the reward/KL frontier and tabulates the wall clock of each run. A benchmark, not a
-test (MEASURED on 2 cores).
+test: 5 min 20 s on 2 cores with the defaults (14 models).
 """
 
 from __future__ import annotations

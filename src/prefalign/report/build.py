@@ -55,7 +55,9 @@ def load_run(folder: str | Path) -> dict[str, Any]:
 def summarise(r: dict[str, Any]) -> dict[str, Any]:
     """One table row: training cost, final training metrics, evaluation metrics."""
     run, ev, cfg = r["run"] or {}, r["eval"] or {}, r["config"]
-    row: dict[str, Any] = {"run": r["name"], "method": run.get("method", cfg.get("method", "-"))}
+    # an evaluation with no training run: the reference itself (evaluated against itself), or a model
+    method = run.get("method") or cfg.get("method") or ("reference" if ev.get("model") == ev.get("reference") else "eval")
+    row: dict[str, Any] = {"run": r["name"], "method": method}
     hp = {k: cfg[k] for k in ("beta", "kl_coef", "learning_rate") if k in cfg}
     row["settings"] = ", ".join(f"{k}={v}" for k, v in hp.items()) or "-"
     if run:
