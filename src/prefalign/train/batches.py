@@ -143,3 +143,54 @@ def collate_shared_prompt(examples: list[Example], indices: list[int], pad_id: i
             "index": torch.tensor(indices), "lengths": lengths,
             # what the padded layout would have processed: the throughput every trainer reports
             "tokens": torch.tensor(sum(len(c.input_ids) + len(r.input_ids) for c, r, _ in rows))}
+
+
+def collate_packed(examples: list[Example], indices: list[int], pad_id: int) -> dict[str, Tensor]:
+    """Padding-free batching: every sequence of the batch (slot-major, as `collate` orders them) laid
+    end to end in rows of at most the longest sequence's length (first fit, longest first), each
+    with its own block of a block-diagonal causal 4D mask and position ids restarting at 0. A token
+    sees exactly its own sequence, so log-probs equal the padded layout's (tested); only the tail of
+    each row is padding. The output is the row layout `batch_logps` reads (pred_rows/pred_cols/...).
+    Attention models only (Mamba has no mask to make block-diagonal)."""
+    slots = len(examples[0].seqs)
+    seqs = [e.seqs[k] for k in range(slots) for e in examples]
+    width = max(len(s.input_ids) for s in seqs)
+    rows: list[list[int]] = []  # sequence numbers per row
+    room: list[int] = []
+    for n in sorted(range(len(seqs)), key=lambda i: -len(seqs[i].input_ids)):
+        size = len(seqs[n].input_ids)
+        fit = next((r for r, left in enumerate(room) if left >= size), None)
+        if fit is None:
+            rows.append([]), room.append(width)
+            fit = len(rows) - 1
+        rows[fit].append(n)
+        room[fit] -= size
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)  # which sequence owns each column
+    pred_rows, pred_cols, labels, seq_ids = [], [], [], []
+    for r, members in enumerate(rows):
+        start = 0
+        for n in members:
+            s = seqs[n]
+            end = start + len(s.input_ids)
+            ids[r, start:end] = torch.tensor(s.input_ids)
+            pos[r, start:end] = torch.arange(len(s.input_ids))
+            seg[r, start:end] = n
+            for t in range(max(s.prompt_len, 1), len(s.input_ids)):  # token t is predicted at column t - 1
+                pred_rows.append(r), pred_cols.append(start + t - 1), labels.append(s.input_ids[t]), seq_ids.append(n)
+            start = end
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+    mask = (causal[None] & same)
+    mask |= torch.eye(width, dtype=torch.bool)[None]  # padding attends to itself: no empty softmax rows
+    lengths = torch.tensor([s.completion_len for s in seqs], dtype=torch.float32)
+    batch = {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None], "pred_rows": torch.tensor(pred_rows),
+             "pred_cols": torch.tensor(pred_cols), "labels_flat": torch.tensor(labels), "seq_ids": torch.tensor(seq_ids),
+             "index": torch.tensor(indices), "lengths": lengths,
+             "tokens": torch.tensor(sum(len(s.input_ids) for s in seqs))}
+    if examples[0].label is not None:
+        batch["labels"] = torch.tensor([bool(e.label) for e in examples])
+    if any(e.margin is not None for e in examples):
+        batch["margins"] = torch.tensor([e.margin or 0.0 for e in examples], dtype=torch.float32)
+    return batch

@@ -88,6 +88,7 @@ class TrainConfig(RunConfig):
 
     reference: Literal["auto", "precompute", "adapter", "copy"] = "auto"
     share_prompt: bool | Literal["auto"] = "auto"  # one row per pair, prompt computed once (attention models)
+    packing: bool = False  # padding-free rows: sequences end to end, block-diagonal mask (attention models)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -20,7 +20,7 @@ from ..models.load import add_lora, is_peft, load_model, load_tokenizer_for, sav
 from ..models.logprobs import batch_logps
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
 from ..models.scalar import load_scalar_model, sequence_scores
-from .batches import TokenizedData, collate, collate_shared_prompt, tokenize_records
+from .batches import TokenizedData, collate, collate_packed, collate_shared_prompt, tokenize_records
 from .config import RunConfig, TrainConfig
 from .loop import LoopResult, train_loop
 
@@ -78,13 +78,19 @@ def _load_data(path: str, cfg: TrainConfig, tokenizer, method: Method, out: Path
     return data
 
 
-def use_shared_prompt(cfg: TrainConfig, model, method: Method) -> bool:
-    """Shared-prompt rows need pairs and an attention mask the model honours (not Mamba)."""
+def choose_layout(cfg: TrainConfig, model, method: Method) -> str:
+    """"packed" (padding-free rows, asked for), "shared_prompt" (one row per pair) or "padded".
+    Both row layouts need an attention mask the model honours (not Mamba) and log-prob inputs."""
     has_attention = hasattr(unwrap(model).config, "num_attention_heads") or hasattr(unwrap(model).config, "n_head")
+    if cfg.packing:
+        if not (has_attention and method.inputs == "logps"):
+            raise ValueError("packing needs an attention model and a log-prob method (not Mamba, not reward)")
+        return "packed"
     possible = method.paired and method.inputs == "logps" and has_attention
     if cfg.share_prompt is True and not possible:
         raise ValueError("share_prompt needs paired data and an attention model")
-    return possible if cfg.share_prompt == "auto" else bool(cfg.share_prompt)
+    share = possible if cfg.share_prompt == "auto" else bool(cfg.share_prompt)
+    return "shared_prompt" if share else "padded"
 
 
 def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Callable):
@@ -175,8 +181,8 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     pad = tokenizer.pad_token_id
-    share = use_shared_prompt(cfg, model, method)
-    collate_fn = collate_shared_prompt if share else collate
+    layout = choose_layout(cfg, model, method)
+    collate_fn = {"packed": collate_packed, "shared_prompt": collate_shared_prompt, "padded": collate}[layout]
     collate_pad = partial(collate_fn, pad_id=pad)
     make_batch = partial(lambda d, idx: collate_pad([d.examples[i] for i in idx], idx), data)
     if strategy == "adapter":
@@ -187,7 +193,7 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
         log(f"reference pass: {time.perf_counter() - t0:.1f} s")
     log(f"method {cfg.method}, reference {strategy or 'none (reference-free)'}, "
         f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {device.type}, "
-        f"{'shared-prompt rows' if share else 'padded rows'}")
+        f"{layout.replace('_', '-')} rows")
 
     eval_fn = None
     if eval_data is not None:
