@@ -342,6 +342,47 @@ def report_cmd(
     _guarded(build_report, folders, output, _log)
 
 
+bench_app = typer.Typer(help="Benchmark training and generation on this machine; compare result files.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench_cmd(
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, help="a local model folder"),
+    shape: str = typer.Option("llama-30m", help="a shipped shape (random init): tiny, llama-30m, llama-1b, mamba-130m"),
+    workloads: str = typer.Option("dpo,sft,reward,ppo,generate", help="comma-separated"),
+    output: str = typer.Option("bench-results.json", "-o", "--output"),
+    batch: int = typer.Option(4, help="pairs / sequences / prompts per step"),
+    seq: int = typer.Option(256, help="tokens per sequence (prompt half, completion half)"),
+    steps: int = typer.Option(5),
+    warmup: int = typer.Option(2),
+    device: str = typer.Option("auto"),
+    no_logprob_memory: bool = typer.Option(False, "--no-logprob-memory", help="skip the vocab 8k vs 128k workload"),
+) -> None:
+    """Each workload in its own process: median step time, tokens/s, MFU against this machine's
+    measured matmul peak, peak memory; the DPO-vs-PPO cost; memory at vocab 8k vs 128k."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .bench.run import bench
+    from .bench.workloads import SHAPES
+
+    if model is None and shape not in SHAPES:
+        fail(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)} or pass --model")
+    _guarded(lambda: bench(None if model else shape, model, [w.strip() for w in workloads.split(",") if w.strip()],
+                           output, batch=batch, seq=seq, steps=steps, warmup=warmup, device=device,
+                           logprob_memory=not no_logprob_memory, log=_log))
+
+
+@bench_app.command("compare")
+def bench_compare(files: list[Path] = typer.Argument(..., help="results JSON files; ratios against the first"),
+                  output: Path = typer.Option(Path("bench-compare"), "-o", "--output")) -> None:
+    """A markdown table and a bar chart across machines or configurations."""
+    from .bench.run import compare
+
+    out.print(_guarded(compare, files, output), markup=False, highlight=False)
+
+
 @app.command("merge")
 def merge(adapter: Path, output: Path = typer.Option(..., "-o", "--output")) -> None:
     """Merge a LoRA adapter folder into its base model and write a plain HF folder."""

@@ -105,7 +105,7 @@ def generation_config(sampling: SamplingConfig, pad_id: int, eos: list[int]):
     greedy = sampling.temperature <= 0
     return GenerationConfig(
         do_sample=not greedy, max_new_tokens=sampling.max_new_tokens, min_new_tokens=0, pad_token_id=pad_id,
-        eos_token_id=eos, use_cache=True, temperature=1.0 if greedy else sampling.temperature,
+        eos_token_id=eos or None, use_cache=True, temperature=1.0 if greedy else sampling.temperature,
         top_k=sampling.top_k, top_p=sampling.top_p, min_p=None, typical_p=1.0, repetition_penalty=1.0,
         no_repeat_ngram_size=0, num_beams=1)
 

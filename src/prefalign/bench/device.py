@@ -1,0 +1,86 @@
+"""What machine this is, and its own peak: a measured dense matmul FLOP/s at the benchmark's dtype."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def pick(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():  # NVIDIA CUDA and AMD ROCm (HIP builds report through torch.cuda)
+        return torch.device("cuda")
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return torch.device("xpu")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def detect(device: torch.device) -> dict:
+    info = {"device_type": device.type, "torch": torch.__version__, "cpu_model": cpu_model(),
+            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        hip = getattr(torch.version, "hip", None)
+        info.update(vendor="amd" if hip else "nvidia", name=props.name, memory_bytes=props.total_memory,
+                    runtime=f"hip {hip}" if hip else f"cuda {torch.version.cuda}",
+                    compute_capability=f"{props.major}.{props.minor}")
+        try:
+            info["driver"] = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None
+        except RuntimeError:
+            info["driver"] = None
+    elif device.type == "xpu":
+        info.update(vendor="intel", name=torch.xpu.get_device_name(device))
+    elif device.type == "mps":
+        info.update(vendor="apple", name="Apple MPS")
+    else:
+        import psutil
+
+        info.update(vendor="cpu", name=info["cpu_model"], memory_bytes=psutil.virtual_memory().total)
+    return info
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type in ("cuda", "xpu") else torch.float32
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "xpu":
+        torch.xpu.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 10) -> float:
+    """Median FLOP/s of an n x n by n x n matmul (2 n^3 FLOPs), after warm-up: the roofline here."""
+    n = n or (8192 if device.type != "cpu" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)

@@ -1,0 +1,279 @@
+"""Benchmark workloads on model shapes (random init from config) or a local model folder.
+
+Each workload times `steps` steps after `warmup` and reports the median and spread of the step time,
+tokens/s (real, non-padding tokens, as training logs them), achieved model FLOP/s and MFU against the
+machine's measured matmul peak (FLOPs counted in flops.py over the positions actually computed), and
+peak memory (the allocator's peak on GPUs; this process's peak RSS on CPU, with the RSS before the
+model was built reported beside it). `run_isolated` runs one workload per process, so every peak is
+that workload's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from . import device as D
+from .flops import head_params, matmul_params, step_flops
+
+SHAPES = {  # random-init shapes; llama-1b is Llama-3.2-1B's shape, mamba-130m mamba-130m's
+    "tiny": dict(arch="llama", vocab=512, hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128),
+    "llama-30m": dict(arch="llama", vocab=32000, hidden=384, layers=6, heads=6, kv_heads=6, intermediate=1024),
+    "llama-1b": dict(arch="llama", vocab=128256, hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192),
+    "mamba-130m": dict(arch="mamba", vocab=50280, hidden=768, layers=24),
+}
+WORKLOADS = ("dpo", "sft", "reward", "ppo", "generate")
+
+
+class IdsOnly:
+    """What generation needs of a tokenizer when a benchmark samples fixed-length ids: a pad id, no
+    EOS (every completion runs to max_new_tokens), nothing to decode."""
+
+    pad_token_id, eos_token_id = 0, None
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return ""
+
+
+def build(shape: str | dict, model_dir: str | None, dev: torch.device, scalar: bool = False):
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        LlamaConfig,
+        MambaConfig,
+    )
+
+    if model_dir:
+        from ..models.load import load_model
+        from ..models.scalar import load_scalar_model
+
+        return (load_scalar_model(model_dir, device=dev) if scalar else load_model(model_dir, device=dev))
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    if s["arch"] == "mamba":
+        cfg = MambaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"], pad_token_id=0)
+    else:
+        cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                          num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                          intermediate_size=s["intermediate"], tie_word_embeddings=True, pad_token_id=0,
+                          max_position_embeddings=4096)
+    cls = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
+    if scalar:
+        cfg.num_labels = 1
+    return cls.from_config(cfg).to(dev)
+
+
+def synthetic_examples(vocab: int, n: int, seq: int, slots: int, seed: int = 0):
+    """n examples of `slots` sequences: a shared prompt of seq/2 tokens and answers of seq/2."""
+    from ..data.tokenize import Tokenized
+    from ..train.batches import Example
+
+    g = torch.Generator().manual_seed(seed)
+    half = seq // 2
+    out = []
+    for _ in range(n):
+        prompt = torch.randint(1, vocab, (half,), generator=g).tolist()
+        seqs = tuple(Tokenized(prompt + torch.randint(1, vocab, (seq - half,), generator=g).tolist(), half)
+                     for _ in range(slots))
+        out.append(Example(seqs))
+    return out
+
+
+def _time(step, steps: int, warmup: int, dev: torch.device) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        D.sync(dev)
+        t0 = time.perf_counter()
+        step()
+        D.sync(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(times: list[float], tokens: int, flops: float, peak_flops: float, dev: torch.device, base_rss: int) -> dict:
+    med = statistics.median(times)
+    return {"step_seconds_median": med, "step_seconds_min": min(times), "step_seconds_max": max(times),
+            "tokens_per_s": tokens / med, "flops_per_step": flops, "achieved_flops": flops / med,
+            "mfu": flops / med / peak_flops, "peak_memory_bytes": peak_memory(dev),
+            "baseline_memory_bytes": base_rss if dev.type == "cpu" else 0}
+
+
+def peak_memory(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(dev))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_workload(spec: dict) -> dict:
+    """One workload, in this process. spec: workload, shape | model, batch, seq, steps, warmup,
+    device, peak_flops, and per workload: strategy (dpo: precompute|adapter|copy), new_tokens."""
+    from ..train.config import TrainConfig
+    from ..train.offline import autocast_for, make_step
+
+    dev = D.pick(spec.get("device", "auto"))
+    base_rss = peak_memory(torch.device("cpu")) if dev.type == "cpu" else 0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    torch.manual_seed(0)
+    name, b, seq = spec["workload"], spec["batch"], spec["seq"]
+    steps, warmup = spec.get("steps", 5), spec.get("warmup", 2)
+    precision = "bf16" if D.default_dtype(dev) == torch.bfloat16 else "fp32"
+    cfg = TrainConfig(method="dpo", model="-", data="-", output="-", precision=precision,
+                      logits_chunk_mb=spec.get("logits_chunk_mb", 128.0))
+    autocast = autocast_for(cfg, dev)
+    strategy = spec.get("strategy", "precompute")
+    model = build(spec.get("shape", "tiny"), spec.get("model"), dev, scalar=name == "reward")
+    vocab = model.config.vocab_size
+    lora = name == "dpo" and strategy == "adapter"
+    copies, reference, ref_tokens = 1, None, 0
+    if name == "dpo" and strategy == "copy":
+        from ..models.reference import CopyReference
+
+        reference, copies = CopyReference(model, autocast, cfg.logits_chunk_mb), 2
+    if lora:
+        from ..models.load import add_lora
+        from ..models.reference import AdapterReference
+
+        model = add_lora(model)
+        reference = AdapterReference(model, autocast, cfg.logits_chunk_mb)
+    n = matmul_params(model)
+    out: dict = {"workload": name, "shape": spec.get("model") or spec.get("shape"), "params_matmul": n,
+                 "params_total": sum(p.numel() for p in model.parameters()), "batch": b, "seq": seq,
+                 "precision": precision, "model_copies": copies}
+    if name == "generate":
+        return {**out, **_generate(model, spec, dev, autocast)}
+    if name == "ppo":
+        return {**out, **_ppo(model, spec, dev, autocast, n, base_rss)}
+    from ..models.reference import PrecomputedReference
+    from ..train.batches import collate, collate_shared_prompt
+
+    slots = 1 if name == "sft" else 2
+    examples = synthetic_examples(vocab, b, seq, slots)
+    shared = name == "dpo" and not _is_mamba(model)  # the trainer's default layout for pairs
+    batch = (collate_shared_prompt if shared else collate)(examples, list(range(b)), pad_id=0)
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    if name == "dpo" and strategy == "precompute":
+        reference = PrecomputedReference(torch.randn(b, 2) - 50)
+    if reference is not None and strategy != "precompute":
+        ref_tokens = int(batch["input_ids"].numel())  # the reference forward computes the same positions
+    step_fn = make_step(model, {"dpo": "dpo", "sft": "sft", "reward": "reward"}[name], cfg, reference, autocast)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    positions = int(batch["input_ids"].numel())  # what the model really computes (shared-prompt rows: fewer)
+
+    def step():
+        loss, _, _ = step_fn(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    real = int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
+    scored = int(batch["lengths"].sum())  # the head runs here only
+    head, train = head_params(model), "lora" if lora else "full"
+    flops = (step_flops(n - head, positions, train=train, reference_tokens=ref_tokens)
+             + step_flops(head, scored, train=train, reference_tokens=scored if ref_tokens else 0))
+    times = _time(step, steps, warmup, dev)
+    out.update(_summary(times, real, flops, spec["peak_flops"], dev, base_rss))
+    out.update({"strategy": strategy if name == "dpo" else None, "positions_per_step": positions,
+                "scored_per_step": scored})
+    return out
+
+
+def _is_mamba(model) -> bool:
+    return getattr(model.config, "model_type", "") == "mamba"
+
+
+def _generate(model, spec: dict, dev: torch.device, autocast) -> dict:
+    """Prefill and decode tokens/s at several batch sizes, with the KV cache (greedy, fixed length)."""
+    model.eval()
+    vocab, prompt, new = model.config.vocab_size, spec["seq"], spec.get("new_tokens", 32)
+    res = {}
+    for bs in spec.get("batch_sizes", [1, 8]):
+        ids = torch.randint(1, vocab, (bs, prompt), device=dev)
+        with torch.no_grad(), autocast():
+            def prefill(ids=ids):
+                return model(input_ids=ids, use_cache=True)
+
+            pre = _time(prefill, spec.get("steps", 5), spec.get("warmup", 2), dev)
+            out = prefill()
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            D.sync(dev)
+            t0 = time.perf_counter()
+            for i in range(new):
+                kw = {"cache_position": torch.tensor([prompt + i], device=dev)} if _is_mamba(model) else {}
+                o = model(input_ids=nxt, past_key_values=past, use_cache=True, **kw)
+                past, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+            D.sync(dev)
+            decode = time.perf_counter() - t0
+        res[f"batch_{bs}"] = {"prefill_tokens_per_s": bs * prompt / statistics.median(pre),
+                              "decode_tokens_per_s": bs * new / decode}
+    n = matmul_params(model)
+    top = res[f"batch_{spec.get('batch_sizes', [1, 8])[-1]}"]
+    return {"by_batch": res, "tokens_per_s": top["decode_tokens_per_s"], "step_seconds_median": None,
+            "mfu": 2 * n * top["prefill_tokens_per_s"] / spec["peak_flops"], "mfu_of": "prefill",
+            "peak_memory_bytes": peak_memory(dev)}
+
+
+def _ppo(model, spec: dict, dev: torch.device, autocast, n: int, base_rss: int) -> dict:
+    """One PPO iteration split into rollout (sampling + no-grad policy and reference passes) and
+    update (one epoch of forward + backward on the rollout), full fine-tune with a frozen copy."""
+    import copy
+
+    from ..models.logprobs import completion_logps
+    from ..train.rollout import SamplingConfig, generate
+
+    ref = copy.deepcopy(model).requires_grad_(False).eval()
+    b, prompt, new = spec["batch"], spec["seq"] // 2, spec.get("new_tokens", spec["seq"] // 2)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(1, model.config.vocab_size, (b, prompt), generator=g).tolist()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    rollout_t, update_t = [], []
+    for i in range(spec.get("warmup", 1) + spec.get("steps", 3)):
+        D.sync(dev)
+        t0 = time.perf_counter()
+        roll = generate(model, IdsOnly(), prompts, SamplingConfig(max_new_tokens=new), device=dev, autocast=autocast)
+        args = (roll.input_ids, roll.attention_mask, roll.n_prompt, roll.completion_mask)
+        with torch.no_grad(), autocast():
+            completion_logps(model, *args)
+            completion_logps(ref, *args)
+        D.sync(dev)
+        t1 = time.perf_counter()
+        with autocast():
+            loss = -completion_logps(model, *args)["logps"].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        D.sync(dev)
+        if i >= spec.get("warmup", 1):
+            rollout_t.append(t1 - t0)
+            update_t.append(time.perf_counter() - t1)
+    positions = b * (prompt + new)
+    rollout_flops = 2 * n * positions + 2 * 2 * n * positions  # sampling (prefill + decode) and two scoring passes
+    update_flops = step_flops(n, positions)
+    med_r, med_u = statistics.median(rollout_t), statistics.median(update_t)
+    return {"model_copies": 2, "rollout_seconds_median": med_r, "update_seconds_median": med_u,
+            "step_seconds_median": med_r + med_u, "tokens_per_s": positions / (med_r + med_u),
+            "flops_per_step": rollout_flops + update_flops,
+            "mfu": (rollout_flops + update_flops) / (med_r + med_u) / spec["peak_flops"],
+            "mfu_rollout": rollout_flops / med_r / spec["peak_flops"], "mfu_update": update_flops / med_u / spec["peak_flops"],
+            "peak_memory_bytes": peak_memory(dev), "baseline_memory_bytes": base_rss}
+
+
+def run_isolated(spec: dict) -> dict:
+    """Run one workload in a fresh Python process (its own peak memory) and return its result."""
+    proc = subprocess.run([sys.executable, "-m", "prefalign.bench.workloads", json.dumps(spec)], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"workload {spec['workload']} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_workload(json.loads(sys.argv[1]))))
