@@ -6,9 +6,9 @@ prefixes of IMDb reviews, the ground truth is VADER's compound sentiment of the 
 DPO's pipeline, as in the paper: sample 4 continuations per training prefix from the base model,
 label best-vs-worst by the scorer, train DPO. PPO: the same prefixes, the scorer as its reward.
 Both see `steps x batch` examples (pairs for DPO, prompts for PPO). Every stage runs in its own
-process, so each peak RSS is that stage's alone. Then every model (base, DPO, PPO) samples one
-continuation per held-out prefix with the same seed, scored by the same scorer, with the KL to the
-base estimated on those samples (k3, per sequence).
+process, so each peak RSS is that stage's alone. Then `prefalign eval` samples one continuation
+per held-out prefix from every model (base, DPO, PPO) with the same seed, scores it with the same
+scorer (95% bootstrap interval) and computes the exact KL to the base per sequence.
 
     python benchmarks/dpo_vs_ppo_cost.py --model models/smollm2-135m-instruct --lora   # the README figures
     python benchmarks/dpo_vs_ppo_cost.py --model tiny                                  # a 1-minute smoke run
@@ -63,38 +63,6 @@ def build_tiny(out: Path) -> Path:
     return save_tiny(out / "tiny-base", "llama", build_tokenizer(texts, vocab_size=2000, chat=False), hidden=64, layers=2)
 
 
-def evaluate(model: str, base: str, prompts: str, reward: str, max_new_tokens: int, seed: int) -> dict:
-    """One seeded sample per prompt: mean ground-truth reward, KL(model || base) per sequence (k3)."""
-    import torch
-
-    sys.path.insert(0, str(ROOT / "src"))
-    from prefalign.data import load_prompts
-    from prefalign.eval.judges import make_judge
-    from prefalign.losses.ppo import kl_k3
-    from prefalign.models.load import load_model, load_tokenizer_for
-    from prefalign.models.logprobs import completion_logps
-    from prefalign.train.rollout import SamplingConfig, encode_prompt, generate
-
-    tok = load_tokenizer_for(model)
-    policy, ref = load_model(model).eval(), load_model(base).eval()
-    texts, _ = load_prompts(prompts)
-    judge = make_judge(reward)
-    scores, kls = [], []
-    for i in range(0, len(texts), 16):
-        chunk = texts[i:i + 16]
-        roll = generate(policy, tok, [encode_prompt(tok, p) for p in chunk], SamplingConfig(max_new_tokens),
-                        seed=seed + i)
-        scores += judge.score(chunk, roll.completion_texts)
-        with torch.no_grad():
-            args = (roll.input_ids, roll.attention_mask, roll.n_prompt, roll.completion_mask)
-            lp, lr = completion_logps(policy, *args)["logps"], completion_logps(ref, *args)["logps"]
-        kls += (kl_k3(lp, lr) * roll.completion_mask).sum(-1).tolist()
-    n = len(scores)
-    mean = sum(scores) / n
-    sd = (sum((s - mean) ** 2 for s in scores) / max(1, n - 1)) ** 0.5
-    return {"reward_mean": mean, "reward_sem": sd / n**0.5, "kl_per_sequence": sum(kls) / n, "n": n}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="a local HF folder, or 'tiny' (random-init, built here)")
@@ -111,13 +79,7 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--kl-coef", type=float, default=0.05)
     ap.add_argument("--out", default="runs/dpo_vs_ppo_cost")
-    ap.add_argument("--stage-eval", nargs=5, metavar=("MODEL", "BASE", "PROMPTS", "MAX_NEW", "SEED"),
-                    help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.stage_eval:
-        m, b, p, k, s = args.stage_eval
-        print(json.dumps(evaluate(m, b, p, args.reward, int(k), int(s))))
-        return
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,23 +125,26 @@ def main() -> None:
                       "peak_rss_bytes": rss_p, "model_copies": ppo_run["model_copies"],
                       "reference": ppo_run["reference"]}
 
-    print("evaluate base, DPO and PPO on the held-out prefixes", file=sys.stderr)
+    print("evaluate base, DPO and PPO on the held-out prefixes (prefalign eval)", file=sys.stderr)
     for name, model in (("base", base), ("dpo", str(out / "dpo" / "final")), ("ppo", str(out / "ppo" / "final"))):
-        e, _ = peak_rss([sys.executable, __file__, "--reward", args.reward, "--stage-eval", model, base,
-                         str(out / "eval_prompts.jsonl"), str(args.max_new_tokens), "1234"])
-        results.setdefault(name, {}).update(json.loads(e["stdout"].strip().splitlines()[-1]))
-
+        peak_rss(cli + ["eval", "--model", model, "--reference", base, "--prompts", str(out / "eval_prompts.jsonl"),
+                        "--judge", args.reward, "-o", str(out / "eval" / name), f"max_new_tokens={args.max_new_tokens}",
+                        "seed=1234", "device=cpu", "--no-progress"])
+        e = json.loads((out / "eval" / name / "eval.json").read_text())
+        results.setdefault(name, {}).update({k: e[k] for k in ("reward_mean", "reward_ci95", "kl_per_sequence",
+                                                               "prompts")})
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     gb = 1024**3
     print(f"\nbase {base}; {args.train_prompts} train / {args.eval_prompts} held-out IMDb prefixes; "
           f"{args.steps} steps x {args.batch}; {'LoRA' if args.lora else 'full'}; reward {Path(args.reward).name}")
-    print("| | wall s | train tokens/s | generation tokens/s | peak RSS | model copies | held-out reward | KL/seq |")
+    print("| | wall s | train tokens/s | generation tokens/s | peak RSS | model copies | held-out reward [95% CI] | exact KL/seq |")
     print("|---|---|---|---|---|---|---|---|")
     for name in ("base", "dpo", "ppo"):
         r = results[name]
         cost = (f"{r['wall_seconds']:.1f} | {r['train_tokens_per_s']:.0f} | {r['generation_tokens_per_s']:.0f} | "
                 f"{r['peak_rss_bytes'] / gb:.2f} GB | {r['model_copies']}") if name != "base" else "– | – | – | – | 1"
-        print(f"| {name} | {cost} | {r['reward_mean']:.3f} ± {r['reward_sem']:.3f} | {r['kl_per_sequence']:.2f} |")
+        lo, hi = r["reward_ci95"]
+        print(f"| {name} | {cost} | {r['reward_mean']:.3f} [{lo:.3f}, {hi:.3f}] | {r['kl_per_sequence']:.2f} |")
     d = results["dpo"]
     print(f"DPO wall = {d['data_seconds']:.1f} s pair generation + labelling + {d['train_seconds']:.1f} s training "
           f"({d['pairs']} pairs); results in {out / 'results.json'}")

@@ -41,8 +41,11 @@ def test_exact_kl_equals_full_logits_brute_force(tiny_models, tokenizer):
 
 def test_a_model_against_itself(tiny_models, pair_file, tmp_path):
     """Everything relative to the reference is exactly neutral when the reference is the model."""
+    import shutil
+
     model = str(tiny_models["gpt2"])
-    res = evaluate(EvalConfig(model=model, reference=model, data=str(pair_file), judge=f"{REWARDS}:length",
+    reference = shutil.copytree(model, tmp_path / "same-weights")  # another folder: every metric is computed
+    res = evaluate(EvalConfig(model=model, reference=str(reference), data=str(pair_file), judge=f"{REWARDS}:length",
                               suites=["arithmetic"], output=str(tmp_path / "e"), max_new_tokens=8, max_prompts=12,
                               batch_size=5), log=lambda _: None, progress=False)
     assert res["preference_accuracy"] == 0.5 and res["preference_margin"] == 0.0  # every pair a tie
@@ -57,6 +60,13 @@ def test_a_model_against_itself(tiny_models, pair_file, tmp_path):
     lo, hi = saved["reward_ci95"]
     assert lo <= saved["reward_mean"] <= hi
     assert (tmp_path / "e" / "eval.md").read_text().startswith("| metric | value |")
+    # given as the same folder, one loaded copy serves as both and the same results come out
+    same = evaluate(EvalConfig(model=model, reference=model, data=str(pair_file), judge=f"{REWARDS}:length",
+                               suites=["arithmetic"], output=str(tmp_path / "e2"), max_new_tokens=8, max_prompts=12,
+                               batch_size=5), log=lambda _: None, progress=False)
+    for key in ("preference_accuracy", "kl_per_sequence", "win_rate", "perplexity", "perplexity_reference",
+                "suites/arithmetic/score_reference", "reward_mean"):
+        assert same[key] == pytest.approx(res[key], abs=1e-6), key
     assert len((tmp_path / "e" / "samples.jsonl").read_text().splitlines()) == 12
 
 

@@ -81,7 +81,9 @@ class Evaluator:
         else:
             self.model = load_model(cfg.model, **load).eval()
         self.reference_path = cfg.reference or (None if self.is_reward else default_reference(cfg.model))
-        self.reference = load_model(self.reference_path, **load).eval() if self.reference_path else None
+        self.reference = None  # evaluated against itself (the base of a study), one copy serves both
+        if self.reference_path:
+            self.reference = self.model if self.reference_path == cfg.model else load_model(self.reference_path, **load).eval()
         self.results: dict[str, Any] = {"model": cfg.model, "reference": self.reference_path}
         self.samples: list[dict] = []
 
@@ -199,8 +201,11 @@ class Evaluator:
         opponent_path = cfg.baseline or self.reference_path
         if opponent_path is None:
             return
-        opponent = self.reference if opponent_path == self.reference_path else load_model(opponent_path, device=self.device)
-        theirs = [t for r in self._sample(opponent, prompts, "sampling (baseline)") for t in r.completion_texts]
+        if opponent_path == cfg.model:  # the same model under the same seeds samples the same completions
+            theirs = list(texts)
+        else:
+            opponent = self.reference if opponent_path == self.reference_path else load_model(opponent_path, device=self.device)
+            theirs = [t for r in self._sample(opponent, prompts, "sampling (baseline)") for t in r.completion_texts]
         if isinstance(judge, PairwiseJudge):
             p, agree = judge.compare(prompts, texts, theirs)
             results = [1.0 if x > 0.5 else 0.0 if x < 0.5 else 0.5 for x in p.tolist()]
@@ -247,14 +252,15 @@ class Evaluator:
             mask[:, 0] = False  # the first token has no context to be predicted from
             tokens += int(mask.sum())
             for name, model in (("model", self.model), ("reference", self.reference)):
-                if model is not None:
+                if model is not None and not (name == "reference" and model is self.model):
                     with self.autocast():
                         totals[name] -= float(sequence_logps(model, batch["input_ids"], batch["attention_mask"],
                                                              mask, chunk_mb=cfg.logits_chunk_mb).sum())
             self._advance(task, len(seqs[i:i + cfg.batch_size]))
         self.results.update({"perplexity": M.perplexity(totals["model"], tokens), "perplexity_tokens": tokens})
         if self.reference is not None:
-            self.results["perplexity_reference"] = M.perplexity(totals["reference"], tokens)
+            same = self.reference is self.model
+            self.results["perplexity_reference"] = M.perplexity(totals["model" if same else "reference"], tokens)
 
     # ------------------------------------------------------------ suites
     def suites(self) -> None:
@@ -265,6 +271,10 @@ class Evaluator:
             prompts = suite_prompts(suite, items, self.tokenizer)
             for who, model in (("", self.model), ("_reference", self.reference)):
                 if model is None:
+                    continue
+                if model is self.model and who:  # the reference is the model: same greedy answers
+                    for key in [k for k in self.results if k.startswith(f"suites/{suite.name}/")]:
+                        self.results[f"{key}{who}"] = self.results[key]
                     continue
                 rolls = self._sample(model, prompts, f"suite {suite.name}{who.replace('_', ' ')}", greedy=True,
                                      max_new_tokens=suite.max_new_tokens)

@@ -149,6 +149,13 @@ def position_kwargs(trunk, attention_mask):
     return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
 
+def hidden_states(model, input_ids, attention_mask):
+    """(B, T, H) last hidden states of the trunk, positions from the attention mask (left padding safe)."""
+    trunk = trunk_of(model)
+    return trunk(input_ids=input_ids, attention_mask=attention_mask,
+                 **position_kwargs(trunk, attention_mask)).last_hidden_state
+
+
 def backbone_and_head(model):
     """(the trunk that returns hidden states, the output projection to the vocabulary)."""
     return trunk_of(model), unwrap(model).get_output_embeddings()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .load import backbone_and_head, position_kwargs, unwrap
+from .load import backbone_and_head, hidden_states, unwrap
 
 
 def _chunk_logits(hidden: Tensor, head: torch.nn.Module, softcap: float | None, temperature: float) -> Tensor:
@@ -68,10 +68,7 @@ def completion_logps(model, input_ids: Tensor, attention_mask: Tensor, n_prompt:
     `logps` (B, Tc) of each completion token (0 on padding), and on request the `entropy` (B, Tc)
     of the distribution it was drawn from and the `hidden` states (B, Tc, H) that predicted it
     (where a value head reads V(s_t)). Positions come from the attention mask, as in generation."""
-    trunk = backbone_and_head(model)[0]
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
-                   **position_kwargs(trunk, attention_mask)).last_hidden_state  # (B, T, H)
-    states = hidden[:, n_prompt - 1:-1]  # (B, Tc, H): the state before completion token t
+    states = hidden_states(model, input_ids, attention_mask)[:, n_prompt - 1:-1]  # (B, Tc, H): before token t
     labels = input_ids[:, n_prompt:]  # (B, Tc)
     rows, cols = completion_mask.bool().nonzero(as_tuple=True)
     out = {"logps": torch.zeros(labels.shape, dtype=torch.float32, device=labels.device).index_put(
@@ -129,12 +126,8 @@ def completion_kl(policy, reference, input_ids: Tensor, attention_mask: Tensor, 
     rows laid out as `completion_logps` takes them, from the full vocabulary (not a one-sample
     log-ratio), chunked over positions: `kl` (B, Tc) and the policy's `entropy` (B, Tc), 0 on padding."""
     rows, cols = completion_mask.bool().nonzero(as_tuple=True)
-    states = []
-    for model in (policy, reference):
-        trunk = backbone_and_head(model)[0]
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
-                       **position_kwargs(trunk, attention_mask)).last_hidden_state  # (B, T, H)
-        states.append(hidden[:, n_prompt - 1:-1][rows, cols])  # (N, H)
+    states = [hidden_states(m, input_ids, attention_mask)[:, n_prompt - 1:-1][rows, cols]  # (N, H)
+              for m in (policy, reference)]
     head_p, softcap_p, _, spans = _chunks(policy, len(rows), chunk_mb)
     head_q, softcap_q, _, _ = _chunks(reference, len(rows), chunk_mb)
     kl, ent = [], []

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..losses.ppo import last_token_index
-from .load import ModelError, _local, position_kwargs, trunk_of, unwrap
+from .load import ModelError, _local, hidden_states, unwrap
 
 
 def is_reward_model(path: str | Path) -> bool:
@@ -63,20 +63,14 @@ def score_head(model) -> torch.nn.Module:
     return head
 
 
-def _hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    trunk = trunk_of(model)
-    return trunk(input_ids=input_ids, attention_mask=attention_mask,
-                 **position_kwargs(trunk, attention_mask)).last_hidden_state  # (B, T, H)
-
-
 def token_scores(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """(B, T) the head applied at every position (a critic's values), fp32."""
-    return score_head(model)(_hidden(model, input_ids, attention_mask)).squeeze(-1).float()
+    return score_head(model)(hidden_states(model, input_ids, attention_mask)).squeeze(-1).float()
 
 
 def sequence_scores(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """(B,) the head at the last attended token of each row, for left- or right-padded rows."""
-    hidden = _hidden(model, input_ids, attention_mask)
+    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
     last = last_token_index(attention_mask)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     return score_head(model)(hidden[rows, last]).squeeze(-1).float()
