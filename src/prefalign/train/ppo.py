@@ -102,7 +102,6 @@ class RLState:
     step: int = 0
     position: int = 0
     skipped: int = 0
-    kl_coef: float = 0.0
     moments: RunningMoments = field(default_factory=RunningMoments)
 
 
@@ -192,12 +191,11 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
         f"{'LoRA' if is_peft(policy) else 'full fine-tune'}, {copies} model copies, device {device.type}")
 
     params, optimizer, scheduler = build_optimizer(cfg, ac)
-    st = RLState(kl_coef=cfg.kl_coef)
+    st, kl_ctl = RLState(), P.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     saved = resume(cfg, ac, optimizer, scheduler, log)
     if saved is not None:
-        st = RLState(saved["step"], saved["position"], saved.get("skipped_steps", 0), saved["kl_coef"],
-                     RunningMoments(**saved["moments"]))
-    kl_ctl = P.KLController(st.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        st = RLState(saved["step"], saved["position"], saved.get("skipped_steps", 0), RunningMoments(**saved["moments"]))
+        kl_ctl.value = saved["kl_coef"]
     runlog = RunLog(out, st.step if saved is not None else None)
     bar = progress_bar(cfg.max_steps, st.step, progress, cfg.method)
     t_start, total_tokens, last, stopped = time.perf_counter(), 0, {}, "max_steps"
@@ -289,7 +287,6 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
             kl_seq = (k3 if cfg.kl_estimator == "k3" else k1).sum(-1)
             kl_ctl.update(float(kl_seq.mean()), n_rows)
             st.step += 1
-            st.kl_coef = kl_ctl.value
             tokens = int(roll.attention_mask.sum())
             total_tokens += tokens
             seconds = rollout_seconds + update_seconds
@@ -313,7 +310,7 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
             last = metrics
             update_bar(bar, st.step, f"reward {metrics['ppo/reward']:.3f} kl {metrics['ppo/kl']:.3f}")
             stopped = "kl_budget" if budget.over(metrics["kl/ref"], st.step) else stopped
-            extra = {"skipped_steps": st.skipped, "kl_coef": st.kl_coef, "moments": st.moments.__dict__}
+            extra = {"skipped_steps": st.skipped, "kl_coef": kl_ctl.value, "moments": st.moments.__dict__}
             if checkpoint_or_stop(cfg, st.step, st.position, ac, optimizer, scheduler, extra, stopped, log):
                 break
     finally:
