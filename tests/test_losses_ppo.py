@@ -40,7 +40,8 @@ def test_kl_shaped_rewards_put_the_score_on_the_last_real_token():
     logp = torch.tensor([[-1.0, -2.0, -1.0], [-0.5, -0.5, -0.5]])
     ref = torch.tensor([[-1.5, -1.0, -9.0], [-1.0, -0.5, -0.5]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # row 0 ended after 2 tokens
-    rewards, kl = P.kl_shaped_rewards(torch.tensor([3.0, 5.0]), logp, ref, mask, kl_coef=0.1, estimator="k1")
+    kl = P.kl_k1(logp, ref) * mask
+    rewards = P.kl_shaped_rewards(torch.tensor([3.0, 5.0]), kl, mask, kl_coef=0.1)
     # k1 = logp - ref: row 0 [0.5, -1.0, (pad)], row 1 [0.5, 0, 0]
     assert close(kl, [[0.5, -1.0, 0.0], [0.5, 0.0, 0.0]])
     assert close(rewards, [[-0.05, 0.1 + 3.0, 0.0], [-0.05, 0.0, 5.0]])

@@ -125,7 +125,10 @@ def test_callable_reward_is_learned(method, tiny_models, prompt_file, tmp_path):
     for key in ("ppo/reward", "ppo/kl", "ppo/kl_k1", "ppo/kl_k3", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl",
                 "ppo/kl_coef", "ppo/rollout_seconds", "ppo/update_seconds", "tokens_per_s"):
         assert key in last, key
-    assert all(r["ppo/kl_k3"] >= 0 for r in rows)
+    assert rows[0]["ppo/kl_k3"] == 0.0 < rows[-1]["ppo/kl_k3"]  # the first rollout is the reference's own
+    monitored = [r for r in rows if "kl/policy_ref_seq" in r]
+    assert [r["step"] for r in monitored] == [10, 20, 30, 40]  # kl_every unset: about four a run
+    assert monitored[-1]["kl/policy_ref_seq"] > monitored[0]["kl/policy_ref_seq"] > 0
     assert ("ppo/value_explained_var" in last) == (method == "ppo")
     summary = json.loads((tmp_path / method / "run.json").read_text())
     assert summary["model_copies"] == 2  # policy + frozen reference (the value head is part of the policy)
@@ -155,12 +158,18 @@ def test_shape_scores_penalty_and_running_norm():
     from prefalign.train.ppo import RunningMoments, shape_scores
 
     cfg = RLConfig(model="m", output="o", prompts="p", reward="r", missing_eos_penalty=2.0, reward_clip=1.5)
-    out = shape_scores(cfg, torch.tensor([1.0, 1.0]), torch.tensor([True, False]), RunningMoments())
+    out = shape_scores(cfg, torch.tensor([1.0, 1.0]), torch.tensor([True, False]), torch.tensor([3, 3]), RunningMoments())
     assert out.tolist() == [1.0, -1.0]
+    # min_new_tokens 3: an EOS after 2 tokens (length 3 with EOS) is early, after 3 (length 4) is not,
+    # and a completion that never ended is not "early"
+    cfg = RLConfig(model="m", output="o", prompts="p", reward="r", min_new_tokens=3, early_eos_penalty=0.5)
+    out = shape_scores(cfg, torch.zeros(4), torch.tensor([True, True, False, True]), torch.tensor([3, 4, 2, 1]),
+                       RunningMoments())
+    assert out.tolist() == [-0.5, 0.0, 0.0, -0.5]
     cfg = RLConfig(model="m", output="o", prompts="p", reward="r", reward_norm="running")
     mom = RunningMoments()
-    shape_scores(cfg, torch.tensor([1.0, 3.0]), torch.tensor([True, True]), mom)
-    shape_scores(cfg, torch.tensor([5.0, 7.0]), torch.tensor([True, True]), mom)
+    shape_scores(cfg, torch.tensor([1.0, 3.0]), torch.tensor([True, True]), torch.tensor([5, 5]), mom)
+    shape_scores(cfg, torch.tensor([5.0, 7.0]), torch.tensor([True, True]), torch.tensor([5, 5]), mom)
     assert abs(mom.mean - 4.0) < 1e-3 and abs(mom.var - 5.0) < 1e-2  # population variance of 1, 3, 5, 7
 
 
@@ -221,7 +230,42 @@ def test_samples_come_from_the_distribution_ppo_scores(top_k, finite, tiny_model
 
 def test_ppo_and_generation_on_mamba(tiny_models, prompt_file, tmp_path):
     """A state-space model (no attention mask to bend) samples, scores and updates through the same code."""
-    run_rl(_cfg(tmp_path, tiny_models["mamba"], prompt_file, "ppo", max_steps=2, batch_size=4, max_new_tokens=6),
+    run_rl(_cfg(tmp_path, tiny_models["mamba"], prompt_file, "ppo", max_steps=2, batch_size=4, max_new_tokens=6,
+                reward=f"{REWARDS}:length"),
            log=lambda _: None, progress=False)
     rows = _rows(tmp_path / "ppo")
-    assert len(rows) == 2 and all(r["ppo/kl_k3"] >= 0 for r in rows)
+    # the first rollout's policy is the reference (KL exactly 0); after its update it is not
+    assert len(rows) == 2 and rows[0]["ppo/kl_k3"] == 0.0 < rows[1]["ppo/kl_k3"]
+
+
+@pytest.mark.parametrize("method,penalty", [("ppo", "loss_full"), ("ppo", "loss_k3"), ("rloo", "loss_full"),
+                                            ("grpo", None)])
+def test_loss_side_kl_penalties_train(method, penalty, tiny_models, prompt_file, tmp_path):
+    kw = {"kl_penalty": penalty} if penalty else {}
+    cfg = _cfg(tmp_path, tiny_models["llama"], prompt_file, method, max_steps=2, batch_size=4, kl_coef=0.5, ppo_epochs=1,
+               reward=f"{REWARDS}:length", **kw)
+    assert cfg.kl_penalty == (penalty or "loss_k3")  # grpo's default: k3 in the loss
+    run_rl(cfg, log=lambda _: None, progress=False)
+    rows = _rows(tmp_path / method)
+    # on the first update the policy is the reference: the penalty's value is 0 there, then positive
+    assert abs(rows[0]["ppo/kl_loss"]) < 1e-5 and rows[1]["ppo/kl_loss"] > 1e-6
+
+
+def test_kl_estimator_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="kl_estimator was replaced by kl_penalty"):
+        RLConfig(model="m", output="o", prompts="p", reward="r", kl_estimator="k3")
+
+
+def test_non_finite_rewards_are_skipped_and_stop_the_run(tiny_models, prompt_file, tmp_path):
+    from prefalign.train.loop import TrainingError
+
+    logs = []
+    cfg = _cfg(tmp_path, tiny_models["gpt2"], prompt_file, "ppo", max_steps=3, batch_size=4, kl_every=0,
+               reward=f"{REWARDS}:nan_first")
+    run_rl(cfg, log=logs.append, progress=False)
+    rows = _rows(tmp_path / "ppo")
+    assert [r["skipped_steps"] for r in rows] == [1, 1, 1] and "ppo/reward" in rows[-1]
+    assert any("non-finite rewards; rollout skipped" in x for x in logs)
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
+        run_rl(cfg.model_copy(update={"reward": f"{REWARDS}:nan_always", "max_steps": 10, "max_bad_steps": 3,
+                                      "output": str(tmp_path / "nan")}), log=lambda _: None, progress=False)

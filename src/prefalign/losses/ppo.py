@@ -8,7 +8,9 @@ so "the last real token" is simply the last column where the mask is 1.
 References: Ziegler et al. 2019 (KL-shaped reward, adaptive KL controller), Schulman et al. 2016
 (GAE), Schulman et al. 2017 (clipped surrogate), Huang et al. 2024 "The N+ implementation details of
 RLHF with PPO" (whitening, value clipping, EOS handling), Ahmadian et al. 2024 (RLOO), Shao et al.
-2024 (GRPO), Schulman 2020 "Approximating KL divergence" (the k1/k3 estimators).
+2024 (GRPO), Schulman 2020 "Approximating KL divergence" (the k1/k3 estimators), Tang & Munos 2025
+"On a few pitfalls in KL divergence gradient estimation for RL" and Zhang et al. 2025 "On the design
+of KL-regularized policy gradient algorithms for LLM reasoning" (which estimator belongs where).
 """
 
 from __future__ import annotations
@@ -68,17 +70,61 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
 
+# How the KL to the reference enters the objective. The penalty must have the expected gradient of
+# KL(pi || pi_ref) of the sequence distribution; that is tested by exact enumeration
+# (tests/test_kl_penalty.py). Each penalty is an estimator f_t of the per-position KL, and
+#   grad E_{y~pi}[sum_t f_t] = E[sum_t grad f_t]  (pathwise: f differentiated in the loss)
+#                            + E[sum_t grad log pi(y_t | s_t) * sum_{t' >= t} f_t']  (score function)
+#   reward_k1  f = k1 = log pi - log pi_ref in the reward (Ziegler et al. 2019). E[grad k1_t] = 0, so
+#              the score-function part, which the policy gradient supplies, is the whole gradient.
+#   loss_k3    f = k3 in the loss (GRPO, Shao et al. 2024) plus its score-function part. k3 in the
+#              loss alone has E[grad] = grad KL(pi_ref || pi) per position (the *reverse* KL, at states
+#              sampled from pi); k3 as a detached reward alone has grad KL(pi||pi_ref) - grad KL(pi_ref||pi),
+#              which vanishes to second order near pi_ref. Only the sum of the two parts is right
+#              (Schulman 2020; Tang & Munos 2025; Zhang et al. 2025).
+#   loss_full  f = the exact KL over the vocabulary at each position, differentiated, plus the score
+#              function of the KL at later positions (this token changes the states that follow).
+KL_PENALTIES = ("reward_k1", "loss_k3", "loss_full")
 
-def kl_shaped_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float,
-                      estimator: str = "k1") -> tuple[Tensor, Tensor]:
-    """Per-token rewards r_t = -kl_coef * kl_t, plus the sequence score at the last real token
-    (Ziegler et al. 2019, eq. 2). Returns (rewards (B, T), per-token kl (B, T)); both 0 on padding."""
-    kl = KL_ESTIMATORS[estimator](logprobs, ref_logprobs) * mask
-    rewards = -kl_coef * kl
+
+def reward_to_go(x: Tensor, mask: Tensor, include_current: bool = True) -> Tensor:
+    """sum_{t' >= t} x_t' (or t' > t) per row, over real tokens; 0 on padding. (B, T) -> (B, T)."""
+    x = x * mask
+    total = x.flip(-1).cumsum(-1).flip(-1)
+    return (total if include_current else total - x) * mask
+
+
+def kl_penalty_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
+                    full_kl: Tensor | None = None) -> Tensor:
+    """The loss-side part of a `loss_*` penalty, per token (B, T), to be multiplied by kl_coef and
+    averaged like the policy loss: f_t + rho_t * stopgrad(reward-to-go of f), rho_t = pi/pi_old (1 on
+    the first epoch; its gradient is grad log pi). `logprobs` (and `full_kl` for loss_full) carry the
+    gradient; old and reference log-probs do not. reward_k1 has no loss-side part: zeros."""
+    if kind == "reward_k1":
+        return torch.zeros_like(logprobs)
+    ratio = torch.exp(logprobs - old_logprobs.detach())
+    if kind == "loss_k3":
+        f = kl_k3(logprobs, ref_logprobs.detach())
+        future = reward_to_go(f.detach(), mask)  # k3_t depends on y_t itself: t' >= t
+    elif kind == "loss_full":
+        if full_kl is None:
+            raise ValueError("loss_full needs the exact per-position KL (full_kl)")
+        f = full_kl
+        future = reward_to_go(f.detach(), mask, include_current=False)  # KL_t(s_t) is fixed before y_t
+    else:
+        raise ValueError(f"unknown kl_penalty {kind!r} (choose one of {', '.join(KL_PENALTIES)})")
+    return (f + ratio * future) * mask
+
+
+def kl_shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """Per-token rewards r_t = -kl_coef * kl_t plus the sequence score at the last real token
+    (Ziegler et al. 2019, eq. 2); `kl` (B, T) is the per-token penalty (k1 for reward_k1, 0 for the
+    loss-side penalties). 0 on padding."""
+    rewards = -kl_coef * kl * mask
     last = last_token_index(mask)
     rows = torch.arange(mask.shape[0], device=mask.device)
     rewards[rows, last] += scores
-    return rewards * mask, kl
+    return rewards * mask
 
 
 # ------------------------------------------------------------------ advantages

@@ -9,6 +9,8 @@ logit[y] - logsumexp(logits) in fp32, so bf16 autocast never reaches the normali
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -17,7 +19,8 @@ from .load import backbone_and_head, hidden_states, unwrap
 
 
 def _chunk_logits(hidden: Tensor, head: torch.nn.Module, softcap: float | None, temperature: float) -> Tensor:
-    logits = head(hidden).float()  # (n, V)
+    logits = head(hidden)  # (n, V)
+    logits = logits.float() if logits.dtype != torch.float64 else logits  # fp32 at least (fp64 kept for tests)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     return logits / temperature if temperature != 1.0 else logits
@@ -71,8 +74,8 @@ def completion_logps(model, input_ids: Tensor, attention_mask: Tensor, n_prompt:
     states = hidden_states(model, input_ids, attention_mask)[:, n_prompt - 1:-1]  # (B, Tc, H): before token t
     labels = input_ids[:, n_prompt:]  # (B, Tc)
     rows, cols = completion_mask.bool().nonzero(as_tuple=True)
-    out = {"logps": torch.zeros(labels.shape, dtype=torch.float32, device=labels.device).index_put(
-        (rows, cols), _scored_logps(model, states[rows, cols], labels[rows, cols], chunk_mb, temperature))}
+    flat = _scored_logps(model, states[rows, cols], labels[rows, cols], chunk_mb, temperature)
+    out = {"logps": torch.zeros(labels.shape, dtype=flat.dtype, device=labels.device).index_put((rows, cols), flat)}
     if entropy:
         out["entropy"] = torch.zeros_like(out["logps"]).index_put(
             (rows, cols), _scored_entropy(model, states[rows, cols].detach(), chunk_mb, temperature))
@@ -119,25 +122,51 @@ def batch_logps(model, batch: dict[str, Tensor], chunk_mb: float = 128.0) -> Ten
     return out.index_add(0, batch["seq_ids"], flat)
 
 
+def completion_states(model, input_ids: Tensor, attention_mask: Tensor, n_prompt: int,
+                      completion_mask: Tensor) -> Tensor:
+    """(N, H) hidden states that predict the N real completion tokens (row-major), as generation saw them."""
+    rows, cols = completion_mask.bool().nonzero(as_tuple=True)
+    return hidden_states(model, input_ids, attention_mask)[:, n_prompt - 1:-1][rows, cols]
+
+
+def _chunk_kl(hp: Tensor, hq: Tensor, head_p, softcap_p, head_q, softcap_q, temperature: float) -> Tensor:
+    logp = torch.log_softmax(_chunk_logits(hp, head_p, softcap_p, temperature), -1)  # (n, V)
+    with torch.no_grad():
+        logq = torch.log_softmax(_chunk_logits(hq, head_q, softcap_q, temperature), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def states_kl(policy, states_p: Tensor, reference, states_q: Tensor, *, chunk_mb: float = 128.0,
+              temperature: float = 1.0) -> Tensor:
+    """Exact KL(p || q) of the (tempered) next-token distributions over the full vocabulary at N
+    states: (N, H), (N, H) -> (N,). Differentiable in the policy's states (the reference side is
+    constant), each chunk checkpointed, so one chunk of (n, V) logits is held at a time."""
+    head_p, softcap_p, step, spans = _chunks(policy, states_p.shape[0], chunk_mb)
+    head_q, softcap_q, _, _ = _chunks(reference, states_p.shape[0], chunk_mb)
+    pieces = []
+    for a, b in spans:
+        args = (states_p[a:b], states_q[a:b], head_p, softcap_p, head_q, softcap_q, temperature)
+        if torch.is_grad_enabled() and states_p.requires_grad and states_p.shape[0] > step:
+            pieces.append(checkpoint(_chunk_kl, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_kl(*args))
+    return torch.cat(pieces) if pieces else states_p.new_zeros(0, dtype=torch.float32)
+
+
 @torch.no_grad()
 def completion_kl(policy, reference, input_ids: Tensor, attention_mask: Tensor, n_prompt: int,
-                  completion_mask: Tensor, *, chunk_mb: float = 128.0) -> dict[str, Tensor]:
-    """Exact KL(policy || reference) of the next-token distributions at every completion position of
-    rows laid out as `completion_logps` takes them, from the full vocabulary (not a one-sample
-    log-ratio), chunked over positions: `kl` (B, Tc) and the policy's `entropy` (B, Tc), 0 on padding."""
+                  completion_mask: Tensor, *, chunk_mb: float = 128.0, temperature: float = 1.0,
+                  reference_ctx=nullcontext) -> dict[str, Tensor]:
+    """Exact KL(policy || reference) of the next-token distributions softmax(logits / T) at every
+    completion position of rows laid out as `completion_logps` takes them, from the full vocabulary
+    (not a one-sample log-ratio): `kl` (B, Tc) and the policy's `entropy` (B, Tc), 0 on padding.
+    `reference_ctx` wraps the reference pass (a LoRA model with its adapters disabled)."""
     rows, cols = completion_mask.bool().nonzero(as_tuple=True)
-    states = [hidden_states(m, input_ids, attention_mask)[:, n_prompt - 1:-1][rows, cols]  # (N, H)
-              for m in (policy, reference)]
-    head_p, softcap_p, _, spans = _chunks(policy, len(rows), chunk_mb)
-    head_q, softcap_q, _, _ = _chunks(reference, len(rows), chunk_mb)
-    kl, ent = [], []
-    for a, b in spans:
-        logp = torch.log_softmax(_chunk_logits(states[0][a:b], head_p, softcap_p, 1.0), -1)  # (n, V)
-        logq = torch.log_softmax(_chunk_logits(states[1][a:b], head_q, softcap_q, 1.0), -1)
-        p = logp.exp()
-        kl.append((p * (logp - logq)).sum(-1))
-        ent.append(-(p * logp).sum(-1))
-    shape = completion_mask.shape
-    zeros = torch.zeros(shape, dtype=torch.float32, device=input_ids.device)
-    cat = (lambda xs: torch.cat(xs) if xs else zeros.new_zeros(0))  # noqa: E731
-    return {"kl": zeros.index_put((rows, cols), cat(kl)), "entropy": zeros.clone().index_put((rows, cols), cat(ent))}
+    args = (input_ids, attention_mask, n_prompt, completion_mask)
+    states_p = completion_states(policy, *args)
+    with reference_ctx():
+        states_q = completion_states(reference, *args)
+        kl = states_kl(policy, states_p, reference, states_q, chunk_mb=chunk_mb, temperature=temperature)
+    ent = _scored_entropy(policy, states_p, chunk_mb, temperature)
+    zeros = torch.zeros(completion_mask.shape, dtype=kl.dtype, device=input_ids.device)
+    return {"kl": zeros.index_put((rows, cols), kl), "entropy": zeros.clone().index_put((rows, cols), ent)}

@@ -3,7 +3,7 @@
 A folder may hold a training run (run.json, metrics.jsonl, config.yaml), an evaluation (eval.json),
 or both (eval.json directly or in eval/). Written to OUT:
   curves.png         training curves per run: loss, reward accuracy (or RL reward), margins (or
-                     RL KL), kl/ref
+                     RL sampled k3 KL), and the exact KL to the reference the monitor measured
   frontier.png       held-out reward against KL to the reference, one point per evaluated run (the
                      DPO paper's Figure 2 picture)
   report.md          tables + the two images
@@ -25,8 +25,8 @@ import yaml
 CURVES = [  # (title, offline metric, RL metric)
     ("loss", "loss", "loss"),
     ("reward accuracy / RL reward", "rewards/accuracy", "ppo/reward"),
-    ("reward margin / RL KL per sequence", "rewards/margins", "ppo/kl"),
-    ("kl/ref (nats per token)", "kl/ref", "kl/ref"),
+    ("reward margin / RL sampled KL (k3) per sequence", "rewards/margins", "ppo/kl"),
+    ("exact KL to the reference per sequence (monitor)", "kl/policy_ref_seq", "kl/policy_ref_seq"),
 ]
 TRAIN_COLUMNS = ["method", "steps", "wall_seconds", "tokens_per_s", "peak_memory_gb", "model_copies"]
 EVAL_COLUMNS = ["preference_accuracy", "reward_mean", "win_rate", "kl_per_sequence", "kl_per_token", "perplexity",
@@ -66,9 +66,12 @@ def summarise(r: dict[str, Any]) -> dict[str, Any]:
                     "tokens_per_s": run.get("tokens_per_s"), "peak_memory_gb": peak / 1024**3 if peak else None,
                     "model_copies": run.get("model_copies")})
     train_rows = [m for m in r["metrics"] if m.get("step", 0) > 0 and "loss" in m]
+    monitored = [m for m in r["metrics"] if "kl/policy_ref_seq" in m]
+    if monitored:
+        row["final kl/policy_ref_seq"] = monitored[-1]["kl/policy_ref_seq"]
     if train_rows:
         last = train_rows[-1]
-        for key in ("loss", "rewards/accuracy", "rewards/margins", "kl/ref", "ppo/reward", "ppo/kl", "reward/accuracy"):
+        for key in ("loss", "rewards/accuracy", "rewards/margins", "ppo/reward", "ppo/kl", "reward/accuracy"):
             if key in last:
                 row[f"final {key}"] = last[key]
     for key in EVAL_COLUMNS:

@@ -36,8 +36,12 @@ class RunConfig(StrictModel):
     seed: int = 0
 
     lora: bool | LoraSettings = False
-    kl_budget: float | None = None  # nats per token of kl/ref; warn (and stop) above it
+    kl_budget: float | None = None  # nats per token of kl/policy_ref_token; warn (and stop) above it
     stop_on_kl_budget: bool = False
+    # the KL monitor (train/kl_monitor.py): exact KL to the reference on sampled completions
+    kl_every: int | None = None  # steps between measurements; None: about 4 a run; 0: off
+    kl_prompts: int = 16  # prompts from eval_data (else the first of the training data)
+    kl_max_new_tokens: int = 32
 
     max_length: int = 512
     max_prompt_length: int = 256
@@ -123,7 +127,12 @@ class RLConfig(RunConfig):
     kl_coef: float = 0.05
     kl_target: float | None = None  # adaptive controller (Ziegler et al. 2019) when set: nats per sequence
     kl_horizon: int = 10_000
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    # where the KL enters the objective (losses/ppo.py, README "Which KL"): k1 in the reward, or k3 /
+    # the exact vocabulary KL in the loss with its score-function part; default reward_k1 (ppo, rloo)
+    # and loss_k3 (grpo, whose advantage is the group-normalised score alone)
+    kl_penalty: Literal["reward_k1", "loss_k3", "loss_full"] = "reward_k1"
+    min_new_tokens: int = 0  # completions that end (EOS) before this many tokens lose early_eos_penalty
+    early_eos_penalty: float = 1.0  # sampling is left untouched, so log-probs and KL stay those sampled
     missing_eos_penalty: float | None = None  # subtracted from the score of completions without EOS
     reward_norm: Literal["none", "batch", "running"] = "none"
     reward_clip: float | None = None
@@ -140,9 +149,19 @@ class RLConfig(RunConfig):
     critic: Literal["value_head", "model"] = "value_head"  # a head on the policy trunk, or a second model
     reference: Literal["auto", "adapter", "copy"] = "auto"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "kl_estimator" in data:
+            raise ValueError("kl_estimator was replaced by kl_penalty (reward_k1 | loss_k3 | loss_full): a detached "
+                             "k3 reward does not have the gradient of the KL; see README 'Which KL'")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> RLConfig:
         self._check_common()
+        if self.method == "grpo" and "kl_penalty" not in self.model_fields_set:
+            object.__setattr__(self, "kl_penalty", "loss_k3")
         if self.method in ("rloo", "grpo") and "samples_per_prompt" not in self.model_fields_set:
             object.__setattr__(self, "samples_per_prompt", 4)
         if self.method in ("rloo", "grpo") and self.samples_per_prompt < 2:

@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,15 +193,16 @@ def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], Non
 
 def train_loop(cfg: RunConfig, model, n_examples: int, make_batch: Callable[[list[int]], dict[str, Tensor]],
                step_fn: Step, device: torch.device, *, eval_fn: Callable[[], dict[str, float]] | None = None,
-               log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
+               monitor=None, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
+    """`monitor` (train/kl_monitor.py) measures the exact KL to the reference on sampled completions."""
     out = Path(cfg.output)
     params, optimizer, scheduler = build_optimizer(cfg, model)
-    step, position, skipped, bad_in_a_row = 0, 0, 0, 0
+    step, position, skipped = 0, 0, 0
     state = resume(cfg, model, optimizer, scheduler, log)
     if state is not None:
         step, position, skipped = state["step"], state["position"], state.get("skipped_steps", 0)
     runlog = RunLog(out, step if state is not None else None)
-    budget = KLBudget(cfg, log)
+    budget, guard = KLBudget(cfg, log), BadSteps(cfg.max_bad_steps, log)
     stopped, total_tokens, last = "max_steps", 0, {}
     t_start = time.perf_counter()
     bar = progress_bar(cfg.max_steps, step, progress)
@@ -228,12 +228,9 @@ def train_loop(cfg: RunConfig, model, n_examples: int, make_batch: Callable[[lis
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if finite else torch.tensor(float("nan"))
             if finite and torch.isfinite(grad_norm):
                 optimizer.step()
-                bad_in_a_row = 0
+                guard.good()
             else:
                 skipped += 1
-                bad_in_a_row += 1
-                log(f"step {step + 1}: non-finite {'loss' if not finite else 'gradient'}; step skipped "
-                    f"({bad_in_a_row} in a row)")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
@@ -242,18 +239,23 @@ def train_loop(cfg: RunConfig, model, n_examples: int, make_batch: Callable[[lis
             row = {"step": step, **_mean_metrics(items), "grad_norm": float(grad_norm),
                    "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds,
                    "step_seconds": seconds, "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": skipped}
-            if bad_in_a_row >= cfg.max_bad_steps:
-                runlog.write(row)
-                raise TrainingError(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; stopping. "
-                                    "Lower the learning rate, check the data, or use fp32.")
+            if not (finite and torch.isfinite(grad_norm)):
+                try:
+                    guard.bad(step, f"non-finite {'loss' if not finite else 'gradient'}; step skipped")
+                except TrainingError:
+                    runlog.write(row)  # the last skipped step is on record before the run stops
+                    raise
             if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 row.update({f"eval/{k}": v for k, v in eval_fn().items()})
+                model.train()
+            if monitor is not None and monitor.due(step, cfg.max_steps):
+                row.update(monitor.measure())
                 model.train()
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 runlog.write(row)
             last = row
             update_bar(bar, step, f"loss {row.get('loss', float('nan')):.4f} {row['tokens_per_s']:.0f} tok/s")
-            if "kl/ref" in row and budget.over(row["kl/ref"], step):
+            if "kl/policy_ref_token" in row and budget.over(row["kl/policy_ref_token"], step):
                 stopped = "kl_budget"
             if checkpoint_or_stop(cfg, step, position, model, optimizer, scheduler, {"skipped_steps": skipped},
                                   stopped, log):
@@ -266,21 +268,37 @@ def train_loop(cfg: RunConfig, model, n_examples: int, make_batch: Callable[[lis
 
 
 class KLBudget:
-    """kl_budget: warn once when the running mean of the last 10 kl/ref values exceeds it; `over`
-    says whether the run should stop (stop_on_kl_budget)."""
+    """kl_budget: warn once when the KL monitor's measured kl/policy_ref_token (exact, on sampled
+    completions: train/kl_monitor.py) exceeds it; `over` says whether the run should stop."""
 
     def __init__(self, cfg: RunConfig, log: Callable[[str], None]):
-        self.cfg, self.log, self.recent, self.warned = cfg, log, deque(maxlen=10), False
+        self.cfg, self.log, self.warned = cfg, log, False
 
     def over(self, kl: float, step: int) -> bool:
-        self.recent.append(kl)
-        running = sum(self.recent) / len(self.recent)
-        if self.cfg.kl_budget is None or running <= self.cfg.kl_budget:
+        if self.cfg.kl_budget is None or kl <= self.cfg.kl_budget:
             return False
         if not self.warned:
-            self.log(f"step {step}: running kl/ref {running:.4f} exceeds kl_budget {self.cfg.kl_budget}")
+            self.log(f"step {step}: kl/policy_ref_token {kl:.4f} exceeds kl_budget {self.cfg.kl_budget}")
             self.warned = True
         return self.cfg.stop_on_kl_budget
+
+
+class BadSteps:
+    """The NaN/Inf guard of every trainer: a non-finite loss, gradient or reward skips the update and is
+    logged; `max_bad` of them in a row stop the run with a TrainingError."""
+
+    def __init__(self, max_bad: int, log: Callable[[str], None]):
+        self.max_bad, self.log, self.in_a_row = max_bad, log, 0
+
+    def good(self) -> None:
+        self.in_a_row = 0
+
+    def bad(self, step: int, what: str) -> None:
+        self.in_a_row += 1
+        self.log(f"step {step}: {what} ({self.in_a_row} in a row)")
+        if self.in_a_row >= self.max_bad:
+            raise TrainingError(f"{self.in_a_row} non-finite steps in a row (last: {what}); stopping. "
+                                "Lower the learning rate, check the data or the reward, or use fp32.")
 
 
 def checkpoint_or_stop(cfg: RunConfig, step: int, position: int, model, optimizer, scheduler, extra: dict,
@@ -289,7 +307,7 @@ def checkpoint_or_stop(cfg: RunConfig, step: int, position: int, model, optimize
     if (cfg.save_every and step % cfg.save_every == 0) or stopped != "max_steps":
         save_checkpoint(Path(cfg.output), step, position, model, optimizer, scheduler, extra, cfg.keep_checkpoints)
     if stopped != "max_steps":
-        log(f"stopping at step {step}: kl/ref is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
+        log(f"stopping at step {step}: kl/policy_ref_token is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
     return stopped != "max_steps"
 
 

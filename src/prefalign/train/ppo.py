@@ -8,12 +8,15 @@ One step of `max_steps`:
   3. no-grad pass: the policy's log-probs of its own tokens under the sampling temperature (old
      log-probs), the reference's, the per-token entropy, and the critic's values V(s_t).
   4. advantages:
-       ppo:  per-token reward = -kl_coef * KL_t, plus the score at the last real token; GAE over it;
-             advantages whitened (critic learns the unwhitened returns).
-       rloo: sequence reward = score - kl_coef * sum_t KL_t; leave-one-out baseline over the k samples.
-       grpo: group-normalised score; the KL to the reference enters the loss, not the reward.
+       ppo:  per-token reward = -kl_coef * k1_t (kl_penalty: reward_k1), plus the score at the last
+             real token; GAE over it; advantages whitened (critic learns the unwhitened returns).
+       rloo: sequence reward = score - kl_coef * sum_t k1_t; leave-one-out baseline over the k samples.
+       grpo: group-normalised score (with reward_k1, of score - kl_coef * sum_t k1_t).
   5. update: `ppo_epochs` passes over the rollout in `num_minibatches` shuffled minibatches; clipped
-     surrogate (+ clipped value loss for ppo, + kl_coef * k3 KL for grpo); gradient clipping.
+     surrogate (+ clipped value loss for ppo, + kl_coef * the loss_k3 / loss_full penalty, whose
+     expected gradient is that of the sequence KL: losses/ppo.py); gradient clipping. A non-finite
+     reward skips the rollout, a non-finite loss or gradient skips the update; `max_bad_steps` of them
+     in a row stop the run.
   6. the KL coefficient adapts towards `kl_target` (Ziegler et al. 2019) when one is set.
 Checkpoints hold the trainable weights (policy adapters or weights, and the critic), the optimizer,
 the schedule, the RNG, the prompt position, the KL coefficient and the running reward statistics, so
@@ -37,11 +40,13 @@ from ..data.records import text_of
 from ..eval.judges import RewardModelJudge, make_judge
 from ..losses import ppo as P
 from ..models.load import add_lora, is_peft, load_model, load_tokenizer_for, save_model
-from ..models.logprobs import completion_logps
+from ..models.logprobs import completion_logps, completion_states, states_kl
 from ..models.scalar import load_scalar_model, score_head
 from ..models.scalar import token_scores as critic_token_scores
 from .config import RLConfig
+from .kl_monitor import build_monitor
 from .loop import (
+    BadSteps,
     KLBudget,
     LoopResult,
     RunLog,
@@ -65,13 +70,16 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy, self.value_head, self.critic_model = policy, value_head, critic_model
 
-    def forward_rows(self, rows: dict[str, Tensor], n_prompt: int, cfg: RLConfig, *, entropy: bool = False):
-        """Log-probs (B, Tc) of the rollout's completion tokens, values (B, Tc) where a critic exists."""
+    def forward_rows(self, rows: dict[str, Tensor], n_prompt: int, cfg: RLConfig, *, entropy: bool = False,
+                     hidden: bool = False):
+        """Log-probs (B, Tc) of the rollout's completion tokens, values (B, Tc) where a critic exists,
+        and on request the `hidden` states (B, Tc, H) that predicted them."""
         out = completion_logps(self.policy, rows["input_ids"], rows["attention_mask"], n_prompt,
                                rows["completion_mask"], chunk_mb=cfg.logits_chunk_mb, temperature=cfg.temperature,
-                               entropy=entropy, hidden_out=self.value_head is not None)
+                               entropy=entropy, hidden_out=hidden or self.value_head is not None)
         if self.value_head is not None:
-            out["values"] = self.value_head(out.pop("hidden").float()).squeeze(-1)  # V(s_t): the state before token t
+            # V(s_t): the state before token t
+            out["values"] = self.value_head((out["hidden"] if hidden else out.pop("hidden")).float()).squeeze(-1)
         elif self.critic_model is not None:
             # same layout, same positions: the critic's head at the state before each completion token
             out["values"] = critic_token_scores(self.critic_model, rows["input_ids"], rows["attention_mask"])[
@@ -114,10 +122,16 @@ def _reference(cfg: RLConfig, policy):
     return strategy, ref
 
 
-def shape_scores(cfg: RLConfig, raw: Tensor, ended: Tensor, moments: RunningMoments) -> Tensor:
+def shape_scores(cfg: RLConfig, raw: Tensor, ended: Tensor, lengths: Tensor, moments: RunningMoments) -> Tensor:
+    """`lengths` (N,): completion tokens including EOS. Penalties first, then normalisation and clipping."""
     scores = raw.clone()
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
+    if cfg.min_new_tokens:
+        # an EOS that came before min_new_tokens other tokens: the early-EOS collapse a strong KL
+        # penalty invites (every token is a cost, ending is free), penalised in the score
+        early = ended & (lengths - 1 < cfg.min_new_tokens)
+        scores = torch.where(early, scores - cfg.early_eos_penalty, scores)
     if cfg.reward_norm == "batch" and scores.numel() > 1:
         scores = (scores - scores.mean()) / (scores.std() + 1e-8)
     elif cfg.reward_norm == "running":
@@ -132,19 +146,24 @@ def advantages(cfg: RLConfig, scores: Tensor, old: Tensor, ref: Tensor, values: 
                kl_coef: float) -> tuple[Tensor, Tensor | None]:
     """(advantages (N, Tc), returns (N, Tc) for the critic or None) for the configured method."""
     k = cfg.samples_per_prompt
+    # reward_k1 puts k1 in the reward; the loss_* penalties act in the loss (update step), not here
+    kl = P.kl_k1(old, ref) * mask if cfg.kl_penalty == "reward_k1" else torch.zeros_like(old)
     if cfg.method == "ppo":
-        rewards, _ = P.kl_shaped_rewards(scores, old, ref, mask, kl_coef, cfg.kl_estimator)
+        rewards = P.kl_shaped_rewards(scores, kl, mask, kl_coef)
         adv, returns = P.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         return (P.whiten(adv, mask) if cfg.whiten_advantages else adv), returns
     if cfg.method == "rloo":
-        kl_seq = (P.KL_ESTIMATORS[cfg.kl_estimator](old, ref) * mask).sum(-1)
-        seq_adv = P.rloo_advantages(scores - kl_coef * kl_seq, k)
-    else:  # grpo: the KL is a loss term, the advantage is the group-normalised score alone
-        seq_adv = P.grpo_advantages(scores, k)
+        seq_adv = P.rloo_advantages(scores - kl_coef * kl.sum(-1), k)
+    else:  # grpo: the group-normalised (KL-shaped, with reward_k1) score
+        seq_adv = P.grpo_advantages(scores - kl_coef * kl.sum(-1), k)
     adv = seq_adv[:, None] * mask  # every token of a completion shares its sequence's advantage
     if cfg.method == "rloo" and cfg.whiten_advantages:
         adv = P.whiten(adv, mask)
     return adv, None
+
+
+def _extra(st: RLState, kl_ctl: P.KLController) -> dict:
+    return {"skipped_steps": st.skipped, "kl_coef": kl_ctl.value, "moments": st.moments.__dict__}
 
 
 def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
@@ -199,15 +218,37 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
     runlog = RunLog(out, st.step if saved is not None else None)
     bar = progress_bar(cfg.max_steps, st.step, progress, cfg.method)
     t_start, total_tokens, last, stopped = time.perf_counter(), 0, {}, "max_steps"
-    budget = KLBudget(cfg, log)
+    budget, guard = KLBudget(cfg, log), BadSteps(cfg.max_bad_steps, log)
+    monitor = build_monitor(cfg, policy, ref_model if ref_model is not None else policy,
+                            nullcontext if ref_model is not None else policy.disable_adapter, tokenizer,
+                            cfg.prompts, device, autocast, log)
 
-    def reference_logps(rows: dict[str, Tensor], n_prompt: int) -> Tensor:
-        model = ref_model if ref_model is not None else policy
-        ctx = policy.disable_adapter() if ref_model is None else nullcontext()
-        with ctx, autocast():
-            return completion_logps(model, rows["input_ids"], rows["attention_mask"], n_prompt,
-                                    rows["completion_mask"], chunk_mb=cfg.logits_chunk_mb,
-                                    temperature=cfg.temperature)["logps"]
+    ref_net = ref_model if ref_model is not None else policy
+    ref_ctx = (lambda: policy.disable_adapter()) if ref_model is None else nullcontext  # noqa: E731
+
+    def reference_pass(rows: dict[str, Tensor], n_prompt: int) -> tuple[Tensor, Tensor | None]:
+        """The reference's log-probs (N, Tc) and, for loss_full, its states at the completion positions."""
+        args = (rows["input_ids"], rows["attention_mask"], n_prompt, rows["completion_mask"])
+        with ref_ctx(), autocast():
+            logps = completion_logps(ref_net, *args, chunk_mb=cfg.logits_chunk_mb, temperature=cfg.temperature)["logps"]
+            states = completion_states(ref_net, *args).float() if cfg.kl_penalty == "loss_full" else None
+        return logps, states
+
+    def kl_loss(new: dict[str, Tensor], rows: dict[str, Tensor], mb: Tensor, old: Tensor, ref: Tensor, mask: Tensor,
+                ref_states: Tensor | None) -> Tensor:
+        """kl_coef x the loss-side KL penalty of a minibatch (loss_k3, loss_full), token mean."""
+        m = rows["completion_mask"].float()
+        full = None
+        if cfg.kl_penalty == "loss_full":
+            idx = torch.zeros(mask.shape, dtype=torch.long, device=device)  # row-major slots of ref_states
+            idx[mask.bool()] = torch.arange(int(mask.sum()), device=device)
+            sel = m.bool()
+            with ref_ctx():  # the reference's own head (LoRA never adapts the head)
+                flat = states_kl(policy, new["hidden"][sel].float(), ref_net, ref_states[idx[mb][sel]],
+                                 chunk_mb=cfg.logits_chunk_mb, temperature=cfg.temperature)
+            full = torch.zeros_like(m).index_put(sel.nonzero(as_tuple=True), flat)
+        per_token = P.kl_penalty_loss(cfg.kl_penalty, new["logps"], old[mb], ref[mb], m, full)
+        return P.masked_mean(per_token, m)
 
     try:
         while st.step < cfg.max_steps:
@@ -226,7 +267,18 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
                 raw = judge.score_ids(roll.input_ids, roll.attention_mask).float().to(device)
             else:
                 raw = torch.tensor(judge.score([prompts[i] for i in rows_idx], roll.completion_texts), device=device)
-            scores = shape_scores(cfg, raw, roll.ended.to(device), st.moments)
+            if not torch.isfinite(raw).all():
+                # a judge that returned NaN/Inf: no advantage can be built from it; skip the rollout
+                guard.bad(st.step + 1, f"{int((~torch.isfinite(raw)).sum())} non-finite rewards; rollout skipped")
+                st.skipped += 1
+                st.step += 1
+                scheduler.step()
+                runlog.write({"step": st.step, "skipped_steps": st.skipped})
+                if checkpoint_or_stop(cfg, st.step, st.position, ac, optimizer, scheduler, _extra(st, kl_ctl),
+                                      stopped, log):
+                    break
+                continue
+            scores = shape_scores(cfg, raw, roll.ended.to(device), mask.sum(-1), st.moments)
 
             # ---- 3. the no-grad pass: old log-probs, entropy, values; reference log-probs
             with torch.no_grad():
@@ -235,7 +287,7 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
                     fwd = ac.forward_rows(all_rows, roll.n_prompt, cfg, entropy=True)
                 old, entropy = fwd["logps"], fwd["entropy"]
                 old_values = fwd["values"].float() * mask if "values" in fwd else None
-                ref = reference_logps(all_rows, roll.n_prompt)
+                ref, ref_states = reference_pass(all_rows, roll.n_prompt)
                 k1, k3 = P.kl_k1(old, ref) * mask, P.kl_k3(old, ref) * mask
 
                 # ---- 4. advantages
@@ -250,9 +302,9 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
                 order = torch.randperm(n_rows)
                 for mb in order.chunk(cfg.num_minibatches):
                     mb_dev = mb.to(device)
-                    m = mask[mb_dev]
+                    rows, m = roll.select(mb), mask[mb_dev]
                     with autocast():
-                        new = ac.forward_rows(roll.select(mb), roll.n_prompt, cfg)
+                        new = ac.forward_rows(rows, roll.n_prompt, cfg, hidden=cfg.kl_penalty == "loss_full")
                     pg_loss, pg_stats = P.clipped_policy_loss(new["logps"], old[mb_dev], adv[mb_dev], m, cfg.clip_range)
                     loss, row = pg_loss, {"ppo/policy_loss": pg_loss.item(), **{f"ppo/{k}": float(v)
                                                                                 for k, v in pg_stats.items()}}
@@ -261,30 +313,32 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
                                                                  returns[mb_dev], m, cfg.clip_range_value)
                         loss = loss + cfg.vf_coef * vf_loss
                         row.update({"ppo/value_loss": vf_loss.item(), "ppo/value_clipfrac": float(vf_stats["value_clipfrac"])})
-                    if cfg.method == "grpo":
-                        kl_term = P.masked_mean(P.kl_k3(new["logps"], ref[mb_dev]), m)
+                    if cfg.kl_penalty != "reward_k1":
+                        kl_term = kl_loss(new, rows, mb_dev, old, ref, mask, ref_states)
                         loss = loss + kl_ctl.value * kl_term
                         row["ppo/kl_loss"] = kl_term.item()
-                    if not torch.isfinite(loss):
-                        skipped_now += 1
-                        optimizer.zero_grad(set_to_none=True)
-                        continue
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    if torch.isfinite(grad_norm):
+                    grad_norm = torch.tensor(float("nan"))
+                    if torch.isfinite(loss):
+                        loss.backward()
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer_stepped = bool(torch.isfinite(grad_norm))
+                    if optimizer_stepped:
                         optimizer.step()
+                        guard.good()
                     else:
                         skipped_now += 1
+                        what = "loss" if not torch.isfinite(loss) else "gradient"
+                        guard.bad(st.step + 1, f"non-finite {what}; update skipped")
                     optimizer.zero_grad(set_to_none=True)
-                    stats.append({"loss": loss.item(), "grad_norm": float(grad_norm), **row})
+                    if optimizer_stepped:
+                        stats.append({"loss": loss.item(), "grad_norm": float(grad_norm), **row})
             scheduler.step()
             update_seconds = time.perf_counter() - t1
             st.skipped += skipped_now
-            if skipped_now == cfg.ppo_epochs * cfg.num_minibatches and skipped_now >= cfg.max_bad_steps:
-                raise RuntimeError(f"step {st.step + 1}: every update was non-finite; lower the learning rate")
 
             # ---- 6. the KL coefficient, bookkeeping
-            kl_seq = (k3 if cfg.kl_estimator == "k3" else k1).sum(-1)
+            # the adaptive controller follows k3: unbiased like k1 on samples from the policy, and never negative
+            kl_seq = k3.sum(-1)
             kl_ctl.update(float(kl_seq.mean()), n_rows)
             st.step += 1
             tokens = int(roll.attention_mask.sum())
@@ -295,7 +349,7 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
                 "ppo/reward": float(raw.mean()), "ppo/reward_std": float(raw.std()) if n_rows > 1 else 0.0,
                 "ppo/score": float(scores.mean()),
                 "ppo/kl": float(kl_seq.mean()), "ppo/kl_k1": float(k1.sum(-1).mean()),
-                "ppo/kl_k3": float(k3.sum(-1).mean()), "kl/ref": float(k3.sum() / mask.sum().clamp(min=1)),
+                "ppo/kl_k3": float(k3.sum(-1).mean()),
                 "ppo/entropy": float(P.masked_mean(entropy, mask)), "ppo/kl_coef": kl_ctl.value,
                 "ppo/completion_length": float(mask.sum(-1).mean()), "ppo/eos_rate": float(roll.ended.float().mean()),
                 "ppo/rollout_seconds": rollout_seconds, "ppo/update_seconds": update_seconds,
@@ -305,13 +359,15 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
             }
             if returns is not None:
                 metrics["ppo/value_explained_var"] = P.explained_variance(old_values, returns, mask)
+            if monitor is not None and monitor.due(st.step, cfg.max_steps):
+                metrics.update(monitor.measure())
             if st.step % cfg.log_every == 0 or st.step == cfg.max_steps:
                 runlog.write(metrics)
             last = metrics
             update_bar(bar, st.step, f"reward {metrics['ppo/reward']:.3f} kl {metrics['ppo/kl']:.3f}")
-            stopped = "kl_budget" if budget.over(metrics["kl/ref"], st.step) else stopped
-            extra = {"skipped_steps": st.skipped, "kl_coef": kl_ctl.value, "moments": st.moments.__dict__}
-            if checkpoint_or_stop(cfg, st.step, st.position, ac, optimizer, scheduler, extra, stopped, log):
+            if "kl/policy_ref_token" in metrics and budget.over(metrics["kl/policy_ref_token"], st.step):
+                stopped = "kl_budget"
+            if checkpoint_or_stop(cfg, st.step, st.position, ac, optimizer, scheduler, _extra(st, kl_ctl), stopped, log):
                 break
     finally:
         if bar is not None:
