@@ -7,15 +7,29 @@ from typing import Any
 
 import torch
 
-# LoRA targets per architecture: attention and MLP projections for Transformers; the input, x and dt
-# projections for Mamba (PEFT refuses out_proj there: the fused Mamba kernel reads its weight
-# directly, bypassing the adapter). Unknown architectures fall back to PEFT's "all-linear".
+# LoRA targets per architecture: attention and MLP projections for Transformers. Mamba mixers: only
+# projections the forward calls as modules (an adapter on a weight that code reads directly gets no
+# gradient and stays at zero: inert). in_proj always is; x_proj is on Mamba-1's torch path (the
+# CUDA kernel reads its weight). Never dt_proj (transformers multiplies dt_proj.weight itself),
+# out_proj (the fused Mamba/Mamba-2 kernels read its weight; PEFT refuses it on mamba, mamba2,
+# falcon_h1, nemotron_h) or conv1d. Hybrids: attention + MLP + in_proj. tests/test_ssm_layouts.py
+# checks every default adapter gets a gradient. Unknown architectures: PEFT's "all-linear".
+_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_MLP = ["gate_proj", "up_proj", "down_proj"]
 LORA_TARGETS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "llama": _ATTN + _MLP,
+    "mistral": _ATTN + _MLP,
+    "qwen2": _ATTN + _MLP,
     "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "mamba": ["in_proj", "x_proj", "dt_proj"],
+    "mamba": ["in_proj", "x_proj"],
+    "falcon_mamba": ["in_proj", "x_proj"],
+    "mamba2": ["in_proj"],
+    "jamba": _ATTN + _MLP + ["in_proj", "x_proj"],
+    "bamba": _ATTN + _MLP + ["in_proj"],
+    "falcon_h1": _ATTN + _MLP + ["in_proj"],
+    "nemotron_h": _ATTN + ["up_proj", "down_proj", "in_proj"],  # its MLP has no gate
+    # Granite-4-H: the dense shared MLP (its MoE experts are fused tensors, not Linear layers)
+    "granitemoehybrid": _ATTN + ["shared_mlp.input_linear", "shared_mlp.output_linear", "in_proj"],
 }
 
 

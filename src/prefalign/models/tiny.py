@@ -36,6 +36,32 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, *, bos: bool = 
 
 
 ARCHS = ("gpt2", "llama", "qwen2", "mistral", "mamba")
+# Mamba-2 and attention/Mamba hybrids: not in ARCHS (their torch-path scans are slow on CPU), for the
+# tests of what their mixers allow (row layouts, LoRA targets). Layer 0 is Mamba, layer 1 attention.
+SSM_ARCHS = ("mamba2", "jamba", "bamba", "falcon_h1", "nemotron_h", "granitemoehybrid")
+
+
+def _ssm_config(arch: str, vocab_size: int, hidden: int, layers: int, heads: int, **extra):
+    from transformers import AutoConfig
+
+    attn = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
+    m2 = dict(mamba_n_heads=4, mamba_d_head=hidden * 2 // 4, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16,
+              mamba_expand=2)  # Mamba-2 mixers: heads x head_dim = expand x hidden
+    kw = {
+        "mamba2": dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_heads=4,
+                       head_dim=hidden * 2 // 4, state_size=8, n_groups=1, expand=2, chunk_size=16),
+        "jamba": dict(attn, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=layers + 1, num_experts=1,
+                      mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4),
+        "bamba": dict(attn, attn_layer_indices=list(range(1, layers, 2)), **m2),
+        "falcon_h1": dict(attn, head_dim=hidden // heads, mamba_d_ssm=hidden * 2, **m2),  # parallel attn + Mamba-2
+        "nemotron_h": dict(attn, head_dim=hidden // heads, layers_block_type=(["mamba", "attention", "mlp"] * layers)[:layers],
+                           mamba_num_heads=4, mamba_head_dim=hidden * 2 // 4, ssm_state_size=8, n_groups=1,
+                           chunk_size=16, expand=2),
+        "granitemoehybrid": dict(attn, shared_intermediate_size=hidden * 2, num_local_experts=0,
+                                 layer_types=["mamba", "attention"] * (layers // 2) + ["mamba"] * (layers % 2), **m2),
+    }[arch]
+    return AutoConfig.for_model(arch, **kw, **extra)
 
 
 def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, **extra):
@@ -53,7 +79,9 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, h
     if arch == "mamba":
         return MambaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, state_size=8,
                            expand=2, conv_kernel=4, **extra)
-    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch in SSM_ARCHS:
+        return _ssm_config(arch, vocab_size, hidden, layers, heads, **extra)
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS + SSM_ARCHS)}")
 
 
 def build_model(arch: str, tokenizer=None, *, vocab_size: int | None = None, seed: int = 0, **kw):

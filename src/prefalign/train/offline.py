@@ -16,7 +16,8 @@ from torch import Tensor
 from ..config import dump_config
 from ..data import ReadOptions, load_records
 from ..losses.preference import METHODS, Method, with_nll
-from ..models.load import add_lora, is_peft, load_model, load_tokenizer_for, save_model, unwrap
+from ..models.arch import block_mask_problem
+from ..models.load import add_lora, is_peft, load_model, load_tokenizer_for, save_model
 from ..models.logprobs import batch_logps
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
 from ..models.scalar import load_scalar_model, sequence_scores
@@ -80,15 +81,18 @@ def _load_data(path: str, cfg: TrainConfig, tokenizer, method: Method, out: Path
 
 def choose_layout(cfg: TrainConfig, model, method: Method) -> str:
     """"packed" (padding-free rows, asked for), "shared_prompt" (one row per pair) or "padded".
-    Both row layouts need an attention mask the model honours (not Mamba) and log-prob inputs."""
-    has_attention = hasattr(unwrap(model).config, "num_attention_heads") or hasattr(unwrap(model).config, "n_head")
+    Both row layouts need log-prob inputs and a model whose every layer honours the 4D mask: not
+    Mamba, nor hybrids with Mamba layers (Jamba, Bamba, ...), whatever attention heads they have."""
+    problem = block_mask_problem(model, cfg.max_length)
     if cfg.packing:
-        if not (has_attention and method.inputs == "logps"):
-            raise ValueError("packing needs an attention model and a log-prob method (not Mamba, not reward)")
+        if problem or method.inputs != "logps":
+            raise ValueError(f"packing needs a log-prob method (not reward) and a mask-honouring model: "
+                             f"{problem or cfg.method + ' scores sequences'}; use packing: false")
         return "packed"
-    possible = method.paired and method.inputs == "logps" and has_attention
+    possible = method.paired and method.inputs == "logps" and problem is None
     if cfg.share_prompt is True and not possible:
-        raise ValueError("share_prompt needs paired data and an attention model")
+        raise ValueError(f"share_prompt: true needs paired log-prob data and a mask-honouring model: "
+                         f"{problem or cfg.method + ' is not a paired log-prob method'}; use share_prompt: auto")
     share = possible if cfg.share_prompt == "auto" else bool(cfg.share_prompt)
     return "shared_prompt" if share else "padded"
 
