@@ -14,7 +14,8 @@ from prefalign.eval.evaluate import EvalConfig, evaluate
 REWARDS = Path(__file__).parent / "fixtures" / "rewards.py"
 
 
-def test_exact_kl_equals_full_logits_brute_force(tiny_models, tokenizer):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_exact_kl_equals_full_logits_brute_force(temperature, tiny_models, tokenizer):
     from transformers import AutoModelForCausalLM
 
     from prefalign.models.logprobs import completion_kl
@@ -26,17 +27,30 @@ def test_exact_kl_equals_full_logits_brute_force(tiny_models, tokenizer):
         for w in q.parameters():
             w.add_(0.05 * torch.randn_like(w))
     ids = [encode_prompt(tokenizer, t) for t in ["I loved it", "the plot was", "what"]]
-    roll = generate(p, tokenizer, ids, SamplingConfig(max_new_tokens=6), seed=0)
-    out = completion_kl(p, q, roll.input_ids, roll.attention_mask, roll.n_prompt, roll.completion_mask, chunk_mb=0.001)
+    roll = generate(p, tokenizer, ids, SamplingConfig(max_new_tokens=6, temperature=temperature), seed=0)
+    out = completion_kl(p, q, roll.input_ids, roll.attention_mask, roll.n_prompt, roll.completion_mask, chunk_mb=0.001,
+                        temperature=temperature)
     with torch.no_grad():
         for i, prompt in enumerate(ids):
             comp = roll.completion_ids[i][roll.completion_mask[i].bool()]
             seq = torch.cat([torch.tensor(prompt), comp])[None]
-            lp = torch.log_softmax(p(seq).logits[0, len(prompt) - 1:-1], -1)
-            lq = torch.log_softmax(q(seq).logits[0, len(prompt) - 1:-1], -1)
+            # the distributions that were sampled: softmax(logits / T) for both
+            lp = torch.log_softmax(p(seq).logits[0, len(prompt) - 1:-1] / temperature, -1)
+            lq = torch.log_softmax(q(seq).logits[0, len(prompt) - 1:-1] / temperature, -1)
             kl = (lp.exp() * (lp - lq)).sum(-1)
             assert torch.allclose(out["kl"][i, :len(comp)], kl, atol=1e-5)
             assert (kl > 0).all()
+
+
+def test_kl_is_refused_when_sampling_truncates(tiny_models, pair_file, tmp_path):
+    res = evaluate(EvalConfig(model=str(tiny_models["gpt2"]), reference=str(tiny_models["llama"]), data=str(pair_file),
+                              output=str(tmp_path / "e"), max_new_tokens=4, max_prompts=4, top_k=5),
+                   log=lambda _: None, progress=False)
+    assert "kl_per_sequence" not in res and res["kl_distribution"].startswith("not computed: top_k=5")
+    res = evaluate(EvalConfig(model=str(tiny_models["gpt2"]), reference=str(tiny_models["gpt2"]), data=str(pair_file),
+                              output=str(tmp_path / "t"), max_new_tokens=4, max_prompts=4, temperature=0.5),
+                   log=lambda _: None, progress=False)
+    assert res["kl_distribution"] == "softmax(logits / 0.5)" and "kl_per_sequence" in res
 
 
 def test_a_model_against_itself(tiny_models, pair_file, tmp_path):

@@ -123,9 +123,12 @@ def test_kl_budget_stops_the_run_and_saves(tiny_models, pair_file, tmp_path):
     logs: list[str] = []
     cfg = TrainConfig(model=str(tiny_models["llama"]), data=str(pair_file), output=str(tmp_path / "run"),
                       max_steps=100, batch_size=8, learning_rate=5e-3, beta=0.5, kl_budget=0.05,
-                      stop_on_kl_budget=True, lr_schedule="constant")
+                      stop_on_kl_budget=True, lr_schedule="constant", kl_every=5)
     result = run_offline(cfg, log=logs.append, progress=False)
-    assert result.stopped == "kl_budget" and result.steps < 100
+    # the budget is checked where the monitor measured the exact KL: every 5 steps
+    assert result.stopped == "kl_budget" and 5 <= result.steps < 100 and result.steps % 5 == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["kl/policy_ref_token"] > 0.05 >= rows[-2].get("kl/policy_ref_token", 0.0)
     assert any("exceeds kl_budget" in x for x in logs)
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert (tmp_path / "run" / "checkpoints" / f"step-{result.steps}").exists()
@@ -145,7 +148,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_models, pair_file, tmp_path
     tok.save_pretrained(tmp_path / "nan_model")
     cfg = TrainConfig(model=str(tmp_path / "nan_model"), data=str(pair_file), output=str(tmp_path / "run"),
                       max_steps=20, batch_size=4, max_bad_steps=3, reference="copy")
-    with pytest.raises(TrainingError, match="3 steps in a row"):
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
         run_offline(cfg, **QUIET)
     rows = metrics(tmp_path / "run")
     assert [r["skipped_steps"] for r in rows] == [1, 2, 3]

@@ -13,6 +13,9 @@ them), OUT/eval.md (a table) and OUT/samples.jsonl (every generation, for readin
   kl_per_sequence       exact KL(policy || reference) of the next-token distributions summed over
                         each sampled completion, averaged over completions
   kl_per_token          the same total KL over the total completion tokens
+  kl_distribution       what that KL is of: softmax(logits / T) at the sampling temperature, both
+                        models tempered alike; with top_k/top_p set the KL is not computed (it would
+                        not be the KL of what was sampled) and this says why
   perplexity(_reference)  exp(mean NLL) of held-out text under the model (and the reference)
   entropy               mean per-token entropy of the policy on its own samples
   distinct_1, distinct_2, mean_length (completion tokens)
@@ -156,29 +159,39 @@ class Evaluator:
         return rolls
 
     def generations(self) -> None:
-        from ..models.logprobs import completion_kl, completion_logps
+        from ..models.logprobs import completion_logps
+        from ..train.kl_monitor import kl_distribution, kl_refusal, rollouts_kl
+        from ..train.rollout import SamplingConfig
 
         cfg = self.cfg
         prompts = self._prompts()
         rolls = self._sample(self.model, prompts, "sampling (policy)")
         texts = [t for r in rolls for t in r.completion_texts]
         lengths = [int(n) for r in rolls for n in r.completion_mask.sum(-1)]
-        kl_seq, tokens, entropy_sum = [], 0, 0.0
+        sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
         task = self._task("exact KL and entropy", len(prompts))
-        with torch.no_grad():
-            for r in rolls:
-                args = (r.input_ids, r.attention_mask, r.n_prompt, r.completion_mask)
-                if self.reference is not None:
-                    out = completion_kl(self.model, self.reference, *args, chunk_mb=cfg.logits_chunk_mb)
-                    kl_seq += out["kl"].sum(-1).tolist()
-                else:
-                    out = completion_logps(self.model, *args, chunk_mb=cfg.logits_chunk_mb, entropy=True)
-                entropy_sum += float(out["entropy"].sum())
-                tokens += int(r.completion_mask.sum())
-                self._advance(task, len(r.completion_texts))
+        advance = lambda n: self._advance(task, n)  # noqa: E731
+        kl_seq = []
+        if self.reference is not None and kl_refusal(sampling) is None:
+            # the KL of the distribution that was sampled: both tempered by the same T
+            out = rollouts_kl(self.model, self.reference, rolls, temperature=cfg.temperature,
+                              chunk_mb=cfg.logits_chunk_mb, advance=advance)
+            kl_seq, tokens, entropy_sum = out["kl_seq"], out["tokens"], out["entropy_sum"]
+        else:
+            tokens, entropy_sum = 0, 0.0
+            with torch.no_grad():
+                for r in rolls:
+                    out = completion_logps(self.model, r.input_ids, r.attention_mask, r.n_prompt, r.completion_mask,
+                                           chunk_mb=cfg.logits_chunk_mb, temperature=max(cfg.temperature, 1e-6),
+                                           entropy=True)
+                    entropy_sum += float(out["entropy"].sum())
+                    tokens += int(r.completion_mask.sum())
+                    advance(len(r.completion_texts))
         self.results.update({"prompts": len(prompts), "mean_length": sum(lengths) / len(lengths),
                              "entropy": entropy_sum / max(tokens, 1), "distinct_1": M.distinct_n(texts, 1),
                              "distinct_2": M.distinct_n(texts, 2)})
+        if self.reference is not None:
+            self.results["kl_distribution"] = kl_distribution(sampling)
         if kl_seq:
             self.results.update({"kl_per_sequence": sum(kl_seq) / len(kl_seq), "kl_per_token": sum(kl_seq) / max(tokens, 1)})
         self.samples = [{"prompt": p, "completion": t, "tokens": n} for p, t, n in zip(prompts, texts, lengths, strict=True)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -23,6 +24,7 @@ from ..models.reference import AdapterReference, CopyReference, fingerprint, pre
 from ..models.scalar import load_scalar_model, sequence_scores
 from .batches import TokenizedData, collate, collate_packed, collate_shared_prompt, tokenize_records
 from .config import RunConfig, TrainConfig
+from .kl_monitor import auto_every, build_monitor
 from .loop import LoopResult, train_loop
 
 
@@ -141,8 +143,11 @@ def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Ca
             # reference's own preference accuracy, the baseline implicit rewards are compared to)
             out["logps/accuracy"] = float((logps_d[:b] > logps_d[b:]).float().mean())
         if ref is not None:
-            # mean policy-reference log-ratio per token on chosen (the desirable completion for KTO)
-            out["kl/ref"] = float((logps[:b] - ref[:b]).detach().sum() / lengths[:b].sum())
+            # mean policy - reference log-ratio per token on the dataset's answers: not a KL (it goes
+            # negative under DPO's likelihood displacement); the KL is the monitor's kl/policy_ref_*
+            out["logratio/chosen"] = float((logps[:b] - ref[:b]).detach().sum() / lengths[:b].sum())
+            if method.paired:
+                out["logratio/rejected"] = float((logps[b:] - ref[b:]).detach().sum() / lengths[b:].sum())
         return loss.mean(), out, tokens
 
     return step
@@ -180,6 +185,12 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
     reference = None
     if strategy == "copy":
         reference = CopyReference(model, autocast, cfg.logits_chunk_mb)  # before LoRA and before any update
+    watch = method.inputs == "logps" and auto_every(cfg.kl_every, cfg.max_steps) > 0
+    initial = None
+    if watch and strategy != "copy" and cfg.lora_settings is None:
+        # a full fine-tune with no reference model in memory: the monitor needs the starting weights
+        initial = copy.deepcopy(model).requires_grad_(False).eval()
+        log("KL monitor: holding a frozen copy of the initial model (kl_every: 0 turns the monitor off)")
     if cfg.lora_settings is not None:
         model = add_lora(model, cfg.lora_settings, "SEQ_CLS" if method.inputs == "scores" else "CAUSAL_LM")
         if cfg.gradient_checkpointing:
@@ -202,8 +213,14 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
     eval_fn = None
     if eval_data is not None:
         eval_fn = _evaluator(model, cfg, eval_data, strategy, autocast, device, collate_pad, reference)
+    monitor = None
+    if watch:
+        ref_model = reference.model if strategy == "copy" else initial if initial is not None else model
+        ctx = model.disable_adapter if ref_model is model else nullcontext
+        monitor = build_monitor(cfg, model, ref_model, ctx, tokenizer, cfg.eval_data or cfg.data, device, autocast, log)
     step = make_step(model, cfg.method, cfg, reference, autocast)
-    result = train_loop(cfg, model, len(data), make_batch, step, device, eval_fn=eval_fn, log=log, progress=progress)
+    result = train_loop(cfg, model, len(data), make_batch, step, device, eval_fn=eval_fn, monitor=monitor, log=log,
+                        progress=progress)
     if method.inputs == "scores" and is_peft(model):
         # a reward model is a judge for later runs: one standalone folder, not an adapter
         save_model(model.merge_and_unload(), tokenizer, out / "final")
