@@ -231,7 +231,7 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
                "wall_seconds": result.wall_seconds, "tokens": result.tokens,
                "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,
                "peak_memory_bytes": result.last.get("peak_memory_bytes"),
-               "model_copies": 2 if strategy == "copy" else 1, "final": result.last}
+               "model_copies": 1 + (strategy == "copy") + (initial is not None), "final": result.last}
     (out / "run.json").write_text(json.dumps(summary, indent=2))
     log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
     return result

@@ -1,0 +1,91 @@
+"""One name, one meaning: every key a training run, its summary or an evaluation writes is defined
+in docs/metrics.md. Trains every method a couple of steps on a tiny model and evaluates."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import learnable_pairs, unpaired_from, write_jsonl
+from prefalign.eval.evaluate import EvalConfig, evaluate
+from prefalign.losses import METHODS
+from prefalign.train.config import RL_METHODS, RLConfig, TrainConfig
+from prefalign.train.offline import run_offline
+from prefalign.train.ppo import run_rl
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+REWARDS = Path(__file__).parent / "fixtures" / "rewards.py"
+
+
+def documented() -> list[re.Pattern]:
+    """The keys in the first column of every table in docs/metrics.md; <name> matches one path part."""
+    keys = []
+    for line in DOC.read_text().splitlines():
+        if line.startswith("| `"):
+            keys += re.findall(r"`([^`]+)`", line.split("|")[1])
+    return [re.compile("^" + re.escape(k).replace(re.escape("<name>"), "[^/]+") + "$") for k in keys]
+
+
+def undocumented(keys, patterns) -> set[str]:
+    out = set()
+    for key in keys:
+        inner = key[len("eval/"):] if key.startswith("eval/") else key  # eval/<name>: <name> must be documented
+        if not any(p.match(inner) for p in patterns):
+            out.add(key)
+    return out
+
+
+def test_the_doc_parses():
+    patterns = documented()
+    assert len(patterns) > 60
+    assert undocumented(["kl/policy_ref_seq", "eval/rewards/accuracy", "suites/safety/score"], patterns) == set()
+    assert undocumented(["kl/ref", "eval/nonsense", "suites/a/b/score"], patterns) == {"kl/ref", "eval/nonsense",
+                                                                                     "suites/a/b/score"}
+
+
+@pytest.fixture(scope="module")
+def emitted(tiny_models, tmp_path_factory) -> dict[str, set[str]]:
+    root = tmp_path_factory.mktemp("keys")
+    pairs = write_jsonl(root / "pairs.jsonl", learnable_pairs(16))
+    kto = write_jsonl(root / "kto.jsonl", unpaired_from(learnable_pairs(16)))
+    model = str(tiny_models["llama"])
+    runs = []
+    for method in METHODS:
+        out = root / method
+        run_offline(TrainConfig(method=method, model=model, data=str(kto if method == "kto" else pairs),
+                                eval_data=str(kto if method == "kto" else pairs), eval_every=2, output=str(out),
+                                max_steps=2, batch_size=4, kl_every=1, kl_prompts=2, kl_max_new_tokens=4,
+                                rpo_alpha=0.5 if method == "dpo" else 0.0),
+                    log=lambda _: None, progress=False)
+        runs.append(out)
+    for method, penalty in zip(RL_METHODS, ("loss_full", "reward_k1", "loss_k3"), strict=True):
+        out = root / method
+        run_rl(RLConfig(method=method, model=model, prompts=str(pairs), reward=f"{REWARDS}:length", output=str(out),
+                        max_steps=2, batch_size=2, max_new_tokens=4, kl_every=1, kl_prompts=2, kl_max_new_tokens=4,
+                        kl_penalty=penalty), log=lambda _: None, progress=False)
+        runs.append(out)
+    keys: dict[str, set[str]] = {"metrics.jsonl": set(), "run.json": set(), "eval.json": set()}
+    for out in runs:
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            keys["metrics.jsonl"] |= set(json.loads(line))
+        summary = json.loads((out / "run.json").read_text())
+        keys["run.json"] |= set(summary)
+    ev = evaluate(EvalConfig(model=str(root / "dpo" / "final"), reference=model, data=str(pairs),
+                             judge=f"{REWARDS}:length", suites=["arithmetic", "safety"], output=str(root / "eval"),
+                             max_new_tokens=4, max_prompts=4), log=lambda _: None, progress=False)
+    keys["eval.json"] = set(ev)
+    return keys
+
+
+@pytest.mark.parametrize("where", ["metrics.jsonl", "run.json", "eval.json"])
+def test_every_emitted_key_is_documented(emitted, where):
+    assert emitted[where], where
+    assert undocumented(emitted[where], documented()) == set()
+
+
+def test_the_monitor_and_the_renamed_log_ratio_are_emitted(emitted):
+    assert {"kl/policy_ref_seq", "kl/policy_ref_token", "logratio/chosen", "ppo/kl_loss"} <= emitted["metrics.jsonl"]
+    assert "kl/ref" not in emitted["metrics.jsonl"]
