@@ -1,8 +1,10 @@
-"""`prefalign bench` on this CPU: detection, the FLOP counter against hand counts, the results JSON,
-and `compare` on two result files."""
+"""`prefalign bench` on whatever device this machine has: detection, the measured peak and its
+spread, the FLOP counters against hand counts and against the matmuls the PPO trainer really runs,
+the results JSON, and `compare` on two result files."""
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -10,17 +12,30 @@ import pytest
 import torch
 
 from prefalign.bench import device as D
-from prefalign.bench.flops import llama_params, matmul_params, step_flops
+from prefalign.bench.flops import llama_params, matmul_params, ppo_iteration_flops, step_flops
 
 
-def test_detection_on_this_cpu():
+def test_detection_on_this_machine():
     dev = D.pick("auto")
-    assert dev.type == "cpu"  # no accelerator on the machines that run the tests
     info = D.detect(dev)
-    assert info["vendor"] == "cpu" and info["name"] and info["cpu_cores"] >= 1
-    assert info["torch"] == torch.__version__ and info["memory_bytes"] > 0
-    assert D.default_dtype(dev) == torch.float32
-    assert D.matmul_peak(dev, torch.float32, n=256, repeats=3) > 1e8  # any CPU does 0.1 GFLOP/s
+    vendor = {"cpu": "cpu", "xpu": "intel", "mps": "apple",
+              "cuda": "amd" if getattr(torch.version, "hip", None) else "nvidia"}[dev.type]
+    assert info["device_type"] == dev.type and info["vendor"] == vendor and info["name"]
+    assert info["torch"] == torch.__version__ and info["cpu_cores"] >= 1
+    assert D.default_dtype(dev) == (torch.bfloat16 if dev.type in ("cuda", "xpu") else torch.float32)
+
+
+def test_matmul_peak_reports_every_repeat_and_its_spread(monkeypatch):
+    # a clock under the test's control: repeat i takes durations[i] seconds, so each sample must be
+    # 2 n^3 / durations[i] and the median, min and max follow by hand
+    n, durations = 64, [2.0, 1.0, 4.0, 0.5, 8.0]
+    ticks = iter([t for i, d in enumerate(durations) for t in (100.0 * i, 100.0 * i + d)])
+    monkeypatch.setattr(D.time, "perf_counter", lambda: next(ticks))
+    p = D.matmul_peak(torch.device("cpu"), torch.float32, n=n, repeats=len(durations))
+    flop = 2 * 64**3  # 524,288
+    assert p["samples"] == [flop / 2, flop / 1, flop / 4, flop / 0.5, flop / 8]
+    assert (p["median"], p["min"], p["max"]) == (flop / 2, flop / 8, flop / 0.5)
+    assert (p["n"], p["repeats"]) == (64, 5)
 
 
 def test_flop_counter_against_hand_counts():
@@ -41,11 +56,88 @@ def test_flop_counter_against_hand_counts():
     assert step_flops(6208, 10, train="lora", reference_tokens=10) == 4 * 6208 * 10 + 2 * 6208 * 10
 
 
+def test_ppo_flops_against_a_hand_count():
+    # the tiny Llama above: N = 6208 matmul weights, of which the head 1600 (100 x 16), trunk 4608,
+    # hidden 16 (the value head's 16 -> 1). A rollout of 2 rows, prompt width 5, 3 completion columns
+    # generated, 5 scored tokens (one row ended at its 2nd token), 4 PPO epochs, full fine-tune.
+    f = ppo_iteration_flops(6208, 1600, 16, rows=2, prompt=5, generated=3, scored=5, epochs=4)
+    # generation: trunk over 5 + 3 - 1 = 7 positions per row: 2 x 4608 x 2 x 7 = 129,024;
+    #   head once per forward call, 3 per row: 2 x 1600 x 2 x 3 = 19,200
+    assert f["generation"] == 129_024 + 19_200 == 148_224
+    # old log-probs + values: trunk over 8 columns: 2 x 4608 x 16 = 147,456; head on 5 scored tokens
+    #   for log-probs 2 x 1600 x 5 = 16,000 and again for the entropy 16,000; value head on 2 x 3
+    #   completion columns 2 x 16 x 6 = 192
+    assert f["old_logprobs_values"] == 147_456 + 16_000 + 16_000 + 192 == 179_648
+    # reference: 147,456 + 16,000
+    assert f["reference"] == 163_456
+    # update, per epoch: 6 x 4608 x 16 = 442,368; 6 x 1600 x 5 = 48,000; 6 x 16 x 6 = 576 -> 490,944; x 4
+    assert f["update"] == 4 * (442_368 + 48_000 + 576) == 1_963_776
+    assert f["rollout"] == 148_224 + 179_648 + 163_456 == 491_328
+    assert f["total"] == 491_328 + 1_963_776 == 2_455_104
+    # LoRA-frozen base: 4x the forward in the update for the policy; the value head is trained fully
+    lora = ppo_iteration_flops(6208, 1600, 16, rows=2, prompt=5, generated=3, scored=5, epochs=4, train="lora")
+    assert lora["update"] == 4 * (4 * 4608 * 16 + 4 * 1600 * 5 + 576) == 4 * (294_912 + 32_000 + 576)
+
+
+def test_ppo_flops_equal_the_matmuls_run_rl_performs(tokenizer, tmp_path, monkeypatch):
+    """Every nn.Linear call of a real PPO iteration (tiny Llama, 2 epochs x 2 minibatches) is
+    tallied at 2 x in x out per row: the counter's forward part must equal it exactly, so the head
+    is charged where it is applied and nowhere else."""
+    from prefalign.bench.rl import bench_config, model_counts, recorded_rollouts, write_prompts
+    from prefalign.models.tiny import save_tiny
+    from prefalign.train.ppo import run_rl
+
+    model_dir = save_tiny(tmp_path / "m", "llama", tokenizer, hidden=32)
+    assert write_prompts(tokenizer, 2, 6, tmp_path / "p.jsonl") == [6, 6]
+    cfg = bench_config(model_dir, tmp_path / "p.jsonl", tmp_path / "run", batch=2, new_tokens=5, max_steps=1,
+                       device="cpu", precision="fp32", ppo_epochs=2, num_minibatches=2)
+    tally, forward = [], torch.nn.Linear.forward
+
+    def counting(self, x):
+        tally.append(2 * self.in_features * self.out_features * (x.numel() // self.in_features))
+        return forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
+    with recorded_rollouts() as shapes:
+        run_rl(cfg, log=lambda _: None, progress=False)
+    monkeypatch.undo()
+    (s,) = shapes
+    assert (s["rows"], s["prompt"]) == (2, 6) and 1 <= s["generated"] <= 5
+    c = model_counts(model_dir)
+    f = ppo_iteration_flops(c["params_matmul"], c["params_head"], c["hidden"], rows=2, prompt=6,
+                            generated=s["generated"], scored=s["scored"], epochs=2)
+    # a full fine-tune's update is forward + backward = 3x its forward; the rest is forward only
+    assert sum(tally) == f["rollout"] + f["update"] // 3
+
+
+def test_model_size_statements():
+    """The sizes the README states, counted: the bench's llama-30m shape (tied 32k head) and the
+    TRL benchmark's tiny Llama (benchmarks/dpo_vs_trl.py: untied, models/tiny.py's kv heads = heads/2,
+    MLP 2 x hidden)."""
+    from transformers import AutoModelForCausalLM
+
+    from prefalign.bench.workloads import SHAPES, build
+    from prefalign.models.tiny import tiny_config
+
+    s = SHAPES["llama-30m"]
+    with torch.device("meta"):
+        shape = build("llama-30m", None, torch.device("meta"))
+        trl = AutoModelForCausalLM.from_config(tiny_config("llama", 32000, hidden=384, layers=6, heads=6,
+                                                           tie_word_embeddings=False))
+    # llama-30m: per block 4 x 384^2 + 3 x 384 x 1024 + 2 x 384 = 1,770,240; x 6 = 10,621,440;
+    # embedding 32000 x 384 = 12,288,000; final norm 384 -> 22,909,824
+    assert sum(p.numel() for p in shape.parameters()) == 22_909_824 == llama_params(
+        s["vocab"], s["hidden"], s["layers"], s["heads"], s["kv_heads"], s["intermediate"])["total"]
+    # TRL's tiny Llama: per block 2 x 384^2 + 2 x 384 x 192 + 3 x 384 x 768 + 768 = 1,327,872;
+    # x 6 = 7,967,232; embedding and head 2 x 12,288,000; final norm 384 -> 32,543,616
+    assert sum(p.numel() for p in trl.parameters()) == 32_543_616
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "r.json"
     run = subprocess.run([sys.executable, "-m", "prefalign", "bench", "--shape", "tiny", "--workloads", "dpo,sft,ppo",
-                          "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1", "--no-logprob-memory",
+                          "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--no-logprob-memory",
                           "-o", str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     return out
@@ -53,16 +145,47 @@ def results(tmp_path_factory):
 
 def test_results_json_schema(results):
     r = json.loads(results.read_text())
-    assert r["machine"]["peak_flops"] > 0 and r["machine"]["vendor"] == "cpu"
+    m = r["machine"]
+    assert m["vendor"] == D.detect(D.pick("auto"))["vendor"]
+    # one peak for the whole file, with its spread; every MFU in the file is against that median
+    assert len(m["peak_flops_samples"]) == m["peak_repeats"] >= 3
+    assert m["peak_flops"] == statistics.median(m["peak_flops_samples"])
+    assert m["peak_flops_min"] == min(m["peak_flops_samples"]) <= m["peak_flops"] <= m["peak_flops_max"]
     assert set(r["workloads"]) == {"dpo-precompute", "dpo-adapter", "dpo-copy", "sft", "ppo"}
-    for w in r["workloads"].values():
-        for key in ("tokens_per_s", "step_seconds_median", "mfu", "peak_memory_bytes"):
-            assert isinstance(w[key], (int, float)) and w[key] > 0, key
+    for name, w in r["workloads"].items():
+        for key in ("tokens_per_s", "step_seconds_median", "mfu", "peak_memory_bytes", "flops_per_step"):
+            assert isinstance(w[key], (int, float)) and w[key] > 0, (name, key)
+        assert w["mfu"] == pytest.approx(w["flops_per_step"] / w["step_seconds_median"] / m["peak_flops"], rel=1e-12)
         assert 0 < w["mfu"] < 1
     assert r["workloads"]["dpo-copy"]["model_copies"] == 2 and r["workloads"]["dpo-precompute"]["model_copies"] == 1
-    ppo = r["workloads"]["ppo"]
-    assert ppo["rollout_seconds_median"] > 0 and ppo["update_seconds_median"] > 0
-    assert r["dpo_vs_ppo"]["ppo_model_copies"] == 2 and r["dpo_vs_ppo"]["time_ratio_ppo_over_dpo"] > 0
+    assert r["dpo_vs_ppo"]["time_ratio_ppo_over_dpo"] == (
+        r["workloads"]["ppo"]["step_seconds_median"] / r["workloads"]["dpo-precompute"]["step_seconds_median"])
+
+
+def test_ppo_workload_is_the_trainer_iteration(results):
+    from prefalign.train.config import RLConfig
+
+    p = json.loads(results.read_text())["workloads"]["ppo"]
+    assert p["trainer"] == "prefalign.train.ppo.run_rl" and p["critic"] == "value_head"
+    assert p["reference"] == "copy" and p["model_copies"] == 2
+    # the trainer's defaults, not a one-epoch proxy
+    assert p["ppo_epochs"] == RLConfig.model_fields["ppo_epochs"].default == 4
+    assert p["num_minibatches"] == RLConfig.model_fields["num_minibatches"].default
+    # 1 warm-up iteration dropped, 2 timed; times are the trainer's own (metrics.jsonl)
+    assert p["warmup_steps_excluded"] == 1 and len(p["step_seconds"]) == len(p["rollouts"]) == 2
+    for step, rollout, update in zip(p["step_seconds"], p["rollout_seconds"], p["update_seconds"], strict=True):
+        assert step == pytest.approx(rollout + update, rel=1e-9)
+    assert p["step_seconds_median"] == statistics.median(p["step_seconds"])
+    # --seq 32: prompts of 16 tokens, up to 16 new ones, 2 rows
+    assert p["prompt_tokens"] == [16, 16]
+    flops = []
+    for s in p["rollouts"]:
+        assert (s["rows"], s["prompt"]) == (2, 16) and 1 <= s["generated"] <= 16
+        assert s["tokens"] == 2 * 16 + s["scored"]
+        flops.append(ppo_iteration_flops(p["params_matmul"], p["params_head"], p["hidden"], rows=2, prompt=16,
+                                         generated=s["generated"], scored=s["scored"], epochs=4)["total"])
+    assert p["flops_per_step"] == pytest.approx(statistics.mean(flops), rel=1e-12)
+    assert p["tokens_per_s"] == pytest.approx(p["tokens_per_step"] / p["step_seconds_median"], rel=1e-12)
 
 
 def test_compare_two_result_files(results, tmp_path):
@@ -88,5 +211,11 @@ def test_logprob_memory_reports_its_parts():
     res = logprob_memory_workload({"batch": 1, "seq": 64, "steps": 1, "warmup": 0, "device": "cpu", "peak_flops": 1e11},
                                   lambda _: None)
     assert res["vocab_small"] == 8192 and res["vocab_large"] == 131072
-    assert res["embedding_growth_bytes"] == (131072 - 8192) * 256 * 4 * 5
-    assert res["peak_large_bytes"] > res["peak_small_bytes"] > 0 and res["vocab_memory_ratio"] > 0
+    # five fp32 buffers the size of the tied 256-wide embedding grow with the vocabulary:
+    # (131072 - 8192) x 256 x 4 bytes = 125,829,120 each, 629,145,600 in all
+    growth = (131072 - 8192) * 256 * 4 * 5
+    assert res["embedding_growth_bytes"] == growth == 629_145_600
+    # the weight, its gradient and AdamW's two moments are really held: the 128k run's peak is at
+    # least those four buffers above the 8k run's (it would not be, were the vocabulary not changed)
+    assert res["peak_large_bytes"] - res["peak_small_bytes"] >= 4 * 125_829_120
+    assert res["vocab_memory_ratio"] == (res["peak_large_bytes"] - growth) / res["peak_small_bytes"]

@@ -1,6 +1,7 @@
 """`prefalign bench`: run the workloads, each in its own process, and write one results JSON.
 
-Keys scripts read: machine `peak_flops`; per workload `tokens_per_s`, `step_seconds_median`, `mfu`,
+Keys scripts read: machine `peak_flops` (the median of the measured matmul repeats, with
+`peak_flops_min`/`peak_flops_max`; every MFU in the file is against it); per workload `tokens_per_s`, `step_seconds_median`, `mfu`,
 `peak_memory_bytes`; `logprob-memory`'s `vocab_memory_ratio` (the DPO step's peak at vocab 128k over
 its peak at 8k, same hidden size and length, with the embedding/head growth of weights, gradients
 and AdamW state excluded and reported as `embedding_growth_bytes`); `dpo_vs_ppo`.
@@ -9,6 +10,7 @@ and AdamW state excluded and reported as `embedding_growth_bytes`); `dpo_vs_ppo`
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,9 +26,16 @@ def bench(shape: str | None, model: str | None, workloads: list[str], out: str |
           log=print) -> dict:
     dev = D.pick(device)
     dtype = D.default_dtype(dev)
-    peak = D.matmul_peak(dev, dtype)
-    machine = {**D.detect(dev), "dtype": str(dtype).removeprefix("torch."), "peak_flops": peak}
-    log(f"{machine['name']} ({machine['vendor']}): measured {dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
+    # other work on a shared machine slows every figure: its load (1, 5, 15 min) is kept beside them
+    load = os.getloadavg()
+    # one peak per results file: every workload's MFU is quoted against this median
+    m = D.matmul_peak(dev, dtype)
+    peak = m["median"]
+    machine = {**D.detect(dev), "dtype": str(dtype).removeprefix("torch."), "load_average_start": load,
+               "peak_flops": peak, "peak_flops_min": m["min"], "peak_flops_max": m["max"],
+               "peak_flops_samples": m["samples"], "peak_matmul_n": m["n"], "peak_repeats": m["repeats"]}
+    log(f"{machine['name']} ({machine['vendor']}): measured {dtype} matmul peak {peak / 1e9:.1f} GFLOP/s "
+        f"(median of {m['repeats']} {m['n']}² matmuls; min {m['min'] / 1e9:.1f}, max {m['max'] / 1e9:.1f})")
     common = {"shape": shape, "model": model, "batch": batch, "seq": seq, "steps": steps, "warmup": warmup,
               "device": device, "peak_flops": peak}
     results: dict = {"machine": machine, "command": " ".join(["prefalign", "bench", *sys.argv[2:]]), "settings": {
@@ -49,9 +58,12 @@ def bench(shape: str | None, model: str | None, workloads: list[str], out: str |
             "ppo_rollout_seconds": p["rollout_seconds_median"], "ppo_update_seconds": p["update_seconds_median"],
             "dpo_peak_memory_bytes": d["peak_memory_bytes"], "ppo_peak_memory_bytes": p["peak_memory_bytes"],
             "dpo_model_copies": d["model_copies"], "ppo_model_copies": p["model_copies"],
+            "ppo_epochs": p["ppo_epochs"], "ppo_num_minibatches": p["num_minibatches"],
+            "dpo_flops_per_step": d["flops_per_step"], "ppo_flops_per_step": p["flops_per_step"],
             "time_ratio_ppo_over_dpo": p["step_seconds_median"] / d["step_seconds_median"]}
     if logprob_memory:
         results["logprob-memory"] = logprob_memory_workload(common, log)
+    results["machine"]["load_average_end"] = os.getloadavg()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(results, indent=2))
     log(f"results -> {out}")
@@ -108,7 +120,9 @@ def compare(files: list[str | Path], out: str | Path) -> str:
             cells.append(f"{x['tokens_per_s']:.0f} tok/s (x{x['tokens_per_s'] / first:.2f}), MFU {x['mfu']:.1%}, "
                          f"{x['peak_memory_bytes'] / 2**20:.0f} MiB")
         lines.append(f"| {w} | " + " | ".join(cells) + " |")
-    lines.append("| peak FLOP/s | " + " | ".join(f"{r['machine']['peak_flops'] / 1e12:.3g} T" for r in runs) + " |")
+    lines.append("| peak FLOP/s (median [min, max]) | " + " | ".join(
+        f"{r['machine']['peak_flops'] / 1e12:.3g} T [{r['machine'].get('peak_flops_min', float('nan')) / 1e12:.3g}, "
+        f"{r['machine'].get('peak_flops_max', float('nan')) / 1e12:.3g}]" for r in runs) + " |")
     table = "\n".join(lines) + "\n"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

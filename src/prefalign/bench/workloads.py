@@ -5,7 +5,7 @@ tokens/s (real, non-padding tokens, as training logs them), achieved model FLOP/
 machine's measured matmul peak (FLOPs counted in flops.py over the positions actually computed), and
 peak memory (the allocator's peak on GPUs; this process's peak RSS on CPU, with the RSS before the
 model was built reported beside it). `run_isolated` runs one workload per process, so every peak is
-that workload's own.
+that workload's own. The PPO workload is the real trainer's iteration (rl.py).
 """
 
 from __future__ import annotations
@@ -30,16 +30,6 @@ SHAPES = {  # random-init shapes; llama-1b is Llama-3.2-1B's shape, mamba-130m m
     "mamba-130m": dict(arch="mamba", vocab=50280, hidden=768, layers=24),
 }
 WORKLOADS = ("dpo", "sft", "reward", "ppo", "generate")
-
-
-class IdsOnly:
-    """What generation needs of a tokenizer when a benchmark samples fixed-length ids: a pad id, no
-    EOS (every completion runs to max_new_tokens), nothing to decode."""
-
-    pad_token_id, eos_token_id = 0, None
-
-    def decode(self, ids, skip_special_tokens=True) -> str:
-        return ""
 
 
 def build(shape: str | dict, model_dir: str | None, dev: torch.device, scalar: bool = False):
@@ -128,6 +118,12 @@ def run_workload(spec: dict) -> dict:
     cfg = TrainConfig(method="dpo", model="-", data="-", output="-", precision=precision,
                       logits_chunk_mb=spec.get("logits_chunk_mb", 128.0))
     autocast = autocast_for(cfg, dev)
+    if name == "ppo":  # the trainer builds its own models from a folder
+        from .rl import ppo_workload
+
+        return {"workload": name, "shape": spec.get("model") or spec.get("shape"), "batch": b, "seq": seq,
+                "precision": precision, "baseline_memory_bytes": base_rss if dev.type == "cpu" else 0,
+                **ppo_workload(spec, precision, spec["peak_flops"], lambda: peak_memory(dev))}
     strategy = spec.get("strategy", "precompute")
     model = build(spec.get("shape", "tiny"), spec.get("model"), dev, scalar=name == "reward")
     vocab = model.config.vocab_size
@@ -149,8 +145,6 @@ def run_workload(spec: dict) -> dict:
                  "precision": precision, "model_copies": copies}
     if name == "generate":
         return {**out, **_generate(model, spec, dev, autocast)}
-    if name == "ppo":
-        return {**out, **_ppo(model, spec, dev, autocast, n, base_rss)}
     from ..models.reference import PrecomputedReference
     from ..train.batches import collate, collate_shared_prompt
 
@@ -219,51 +213,6 @@ def _generate(model, spec: dict, dev: torch.device, autocast) -> dict:
     return {"by_batch": res, "tokens_per_s": top["decode_tokens_per_s"], "step_seconds_median": None,
             "mfu": 2 * n * top["prefill_tokens_per_s"] / spec["peak_flops"], "mfu_of": "prefill",
             "peak_memory_bytes": peak_memory(dev)}
-
-
-def _ppo(model, spec: dict, dev: torch.device, autocast, n: int, base_rss: int) -> dict:
-    """One PPO iteration split into rollout (sampling + no-grad policy and reference passes) and
-    update (one epoch of forward + backward on the rollout), full fine-tune with a frozen copy."""
-    import copy
-
-    from ..models.logprobs import completion_logps
-    from ..train.rollout import SamplingConfig, generate
-
-    ref = copy.deepcopy(model).requires_grad_(False).eval()
-    b, prompt, new = spec["batch"], spec["seq"] // 2, spec.get("new_tokens", spec["seq"] // 2)
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(1, model.config.vocab_size, (b, prompt), generator=g).tolist()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    rollout_t, update_t = [], []
-    for i in range(spec.get("warmup", 1) + spec.get("steps", 3)):
-        D.sync(dev)
-        t0 = time.perf_counter()
-        roll = generate(model, IdsOnly(), prompts, SamplingConfig(max_new_tokens=new), device=dev, autocast=autocast)
-        args = (roll.input_ids, roll.attention_mask, roll.n_prompt, roll.completion_mask)
-        with torch.no_grad(), autocast():
-            completion_logps(model, *args)
-            completion_logps(ref, *args)
-        D.sync(dev)
-        t1 = time.perf_counter()
-        with autocast():
-            loss = -completion_logps(model, *args)["logps"].mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        D.sync(dev)
-        if i >= spec.get("warmup", 1):
-            rollout_t.append(t1 - t0)
-            update_t.append(time.perf_counter() - t1)
-    positions = b * (prompt + new)
-    rollout_flops = 2 * n * positions + 2 * 2 * n * positions  # sampling (prefill + decode) and two scoring passes
-    update_flops = step_flops(n, positions)
-    med_r, med_u = statistics.median(rollout_t), statistics.median(update_t)
-    return {"model_copies": 2, "rollout_seconds_median": med_r, "update_seconds_median": med_u,
-            "step_seconds_median": med_r + med_u, "tokens_per_s": positions / (med_r + med_u),
-            "flops_per_step": rollout_flops + update_flops,
-            "mfu": (rollout_flops + update_flops) / (med_r + med_u) / spec["peak_flops"],
-            "mfu_rollout": rollout_flops / med_r / spec["peak_flops"], "mfu_update": update_flops / med_u / spec["peak_flops"],
-            "peak_memory_bytes": peak_memory(dev), "baseline_memory_bytes": base_rss}
 
 
 def run_isolated(spec: dict) -> dict:
