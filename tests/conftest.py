@@ -45,7 +45,20 @@ def learnable_pairs(n: int = 48, seed: int = 0) -> list[dict]:
     return rows
 
 
-def unpaired_from(pairs: list[dict]) -> list[dict]:
+def held_out_pairs(train: list[dict], n: int = 32, seed: int = 1) -> list[dict]:
+    """Pairs of the same task whose prompts are not in `train`: accuracy on them is generalisation."""
+    seen = {r["prompt"] for r in train}
+    rows = [r for r in learnable_pairs(4 * n, seed) if r["prompt"] not in seen]
+    assert len(rows) >= n, "not enough unseen prompts"
+    return rows[:n]
+
+
+def unpaired_from(pairs: list[dict], both: bool = False) -> list[dict]:
+    """KTO rows: alternately the chosen (desirable) or the rejected (undesirable) answer of each pair;
+    with `both`, each pair gives one of each (the usual pairs-to-KTO conversion)."""
+    if both:
+        return [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"} for p in pairs
+                for k in ("chosen", "rejected")]
     out = []
     for i, p in enumerate(pairs):
         out.append({"prompt": p["prompt"], "completion": p["chosen"] if i % 2 == 0 else p["rejected"],

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import learnable_pairs, write_jsonl
+from conftest import held_out_pairs, learnable_pairs, write_jsonl
 from prefalign.train.config import TrainConfig
 from prefalign.train.offline import run_offline
 
@@ -59,13 +59,14 @@ def test_reward_model_reaches_accuracy_and_reads_back_with_transformers(arch, ti
 
     from prefalign.models.scalar import load_scalar_model, sequence_scores
 
-    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(48))
-    cfg = TrainConfig(method="reward", model=str(tiny_models[arch]), data=str(data), eval_data=str(data),
-                      output=str(tmp_path / "rm"), max_steps=120, batch_size=8, learning_rate=3e-3, eval_every=120,
+    train = learnable_pairs(96)  # measured: 48 pairs at 3e-3 reach 1.0 on train but 0.69 held out (GPT-2)
+    data = write_jsonl(tmp_path / "pairs.jsonl", train)
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", held_out_pairs(train))
+    cfg = TrainConfig(method="reward", model=str(tiny_models[arch]), data=str(data), eval_data=str(held_out),
+                      output=str(tmp_path / "rm"), max_steps=120, batch_size=8, learning_rate=5e-3, eval_every=120,
                       lr_schedule="constant")
     run_offline(cfg, log=lambda _: None, progress=False)
     rows = _metrics(tmp_path / "rm")
-    assert rows[0]["eval/reward/accuracy"] <= 0.75  # the zero-initialised head scores every answer alike
     assert rows[-1]["eval/reward/accuracy"] >= 0.9, rows[-1]
     final = tmp_path / "rm" / "final"
     hf = AutoModelForSequenceClassification.from_pretrained(final).eval()
