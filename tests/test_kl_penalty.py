@@ -1,37 +1,56 @@
 """The KL penalty must penalise KL: by exact enumeration of every outcome, the expected gradient of
-each configured penalty (as the trainer builds its loss) equals grad KL(pi || pi_ref) of the sequence
-distribution; the old detached-k3 reward and GRPO's pathwise-only k3 loss do not."""
+each configured penalty, through the trainer's own `advantages` and `minibatch_loss` (train/ppo.py),
+equals grad KL(pi || pi_ref) of the sequence distribution; the old detached-k3 reward and GRPO's
+pathwise-only k3 loss do not."""
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
 
 from prefalign.losses import ppo as P
 from prefalign.models.logprobs import completion_logps, completion_states, states_kl
+from prefalign.train.config import RLConfig
+from prefalign.train.ppo import advantages, minibatch_loss
 
 
-def surrogate(kind: str, logp: torch.Tensor, ref: torch.Tensor, full_kl: torch.Tensor | None = None,
-              old_way: str | None = None) -> torch.Tensor:
-    """One sample's loss as train/ppo.py builds it on the first update of a rollout (ratio 1), with
-    score 0 and kl_coef 1, values 0 and gamma = lam = 1 (so advantages are the exact returns).
-    `old_way`: "reward_k3" (the old default) or "pathwise_k3" (GRPO's k3 term alone)."""
+def rl_config(method: str, penalty: str) -> RLConfig:
+    """The configuration under which the equality is exact: undiscounted returns with no critic
+    baseline (gamma = lam = 1, values 0) and advantages not whitened. (With lam < 1 and a critic, or
+    whitening, the KL inherits the same bias and scaling as the score: README "Which KL".)"""
+    return RLConfig(model="m", output="o", prompts="p", reward="r", method=method, kl_penalty=penalty, gamma=1.0,
+                    lam=1.0, whiten_advantages=False, samples_per_prompt=1 if method == "ppo" else 2)
+
+
+def trainer_loss(cfg: RLConfig, logp: torch.Tensor, ref: torch.Tensor, full_kl: torch.Tensor | None = None):
+    """The loss train/ppo.py builds for a rollout of rows (N, T) on its first update (ratio 1), with
+    score 0 and kl_coef 1: its own `advantages` and `minibatch_loss`."""
     mask = torch.ones_like(logp)
     old = logp.detach()
-    kl = P.kl_k1(old, ref) * mask if kind == "reward_k1" and old_way is None else torch.zeros_like(old)
-    if old_way == "reward_k3":
-        kl = P.kl_k3(old, ref) * mask
+    values = torch.zeros_like(old) if cfg.method == "ppo" else None
+    adv, _ = advantages(cfg, torch.zeros(logp.shape[0], dtype=logp.dtype), old, ref, values, mask, 1.0)
+    loss, _ = minibatch_loss(cfg, {"logps": logp}, old, ref, adv, mask, 1.0, full_kl)
+    return loss
+
+
+def old_loss(old_way: str, logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The two pitfalls, built from the same pieces: "reward_k3" (a detached k3 reward, prefalign's old
+    default) and "pathwise_k3" (k3 differentiated in the loss alone, GRPO's term)."""
+    mask = torch.ones_like(logp)
+    old = logp.detach()
+    kl = P.kl_k3(old, ref) * mask if old_way == "reward_k3" else torch.zeros_like(old)
     rewards = P.kl_shaped_rewards(torch.zeros(logp.shape[0], dtype=logp.dtype), kl, mask, 1.0)
     adv, _ = P.gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
     loss, _ = P.clipped_policy_loss(logp, old, adv, mask, clip=0.2)
-    if old_way == "pathwise_k3":
-        return loss + P.masked_mean(P.kl_k3(logp, ref), mask)
-    if old_way is None:
-        loss = loss + P.masked_mean(P.kl_penalty_loss(kind, logp, old, ref, mask, full_kl), mask)
-    return loss
+    return loss + (P.masked_mean(P.kl_k3(logp, ref), mask) if old_way == "pathwise_k3" else 0.0)
+
+
+CONFIGS = [("ppo", k) for k in P.KL_PENALTIES] + [("rloo", k) for k in P.KL_PENALTIES] + \
+          [("grpo", "loss_k3"), ("grpo", "loss_full")]
 
 
 # ------------------------------------------------------------------ a categorical policy (one token)
@@ -44,14 +63,18 @@ def _categorical(seed: int, scale: float):
     return theta, ref
 
 
-def _expected_grad(kind: str, theta, ref, old_way=None) -> torch.Tensor:
+def _expected_grad(theta, ref, cfg: RLConfig | None = None, old_way: str | None = None) -> torch.Tensor:
+    """E over every joint outcome of the rollout's rows (1 for ppo, the k = 2 samples of one prompt for
+    rloo/grpo) of the gradient of the trainer's loss."""
     logp_all = torch.log_softmax(theta, -1)
     probs = logp_all.detach().exp()
+    full_all = (logp_all.exp() * (logp_all - ref)).sum()  # exact KL at the one state
+    n = 1 if cfg is None else cfg.samples_per_prompt
     total = torch.zeros((), dtype=torch.float64)
-    for y in range(5):
-        logp = logp_all[y].view(1, 1)
-        full = (logp_all.exp() * (logp_all - ref)).sum().view(1, 1)  # exact KL at the one state
-        total = total + probs[y] * surrogate(kind, logp, ref[y].view(1, 1), full, old_way)
+    for ys in itertools.product(range(5), repeat=n):
+        logp, r = logp_all[list(ys)].view(n, 1), ref[list(ys)].view(n, 1)
+        loss = old_loss(old_way, logp, r) if old_way else trainer_loss(cfg, logp, r, full_all.expand(n, 1))
+        total = total + math.prod(float(probs[y]) for y in ys) * loss
     return torch.autograd.grad(total, theta)[0]
 
 
@@ -60,23 +83,24 @@ def _kl_grad(theta, ref) -> torch.Tensor:
     return torch.autograd.grad((logp.exp() * (logp - ref)).sum(), theta)[0]
 
 
-@pytest.mark.parametrize("kind", P.KL_PENALTIES)
+@pytest.mark.parametrize("method,penalty", CONFIGS)
 @pytest.mark.parametrize("scale", [0.3, 1.5])
-def test_each_penalty_has_the_gradient_of_the_kl_on_a_categorical(kind, scale):
+def test_each_penalty_has_the_gradient_of_the_kl_on_a_categorical(method, penalty, scale):
     theta, ref = _categorical(0, scale)
-    assert torch.allclose(_expected_grad(kind, theta, ref), _kl_grad(theta, ref), atol=1e-10, rtol=0)
+    got = _expected_grad(theta, ref, rl_config(method, penalty))
+    assert torch.allclose(got, _kl_grad(theta, ref), atol=1e-10, rtol=0)
 
 
 def test_the_old_detached_k3_reward_and_the_pathwise_k3_loss_do_not():
     theta, ref = _categorical(0, 1.5)
     want = _kl_grad(theta, ref)
     for old_way in ("reward_k3", "pathwise_k3"):
-        got = _expected_grad("reward_k1", theta, ref, old_way=old_way)
+        got = _expected_grad(theta, ref, old_way=old_way)
         assert (got - want).norm() > 0.2 * want.norm(), old_way
     # pathwise k3 alone is the gradient of the *reverse* KL(pi_ref || pi)
     logp = torch.log_softmax(theta, -1)
     reverse = torch.autograd.grad((ref.exp() * (ref - logp)).sum(), theta)[0]
-    assert torch.allclose(_expected_grad("reward_k1", theta, ref, old_way="pathwise_k3"), reverse, atol=1e-10)
+    assert torch.allclose(_expected_grad(theta, ref, old_way="pathwise_k3"), reverse, atol=1e-10)
 
 
 # ------------------------------------------------------------------ a tiny LM, two generated tokens
@@ -101,7 +125,7 @@ def lm_pair():
     return policy, ref
 
 
-def _lm_expected_grads(policy, ref, kind: str, old_way=None):
+def _lm_expected_grads(policy, ref, penalty: str, old_way=None):
     """(E[grad surrogate] * T, grad KL_seq) over all V^2 completions of a fixed prompt."""
     V, T = policy.config.vocab_size, 2
     ys = torch.tensor(list(itertools.product(range(V), repeat=T)))  # (V^2, T)
@@ -117,7 +141,9 @@ def _lm_expected_grads(policy, ref, kind: str, old_way=None):
     kl = (seq.exp() * (seq - ref_logp.sum(-1))).sum()  # KL of the sequence distribution, exact
     want = torch.autograd.grad(kl, params, retain_graph=True)
     probs = seq.detach().exp()
-    total = sum(probs[i] * surrogate(kind, logp[i:i + 1], ref_logp[i:i + 1], full[i:i + 1], old_way)
+    cfg = rl_config("ppo", penalty)
+    total = sum(probs[i] * (old_loss(old_way, logp[i:i + 1], ref_logp[i:i + 1]) if old_way else
+                            trainer_loss(cfg, logp[i:i + 1], ref_logp[i:i + 1], full[i:i + 1]))
                 for i in range(len(ys)))
     got = torch.autograd.grad(total * T, params)  # the token mean divides by T
     flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])  # noqa: E731

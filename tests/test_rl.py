@@ -251,6 +251,43 @@ def test_loss_side_kl_penalties_train(method, penalty, tiny_models, prompt_file,
     assert abs(rows[0]["ppo/kl_loss"]) < 1e-5 and rows[1]["ppo/kl_loss"] > 1e-6
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_loss_full_maps_each_shuffled_minibatch_row_to_its_reference_states(lora, tiny_models, prompt_file, tmp_path):
+    """At learning rate 0 the policy is the reference, so the exact KL of every position is 0, unless
+    a minibatch row were compared with another row's reference states."""
+    cfg = _cfg(tmp_path, tiny_models["llama"], prompt_file, "ppo", max_steps=2, batch_size=8, learning_rate=0.0,
+               kl_penalty="loss_full", num_minibatches=4, ppo_epochs=2, kl_every=0, lora=lora,
+               reward=f"{REWARDS}:length")
+    run_rl(cfg, log=lambda _: None, progress=False)
+    assert all(abs(r["ppo/kl_loss"]) < 1e-6 for r in _rows(tmp_path / "ppo"))
+
+
+@pytest.mark.parametrize("penalty", ["reward_k1", "loss_k3", "loss_full"])
+def test_a_strong_kl_coefficient_holds_the_policy_near_the_reference(penalty, tiny_models, prompt_file, tmp_path):
+    """End to end, through the trainer: with the same reward pulling away (longer completions), a large
+    kl_coef ends at a smaller exact KL (the monitor's) than no penalty at all."""
+    kl = {}
+    for coef in (0.0, 2.0):
+        out = tmp_path / f"{penalty}-{coef}"
+        run_rl(_cfg(tmp_path, tiny_models["llama"], prompt_file, "ppo", max_steps=8, batch_size=8, kl_coef=coef,
+                    kl_penalty=penalty, learning_rate=2e-2, reward=f"{REWARDS}:length", output=str(out), kl_every=8),
+               log=lambda _: None, progress=False)
+        kl[coef] = _rows(out)[-1]["kl/policy_ref_seq"]
+    assert kl[2.0] < 0.5 * kl[0.0], kl
+
+
+def test_rl_configurations_that_would_break_the_gradient_are_refused():
+    base = dict(model="m", output="o", prompts="p", reward="r")
+    with pytest.raises(ValueError, match="cancels kl_coef"):
+        RLConfig(**base, method="grpo", kl_penalty="reward_k1")
+    with pytest.raises(ValueError, match="top_k/top_p truncate"):
+        RLConfig(**base, top_k=50)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        RLConfig(**base, temperature=0.0)
+    with pytest.raises(ValueError, match="kl_budget is checked against the KL monitor"):
+        RLConfig(**base, kl_budget=0.1, kl_every=0)
+
+
 def test_kl_estimator_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="kl_estimator was replaced by kl_penalty"):
         RLConfig(model="m", output="o", prompts="p", reward="r", kl_estimator="k3")

@@ -128,7 +128,9 @@ def test_kl_budget_stops_the_run_and_saves(tiny_models, pair_file, tmp_path):
     # the budget is checked where the monitor measured the exact KL: every 5 steps
     assert result.stopped == "kl_budget" and 5 <= result.steps < 100 and result.steps % 5 == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["kl/policy_ref_token"] > 0.05 >= rows[-2].get("kl/policy_ref_token", 0.0)
+    measured = [r for r in rows if "kl/policy_ref_token" in r]
+    assert [r["step"] for r in measured] == list(range(5, result.steps + 1, 5))
+    assert measured[-1]["kl/policy_ref_token"] > 0.05 >= measured[-2]["kl/policy_ref_token"]
     assert any("exceeds kl_budget" in x for x in logs)
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert (tmp_path / "run" / "checkpoints" / f"step-{result.steps}").exists()

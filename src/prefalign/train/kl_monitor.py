@@ -83,9 +83,12 @@ class KLMonitor:
         return {"kl/policy_ref_seq": total / len(out["kl_seq"]), "kl/policy_ref_token": total / max(out["tokens"], 1)}
 
 
-def auto_every(kl_every: int | None, max_steps: int) -> int:
-    """kl_every unset: about four measurements a run (and one at the end); 0 turns the monitor off."""
-    return max(1, math.ceil(max_steps / 4)) if kl_every is None else kl_every
+def auto_every(kl_every: int | None, max_steps: int, budget: float | None = None) -> int:
+    """kl_every unset: about four measurements a run (and one at the end), twenty when a kl_budget
+    is to be held; 0 turns the monitor off."""
+    if kl_every is not None:
+        return kl_every
+    return max(1, math.ceil(max_steps / (20 if budget is not None else 4)))
 
 
 def build_monitor(cfg, policy, reference, reference_ctx, tokenizer, prompts_path: str, device, autocast,
@@ -93,7 +96,7 @@ def build_monitor(cfg, policy, reference, reference_ctx, tokenizer, prompts_path
     """The run's monitor, or None when kl_every is 0. `reference` is the model the KL is taken to."""
     from ..data import ReadOptions, load_prompts
 
-    every = auto_every(cfg.kl_every, cfg.max_steps)
+    every = auto_every(cfg.kl_every, cfg.max_steps, cfg.kl_budget)
     if every <= 0:
         return None
     prompts, _ = load_prompts(prompts_path, ReadOptions(format=cfg.format))

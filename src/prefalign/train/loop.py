@@ -84,8 +84,10 @@ def save_checkpoint(out: Path, step: int, position: int, model, optimizer, sched
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(_trainable(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    rng = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():  # sampling on a GPU draws from its generators: resume needs them too
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng}, tmp / "state.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "position": position, **extra}))
     # the rename is the commit point: a folder named step-N is always complete
     shutil.rmtree(final, ignore_errors=True)
@@ -115,6 +117,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return json.loads((path / "state.json").read_text())
 
 
@@ -248,10 +252,11 @@ def train_loop(cfg: RunConfig, model, n_examples: int, make_batch: Callable[[lis
             if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 row.update({f"eval/{k}": v for k, v in eval_fn().items()})
                 model.train()
-            if monitor is not None and monitor.due(step, cfg.max_steps):
+            measured = monitor is not None and monitor.due(step, cfg.max_steps)
+            if measured:
                 row.update(monitor.measure())
                 model.train()
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if step % cfg.log_every == 0 or step == cfg.max_steps or measured:
                 runlog.write(row)
             last = row
             update_bar(bar, step, f"loss {row.get('loss', float('nan')):.4f} {row['tokens_per_s']:.0f} tok/s")

@@ -40,7 +40,7 @@ from ..data.records import text_of
 from ..eval.judges import RewardModelJudge, make_judge
 from ..losses import ppo as P
 from ..models.load import add_lora, is_peft, load_model, load_tokenizer_for, save_model
-from ..models.logprobs import completion_logps, completion_states, states_kl
+from ..models.logprobs import completion_logps, states_kl
 from ..models.scalar import load_scalar_model, score_head
 from ..models.scalar import token_scores as critic_token_scores
 from .config import RLConfig
@@ -162,6 +162,26 @@ def advantages(cfg: RLConfig, scores: Tensor, old: Tensor, ref: Tensor, values: 
     return adv, None
 
 
+def minibatch_loss(cfg: RLConfig, new: dict[str, Tensor], old: Tensor, ref: Tensor, adv: Tensor, mask: Tensor,
+                   kl_coef: float, full_kl: Tensor | None = None, old_values: Tensor | None = None,
+                   returns: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """The loss of one minibatch, (B, Tc) tensors of its rows: the clipped surrogate, the clipped
+    value loss where a critic learns `returns`, and kl_coef x the loss-side KL penalty (loss_k3,
+    loss_full: `full_kl` is the exact per-position KL, differentiable). tests/test_kl_penalty.py
+    enumerates outcomes through this function and `advantages`."""
+    loss, stats = P.clipped_policy_loss(new["logps"], old, adv, mask, cfg.clip_range)
+    row = {"ppo/policy_loss": loss.item(), **{f"ppo/{k}": float(v) for k, v in stats.items()}}
+    if returns is not None:
+        vf_loss, vf_stats = P.clipped_value_loss(new["values"].float(), old_values, returns, mask, cfg.clip_range_value)
+        loss = loss + cfg.vf_coef * vf_loss
+        row.update({"ppo/value_loss": vf_loss.item(), "ppo/value_clipfrac": float(vf_stats["value_clipfrac"])})
+    if cfg.kl_penalty != "reward_k1":
+        kl_term = P.masked_mean(P.kl_penalty_loss(cfg.kl_penalty, new["logps"], old, ref, mask, full_kl), mask)
+        loss = loss + kl_coef * kl_term
+        row["ppo/kl_loss"] = kl_term.item()
+    return loss, row
+
+
 def _extra(st: RLState, kl_ctl: P.KLController) -> dict:
     return {"skipped_steps": st.skipped, "kl_coef": kl_ctl.value, "moments": st.moments.__dict__}
 
@@ -229,26 +249,24 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
     def reference_pass(rows: dict[str, Tensor], n_prompt: int) -> tuple[Tensor, Tensor | None]:
         """The reference's log-probs (N, Tc) and, for loss_full, its states at the completion positions."""
         args = (rows["input_ids"], rows["attention_mask"], n_prompt, rows["completion_mask"])
+        full = cfg.kl_penalty == "loss_full"
         with ref_ctx(), autocast():
-            logps = completion_logps(ref_net, *args, chunk_mb=cfg.logits_chunk_mb, temperature=cfg.temperature)["logps"]
-            states = completion_states(ref_net, *args).float() if cfg.kl_penalty == "loss_full" else None
-        return logps, states
+            out = completion_logps(ref_net, *args, chunk_mb=cfg.logits_chunk_mb, temperature=cfg.temperature,
+                                   hidden_out=full)
+        states = out["hidden"][rows["completion_mask"].bool()].float() if full else None  # (N, H) row-major
+        return out["logps"], states
 
-    def kl_loss(new: dict[str, Tensor], rows: dict[str, Tensor], mb: Tensor, old: Tensor, ref: Tensor, mask: Tensor,
-                ref_states: Tensor | None) -> Tensor:
-        """kl_coef x the loss-side KL penalty of a minibatch (loss_k3, loss_full), token mean."""
-        m = rows["completion_mask"].float()
-        full = None
-        if cfg.kl_penalty == "loss_full":
-            idx = torch.zeros(mask.shape, dtype=torch.long, device=device)  # row-major slots of ref_states
-            idx[mask.bool()] = torch.arange(int(mask.sum()), device=device)
-            sel = m.bool()
-            with ref_ctx():  # the reference's own head (LoRA never adapts the head)
-                flat = states_kl(policy, new["hidden"][sel].float(), ref_net, ref_states[idx[mb][sel]],
-                                 chunk_mb=cfg.logits_chunk_mb, temperature=cfg.temperature)
-            full = torch.zeros_like(m).index_put(sel.nonzero(as_tuple=True), flat)
-        per_token = P.kl_penalty_loss(cfg.kl_penalty, new["logps"], old[mb], ref[mb], m, full)
-        return P.masked_mean(per_token, m)
+    def exact_kl(new: dict[str, Tensor], m: Tensor, mb: Tensor, mask: Tensor, ref_states: Tensor) -> Tensor:
+        """(B_mb, Tc) exact KL(pi || pi_ref) per completion position of a minibatch, differentiable in
+        the policy. ref_states holds the reference's states of the whole rollout, row-major over its
+        completion mask; `slot` finds each minibatch position's row there."""
+        slot = torch.zeros(mask.shape, dtype=torch.long, device=device)
+        slot[mask.bool()] = torch.arange(int(mask.sum()), device=device)
+        sel = m.bool()
+        with ref_ctx():  # the reference's own head (LoRA never adapts the head)
+            flat = states_kl(policy, new["hidden"][sel].float(), ref_net, ref_states[slot[mb][sel]],
+                             chunk_mb=cfg.logits_chunk_mb, temperature=cfg.temperature)
+        return torch.zeros_like(m).index_put(sel.nonzero(as_tuple=True), flat)
 
     try:
         while st.step < cfg.max_steps:
@@ -305,18 +323,10 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
                     rows, m = roll.select(mb), mask[mb_dev]
                     with autocast():
                         new = ac.forward_rows(rows, roll.n_prompt, cfg, hidden=cfg.kl_penalty == "loss_full")
-                    pg_loss, pg_stats = P.clipped_policy_loss(new["logps"], old[mb_dev], adv[mb_dev], m, cfg.clip_range)
-                    loss, row = pg_loss, {"ppo/policy_loss": pg_loss.item(), **{f"ppo/{k}": float(v)
-                                                                                for k, v in pg_stats.items()}}
-                    if returns is not None:
-                        vf_loss, vf_stats = P.clipped_value_loss(new["values"].float(), old_values[mb_dev],
-                                                                 returns[mb_dev], m, cfg.clip_range_value)
-                        loss = loss + cfg.vf_coef * vf_loss
-                        row.update({"ppo/value_loss": vf_loss.item(), "ppo/value_clipfrac": float(vf_stats["value_clipfrac"])})
-                    if cfg.kl_penalty != "reward_k1":
-                        kl_term = kl_loss(new, rows, mb_dev, old, ref, mask, ref_states)
-                        loss = loss + kl_ctl.value * kl_term
-                        row["ppo/kl_loss"] = kl_term.item()
+                    full = exact_kl(new, m, mb_dev, mask, ref_states) if cfg.kl_penalty == "loss_full" else None
+                    loss, row = minibatch_loss(
+                        cfg, new, old[mb_dev], ref[mb_dev], adv[mb_dev], m, kl_ctl.value, full,
+                        None if returns is None else old_values[mb_dev], None if returns is None else returns[mb_dev])
                     grad_norm = torch.tensor(float("nan"))
                     if torch.isfinite(loss):
                         loss.backward()
@@ -359,9 +369,10 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
             }
             if returns is not None:
                 metrics["ppo/value_explained_var"] = P.explained_variance(old_values, returns, mask)
-            if monitor is not None and monitor.due(st.step, cfg.max_steps):
+            measured = monitor is not None and monitor.due(st.step, cfg.max_steps)
+            if measured:
                 metrics.update(monitor.measure())
-            if st.step % cfg.log_every == 0 or st.step == cfg.max_steps:
+            if st.step % cfg.log_every == 0 or st.step == cfg.max_steps or measured:
                 runlog.write(metrics)
             last = metrics
             update_bar(bar, st.step, f"reward {metrics['ppo/reward']:.3f} kl {metrics['ppo/kl']:.3f}")

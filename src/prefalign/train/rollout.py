@@ -123,7 +123,10 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: SamplingConfi
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
+    # a seeded draw must leave every generator as it found it: manual_seed also seeds the GPUs'
+    # generators, which a CPU-only fork would leave reset (a later PPO rollout would replay them)
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    rng = torch.random.fork_rng(devices=gpus) if seed is not None else nullcontext()
     with rng, autocast():
         if seed is not None:
             torch.manual_seed(seed)
