@@ -71,6 +71,8 @@ class RunConfig(StrictModel):
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.kl_budget is not None and self.kl_every == 0:
+            raise ValueError("kl_budget is checked against the KL monitor: it needs kl_every > 0 (or unset)")
 
     @property
     def lora_settings(self) -> dict | None:
@@ -168,6 +170,18 @@ class RLConfig(RunConfig):
         self._check_common()
         if self.method == "grpo" and "kl_penalty" not in self.model_fields_set:
             object.__setattr__(self, "kl_penalty", "loss_k3")
+        if self.method == "grpo" and self.kl_penalty == "reward_k1":
+            # a group whose scores are equal (common with 0/1 rewards) is normalised by the std of its
+            # KL sums alone: the advantage no longer depends on kl_coef
+            raise ValueError("grpo normalises each group by its std, which cancels kl_coef in a k1 reward: use "
+                             "kl_penalty: loss_k3 or loss_full")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0: RL samples from softmax(logits / temperature)")
+        if self.top_k or self.top_p < 1.0:
+            # the ratio, the log-probs and every KL penalty are of the untruncated softmax(logits / T);
+            # samples from a truncated one would make all of them wrong
+            raise ValueError("top_k/top_p truncate the sampling distribution, which the policy gradient and the KL "
+                             "penalty do not score: use top_k: 0, top_p: 1.0 for RL")
         if self.method in ("rloo", "grpo") and "samples_per_prompt" not in self.model_fields_set:
             object.__setattr__(self, "samples_per_prompt", 4)
         if self.method in ("rloo", "grpo") and self.samples_per_prompt < 2:

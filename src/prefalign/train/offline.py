@@ -138,7 +138,8 @@ def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Ca
         loss, metrics = loss_fn(**tensors, **hparams)
         out = {k: float(torch.nanmean(v.float())) for k, v in metrics.items()}
         logps_d = logps.detach()
-        out["logps/chosen"] = float(logps_d[:b].mean())
+        answer = "chosen" if method.paired else "completion"  # SFT and KTO score completions, not pairs
+        out[f"logps/{answer}"] = float(logps_d[:b].mean())
         if method.paired:
             out["logps/rejected"] = float(logps_d[b:].mean())
             # does the model itself rank chosen above rejected? (for the untrained model: the
@@ -147,7 +148,7 @@ def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Ca
         if ref is not None:
             # mean policy - reference log-ratio per token on the dataset's answers: not a KL (it goes
             # negative under DPO's likelihood displacement); the KL is the monitor's kl/policy_ref_*
-            out["logratio/chosen"] = float((logps[:b] - ref[:b]).detach().sum() / lengths[:b].sum())
+            out[f"logratio/{answer}"] = float((logps[:b] - ref[:b]).detach().sum() / lengths[:b].sum())
             if method.paired:
                 out["logratio/rejected"] = float((logps[b:] - ref[b:]).detach().sum() / lengths[b:].sum())
         return loss.mean(), out, tokens
@@ -200,12 +201,18 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
     reference = None
     if strategy == "copy":
         reference = CopyReference(model, autocast, cfg.logits_chunk_mb)  # before LoRA and before any update
-    watch = method.inputs == "logps" and auto_every(cfg.kl_every, cfg.max_steps) > 0
+    watch = method.inputs == "logps" and auto_every(cfg.kl_every, cfg.max_steps, cfg.kl_budget) > 0
     initial = None
     if watch and strategy != "copy" and cfg.lora_settings is None:
-        # a full fine-tune with no reference model in memory: the monitor needs the starting weights
-        initial = copy.deepcopy(model).requires_grad_(False).eval()
-        log("KL monitor: holding a frozen copy of the initial model (kl_every: 0 turns the monitor off)")
+        # a full fine-tune with no reference model in memory: the monitor needs the starting weights,
+        # a second copy; held only when asked for (kl_every or kl_budget set), so costs stay honest
+        if cfg.kl_every is None and cfg.kl_budget is None:
+            watch = False
+            log("KL monitor off: a full fine-tune without a reference copy would hold one for it "
+                "(set kl_every to turn it on)")
+        else:
+            initial = copy.deepcopy(model).requires_grad_(False).eval()
+            log("KL monitor: holding a frozen copy of the initial model (model_copies counts it)")
     if cfg.lora_settings is not None:
         model = add_lora(model, cfg.lora_settings, "SEQ_CLS" if method.inputs == "scores" else "CAUSAL_LM")
         if cfg.gradient_checkpointing:
