@@ -1,7 +1,7 @@
 """Where a prefalign LoRA DPO step's memory goes: the tensors autograd keeps for backward, by kind,
 and the process RSS step after step (sampled every 2 ms), for one batch of the TRL benchmark.
 
-    python benchmarks/dpo_memory.py [--model smollm2] [--gc false|true|selective] [--mmap-mb 1.0] [--steps 3]
+    python benchmarks/dpo_memory.py [--model smollm2] [--gc false|true|selective] [--mmap-mb 0] [--steps 3]
 
 Saved tensors are counted once per storage (a view of a kept tensor costs nothing) and the frozen
 weights they point at are left out (they are the model's own). Run it once per setting: RSS high
@@ -38,7 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--gc", default="false")
-    ap.add_argument("--mmap-mb", type=float, default=1.0)
+    ap.add_argument("--mmap-mb", type=float, default=0.0)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "prefalign-bench"))
     a = ap.parse_args()

@@ -99,7 +99,7 @@ tc = TrainConfig(method="dpo", model=cfg["model"], data=cfg["data"], output=cfg[
                  batch_size=8, learning_rate=cfg["lr"], lr_schedule="constant", beta=0.1, max_length=100000,
                  max_prompt_length=100000, precision=cfg["precision"], lora=cfg["lora"], kl_every=0,
                  reference=cfg.get("reference", "auto"), share_prompt=cfg.get("share_prompt", "auto"),
-                 malloc_mmap_threshold_mb=cfg.get("mmap_mb", 1.0), gradient_checkpointing=cfg.get("gc", False))
+                 malloc_mmap_threshold_mb=cfg.get("mmap_mb", 0.0), gradient_checkpointing=cfg.get("gc", False))
 offline.run_offline(tc, log=lines.append, progress=False)
 rows = [json.loads(x) for x in open(cfg["out"] + "/metrics.jsonl")]
 step_times = [r["step_seconds"] for r in rows if "step_seconds" in r]
@@ -283,11 +283,13 @@ CONFIGS = {
     "prefalign-fp32-no-share-prompt": ("prefalign", {"precision": "fp32", "share_prompt": False}),
     "prefalign-fp32-no-scored-head": ("prefalign", {"precision": "fp32", "scored_head": False}),
     "prefalign-fp32-no-precompute": ("prefalign", {"precision": "fp32", "reference": "on-the-fly"}),
-    "prefalign-fp32-no-mmap-threshold": ("prefalign", {"precision": "fp32", "mmap_mb": 0.0}),
+    # memory for time: freed blocks of 1 MB and more handed back to the OS (malloc_mmap_threshold_mb: 1)
+    "prefalign-fp32-mmap1mb": ("prefalign", {"precision": "fp32", "mmap_mb": 1.0}),
     # memory for time: each layer's cheap ops recomputed in backward (gradient_checkpointing: selective)
     "prefalign-fp32-selective-ckpt": ("prefalign", {"precision": "fp32", "gc": "selective"}),
+    "prefalign-fp32-selective-ckpt-mmap1mb": ("prefalign", {"precision": "fp32", "gc": "selective", "mmap_mb": 1.0}),
     "prefalign-fp32-none": ("prefalign", {"precision": "fp32", "share_prompt": False, "scored_head": False,
-                                          "reference": "on-the-fly", "mmap_mb": 0.0}),
+                                          "reference": "on-the-fly"}),
 }
 DEFAULT = "trl-default,trl-bf16,trl-bf16-precompute,trl-fp32,trl-fp32-precompute,prefalign-fp32,prefalign-bf16"
 
@@ -314,9 +316,12 @@ def main() -> None:
     trl_python = str(ensure_trl_env())
     lora_modes = {"both": [False, True], "yes": [True], "no": [False]}[a.lora]
     command = "python benchmarks/dpo_vs_trl.py " + shlex.join(sys.argv[1:])
-    lines = [f"`{command}`", "", f"model {a.model} ({_params(model)}), {a.steps} steps of 8 pairs, {a.threads} threads, "
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    lines = [f"`{command}`", "", f"prefalign and this script at commit {commit or '?'}; TRL from benchmarks/.venv-trl", "",
+             f"model {a.model} ({_params(model)}), {a.steps} steps of 8 pairs, {a.threads} threads, "
              f"load average before: {os.getloadavg()[0]:.2f}"]
-    record = {"command": command, "model": a.model, "steps": a.steps, "threads": a.threads, "runs": {}}
+    record = {"command": command, "commit": commit, "model": a.model, "steps": a.steps, "threads": a.threads, "runs": {}}
     for lora in lora_modes:
         results = {}
         # alternate prefalign and TRL runs so that slow drift of the machine hits both alike

@@ -52,11 +52,12 @@ class RunConfig(StrictModel):
     trust_remote_code: bool = False
     device: str = "auto"
     logits_chunk_mb: float = 128.0
-    # glibc (Linux): blocks of at least this many MB are mmapped and handed back to the OS when freed.
-    # glibc's default threshold grows to 32 MB after the first large free, after which a step's
-    # activations come from the heap and its freed holes are kept: peak RSS ratchets up step after
-    # step (SmolLM2 LoRA DPO: 4.4 GB live, 7.8 GB RSS by step 6). 0: leave glibc's default.
-    malloc_mmap_threshold_mb: float = Field(1.0, ge=0, le=32)
+    # glibc (Linux), a CPU memory/time trade: blocks of at least this many MB are mmapped and handed
+    # back to the OS when freed. glibc's own threshold grows to 32 MB after the first large free;
+    # a step's activations then come from the heap and its freed holes stay resident (SmolLM2 LoRA
+    # DPO, 1 thread: 4.4 GB live, 7.8 GB RSS; with 1: 4.4 GB RSS, but every fresh block is page-
+    # faulted in again: 1.5x the step time on a busy 2-core machine). 0: glibc's default.
+    malloc_mmap_threshold_mb: float = Field(0.0, ge=0, le=32)
 
     save_every: int = 0  # 0: only the final model
     keep_checkpoints: int = 2
