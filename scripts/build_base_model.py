@@ -1,11 +1,11 @@
 """Build the small base model prefalign ships: a byte-level BPE tokenizer and a Llama-shape causal LM
 trained on the IMDb movie-review corpus (Maas et al. 2011; ../shared/data/imdb), saved as a standard
-HF folder in src/prefalign/assets/imdb-lm plus the demo's held-out review prefixes.
+HF folder in src/prefalign/assets/imdb-lm, then the demo's review prefixes (scripts/build_prefixes.py).
 
     python scripts/build_base_model.py --minutes 25        # what the shipped model was built with
 
 Train text: the 50k unlabelled + 25k train reviews; held out: the test reviews (perplexity on 500 of
-them, and the prefixes). Reviews are cleaned of <br /> tags, joined with EOS and packed into
+them; the prefixes come from the others). Reviews are cleaned of <br /> tags, joined with EOS and packed into
 fixed-length rows. The schedule is warmup + cosine over the number of steps the time budget allows
 (measured on the first steps), so the run ends on time with the learning rate annealed.
 """
@@ -13,26 +13,19 @@ fixed-length rows. The schedule is warmup + cosine over the number of steps the 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import random
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
+from build_prefixes import reviews, shuffled_test, write_prefixes
 
 ROOT = Path(__file__).resolve().parent.parent
-IMDB = ROOT.parent / "shared" / "data" / "imdb"
-OUT = ROOT / "src" / "prefalign" / "assets" / "imdb-lm"
-PREFIXES = ROOT / "src" / "prefalign" / "assets" / "imdb_prefixes.jsonl"
-
-
-def reviews(name: str) -> list[str]:
-    with gzip.open(IMDB / f"imdb_{name}.jsonl.gz", "rt", encoding="utf-8") as f:
-        return [" ".join(re.sub(r"<br\s*/?>", " ", json.loads(line)["text"]).split()) for line in f]
+ASSETS = ROOT / "src" / "prefalign" / "assets"
+OUT = ASSETS / "imdb-lm"
 
 
 def build_tokenizer(texts: list[str], vocab: int):
@@ -89,7 +82,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--train-tokens", type=int, default=12_000_000, help="tokens packed for training (upper bound)")
-    ap.add_argument("--prefixes", type=int, default=600)
+    ap.add_argument("--prefixes", type=int, default=600, help="train + test prefixes (build_prefixes.py)")
+    ap.add_argument("--validation-prefixes", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -98,8 +92,7 @@ def main() -> None:
 
     train_texts = reviews("unsup") + reviews("train")
     random.Random(args.seed).shuffle(train_texts)
-    test_texts = reviews("test")
-    random.Random(args.seed + 1).shuffle(test_texts)
+    test_texts = shuffled_test(args.seed)
     tokenizer = build_tokenizer(train_texts[:20_000], args.vocab)
     train = pack(tokenizer, train_texts, args.seq, args.train_tokens)
     held_out = pack(tokenizer, test_texts[:500], args.seq, 10**9)
@@ -161,8 +154,7 @@ def main() -> None:
               "total_seconds": time.perf_counter() - t_all, "torch_threads": torch.get_num_threads(),
               "sample": tokenizer.decode(sample[0], skip_special_tokens=True), "args": {k: str(v) for k, v in vars(args).items()}}
     (args.out / "training.json").write_text(json.dumps(record, indent=2))
-    prefixes = [{"prompt": " ".join(t.split()[:8])} for t in test_texts[500:500 + args.prefixes]]
-    PREFIXES.write_text("".join(json.dumps(p) + "\n" for p in prefixes))
+    write_prefixes(ASSETS, args.prefixes, args.validation_prefixes, args.seed)
     print(json.dumps(record, indent=2))
 
 

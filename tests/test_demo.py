@@ -29,8 +29,34 @@ def test_the_shipped_model_loads_with_plain_transformers_and_writes_english():
     assert sum(w.strip(".,!?\"'").lower() in common for w in words) >= 3, text  # English function words
     record = json.loads((folder / "training.json").read_text())
     assert record["held_out_perplexity"] < 200 and record["parameters"] > 1_000_000
-    prefixes = [json.loads(x) for x in task.PREFIXES.read_text().splitlines()]
-    assert len(prefixes) >= 576 and all(p["prompt"].strip() for p in prefixes)
+    for path, n in ((task.PREFIXES, 576), (task.VALIDATION_PREFIXES, 192)):  # the study's sizes
+        prefixes = [json.loads(x) for x in path.read_text().splitlines()]
+        assert len(prefixes) >= n and all(p["prompt"].strip() for p in prefixes)
+
+
+def _write(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+def test_train_validation_and_test_prompts_are_disjoint_and_a_duplicate_is_caught(tmp_path):
+    rows = [json.loads(x)["prompt"] for x in task.PREFIXES.read_text().splitlines()]
+    val = [json.loads(x)["prompt"] for x in task.VALIDATION_PREFIXES.read_text().splitlines()]
+    assert len({task.normalise(p) for p in rows + val}) == len(rows) + len(val)  # any split point is disjoint
+    sizes = task.Sizes(train_prompts=384, eval_prompts=192)
+    read = lambda p: [json.loads(x)["prompt"] for x in p.read_text().splitlines()]  # noqa: E731
+    train_t, test = map(read, task.split_prefixes(tmp_path / "t", sizes, "test"))
+    train_v, held_v = map(read, task.split_prefixes(tmp_path / "v", sizes, "validation"))
+    assert train_t == train_v == rows[192:576] and test == rows[:192] and held_v == val[:192]
+    task.check_disjoint({"train": train_t, "validation": val, "test": test})
+    # the same review opening with other case, punctuation and spacing is the same prompt
+    assert task.normalise("Jack Frost 2, is  probably") == task.normalise("jack frost 2 IS probably!")
+    twin = "  " + test[5].upper() + " !"
+    with pytest.raises(ValueError, match="disjoint"):  # a test prompt injected into validation
+        task.split_prefixes(tmp_path / "x", sizes, "validation", validation=_write(tmp_path / "v.jsonl", val + [twin]))
+    with pytest.raises(ValueError, match="disjoint"):  # a test prompt repeated among the train prompts
+        bad = rows[:300] + [test[0].lower()] + rows[300:]
+        task.split_prefixes(tmp_path / "y", sizes, "test", prefixes=_write(tmp_path / "p.jsonl", bad))
 
 
 def test_the_scorer_on_known_sentences():
@@ -55,30 +81,52 @@ def test_pair_generation_is_deterministic_under_a_seed(tmp_path):
     assert all(r["margin"] > 0 for r in rows)  # best vs worst by VADER
 
 
-def test_demo_runs_end_to_end_shrunk(tmp_path):
+def test_demo_runs_end_to_end_shrunk_and_both_methods_raise_the_reward(tmp_path):
     run = subprocess.run([sys.executable, "-m", "prefalign", "demo", "--quick", "--no-progress", "-o",
                           str(tmp_path / "demo")], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert [r["model"] for r in summary["rows"]] == ["base", "dpo", "ppo"]
-    assert summary["rows"][0]["kl_per_sequence"] == pytest.approx(0.0, abs=1e-6)
-    assert all(r["kl_per_sequence"] >= 0 for r in summary["rows"])
+    assert [r["model"] for r in summary["rows"]] == ["base", "dpo", "ppo"] and summary["split"] == "test"
+    base, dpo, ppo = summary["rows"]
+    assert base["kl_per_sequence"] == pytest.approx(0.0, abs=1e-6)
+    # The quick settings were chosen on validation prefixes, where both cleared the base's interval
+    # by a margin over several seeds (demo.py); here, on the test prefixes, they must too.
+    for r in (dpo, ppo):
+        assert r["reward_mean"] > base["reward_ci95"][1], (r["model"], r["reward_mean"], base["reward_ci95"])
+    # costs: each stage its own process and peak; DPO's end to end adds the pairs, PPO's is its training
+    stages = summary["stages"]
+    assert set(stages) == {"pairs", "dpo", "ppo", "eval"} and all(c["peak_rss_bytes"] > 0 for c in stages.values())
+    assert dpo["train"] == stages["dpo"] and ppo["train"] == ppo["end_to_end"] == stages["ppo"]
+    assert dpo["end_to_end"]["seconds"] == pytest.approx(stages["pairs"]["seconds"] + stages["dpo"]["seconds"])
+    assert dpo["end_to_end"]["peak_rss_bytes"] == max(stages["pairs"]["peak_rss_bytes"], stages["dpo"]["peak_rss_bytes"])
     assert Path(summary["report"]).exists()
     report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
     assert {r["run"] for r in report["runs"]} == {"base", "dpo", "ppo"}
     assert "Report:" in run.stderr
 
 
-def test_study_runs_shrunk(tmp_path):
+def test_study_runs_shrunk_with_seeds(tmp_path):
     from prefalign.study import StudyConfig, run_study
 
     cfg = StudyConfig(output=str(tmp_path / "s"), train_prompts=8, eval_prompts=4, samples=3, max_new_tokens=8,
-                      dpo_betas=[0.1], ipo_betas=[0.5], ppo_kl_coefs=[0.05],
+                      seeds=[0, 1], dpo_betas=[0.1], ipo_betas=[0.5], ppo_kl_coefs=[0.05],
                       dpo={"max_steps": 2, "batch_size": 4}, ipo={"max_steps": 2, "batch_size": 4},
                       ppo={"max_steps": 2, "batch_size": 4}, reward_model={"max_steps": 2, "batch_size": 4})
     summary = run_study(cfg, log=lambda _: None, progress=False)
-    assert [r["run"] for r in summary["rows"]] == ["base", "dpo-beta0.1", "ipo-beta0.5", "ppo-kl0.05",
-                                                   "ppo-learned-reward"]
-    assert summary["rows"][-1]["method"] == "ppo (learned reward)"
-    assert (tmp_path / "s" / "report" / "frontier.png").exists()
-    assert "| ppo-learned-reward | ppo (learned reward) |" in (tmp_path / "s" / "study.md").read_text()
+    names = ["base", "dpo-beta0.1", "ipo-beta0.5", "ppo-kl0.05", "ppo-learned-reward"]
+    assert [r["run"] for r in summary["settings"]] == names and summary["split"] == "validation"
+    assert [(r["run"], r["seed"]) for r in summary["runs"]] == [(n, s) for s in (0, 1) for n in names]
+    assert (tmp_path / "s" / "seed1" / "ppo-kl0.05" / "final").exists()
+    held_out = (tmp_path / "s" / "seed0" / "eval_prompts.jsonl").read_text()
+    assert held_out == "".join(task.VALIDATION_PREFIXES.read_text().splitlines(keepends=True)[:4])
+    learned = summary["settings"][-1]
+    assert learned["method"] == "ppo (learned reward)" and learned["seeds"] == 2 and len(learned["reward_ci95"]) == 2
+    runs = {(r["run"], r["seed"]): r for r in summary["runs"]}
+    # end to end: DPO adds its pairs; PPO with VADER is its training alone; the learned reward adds pairs + RM
+    dpo, ppo, ppo_rm = runs["dpo-beta0.1", 0], runs["ppo-kl0.05", 0], runs["ppo-learned-reward", 0]
+    assert dpo["end_to_end"]["seconds"] > dpo["train"]["seconds"] and ppo["end_to_end"] == ppo["train"]
+    assert ppo_rm["end_to_end"]["seconds"] > ppo_rm["train"]["seconds"]
+    assert "dpo vs ppo" in summary["frontier"] and all("collapsed" in r for r in summary["runs"])
+    assert (tmp_path / "s" / "report" / "frontier.png").exists() and (tmp_path / "s" / "frontier.png").exists()
+    md = (tmp_path / "s" / "study.md").read_text()
+    assert "| ppo-learned-reward | ppo (learned reward) |" in md and "**validation**" in md

@@ -405,13 +405,17 @@ def convert(gguf: str = typer.Argument(..., help="a .gguf file, or 'smollm2' for
 @app.command("demo")
 def demo(output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="folder for everything the demo writes"),
          quick: bool = typer.Option(False, "--quick", help="every stage shrunk (seconds, for tests)"),
+         split: str = typer.Option("test", "--split", help="evaluate on: test (report) or validation (choose)"),
+         seed: int = typer.Option(0, "--seed"),
          no_progress: bool = typer.Option(False, "--no-progress")) -> None:
     """Align the shipped model with DPO and PPO, evaluate both, report: on what ships (no downloads)."""
     from .demo import run_demo
     from .eval.sentiment import ScorerMissing
 
+    if split not in ("test", "validation"):
+        fail(f"--split must be test or validation, not {split!r}")
     try:
-        run_demo(output, console, quick=quick, progress=not no_progress)
+        run_demo(output, console, quick=quick, progress=not no_progress, split=split, seed=seed)
     except ScorerMissing as e:
         fail(str(e), 1)
 
@@ -424,15 +428,16 @@ app.add_typer(study_app, name="study")
 def study_sentiment(
     args: list[str] | None = typer.Argument(None, help="CONFIG.yaml and/or key=value overrides"),
     output: str = typer.Option("runs/study-sentiment", "-o", "--output"),
+    split: str | None = typer.Option(None, "--split", help="validation (default: choose settings) or test (report)"),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """DPO at several betas, IPO, PPO at several KL coefficients (+ PPO with a learned reward model) on
-    the shipped model; reward/KL frontier and wall clock of each."""
+    the shipped model, several seeds each; reward/KL frontier and the cost of each."""
     from .eval.sentiment import ScorerMissing
     from .study import StudyConfig, run_study
 
     config, overrides = _config_and_overrides(args)
-    cfg = build(StudyConfig, dict(output=output), overrides, config)
+    cfg = build(StudyConfig, dict(output=output, split=split), overrides, config)
     try:
         run_study(cfg, _log, progress=not no_progress)
     except ScorerMissing as e:

@@ -2,9 +2,16 @@
 
 DPO at several betas, IPO at several taus, PPO at several KL coefficients with VADER as reward, and
 "PPO (learned reward)": PPO against a reward model trained (Bradley-Terry) on the very pairs DPO
-uses. Every run is evaluated on the same held-out prefixes for VADER reward and exact KL to the base;
-the report plots the reward/KL frontier and tabulates the wall clock of each run. A benchmark, not a
-test: 5 min 20 s on 2 cores with the defaults (14 models).
+uses. Every setting runs with each of `seeds` (pairs, training and evaluation sampling all follow
+the seed); every run is evaluated on the same held-out prefixes for VADER reward and exact KL to
+the base. study.md gives each setting's mean and 95% t-interval over seeds, flags runs whose
+completions collapsed in length, and states how the frontiers compare, derived from the data
+(tasks/seeds.py). A benchmark, not a test.
+
+`split: validation` (the default) evaluates on the validation prefixes: that is where settings are
+chosen. `split: test` evaluates the chosen settings on the test prefixes: the figures to report.
+Each stage (pairs, reward model, each training run, the evaluations of a seed) runs in its own
+process (tasks/stages.py); costs are "train" and "end to end" (README "How costs are counted").
 """
 
 from __future__ import annotations
@@ -12,19 +19,23 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .config import StrictModel
 from .tasks import sentiment as task
+from .tasks.stages import chain, portable, run_stage
+from .tasks.study_table import aggregate, flag_collapse, frontier_statements, markdown, plot_frontier
 
 
 class StudyConfig(StrictModel):
     output: str
+    split: Literal["validation", "test"] = "validation"
     train_prompts: int = 384
     eval_prompts: int = 192
     samples: int = 8
     max_new_tokens: int = 32
-    seed: int = 0
+    seeds: list[int] = [0, 1, 2]
+    collapse_fraction: float = 0.5  # flag a run whose mean completion length is below this x the base's
     dpo_betas: list[float] = [0.05, 0.1, 0.2, 0.5, 1.0]
     ipo_betas: list[float] = [0.1, 0.5, 1.0]
     ppo_kl_coefs: list[float] = [0.01, 0.03, 0.1, 0.3]
@@ -37,7 +48,7 @@ class StudyConfig(StrictModel):
 
 
 def runs_of(cfg: StudyConfig) -> list[tuple[str, str, dict[str, Any]]]:
-    """(run name, method, settings) in the order they run."""
+    """(run name, method, settings) in the order they run; PPO (learned reward) is added per seed."""
     out = [(f"dpo-beta{b}", "dpo", {**cfg.dpo, "beta": b}) for b in cfg.dpo_betas]
     out += [(f"ipo-beta{b}", "ipo", {**cfg.ipo, "beta": b}) for b in cfg.ipo_betas]
     out += [(f"ppo-kl{k}", "ppo", {**cfg.ppo, "kl_coef": k}) for k in cfg.ppo_kl_coefs]
@@ -46,58 +57,62 @@ def runs_of(cfg: StudyConfig) -> list[tuple[str, str, dict[str, Any]]]:
 
 def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
     out = Path(cfg.output)
-    sizes = task.Sizes(train_prompts=cfg.train_prompts, eval_prompts=cfg.eval_prompts, samples=cfg.samples,
-                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    base = task.BASE_MODEL
     t0 = time.perf_counter()
-    train_prompts, held_out = task.split_prefixes(out, sizes)
-    pairs, pair_summary = task.make_pairs(out, base, train_prompts, sizes, log)
-    pair_seconds = time.perf_counter() - t0
-    rows = [_row("base", "base", {}, None, task.evaluate(base, out / "base" / "eval", base, held_out, sizes, log, progress))]
-    plan = runs_of(cfg)
-    if cfg.learned_reward_kl_coef is not None:
-        rm = task.train(out / "reward-model", base, "reward", pairs, None, sizes, log, progress, **cfg.reward_model)
-        log(f"reward model: train reward/accuracy {rm['final'].get('reward/accuracy', float('nan')):.2f}")
-        merged = out / "reward-model" / "final"
-        plan.append(("ppo-learned-reward", "ppo", {**cfg.ppo, "kl_coef": cfg.learned_reward_kl_coef,
-                                                   "reward": str(merged)}))
-    for i, (name, method, settings) in enumerate(plan, 1):
-        log(f"study run {i}/{len(plan)}: {name}")
-        run = task.train(out / name, base, method, pairs if method != "ppo" else None,
-                         train_prompts if method == "ppo" else None, sizes, log, progress, **settings)
-        ev = task.evaluate(out / name / "final", out / name / "eval", base, held_out, sizes, log, progress)
-        rows.append(_row(name, method, settings, run, ev))
+    rows: list[dict] = []
+    for i, seed in enumerate(cfg.seeds, 1):
+        log(f"study: seed {seed} ({i}/{len(cfg.seeds)}), evaluated on the {cfg.split} prefixes")
+        rows += _one_seed(cfg, seed, out / f"seed{seed}", log, progress)
+    flag_collapse(rows, cfg.collapse_fraction)
+    settings = aggregate(rows)
+    summary = {"split": cfg.split, "seeds": cfg.seeds, "settings": settings, "runs": rows,
+               "frontier": frontier_statements(rows), "seconds": time.perf_counter() - t0,
+               "config": cfg.model_dump()}
     from .report.build import build_report
 
-    build_report([out / r["run"] for r in rows], out / "report", log)
-    summary = {"rows": rows, "pairs": pair_summary, "pair_generation_seconds": pair_seconds,
-               "seconds": time.perf_counter() - t0, "config": cfg.model_dump()}
+    build_report([Path(r["path"]) for r in rows if r["seed"] == cfg.seeds[0]], out / "report", log)
+    plot_frontier(settings, out / "frontier.png", cfg.split)
     (out / "study.json").write_text(json.dumps(summary, indent=2))
     (out / "study.md").write_text(markdown(summary))
-    log(f"study: {len(rows)} models in {summary['seconds']:.0f} s; {out / 'study.md'}, {out / 'report' / 'report.html'}")
+    for s in summary["frontier"].values():
+        log(s["statement"])
+    log(f"study: {len(rows)} models ({len(settings)} settings x {len(cfg.seeds)} seeds) in {summary['seconds']:.0f} s; "
+        f"{out / 'study.md'}, {out / 'frontier.png'}")
     return summary
 
 
-def _row(name: str, method: str, settings: dict, run: dict | None, ev: dict) -> dict:
-    return {"run": name, "method": "ppo (learned reward)" if "reward" in settings else method,
-            "setting": settings.get("beta", settings.get("kl_coef")), "reward_mean": ev["reward_mean"],
-            "reward_ci95": ev["reward_ci95"], "kl_per_sequence": ev["kl_per_sequence"],
-            "kl_per_token": ev["kl_per_token"], "win_rate_vs_base": ev.get("win_rate"),
-            "mean_length": ev["mean_length"], "wall_seconds": run["wall_seconds"] if run else None,
-            "tokens_per_s": run["tokens_per_s"] if run else None,
-            "peak_memory_bytes": run["peak_memory_bytes"] if run else None}
+def _one_seed(cfg: StudyConfig, seed: int, out: Path, log, progress: bool) -> list[dict]:
+    """Pairs, reward model, every training run and the evaluations of one seed, each stage in its own process."""
+    sizes = task.Sizes(train_prompts=cfg.train_prompts, eval_prompts=cfg.eval_prompts, samples=cfg.samples,
+                       max_new_tokens=cfg.max_new_tokens, seed=seed)
+    base, child_log = task.BASE_MODEL, portable(log)
+    train_prompts, held_out = task.split_prefixes(out, sizes, cfg.split)
+    (pairs, _), cost_pairs = run_stage(task.make_pairs, out, base, train_prompts, sizes, child_log)
+    plan = [(name, method, settings, None) for name, method, settings in runs_of(cfg)]
+    if cfg.learned_reward_kl_coef is not None:
+        rm, cost_rm = run_stage(task.train, out / "reward-model", base, "reward", pairs, None, sizes, child_log,
+                                progress, **cfg.reward_model)
+        log(f"reward model: train reward/accuracy {rm['final'].get('reward/accuracy', float('nan')):.2f}")
+        plan.append(("ppo-learned-reward", "ppo", {**cfg.ppo, "kl_coef": cfg.learned_reward_kl_coef,
+                                                   "reward": str(out / "reward-model" / "final")}, cost_rm))
+    trained = []
+    for i, (name, method, settings, cost_rm) in enumerate(plan, 1):
+        log(f"seed {seed}, run {i}/{len(plan)}: {name}")
+        run, cost = run_stage(task.train, out / name, base, method, pairs if method != "ppo" else None,
+                              train_prompts if method == "ppo" else None, sizes, child_log, progress, **settings)
+        # end to end: what this setting alone would have needed (README "How costs are counted")
+        before = [] if method == "ppo" and cost_rm is None else [cost_pairs] + ([cost_rm] if cost_rm else [])
+        trained.append((name, method, settings, run, cost, chain(*before, cost)))
+    models = [(base, out / "base" / "eval")] + [(out / t[0] / "final", out / t[0] / "eval") for t in trained]
+    evals, _ = run_stage(task.evaluate_all, models, base, held_out, sizes, child_log, progress)
+    rows = [_row("base", "base", {}, None, None, None, evals[0], seed, out / "base")]
+    rows += [_row(*t, ev, seed, out / t[0]) for t, ev in zip(trained, evals[1:], strict=True)]
+    return rows
 
 
-def markdown(summary: dict) -> str:
-    lines = ["| run | method | beta / kl_coef | held-out reward [95% CI] | KL/seq | win-rate vs base | length | "
-             "train s |", "|---|---|---|---|---|---|---|---|"]
-    for r in summary["rows"]:
-        lo, hi = r["reward_ci95"]
-        win = "-" if r["run"] == "base" else f"{r['win_rate_vs_base']:.2f}"
-        secs = "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}"
-        lines.append(f"| {r['run']} | {r['method']} | {r['setting'] if r['setting'] is not None else '-'} | "
-                     f"{r['reward_mean']:.3f} [{lo:.3f}, {hi:.3f}] | {r['kl_per_sequence']:.2f} | {win} | "
-                     f"{r['mean_length']:.1f} | {secs} |")
-    lines.append(f"\nPairs: {summary['pairs']['curate']['kept']} (sampling + labelling "
-                 f"{summary['pair_generation_seconds']:.0f} s); whole study {summary['seconds']:.0f} s.")
-    return "\n".join(lines) + "\n"
+def _row(name: str, method: str, settings: dict, run: dict | None, train: dict | None, end_to_end: dict | None,
+         ev: dict, seed: int, path: Path) -> dict:
+    return {"run": name, "method": "ppo (learned reward)" if "reward" in settings else method, "seed": seed,
+            "setting": settings.get("beta", settings.get("kl_coef")), "path": str(path),
+            "reward_mean": ev["reward_mean"], "reward_ci95": ev["reward_ci95"], "kl_per_sequence": ev["kl_per_sequence"],
+            "kl_per_token": ev["kl_per_token"], "win_rate_vs_base": ev.get("win_rate"), "mean_length": ev["mean_length"],
+            "tokens_per_s": run["tokens_per_s"] if run else None, "train": train, "end_to_end": end_to_end}

@@ -4,20 +4,27 @@ Prompts are prefixes of held-out IMDb reviews; the policy should continue them p
 ground truth is VADER (prefalign.eval.sentiment). Preference pairs are made as in the paper: sample
 several continuations per prefix from the base model and let the scorer pick the best and the
 worst. The demo and the study are both built from the steps here, with different sizes.
+
+Three disjoint prompt sets (scripts/build_prefixes.py): train prompts (pairs, PPO rollouts),
+validation prompts (where settings are chosen) and test prompts (the figures that are reported).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BASE_MODEL = ASSETS / "imdb-lm"
-PREFIXES = ASSETS / "imdb_prefixes.jsonl"
+PREFIXES = ASSETS / "imdb_prefixes.jsonl"  # test prefixes first, then the train prompts
+VALIDATION_PREFIXES = ASSETS / "imdb_prefixes_validation.jsonl"
 REWARD = "prefalign.eval.sentiment:positive"
+Split = Literal["validation", "test"]
 
 
 @dataclass
@@ -30,28 +37,59 @@ class Sizes:
     lora: dict[str, Any] = field(default_factory=lambda: {"r": 16, "lora_alpha": 32})
 
 
-def split_prefixes(out: Path, sizes: Sizes, prefixes: Path = PREFIXES) -> tuple[Path, Path]:
-    """The first `eval_prompts` prefixes are held out for evaluation; the next `train_prompts` train."""
-    rows = [x for x in prefixes.read_text(encoding="utf-8").splitlines() if x.strip()]
+def normalise(text: str) -> str:
+    """What counts as the same text: case, punctuation and spacing ignored."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(re.sub(r"[^\w\s]|_", " ", text).split())
+
+
+def check_disjoint(sets: dict[str, list[str]]) -> None:
+    """Raise ValueError when a text (after `normalise`) is in two sets or twice in one."""
+    seen: dict[str, str] = {}
+    for name, texts in sets.items():
+        for text in texts:
+            key = normalise(text)
+            if key in seen:
+                raise ValueError(f"prompt {text!r} is in {seen[key]} and {name}: the sets must be disjoint")
+            seen[key] = name
+
+
+def _prompts(path: Path) -> list[str]:
+    return [json.loads(x)["prompt"] for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def split_prefixes(out: Path, sizes: Sizes, split: Split = "test", prefixes: Path = PREFIXES,
+                   validation: Path = VALIDATION_PREFIXES) -> tuple[Path, Path]:
+    """Write (train prompts, held-out prompts) to OUT; the held-out ones are SPLIT's.
+
+    The first `eval_prompts` rows of PREFIXES are the test prompts and the next `train_prompts` the
+    train prompts, so a run on the validation split trains on exactly the prompts a run on the test
+    split does; the validation prompts are the first `eval_prompts` of VALIDATION_PREFIXES.
+    """
+    rows, val = _prompts(prefixes), _prompts(validation)
     need = sizes.eval_prompts + sizes.train_prompts
-    if len(rows) < need:
-        raise ValueError(f"{prefixes}: {len(rows)} prefixes, {need} needed")
+    if len(rows) < need or len(val) < sizes.eval_prompts:
+        raise ValueError(f"{prefixes} has {len(rows)} prefixes ({need} needed), {validation} {len(val)} "
+                         f"({sizes.eval_prompts} needed)")
+    sets = {"test": rows[:sizes.eval_prompts], "train": rows[sizes.eval_prompts:need], "validation": val}
+    check_disjoint(sets)  # the whole validation file: no test or train prompt may hide in its tail either
     out.mkdir(parents=True, exist_ok=True)
     held_out, train = out / "eval_prompts.jsonl", out / "train_prompts.jsonl"
-    held_out.write_text("\n".join(rows[:sizes.eval_prompts]) + "\n")
-    train.write_text("\n".join(rows[sizes.eval_prompts:need]) + "\n")
+    for path, texts in ((held_out, sets[split][:sizes.eval_prompts]), (train, sets["train"])):
+        path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts), encoding="utf-8")
     return train, held_out
 
 
-def make_pairs(out: Path, base: Path, train_prompts: Path, sizes: Sizes, log: Callable[[str], None]) -> tuple[Path, dict]:
-    """Sample `samples` continuations per prefix from the base, label best-vs-worst by VADER, curate."""
+def make_pairs(out: Path, base: Path, train_prompts: Path, sizes: Sizes, log: Callable[[str], None],
+               judge: str = REWARD) -> tuple[Path, dict]:
+    """Sample `samples` continuations per prefix from the base, label best-vs-worst by JUDGE, curate."""
     from ..data.curate import CurateConfig, curate
     from ..feedback.label import LabelConfig, label
     from ..feedback.sample import SampleConfig, sample
 
     s = sample(SampleConfig(model=str(base), prompts=str(train_prompts), output=str(out / "samples.jsonl"),
                             n=sizes.samples, max_new_tokens=sizes.max_new_tokens, seed=sizes.seed, device="cpu"), log)
-    lab = label(LabelConfig(samples=str(out / "samples.jsonl"), judge=REWARD, output=str(out / "pairs_raw.jsonl")), log)
+    lab = label(LabelConfig(samples=str(out / "samples.jsonl"), judge=judge, output=str(out / "pairs_raw.jsonl")), log)
     cur = curate(out / "pairs_raw.jsonl", out / "pairs.jsonl", out / "pairs.quarantine.jsonl", CurateConfig())
     log(f"pairs: {cur.kept} kept after curation, set aside {dict(cur.set_aside)}; "
         f"mean VADER gap chosen - rejected {lab['mean_score_gap']:.3f}")
@@ -66,8 +104,9 @@ def train(run: Path, base: Path, method: str, data: Path | None, prompts: Path |
     from ..train.offline import run_offline
     from ..train.ppo import run_rl
 
+    # the KL monitor samples completions as long as the evaluation's, so its KL and eval's compare
     common = {"model": str(base), "output": str(run), "method": method, "lora": sizes.lora, "seed": sizes.seed,
-              "device": "cpu", "lr_schedule": "constant", **settings}
+              "device": "cpu", "lr_schedule": "constant", "kl_max_new_tokens": sizes.max_new_tokens, **settings}
     if method in RL_METHODS:
         cfg = load_config(RLConfig, base={"prompts": str(prompts), "reward": REWARD,
                                           "max_new_tokens": sizes.max_new_tokens, **common})
@@ -79,11 +118,17 @@ def train(run: Path, base: Path, method: str, data: Path | None, prompts: Path |
 
 
 def evaluate(model: Path, out: Path, base: Path, held_out: Path, sizes: Sizes, log: Callable[[str], None],
-             progress: bool = True) -> dict:
-    """Held-out VADER reward, win-rate against the base and exact KL to the base, written to OUT."""
+             progress: bool = True, judge: str = REWARD) -> dict:
+    """Held-out reward (JUDGE), win-rate against the base and exact KL to the base, written to OUT."""
     from ..eval.evaluate import EvalConfig
     from ..eval.evaluate import evaluate as run_eval
 
-    cfg = EvalConfig(model=str(model), reference=str(base), prompts=str(held_out), judge=REWARD, output=str(out),
+    cfg = EvalConfig(model=str(model), reference=str(base), prompts=str(held_out), judge=judge, output=str(out),
                      max_new_tokens=sizes.max_new_tokens, seed=sizes.seed + 1, device="cpu")
     return run_eval(cfg, log=log, progress=progress)
+
+
+def evaluate_all(models: list[tuple[Path, Path]], base: Path, held_out: Path, sizes: Sizes,
+                 log: Callable[[str], None], progress: bool = True, judge: str = REWARD) -> list[dict]:
+    """`evaluate` for each (model, out) in turn: one process for the whole eval stage."""
+    return [evaluate(model, out, base, held_out, sizes, log, progress, judge) for model, out in models]

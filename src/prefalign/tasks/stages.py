@@ -1,0 +1,104 @@
+"""Each stage of a pipeline in its own process, so that its peak memory is its own.
+
+A process's RSS high-water mark cannot be reset: in one process, DPO training after pair sampling
+would report the sampler's peak, and every stage the largest so far (the old demo reported 630 MB
+for both DPO and PPO). `run_stage` runs a function in a fresh child process and returns its result
+with that child's cost (README "How costs are counted"):
+- `seconds`: wall clock of the function in the child (model loading included; process start-up not,
+  so that a stage is not charged the interpreter's and torch's import time),
+- `peak_rss_bytes`: the child's ru_maxrss,
+- `peak_cuda_bytes`: on CUDA, the allocator's peak (a fresh process starts from zero), else None.
+Children are forked from a forkserver that has imported torch and transformers once, so a stage
+starts in milliseconds rather than seconds; where there is no forkserver (Windows), they are spawned.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+# Imported once by the forkserver; never anything that starts threads or touches a GPU at import.
+PRELOAD = ["torch", "transformers", "peft", "prefalign.tasks.sentiment", "prefalign.train.offline",
+           "prefalign.train.ppo", "prefalign.eval.evaluate"]
+
+
+@dataclass(frozen=True)
+class Log:
+    """A log callable that survives the trip into a child process (a lambda does not)."""
+
+    quiet: bool = False
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+
+def portable(log: Callable[[str], None] | None) -> Callable[[str], None]:
+    """LOG itself when a child process can receive it (a function of an importable module), else a
+    stderr Log. Anything from __main__ is refused: a child re-imports the main script without running
+    its `if __name__ == "__main__":` block, so a function defined there pickles but cannot load."""
+    if log is None:
+        return Log(quiet=True)
+    if getattr(log, "__module__", "__main__") == "__main__":
+        return Log()
+    try:
+        pickle.dumps(log)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return Log()
+    return log
+
+
+def _context():
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def run_stage(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, dict]:
+    """fn(*args, **kwargs) in a fresh child process: (its result, its cost)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=_context()) as pool:
+        return pool.submit(_measured, fn, args, kwargs, os.getpid()).result()
+
+
+def _exit_with(owner: int) -> None:
+    """End this stage when the process that asked for it is gone (killed, timed out): the child's parent
+    is the forkserver, so nothing else would stop it from training on for minutes as an orphan."""
+    while True:
+        time.sleep(2.0)
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            os._exit(1)
+
+
+def _measured(fn: Callable[..., Any], args: tuple, kwargs: dict, owner: int) -> tuple[Any, dict]:
+    threading.Thread(target=_exit_with, args=(owner,), daemon=True).start()
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda = None
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        cuda = int(torch.cuda.max_memory_allocated())
+    # Linux reports KiB, macOS bytes
+    return result, {"seconds": seconds, "peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024,
+                    "peak_cuda_bytes": cuda}
+
+
+def chain(*costs: dict) -> dict:
+    """The cost of stages run one after another: seconds add up, the peak is the largest stage's."""
+    cuda = [c["peak_cuda_bytes"] for c in costs if c.get("peak_cuda_bytes") is not None]
+    return {"seconds": sum(c["seconds"] for c in costs), "peak_rss_bytes": max(c["peak_rss_bytes"] for c in costs),
+            "peak_cuda_bytes": max(cuda) if cuda else None}
