@@ -22,8 +22,10 @@ from rich.console import Console
 from .tasks import sentiment as task
 from .tasks.stages import chain, run_stage
 
-# What the demo trains, chosen on the validation prefixes so that each stage moves the reward in a
-# few minutes. (4 samples per prefix give pairs too noisy for DPO to move in this budget.)
+# What the demo trains: each stage moves the reward in a few minutes. First picked on what were then
+# the held-out prefixes; re-checked on the validation prefixes with PPO's k1 reward penalty (seed 0:
+# base 0.11 [0.03, 0.19], DPO 0.50 at KL 16, PPO 0.35 at KL 4). 4 samples per prefix give pairs too
+# noisy for DPO to move in this budget.
 DPO = dict(beta=0.1, learning_rate=1e-3, max_steps=96, batch_size=8)
 PPO = dict(kl_coef=0.05, learning_rate=5e-4, max_steps=32, batch_size=16, ppo_epochs=4, num_minibatches=2)
 FULL = dict(train_prompts=256, eval_prompts=128, samples=8)

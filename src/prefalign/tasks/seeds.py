@@ -79,8 +79,8 @@ def _by(d: list[float]) -> str:
 def statement(cmp: dict | None, a: str, b: str) -> str:
     """The sentence the study prints about A against B, derived from `compare_frontiers`."""
     if cmp is None:
-        return (f"{a} vs {b}: no KL range on which every seed of both has two or more points; "
-                "no comparison made.")
+        return (f"{a} vs {b}: no comparison made: no KL range is covered by every seed's curve of both "
+                "(each needs two or more settings, and the seeds' KL ranges must overlap).")
     lo, hi = cmp["kl_range"]
     m, (mlo, mhi) = cmp["mean_difference"], cmp["mean_difference_ci95"]
     head = (f"{a} vs {b} over KL {lo:.2f}–{hi:.2f} nats per sequence, where both have points in every seed "
