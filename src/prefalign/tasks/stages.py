@@ -67,13 +67,19 @@ def _context():
 
 def run_stage(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, dict]:
     """fn(*args, **kwargs) in a fresh child process: (its result, its cost)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=_context()) as pool:
-        return pool.submit(_measured, fn, args, kwargs, os.getpid()).result()
+    with ProcessPoolExecutor(max_workers=1, mp_context=_context(), initializer=_watch,
+                             initargs=(os.getpid(),)) as pool:
+        return pool.submit(_measured, fn, args, kwargs).result()
+
+
+def _watch(owner: int) -> None:
+    """In the child, before it takes its task: end it when the process that asked for it is gone
+    (killed, timed out). Its parent is the forkserver, so nothing else would stop it training on for
+    minutes as an orphan, or, its task done, waiting forever on a queue whose writer it holds itself."""
+    threading.Thread(target=_exit_with, args=(owner,), daemon=True).start()
 
 
 def _exit_with(owner: int) -> None:
-    """End this stage when the process that asked for it is gone (killed, timed out): the child's parent
-    is the forkserver, so nothing else would stop it from training on for minutes as an orphan."""
     while True:
         time.sleep(2.0)
         try:
@@ -82,8 +88,7 @@ def _exit_with(owner: int) -> None:
             os._exit(1)
 
 
-def _measured(fn: Callable[..., Any], args: tuple, kwargs: dict, owner: int) -> tuple[Any, dict]:
-    threading.Thread(target=_exit_with, args=(owner,), daemon=True).start()
+def _measured(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, dict]:
     t0 = time.perf_counter()
     result = fn(*args, **kwargs)
     seconds = time.perf_counter() - t0
