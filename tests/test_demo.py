@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from prefalign.tasks import sentiment as task
 
@@ -111,21 +112,30 @@ def test_study_runs_shrunk_with_seeds(tmp_path):
     cfg = StudyConfig(output=str(tmp_path / "s"), train_prompts=8, eval_prompts=4, samples=3, max_new_tokens=8,
                       seeds=[0, 1], dpo_betas=[0.1], ipo_betas=[0.5], ppo_kl_coefs=[0.05],
                       dpo={"max_steps": 2, "batch_size": 4}, ipo={"max_steps": 2, "batch_size": 4},
-                      ppo={"max_steps": 2, "batch_size": 4}, reward_model={"max_steps": 2, "batch_size": 4})
+                      ppo={"max_steps": 2, "batch_size": 4}, reward_model={"max_steps": 2, "batch_size": 4},
+                      iterative_rounds=2)
     summary = run_study(cfg, log=lambda _: None, progress=False)
-    names = ["base", "dpo-beta0.1", "ipo-beta0.5", "ppo-kl0.05", "ppo-learned-reward"]
+    names = ["base", "dpo-beta0.1", "ipo-beta0.5", "ppo-kl0.05", "ppo-learned-reward", "dpo-iterative-round1",
+             "dpo-iterative-round2"]
     assert [r["run"] for r in summary["settings"]] == names and summary["split"] == "validation"
     assert [(r["run"], r["seed"]) for r in summary["runs"]] == [(n, s) for s in (0, 1) for n in names]
     assert (tmp_path / "s" / "seed1" / "ppo-kl0.05" / "final").exists()
     held_out = (tmp_path / "s" / "seed0" / "eval_prompts.jsonl").read_text()
     assert held_out == "".join(task.VALIDATION_PREFIXES.read_text().splitlines(keepends=True)[:4])
-    learned = summary["settings"][-1]
+    learned = summary["settings"][4]
     assert learned["method"] == "ppo (learned reward)" and learned["seeds"] == 2 and len(learned["reward_ci95"]) == 2
     runs = {(r["run"], r["seed"]): r for r in summary["runs"]}
     # end to end: DPO adds its pairs; PPO with VADER is its training alone; the learned reward adds pairs + RM
     dpo, ppo, ppo_rm = runs["dpo-beta0.1", 0], runs["ppo-kl0.05", 0], runs["ppo-learned-reward", 0]
     assert dpo["end_to_end"]["seconds"] > dpo["train"]["seconds"] and ppo["end_to_end"] == ppo["train"]
     assert ppo_rm["end_to_end"]["seconds"] > ppo_rm["train"]["seconds"]
+    # DPO (iterative): round 1 is the DPO run; round 2 trains from it on pairs it sampled itself
+    r1, r2 = runs["dpo-iterative-round1", 0], runs["dpo-iterative-round2", 0]
+    assert (r1["reward_mean"], r1["path"], r1["setting"]) == (dpo["reward_mean"], dpo["path"], 1)
+    assert r2["method"] == "dpo (iterative)" and r2["setting"] == 2
+    assert r2["end_to_end"]["seconds"] > dpo["end_to_end"]["seconds"] + r2["train"]["seconds"]
+    round2 = yaml.safe_load((tmp_path / "s" / "seed0" / "dpo-iterative-round2" / "config.yaml").read_text())
+    assert round2["model"] == str(tmp_path / "s" / "seed0" / "dpo-beta0.1" / "final")
     assert "dpo vs ppo" in summary["frontier"] and all("collapsed" in r for r in summary["runs"])
     assert (tmp_path / "s" / "report" / "frontier.png").exists() and (tmp_path / "s" / "frontier.png").exists()
     md = (tmp_path / "s" / "study.md").read_text()

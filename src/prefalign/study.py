@@ -2,8 +2,10 @@
 
 DPO at several betas, IPO at several taus, PPO at several KL coefficients with VADER as reward, and
 "PPO (learned reward)": PPO against a reward model trained (Bradley-Terry) on the very pairs DPO
-uses. Every setting runs with each of `seeds` (pairs, training and evaluation sampling all follow
-the seed); every run is evaluated on the same held-out prefixes for VADER reward and exact KL to
+uses, and "DPO (iterative)": online DPO, the on-policy counterpart to PPO (Xu et al. 2023, Yuan et
+al. 2024, as `prefalign iterate`): round r samples pairs from round r-1's model and trains DPO from
+it, anchored to it; round 1 is the `iterative_beta` DPO run itself. Every setting runs with each of
+`seeds` (pairs, training and evaluation sampling all follow the seed); every run is evaluated on the same held-out prefixes for VADER reward and exact KL to
 the base. study.md gives each setting's mean and 95% t-interval over seeds, flags runs whose
 completions collapsed in length, and states how the frontiers compare, derived from the data
 (tasks/seeds.py). A benchmark, not a test.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +43,8 @@ class StudyConfig(StrictModel):
     ipo_betas: list[float] = [0.1, 0.5, 1.0]
     ppo_kl_coefs: list[float] = [0.01, 0.03, 0.1, 0.3]
     learned_reward_kl_coef: float | None = 0.03  # None: skip PPO (learned reward)
+    iterative_rounds: int = 3  # DPO (iterative): rounds in all, round 1 included; 1 or less: skip it
+    iterative_beta: float = 0.1  # must be one of dpo_betas: its run is round 1
     dpo: dict[str, Any] = {"learning_rate": 1e-3, "max_steps": 96, "batch_size": 8}
     ipo: dict[str, Any] = {"learning_rate": 1e-3, "max_steps": 96, "batch_size": 8}
     ppo: dict[str, Any] = {"learning_rate": 5e-4, "max_steps": 32, "batch_size": 16, "ppo_epochs": 4,
@@ -56,6 +61,9 @@ def runs_of(cfg: StudyConfig) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
+    if cfg.iterative_rounds > 1 and cfg.iterative_beta not in cfg.dpo_betas:
+        raise ValueError(f"iterative_beta {cfg.iterative_beta} is not in dpo_betas {cfg.dpo_betas}: "
+                         "its DPO run is the iterative arm's first round")
     out = Path(cfg.output)
     t0 = time.perf_counter()
     rows: list[dict] = []
@@ -95,24 +103,51 @@ def _one_seed(cfg: StudyConfig, seed: int, out: Path, log, progress: bool) -> li
         plan.append(("ppo-learned-reward", "ppo", {**cfg.ppo, "kl_coef": cfg.learned_reward_kl_coef,
                                                    "reward": str(out / "reward-model" / "final")}, cost_rm))
     trained = []
+    plan_size = len(plan) + max(cfg.iterative_rounds - 1, 0)
     for i, (name, method, settings, cost_rm) in enumerate(plan, 1):
-        log(f"seed {seed}, run {i}/{len(plan)}: {name}")
+        log(f"seed {seed}, run {i}/{plan_size}: {name}")
         run, cost = run_stage(task.train, out / name, base, method, pairs if method != "ppo" else None,
                               train_prompts if method == "ppo" else None, sizes, child_log, progress, **settings)
         # end to end: what this setting alone would have needed (README "How costs are counted")
         before = [] if method == "ppo" and cost_rm is None else [cost_pairs] + ([cost_rm] if cost_rm else [])
         trained.append((name, method, settings, run, cost, chain(*before, cost)))
+    trained += _iterative(cfg, out, trained, train_prompts, sizes, child_log, progress, len(plan), plan_size, log)
     models = [(base, out / "base" / "eval")] + [(out / t[0] / "final", out / t[0] / "eval") for t in trained]
     evals, _ = run_stage(task.evaluate_all, models, base, held_out, sizes, child_log, progress)
     rows = [_row("base", "base", {}, None, None, None, evals[0], seed, out / "base")]
     rows += [_row(*t, ev, seed, out / t[0]) for t, ev in zip(trained, evals[1:], strict=True)]
+    if any(r["method"] == "dpo (iterative)" for r in rows):  # round 1 is the DPO run: the curve starts there
+        first = next(r for r in rows if r["run"] == f"dpo-beta{cfg.iterative_beta}")
+        at = next(i for i, r in enumerate(rows) if r["method"] == "dpo (iterative)")
+        rows.insert(at, {**first, "run": "dpo-iterative-round1", "method": "dpo (iterative)", "setting": 1})
     return rows
+
+
+def _iterative(cfg: StudyConfig, out: Path, trained: list, train_prompts: Path, sizes, child_log, progress: bool,
+               done: int, plan_size: int, log) -> list:
+    """Rounds 2.. of DPO (iterative): pairs sampled from the previous round's model (a fresh sampling
+    seed per round), labelled by VADER, DPO from that model. End to end: every round's pairs and training."""
+    first = next((t for t in trained if t[1] == "dpo" and t[2]["beta"] == cfg.iterative_beta), None)
+    if cfg.iterative_rounds < 2 or first is None:
+        return []
+    settings = {**cfg.dpo, "beta": cfg.iterative_beta}
+    prev, e2e, rounds = out / first[0] / "final", first[5], []
+    for r in range(2, cfg.iterative_rounds + 1):
+        name = f"dpo-iterative-round{r}"
+        log(f"seed {sizes.seed}, run {done + r - 1}/{plan_size}: {name} (pairs from {prev.parent.name})")
+        (pairs, _), c_pairs = run_stage(task.make_pairs, out / name, prev, train_prompts,
+                                        replace(sizes, seed=sizes.seed + 1000 * r), child_log)
+        run, cost = run_stage(task.train, out / name, prev, "dpo", pairs, None, sizes, child_log, progress, **settings)
+        e2e = chain(e2e, c_pairs, cost)
+        rounds.append((name, "dpo (iterative)", {**settings, "round": r}, run, cost, e2e))
+        prev = out / name / "final"
+    return rounds
 
 
 def _row(name: str, method: str, settings: dict, run: dict | None, train: dict | None, end_to_end: dict | None,
          ev: dict, seed: int, path: Path) -> dict:
     return {"run": name, "method": "ppo (learned reward)" if "reward" in settings else method, "seed": seed,
-            "setting": settings.get("beta", settings.get("kl_coef")), "path": str(path),
+            "setting": settings.get("round", settings.get("beta", settings.get("kl_coef"))), "path": str(path),
             "reward_mean": ev["reward_mean"], "reward_ci95": ev["reward_ci95"], "kl_per_sequence": ev["kl_per_sequence"],
             "kl_per_token": ev["kl_per_token"], "win_rate_vs_base": ev.get("win_rate"), "mean_length": ev["mean_length"],
             "tokens_per_s": run["tokens_per_s"] if run else None, "train": train, "end_to_end": end_to_end}

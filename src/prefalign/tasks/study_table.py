@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .seeds import compare_frontiers, mean_ci, statement
 
-COMPARED = [("dpo", "ppo"), ("ipo", "ppo")]  # (A, B): A's reward minus B's at equal KL
+COMPARED = [("dpo", "ppo"), ("ipo", "ppo"), ("dpo (iterative)", "ppo")]  # (A, B): A's reward minus B's at equal KL
 
 
 def flag_collapse(rows: list[dict], fraction: float) -> None:
@@ -63,7 +63,7 @@ def markdown(summary: dict) -> str:
     lines = [f"Evaluated on the **{summary['split']}** prefixes; {n} seeds ({', '.join(map(str, summary['seeds']))}); "
              "mean [95% t-interval over seeds]. Costs: README \"How costs are counted\" (seconds: mean over "
              "seeds; peak: the largest seed's).", "",
-             "| run | method | beta / kl_coef | reward | KL/seq | length | collapsed | train s | train peak MB | "
+             "| run | method | beta / kl_coef / round | reward | KL/seq | length | collapsed | train s | train peak MB | "
              "end-to-end s | end-to-end peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["settings"]:
         cost = []
