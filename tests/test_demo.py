@@ -1,6 +1,7 @@
 """The shipped model, the sentiment scorer, pair generation, and the demo and the study shrunk."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,15 @@ def test_the_shipped_model_loads_with_plain_transformers_and_writes_english():
     assert len(words) >= 8
     common = {"the", "a", "and", "of", "to", "is", "it", "i", "this", "that", "was", "in", "movie", "film"}
     assert sum(w.strip(".,!?\"'").lower() in common for w in words) >= 3, text  # English function words
-    record = json.loads((folder / "training.json").read_text())
-    assert record["held_out_perplexity"] < 200 and record["parameters"] > 1_000_000
+    # measured here, not read back from training.json: perplexity on the 256 validation prefixes (openings
+    # of IMDb test reviews it never trained on) was 80.8 when the model shipped; uniform over its vocabulary is 4096
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for line in task.VALIDATION_PREFIXES.read_text().splitlines():
+            ids = tok(json.loads(line)["prompt"], return_tensors="pt")["input_ids"]
+            nll += model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    assert math.exp(nll / count) < 100 and sum(p.numel() for p in model.parameters()) > 1_000_000
     for path, n in ((task.PREFIXES, 576), (task.VALIDATION_PREFIXES, 192)):  # the study's sizes
         prefixes = [json.loads(x) for x in path.read_text().splitlines()]
         assert len(prefixes) >= n and all(p["prompt"].strip() for p in prefixes)
