@@ -121,16 +121,18 @@ def test_study_runs_shrunk_with_seeds(tmp_path):
                       seeds=[0, 1], dpo_betas=[0.1], ipo_betas=[0.5], ppo_kl_coefs=[0.05],
                       dpo={"max_steps": 2, "batch_size": 4}, ipo={"max_steps": 2, "batch_size": 4},
                       ppo={"max_steps": 2, "batch_size": 4}, reward_model={"max_steps": 2, "batch_size": 4},
-                      iterative_rounds=2)
+                      iterative_rounds=2, learned_reward_min_new_tokens=[0, 4])
     summary = run_study(cfg, log=lambda _: None, progress=False)
-    names = ["base", "dpo-beta0.1", "ipo-beta0.5", "ppo-kl0.05", "ppo-learned-reward", "dpo-iterative-round1",
-             "dpo-iterative-round2"]
+    names = ["base", "dpo-beta0.1", "ipo-beta0.5", "ppo-kl0.05", "ppo-learned-reward", "ppo-learned-reward-min4",
+             "dpo-iterative-round1", "dpo-iterative-round2"]
     assert [r["run"] for r in summary["settings"]] == names and summary["split"] == "validation"
     assert [(r["run"], r["seed"]) for r in summary["runs"]] == [(n, s) for s in (0, 1) for n in names]
     assert (tmp_path / "s" / "seed1" / "ppo-kl0.05" / "final").exists()
     held_out = (tmp_path / "s" / "seed0" / "eval_prompts.jsonl").read_text()
     assert held_out == "".join(task.VALIDATION_PREFIXES.read_text().splitlines(keepends=True)[:4])
     learned = summary["settings"][4]
+    guarded = yaml.safe_load((tmp_path / "s" / "seed0" / "ppo-learned-reward-min4" / "config.yaml").read_text())
+    assert summary["settings"][5]["method"] == "ppo (learned reward, min 4 tokens)" and guarded["min_new_tokens"] == 4
     assert learned["method"] == "ppo (learned reward)" and learned["seeds"] == 2 and len(learned["reward_ci95"]) == 2
     runs = {(r["run"], r["seed"]): r for r in summary["runs"]}
     # end to end: DPO adds its pairs; PPO with VADER is its training alone; the learned reward adds pairs + RM

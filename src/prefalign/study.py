@@ -43,6 +43,9 @@ class StudyConfig(StrictModel):
     ipo_betas: list[float] = [0.1, 0.5, 1.0]
     ppo_kl_coefs: list[float] = [0.01, 0.03, 0.1, 0.3]
     learned_reward_kl_coef: float | None = 0.03  # None: skip PPO (learned reward)
+    # PPO (learned reward) once per value: 0 unguarded; N > 0 also penalises an EOS before N tokens
+    # (min_new_tokens), against the reward model's pull toward short answers seen on validation
+    learned_reward_min_new_tokens: list[int] = [0, 16]
     iterative_rounds: int = 3  # DPO (iterative): rounds in all, round 1 included; 1 or less: skip it
     iterative_beta: float = 0.1  # must be one of dpo_betas: its run is round 1
     dpo: dict[str, Any] = {"learning_rate": 1e-3, "max_steps": 96, "batch_size": 8}
@@ -100,8 +103,11 @@ def _one_seed(cfg: StudyConfig, seed: int, out: Path, log, progress: bool) -> li
         rm, cost_rm = run_stage(task.train, out / "reward-model", base, "reward", pairs, None, sizes, child_log,
                                 progress, **cfg.reward_model)
         log(f"reward model: train reward/accuracy {rm['final'].get('reward/accuracy', float('nan')):.2f}")
-        plan.append(("ppo-learned-reward", "ppo", {**cfg.ppo, "kl_coef": cfg.learned_reward_kl_coef,
-                                                   "reward": str(out / "reward-model" / "final")}, cost_rm))
+        for n in cfg.learned_reward_min_new_tokens:
+            guard = {"min_new_tokens": n} if n else {}
+            plan.append((f"ppo-learned-reward{f'-min{n}' if n else ''}", "ppo",
+                         {**cfg.ppo, "kl_coef": cfg.learned_reward_kl_coef,
+                          "reward": str(out / "reward-model" / "final"), **guard}, cost_rm))
     trained = []
     plan_size = len(plan) + max(cfg.iterative_rounds - 1, 0)
     for i, (name, method, settings, cost_rm) in enumerate(plan, 1):
@@ -146,7 +152,10 @@ def _iterative(cfg: StudyConfig, out: Path, trained: list, train_prompts: Path, 
 
 def _row(name: str, method: str, settings: dict, run: dict | None, train: dict | None, end_to_end: dict | None,
          ev: dict, seed: int, path: Path) -> dict:
-    return {"run": name, "method": "ppo (learned reward)" if "reward" in settings else method, "seed": seed,
+    if "reward" in settings:
+        method = "ppo (learned reward" + (f", min {settings['min_new_tokens']} tokens)" if "min_new_tokens" in settings
+                                          else ")")
+    return {"run": name, "method": method, "seed": seed,
             "setting": settings.get("round", settings.get("beta", settings.get("kl_coef"))), "path": str(path),
             "reward_mean": ev["reward_mean"], "reward_ci95": ev["reward_ci95"], "kl_per_sequence": ev["kl_per_sequence"],
             "kl_per_token": ev["kl_per_token"], "win_rate_vs_base": ev.get("win_rate"), "mean_length": ev["mean_length"],
