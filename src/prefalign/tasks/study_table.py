@@ -107,7 +107,7 @@ def plot_frontier(settings: list[dict], path: Path, split: str) -> None:
     ax.set_xlabel("exact KL to the base per sequence (nats)")
     ax.set_ylabel(f"VADER reward on the {split} prefixes")
     ax.set_title("reward vs KL: mean over seeds, 95% t-intervals")
-    ax.legend()
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
