@@ -247,7 +247,7 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
         # a reward model is a judge for later runs: one standalone folder, not an adapter
         save_model(model.merge_and_unload(), tokenizer, out / "final")
     else:
-        save_model(model, tokenizer, out / "final")
+        save_model(model, tokenizer, out / "final", base=cfg.model)
     summary = {"method": cfg.method, "reference": strategy, "lora": is_peft(model), "steps": result.steps,
                "stopped": result.stopped, "skipped_steps": result.skipped_steps,
                "wall_seconds": result.wall_seconds, "tokens": result.tokens,

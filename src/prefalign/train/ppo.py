@@ -385,7 +385,7 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
             bar[0].stop()
         runlog.close()
 
-    save_model(policy, tokenizer, out / "final")
+    save_model(policy, tokenizer, out / "final", base=cfg.model)
     result = LoopResult(st.step, stopped, st.skipped, time.perf_counter() - t_start, total_tokens, last)
     summary = {"method": cfg.method, "reference": strategy, "lora": is_peft(policy), "steps": result.steps,
                "stopped": result.stopped, "skipped_steps": result.skipped_steps, "wall_seconds": result.wall_seconds,
