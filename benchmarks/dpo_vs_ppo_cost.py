@@ -113,7 +113,7 @@ def main() -> None:
 
 
 def print_table(args, base, results: dict, pair_summary: dict, c_pairs: dict) -> None:
-    gb = 1024**3
+    gib = 1024**3
     print(f"\nbase {base}; {args.train_prompts} train / {args.eval_prompts} {args.split} IMDb prefixes; "
           f"{args.steps} steps x {args.batch}; {'LoRA' if args.lora else 'full'}; reward {Path(args.reward).name}; "
           "costs: README 'How costs are counted'")
@@ -128,8 +128,8 @@ def print_table(args, base, results: dict, pair_summary: dict, c_pairs: dict) ->
         if name != "base":
             t, e, run = r["train"], r["end_to_end"], r["run"]
             gen = generation[name]
-            cost = (f"{t['seconds']:.1f} | {t['peak_rss_bytes'] / gb:.2f} GB | {e['seconds']:.1f} | "
-                    f"{e['peak_rss_bytes'] / gb:.2f} GB | {run['tokens_per_s']:.0f} | "
+            cost = (f"{t['seconds']:.1f} | {t['peak_rss_bytes'] / gib:.2f} GiB | {e['seconds']:.1f} | "
+                    f"{e['peak_rss_bytes'] / gib:.2f} GiB | {run['tokens_per_s']:.0f} | "
                     f"{'–' if gen is None else f'{gen:.0f}'} | {run['model_copies']}")
         lo, hi = r["reward_ci95"]
         print(f"| {name} | {cost} | {r['reward_mean']:.3f} [{lo:.3f}, {hi:.3f}] | {r['kl_per_sequence']:.2f} |")

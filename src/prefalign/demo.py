@@ -103,8 +103,8 @@ def _table(rows: list[dict], split: str):
     from rich.table import Table
 
     table = Table(title=f"{split} IMDb prefixes: VADER reward of the continuation (higher is more positive); "
-                        "KL: exact, to the base; MB: peak RSS; e2e: end to end (README 'How costs are counted')")
-    for col in ("model", "reward [95% CI]", "KL/seq", "win vs base", "train s", "train MB", "e2e s", "e2e MB",
+                        "KL: exact, to the base; MiB: peak RSS; e2e: end to end (README 'How costs are counted')")
+    for col in ("model", "reward [95% CI]", "KL/seq", "win vs base", "train s", "train MiB", "e2e s", "e2e MiB",
                 "train tok/s"):
         table.add_column(col, no_wrap=col.startswith("reward"))
     for r in rows:

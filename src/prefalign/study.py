@@ -80,7 +80,9 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
                "config": cfg.model_dump()}
     from .report.build import build_report
 
-    build_report([Path(r["path"]) for r in rows if r["seed"] == cfg.seeds[0]], out / "report", log)
+    # each run once (dpo-iterative-round1 is the iterative_beta DPO run itself)
+    first_seed = dict.fromkeys(Path(r["path"]) for r in rows if r["seed"] == cfg.seeds[0])
+    build_report(list(first_seed), out / "report", log)
     plot_frontier(settings, out / "frontier.png", cfg.split)
     (out / "study.json").write_text(json.dumps(summary, indent=2))
     (out / "study.md").write_text(markdown(summary))

@@ -63,8 +63,8 @@ def markdown(summary: dict) -> str:
     lines = [f"Evaluated on the **{summary['split']}** prefixes; {n} seeds ({', '.join(map(str, summary['seeds']))}); "
              "mean [95% t-interval over seeds]. Costs: README \"How costs are counted\" (seconds: mean over "
              "seeds; peak: the largest seed's).", "",
-             "| run | method | beta / kl_coef / round | reward | KL/seq | length | collapsed | train s | train peak MB | "
-             "end-to-end s | end-to-end peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | method | beta / kl_coef / round | reward | KL/seq | length | collapsed | train s | train peak MiB | "
+             "end-to-end s | end-to-end peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["settings"]:
         cost = []
         for kind in ("train", "end_to_end"):
@@ -96,7 +96,9 @@ def plot_frontier(settings: list[dict], path: Path, split: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(s["method"] for s in settings):
-        pts = sorted((s for s in settings if s["method"] == method), key=lambda s: s["kl_per_sequence"])
+        # a sweep is drawn in order of KL; the iterative arm in order of its rounds
+        order = (lambda s: s["setting"]) if "iterative" in method else (lambda s: s["kl_per_sequence"])
+        pts = sorted((s for s in settings if s["method"] == method), key=order)
         x, y = [s["kl_per_sequence"] for s in pts], [s["reward_mean"] for s in pts]
         bars = ax.errorbar(x, y, xerr=_errors(pts, "kl_ci95", x), yerr=_errors(pts, "reward_ci95", y), marker="o",
                            capsize=3, label=method)
