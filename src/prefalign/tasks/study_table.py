@@ -40,10 +40,16 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def frontier_statements(rows: list[dict]) -> dict[str, dict]:
+def frontier_points(rows: list[dict]) -> dict[str, dict[int, list[tuple[float, float]]]]:
+    """method -> seed -> [(KL per sequence, reward)] of its runs: the curves `compare_frontiers` reads."""
     points: dict[str, dict[int, list[tuple[float, float]]]] = {}
     for r in rows:
         points.setdefault(r["method"], {}).setdefault(r["seed"], []).append((r["kl_per_sequence"], r["reward_mean"]))
+    return points
+
+
+def frontier_statements(rows: list[dict]) -> dict[str, dict]:
+    points = frontier_points(rows)
     out = {}
     for a, b in COMPARED:
         if a in points and b in points:
