@@ -47,8 +47,8 @@ def main() -> None:
     from prefalign.data import load_records
     from prefalign.models.load import add_lora, enable_checkpointing, load_model, load_tokenizer
     from prefalign.models.logprobs import batch_logps
+    from prefalign.train.allocator import set_malloc_mmap_threshold
     from prefalign.train.batches import collate_shared_prompt, tokenize_records
-    from prefalign.train.offline import set_malloc_mmap_threshold
 
     set_malloc_mmap_threshold(a.mmap_mb)
     page, phase, peak = os.sysconf("SC_PAGE_SIZE"), ["load"], collections.defaultdict(int)

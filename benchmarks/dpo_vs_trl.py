@@ -16,6 +16,12 @@ each one resolved to inside TRL (read from the trainer after construction, warni
 recorded next to its numbers. prefalign runs with `kl_every: 0`: its KL monitor samples
 completions a few times per run, work that TRL's DPOTrainer does not do. The `prefalign-*-no-*`
 configurations are the ablation: one of prefalign's savings switched off at a time.
+
+The `+jemalloc` configurations run the same trainer with jemalloc preloaded (`LD_PRELOAD`; Debian:
+`apt install libjemalloc2`; found in the usual library folders or given with `--jemalloc`), a
+process-level choice open to both trainers alike: each is compared with TRL's fastest
+configuration under the same allocator. `--repeats N` runs the whole alternating sequence N times
+and reports each figure's median and range.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import itertools
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 TRL_VENV = ROOT / "benchmarks" / ".venv-trl"
+JEMALLOC_PATHS = ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2"]
 
 COMMON = r"""
 import json, resource, statistics, sys, time, warnings
@@ -96,7 +105,8 @@ if not cfg.get("scored_head", True):
     offline.batch_logps = head_on_every_position
 lines = []
 tc = TrainConfig(method="dpo", model=cfg["model"], data=cfg["data"], output=cfg["out"], max_steps=cfg["steps"],
-                 batch_size=8, learning_rate=cfg["lr"], lr_schedule="constant", beta=0.1, max_length=100000,
+                 batch_size=8 // cfg.get("accum", 1), grad_accum=cfg.get("accum", 1), learning_rate=cfg["lr"],
+                 lr_schedule="constant", beta=0.1, max_length=100000,
                  max_prompt_length=100000, precision=cfg["precision"], lora=cfg["lora"], kl_every=0,
                  reference=cfg.get("reference", "auto"), share_prompt=cfg.get("share_prompt", "auto"),
                  malloc_mmap_threshold_mb=cfg.get("mmap_mb", 0.0), gradient_checkpointing=cfg.get("gc", False))
@@ -116,7 +126,8 @@ with torch.no_grad():
     lp = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"]).tolist()
 resolved = {"run": next((x for x in lines if x.startswith("method ")), ""), "kl_every": 0,
             "head": "scored positions" if cfg.get("scored_head", True) else "every position (ablation)",
-            "gradient_checkpointing": tc.gradient_checkpointing,
+            "gradient_checkpointing": tc.gradient_checkpointing, "batch_size": tc.batch_size,
+            "grad_accum": tc.grad_accum,
             "malloc_mmap_threshold_mb": tc.malloc_mmap_threshold_mb}
 finish(step_times, [r["loss"] for r in rows], lp, round(tokens), resolved)
 """
@@ -134,7 +145,9 @@ if cfg["lora"]:
     from peft import LoraConfig
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-args = DPOConfig(output_dir=cfg["out"], per_device_train_batch_size=8, max_steps=cfg["steps"],
+accum = cfg.get("accum", 1)
+args = DPOConfig(output_dir=cfg["out"], per_device_train_batch_size=8 // accum, gradient_accumulation_steps=accum,
+                 max_steps=cfg["steps"],
                  learning_rate=cfg["lr"], lr_scheduler_type="constant", warmup_steps=0, beta=0.1, logging_steps=1,
                  report_to=[], save_strategy="no", seed=0, use_cpu=True, max_length=None, disable_dropout=True,
                  dataloader_num_workers=0, **cfg["trl_args"])
@@ -157,6 +170,8 @@ tokens = int(batch["attention_mask"].sum())
 with torch.no_grad():
     c, r = trainer.compute_ref_log_probs(trainer.model, batch)
 resolved = {"trl": trl.__version__, "asked": cfg["trl_args"],
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "autocast": trainer.accelerator.mixed_precision,
             "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
             "padding_free": trainer.padding_free, "precompute_ref_log_probs": trainer.precompute_ref_logps,
@@ -274,9 +289,16 @@ CONFIGS = {
     "trl-bf16-precompute-compile": _trl("bf16", precompute_ref_log_probs=True, torch_compile=True),
     "trl-fp32": _trl("fp32"),
     "trl-fp32-precompute": _trl("fp32", precompute_ref_log_probs=True, padding_free=True),
+    # TRL given the same micro-batching: per_device_train_batch_size 4, gradient_accumulation_steps 2
+    "trl-fp32-precompute-accum2": ("trl", {**_trl("fp32", precompute_ref_log_probs=True)[1], "accum": 2}),
     "trl-fp32-precompute-compile": _trl("fp32", precompute_ref_log_probs=True, torch_compile=True),
     # not a TRL option: prefalign's allocator setting given to TRL, to show how much of the gap it is
     "trl-fp32-precompute+mmap1mb": (*_trl("fp32", precompute_ref_log_probs=True), {"MALLOC_MMAP_THRESHOLD_": "1048576"}),
+    # the allocator, for both alike: jemalloc preloaded instead of glibc's malloc
+    "trl-fp32-precompute+jemalloc": (*_trl("fp32", precompute_ref_log_probs=True), {"LD_PRELOAD": "jemalloc"}),
+    "trl-bf16-precompute+jemalloc": (*_trl("bf16", precompute_ref_log_probs=True), {"LD_PRELOAD": "jemalloc"}),
+    "prefalign-fp32+jemalloc": ("prefalign", {"precision": "fp32"}, {"LD_PRELOAD": "jemalloc"}),
+    "prefalign-bf16+jemalloc": ("prefalign", {"precision": "bf16"}, {"LD_PRELOAD": "jemalloc"}),
     "prefalign-fp32": ("prefalign", {"precision": "fp32"}),
     "prefalign-bf16": ("prefalign", {"precision": "bf16"}),
     # the ablation: one saving off at a time (fp32)
@@ -285,6 +307,10 @@ CONFIGS = {
     "prefalign-fp32-no-precompute": ("prefalign", {"precision": "fp32", "reference": "on-the-fly"}),
     # memory for time: freed blocks of 1 MB and more handed back to the OS (malloc_mmap_threshold_mb: 1)
     "prefalign-fp32-mmap1mb": ("prefalign", {"precision": "fp32", "mmap_mb": 1.0}),
+    # the same 8 pairs per optimizer step in micro-batches of 4 (2) pairs: batch_size 4, grad_accum 2
+    # (batch_size 2, grad_accum 4). Activations are live for one micro-batch at a time.
+    "prefalign-fp32-accum2": ("prefalign", {"precision": "fp32", "accum": 2}),
+    "prefalign-fp32-accum4": ("prefalign", {"precision": "fp32", "accum": 4}),
     # memory for time: each layer's cheap ops recomputed in backward (gradient_checkpointing: selective)
     "prefalign-fp32-selective-ckpt": ("prefalign", {"precision": "fp32", "gc": "selective"}),
     "prefalign-fp32-selective-ckpt-mmap1mb": ("prefalign", {"precision": "fp32", "gc": "selective", "mmap_mb": 1.0}),
@@ -303,7 +329,12 @@ def main() -> None:
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "prefalign-bench"))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", help="write OUT.md and OUT.json")
+    ap.add_argument("--repeats", type=int, default=1, help="run the whole sequence this many times")
+    ap.add_argument("--jemalloc", help="libjemalloc.so.2 for the +jemalloc configurations (default: searched)")
     a = ap.parse_args()
+    jemalloc = a.jemalloc or next((p for p in JEMALLOC_PATHS if Path(p).exists()), None)
+    if any("jemalloc" in n for n in a.configs.split(",")) and not (jemalloc and Path(jemalloc).exists()):
+        raise SystemExit("a +jemalloc configuration needs libjemalloc.so.2 (apt install libjemalloc2, or --jemalloc PATH)")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     names = a.configs.split(",")
@@ -320,25 +351,30 @@ def main() -> None:
                             text=True).stdout.strip()
     lines = [f"`{command}`", "", f"prefalign and this script at commit {commit or '?'}; TRL from benchmarks/.venv-trl", "",
              f"model {a.model} ({_params(model)}), {a.steps} steps of 8 pairs, {a.threads} threads, "
-             f"load average before: {os.getloadavg()[0]:.2f}"]
-    record = {"command": command, "commit": commit, "model": a.model, "steps": a.steps, "threads": a.threads, "runs": {}}
+             f"load average before: {os.getloadavg()[0]:.2f}; {a.repeats} repeat(s) of the whole sequence"
+             + (f"; jemalloc: {jemalloc}" if jemalloc else "")]
+    record = {"command": command, "commit": commit, "model": a.model, "steps": a.steps, "threads": a.threads,
+              "repeats": a.repeats, "runs": {}}
     for lora in lora_modes:
-        results = {}
+        runs: dict[str, list[dict]] = {}
         # alternate prefalign and TRL runs so that slow drift of the machine hits both alike
         ours, theirs = [n for n in names if n.startswith("prefalign")], [n for n in names if n.startswith("trl")]
         order = [n for pair in itertools.zip_longest(theirs, ours) for n in pair if n]
-        for name in order:
+        for name in order * a.repeats:
             trainer, settings, *env = CONFIGS[name]
+            env = [{k: (jemalloc if v == "jemalloc" else v) for k, v in env[0].items()}] if env else []
             settings = dict(settings)
             if settings.get("reference") == "on-the-fly":
                 settings["reference"] = "adapter" if lora else "copy"
             cfg = {"model": str(model), "data": str(data), "out": str(work / f"run-{name}-{lora}"), "steps": a.steps,
                    "lr": 1e-4 if lora else 1e-5, "lora": lora, "threads": a.threads, **settings}
             print(f"running {name} ({'LoRA' if lora else 'full'})", file=sys.stderr, flush=True)
-            results[name] = run(sys.executable if trainer == "prefalign" else trl_python,
-                                PREFALIGN_RUNNER if trainer == "prefalign" else TRL_RUNNER, cfg, env[0] if env else None)
-            results[name]["load_average_after"] = os.getloadavg()[0]  # others' work on the machine pollutes timings
-            print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+            r = run(sys.executable if trainer == "prefalign" else trl_python,
+                    PREFALIGN_RUNNER if trainer == "prefalign" else TRL_RUNNER, cfg, env[0] if env else None)
+            r["load_average_after"] = os.getloadavg()[0]  # others' work on the machine pollutes timings
+            runs.setdefault(name, []).append(r)
+            print(f"{name}: {json.dumps(r)}", file=sys.stderr, flush=True)
+        results = {name: summarise(rs) for name, rs in runs.items()}
         title = "LoRA r=8" if lora else "full fine-tune"
         lines += report(results, title)
         record["runs"][title] = results
@@ -359,21 +395,42 @@ def _params(model: Path) -> str:
     return f"{n / 1e6:.1f}M parameters, vocab {head.shape[0]:,}, {'tied' if tied else 'untied'} head"
 
 
+def summarise(rs: list[dict]) -> dict:
+    """One configuration's repeats: the first run's record with tokens/s, step time and peak RSS
+    replaced by their medians over the repeats, and each repeat's figures kept."""
+    out = dict(rs[0])
+    for key in ("tokens_per_s", "step_seconds_median", "peak_rss_bytes", "load_average_after"):
+        out[key] = statistics.median(r[key] for r in rs)
+        out[key + "_range"] = [min(r[key] for r in rs), max(r[key] for r in rs)]
+    out["repeats"] = [{k: r[k] for k in ("tokens_per_s", "step_seconds_median", "peak_rss_bytes", "losses")} for r in rs]
+    return out
+
+
+def _allocator(name: str) -> str:
+    return "jemalloc" if name.endswith("+jemalloc") else "glibc"
+
+
 def _precision(name: str) -> str:
     return "bf16" if "bf16" in name or name == "trl-default" else "fp32"
 
 
 def report(results: dict, title: str) -> list[str]:
-    out = [f"\n## {title}\n", "| config | tokens/step | s/step (median) | tokens/s | peak RSS | loss[0..3] |",
+    out = [f"\n## {title}\n", "| config | tokens/step | s/step (median) | tokens/s (range) | peak RSS (range) | loss[0..3] |",
            "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        out.append(f"| {name} | {r['tokens_per_step']} | {r['step_seconds_median']:.3f} | {r['tokens_per_s']:.0f} | "
-                   f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {', '.join(f'{x:.4f}' for x in r['losses'][:4])} |")
+        lo, hi = r["tokens_per_s_range"]
+        mlo, mhi = (x / 1e9 for x in r["peak_rss_bytes_range"])
+        out.append(f"| {name} | {r['tokens_per_step']} | {r['step_seconds_median']:.3f} | {r['tokens_per_s']:.0f} "
+                   f"({lo:.0f}–{hi:.0f}) | {r['peak_rss_bytes'] / 1e9:.2f} GB ({mlo:.2f}–{mhi:.2f}) | "
+                   f"{', '.join(f'{x:.4f}' for x in r['losses'][:4])} |")
     out.append("")
-    for prec in ("fp32", "bf16"):
-        # TRL's fastest configuration among its own options (the allocator line is not one)
-        theirs = {n: r for n, r in results.items() if n.startswith("trl") and _precision(n) == prec and "+" not in n}
-        ours = {n: r for n, r in results.items() if n.startswith("prefalign") and _precision(n) == prec}
+    for prec, alloc in itertools.product(("fp32", "bf16"), ("glibc", "jemalloc")):
+        # TRL's fastest configuration among its own options under the same allocator (the +mmap1mb
+        # line is prefalign's allocator setting given to TRL, not one of TRL's options)
+        theirs = {n: r for n, r in results.items() if n.startswith("trl") and _precision(n) == prec
+                  and _allocator(n) == alloc and "+mmap" not in n}
+        ours = {n: r for n, r in results.items() if n.startswith("prefalign") and _precision(n) == prec
+                and _allocator(n) == alloc}
         if not theirs or not ours:
             continue
         fastest = max(theirs, key=lambda n: theirs[n]["tokens_per_s"])
@@ -382,10 +439,10 @@ def report(results: dict, title: str) -> list[str]:
             dl = max(abs(x - y) for x, y in zip(ro["step0_logps"], rt["step0_logps"], strict=True))
             n = min(len(ro["losses"]), len(rt["losses"]), 10)
             dloss = max(abs(x - y) for x, y in zip(ro["losses"][:n], rt["losses"][:n], strict=True))
-            out.append(f"- {o} vs TRL's fastest {prec} ({fastest}): tokens/s x{ro['tokens_per_s'] / rt['tokens_per_s']:.2f}"
+            out.append(f"- {o} vs TRL's fastest {prec} under {alloc} ({fastest}): tokens/s x{ro['tokens_per_s'] / rt['tokens_per_s']:.2f}"
                        f", peak RSS x{ro['peak_rss_bytes'] / rt['peak_rss_bytes']:.2f}; step-0 log-probs max |diff| "
                        f"{dl:.2e}, first {n} losses max |diff| {dloss:.2e}")
-    out.append("- medians over steps 2..N; tokens = real prompt + completion tokens of chosen and rejected; 1-minute "
+    out.append("- ratios of the medians over repeats; step times are medians over steps 2..N; tokens = real prompt + completion tokens of chosen and rejected; 1-minute "
                "load average after each run (2 cores; above ~2.5 other work shared them): "
                + ", ".join(f"{n} {r.get('load_average_after', float('nan')):.1f}" for n, r in results.items()))
     out.append("\nWhat each configuration resolved to:\n")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import ctypes
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -24,6 +22,7 @@ from ..models.load import add_lora, enable_checkpointing, is_peft, load_model, l
 from ..models.logprobs import batch_logps
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
 from ..models.scalar import load_scalar_model, sequence_scores
+from .allocator import set_malloc_mmap_threshold
 from .batches import TokenizedData, collate, collate_packed, collate_shared_prompt, tokenize_records
 from .config import RunConfig, TrainConfig
 from .kl_monitor import auto_every, build_monitor
@@ -154,20 +153,6 @@ def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Ca
         return loss.mean(), out, tokens
 
     return step
-
-
-def set_malloc_mmap_threshold(mb: float) -> bool:
-    """Fix glibc's mmap threshold at `mb` MB (0: leave it), so freed activations go back to the OS
-    instead of staying in the heap as holes (config.py, `malloc_mmap_threshold_mb`). Process-wide;
-    True when it was set (False off Linux/glibc)."""
-    if not mb or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # musl and others: no mallopt to call
-        return False
-    m_mmap_threshold = -3  # <malloc.h>; setting it also stops glibc's dynamic threshold adjustment
-    return bool(libc.mallopt(m_mmap_threshold, int(mb * 2**20)))
 
 
 def start_run(cfg: RunConfig) -> tuple[Path, torch.device, Callable]:

@@ -1,0 +1,32 @@
+"""glibc's allocator on CPU: hand freed activation memory back to the OS (Linux only).
+
+A training step frees gigabytes of activations. glibc keeps freed heap blocks resident as holes, and
+its dynamic mmap threshold grows to 32 MB after the first large free, so activations come from the
+heap and the resident set grows over steps well beyond what is live (config.py,
+`malloc_mmap_threshold_mb`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # musl and others: no mallopt to call
+        return None
+
+
+def set_malloc_mmap_threshold(mb: float) -> bool:
+    """Fix glibc's mmap threshold at `mb` MB (0: leave it), so freed activations go back to the OS
+    instead of staying in the heap as holes (config.py, `malloc_mmap_threshold_mb`). Process-wide;
+    True when it was set (False off Linux/glibc)."""
+    libc = _libc() if mb else None
+    if libc is None:
+        return False
+    m_mmap_threshold = -3  # <malloc.h>; setting it also stops glibc's dynamic threshold adjustment
+    return bool(libc.mallopt(m_mmap_threshold, int(mb * 2**20)))
