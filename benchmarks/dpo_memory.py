@@ -45,10 +45,10 @@ def main() -> None:
     from dpo_vs_trl import converted, make_pairs
 
     from prefalign.data import load_records
+    from prefalign.data.batches import collate_shared_prompt, tokenize_records
     from prefalign.models.load import add_lora, enable_checkpointing, load_model, load_tokenizer
     from prefalign.models.logprobs import batch_logps
-    from prefalign.train.allocator import set_malloc_mmap_threshold
-    from prefalign.train.batches import collate_shared_prompt, tokenize_records
+    from prefalign.runtime.memory import set_malloc_mmap_threshold
 
     set_malloc_mmap_threshold(a.mmap_mb)
     page, phase, peak = os.sysconf("SC_PAGE_SIZE"), ["load"], collections.defaultdict(int)

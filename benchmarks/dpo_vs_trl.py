@@ -117,7 +117,7 @@ tokens = rows[0]["tokens_per_s"] * rows[0]["step_seconds"]
 # step-0 per-sequence log-probs: a fresh model, the same batch the trainer builds
 from prefalign.models.load import load_model, load_tokenizer
 from prefalign.data import load_records
-from prefalign.train.batches import tokenize_records, collate
+from prefalign.data.batches import tokenize_records, collate
 tok = load_tokenizer(cfg["model"]); model = load_model(cfg["model"])
 recs, _ = load_records(cfg["data"])
 data = tokenize_records(tok, recs, max_length=100000, max_prompt_length=100000, data="pairs")

@@ -11,12 +11,13 @@ import sys
 import pytest
 import torch
 
-from prefalign.bench import device as D
+from prefalign.bench import peak
 from prefalign.bench.flops import llama_params, matmul_params, ppo_iteration_flops, step_flops
+from prefalign.runtime import device as D
 
 
 def test_detection_on_this_machine():
-    dev = D.pick("auto")
+    dev = D.pick_device("auto")
     info = D.detect(dev)
     vendor = {"cpu": "cpu", "xpu": "intel", "mps": "apple",
               "cuda": "amd" if getattr(torch.version, "hip", None) else "nvidia"}[dev.type]
@@ -30,8 +31,8 @@ def test_matmul_peak_reports_every_repeat_and_its_spread(monkeypatch):
     # 2 n^3 / durations[i] and the median, min and max follow by hand
     n, durations = 64, [2.0, 1.0, 4.0, 0.5, 8.0]
     ticks = iter([t for i, d in enumerate(durations) for t in (100.0 * i, 100.0 * i + d)])
-    monkeypatch.setattr(D.time, "perf_counter", lambda: next(ticks))
-    p = D.matmul_peak(torch.device("cpu"), torch.float32, n=n, repeats=len(durations))
+    monkeypatch.setattr(peak.time, "perf_counter", lambda: next(ticks))
+    p = peak.matmul_peak(torch.device("cpu"), torch.float32, n=n, repeats=len(durations))
     flop = 2 * 64**3  # 524,288
     assert p["samples"] == [flop / 2, flop / 1, flop / 4, flop / 0.5, flop / 8]
     assert (p["median"], p["min"], p["max"]) == (flop / 2, flop / 8, flop / 0.5)
@@ -116,7 +117,7 @@ def test_model_size_statements():
     MLP 2 x hidden)."""
     from transformers import AutoModelForCausalLM
 
-    from prefalign.bench.workloads import SHAPES, build
+    from prefalign.bench.shapes import SHAPES, build
     from prefalign.models.tiny import tiny_config
 
     s = SHAPES["llama-30m"]
@@ -146,7 +147,7 @@ def results(tmp_path_factory):
 def test_results_json_schema(results):
     r = json.loads(results.read_text())
     m = r["machine"]
-    assert m["vendor"] == D.detect(D.pick("auto"))["vendor"]
+    assert m["vendor"] == D.detect(D.pick_device("auto"))["vendor"]
     # one peak for the whole file, with its spread; every MFU in the file is against that median
     assert len(m["peak_flops_samples"]) == m["peak_repeats"] >= 3
     assert m["peak_flops"] == statistics.median(m["peak_flops_samples"])

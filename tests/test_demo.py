@@ -69,7 +69,7 @@ def test_train_validation_and_test_prompts_are_disjoint_and_a_duplicate_is_caugh
 
 
 def test_the_scorer_on_known_sentences():
-    from prefalign.eval.sentiment import positive
+    from prefalign.judges.sentiment import positive
 
     pos, neg, neutral = positive(["x"] * 3, ["This movie was wonderful, I loved every minute of it.",
                                              "Terrible, boring and awful. I hated it.", "The film is 90 minutes long."])
@@ -115,7 +115,7 @@ def test_demo_runs_end_to_end_shrunk_and_both_methods_raise_the_reward(tmp_path)
 
 
 def test_study_runs_shrunk_with_seeds(tmp_path):
-    from prefalign.study import StudyConfig, run_study
+    from prefalign.tasks.study import StudyConfig, run_study
 
     cfg = StudyConfig(output=str(tmp_path / "s"), train_prompts=8, eval_prompts=4, samples=3, max_new_tokens=8,
                       seeds=[0, 1], dpo_betas=[0.1], ipo_betas=[0.5], ppo_kl_coefs=[0.05],

@@ -18,8 +18,8 @@ REWARDS = Path(__file__).parent / "fixtures" / "rewards.py"
 def test_exact_kl_equals_full_logits_brute_force(temperature, tiny_models, tokenizer):
     from transformers import AutoModelForCausalLM
 
+    from prefalign.models.generate import SamplingConfig, encode_prompt, generate
     from prefalign.models.logprobs import completion_kl
-    from prefalign.train.rollout import SamplingConfig, encode_prompt, generate
 
     p = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
     q = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()

@@ -81,7 +81,7 @@ def test_label_with_a_reward_model(tiny_models, tokenizer, tmp_path):
 
 
 def test_both_orders_cancel_a_position_bias():
-    from prefalign.eval.judges import combine_orders
+    from prefalign.judges import combine_orders
 
     # a judge that says "first" with 0.8 whatever it sees has no opinion once both orders are asked
     p, agree = combine_orders(torch.tensor([0.8]), torch.tensor([0.8]))
@@ -109,7 +109,7 @@ def _judge_rows(n, seed):
 
 def test_pairwise_llm_judge_prefers_the_better_answer(tokenizer, tmp_path):
     """A tiny LM taught to judge (by prefalign's SFT) picks the better answer on new cases, in both orders."""
-    from prefalign.eval.judges import PairwiseJudge
+    from prefalign.judges import PairwiseJudge
     from prefalign.models.tiny import save_tiny
     from prefalign.train.config import TrainConfig
     from prefalign.train.offline import run_offline

@@ -1,15 +1,52 @@
-"""Every module imports (catches syntax errors and import cycles in code no other test reaches)."""
+"""The package's import graph: every module imports, the layer stack holds (import-linter's layers
+contract in pyproject.toml), and imports sit at module top except the few optional or slow ones."""
 
+import ast
 import importlib
 import pkgutil
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import prefalign
+
+SRC = Path(prefalign.__file__).parent
+# function-level imports allowed, each for a reason written next to it: optional extras, a backend
+# that must be chosen before import, and the CLI, whose commands load their layer only when run
+LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow")
 
 
 def test_import_every_module():
     names = [m.name for m in pkgutil.walk_packages(prefalign.__path__, "prefalign.")]
-    assert len(names) > 5
+    assert len(names) > 40
     for name in names:
         if name == "prefalign.__main__":
             continue
         importlib.import_module(name)
+
+
+def test_layer_contract_holds():
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert exe, "import-linter is a dev dependency"
+    root = SRC.parent.parent
+    proc = subprocess.run([exe, "--config", str(root / "pyproject.toml"), "--no-cache"], capture_output=True,
+                          text=True, cwd=root, env={"PYTHONPATH": str(SRC.parent), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and "1 kept, 0 broken" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_imports_at_module_top():
+    late = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    mod = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                    if not (mod or "").startswith(LAZY):
+                        late.append(f"{path.relative_to(SRC)}:{node.lineno} {mod}")
+    assert not late, late

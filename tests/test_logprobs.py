@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from prefalign.data.batches import pad
 from prefalign.data.tokenize import tokenize
 from prefalign.models.logprobs import token_logps
 from prefalign.models.tiny import ARCHS, build_model
-from prefalign.train.batches import pad
 
 
 def batch_of(tokenizer):
@@ -41,10 +41,10 @@ def test_matches_full_log_softmax_and_gradients(arch, tokenizer):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "mistral"])
 def test_shared_prompt_layout_equals_padded(arch, bos_tokenizer):
+    from prefalign.data.batches import Example, collate, collate_shared_prompt
     from prefalign.data.records import PreferencePair
     from prefalign.data.tokenize import tokenize_pair
     from prefalign.models.logprobs import batch_logps
-    from prefalign.train.batches import Example, collate, collate_shared_prompt
 
     tok = bos_tokenizer
     pairs = [PreferencePair("the movie was", " good and great fun.", " bad."),

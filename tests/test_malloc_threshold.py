@@ -17,7 +17,7 @@ from prefalign.train.config import TrainConfig
 PROBE = r"""
 import json, os, sys
 import torch
-from prefalign.train.allocator import set_malloc_mmap_threshold
+from prefalign.runtime.memory import set_malloc_mmap_threshold
 was_set = set_malloc_mmap_threshold(float(sys.argv[1]))
 def rss():
     with open("/proc/self/statm") as f:

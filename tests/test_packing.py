@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import learnable_pairs, write_jsonl
+from prefalign.data.batches import collate, collate_packed, tokenize_records
 from prefalign.data.records import PreferencePair
 from prefalign.models.load import load_model
 from prefalign.models.logprobs import batch_logps
-from prefalign.train.batches import collate, collate_packed, tokenize_records
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])

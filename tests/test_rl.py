@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import learnable_pairs, write_jsonl
+from prefalign.models.generate import SamplingConfig, completion_mask, encode_prompt, generate
 from prefalign.train.config import RLConfig
 from prefalign.train.ppo import run_rl
-from prefalign.train.rollout import SamplingConfig, completion_mask, encode_prompt, generate
 
 REWARDS = Path(__file__).parent / "fixtures" / "rewards.py"
 PROMPTS = ["I loved the movie", "the plot", "what", "I hated the story and the actor was bad"]
@@ -81,7 +81,7 @@ def test_reward_is_read_at_the_last_real_token_under_left_padding(arch, tiny_mod
     """A reward model scoring a left-padded rollout gives each row the score of that row alone."""
     from transformers import AutoModelForCausalLM
 
-    from prefalign.eval.judges import RewardModelJudge
+    from prefalign.judges import RewardModelJudge
     from prefalign.models.scalar import load_scalar_model, score_head, sequence_scores
 
     rm = load_scalar_model(tiny_models[arch], pad_token_id=tokenizer.pad_token_id)
@@ -213,7 +213,7 @@ def test_samples_come_from_the_distribution_ppo_scores(top_k, finite, tiny_model
     tokens when asked."""
     from transformers import AutoModelForCausalLM
 
-    from prefalign.train.rollout import eos_ids, generation_config
+    from prefalign.models.generate import eos_ids, generation_config
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
     cfg = generation_config(SamplingConfig(max_new_tokens=3, temperature=0.7, top_k=top_k), tokenizer.pad_token_id,

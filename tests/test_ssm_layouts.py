@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import learnable_pairs, write_jsonl
+from prefalign.data.batches import Example, collate, collate_packed, collate_shared_prompt
 from prefalign.data.records import PreferencePair
 from prefalign.data.tokenize import tokenize_pair
 from prefalign.losses.preference import METHODS
 from prefalign.models.arch import PURE_ATTENTION, block_mask_problem, honours_block_mask
 from prefalign.models.logprobs import batch_logps
 from prefalign.models.tiny import ARCHS, SSM_ARCHS, build_model, save_tiny
-from prefalign.train.batches import Example, collate, collate_packed, collate_shared_prompt
 from prefalign.train.config import TrainConfig
 from prefalign.train.offline import choose_layout, run_offline
 

@@ -67,7 +67,7 @@ def test_truncation_keeps_prompt_end_and_completion_start(bos_tokenizer):
 
 
 def test_batches_are_truncated_then_padded_to_their_longest(tokenizer):
-    from prefalign.train.batches import Example, collate, collate_shared_prompt
+    from prefalign.data.batches import Example, collate, collate_shared_prompt
 
     pairs = [PreferencePair("the movie " * 40, " was good.", " was bad."), PreferencePair("plot", " yes", " no")]
     examples = [Example(tokenize_pair(tokenizer, p, max_length=24, max_prompt_length=16)) for p in pairs]

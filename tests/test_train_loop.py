@@ -13,10 +13,10 @@ import torch
 
 from conftest import learnable_pairs, write_jsonl
 from prefalign.data import load_records
+from prefalign.data.batches import collate, tokenize_records
 from prefalign.losses.preference import dpo
 from prefalign.models.load import add_lora, load_model, load_tokenizer
 from prefalign.models.reference import AdapterReference, CopyReference, fingerprint, precompute
-from prefalign.train.batches import collate, tokenize_records
 from prefalign.train.config import TrainConfig
 from prefalign.train.offline import run_offline
 

@@ -28,10 +28,10 @@ def test_sft_learns_the_demonstrations_and_ignores_the_prompt(tiny_models, tmp_p
 
 def test_sft_loss_is_the_completion_token_mean(tiny_models, tokenizer):
     """The loss equals the NLL of completion tokens only, averaged over all completion tokens."""
+    from prefalign.data.batches import collate, tokenize_records
     from prefalign.data.records import UnpairedExample
     from prefalign.losses.preference import METHODS
     from prefalign.models.load import load_model
-    from prefalign.train.batches import collate, tokenize_records
     from prefalign.train.offline import make_step
 
     model = load_model(tiny_models["gpt2"])

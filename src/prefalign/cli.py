@@ -204,7 +204,7 @@ def train(
     config, args = _config_and_overrides(args)
     log = _log
     if _method_of(method, config, args) in RL_METHODS:
-        from .eval.judges import JudgeError
+        from .judges import JudgeError
         from .train.ppo import run_rl
 
         cfg = build(RLConfig, dict(method=method, model=model, prompts=prompts, reward=reward, output=output),
@@ -260,8 +260,8 @@ def label_cmd(
     overrides: list[str] | None = typer.Argument(None, help="key=value settings"),
 ) -> None:
     """Turn sampled completions into preference pairs (with the judge's margin) or best-of-n SFT data."""
-    from .eval.judges import JudgeError
     from .feedback.label import LabelConfig, label
+    from .judges import JudgeError
 
     cfg = build(LabelConfig, dict(samples=samples, judge=judge, output=output, mode=mode), overrides)
     try:
@@ -316,7 +316,7 @@ def eval_cmd(
 ) -> None:
     """Preference accuracy, judged reward, win-rate, exact KL, retention and task suites: OUT/eval.json."""
     from .eval.evaluate import EvalConfig, evaluate
-    from .eval.judges import JudgeError
+    from .judges import JudgeError
 
     config, overrides = _config_and_overrides(args)
     cfg = build(EvalConfig, dict(model=model, reference=reference, baseline=baseline, data=data, prompts=prompts,
@@ -365,7 +365,7 @@ def bench_cmd(
     if ctx.invoked_subcommand is not None:
         return
     from .bench.run import bench
-    from .bench.workloads import SHAPES
+    from .bench.shapes import SHAPES
 
     if model is None and shape not in SHAPES:
         fail(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)} or pass --model")
@@ -409,8 +409,8 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="
          seed: int = typer.Option(0, "--seed"),
          no_progress: bool = typer.Option(False, "--no-progress")) -> None:
     """Align the shipped model with DPO and PPO, evaluate both, report: on what ships (no downloads)."""
-    from .demo import run_demo
-    from .eval.sentiment import ScorerMissing
+    from .judges.sentiment import ScorerMissing
+    from .tasks.demo import run_demo
 
     if split not in ("test", "validation"):
         fail(f"--split must be test or validation, not {split!r}")
@@ -433,8 +433,8 @@ def study_sentiment(
 ) -> None:
     """DPO at several betas, IPO, PPO at several KL coefficients (+ PPO with a learned reward model) on
     the shipped model, several seeds each; reward/KL frontier and the cost of each."""
-    from .eval.sentiment import ScorerMissing
-    from .study import StudyConfig, run_study
+    from .judges.sentiment import ScorerMissing
+    from .tasks.study import StudyConfig, run_study
 
     config, overrides = _config_and_overrides(args)
     cfg = build(StudyConfig, dict(output=output, split=split), overrides, config)

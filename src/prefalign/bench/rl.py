@@ -21,8 +21,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..models.generate import encode_prompt
+from ..models.load import load_tokenizer_for
+from ..models.tiny import build_tokenizer
+from ..train import ppo
+from ..train.config import RLConfig
+from ..train.ppo import run_rl
 from .flops import head_params, matmul_params, ppo_iteration_flops
+from .shapes import build
 
 # single-token words of the bench tokenizer: prompts of `length` words are `length` tokens long
 WORDS = "the movie was great good bad plot actor story film scene end love hate fine awful".split()
@@ -38,8 +46,6 @@ def save_shape(shape, path: str | Path) -> str:
     """A random-init shape as a model folder run_rl can load, with a small word-level BPE tokenizer
     whose ids are a subset of the model's vocabulary (sampled ids beyond it decode to nothing).
     Seeded as the other workloads seed their model (torch.manual_seed(0) before building)."""
-    from ..models.tiny import build_tokenizer
-    from .workloads import build
 
     rng = random.Random(0)
     corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(400)]
@@ -64,7 +70,6 @@ def _save_in_child(shape, path: Path) -> str:
 def write_prompts(tokenizer, n: int, length: int, path: Path, seed: int = 0) -> list[int]:
     """n distinct prompts of `length` words; returns their token lengths as the trainer encodes them
     (with the bench tokenizer, exactly `length` each)."""
-    from ..train.rollout import encode_prompt
 
     one = [w for w in WORDS if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1] or WORDS
     rng = random.Random(seed)
@@ -79,7 +84,6 @@ def recorded_rollouts():
     the completion columns generation produced, scored tokens, real tokens. metrics.jsonl logs the
     mean completion length but not the columns generated (every row runs until the last one stops),
     which the FLOP count needs."""
-    from ..train import ppo
 
     inner, shapes = ppo.generate, []
 
@@ -100,7 +104,6 @@ def recorded_rollouts():
 def model_counts(model_dir: str) -> dict[str, int]:
     """N (matmul weights), the head's weights and the hidden size of a model folder, from its config
     on the meta device (no weights loaded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
@@ -115,7 +118,6 @@ def bench_config(model_dir, prompts, output, *, batch: int, new_tokens: int, max
     (ppo_epochs, num_minibatches, the value head, the KL penalty, the reference); set here only what
     a benchmark must fix. The KL monitor is off (kl_every 0): it is a run-level measurement on its
     own prompts between iterations, not part of an iteration."""
-    from ..train.config import RLConfig
 
     return RLConfig(**{"method": "ppo", "model": str(model_dir), "output": str(output), "prompts": str(prompts),
                        "reward": f"{__name__}:bench_reward", "batch_size": batch, "max_new_tokens": new_tokens,
@@ -126,8 +128,6 @@ def bench_config(model_dir, prompts, output, *, batch: int, new_tokens: int, max
 def ppo_workload(spec: dict, precision: str, peak_flops: float, peak_memory) -> dict:
     """spec: shape | model, batch (prompts per rollout), seq (prompt + new tokens), new_tokens (default
     seq/2), steps, warmup, device, logits_chunk_mb. Returns the workload's result row."""
-    from ..models.load import load_tokenizer_for
-    from ..train.ppo import run_rl
 
     b, seq = spec["batch"], spec["seq"]
     new = spec.get("new_tokens", seq // 2)

@@ -14,7 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-from . import device as D
+from ..runtime.device import default_dtype, detect, pick_device
+from ..runtime.plotting import pyplot
+from .peak import matmul_peak
 from .workloads import WORKLOADS, run_isolated
 
 LOGPROB_SHAPE = dict(arch="llama", hidden=256, layers=2, heads=4, kv_heads=4, intermediate=512)
@@ -24,14 +26,14 @@ CHUNK_MB = 32.0  # logits held per chunk; below the 8k-vocabulary batch's logits
 def bench(shape: str | None, model: str | None, workloads: list[str], out: str | Path, *, batch: int = 4,
           seq: int = 256, steps: int = 5, warmup: int = 2, device: str = "auto", logprob_memory: bool = True,
           log=print) -> dict:
-    dev = D.pick(device)
-    dtype = D.default_dtype(dev)
+    dev = pick_device(device)
+    dtype = default_dtype(dev)
     # other work on a shared machine slows every figure: its load (1, 5, 15 min) is kept beside them
     load = os.getloadavg()
     # one peak per results file: every workload's MFU is quoted against this median
-    m = D.matmul_peak(dev, dtype)
+    m = matmul_peak(dev, dtype)
     peak = m["median"]
-    machine = {**D.detect(dev), "dtype": str(dtype).removeprefix("torch."), "load_average_start": load,
+    machine = {**detect(dev), "dtype": str(dtype).removeprefix("torch."), "load_average_start": load,
                "peak_flops": peak, "peak_flops_min": m["min"], "peak_flops_max": m["max"],
                "peak_flops_samples": m["samples"], "peak_matmul_n": m["n"], "peak_repeats": m["repeats"]}
     log(f"{machine['name']} ({machine['vendor']}): measured {dtype} matmul peak {peak / 1e9:.1f} GFLOP/s "
@@ -103,10 +105,7 @@ def logprob_memory_workload(common: dict, log=print, vocabs: tuple[int, int] = (
 
 def compare(files: list[str | Path], out: str | Path) -> str:
     """A markdown table and a bar chart of tokens/s per workload across result files, ratios vs the first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = [json.loads(Path(f).read_text()) for f in files]
     labels = [f"{Path(f).stem} ({r['machine'].get('name', '?')})" for f, r in zip(files, runs, strict=True)]

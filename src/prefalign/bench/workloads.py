@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -20,49 +19,24 @@ import time
 
 import torch
 
-from . import device as D
+from ..data.batches import Example, collate, collate_shared_prompt
+from ..data.tokenize import Tokenized
+from ..models.load import add_lora
+from ..models.reference import AdapterReference, CopyReference, PrecomputedReference
+from ..runtime.device import default_dtype, pick_device, sync
+from ..runtime.memory import peak_memory_bytes
+from ..runtime.precision import autocast_for
+from ..train.config import TrainConfig
+from ..train.offline import make_step
 from .flops import head_params, matmul_params, step_flops
+from .rl import ppo_workload
+from .shapes import build
 
-SHAPES = {  # random-init shapes; llama-1b is Llama-3.2-1B's shape, mamba-130m mamba-130m's
-    "tiny": dict(arch="llama", vocab=512, hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128),
-    "llama-30m": dict(arch="llama", vocab=32000, hidden=384, layers=6, heads=6, kv_heads=6, intermediate=1024),
-    "llama-1b": dict(arch="llama", vocab=128256, hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192),
-    "mamba-130m": dict(arch="mamba", vocab=50280, hidden=768, layers=24),
-}
 WORKLOADS = ("dpo", "sft", "reward", "ppo", "generate")
-
-
-def build(shape: str | dict, model_dir: str | None, dev: torch.device, scalar: bool = False):
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        LlamaConfig,
-        MambaConfig,
-    )
-
-    if model_dir:
-        from ..models.load import load_model
-        from ..models.scalar import load_scalar_model
-
-        return (load_scalar_model(model_dir, device=dev) if scalar else load_model(model_dir, device=dev))
-    s = SHAPES[shape] if isinstance(shape, str) else shape
-    if s["arch"] == "mamba":
-        cfg = MambaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"], pad_token_id=0)
-    else:
-        cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
-                          num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                          intermediate_size=s["intermediate"], tie_word_embeddings=True, pad_token_id=0,
-                          max_position_embeddings=4096)
-    cls = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
-    if scalar:
-        cfg.num_labels = 1
-    return cls.from_config(cfg).to(dev)
 
 
 def synthetic_examples(vocab: int, n: int, seq: int, slots: int, seed: int = 0):
     """n examples of `slots` sequences: a shared prompt of seq/2 tokens and answers of seq/2."""
-    from ..data.tokenize import Tokenized
-    from ..train.batches import Example
 
     g = torch.Generator().manual_seed(seed)
     half = seq // 2
@@ -78,10 +52,10 @@ def synthetic_examples(vocab: int, n: int, seq: int, slots: int, seed: int = 0):
 def _time(step, steps: int, warmup: int, dev: torch.device) -> list[float]:
     times = []
     for i in range(warmup + steps):
-        D.sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         step()
-        D.sync(dev)
+        sync(dev)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times
@@ -91,52 +65,38 @@ def _summary(times: list[float], tokens: int, flops: float, peak_flops: float, d
     med = statistics.median(times)
     return {"step_seconds_median": med, "step_seconds_min": min(times), "step_seconds_max": max(times),
             "tokens_per_s": tokens / med, "flops_per_step": flops, "achieved_flops": flops / med,
-            "mfu": flops / med / peak_flops, "peak_memory_bytes": peak_memory(dev),
+            "mfu": flops / med / peak_flops, "peak_memory_bytes": peak_memory_bytes(dev),
             "baseline_memory_bytes": base_rss if dev.type == "cpu" else 0}
-
-
-def peak_memory(dev: torch.device) -> int:
-    if dev.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(dev))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_workload(spec: dict) -> dict:
     """One workload, in this process. spec: workload, shape | model, batch, seq, steps, warmup,
     device, peak_flops, and per workload: strategy (dpo: precompute|adapter|copy), new_tokens."""
-    from ..train.config import TrainConfig
-    from ..train.offline import autocast_for, make_step
 
-    dev = D.pick(spec.get("device", "auto"))
-    base_rss = peak_memory(torch.device("cpu")) if dev.type == "cpu" else 0
+    dev = pick_device(spec.get("device", "auto"))
+    base_rss = peak_memory_bytes(torch.device("cpu")) if dev.type == "cpu" else 0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(0)
     name, b, seq = spec["workload"], spec["batch"], spec["seq"]
     steps, warmup = spec.get("steps", 5), spec.get("warmup", 2)
-    precision = "bf16" if D.default_dtype(dev) == torch.bfloat16 else "fp32"
+    precision = "bf16" if default_dtype(dev) == torch.bfloat16 else "fp32"
     cfg = TrainConfig(method="dpo", model="-", data="-", output="-", precision=precision,
                       logits_chunk_mb=spec.get("logits_chunk_mb", 128.0))
-    autocast = autocast_for(cfg, dev)
+    autocast = autocast_for(cfg.precision, dev)
     if name == "ppo":  # the trainer builds its own models from a folder
-        from .rl import ppo_workload
 
         return {"workload": name, "shape": spec.get("model") or spec.get("shape"), "batch": b, "seq": seq,
                 "precision": precision, "baseline_memory_bytes": base_rss if dev.type == "cpu" else 0,
-                **ppo_workload(spec, precision, spec["peak_flops"], lambda: peak_memory(dev))}
+                **ppo_workload(spec, precision, spec["peak_flops"], lambda: peak_memory_bytes(dev))}
     strategy = spec.get("strategy", "precompute")
     model = build(spec.get("shape", "tiny"), spec.get("model"), dev, scalar=name == "reward")
     vocab = model.config.vocab_size
     lora = name == "dpo" and strategy == "adapter"
     copies, reference, ref_tokens = 1, None, 0
     if name == "dpo" and strategy == "copy":
-        from ..models.reference import CopyReference
-
         reference, copies = CopyReference(model, autocast, cfg.logits_chunk_mb), 2
     if lora:
-        from ..models.load import add_lora
-        from ..models.reference import AdapterReference
-
         model = add_lora(model)
         reference = AdapterReference(model, autocast, cfg.logits_chunk_mb)
     n = matmul_params(model)
@@ -145,8 +105,6 @@ def run_workload(spec: dict) -> dict:
                  "precision": precision, "model_copies": copies}
     if name == "generate":
         return {**out, **_generate(model, spec, dev, autocast)}
-    from ..models.reference import PrecomputedReference
-    from ..train.batches import collate, collate_shared_prompt
 
     slots = 1 if name == "sft" else 2
     examples = synthetic_examples(vocab, b, seq, slots)
@@ -198,13 +156,13 @@ def _generate(model, spec: dict, dev: torch.device, autocast) -> dict:
             pre = _time(prefill, spec.get("steps", 5), spec.get("warmup", 2), dev)
             out = prefill()
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            D.sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             for i in range(new):
                 kw = {"cache_position": torch.tensor([prompt + i], device=dev)} if _is_mamba(model) else {}
                 o = model(input_ids=nxt, past_key_values=past, use_cache=True, **kw)
                 past, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
-            D.sync(dev)
+            sync(dev)
             decode = time.perf_counter() - t0
         res[f"batch_{bs}"] = {"prefill_tokens_per_s": bs * prompt / statistics.median(pre),
                               "decode_tokens_per_s": bs * new / decode}
@@ -212,7 +170,7 @@ def _generate(model, spec: dict, dev: torch.device, autocast) -> dict:
     top = res[f"batch_{spec.get('batch_sizes', [1, 8])[-1]}"]
     return {"by_batch": res, "tokens_per_s": top["decode_tokens_per_s"], "step_seconds_median": None,
             "mfu": 2 * n * top["prefill_tokens_per_s"] / spec["peak_flops"], "mfu_of": "prefill",
-            "peak_memory_bytes": peak_memory(dev)}
+            "peak_memory_bytes": peak_memory_bytes(dev)}
 
 
 def run_isolated(spec: dict) -> dict:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from transformers import AutoTokenizer
+
 from ..config import StrictModel
 from .readers import read_rows
 from .records import PreferencePair, Problem, Record, UnpairedExample, text_of
@@ -148,7 +150,6 @@ class Stats:
 def _load_tokenizer(path: str | None):
     if path is None:
         return None
-    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 

@@ -7,6 +7,7 @@ tokenizer's chat template at tokenization time.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -43,7 +44,6 @@ class Problem:
         raw = self.raw
         if isinstance(raw, bytes):
             # invalid UTF-8 cannot travel inside JSON text: keep the exact bytes alongside
-            import base64
 
             out["raw"] = raw.decode("utf-8", errors="replace")
             out["raw_base64"] = base64.b64encode(raw).decode("ascii")

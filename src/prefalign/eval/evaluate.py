@@ -31,9 +31,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from ..config import StrictModel, dump_config
+from ..data import ReadOptions, load_prompts, load_records
+from ..data.batches import collate, pad, tokenize_records
+from ..data.records import PreferencePair, UnpairedExample, text_of
+from ..data.tokenize import TokenizationError, tokenize
+from ..judges import PairwiseJudge, make_judge
+from ..models.generate import SamplingConfig, encode_prompt, generate
+from ..models.kl import kl_distribution, kl_refusal, rollouts_kl
+from ..models.load import load_model, load_tokenizer_for
+from ..models.logprobs import batch_logps, completion_logps, sequence_logps
+from ..models.scalar import is_reward_model, load_scalar_model, sequence_scores
+from ..runtime.device import pick_device
+from ..runtime.precision import autocast_for
 from . import metrics as M
+from .suites import load_suite, score_suite, suite_prompts
 
 
 class EvalConfig(StrictModel):
@@ -69,13 +83,9 @@ def default_reference(model: str) -> str | None:
 
 class Evaluator:
     def __init__(self, cfg: EvalConfig, progress=None):
-        from ..models.load import load_model, load_tokenizer_for
-        from ..models.scalar import is_reward_model, load_scalar_model
-        from ..train.offline import autocast_for, pick_device
-
         self.cfg, self.progress = cfg, progress
         self.device = pick_device(cfg.device)
-        self.autocast = autocast_for(cfg, self.device)
+        self.autocast = autocast_for(cfg.precision, self.device)
         self.tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
         self.is_reward = is_reward_model(cfg.model)
         load = dict(trust_remote_code=cfg.trust_remote_code, device=self.device)
@@ -100,11 +110,6 @@ class Evaluator:
     # ------------------------------------------------------------ preference accuracy
     @torch.no_grad()
     def preference(self) -> None:
-        from ..data import ReadOptions, load_records
-        from ..models.logprobs import batch_logps
-        from ..models.scalar import sequence_scores
-        from ..train.batches import collate, tokenize_records
-
         cfg = self.cfg
         records, problems = load_records(cfg.data, ReadOptions(format=cfg.format))
         data = tokenize_records(self.tokenizer, records, max_length=cfg.max_length,
@@ -134,15 +139,11 @@ class Evaluator:
 
     # ------------------------------------------------------------ generations: reward, win rate, KL
     def _prompts(self) -> list:
-        from ..data import ReadOptions, load_prompts
-
         prompts, _ = load_prompts(self.cfg.prompts or self.cfg.data, ReadOptions(format=self.cfg.format))
         return prompts[:self.cfg.max_prompts] if self.cfg.max_prompts else prompts
 
     def _sample(self, model, prompts: list, name: str, greedy: bool = False, max_new_tokens: int | None = None):
         """One completion per prompt (seeded per batch, so two models see the same random draws)."""
-        from ..data.records import text_of
-        from ..train.rollout import SamplingConfig, encode_prompt, generate
 
         cfg = self.cfg
         sampling = SamplingConfig(max_new_tokens or cfg.max_new_tokens, 0.0 if greedy else cfg.temperature,
@@ -159,10 +160,6 @@ class Evaluator:
         return rolls
 
     def generations(self) -> None:
-        from ..models.logprobs import completion_logps
-        from ..train.kl_monitor import kl_distribution, kl_refusal, rollouts_kl
-        from ..train.rollout import SamplingConfig
-
         cfg = self.cfg
         prompts = self._prompts()
         rolls = self._sample(self.model, prompts, "sampling (policy)")
@@ -199,9 +196,6 @@ class Evaluator:
             self._judged(prompts, texts)
 
     def _judged(self, prompts: list, texts: list[str]) -> None:
-        from ..eval.judges import PairwiseJudge, make_judge
-        from ..models.load import load_model
-
         cfg = self.cfg
         judge = make_judge(cfg.judge, self.device, pairwise_ok=True)
         self.results["judge"] = judge.kind
@@ -235,12 +229,6 @@ class Evaluator:
     # ------------------------------------------------------------ retention
     @torch.no_grad()
     def perplexity(self) -> None:
-        from ..data import ReadOptions, load_records
-        from ..data.records import PreferencePair, UnpairedExample
-        from ..data.tokenize import TokenizationError, tokenize
-        from ..models.logprobs import sequence_logps
-        from ..train.batches import pad
-
         cfg = self.cfg
         if cfg.text:
             rows = [json.loads(x) for x in Path(cfg.text).read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -277,8 +265,6 @@ class Evaluator:
 
     # ------------------------------------------------------------ suites
     def suites(self) -> None:
-        from .suites import load_suite, score_suite, suite_prompts
-
         for spec in self.cfg.suites:
             suite, items = load_suite(spec)
             prompts = suite_prompts(suite, items, self.tokenizer)
@@ -297,8 +283,6 @@ class Evaluator:
 
 
 def evaluate(cfg: EvalConfig, log=print, progress: bool = True) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     if not (cfg.data or cfg.prompts or cfg.text or cfg.suites):
         raise ValueError("nothing to evaluate: give --data, --prompts, --text or --suite")
     out = Path(cfg.output)

@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import ValidationError
 
 from ..config import ConfigError, StrictModel, explain
@@ -49,8 +50,6 @@ def shipped_suites() -> list[str]:
 
 
 def load_suite(name_or_file: str) -> tuple[Suite, list[dict]]:
-    import yaml
-
     path = Path(name_or_file)
     if not path.suffix:
         path = SHIPPED / f"{name_or_file}.yaml"

@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import StrictModel, dump_config, load_config
+from ..judges import make_judge
+from ..runtime.device import pick_device
+from ..train.config import TrainConfig
+from ..train.offline import run_offline
 from .label import LabelConfig, label
 from .sample import SampleConfig, sample
 
@@ -33,10 +37,6 @@ class IterateConfig(StrictModel):
 
 
 def iterate(cfg: IterateConfig, log=print, progress: bool = True) -> dict:
-    from ..eval.judges import make_judge
-    from ..train.config import TrainConfig
-    from ..train.offline import pick_device, run_offline
-
     if cfg.iterations < 1:
         raise ValueError("iterations must be at least 1")
     out = Path(cfg.output)

@@ -24,6 +24,8 @@ import torch
 from ..config import StrictModel
 from ..data.readers import read_rows
 from ..data.records import Problem
+from ..judges import PairwiseJudge, make_judge
+from ..runtime.device import pick_device
 
 
 class LabelConfig(StrictModel):
@@ -55,9 +57,6 @@ def _answer(prompt, text: str):
 
 
 def label(cfg: LabelConfig, log=print, judge=None) -> dict:
-    from ..eval.judges import PairwiseJudge, make_judge
-    from ..train.offline import pick_device
-
     judge = judge or make_judge(cfg.judge, pick_device(cfg.device), pairwise_ok=True)
     items, problems = _read_samples(cfg.samples)
     written, ties, agree, compared = 0, 0, 0, 0

@@ -9,6 +9,10 @@ from typing import Literal
 
 from ..config import StrictModel
 from ..data import ReadOptions, load_prompts
+from ..models.generate import SamplingConfig, encode_prompt, generate
+from ..models.load import load_model, load_tokenizer_for
+from ..runtime.device import pick_device
+from ..runtime.precision import autocast_for
 
 
 class SampleConfig(StrictModel):
@@ -33,9 +37,6 @@ class SampleConfig(StrictModel):
 def sample(cfg: SampleConfig, log=print, model=None, tokenizer=None) -> dict:
     """Writes one line per prompt: {"prompt", "completions": [n], "ended": [n]}. Reproducible: batch b
     is drawn with seed (seed, b), whatever ran before. `model`/`tokenizer` may be passed in loaded."""
-    from ..models.load import load_model, load_tokenizer_for
-    from ..train.offline import autocast_for, pick_device
-    from ..train.rollout import SamplingConfig, encode_prompt, generate
 
     if cfg.n < 1:
         raise ValueError("n must be at least 1")
@@ -57,7 +58,7 @@ def sample(cfg: SampleConfig, log=print, model=None, tokenizer=None) -> dict:
     for b, start in enumerate(range(0, len(rows), cfg.batch_size)):
         chunk = rows[start:start + cfg.batch_size]
         roll = generate(model, tokenizer, [ids[i] for i in chunk], sampling, seed=cfg.seed * 1_000_003 + b,
-                        device=device, autocast=autocast_for(cfg, device))
+                        device=device, autocast=autocast_for(cfg.precision, device))
         texts += roll.completion_texts
         ended += roll.ended.tolist()
         new_tokens += roll.new_tokens

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 # LoRA targets per architecture: attention and MLP projections for Transformers. Mamba mixers: only
 # projections the forward calls as modules (an adapter on a weight that code reads directly gets no
@@ -45,8 +51,6 @@ def _local(path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     path = _local(path)
     kw: dict[str, Any] = {}
     if path.suffix == ".gguf":
@@ -62,7 +66,6 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_re
     """A causal LM from a local folder (safetensors weights) or a .gguf file (dequantised).
 
     quantize_4bit loads the base in NF4 through bitsandbytes for QLoRA; it needs a CUDA device."""
-    from transformers import AutoModelForCausalLM
 
     path = _local(path)
     if (path / "adapter_config.json").exists():
@@ -79,11 +82,10 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_re
     if quantize_4bit:
         if torch.device(device).type != "cuda" or not torch.cuda.is_available():
             raise ModelError("quantize_4bit (QLoRA) needs a CUDA device; on this machine train LoRA in fp32/bf16")
-        try:
+        try:  # optional and CUDA-only: checked before any work, imported only for QLoRA
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ModelError("quantize_4bit needs bitsandbytes: pip install bitsandbytes") from None
-        from transformers import BitsAndBytesConfig
 
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=torch.bfloat16)
@@ -94,10 +96,6 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_re
 
 
 def _merged_adapter(adapter: Path, dtype: torch.dtype, trust_remote_code: bool):
-    import json
-
-    from peft import PeftModel
-
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     if not base or not Path(base).exists():
         raise ModelError(f"{adapter}: its base model {base!r} is not a local folder (nothing is downloaded)")
@@ -107,7 +105,6 @@ def _merged_adapter(adapter: Path, dtype: torch.dtype, trust_remote_code: bool):
 
 def load_tokenizer_for(path: str | Path, trust_remote_code: bool = False):
     """The tokenizer of a model folder, or of an adapter folder's base when the adapter has none."""
-    import json
 
     path = Path(path)
     if (path / "adapter_config.json").exists() and not (path / "tokenizer_config.json").exists():
@@ -129,7 +126,6 @@ _KEEP = ("mm.default", "addmm.default", "bmm.default", "_scaled_dot_product_flas
 
 def keep_matmuls(ctx, op, *args, **kwargs):
     """Selective-checkpoint policy (torch.utils.checkpoint.create_selective_checkpoint_contexts)."""
-    from torch.utils.checkpoint import CheckpointPolicy
 
     name = str(op).removeprefix("aten.")
     if name in _KEEP and not (name == "mm.default" and args[0].shape[-1] <= LORA_RANK_MAX):
@@ -142,9 +138,7 @@ def enable_checkpointing(model, mode: bool | str) -> None:
     "selective" (matmul and attention outputs kept as well, only cheap ops recomputed)."""
     if not mode:
         return
-    from functools import partial
 
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if mode == "selective":
@@ -160,7 +154,6 @@ def lora_targets(model) -> list[str] | str:
 def add_lora(model, settings: dict[str, Any] | None = None, task_type: str = "CAUSAL_LM"):
     """Wrap the model with PEFT LoRA adapters; `settings` are LoraConfig fields (r, lora_alpha, ...).
     task_type SEQ_CLS (reward models, critics) also trains the new scalar head in full."""
-    from peft import LoraConfig, get_peft_model
 
     settings = dict(settings or {})
     settings.setdefault("r", 8)
@@ -194,7 +187,6 @@ def trunk_of(model):
 def position_kwargs(trunk, attention_mask):
     """position_ids from the attention mask (as generation computes them), for trunks that take
     them: a left-padded row then sees the same positions as the unpadded sequence."""
-    import inspect
 
     if "position_ids" not in inspect.signature(trunk.forward).parameters:
         return {}

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from peft import PeftModel
+
 from .load import load_model, load_tokenizer
 
 
 def merge_adapter(adapter: str | Path, out: str | Path) -> Path:
-    from peft import PeftModel
-
     adapter = Path(adapter)
     cfg_file = adapter / "adapter_config.json"
     if not cfg_file.exists():

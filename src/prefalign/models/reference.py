@@ -1,5 +1,4 @@
 """The reference model, three ways. All give the same log-probs (tested to 1e-5):
-
 - `precompute`: one pass over the data before training, cached on disk next to the run with a
   fingerprint of model weights + tokenized data + precision, so training holds one model and runs
   no reference forward. A stale cache (other model, data or tokenizer settings) is recomputed.
@@ -16,6 +15,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .load import is_peft, unwrap
@@ -87,11 +88,7 @@ def fingerprint(model, examples, extra: str = "") -> str:
 def precompute(model, batches: Iterator[dict[str, Tensor]], n_examples: int, slots: int, cache: Path,
                fp: str, autocast: Callable = nullcontext, chunk_mb: float = 128.0,
                log: Callable[[str], None] = print) -> PrecomputedReference:
-    from safetensors.torch import load_file, save_file
-
     if cache.exists():
-        from safetensors import safe_open
-
         with safe_open(str(cache), "pt") as f:
             stored = (f.metadata() or {}).get("fingerprint")
         if stored == fp:

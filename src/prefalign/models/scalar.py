@@ -10,19 +10,19 @@ EOS. Both agree when pad != eos (tested).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import AutoModelForSequenceClassification
 
 from ..losses.ppo import last_token_index
 from .load import ModelError, _local, hidden_states, unwrap
 
 
 def is_reward_model(path: str | Path) -> bool:
-    import json
-
     config = Path(path) / "config.json"
     if not config.exists():
         return False
@@ -34,7 +34,6 @@ def load_scalar_model(path: str | Path, *, pad_token_id: int | None = None, dtyp
                       trust_remote_code: bool = False, device: str | torch.device = "cpu"):
     """A one-label sequence-classification model from a reward-model folder, or a new scalar head
     (zero-initialised, so it starts by scoring everything 0) on a causal LM's trunk."""
-    from transformers import AutoModelForSequenceClassification
 
     path = _local(path)
     if not any(path.glob("*.safetensors")):

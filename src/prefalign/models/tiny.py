@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MambaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
 # ChatML, as SmolLM2/Qwen write it: the assistant turn ends with <|im_end|>, the EOS token.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -13,8 +26,6 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, *, bos: bool = 
     """A byte-level BPE tokenizer (GPT-2 style) trained on `texts`, as a transformers fast tokenizer.
 
     bos=True makes it prepend <s> like Llama tokenizers do, to exercise BOS handling."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     special = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
@@ -42,8 +53,6 @@ SSM_ARCHS = ("mamba2", "jamba", "bamba", "falcon_h1", "nemotron_h", "granitemoeh
 
 
 def _ssm_config(arch: str, vocab_size: int, hidden: int, layers: int, heads: int, **extra):
-    from transformers import AutoConfig
-
     attn = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
     m2 = dict(mamba_n_heads=4, mamba_d_head=hidden * 2 // 4, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16,
@@ -66,7 +75,6 @@ def _ssm_config(arch: str, vocab_size: int, hidden: int, layers: int, heads: int
 
 def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, **extra):
     """A small random-init config of a real architecture (the same code paths as the full-size model)."""
-    from transformers import GPT2Config, LlamaConfig, MambaConfig, MistralConfig, Qwen2Config
 
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=1024,
@@ -86,8 +94,6 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, h
 
 def build_model(arch: str, tokenizer=None, *, vocab_size: int | None = None, seed: int = 0, **kw):
     """A random-init causal LM; special token ids are taken from the tokenizer when one is given."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
     vocab = vocab_size or len(tokenizer)
     ids = {}

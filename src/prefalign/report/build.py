@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from ..runtime.plotting import pyplot
+
 CURVES = [  # (title, offline metric, RL metric)
     ("loss", "loss", "loss"),
     ("reward accuracy / RL reward", "rewards/accuracy", "ppo/reward"),
@@ -89,10 +91,7 @@ def _series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_curves(runs: list[dict], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not any(r["metrics"] for r in runs):
         return False
@@ -114,10 +113,7 @@ def plot_curves(runs: list[dict], path: Path) -> bool:
 
 
 def plot_frontier(rows: list[dict], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pts = [r for r in rows if isinstance(r.get("reward_mean"), (int, float)) and isinstance(r.get("kl_per_sequence"), (int, float))]
     if not pts:

@@ -1,7 +1,7 @@
 """Controlled sentiment generation (Rafailov et al. 2023, §6.1) on the model prefalign ships.
 
 Prompts are prefixes of held-out IMDb reviews; the policy should continue them positively; the
-ground truth is VADER (prefalign.eval.sentiment). Preference pairs are made as in the paper: sample
+ground truth is VADER (prefalign.judges.sentiment). Preference pairs are made as in the paper: sample
 several continuations per prefix from the base model and let the scorer pick the best and the
 worst. The demo and the study are both built from the steps here, with different sizes.
 
@@ -19,11 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..config import load_config
+from ..data.curate import CurateConfig, curate
+from ..eval.evaluate import EvalConfig
+from ..eval.evaluate import evaluate as run_eval
+from ..feedback.label import LabelConfig, label
+from ..feedback.sample import SampleConfig, sample
+from ..train.config import RL_METHODS, RLConfig, TrainConfig
+from ..train.offline import run_offline
+from ..train.ppo import run_rl
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BASE_MODEL = ASSETS / "imdb-lm"
 PREFIXES = ASSETS / "imdb_prefixes.jsonl"  # test prefixes first, then the train prompts
 VALIDATION_PREFIXES = ASSETS / "imdb_prefixes_validation.jsonl"
-REWARD = "prefalign.eval.sentiment:positive"
+REWARD = "prefalign.judges.sentiment:positive"
 Split = Literal["validation", "test"]
 
 
@@ -83,9 +93,6 @@ def split_prefixes(out: Path, sizes: Sizes, split: Split = "test", prefixes: Pat
 def make_pairs(out: Path, base: Path, train_prompts: Path, sizes: Sizes, log: Callable[[str], None],
                judge: str = REWARD) -> tuple[Path, dict]:
     """Sample `samples` continuations per prefix from the base, label best-vs-worst by JUDGE, curate."""
-    from ..data.curate import CurateConfig, curate
-    from ..feedback.label import LabelConfig, label
-    from ..feedback.sample import SampleConfig, sample
 
     s = sample(SampleConfig(model=str(base), prompts=str(train_prompts), output=str(out / "samples.jsonl"),
                             n=sizes.samples, max_new_tokens=sizes.max_new_tokens, seed=sizes.seed, device="cpu"), log)
@@ -99,10 +106,6 @@ def make_pairs(out: Path, base: Path, train_prompts: Path, sizes: Sizes, log: Ca
 def train(run: Path, base: Path, method: str, data: Path | None, prompts: Path | None, sizes: Sizes,
           log: Callable[[str], None], progress: bool = True, **settings: Any) -> dict:
     """One LoRA run of any method on the task; returns its run.json."""
-    from ..config import load_config
-    from ..train.config import RL_METHODS, RLConfig, TrainConfig
-    from ..train.offline import run_offline
-    from ..train.ppo import run_rl
 
     # the KL monitor samples completions as long as the evaluation's, so its KL and eval's compare
     common = {"model": str(base), "output": str(run), "method": method, "lora": sizes.lora, "seed": sizes.seed,
@@ -120,8 +123,6 @@ def train(run: Path, base: Path, method: str, data: Path | None, prompts: Path |
 def evaluate(model: Path, out: Path, base: Path, held_out: Path, sizes: Sizes, log: Callable[[str], None],
              progress: bool = True, judge: str = REWARD) -> dict:
     """Held-out reward (JUDGE), win-rate against the base and exact KL to the base, written to OUT."""
-    from ..eval.evaluate import EvalConfig
-    from ..eval.evaluate import evaluate as run_eval
 
     cfg = EvalConfig(model=str(model), reference=str(base), prompts=str(held_out), judge=judge, output=str(out),
                      max_new_tokens=sizes.max_new_tokens, seed=sizes.seed + 1, device="cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..runtime.plotting import pyplot
 from .seeds import compare_frontiers, mean_ci, statement
 
 COMPARED = [("dpo", "ppo"), ("ipo", "ppo"), ("dpo (iterative)", "ppo")]  # (A, B): A's reward minus B's at equal KL
@@ -95,10 +96,7 @@ def _errors(pts: list[dict], key: str, means: list[float]) -> list[list[float]]:
 
 def plot_frontier(settings: list[dict], path: Path, split: str) -> None:
     """Mean reward against mean KL per setting, 95% intervals over seeds as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(s["method"] for s in settings):

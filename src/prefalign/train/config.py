@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -106,8 +107,6 @@ class TrainConfig(RunConfig):
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.method not in METHODS:
-            import difflib
-
             close = difflib.get_close_matches(self.method, [*METHODS, *RL_METHODS], n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ValueError(f"unknown method '{self.method}' (choose one of {', '.join([*METHODS, *RL_METHODS])})"

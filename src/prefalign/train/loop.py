@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
 
+from ..runtime.memory import peak_memory_bytes
 from .config import RunConfig
 
 Step = Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, float], int]]
@@ -61,14 +65,6 @@ def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
     return f
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 # ------------------------------------------------------------------ checkpoints
 
 
@@ -77,8 +73,6 @@ def _trainable(model) -> dict[str, Tensor]:
 
 
 def save_checkpoint(out: Path, step: int, position: int, model, optimizer, scheduler, extra: dict, keep: int) -> Path:
-    from safetensors.torch import save_file
-
     ckpts = out / "checkpoints"
     final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -105,8 +99,6 @@ def list_checkpoints(out: Path) -> list[int]:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -168,7 +160,7 @@ class RunLog:
         elif path.exists():
             path.unlink()
         self.file = open(path, "a", encoding="utf-8")
-        self.writer = _tensorboard(out)
+        self.writer = SummaryWriter(str(out))
 
     def write(self, row: dict[str, Any], scalars: bool = True) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -324,17 +316,8 @@ def update_bar(bar, step: int, description: str) -> None:
 def progress_bar(total: int, done: int, enabled: bool, label: str = "training"):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                  transient=False)
     p.start()
     return p, p.add_task(label, total=total, completed=done)
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # a dependency, but a stripped install still trains: metrics.jsonl has everything
-        return None
-    return SummaryWriter(str(out))

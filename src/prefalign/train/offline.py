@@ -16,41 +16,20 @@ from torch import Tensor
 
 from ..config import dump_config
 from ..data import ReadOptions, load_records
+from ..data.batches import TokenizedData, collate, collate_packed, collate_shared_prompt, tokenize_records
 from ..losses.preference import METHODS, Method, with_nll
 from ..models.arch import block_mask_problem
 from ..models.load import add_lora, enable_checkpointing, is_peft, load_model, load_tokenizer_for, save_model
 from ..models.logprobs import batch_logps
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
 from ..models.scalar import load_scalar_model, sequence_scores
-from .allocator import set_malloc_mmap_threshold
-from .batches import TokenizedData, collate, collate_packed, collate_shared_prompt, tokenize_records
+from ..runtime.determinism import disable_dropout
+from ..runtime.device import pick_device
+from ..runtime.memory import set_malloc_mmap_threshold
+from ..runtime.precision import autocast_for
 from .config import RunConfig, TrainConfig
 from .kl_monitor import auto_every, build_monitor
 from .loop import LoopResult, train_loop
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def autocast_for(cfg: RunConfig, device: torch.device) -> Callable:
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_ok)
-    if not use_bf16:
-        return nullcontext
-    return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
-
-
-def disable_dropout(model) -> None:
-    # As the DPO reference implementation does: dropout would make policy and reference log-probs
-    # of the same sequence differ at step 0 and add noise to the implicit reward.
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 def choose_reference(cfg: TrainConfig, method: Method, n_examples: int) -> str | None:
@@ -163,7 +142,7 @@ def start_run(cfg: RunConfig) -> tuple[Path, torch.device, Callable]:
     dump_config(cfg, out / "config.yaml")
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    return out, device, autocast_for(cfg, device)
+    return out, device, autocast_for(cfg.precision, device)
 
 
 def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:

@@ -37,12 +37,15 @@ from torch import Tensor, nn
 
 from ..data import ReadOptions, load_prompts
 from ..data.records import text_of
-from ..eval.judges import RewardModelJudge, make_judge
+from ..judges import RewardModelJudge, make_judge
 from ..losses import ppo as P
+from ..models.generate import SamplingConfig, encode_prompt, generate
 from ..models.load import add_lora, is_peft, load_model, load_tokenizer_for, save_model
 from ..models.logprobs import completion_logps, states_kl
 from ..models.scalar import load_scalar_model, score_head
 from ..models.scalar import token_scores as critic_token_scores
+from ..runtime.determinism import disable_dropout
+from ..runtime.memory import peak_memory_bytes
 from .config import RLConfig
 from .kl_monitor import build_monitor
 from .loop import (
@@ -53,13 +56,11 @@ from .loop import (
     batch_indices,
     build_optimizer,
     checkpoint_or_stop,
-    peak_memory_bytes,
     progress_bar,
     resume,
     update_bar,
 )
-from .offline import disable_dropout, start_run
-from .rollout import SamplingConfig, encode_prompt, generate
+from .offline import start_run
 
 
 class ActorCritic(nn.Module):

@@ -1,7 +1,6 @@
 """`prefalign recipe FILE.yaml`: named training stages run in order, a later stage reading an earlier
 one's result as `${name}` (its final/ folder). The hybrid the seeds recommend for hard cases is
 DPO first, then PPO starting from (and anchored to) the DPO model:
-
     output: runs/hybrid
     stages:
       dpo: {method: dpo, model: base/, data: pairs.jsonl, lora: true}
@@ -19,7 +18,10 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, apply_overrides, load_config
+from .config import RL_METHODS, RLConfig, TrainConfig
+from .offline import run_offline
+from .ppo import run_rl
 
 REF = re.compile(r"\$\{(\w[\w-]*)\}")
 
@@ -35,9 +37,6 @@ def _resolve(value: Any, finals: dict[str, str], stage: str) -> Any:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Path, list[tuple[str, Any]]]:
-    from ..config import apply_overrides
-    from .config import RL_METHODS, RLConfig, TrainConfig
-
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -65,9 +64,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[P
 
 
 def run_recipe(path: str | Path, overrides: list[str] | None = None, log=print, progress: bool = True) -> dict:
-    from .offline import run_offline
-    from .ppo import run_rl
-
     out, stages = load_recipe(path, overrides)
     out.mkdir(parents=True, exist_ok=True)
     summary = {}

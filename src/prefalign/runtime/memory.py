@@ -1,4 +1,5 @@
-"""glibc's allocator on CPU: hand freed activation memory back to the OS (Linux only).
+"""Memory: a process's peak (CUDA allocator peak on a GPU, peak RSS on a CPU), and glibc's allocator on
+CPU, which can hand freed activation memory back to the OS (Linux only).
 
 A training step frees gigabytes of activations. glibc keeps freed heap blocks resident as holes, and
 its dynamic mmap threshold grows to 32 MB after the first large free, so activations come from the
@@ -9,7 +10,10 @@ heap and the resident set grows over steps well beyond what is live (config.py,
 from __future__ import annotations
 
 import ctypes
+import resource
 import sys
+
+import torch
 
 
 def _libc():
@@ -30,3 +34,9 @@ def set_malloc_mmap_threshold(mb: float) -> bool:
         return False
     m_mmap_threshold = -3  # <malloc.h>; setting it also stops glibc's dynamic threshold adjustment
     return bool(libc.mallopt(m_mmap_threshold, int(mb * 2**20)))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

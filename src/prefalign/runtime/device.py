@@ -1,16 +1,15 @@
-"""What machine this is, and its own peak: a measured dense matmul FLOP/s at the benchmark's dtype."""
+"""The device: one picking function for train, eval, sample and bench, and what machine this is."""
 
 from __future__ import annotations
 
 import os
 import platform
-import statistics
-import time
 
+import psutil
 import torch
 
 
-def pick(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():  # NVIDIA CUDA and AMD ROCm (HIP builds report through torch.cuda)
@@ -50,8 +49,6 @@ def detect(device: torch.device) -> dict:
     elif device.type == "mps":
         info.update(vendor="apple", name="Apple MPS")
     else:
-        import psutil
-
         info.update(vendor="cpu", name=info["cpu_model"], memory_bytes=psutil.virtual_memory().total)
     return info
 
@@ -68,23 +65,3 @@ def sync(device: torch.device) -> None:
     elif device.type == "mps":
         torch.mps.synchronize()
 
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 10) -> dict:
-    """The roofline here: FLOP/s of an n x n by n x n matmul (2 n^3 FLOPs), timed `repeats` times
-    after warm-up. Machines shared with other work (these CPUs) vary from one repeat to the next, so
-    the spread is reported beside the median; MFU is quoted against the median.
-    Returns {"median", "min", "max": FLOP/s, "samples": one per repeat, "n", "repeats"}."""
-    n = n or (8192 if device.type != "cpu" else 2048)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        samples.append(2 * n**3 / (time.perf_counter() - t0))
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples,
-            "n": n, "repeats": repeats}

@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 
+from ..data.batches import pad
 from ..data.records import Text, text_of
+from ..data.tokenize import tokenize
+from ..models.generate import encode_prompt, left_pad
+from ..models.load import load_model, load_tokenizer
+from ..models.scalar import is_reward_model, load_scalar_model, sequence_scores
 
 
 class JudgeError(ValueError):
@@ -68,9 +73,6 @@ class RewardModelJudge:
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu", batch_size: int = 16,
                  max_length: int = 1024):
-        from ..models.load import load_tokenizer
-        from ..models.scalar import load_scalar_model
-
         self.model_path = str(path)
         self.tokenizer = load_tokenizer(path)
         self.model = load_scalar_model(path, pad_token_id=self.tokenizer.pad_token_id, device=device).eval()
@@ -83,7 +85,6 @@ class RewardModelJudge:
     @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores of token ids as they are (a rollout whose policy shares this tokenizer)."""
-        from ..models.scalar import sequence_scores
 
         out = []
         for i in range(0, len(input_ids), self.batch_size):
@@ -93,8 +94,6 @@ class RewardModelJudge:
 
     def score(self, prompts: list[Text], completions: list[str]) -> list[float]:
         """Text in: tokenized exactly as reward-model training tokenized it (joint, EOS appended)."""
-        from ..data.tokenize import tokenize
-        from ..train.batches import pad
 
         seqs = [tokenize(self.tokenizer, p, c if c.strip() else " ", max_length=self.max_length)
                 for p, c in zip(prompts, completions, strict=True)]
@@ -116,8 +115,6 @@ class PairwiseJudge:
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu", template: str = JUDGE_TEMPLATE,
                  choices: tuple[str, str] = ("A", "B"), batch_size: int = 8, max_length: int = 1024):
-        from ..models.load import load_model, load_tokenizer
-
         self.tokenizer = load_tokenizer(path)
         self.model = load_model(path, device=device).eval()
         self.model.requires_grad_(False)
@@ -133,8 +130,6 @@ class PairwiseJudge:
         return ids[0]
 
     def prompt_ids(self, prompt: Text, a: str, b: str) -> list[int]:
-        from ..train.rollout import encode_prompt
-
         text = self.template.format(prompt=text_of(prompt), a=a, b=b)
         if getattr(self.tokenizer, "chat_template", None):
             return encode_prompt(self.tokenizer, [{"role": "user", "content": text}], self.max_length)
@@ -143,7 +138,6 @@ class PairwiseJudge:
     @torch.no_grad()
     def first_probs(self, items: list[tuple[Text, str, str]]) -> torch.Tensor:
         """P(the first letter) for each (prompt, a, b), from the two letters' logits only."""
-        from ..train.rollout import left_pad
 
         out = []
         for i in range(0, len(items), self.batch_size):
@@ -172,7 +166,6 @@ def combine_orders(p_forward: torch.Tensor, p_swapped: torch.Tensor) -> tuple[to
 
 def make_judge(spec: str, device: torch.device | str = "cpu", *, pairwise_ok: bool = False):
     """A reward-model folder, a causal-LM folder (pairwise judge, where allowed) or a callable."""
-    from ..models.scalar import is_reward_model
 
     path = Path(spec)
     if path.is_dir():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import GenerationConfig
 
 from ..data.records import Text
 
@@ -100,7 +101,6 @@ def generation_config(sampling: SamplingConfig, pad_id: int, eos: list[int]):
     """Every sampling setting spelled out. A setting left unset falls back to transformers' defaults
     (top_k=50 among them), and then the samples are not drawn from softmax(logits / T), the
     distribution PPO scores them under: its k1 KL estimate goes negative (seen, and tested)."""
-    from transformers import GenerationConfig
 
     greedy = sampling.temperature <= 0
     return GenerationConfig(

@@ -24,10 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import StrictModel
-from .tasks import sentiment as task
-from .tasks.stages import chain, portable, run_stage
-from .tasks.study_table import aggregate, flag_collapse, frontier_statements, markdown, plot_frontier
+from ..config import StrictModel
+from ..report.build import build_report
+from . import sentiment as task
+from .stages import chain, portable, run_stage
+from .study_table import aggregate, flag_collapse, frontier_statements, markdown, plot_frontier
 
 
 class StudyConfig(StrictModel):
@@ -78,7 +79,6 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
     summary = {"split": cfg.split, "seeds": cfg.seeds, "settings": settings, "runs": rows,
                "frontier": frontier_statements(rows), "seconds": time.perf_counter() - t0,
                "config": cfg.model_dump()}
-    from .report.build import build_report
 
     # each run once (dpo-iterative-round1 is the iterative_beta DPO run itself)
     first_seed = dict.fromkeys(Path(r["path"]) for r in rows if r["seed"] == cfg.seeds[0])

@@ -1,6 +1,6 @@
 """The ground-truth scorer of the sentiment task: VADER (Hutto and Gilbert 2014, vaderSentiment, MIT),
 a rule- and lexicon-based analyser that runs offline. `positive` is a judge callable:
-`--reward prefalign.eval.sentiment:positive`. Measured on 2,000 IMDb test reviews it agrees with
+`--reward prefalign.judges.sentiment:positive`. Measured on 2,000 IMDb test reviews it agrees with
 the human label 70.6% of the time (61.6% on 20-word prefixes; ../shared/README.md)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ class ScorerMissing(ImportError):
 
 @lru_cache(maxsize=1)
 def analyser():
-    try:
+    try:  # an optional extra (`prefalign[demo]`): only the sentiment task needs it
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
         raise ScorerMissing("the sentiment scorer needs vaderSentiment: pip install 'prefalign[demo]'") from None

@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
-from .tasks import sentiment as task
-from .tasks.stages import chain, run_stage
+from ..report.build import build_report
+from . import sentiment as task
+from .stages import chain, run_stage
 
 # What the demo trains: each stage moves the reward in a few minutes. First picked on what were then
 # the held-out prefixes; re-checked on the validation prefixes with PPO's k1 reward penalty (seed 0:
@@ -66,7 +68,6 @@ def run_demo(out: Path, console: Console | None = None, quick: bool = False, pro
     models = [(base, out / "base" / "eval")] + [(out / m / "final", out / m / "eval") for m in ("dpo", "ppo")]
     evals, cost_eval = run_stage(task.evaluate_all, models, base, held_out, sizes, log, progress)
     stage(5, "report: reward vs KL, cost table")
-    from .report.build import build_report
 
     build_report([out / "base", out / "dpo", out / "ppo"], out / "report", log)
     stage(6, "summary")
@@ -100,8 +101,6 @@ def _row(name: str, e: dict, run: dict | None, cost: dict | None) -> dict:
 
 
 def _table(rows: list[dict], split: str):
-    from rich.table import Table
-
     table = Table(title=f"{split} IMDb prefixes: VADER reward of the continuation (higher is more positive); "
                         "KL: exact, to the base; MiB: peak RSS; e2e: end to end (README 'How costs are counted')")
     for col in ("model", "reward [95% CI]", "KL/seq", "win vs base", "train s", "train MiB", "e2e s", "e2e MiB",
