@@ -47,7 +47,7 @@ def main() -> None:
     from prefalign.data import load_records
     from prefalign.data.batches import collate_shared_prompt, tokenize_records
     from prefalign.models.load import add_lora, enable_checkpointing, load_model, load_tokenizer
-    from prefalign.models.logprobs import batch_logps
+    from prefalign.models.logps import batch_logps
     from prefalign.runtime.memory import set_malloc_mmap_threshold
 
     set_malloc_mmap_threshold(a.mmap_mb)

@@ -60,9 +60,9 @@ def finish(step_times, losses, logps, tokens, resolved):
 
 PREFALIGN_RUNNER = COMMON + r"""
 import prefalign.train.offline as offline
-from prefalign.train.config import TrainConfig
+from prefalign.train.methods import DPO
 from torch.utils.checkpoint import checkpoint
-from prefalign.models.logprobs import sequence_logps, _chunks, _chunk_logits
+from prefalign.models.logps import sequence_logps, _chunks, _chunk_logits
 from prefalign.models.load import backbone_and_head, unwrap
 
 def every_position(model, hidden, keys, labels, chunk_mb):
@@ -104,7 +104,7 @@ def head_on_every_position(model, batch, chunk_mb=128.0):
 if not cfg.get("scored_head", True):
     offline.batch_logps = head_on_every_position
 lines = []
-tc = TrainConfig(method="dpo", model=cfg["model"], data=cfg["data"], output=cfg["out"], max_steps=cfg["steps"],
+tc = DPO(model=cfg["model"], data=cfg["data"], output=cfg["out"], max_steps=cfg["steps"],
                  batch_size=8 // cfg.get("accum", 1), grad_accum=cfg.get("accum", 1), learning_rate=cfg["lr"],
                  lr_schedule="constant", beta=0.1, max_length=100000,
                  max_prompt_length=100000, precision=cfg["precision"], lora=cfg["lora"], kl_every=0,

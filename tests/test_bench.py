@@ -13,17 +13,18 @@ import torch
 
 from prefalign.bench import peak
 from prefalign.bench.flops import llama_params, matmul_params, ppo_iteration_flops, step_flops
-from prefalign.runtime import device as D
+from prefalign.runtime import device
+from prefalign.train.methods import METHODS
 
 
 def test_detection_on_this_machine():
-    dev = D.pick_device("auto")
-    info = D.detect(dev)
+    dev = device.pick_device("auto")
+    info = device.detect(dev)
     vendor = {"cpu": "cpu", "xpu": "intel", "mps": "apple",
               "cuda": "amd" if getattr(torch.version, "hip", None) else "nvidia"}[dev.type]
     assert info["device_type"] == dev.type and info["vendor"] == vendor and info["name"]
     assert info["torch"] == torch.__version__ and info["cpu_cores"] >= 1
-    assert D.default_dtype(dev) == (torch.bfloat16 if dev.type in ("cuda", "xpu") else torch.float32)
+    assert device.default_dtype(dev) == (torch.bfloat16 if dev.type in ("cuda", "xpu") else torch.float32)
 
 
 def test_matmul_peak_reports_every_repeat_and_its_spread(monkeypatch):
@@ -86,7 +87,7 @@ def test_ppo_flops_equal_the_matmuls_run_rl_performs(tokenizer, tmp_path, monkey
     is charged where it is applied and nowhere else."""
     from prefalign.bench.rl import bench_config, model_counts, recorded_rollouts, write_prompts
     from prefalign.models.tiny import save_tiny
-    from prefalign.train.ppo import run_rl
+    from prefalign.train.run import train
 
     model_dir = save_tiny(tmp_path / "m", "llama", tokenizer, hidden=32)
     assert write_prompts(tokenizer, 2, 6, tmp_path / "p.jsonl") == [6, 6]
@@ -100,7 +101,7 @@ def test_ppo_flops_equal_the_matmuls_run_rl_performs(tokenizer, tmp_path, monkey
 
     monkeypatch.setattr(torch.nn.Linear, "forward", counting)
     with recorded_rollouts() as shapes:
-        run_rl(cfg, log=lambda _: None, progress=False)
+        train(cfg, log=lambda _: None, progress=False)
     monkeypatch.undo()
     (s,) = shapes
     assert (s["rows"], s["prompt"]) == (2, 6) and 1 <= s["generated"] <= 5
@@ -147,7 +148,7 @@ def results(tmp_path_factory):
 def test_results_json_schema(results):
     r = json.loads(results.read_text())
     m = r["machine"]
-    assert m["vendor"] == D.detect(D.pick_device("auto"))["vendor"]
+    assert m["vendor"] == device.detect(device.pick_device("auto"))["vendor"]
     # one peak for the whole file, with its spread; every MFU in the file is against that median
     assert len(m["peak_flops_samples"]) == m["peak_repeats"] >= 3
     assert m["peak_flops"] == statistics.median(m["peak_flops_samples"])
@@ -164,14 +165,12 @@ def test_results_json_schema(results):
 
 
 def test_ppo_workload_is_the_trainer_iteration(results):
-    from prefalign.train.config import RLConfig
-
     p = json.loads(results.read_text())["workloads"]["ppo"]
     assert p["trainer"] == "prefalign.train.ppo.run_rl" and p["critic"] == "value_head"
     assert p["reference"] == "copy" and p["model_copies"] == 2
     # the trainer's defaults, not a one-epoch proxy
-    assert p["ppo_epochs"] == RLConfig.model_fields["ppo_epochs"].default == 4
-    assert p["num_minibatches"] == RLConfig.model_fields["num_minibatches"].default
+    assert p["ppo_epochs"] == METHODS["ppo"].config.model_fields["ppo_epochs"].default == 4
+    assert p["num_minibatches"] == METHODS["ppo"].config.model_fields["num_minibatches"].default
     # 1 warm-up iteration dropped, 2 timed; times are the trainer's own (metrics.jsonl)
     assert p["warmup_steps_excluded"] == 1 and len(p["step_seconds"]) == len(p["rollouts"]) == 2
     for step, rollout, update in zip(p["step_seconds"], p["rollout_seconds"], p["update_seconds"], strict=True):

@@ -8,7 +8,7 @@ from conftest import learnable_pairs
 from prefalign.data.batches import collate, collate_shared_prompt, tokenize_records
 from prefalign.data.records import PreferencePair
 from prefalign.models.load import add_lora, enable_checkpointing, keep_matmuls, load_model
-from prefalign.models.logprobs import batch_logps
+from prefalign.models.logps import batch_logps
 
 
 def _logps_and_grads(path, tokenizer, mode, lora: bool, shared: bool):

@@ -41,11 +41,10 @@ def test_every_example_yaml_trains_a_tiny_model(example, tiny_models, tmp_path):
 
 
 def test_smollm2_example_is_a_valid_config():
-    from prefalign.config import load_config
-    from prefalign.train.config import TrainConfig
+    from prefalign.train.methods import load_train_config
 
     for path in [p for p in EXAMPLES if p.name.startswith("smollm2")]:
-        cfg = load_config(TrainConfig, path)
+        cfg = load_train_config(path)
         assert cfg.lora_settings is not None
 
 

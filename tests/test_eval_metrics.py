@@ -5,45 +5,47 @@ import math
 import pytest
 import torch
 
-from prefalign.eval import metrics as M
+from prefalign.eval import metrics
 from prefalign.eval.refusal import is_refusal
+from prefalign.models.logps import entropy_from_logps, kl_from_logps
 
 
 def test_exact_kl_of_two_known_distributions():
     p, q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.5, 0.25])
     # KL = 0.5 ln 2 + 0.25 ln 0.5 + 0 = 0.25 ln 2
-    kl = M.exact_kl(p.log()[None], q.log()[None])
+    kl = kl_from_logps(p.log()[None], q.log()[None])
     assert abs(float(kl) - 0.25 * math.log(2)) < 1e-6
-    assert float(M.exact_kl(p.log(), p.log())) == pytest.approx(0.0, abs=1e-7)
-    # logits are shift-invariant: unnormalised inputs give the same KL
-    assert abs(float(M.exact_kl(p.log() + 3.0, q.log() - 1.0)) - 0.25 * math.log(2)) < 1e-6
-    assert abs(float(M.entropy(p.log())) - 1.5 * math.log(2)) < 1e-6  # 0.5 ln 2 + 2 x 0.25 ln 4
+    assert float(kl_from_logps(p.log(), p.log())) == pytest.approx(0.0, abs=1e-7)
+    # logits are shift-invariant: unnormalised logits, log-softmaxed, give the same KL
+    lp, lq = (torch.log_softmax(x, -1) for x in (p.log() + 3.0, q.log() - 1.0))
+    assert abs(float(kl_from_logps(lp, lq)) - 0.25 * math.log(2)) < 1e-6
+    assert abs(float(entropy_from_logps(p.log())) - 1.5 * math.log(2)) < 1e-6  # 0.5 ln 2 + 2 x 0.25 ln 4
 
 
 def test_bootstrap_interval_on_a_known_sample():
     # a constant sample has a degenerate interval; 0/1 data's interval brackets the mean, at about
     # mean +- 1.96 sqrt(p(1-p)/n) (normal approximation of the bootstrap distribution)
-    assert M.bootstrap_ci([2.0] * 10) == (2.0, 2.0)
+    assert metrics.bootstrap_ci([2.0] * 10) == (2.0, 2.0)
     x = [1.0] * 60 + [0.0] * 40
-    lo, hi = M.bootstrap_ci(x, resamples=4000, seed=1)
+    lo, hi = metrics.bootstrap_ci(x, resamples=4000, seed=1)
     half = 1.96 * math.sqrt(0.6 * 0.4 / 100)
     assert lo < 0.6 < hi
     assert abs(lo - (0.6 - half)) < 0.02 and abs(hi - (0.6 + half)) < 0.02
-    assert M.bootstrap_ci(x, seed=3) == M.bootstrap_ci(x, seed=3)  # seeded: reproducible
+    assert metrics.bootstrap_ci(x, seed=3) == metrics.bootstrap_ci(x, seed=3)  # seeded: reproducible
 
 
 def test_win_rate_counts_ties_half():
-    results = M.outcomes([3.0, 1.0, 2.0, 5.0], [1.0, 1.0, 4.0, 0.0])  # win, tie, loss, win
+    results = metrics.outcomes([3.0, 1.0, 2.0, 5.0], [1.0, 1.0, 4.0, 0.0])  # win, tie, loss, win
     assert results == [1.0, 0.5, 0.0, 1.0]
-    rate, (lo, hi) = M.win_rate(results)
+    rate, (lo, hi) = metrics.win_rate(results)
     assert rate == pytest.approx(2.5 / 4) and lo <= rate <= hi
 
 
 def test_distinct_n_and_perplexity():
     texts = ["the cat sat", "the cat ran"]
-    assert M.distinct_n(texts, 1) == pytest.approx(4 / 6)  # the, cat, sat, ran of 6 words
-    assert M.distinct_n(texts, 2) == pytest.approx(3 / 4)  # (the cat) twice, (cat sat), (cat ran)
-    assert M.perplexity(4 * math.log(2), 4) == pytest.approx(2.0)
+    assert metrics.distinct_n(texts, 1) == pytest.approx(4 / 6)  # the, cat, sat, ran of 6 words
+    assert metrics.distinct_n(texts, 2) == pytest.approx(3 / 4)  # (the cat) twice, (cat sat), (cat ran)
+    assert metrics.perplexity(4 * math.log(2), 4) == pytest.approx(2.0)
 
 
 REFUSALS = [

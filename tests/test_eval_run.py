@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import learnable_pairs, write_jsonl
+from prefalign.config import Sampling
 from prefalign.eval.evaluate import EvalConfig, evaluate
 
 REWARDS = Path(__file__).parent / "fixtures" / "rewards.py"
@@ -18,8 +19,8 @@ REWARDS = Path(__file__).parent / "fixtures" / "rewards.py"
 def test_exact_kl_equals_full_logits_brute_force(temperature, tiny_models, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from prefalign.models.generate import SamplingConfig, encode_prompt, generate
-    from prefalign.models.logprobs import completion_kl
+    from prefalign.models.generate import encode_prompt, generate
+    from prefalign.models.logps import completion_kl
 
     p = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
     q = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
@@ -27,7 +28,7 @@ def test_exact_kl_equals_full_logits_brute_force(temperature, tiny_models, token
         for w in q.parameters():
             w.add_(0.05 * torch.randn_like(w))
     ids = [encode_prompt(tokenizer, t) for t in ["I loved it", "the plot was", "what"]]
-    roll = generate(p, tokenizer, ids, SamplingConfig(max_new_tokens=6, temperature=temperature), seed=0)
+    roll = generate(p, tokenizer, ids, Sampling(max_new_tokens=6, temperature=temperature), seed=0)
     out = completion_kl(p, q, roll.input_ids, roll.attention_mask, roll.n_prompt, roll.completion_mask, chunk_mb=0.001,
                         temperature=temperature)
     with torch.no_grad():
@@ -85,11 +86,11 @@ def test_a_model_against_itself(tiny_models, pair_file, tmp_path):
 
 
 def test_a_dpo_model_prefers_what_the_data_prefers(tiny_models, tmp_path):
-    from prefalign.train.config import TrainConfig
-    from prefalign.train.offline import run_offline
+    from prefalign.train.methods import make_config
+    from prefalign.train.run import train
 
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(48))
-    run_offline(TrainConfig(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "dpo"),
+    train(make_config(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "dpo"),
                             max_steps=40, batch_size=8, learning_rate=3e-3, beta=0.5, lora=True, lr_schedule="constant"),
                 log=lambda _: None, progress=False)
     run = subprocess.run([sys.executable, "-m", "prefalign", "eval", "--model", tmp_path / "dpo" / "final",

@@ -111,12 +111,12 @@ def test_pairwise_llm_judge_prefers_the_better_answer(tokenizer, tmp_path):
     """A tiny LM taught to judge (by prefalign's SFT) picks the better answer on new cases, in both orders."""
     from prefalign.judges import PairwiseJudge
     from prefalign.models.tiny import save_tiny
-    from prefalign.train.config import TrainConfig
-    from prefalign.train.offline import run_offline
+    from prefalign.train.methods import make_config
+    from prefalign.train.run import train
 
     base = save_tiny(tmp_path / "base", "llama", tokenizer, hidden=64, layers=4)  # 2 layers of 32 cannot learn it
     data = write_jsonl(tmp_path / "judge.jsonl", _judge_rows(128, 0))
-    run_offline(TrainConfig(method="sft", model=str(base), data=str(data), output=str(tmp_path / "j"), max_steps=150,
+    train(make_config(method="sft", model=str(base), data=str(data), output=str(tmp_path / "j"), max_steps=150,
                             batch_size=8, learning_rate=1e-3, lr_schedule="constant", max_length=160),
                 log=lambda _: None, progress=False)
     judge = PairwiseJudge(tmp_path / "j" / "final", template=SHORT)

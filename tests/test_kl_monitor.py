@@ -8,8 +8,8 @@ import json
 import pytest
 
 from prefalign.eval.evaluate import EvalConfig, evaluate
-from prefalign.train.config import TrainConfig
-from prefalign.train.offline import run_offline
+from prefalign.train.methods import make_config
+from prefalign.train.run import train
 
 
 def _rows(run):
@@ -19,10 +19,10 @@ def _rows(run):
 @pytest.mark.parametrize("lora", [False, True])
 def test_monitor_equals_eval_on_the_saved_model(lora, tiny_models, pair_file, tmp_path):
     base = str(tiny_models["llama"])
-    cfg = TrainConfig(model=base, data=str(pair_file), output=str(tmp_path / "run"), max_steps=8, batch_size=4,
+    cfg = make_config(model=base, data=str(pair_file), output=str(tmp_path / "run"), max_steps=8, batch_size=4,
                       learning_rate=2e-2 if lora else 5e-3, lr_schedule="constant", kl_every=4, kl_prompts=6,
                       kl_max_new_tokens=10, lora=lora, seed=3)
-    run_offline(cfg, log=lambda _: None, progress=False)
+    train(cfg, log=lambda _: None, progress=False)
     rows = _rows(tmp_path / "run")
     monitored = [r for r in rows if "kl/policy_ref_seq" in r]
     assert [r["step"] for r in monitored] == [4, 8]
@@ -38,7 +38,7 @@ def test_monitor_equals_eval_on_the_saved_model(lora, tiny_models, pair_file, tm
 
 
 def test_monitor_off(tiny_models, pair_file, tmp_path):
-    cfg = TrainConfig(model=str(tiny_models["llama"]), data=str(pair_file), output=str(tmp_path / "run"), max_steps=2,
+    cfg = make_config(model=str(tiny_models["llama"]), data=str(pair_file), output=str(tmp_path / "run"), max_steps=2,
                       batch_size=4, kl_every=0)
-    run_offline(cfg, log=lambda _: None, progress=False)
+    train(cfg, log=lambda _: None, progress=False)
     assert not any("kl/policy_ref_seq" in r for r in _rows(tmp_path / "run"))

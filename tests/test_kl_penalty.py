@@ -12,9 +12,10 @@ import math
 import pytest
 import torch
 
-from prefalign.losses import ppo as P
-from prefalign.models.logprobs import completion_logps, completion_states, states_kl
+from prefalign.losses import ppo as ppo_losses
+from prefalign.models.logps import completion_logps, completion_states, states_kl
 from prefalign.train.config import RLConfig
+from prefalign.train.methods import make_config
 from prefalign.train.ppo import advantages, minibatch_loss
 
 
@@ -22,8 +23,10 @@ def rl_config(method: str, penalty: str) -> RLConfig:
     """The configuration under which the equality is exact: undiscounted returns with no critic
     baseline (gamma = lam = 1, values 0) and advantages not whitened. (With lam < 1 and a critic, or
     whitening, the KL inherits the same bias and scaling as the score: README "Which KL".)"""
-    return RLConfig(model="m", output="o", prompts="p", reward="r", method=method, kl_penalty=penalty, gamma=1.0,
-                    lam=1.0, whiten_advantages=False, samples_per_prompt=1 if method == "ppo" else 2)
+    return make_config(model="m", output="o", prompts="p", reward="r", method=method, kl_penalty=penalty,
+                       samples_per_prompt=1 if method == "ppo" else 2,
+                       **({} if method == "grpo" else {"whiten_advantages": False}),
+                       **({"gae_gamma": 1.0, "gae_lambda": 1.0} if method == "ppo" else {}))
 
 
 def trainer_loss(cfg: RLConfig, logp: torch.Tensor, ref: torch.Tensor, full_kl: torch.Tensor | None = None):
@@ -42,14 +45,14 @@ def old_loss(old_way: str, logp: torch.Tensor, ref: torch.Tensor) -> torch.Tenso
     default) and "pathwise_k3" (k3 differentiated in the loss alone, GRPO's term)."""
     mask = torch.ones_like(logp)
     old = logp.detach()
-    kl = P.kl_k3(old, ref) * mask if old_way == "reward_k3" else torch.zeros_like(old)
-    rewards = P.kl_shaped_rewards(torch.zeros(logp.shape[0], dtype=logp.dtype), kl, mask, 1.0)
-    adv, _ = P.gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
-    loss, _ = P.clipped_policy_loss(logp, old, adv, mask, clip=0.2)
-    return loss + (P.masked_mean(P.kl_k3(logp, ref), mask) if old_way == "pathwise_k3" else 0.0)
+    kl = ppo_losses.kl_k3(old, ref) * mask if old_way == "reward_k3" else torch.zeros_like(old)
+    rewards = ppo_losses.kl_shaped_rewards(torch.zeros(logp.shape[0], dtype=logp.dtype), kl, mask, 1.0)
+    adv, _ = ppo_losses.gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
+    loss, _ = ppo_losses.clipped_policy_loss(logp, old, adv, mask, clip=0.2)
+    return loss + (ppo_losses.masked_mean(ppo_losses.kl_k3(logp, ref), mask) if old_way == "pathwise_k3" else 0.0)
 
 
-CONFIGS = [("ppo", k) for k in P.KL_PENALTIES] + [("rloo", k) for k in P.KL_PENALTIES] + \
+CONFIGS = [("ppo", k) for k in ppo_losses.KL_PENALTIES] + [("rloo", k) for k in ppo_losses.KL_PENALTIES] + \
           [("grpo", "loss_k3"), ("grpo", "loss_full")]
 
 
@@ -150,7 +153,7 @@ def _lm_expected_grads(policy, ref, penalty: str, old_way=None):
     return flat(got), flat(want), kl.item()
 
 
-@pytest.mark.parametrize("kind", P.KL_PENALTIES)
+@pytest.mark.parametrize("kind", ppo_losses.KL_PENALTIES)
 def test_each_penalty_has_the_gradient_of_the_sequence_kl_on_a_tiny_lm(lm_pair, kind):
     got, want, kl = _lm_expected_grads(*lm_pair, kind)
     assert kl > 0.05  # far enough from the reference for a wrong estimator to show
@@ -166,10 +169,10 @@ def test_loss_full_without_the_future_term_is_a_partial_gradient(lm_pair):
     """The exact per-position KL differentiated alone misses that a token changes the states after it
     (Tang & Munos 2025): dropping the score-function term breaks equality."""
     policy, ref = lm_pair
-    original = P.reward_to_go
-    P.reward_to_go = lambda x, mask, include_current=True: torch.zeros_like(x)
+    original = ppo_losses.reward_to_go
+    ppo_losses.reward_to_go = lambda x, mask, include_current=True: torch.zeros_like(x)
     try:
         got, want, _ = _lm_expected_grads(policy, ref, "loss_full")
     finally:
-        P.reward_to_go = original
+        ppo_losses.reward_to_go = original
     assert (got - want).norm() > 0.05 * want.norm()

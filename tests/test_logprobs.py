@@ -5,7 +5,7 @@ import torch
 
 from prefalign.data.batches import pad
 from prefalign.data.tokenize import tokenize
-from prefalign.models.logprobs import token_logps
+from prefalign.models.logps import token_logps
 from prefalign.models.tiny import ARCHS, build_model
 
 
@@ -44,7 +44,7 @@ def test_shared_prompt_layout_equals_padded(arch, bos_tokenizer):
     from prefalign.data.batches import Example, collate, collate_shared_prompt
     from prefalign.data.records import PreferencePair
     from prefalign.data.tokenize import tokenize_pair
-    from prefalign.models.logprobs import batch_logps
+    from prefalign.models.logps import batch_logps
 
     tok = bos_tokenizer
     pairs = [PreferencePair("the movie was", " good and great fun.", " bad."),

@@ -5,14 +5,14 @@ import torch
 from peft import PeftModel
 
 from prefalign.models.load import load_model
-from prefalign.train.config import TrainConfig
-from prefalign.train.offline import run_offline
+from prefalign.train.methods import make_config
+from prefalign.train.run import train
 
 
 def _dpo(model, data, out):
-    cfg = TrainConfig(method="dpo", model=str(model), data=str(data), output=str(out), max_steps=3, batch_size=8,
+    cfg = make_config(method="dpo", model=str(model), data=str(data), output=str(out), max_steps=3, batch_size=8,
                       learning_rate=5e-2, lora={"r": 4}, seed=0, kl_every=0, lr_schedule="constant")
-    run_offline(cfg, log=lambda _: None, progress=False)
+    train(cfg, log=lambda _: None, progress=False)
     return out / "final"
 
 

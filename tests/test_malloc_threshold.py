@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from prefalign.train.config import TrainConfig
+from prefalign.train.methods import make_config
 
 # In a fresh process: free one 20 MB block (glibc then raises its mmap threshold to 20 MB, as a
 # training step's first large free does), allocate 48 blocks of 8 MB alternating kept/dropped,
@@ -47,7 +47,7 @@ def test_freed_blocks_return_to_the_os():
 
 
 def test_default_and_bounds():
-    cfg = TrainConfig(model="m", data="d", output="o")
+    cfg = make_config(model="m", data="d", output="o")
     assert cfg.malloc_mmap_threshold_mb == 0.0  # glibc's own behaviour unless asked: the setting costs time
     with pytest.raises(ValueError):
-        TrainConfig(model="m", data="d", output="o", malloc_mmap_threshold_mb=64)  # glibc's maximum is 32 MB
+        make_config(model="m", data="d", output="o", malloc_mmap_threshold_mb=64)  # glibc's maximum is 32 MB

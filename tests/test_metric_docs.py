@@ -11,10 +11,8 @@ import pytest
 
 from conftest import learnable_pairs, unpaired_from, write_jsonl
 from prefalign.eval.evaluate import EvalConfig, evaluate
-from prefalign.losses import METHODS
-from prefalign.train.config import RL_METHODS, RLConfig, TrainConfig
-from prefalign.train.offline import run_offline
-from prefalign.train.ppo import run_rl
+from prefalign.train.methods import METHODS, make_config
+from prefalign.train.run import train
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 REWARDS = Path(__file__).parent / "fixtures" / "rewards.py"
@@ -55,15 +53,16 @@ def emitted(tiny_models, tmp_path_factory) -> dict[str, set[str]]:
     runs = []
     for method in METHODS:
         out = root / method
-        run_offline(TrainConfig(method=method, model=model, data=str(kto if method == "kto" else pairs),
+        train(make_config(method=method, model=model, data=str(kto if method == "kto" else pairs),
                                 eval_data=str(kto if method == "kto" else pairs), eval_every=2, output=str(out),
                                 max_steps=2, batch_size=4, kl_every=1, kl_prompts=2, kl_max_new_tokens=4,
                                 rpo_alpha=0.5 if method == "dpo" else 0.0),
                     log=lambda _: None, progress=False)
         runs.append(out)
-    for method, penalty in zip(RL_METHODS, ("loss_full", "reward_k1", "loss_k3"), strict=True):
+    rl = [m for m, spec in METHODS.items() if spec.trainer == "rl"]
+    for method, penalty in zip(rl, ("loss_full", "reward_k1", "loss_k3"), strict=True):
         out = root / method
-        run_rl(RLConfig(method=method, model=model, prompts=str(pairs), reward=f"{REWARDS}:length", output=str(out),
+        train(make_config(method=method, model=model, prompts=str(pairs), reward=f"{REWARDS}:length", output=str(out),
                         max_steps=2, batch_size=2, max_new_tokens=4, kl_every=1, kl_prompts=2, kl_max_new_tokens=4,
                         kl_penalty=penalty), log=lambda _: None, progress=False)
         runs.append(out)

@@ -9,7 +9,7 @@ from conftest import learnable_pairs, write_jsonl
 from prefalign.data.batches import collate, collate_packed, tokenize_records
 from prefalign.data.records import PreferencePair
 from prefalign.models.load import load_model
-from prefalign.models.logprobs import batch_logps
+from prefalign.models.logps import batch_logps
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
@@ -38,14 +38,14 @@ def test_packed_equals_padded(arch, data_kind, tiny_models, tokenizer):
 
 @pytest.mark.parametrize("method", ["dpo", "sft"])
 def test_training_with_packing_logs_the_same_losses(method, tiny_models, tmp_path):
-    from prefalign.train.config import TrainConfig
-    from prefalign.train.offline import run_offline
+    from prefalign.train.methods import make_config
+    from prefalign.train.run import train
 
     data = write_jsonl(tmp_path / "d.jsonl", learnable_pairs(16))
     losses = {}
     for packing in (False, True):
         out = tmp_path / f"run-{packing}"
-        run_offline(TrainConfig(method=method, model=str(tiny_models["llama"]), data=str(data), output=str(out),
+        train(make_config(method=method, model=str(tiny_models["llama"]), data=str(data), output=str(out),
                                 max_steps=3, batch_size=4, learning_rate=1e-3, packing=packing, share_prompt=False,
                                 reference="copy"), log=lambda _: None, progress=False)
         losses[packing] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -53,10 +53,10 @@ def test_training_with_packing_logs_the_same_losses(method, tiny_models, tmp_pat
 
 
 def test_packing_is_refused_for_mamba(tiny_models, tmp_path):
-    from prefalign.train.config import TrainConfig
-    from prefalign.train.offline import run_offline
+    from prefalign.train.methods import make_config
+    from prefalign.train.run import train
 
     data = write_jsonl(tmp_path / "d.jsonl", learnable_pairs(8))
     with pytest.raises(ValueError, match="packing needs .*: mamba has Mamba/SSM layers"):
-        run_offline(TrainConfig(method="sft", model=str(tiny_models["mamba"]), data=str(data), output=str(tmp_path / "r"),
+        train(make_config(method="sft", model=str(tiny_models["mamba"]), data=str(data), output=str(tmp_path / "r"),
                                 max_steps=1, packing=True), log=lambda _: None, progress=False)

@@ -10,9 +10,15 @@ import pytest
 import torch
 
 from conftest import learnable_pairs, write_jsonl
-from prefalign.models.generate import SamplingConfig, completion_mask, encode_prompt, generate
-from prefalign.train.config import RLConfig
-from prefalign.train.ppo import run_rl
+from prefalign.config import Sampling
+from prefalign.models.generate import completion_mask, encode_prompt, generate
+from prefalign.train.methods import make_config
+from prefalign.train.run import train
+
+
+def rl_config(**fields):
+    return make_config(**{"method": "ppo", **fields})
+
 
 REWARDS = Path(__file__).parent / "fixtures" / "rewards.py"
 PROMPTS = ["I loved the movie", "the plot", "what", "I hated the story and the actor was bad"]
@@ -34,11 +40,11 @@ def test_generation_and_scoring_see_the_same_tokens(arch, tiny_models, tokenizer
     over that row alone (no padding, positions from 0): same ids, same positions, same temperature."""
     from transformers import AutoModelForCausalLM
 
-    from prefalign.models.logprobs import completion_logps
+    from prefalign.models.logps import completion_logps
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
     ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
-    roll = generate(model, tokenizer, ids, SamplingConfig(max_new_tokens=12, temperature=0.7), seed=3)
+    roll = generate(model, tokenizer, ids, Sampling(max_new_tokens=12, temperature=0.7), seed=3)
     assert len({len(p) for p in ids}) > 1  # really left-padded
     with torch.no_grad():
         batch = completion_logps(model, roll.input_ids, roll.attention_mask, roll.n_prompt, roll.completion_mask,
@@ -57,7 +63,7 @@ def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng(tiny_models, 
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
     ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
-    cfg = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9)
+    cfg = Sampling(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9)
     state = torch.get_rng_state()
     a, b = generate(model, tokenizer, ids, cfg, seed=1), generate(model, tokenizer, ids, cfg, seed=1)
     c = generate(model, tokenizer, ids, cfg, seed=2)
@@ -65,8 +71,8 @@ def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng(tiny_models, 
     assert a.completion_texts == b.completion_texts and torch.equal(a.input_ids, b.input_ids)
     assert a.completion_texts != c.completion_texts
     assert a.tokens_per_s > 0 and a.new_tokens == int(a.completion_mask.sum())
-    greedy = generate(model, tokenizer, ids, SamplingConfig(max_new_tokens=10, temperature=0), seed=None)
-    assert greedy.completion_texts == generate(model, tokenizer, ids, SamplingConfig(10, 0), seed=9).completion_texts
+    greedy = generate(model, tokenizer, ids, Sampling(max_new_tokens=10, temperature=0), seed=None)
+    assert greedy.completion_texts == generate(model, tokenizer, ids, Sampling(max_new_tokens=10, temperature=0), seed=9).completion_texts
 
 
 def test_completion_mask_stops_at_the_first_eos():
@@ -92,7 +98,7 @@ def test_reward_is_read_at_the_last_real_token_under_left_padding(arch, tiny_mod
     assert judge.shares_vocab(tokenizer)
     policy = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
     ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
-    roll = generate(policy, tokenizer, ids, SamplingConfig(max_new_tokens=8), seed=0)
+    roll = generate(policy, tokenizer, ids, Sampling(max_new_tokens=8), seed=0)
     batch = judge.score_ids(roll.input_ids, roll.attention_mask)
     for i, p in enumerate(ids):
         comp = roll.completion_ids[i][roll.completion_mask[i].bool()]
@@ -107,7 +113,7 @@ def _cfg(tmp_path, model, prompts, method, **kw):
                 output=str(tmp_path / method), max_steps=30, batch_size=8, max_new_tokens=8, learning_rate=1e-2,
                 lr_schedule="constant", kl_coef=0.01, seed=0)
     base.update(kw)
-    return RLConfig(**base)
+    return rl_config(**base)
 
 
 @pytest.mark.parametrize("method", ["ppo", "rloo", "grpo"])
@@ -116,7 +122,7 @@ def test_callable_reward_is_learned(method, tiny_models, prompt_file, tmp_path):
     # vocabulary, the target word comes up about once in 400 tokens at the start
     cfg = _cfg(tmp_path, tiny_models["llama"], prompt_file, method, max_steps=40, max_new_tokens=16,
                batch_size=16 if method == "ppo" else 4)
-    run_rl(cfg, log=lambda _: None, progress=False)
+    train(cfg, log=lambda _: None, progress=False)
     rows = _rows(tmp_path / method)
     before = sum(r["ppo/reward"] for r in rows[:3]) / 3
     after = sum(r["ppo/reward"] for r in rows[-3:]) / 3
@@ -143,7 +149,7 @@ def test_ppo_with_lora_critic_model_reward_model_and_adaptive_kl(tiny_models, to
     cfg = _cfg(tmp_path, tiny_models["llama"], prompt_file, "ppo", reward=str(tmp_path / "rm"), lora=True,
                critic="model", kl_target=1.0, kl_horizon=100, max_steps=3, missing_eos_penalty=1.0,
                reward_norm="running", ppo_epochs=2, num_minibatches=2)
-    run_rl(cfg, log=lambda _: None, progress=False)
+    train(cfg, log=lambda _: None, progress=False)
     rows = _rows(tmp_path / "ppo")
     summary = json.loads((tmp_path / "ppo" / "run.json").read_text())
     # policy (reference = adapters off) + critic model + reward model
@@ -157,16 +163,16 @@ def test_ppo_with_lora_critic_model_reward_model_and_adaptive_kl(tiny_models, to
 def test_shape_scores_penalty_and_running_norm():
     from prefalign.train.ppo import RunningMoments, shape_scores
 
-    cfg = RLConfig(model="m", output="o", prompts="p", reward="r", missing_eos_penalty=2.0, reward_clip=1.5)
+    cfg = rl_config(model="m", output="o", prompts="p", reward="r", missing_eos_penalty=2.0, reward_clip=1.5)
     out = shape_scores(cfg, torch.tensor([1.0, 1.0]), torch.tensor([True, False]), torch.tensor([3, 3]), RunningMoments())
     assert out.tolist() == [1.0, -1.0]
     # min_new_tokens 3: an EOS after 2 tokens (length 3 with EOS) is early, after 3 (length 4) is not,
     # and a completion that never ended is not "early"
-    cfg = RLConfig(model="m", output="o", prompts="p", reward="r", min_new_tokens=3, early_eos_penalty=0.5)
+    cfg = rl_config(model="m", output="o", prompts="p", reward="r", min_new_tokens=3, early_eos_penalty=0.5)
     out = shape_scores(cfg, torch.zeros(4), torch.tensor([True, True, False, True]), torch.tensor([3, 4, 2, 1]),
                        RunningMoments())
     assert out.tolist() == [-0.5, 0.0, 0.0, -0.5]
-    cfg = RLConfig(model="m", output="o", prompts="p", reward="r", reward_norm="running")
+    cfg = rl_config(model="m", output="o", prompts="p", reward="r", reward_norm="running")
     mom = RunningMoments()
     shape_scores(cfg, torch.tensor([1.0, 3.0]), torch.tensor([True, True]), torch.tensor([5, 5]), mom)
     shape_scores(cfg, torch.tensor([5.0, 7.0]), torch.tensor([True, True]), torch.tensor([5, 5]), mom)
@@ -176,10 +182,10 @@ def test_shape_scores_penalty_and_running_norm():
 def test_exact_resume(tiny_models, prompt_file, tmp_path):
     cfg = _cfg(tmp_path, tiny_models["gpt2"], prompt_file, "ppo", max_steps=6, save_every=3, keep_checkpoints=5,
                kl_target=2.0, reward_norm="running")
-    run_rl(cfg, log=lambda _: None, progress=False)
+    train(cfg, log=lambda _: None, progress=False)
     full = _rows(tmp_path / "ppo")
     shutil.rmtree(tmp_path / "ppo" / "checkpoints" / "step-6")  # as if the run died after step 3's checkpoint
-    run_rl(cfg.model_copy(update={"resume": True}), log=lambda _: None, progress=False)
+    train(cfg.model_copy(update={"resume": True}), log=lambda _: None, progress=False)
     resumed = _rows(tmp_path / "ppo")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(full[3:], resumed[3:], strict=True):
@@ -216,7 +222,7 @@ def test_samples_come_from_the_distribution_ppo_scores(top_k, finite, tiny_model
     from prefalign.models.generate import eos_ids, generation_config
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
-    cfg = generation_config(SamplingConfig(max_new_tokens=3, temperature=0.7, top_k=top_k), tokenizer.pad_token_id,
+    cfg = generation_config(Sampling(max_new_tokens=3, temperature=0.7, top_k=top_k), tokenizer.pad_token_id,
                             eos_ids(tokenizer, model))
     cfg.output_scores, cfg.output_logits, cfg.return_dict_in_generate = True, True, True
     ids = torch.tensor([encode_prompt(tokenizer, "I loved the movie")])
@@ -230,7 +236,7 @@ def test_samples_come_from_the_distribution_ppo_scores(top_k, finite, tiny_model
 
 def test_ppo_and_generation_on_mamba(tiny_models, prompt_file, tmp_path):
     """A state-space model (no attention mask to bend) samples, scores and updates through the same code."""
-    run_rl(_cfg(tmp_path, tiny_models["mamba"], prompt_file, "ppo", max_steps=2, batch_size=4, max_new_tokens=6,
+    train(_cfg(tmp_path, tiny_models["mamba"], prompt_file, "ppo", max_steps=2, batch_size=4, max_new_tokens=6,
                 reward=f"{REWARDS}:length"),
            log=lambda _: None, progress=False)
     rows = _rows(tmp_path / "ppo")
@@ -245,7 +251,7 @@ def test_loss_side_kl_penalties_train(method, penalty, tiny_models, prompt_file,
     cfg = _cfg(tmp_path, tiny_models["llama"], prompt_file, method, max_steps=2, batch_size=4, kl_coef=0.5, ppo_epochs=1,
                reward=f"{REWARDS}:length", **kw)
     assert cfg.kl_penalty == (penalty or "loss_k3")  # grpo's default: k3 in the loss
-    run_rl(cfg, log=lambda _: None, progress=False)
+    train(cfg, log=lambda _: None, progress=False)
     rows = _rows(tmp_path / method)
     # on the first update the policy is the reference: the penalty's value is 0 there, then positive
     assert abs(rows[0]["ppo/kl_loss"]) < 1e-5 and rows[1]["ppo/kl_loss"] > 1e-6
@@ -258,7 +264,7 @@ def test_loss_full_maps_each_shuffled_minibatch_row_to_its_reference_states(lora
     cfg = _cfg(tmp_path, tiny_models["llama"], prompt_file, "ppo", max_steps=2, batch_size=8, learning_rate=0.0,
                kl_penalty="loss_full", num_minibatches=4, ppo_epochs=2, kl_every=0, lora=lora,
                reward=f"{REWARDS}:length")
-    run_rl(cfg, log=lambda _: None, progress=False)
+    train(cfg, log=lambda _: None, progress=False)
     assert all(abs(r["ppo/kl_loss"]) < 1e-6 for r in _rows(tmp_path / "ppo"))
 
 
@@ -269,7 +275,7 @@ def test_a_strong_kl_coefficient_holds_the_policy_near_the_reference(penalty, ti
     kl = {}
     for coef in (0.0, 2.0):
         out = tmp_path / f"{penalty}-{coef}"
-        run_rl(_cfg(tmp_path, tiny_models["llama"], prompt_file, "ppo", max_steps=8, batch_size=8, kl_coef=coef,
+        train(_cfg(tmp_path, tiny_models["llama"], prompt_file, "ppo", max_steps=8, batch_size=8, kl_coef=coef,
                     kl_penalty=penalty, learning_rate=2e-2, reward=f"{REWARDS}:length", output=str(out), kl_every=8),
                log=lambda _: None, progress=False)
         kl[coef] = _rows(out)[-1]["kl/policy_ref_seq"]
@@ -279,18 +285,18 @@ def test_a_strong_kl_coefficient_holds_the_policy_near_the_reference(penalty, ti
 def test_rl_configurations_that_would_break_the_gradient_are_refused():
     base = dict(model="m", output="o", prompts="p", reward="r")
     with pytest.raises(ValueError, match="cancels kl_coef"):
-        RLConfig(**base, method="grpo", kl_penalty="reward_k1")
+        rl_config(**base, method="grpo", kl_penalty="reward_k1")
     with pytest.raises(ValueError, match="top_k/top_p truncate"):
-        RLConfig(**base, top_k=50)
+        rl_config(**base, top_k=50)
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        RLConfig(**base, temperature=0.0)
+        rl_config(**base, temperature=0.0)
     with pytest.raises(ValueError, match="kl_budget is checked against the KL monitor"):
-        RLConfig(**base, kl_budget=0.1, kl_every=0)
+        rl_config(**base, kl_budget=0.1, kl_every=0)
 
 
 def test_kl_estimator_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="kl_estimator was replaced by kl_penalty"):
-        RLConfig(model="m", output="o", prompts="p", reward="r", kl_estimator="k3")
+        rl_config(model="m", output="o", prompts="p", reward="r", kl_estimator="k3")
 
 
 def test_non_finite_rewards_are_skipped_and_stop_the_run(tiny_models, prompt_file, tmp_path):
@@ -299,10 +305,10 @@ def test_non_finite_rewards_are_skipped_and_stop_the_run(tiny_models, prompt_fil
     logs = []
     cfg = _cfg(tmp_path, tiny_models["gpt2"], prompt_file, "ppo", max_steps=3, batch_size=4, kl_every=0,
                reward=f"{REWARDS}:nan_first")
-    run_rl(cfg, log=logs.append, progress=False)
+    train(cfg, log=logs.append, progress=False)
     rows = _rows(tmp_path / "ppo")
     assert [r["skipped_steps"] for r in rows] == [1, 1, 1] and "ppo/reward" in rows[-1]
     assert any("non-finite rewards; rollout skipped" in x for x in logs)
     with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
-        run_rl(cfg.model_copy(update={"reward": f"{REWARDS}:nan_always", "max_steps": 10, "max_bad_steps": 3,
+        train(cfg.model_copy(update={"reward": f"{REWARDS}:nan_always", "max_steps": 10, "max_bad_steps": 3,
                                       "output": str(tmp_path / "nan")}), log=lambda _: None, progress=False)

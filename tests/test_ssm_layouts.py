@@ -10,12 +10,12 @@ from conftest import learnable_pairs, write_jsonl
 from prefalign.data.batches import Example, collate, collate_packed, collate_shared_prompt
 from prefalign.data.records import PreferencePair
 from prefalign.data.tokenize import tokenize_pair
-from prefalign.losses.preference import METHODS
 from prefalign.models.arch import PURE_ATTENTION, block_mask_problem, honours_block_mask
-from prefalign.models.logprobs import batch_logps
+from prefalign.models.logps import batch_logps
 from prefalign.models.tiny import ARCHS, SSM_ARCHS, build_model, save_tiny
-from prefalign.train.config import TrainConfig
-from prefalign.train.offline import choose_layout, run_offline
+from prefalign.train.methods import METHODS, make_config
+from prefalign.train.offline import choose_layout
+from prefalign.train.run import train
 
 HYBRIDS = ("jamba", "bamba", "falcon_h1", "nemotron_h", "granitemoehybrid")
 COLLATE = {"padded": collate, "shared_prompt": collate_shared_prompt, "packed": collate_packed}
@@ -35,8 +35,8 @@ def logps(model, tok, layout: str):
         return batch_logps(model.eval(), COLLATE[layout](examples, [0, 1, 2], tok.pad_token_id))
 
 
-def cfg(**kw) -> TrainConfig:
-    return TrainConfig(model="unused", data="unused", output="unused", **kw)
+def cfg(**kw):
+    return make_config(model="unused", data="unused", output="unused", **kw)
 
 
 @pytest.mark.parametrize("model_type", sorted(PURE_ATTENTION))
@@ -122,10 +122,10 @@ def test_lora_dpo_trains_on_mamba2_and_a_hybrid(arch, tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(16))
     out = tmp_path / "run"
     # the KL monitor samples completions: slow on Mamba's CPU scan, and not what is tested here
-    no_monitor = {"kl_every": 0} if "kl_every" in TrainConfig.model_fields else {}
+    no_monitor = {"kl_every": 0}
     logs: list[str] = []
     # batch_size = the whole set: full-batch steps, so the logged losses are one trajectory, not noise
-    run_offline(TrainConfig(model=str(model), data=str(data), output=str(out), method="dpo", lora=True,
+    train(make_config(model=str(model), data=str(data), output=str(out), method="dpo", lora=True,
                             max_steps=6, batch_size=16, learning_rate=2e-2, lr_schedule="constant", beta=0.5,
                             **no_monitor), log=logs.append, progress=False)
     assert any("LoRA" in line and "padded rows" in line for line in logs), logs

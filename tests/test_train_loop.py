@@ -17,8 +17,8 @@ from prefalign.data.batches import collate, tokenize_records
 from prefalign.losses.preference import dpo
 from prefalign.models.load import add_lora, load_model, load_tokenizer
 from prefalign.models.reference import AdapterReference, CopyReference, fingerprint, precompute
-from prefalign.train.config import TrainConfig
-from prefalign.train.offline import run_offline
+from prefalign.train.methods import make_config
+from prefalign.train.run import train
 
 QUIET = dict(log=lambda _: None, progress=False)
 
@@ -45,7 +45,7 @@ def test_three_reference_strategies_agree(tiny_models, pair_file, tmp_path):
                                   for i in range(0, len(data), 8)]), len(data), 2, tmp_path / "ref.safetensors",
                      fingerprint(model, data.examples), log=lambda _: None)
     refs = [r.logps(batch) for r in (pre, AdapterReference(model), copy_ref)]
-    from prefalign.models.logprobs import sequence_logps
+    from prefalign.models.logps import sequence_logps
 
     policy = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     assert not torch.allclose(policy, refs[0], atol=1e-3)  # the policy really differs
@@ -59,9 +59,9 @@ def test_three_reference_strategies_agree(tiny_models, pair_file, tmp_path):
 def test_training_runs_agree_across_reference_strategies(tiny_models, pair_file, tmp_path):
     losses = {}
     for strategy in ("precompute", "adapter", "copy"):
-        cfg = TrainConfig(model=str(tiny_models["llama"]), data=str(pair_file), output=str(tmp_path / strategy),
+        cfg = make_config(model=str(tiny_models["llama"]), data=str(pair_file), output=str(tmp_path / strategy),
                           max_steps=4, batch_size=4, learning_rate=1e-3, lora=True, reference=strategy)
-        run_offline(cfg, **QUIET)
+        train(cfg, **QUIET)
         losses[strategy] = [m["loss"] for m in metrics(tmp_path / strategy)]
         assert json.loads((tmp_path / strategy / "run.json").read_text())["reference"] == strategy
     assert losses["precompute"] == pytest.approx(losses["adapter"], abs=1e-5)
@@ -74,11 +74,11 @@ def test_precompute_cache_fingerprint_catches_changes(tiny_models, tmp_path):
     logs: list[str] = []
     base = dict(model=str(tiny_models["gpt2"]), output=str(tmp_path / "run"), max_steps=1, batch_size=4,
                 reference="precompute")
-    run_offline(TrainConfig(data=str(data1), **base), log=logs.append, progress=False)
-    run_offline(TrainConfig(data=str(data1), **base), log=logs.append, progress=False)
-    run_offline(TrainConfig(data=str(data2), **base), log=logs.append, progress=False)
-    run_offline(TrainConfig(data=str(data2), max_length=8, **{**base}), log=logs.append, progress=False)
-    run_offline(TrainConfig(data=str(data2), max_length=8, **{**base, "model": str(tiny_models["llama"])}),
+    train(make_config(data=str(data1), **base), log=logs.append, progress=False)
+    train(make_config(data=str(data1), **base), log=logs.append, progress=False)
+    train(make_config(data=str(data2), **base), log=logs.append, progress=False)
+    train(make_config(data=str(data2), max_length=8, **{**base}), log=logs.append, progress=False)
+    train(make_config(data=str(data2), max_length=8, **{**base, "model": str(tiny_models["llama"])}),
                 log=logs.append, progress=False)
     ref_logs = [x for x in logs if x.startswith("reference log-probs")]
     assert ["computed" in ref_logs[0], "cached" in ref_logs[1], "stale" in ref_logs[2], "stale" in ref_logs[4],
@@ -87,11 +87,11 @@ def test_precompute_cache_fingerprint_catches_changes(tiny_models, tmp_path):
 
 RESUME_SCRIPT = """
 import sys
-from prefalign.train.config import TrainConfig
-from prefalign.train.offline import run_offline
-cfg = TrainConfig(model=sys.argv[1], data=sys.argv[2], output=sys.argv[3], max_steps=150, batch_size=4,
+from prefalign.train.methods import make_config
+from prefalign.train.run import train
+cfg = make_config(model=sys.argv[1], data=sys.argv[2], output=sys.argv[3], max_steps=150, batch_size=4,
                   learning_rate=1e-3, save_every=10, resume=True, lora=sys.argv[4] == "lora")
-run_offline(cfg, log=lambda _: None, progress=False)
+train(cfg, log=lambda _: None, progress=False)
 """
 
 
@@ -121,10 +121,10 @@ def test_sigkill_then_resume_reproduces_losses(tiny_models, pair_file, tmp_path,
 
 def test_kl_budget_stops_the_run_and_saves(tiny_models, pair_file, tmp_path):
     logs: list[str] = []
-    cfg = TrainConfig(model=str(tiny_models["llama"]), data=str(pair_file), output=str(tmp_path / "run"),
+    cfg = make_config(model=str(tiny_models["llama"]), data=str(pair_file), output=str(tmp_path / "run"),
                       max_steps=100, batch_size=8, learning_rate=5e-3, beta=0.5, kl_budget=0.05,
                       stop_on_kl_budget=True, lr_schedule="constant", kl_every=5)
-    result = run_offline(cfg, log=logs.append, progress=False)
+    result = train(cfg, log=logs.append, progress=False)
     # the budget is checked where the monitor measured the exact KL: every 5 steps
     assert result.stopped == "kl_budget" and 5 <= result.steps < 100 and result.steps % 5 == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -148,10 +148,10 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_models, pair_file, tmp_path
         model.model.norm.weight.fill_(float("nan"))
     model.save_pretrained(tmp_path / "nan_model")
     tok.save_pretrained(tmp_path / "nan_model")
-    cfg = TrainConfig(model=str(tmp_path / "nan_model"), data=str(pair_file), output=str(tmp_path / "run"),
+    cfg = make_config(model=str(tmp_path / "nan_model"), data=str(pair_file), output=str(tmp_path / "run"),
                       max_steps=20, batch_size=4, max_bad_steps=3, reference="copy")
     with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
-        run_offline(cfg, **QUIET)
+        train(cfg, **QUIET)
     rows = metrics(tmp_path / "run")
     assert [r["skipped_steps"] for r in rows] == [1, 2, 3]
 
@@ -159,9 +159,9 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_models, pair_file, tmp_path
 def test_accumulation_1x8_equals_8x1(tiny_models, pair_file, tmp_path):
     runs = {}
     for name, (bs, acc) in {"1x8": (8, 1), "8x1": (1, 8)}.items():
-        cfg = TrainConfig(model=str(tiny_models["gpt2"]), data=str(pair_file), output=str(tmp_path / name),
+        cfg = make_config(model=str(tiny_models["gpt2"]), data=str(pair_file), output=str(tmp_path / name),
                           max_steps=3, batch_size=bs, grad_accum=acc, learning_rate=1e-3, reference="copy")
-        run_offline(cfg, **QUIET)
+        train(cfg, **QUIET)
         runs[name] = metrics(tmp_path / name)
     for a, b in zip(runs["1x8"], runs["8x1"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
@@ -172,20 +172,20 @@ def test_schedule_values():
     from prefalign.train.loop import lr_lambda
 
     base = dict(model="m", data="d", output="o", max_steps=10, warmup_steps=2)
-    f = lr_lambda(TrainConfig(lr_schedule="linear", **base))
+    f = lr_lambda(make_config(lr_schedule="linear", **base))
     assert [round(f(s), 6) for s in (0, 1, 2, 6, 10)] == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 0.5, 0.0]
-    g = lr_lambda(TrainConfig(lr_schedule="cosine", **base))
+    g = lr_lambda(make_config(lr_schedule="cosine", **base))
     assert g(2) == 1.0 and abs(g(6) - 0.5) < 1e-12 and abs(g(10)) < 1e-12
-    assert lr_lambda(TrainConfig(lr_schedule="constant", **base))(7) == 1.0
+    assert lr_lambda(make_config(lr_schedule="constant", **base))(7) == 1.0
 
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_gradient_checkpointing_and_bf16_match_plain_fp32(tiny_models, pair_file, tmp_path, lora):
     runs = {}
     for name, extra in {"plain": {}, "gc": {"gradient_checkpointing": True}, "bf16": {"precision": "bf16"}}.items():
-        cfg = TrainConfig(model=str(tiny_models["llama"]), data=str(pair_file), output=str(tmp_path / name),
+        cfg = make_config(model=str(tiny_models["llama"]), data=str(pair_file), output=str(tmp_path / name),
                           max_steps=3, batch_size=4, learning_rate=1e-3, lora=lora, reference="copy", **extra)
-        run_offline(cfg, **QUIET)
+        train(cfg, **QUIET)
         runs[name] = [m["loss"] for m in metrics(tmp_path / name)]
     assert runs["gc"] == pytest.approx(runs["plain"], abs=1e-5)  # recomputation changes nothing
     assert runs["bf16"] == pytest.approx(runs["plain"], abs=2e-2)  # bf16 matmuls, fp32 log-softmax

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from conftest import held_out_pairs, learnable_pairs, unpaired_from, write_jsonl
-from prefalign.train.config import TrainConfig
-from prefalign.train.offline import run_offline
+from prefalign.train.methods import make_config
+from prefalign.train.run import train
 
 SETTINGS = {  # per method: what converges in a few dozen CPU steps on the toy set
     "dpo": dict(beta=0.5, learning_rate=3e-3),
@@ -28,10 +28,10 @@ def test_method_reaches_reward_accuracy(method, arch, tiny_models, tmp_path):
     # measured: Mamba at 60 steps is still at 0.6 held out; KTO on Mamba needs 150 (0.69 at 100)
     steps = (150 if method == "kto" else 100) if arch == "mamba" else 60
     held_out = write_jsonl(tmp_path / "h.jsonl", unpaired_from(held, both=True) if method == "kto" else held)
-    cfg = TrainConfig(method=method, model=str(tiny_models[arch]), data=str(data), eval_data=str(held_out),
+    cfg = make_config(method=method, model=str(tiny_models[arch]), data=str(data), eval_data=str(held_out),
                       output=str(tmp_path / "run"), max_steps=steps, batch_size=8, eval_every=steps, seed=0, kl_every=0,
                       lr_schedule="constant", **SETTINGS[method])
-    run_offline(cfg, log=lambda _: None, progress=False)
+    train(cfg, log=lambda _: None, progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first, last = lines[0], lines[-1]
     assert first["step"] == 0

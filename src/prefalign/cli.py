@@ -1,4 +1,10 @@
-"""The `prefalign` command line: thin wrappers that build a typed config and call the library."""
+"""The `prefalign` command line: thin wrappers that build a typed config and call the library.
+
+Each command imports the layer it calls when it runs, not at module top: importing every layer (torch,
+transformers, peft) costs seconds of CPU that `prefalign --help` or `prefalign data check` should not
+pay. Errors: a `PrefalignError` is printed as one line (exit 2 for config/data/model, 1 for a failed
+run); anything else keeps its traceback (`--debug` shows it for PrefalignErrors too).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from .config import ConfigError, StrictModel, load_config
+from .config import StrictModel, load_config
+from .errors import PrefalignError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Align language models to preference data: DPO family and RLHF, measured side by side.")
@@ -20,7 +27,7 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
-FORMAT_HELP = "record shape: auto, pairs, conversation, hh, sharegpt, kto, ranked"
+FORMAT_HELP = "record shape: auto, pairs, conversation, hh, sharegpt, kto, sft, ranked"  # data/shapes.py SHAPES
 READER_HELP = "file type: auto, jsonl, json, csv, parquet, arrow (a datasets.save_to_disk folder)"
 
 
@@ -33,18 +40,7 @@ def build(model: type[StrictModel], options: dict[str, Any], overrides: list[str
           config: Path | None = None) -> Any:
     """Options given on the command line, then the YAML file, then key=value overrides."""
     base = {k: v for k, v in options.items() if v is not None}
-    try:
-        return load_config(model, config, list(overrides or []), base=base)
-    except ConfigError as e:
-        fail(str(e))
-
-
-def _guarded(fn, *args):
-    """Run fn; a bad path or bad input ends the command with a clear message, not a traceback."""
-    try:
-        return fn(*args)
-    except (OSError, ValueError) as e:
-        fail(str(e))
+    return load_config(model, config, list(overrides or []), base=base)
 
 
 def _read_options(format: str, reader: str, split: str | None, ranked: str) -> dict[str, Any]:
@@ -65,10 +61,7 @@ def data_check(
 
     opts = build(ReadOptions, _read_options(format, reader, split, ranked), None)
     problems: list = []
-    try:
-        stats = compute_stats(path, opts, problems_out=problems, max_problems=max_problems)
-    except (OSError, ValueError) as e:
-        fail(str(e))
+    stats = compute_stats(path, opts, problems_out=problems, max_problems=max_problems)
     for p in problems:
         out.print(str(p), highlight=False, markup=False, soft_wrap=True)
     if stats.invalid > len(problems):
@@ -94,10 +87,7 @@ def data_stats(
     from .data.curate import ReadOptions, compute_stats
 
     opts = build(ReadOptions, _read_options(format, reader, split, ranked), None)
-    try:
-        stats = compute_stats(path, opts, tokenizer=tokenizer).to_json()
-    except (OSError, ValueError) as e:
-        fail(str(e))
+    stats = compute_stats(path, opts, tokenizer=tokenizer).to_json()
     if as_json:
         print(json.dumps(stats))
         return
@@ -135,10 +125,7 @@ def data_curate(
                                    min_chars=min_chars, max_chars=max_chars, max_prompt_chars=max_prompt_chars,
                                    tokenizer=tokenizer, max_tokens=max_tokens), overrides, config)
     bad = quarantine or output.with_name(output.name.removesuffix(".jsonl") + ".quarantine.jsonl")
-    try:
-        res = curate(path, output, bad, cfg)
-    except (OSError, ValueError) as e:
-        fail(str(e))
+    res = curate(path, output, bad, cfg)
     summary = res.to_json()
     console.print(f"{path}: {summary['rows']} rows = {summary['rows_valid']} valid + {summary['rows_invalid']} "
                   f"invalid; {summary['records_valid']} records = {res.kept} kept -> {output} + "
@@ -159,69 +146,53 @@ def data_split(
     from .data.curate import SplitConfig, split
 
     cfg = build(SplitConfig, dict(eval_fraction=eval_fraction, salt=salt, format=format, reader=reader), None)
-    try:
-        counts = split(path, output, cfg)
-    except (OSError, ValueError) as e:
-        fail(str(e))
+    counts = split(path, output, cfg)
     console.print(f"{path}: {counts.get('train', 0)} train, {counts.get('eval', 0)} eval, "
                   f"{counts.get('invalid', 0)} invalid rows -> {output}", highlight=False)
     print(json.dumps(counts))
 
 
-def _method_of(method: str | None, config: Path | None, overrides: list[str]) -> str:
-    """The method a train command asks for (the last word wins: option, YAML, then key=value)."""
-    import yaml
-
-    found = method
-    if config is not None and config.exists():
-        try:
-            found = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("method", found)
-        except (yaml.YAMLError, AttributeError):
-            pass  # load_config reports the problem properly
-    for text in overrides:
-        if text.startswith("method="):
-            found = text.partition("=")[2].strip()
-    return found or "dpo"
-
-
 @app.command("train", context_settings={"allow_extra_args": False})
 def train(
     args: list[str] | None = typer.Argument(None, help="CONFIG.yaml and/or key=value overrides"),
-    method: str | None = typer.Option(None, help="dpo, cdpo, robust, ipo, hinge, simpo, orpo, kto, sft, reward; "
-                                      "ppo, rloo, grpo"),
+    method: str | None = typer.Option(None, help="any registered method (default dpo): `prefalign config list`; "
+                                      "`prefalign train --method NAME --help` lists its keys"),
     model: str | None = typer.Option(None, help="local HF model folder, .gguf file or a LoRA run's final/"),
     data: str | None = typer.Option(None, help="preference data (offline methods)"),
-    prompts: str | None = typer.Option(None, help="prompts (ppo, rloo, grpo): a prompt file or any preference file"),
-    reward: str | None = typer.Option(None, help="ppo, rloo, grpo: MODULE:FUNCTION, FILE.py:FUNCTION or a "
+    prompts: str | None = typer.Option(None, help="prompts (RL methods): a prompt file or any preference file"),
+    reward: str | None = typer.Option(None, help="RL methods: MODULE:FUNCTION, FILE.py:FUNCTION or a "
                                       "reward-model folder"),
     output: str | None = typer.Option(None, "--output", "-o", help="run folder"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
 ) -> None:
     """Train with any method: `prefalign train CONFIG.yaml [key=value ...]` or the short form."""
-    from .train.config import RL_METHODS, RLConfig, TrainConfig
-    from .train.loop import TrainingError
+    from .train.methods import load_train_config
+    from .train.run import train as run_train
 
     config, args = _config_and_overrides(args)
-    log = _log
-    if _method_of(method, config, args) in RL_METHODS:
-        from .judges import JudgeError
-        from .train.ppo import run_rl
+    options = dict(method=method, model=model, data=data, prompts=prompts, reward=reward, output=output)
+    cfg = load_train_config(config, args, base={k: v for k, v in options.items() if v is not None})
+    run_train(cfg, log=_log, progress=not no_progress)
 
-        cfg = build(RLConfig, dict(method=method, model=model, prompts=prompts, reward=reward, output=output),
-                    args, config)
-        runner, errors = run_rl, (OSError, ValueError, TrainingError, JudgeError, RuntimeError)
-    else:
-        from .train.offline import run_offline
 
-        for name, value in (("--prompts", prompts), ("--reward", reward)):
-            if value is not None:
-                fail(f"{name} is for ppo, rloo and grpo; offline methods train on --data")
-        cfg = build(TrainConfig, dict(method=method, model=model, data=data, output=output), args, config)
-        runner, errors = run_offline, (OSError, ValueError, TrainingError)
-    try:
-        runner(cfg, log=log, progress=not no_progress)
-    except errors as e:
-        fail(str(e), 1)
+config_app = typer.Typer(no_args_is_help=True, help="The training methods and their config keys.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("list")
+def config_list() -> None:
+    """Every registered method: trainer, data unit, reference, paper."""
+    from .train.help import methods_table
+
+    out.print(methods_table(), markup=False, highlight=False)
+
+
+@config_app.command("show")
+def config_show(method: str = typer.Argument(..., help="a method name (prefalign config list)")) -> None:
+    """A method's config keys: type, default and description, from the config class itself."""
+    from .train.help import config_help
+
+    out.print(config_help(method), markup=False, highlight=False)
 
 
 def _config_and_overrides(args: list[str] | None) -> tuple[Path | None, list[str]]:
@@ -247,7 +218,7 @@ def sample_cmd(
 
     config, overrides = _config_and_overrides(args)
     cfg = build(SampleConfig, dict(model=model, prompts=prompts, n=n, output=output, seed=seed), overrides, config)
-    print(json.dumps(_guarded(sample, cfg, _log)))
+    print(json.dumps(sample(cfg, _log)))
 
 
 @app.command("label")
@@ -261,13 +232,9 @@ def label_cmd(
 ) -> None:
     """Turn sampled completions into preference pairs (with the judge's margin) or best-of-n SFT data."""
     from .feedback.label import LabelConfig, label
-    from .judges import JudgeError
 
     cfg = build(LabelConfig, dict(samples=samples, judge=judge, output=output, mode=mode), overrides)
-    try:
-        print(json.dumps(label(cfg, _log)))
-    except (OSError, ValueError, JudgeError) as e:
-        fail(str(e), 1)
+    print(json.dumps(label(cfg, _log)))
 
 
 @app.command("iterate")
@@ -280,7 +247,7 @@ def iterate_cmd(
 
     config, overrides = _config_and_overrides(args)
     cfg = build(IterateConfig, {}, overrides, config)
-    _guarded(lambda: iterate(cfg, _log, progress=not no_progress))
+    iterate(cfg, _log, progress=not no_progress)
 
 
 @app.command("recipe")
@@ -292,12 +259,7 @@ def recipe_cmd(
     """Run training stages in order (e.g. DPO, then PPO from the DPO model: the hybrid recipe)."""
     from .train.recipe import run_recipe
 
-    try:
-        run_recipe(path, list(overrides or []), _log, progress=not no_progress)
-    except ConfigError as e:
-        fail(str(e))
-    except (OSError, ValueError, RuntimeError) as e:
-        fail(str(e), 1)
+    run_recipe(path, list(overrides or []), _log, progress=not no_progress)
 
 
 @app.command("eval")
@@ -316,19 +278,12 @@ def eval_cmd(
 ) -> None:
     """Preference accuracy, judged reward, win-rate, exact KL, retention and task suites: OUT/eval.json."""
     from .eval.evaluate import EvalConfig, evaluate
-    from .judges import JudgeError
 
     config, overrides = _config_and_overrides(args)
     cfg = build(EvalConfig, dict(model=model, reference=reference, baseline=baseline, data=data, prompts=prompts,
                                  text=text, judge=judge, suites=suite or None, output=output), overrides, config)
-    try:
-        results = evaluate(cfg, _log, progress=not no_progress)
-    except ConfigError as e:
-        fail(str(e))
-    except (OSError, ValueError, JudgeError) as e:
-        fail(str(e), 1)
+    evaluate(cfg, _log, progress=not no_progress)
     out.print((Path(cfg.output) / "eval.md").read_text(), markup=False, highlight=False)
-    del results
 
 
 @app.command("report")
@@ -339,7 +294,7 @@ def report_cmd(
     """Side-by-side table, training curves and the reward-vs-KL plot of several runs."""
     from .report.build import build_report
 
-    _guarded(build_report, folders, output, _log)
+    build_report(folders, output, _log)
 
 
 bench_app = typer.Typer(help="Benchmark training and generation on this machine; compare result files.")
@@ -369,9 +324,9 @@ def bench_cmd(
 
     if model is None and shape not in SHAPES:
         fail(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)} or pass --model")
-    _guarded(lambda: bench(None if model else shape, model, [w.strip() for w in workloads.split(",") if w.strip()],
-                           output, batch=batch, seq=seq, steps=steps, warmup=warmup, device=device,
-                           logprob_memory=not no_logprob_memory, log=_log))
+    bench(None if model else shape, model, [w.strip() for w in workloads.split(",") if w.strip()], output,
+          batch=batch, seq=seq, steps=steps, warmup=warmup, device=device, logprob_memory=not no_logprob_memory,
+          log=_log)
 
 
 @bench_app.command("compare")
@@ -380,7 +335,7 @@ def bench_compare(files: list[Path] = typer.Argument(..., help="results JSON fil
     """A markdown table and a bar chart across machines or configurations."""
     from .bench.run import compare
 
-    out.print(_guarded(compare, files, output), markup=False, highlight=False)
+    out.print(compare(files, output), markup=False, highlight=False)
 
 
 @app.command("merge")
@@ -388,7 +343,7 @@ def merge(adapter: Path, output: Path = typer.Option(..., "-o", "--output")) -> 
     """Merge a LoRA adapter folder into its base model and write a plain HF folder."""
     from .models.merge import merge_adapter
 
-    _guarded(merge_adapter, adapter, output)
+    merge_adapter(adapter, output)
     console.print(f"merged -> {output}")
 
 
@@ -398,7 +353,7 @@ def convert(gguf: str = typer.Argument(..., help="a .gguf file, or 'smollm2' for
     """Write a GGUF model once as a normal HF folder (safetensors) so later loads are fast."""
     from .models.convert import convert_gguf
 
-    _guarded(convert_gguf, gguf, output)
+    convert_gguf(gguf, output)
     console.print(f"converted -> {output}")
 
 
@@ -409,15 +364,11 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="
          seed: int = typer.Option(0, "--seed"),
          no_progress: bool = typer.Option(False, "--no-progress")) -> None:
     """Align the shipped model with DPO and PPO, evaluate both, report: on what ships (no downloads)."""
-    from .judges.sentiment import ScorerMissing
     from .tasks.demo import run_demo
 
     if split not in ("test", "validation"):
         fail(f"--split must be test or validation, not {split!r}")
-    try:
-        run_demo(output, console, quick=quick, progress=not no_progress, split=split, seed=seed)
-    except ScorerMissing as e:
-        fail(str(e), 1)
+    run_demo(output, console, quick=quick, progress=not no_progress, split=split, seed=seed)
 
 
 study_app = typer.Typer(no_args_is_help=True, help="Experiments that take a while: benchmarks, not tests.")
@@ -433,15 +384,27 @@ def study_sentiment(
 ) -> None:
     """DPO at several betas, IPO, PPO at several KL coefficients (+ PPO with a learned reward model) on
     the shipped model, several seeds each; reward/KL frontier and the cost of each."""
-    from .judges.sentiment import ScorerMissing
     from .tasks.study import StudyConfig, run_study
 
     config, overrides = _config_and_overrides(args)
     cfg = build(StudyConfig, dict(output=output, split=split), overrides, config)
-    try:
-        run_study(cfg, _log, progress=not no_progress)
-    except ScorerMissing as e:
-        fail(str(e), 1)
+    run_study(cfg, _log, progress=not no_progress)
+
+
+def _method_help(argv: list[str]) -> str | None:
+    """`prefalign train --method NAME --help`: NAME's keys (typer's help cannot depend on an option)."""
+    if len(argv) < 2 or argv[0] != "train" or not {"--help", "-h"} & set(argv):
+        return None
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            from .train.help import config_help
+
+            return config_help(argv[i + 1])
+        if arg.startswith("--method="):
+            from .train.help import config_help
+
+            return config_help(arg.partition("=")[2])
+    return None
 
 
 def main() -> None:
@@ -450,14 +413,31 @@ def main() -> None:
     # prefalign draws its own progress; transformers' per-load bars would bury it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
-    try:
+    try:  # transformers' own per-load bars (the import is paid once, by every command that loads a model)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    argv = sys.argv[1:]
+    debug = "--debug" in argv
+    if debug:
+        sys.argv.remove("--debug")
     try:
+        if (text := _method_help(argv)) is not None:
+            out.print(text, markup=False, highlight=False)
+            return
         app()
+    except PrefalignError as e:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(e.exit_code)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
 

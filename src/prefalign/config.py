@@ -8,20 +8,42 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
 
 C = TypeVar("C", bound="StrictModel")
 
 
-class ConfigError(ValueError):
-    """A configuration problem, worded for the person who wrote the YAML or the override."""
-
-
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Runtime(StrictModel):
+    """Where and how a command computes: declared once, shared by train, eval and sample configs."""
+
+    device: str = Field("auto", description="auto (CUDA/ROCm, XPU, MPS, else CPU) or a torch device name")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast or fp32; auto: bf16 on a CUDA GPU that supports it")
+    seed: int = Field(0, description="seed of every random draw (data order, sampling, init)")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")
+
+
+class Sampling(StrictModel):
+    """How completions are sampled: declared once, shared by RL, eval, sample and the KL monitor."""
+
+    max_new_tokens: int = Field(32, ge=0, description="tokens sampled per completion at most")
+    temperature: float = Field(1.0, ge=0, description="softmax temperature; 0: greedy")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0: off")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1: off")
+
+    @classmethod
+    def of(cls, cfg: Any) -> Sampling:
+        """The sampling settings of a config that declares them (it derives from Sampling)."""
+        return cls(**{k: getattr(cfg, k) for k in cls.model_fields})
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -93,27 +115,30 @@ def explain(error: ValidationError, model: type[BaseModel], source: str) -> str:
     return "\n".join(dict.fromkeys(lines))
 
 
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping of keys to values."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+    return loaded
+
+
 def load_config(model: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> C:
+                base: dict[str, Any] | None = None, source: str | None = None) -> C:
     """Validate `base` <- YAML file <- overrides (later wins) into `model`."""
     data: dict[str, Any] = dict(base or {})
-    source = "command line"
     if path is not None:
-        source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config must be a mapping of keys to values")
-        data.update(loaded)
+        data.update(read_mapping(path))
     data = apply_overrides(data, overrides or [])
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(explain(e, model, source)) from None
+        raise ConfigError(explain(e, model, source or (str(path) if path is not None else "command line"))) from None
 
 
 def dump_config(config: BaseModel, path: str | Path) -> None:

@@ -27,7 +27,7 @@ from ..models.generate import encode_prompt
 from ..models.load import load_tokenizer_for
 from ..models.tiny import build_tokenizer
 from ..train import ppo
-from ..train.config import RLConfig
+from ..train.methods import PPO
 from ..train.ppo import run_rl
 from .flops import head_params, matmul_params, ppo_iteration_flops
 from .shapes import build
@@ -119,7 +119,7 @@ def bench_config(model_dir, prompts, output, *, batch: int, new_tokens: int, max
     a benchmark must fix. The KL monitor is off (kl_every 0): it is a run-level measurement on its
     own prompts between iterations, not part of an iteration."""
 
-    return RLConfig(**{"method": "ppo", "model": str(model_dir), "output": str(output), "prompts": str(prompts),
+    return PPO(**{"model": str(model_dir), "output": str(output), "prompts": str(prompts),
                        "reward": f"{__name__}:bench_reward", "batch_size": batch, "max_new_tokens": new_tokens,
                        "max_steps": max_steps, "learning_rate": 1e-6, "lr_schedule": "constant", "seed": 0,
                        "kl_every": 0, **kw})

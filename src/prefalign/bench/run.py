@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..runtime.device import default_dtype, detect, pick_device
 from ..runtime.plotting import pyplot
 from .peak import matmul_peak
@@ -44,7 +45,7 @@ def bench(shape: str | None, model: str | None, workloads: list[str], out: str |
         k: v for k, v in common.items() if k != "peak_flops"}, "workloads": {}}
     for w in workloads:
         if w not in WORKLOADS:
-            raise ValueError(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+            raise ConfigError(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
         variants = [("dpo-precompute", "precompute"), ("dpo-adapter", "adapter"), ("dpo-copy", "copy")] if w == "dpo" \
             else [(w, None)]
         for name, strategy in variants:

@@ -26,7 +26,7 @@ from ..models.reference import AdapterReference, CopyReference, PrecomputedRefer
 from ..runtime.device import default_dtype, pick_device, sync
 from ..runtime.memory import peak_memory_bytes
 from ..runtime.precision import autocast_for
-from ..train.config import TrainConfig
+from ..train.methods import METHODS
 from ..train.offline import make_step
 from .flops import head_params, matmul_params, step_flops
 from .rl import ppo_workload
@@ -69,23 +69,25 @@ def _summary(times: list[float], tokens: int, flops: float, peak_flops: float, d
             "baseline_memory_bytes": base_rss if dev.type == "cpu" else 0}
 
 
-def run_workload(spec: dict) -> dict:
-    """One workload, in this process. spec: workload, shape | model, batch, seq, steps, warmup,
-    device, peak_flops, and per workload: strategy (dpo: precompute|adapter|copy), new_tokens."""
-
+def _start(spec: dict) -> tuple[torch.device, int, str]:
+    """(device, this process's RSS before the model, precision), peaks reset and the RNG seeded."""
     dev = pick_device(spec.get("device", "auto"))
     base_rss = peak_memory_bytes(torch.device("cpu")) if dev.type == "cpu" else 0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(0)
+    return dev, base_rss, "bf16" if default_dtype(dev) == torch.bfloat16 else "fp32"
+
+
+def run_workload(spec: dict) -> dict:
+    """One workload, in this process. spec: workload, shape | model, batch, seq, steps, warmup,
+    device, peak_flops, and per workload: strategy (dpo: precompute|adapter|copy), new_tokens."""
+    dev, base_rss, precision = _start(spec)
     name, b, seq = spec["workload"], spec["batch"], spec["seq"]
     steps, warmup = spec.get("steps", 5), spec.get("warmup", 2)
-    precision = "bf16" if default_dtype(dev) == torch.bfloat16 else "fp32"
-    cfg = TrainConfig(method="dpo", model="-", data="-", output="-", precision=precision,
-                      logits_chunk_mb=spec.get("logits_chunk_mb", 128.0))
-    autocast = autocast_for(cfg.precision, dev)
-    if name == "ppo":  # the trainer builds its own models from a folder
-
+    chunk_mb = spec.get("logits_chunk_mb", 128.0)
+    autocast = autocast_for(precision, dev)
+    if name in METHODS and METHODS[name].trainer == "rl":  # the trainer builds its own models from a folder
         return {"workload": name, "shape": spec.get("model") or spec.get("shape"), "batch": b, "seq": seq,
                 "precision": precision, "baseline_memory_bytes": base_rss if dev.type == "cpu" else 0,
                 **ppo_workload(spec, precision, spec["peak_flops"], lambda: peak_memory_bytes(dev))}
@@ -95,10 +97,10 @@ def run_workload(spec: dict) -> dict:
     lora = name == "dpo" and strategy == "adapter"
     copies, reference, ref_tokens = 1, None, 0
     if name == "dpo" and strategy == "copy":
-        reference, copies = CopyReference(model, autocast, cfg.logits_chunk_mb), 2
+        reference, copies = CopyReference(model, autocast, chunk_mb), 2
     if lora:
         model = add_lora(model)
-        reference = AdapterReference(model, autocast, cfg.logits_chunk_mb)
+        reference = AdapterReference(model, autocast, chunk_mb)
     n = matmul_params(model)
     out: dict = {"workload": name, "shape": spec.get("model") or spec.get("shape"), "params_matmul": n,
                  "params_total": sum(p.numel() for p in model.parameters()), "batch": b, "seq": seq,
@@ -115,7 +117,9 @@ def run_workload(spec: dict) -> dict:
         reference = PrecomputedReference(torch.randn(b, 2) - 50)
     if reference is not None and strategy != "precompute":
         ref_tokens = int(batch["input_ids"].numel())  # the reference forward computes the same positions
-    step_fn = make_step(model, {"dpo": "dpo", "sft": "sft", "reward": "reward"}[name], cfg, reference, autocast)
+    # the method's own config at its defaults: the step is the trainer's own (train/offline.py)
+    cfg = METHODS[name].config(model="-", data="-", output="-", precision=precision, logits_chunk_mb=chunk_mb)
+    step_fn = make_step(model, cfg, reference, autocast)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
     positions = int(batch["input_ids"].numel())  # what the model really computes (shared-prompt rows: fewer)

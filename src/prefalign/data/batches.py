@@ -1,5 +1,5 @@
 """Tokenized examples and padded batches. Sequences are truncated first, then padded to the longest
-in the batch (never to a global maximum: padding to max_length is the peers' out-of-memory trap)."""
+in the batch (never to a global maximum: padding every batch to max_length wastes memory and time)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..data.records import PreferencePair, Problem, Record, UnpairedExample
 from ..data.tokenize import TokenizationError, Tokenized, tokenize
+from ..errors import DataError
 
 
 @dataclass
@@ -43,7 +44,7 @@ def tokenize_records(tokenizer, records: list[Record], *, max_length: int, max_p
     wrong = [r for r in records if not isinstance(r, want)]
     if wrong:
         kind = "preference pairs" if data == "pairs" else "unpaired examples (prompt, completion, label)"
-        raise ValueError(f"{wrong[0].where}: this method trains on {kind}, got a {wrong[0].kind} record")
+        raise DataError(f"{wrong[0].where}: this method trains on {kind}, got a {wrong[0].kind} record")
     for i, r in enumerate(records):
         try:
             label, margin = None, None

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from transformers import AutoTokenizer
 
 from ..config import StrictModel
+from ..errors import ConfigError
 from .readers import read_rows
 from .records import PreferencePair, Problem, Record, UnpairedExample, text_of
 from .shapes import norm, parse_rows
@@ -150,8 +151,8 @@ class Stats:
 def _load_tokenizer(path: str | None):
     if path is None:
         return None
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    # a local folder only, like every other load (nothing is downloaded), and no model code run
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
 
 
 def _token_counts(tokenizer, records: list[Record]) -> list[dict[str, int]]:
@@ -264,7 +265,7 @@ def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: Curat
     """Write every good, kept record to `out` and everything else to `quarantine` with its reason.
     rows == rows_valid + rows_invalid, and records_valid == kept + set_aside, always."""
     if cfg.max_tokens is not None and cfg.tokenizer is None:
-        raise ValueError("max_tokens needs a tokenizer (--tokenizer DIR)")
+        raise ConfigError("max_tokens needs a tokenizer (--tokenizer DIR)")
     tok = _load_tokenizer(cfg.tokenizer)
     conflicted: set[int] = set()
     if cfg.conflicts == "drop":
@@ -316,7 +317,7 @@ def eval_share(prompt_text: str, salt: str = "") -> float:
 
 def split(path: str | Path, out_dir: str | Path, cfg: SplitConfig) -> dict[str, int]:
     if not 0.0 <= cfg.eval_fraction <= 1.0:
-        raise ValueError(f"eval_fraction must be within [0, 1], got {cfg.eval_fraction}")
+        raise ConfigError(f"eval_fraction must be within [0, 1], got {cfg.eval_fraction}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = Counter()

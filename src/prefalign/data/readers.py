@@ -7,10 +7,12 @@ carrying the original text, so nothing is ever dropped silently.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,60 +84,181 @@ def read_jsonl(path: Path) -> Iterator[Row | Problem]:
             yield Row(where, value, text)
 
 
-def read_json_array(path: Path) -> Iterator[Row | Problem]:
-    """A top-level JSON array, decoded one element at a time so each keeps its line number."""
+# How many bytes each read takes from the file. Module-level so tests can shrink it to push records
+# and multi-byte characters across chunk edges.
+CHUNK_BYTES = 1 << 20
+# A decoded value is only trusted when this many characters follow it (or the file has ended):
+# a number cut at a chunk edge, like '1.' of '1.5' or '1e' of '1e+5', still decodes, just wrongly.
+_LOOKAHEAD = 3
+_NOT_WS = re.compile(r"[^ \t\r\n]")
+
+
+class _TextWindow:
+    """The decoded text of a file seen through a window that slides forward chunk by chunk.
+
+    `buf[pos:]` is what has not been consumed yet. The line and column of `pos` are kept up to date by
+    counting only the text consumed since the last look, so finding a record's line never rescans.
+    """
+
+    def __init__(self, f, chunk_bytes: int):
+        self._f = f
+        self._chunk = chunk_bytes
+        # incremental, so a multi-byte character split between two reads decodes whole
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self.buf = ""
+        self.pos = 0
+        self.eof = False
+        self._mark = 0  # buf index that `_line`/`_col` describe; never past pos
+        self._line = 1
+        self._col = 0  # characters between the last newline and _mark
+
+    def _sync(self) -> None:
+        newlines = self.buf.count("\n", self._mark, self.pos)
+        if newlines:
+            self._line += newlines
+            self._col = self.pos - self.buf.rfind("\n", self._mark, self.pos) - 1
+        else:
+            self._col += self.pos - self._mark
+        self._mark = self.pos
+
+    def line(self) -> int:
+        self._sync()
+        return self._line
+
+    def line_col(self, i: int) -> tuple[int, int]:
+        """1-based line and column of buf[i] (i >= pos), numbered as in the whole file."""
+        self._sync()
+        newlines = self.buf.count("\n", self.pos, i)
+        if newlines:
+            return self._line + newlines, i - self.buf.rfind("\n", self.pos, i)
+        return self._line, self._col + i - self.pos + 1
+
+    def grow(self) -> None:
+        """Drop the consumed text and read on until the unread part has at least doubled (or a chunk
+        came in): doubling keeps re-decoding a record larger than a chunk linear in its size."""
+        self._sync()
+        pieces, want, got = [self.buf[self.pos:]], max(self._chunk, len(self.buf) - self.pos), 0
+        while got < want and not self.eof:
+            data = self._f.read(self._chunk)
+            self.eof = not data
+            text = self._decoder.decode(data, final=self.eof)
+            pieces.append(text)
+            got += len(text)
+        # dropping consumed text here rather than after every record: slicing per record would copy
+        # the whole window each time
+        self.buf, self.pos, self._mark = "".join(pieces), 0, 0
+
+    def fill(self, n: int) -> None:
+        while len(self.buf) - self.pos < n and not self.eof:
+            self.grow()
+
+    def skip_ws(self) -> str:
+        """Move pos to the next non-whitespace character and return it ('' at the end of the file)."""
+        while True:
+            m = _NOT_WS.search(self.buf, self.pos)
+            if m:
+                self.pos = m.start()
+                return self.buf[self.pos]
+            self.pos = len(self.buf)
+            if self.eof:
+                return ""
+            self.grow()
+
+    def decode(self, decoder: json.JSONDecoder) -> tuple[Any, int]:
+        """The JSON value at pos and the buf index after it; raises JSONDecodeError only once the
+        whole rest of the file is in the window, so the error is the one the full text gives."""
+        while True:
+            try:
+                value, end = decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError:
+                if self.eof:
+                    raise
+            else:
+                if self.eof or len(self.buf) - end >= _LOOKAHEAD:
+                    return value, end
+            self.grow()
+
+
+def _utf8_problem(path: Path) -> Problem | None:
+    """The first line that is not valid UTF-8, as a Problem; None when the whole file decodes.
+
+    Checked before any record comes out because a file with bad bytes anywhere has always been
+    reported as that one problem and nothing else; a streaming decode alone would find it too late.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
     with _open_binary(path) as f:
-        data = f.read()
-    text = _decode(data, Location(str(path), 1))
-    if isinstance(text, Problem):
-        # Find the first bad line so the message points somewhere useful.
-        for number, line in enumerate(data.splitlines(), start=1):
-            bad = _decode(line, Location(str(path), number))
-            if isinstance(bad, Problem):
-                yield bad
-                return
-        yield text
-        return
-    decoder = json.JSONDecoder()
-    pos, n = 0, len(text)
-
-    def skip_ws(i: int) -> int:
-        while i < n and text[i] in " \t\r\n":
-            i += 1
-        return i
-
-    def line_of(i: int) -> int:
-        return text.count("\n", 0, i) + 1
-
-    pos = skip_ws(pos)
-    if pos >= n or text[pos] != "[":
-        if pos < n and text[pos] == "{":
-            yield from read_jsonl(path)  # one object per line, despite the .json name
-            return
-        yield Problem(Location(str(path), line_of(pos)), "", "expected a JSON array of records", "json",
-                      raw=text[:200])
-        return
-    pos = skip_ws(pos + 1)
-    if pos < n and text[pos] == "]":
-        return
-    while pos < n:
-        where = Location(str(path), line_of(pos))
         try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            rest = text[pos:]
-            yield Problem(where, "", f"broken JSON: {e.msg} (line {e.lineno}, column {e.colno}); "
-                          "the rest of the array cannot be read", "json", raw=rest)
+            while data := f.read(CHUNK_BYTES):
+                decoder.decode(data)
+            decoder.decode(b"", final=True)
+            return None
+        except UnicodeDecodeError:
+            pass
+    with _open_binary(path) as f:
+        number = 0
+        # bytes.splitlines() of each '\n'-ended piece numbers lines as splitlines() of the whole file
+        # (which also breaks at a lone '\r'), without holding more than one line
+        for piece in f:
+            for line in piece.splitlines():
+                number += 1
+                bad = _decode(line, Location(str(path), number))
+                if isinstance(bad, Problem):
+                    return bad
+    # Line breaks are ASCII and never inside a multi-byte character, so the line holding the first
+    # bad byte fails to decode on its own: this is reached only if the file changed in between.
+    return Problem(Location(str(path), 1), "", "not valid UTF-8", "utf8", raw=b"")
+
+
+def read_json_array(path: Path) -> Iterator[Row | Problem]:
+    """A top-level JSON array, decoded one element at a time so each keeps its line number.
+
+    The file is read in CHUNK_BYTES pieces; memory holds one chunk plus the largest record (the whole
+    rest of the file only when a record is broken, since the problem carries that text verbatim).
+    """
+    problem = _utf8_problem(path)
+    if problem is not None:
+        yield problem
+        return
+    with _open_binary(path) as f:
+        w = _TextWindow(f, CHUNK_BYTES)
+        w.fill(200)
+        head = w.buf[:200]
+        first = w.skip_ws()
+        if first != "[":
+            if first == "{":
+                yield from read_jsonl(path)  # one object per line, despite the .json name
+                return
+            yield Problem(Location(str(path), w.line()), "", "expected a JSON array of records", "json",
+                          raw=head)
             return
-        yield Row(where, value, text[pos:end])
-        pos = skip_ws(end)
-        if pos < n and text[pos] == ",":
-            pos = skip_ws(pos + 1)
-        elif pos < n and text[pos] == "]":
+        w.pos += 1
+        if w.skip_ws() != "]":
+            yield from _array_elements(w, path)
+
+
+def _array_elements(w: _TextWindow, path: Path) -> Iterator[Row | Problem]:
+    decoder = json.JSONDecoder()
+    # The end of the file right after a ',' ends the array quietly, as it always has.
+    while w.skip_ws():
+        where = Location(str(path), w.line())
+        try:
+            value, end = w.decode(decoder)
+        except json.JSONDecodeError as e:
+            line, col = w.line_col(e.pos)
+            yield Problem(where, "", f"broken JSON: {e.msg} (line {line}, column {col}); "
+                          "the rest of the array cannot be read", "json", raw=w.buf[w.pos:])
+            return
+        yield Row(where, value, w.buf[w.pos:end])
+        w.pos = end
+        after = w.skip_ws()
+        if after == ",":
+            w.pos += 1
+        elif after == "]":
             return
         else:
-            yield Problem(Location(str(path), line_of(pos)), "", "expected ',' or ']' between records",
-                          "json", raw=text[pos:pos + 200])
+            w.fill(200)
+            yield Problem(Location(str(path), w.line()), "", "expected ',' or ']' between records",
+                          "json", raw=w.buf[w.pos:w.pos + 200])
             return
 
 
@@ -179,7 +302,8 @@ def read_csv(path: Path) -> Iterator[Row | Problem]:
                 yield Problem(where, "", f"has {len(cells)} cells, the header has {len(header)}", "csv",
                               raw=joined)
                 continue
-            yield Row(where, {h: _maybe_json(c) for h, c in zip(header, cells, strict=False)}, dict(zip(header, cells, strict=False)))
+            yield Row(where, {h: _maybe_json(c) for h, c in zip(header, cells, strict=False)},
+                      dict(zip(header, cells, strict=False)))
 
 
 def _arrow_rows(batches, path: Path, offset: int = 0) -> Iterator[Row]:

@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+from ..errors import ConfigError
 from .readers import Row
 from .records import Location, Message, PreferencePair, Problem, Record, Text, UnpairedExample
 
@@ -277,6 +278,15 @@ def parse_sft(row: dict, where: Location, **_: Any) -> list[Record]:
     return parse_kto(row, where, label=True)
 
 
+def _ranked_answer(r: Any, i: int) -> Text:
+    if not isinstance(r, str):
+        return _messages(r, f"responses[{i}]")
+    _check_unicode(r, f"responses[{i}]")
+    if not r.strip():
+        raise Bad(f"responses[{i}]", "is empty", "empty")
+    return r
+
+
 def parse_ranked(row: dict, where: Location, *, ranked: str = "best_vs_rest", **_: Any) -> list[Record]:
     prompt = row.get("prompt")
     prompt_v: Text = _messages(prompt, "prompt") if isinstance(prompt, list) else _string(row, "prompt")
@@ -291,15 +301,7 @@ def parse_ranked(row: dict, where: Location, *, ranked: str = "best_vs_rest", **
         raise Bad("scores", f"{len(scores)} scores for {len(responses)} responses", "length")
     if len(responses) < 2:
         raise Bad("responses", "needs at least two responses to rank", "length")
-    answers: list[Text] = []
-    for i, r in enumerate(responses):
-        if isinstance(r, str):
-            _check_unicode(r, f"responses[{i}]")
-            if not r.strip():
-                raise Bad(f"responses[{i}]", "is empty", "empty")
-            answers.append(r)
-        else:
-            answers.append(_messages(r, f"responses[{i}]"))
+    answers = [_ranked_answer(r, i) for i, r in enumerate(responses)]
     for i, s in enumerate(scores):
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
             raise Bad(f"scores[{i}]", f"expected a finite number, got {s!r}", "type")
@@ -312,7 +314,7 @@ def parse_ranked(row: dict, where: Location, *, ranked: str = "best_vs_rest", **
     elif ranked == "all":
         index_pairs = [(a, b) for k, a in enumerate(order) for b in order[k + 1:]]
     else:
-        raise ValueError(f"unknown ranked mode {ranked!r}; choose one of {', '.join(RANKED_MODES)}")
+        raise ConfigError(f"unknown ranked mode {ranked!r}; choose one of {', '.join(RANKED_MODES)}")
     pairs = []
     for a, b in index_pairs:
         if scores[a] == scores[b]:
@@ -349,7 +351,7 @@ def parse_rows(rows: Iterator[Row | Problem], shape: str = "auto", *, ranked: st
     whose shape is recognisable fixes the shape for the whole file, so that later records with a
     missing field are reported as such rather than as 'unknown shape'."""
     if shape != "auto" and shape not in PARSERS:
-        raise ValueError(f"unknown format {shape!r}; choose one of: auto, {', '.join(SHAPES)}")
+        raise ConfigError(f"unknown format {shape!r}; choose one of: auto, {', '.join(SHAPES)}")
     fixed = None if shape == "auto" else shape
     for row in rows:
         if isinstance(row, Problem):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .records import PreferencePair, Text, UnpairedExample
+from ..errors import DataError
+from .records import PreferencePair, Text
 
 
-class TokenizationError(ValueError):
+class TokenizationError(DataError):
     pass
 
 
@@ -50,7 +51,7 @@ def tokenize(tokenizer, prompt: Text, completion: Text, *, max_length: int | Non
              max_prompt_length: int | None = None, add_eos: bool = True) -> Tokenized:
     prompt_text, completion_text, templated = render(tokenizer, prompt, completion)
     # A template already writes BOS (and its own turn terminators): adding special tokens again
-    # would double BOS, a silent quality loss the peers' users keep reporting.
+    # would double BOS, a silent quality loss.
     enc = tokenizer(prompt_text + completion_text, add_special_tokens=not templated,
                     return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
@@ -90,7 +91,3 @@ def truncate(t: Tokenized, max_length: int | None, max_prompt_length: int | None
 
 def tokenize_pair(tokenizer, pair: PreferencePair, **kw) -> tuple[Tokenized, Tokenized]:
     return tokenize(tokenizer, pair.prompt, pair.chosen, **kw), tokenize(tokenizer, pair.prompt, pair.rejected, **kw)
-
-
-def tokenize_unpaired(tokenizer, example: UnpairedExample, **kw) -> Tokenized:
-    return tokenize(tokenizer, example.prompt, example.completion, **kw)

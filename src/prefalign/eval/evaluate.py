@@ -28,52 +28,50 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from pydantic import Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from ..config import StrictModel, dump_config
+from ..config import Runtime, Sampling, dump_config
 from ..data import ReadOptions, load_prompts, load_records
 from ..data.batches import collate, pad, tokenize_records
 from ..data.records import PreferencePair, UnpairedExample, text_of
 from ..data.tokenize import TokenizationError, tokenize
+from ..errors import ConfigError
 from ..judges import PairwiseJudge, make_judge
-from ..models.generate import SamplingConfig, encode_prompt, generate
+from ..models.generate import encode_prompt, generate
 from ..models.kl import kl_distribution, kl_refusal, rollouts_kl
 from ..models.load import load_model, load_tokenizer_for
-from ..models.logprobs import batch_logps, completion_logps, sequence_logps
+from ..models.logps import batch_logps, completion_logps, sequence_logps
 from ..models.scalar import is_reward_model, load_scalar_model, sequence_scores
-from ..runtime.device import pick_device
+from ..runtime.device import set_up
 from ..runtime.precision import autocast_for
-from . import metrics as M
+from . import metrics
 from .suites import load_suite, score_suite, suite_prompts
 
 
-class EvalConfig(StrictModel):
-    model: str
-    output: str
-    reference: str | None = None  # default: the base of an adapter folder
-    baseline: str | None = None  # the win-rate opponent; default: the reference
-    data: str | None = None  # held-out pairs
-    prompts: str | None = None  # held-out prompts (default: the prompts of `data`)
-    text: str | None = None  # held-out text for perplexity (default: prompt + chosen of `data`)
-    judge: str | None = None
-    suites: list[str] = []
-    max_prompts: int | None = 256
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    batch_size: int = 16
-    max_length: int = 512
-    max_prompt_length: int = 256
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    format: str = "auto"
-    trust_remote_code: bool = False
-    logits_chunk_mb: float = 128.0
+class EvalConfig(Runtime, Sampling):
+    """`prefalign eval`: what a model is scored on and how completions are sampled."""
+
+    model: str = Field(..., description="model folder or LoRA run's final/")
+    output: str = Field(..., description="folder for eval.json and samples")
+    reference: str | None = Field(None, description="the KL reference; default: the base of an adapter folder")
+    baseline: str | None = Field(None, description="the win-rate opponent; default: the reference")
+    data: str | None = Field(None, description="held-out pairs (preference accuracy)")
+    prompts: str | None = Field(None, description="held-out prompts; default: the prompts of `data`")
+    text: str | None = Field(None, description="held-out text for perplexity; default: prompt + chosen of `data`")
+    judge: str | None = Field(None, description="reward callable, reward-model folder or pairwise LM judge")
+    suites: list[str] = Field([], description="retention suites (eval/suites)")
+    max_prompts: int | None = Field(256, ge=1, description="prompts sampled at most")
+    max_new_tokens: int = Field(64, ge=0, description="tokens sampled per completion at most")
+    batch_size: int = Field(16, ge=1, description="sequences per forward pass")
+    max_length: int = Field(512, ge=2, description="prompt + answer tokens kept")
+    max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (the end is kept)")
+    format: str = Field("auto", description="data shape of `data` / `prompts`")
+    trust_remote_code: bool = Field(False, description="run the model folder's own code (only if you trust it)")
+    logits_chunk_mb: float = Field(128.0, gt=0, description="memory per chunk of output-head logits")
 
 
 def default_reference(model: str) -> str | None:
@@ -84,7 +82,7 @@ def default_reference(model: str) -> str | None:
 class Evaluator:
     def __init__(self, cfg: EvalConfig, progress=None):
         self.cfg, self.progress = cfg, progress
-        self.device = pick_device(cfg.device)
+        self.device = set_up(cfg)
         self.autocast = autocast_for(cfg.precision, self.device)
         self.tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
         self.is_reward = is_reward_model(cfg.model)
@@ -133,7 +131,7 @@ class Evaluator:
             self._advance(task, b)
         right = [1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs]
         self.results.update({"preference_accuracy": sum(right) / len(right),
-                             "preference_accuracy_ci95": M.bootstrap_ci(right, seed=cfg.seed),
+                             "preference_accuracy_ci95": metrics.bootstrap_ci(right, seed=cfg.seed),
                              "preference_margin": sum(diffs) / len(diffs), "preference_kind": kind,
                              "preference_pairs": len(diffs), "preference_problems": len(problems) + len(data.problems)})
 
@@ -146,8 +144,8 @@ class Evaluator:
         """One completion per prompt (seeded per batch, so two models see the same random draws)."""
 
         cfg = self.cfg
-        sampling = SamplingConfig(max_new_tokens or cfg.max_new_tokens, 0.0 if greedy else cfg.temperature,
-                                  cfg.top_k, cfg.top_p)
+        sampling = Sampling(max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+                            temperature=0.0 if greedy else cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         task = self._task(name, len(prompts))
         rolls = []
         for b, i in enumerate(range(0, len(prompts), cfg.batch_size)):
@@ -165,7 +163,7 @@ class Evaluator:
         rolls = self._sample(self.model, prompts, "sampling (policy)")
         texts = [t for r in rolls for t in r.completion_texts]
         lengths = [int(n) for r in rolls for n in r.completion_mask.sum(-1)]
-        sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+        sampling = Sampling.of(cfg)
         task = self._task("exact KL and entropy", len(prompts))
         advance = lambda n: self._advance(task, n)  # noqa: E731
         kl_seq = []
@@ -185,8 +183,8 @@ class Evaluator:
                     tokens += int(r.completion_mask.sum())
                     advance(len(r.completion_texts))
         self.results.update({"prompts": len(prompts), "mean_length": sum(lengths) / len(lengths),
-                             "entropy": entropy_sum / max(tokens, 1), "distinct_1": M.distinct_n(texts, 1),
-                             "distinct_2": M.distinct_n(texts, 2)})
+                             "entropy": entropy_sum / max(tokens, 1), "distinct_1": metrics.distinct_n(texts, 1),
+                             "distinct_2": metrics.distinct_n(texts, 2)})
         if self.reference is not None:
             self.results["kl_distribution"] = kl_distribution(sampling)
         if kl_seq:
@@ -201,8 +199,8 @@ class Evaluator:
         self.results["judge"] = judge.kind
         if not isinstance(judge, PairwiseJudge):
             scores = judge.score(prompts, texts)
-            mean, std = M.mean_std(scores)
-            self.results.update({"reward_mean": mean, "reward_std": std, "reward_ci95": M.bootstrap_ci(scores, seed=cfg.seed)})
+            mean, std = metrics.mean_std(scores)
+            self.results.update({"reward_mean": mean, "reward_std": std, "reward_ci95": metrics.bootstrap_ci(scores, seed=cfg.seed)})
             for s, row in zip(scores, self.samples, strict=True):
                 row["reward"] = s
         opponent_path = cfg.baseline or self.reference_path
@@ -219,9 +217,9 @@ class Evaluator:
             self.results["judge_order_agreement"] = float(agree.float().mean())
         else:
             baseline_scores = judge.score(prompts, theirs)
-            results = M.outcomes(scores, baseline_scores)
+            results = metrics.outcomes(scores, baseline_scores)
             self.results["reward_mean_baseline"] = sum(baseline_scores) / len(baseline_scores)
-        rate, ci = M.win_rate(results, seed=cfg.seed)
+        rate, ci = metrics.win_rate(results, seed=cfg.seed)
         self.results.update({"win_rate": rate, "win_rate_ci95": ci, "win_rate_baseline": opponent_path})
         for row, theirs_text, o in zip(self.samples, theirs, results, strict=True):
             row.update({"baseline_completion": theirs_text, "outcome": o})
@@ -258,10 +256,10 @@ class Evaluator:
                         totals[name] -= float(sequence_logps(model, batch["input_ids"], batch["attention_mask"],
                                                              mask, chunk_mb=cfg.logits_chunk_mb).sum())
             self._advance(task, len(seqs[i:i + cfg.batch_size]))
-        self.results.update({"perplexity": M.perplexity(totals["model"], tokens), "perplexity_tokens": tokens})
+        self.results.update({"perplexity": metrics.perplexity(totals["model"], tokens), "perplexity_tokens": tokens})
         if self.reference is not None:
             same = self.reference is self.model
-            self.results["perplexity_reference"] = M.perplexity(totals["model" if same else "reference"], tokens)
+            self.results["perplexity_reference"] = metrics.perplexity(totals["model" if same else "reference"], tokens)
 
     # ------------------------------------------------------------ suites
     def suites(self) -> None:
@@ -284,7 +282,7 @@ class Evaluator:
 
 def evaluate(cfg: EvalConfig, log=print, progress: bool = True) -> dict:
     if not (cfg.data or cfg.prompts or cfg.text or cfg.suites):
-        raise ValueError("nothing to evaluate: give --data, --prompts, --text or --suite")
+        raise ConfigError("nothing to evaluate: give --data, --prompts, --text or --suite")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "eval_config.yaml")
@@ -292,7 +290,7 @@ def evaluate(cfg: EvalConfig, log=print, progress: bool = True) -> dict:
     with bar:
         ev = Evaluator(cfg, bar)
         if ev.is_reward and (cfg.prompts or cfg.suites or cfg.judge):
-            raise ValueError(f"{cfg.model} is a reward model: it is evaluated on --data pairs only")
+            raise ConfigError(f"{cfg.model} is a reward model: it is evaluated on --data pairs only")
         if cfg.data:
             ev.preference()
         if not ev.is_reward and (cfg.prompts or cfg.data):

@@ -2,8 +2,7 @@
 
 - bootstrap_ci: the percentile bootstrap (Efron and Tibshirani 1993, §13.3) of a statistic of a sample.
 - win_rate: wins count 1, ties 1/2, losses 0, averaged over prompts, with a bootstrap interval.
-- exact_kl: KL(p || q) = sum_v p(v) (log p(v) - log q(v)) per position, from full next-token
-  distributions (not a one-sample log-ratio estimate).
+- the exact KL and entropy of next-token distributions are models/logps.py's (kl_from_logps).
 - distinct_n: distinct n-grams / all n-grams over a set of completions (Li et al. 2016).
 - perplexity: exp(total negative log-likelihood / total tokens).
 """
@@ -48,18 +47,6 @@ def outcomes(a: Sequence[float], b: Sequence[float]) -> list[float]:
 def win_rate(results: Sequence[float], **kw) -> tuple[float, tuple[float, float]]:
     """(mean outcome, bootstrap 95% interval) of outcomes in {0, 0.5, 1} (or soft, in [0, 1])."""
     return sum(results) / len(results), bootstrap_ci(results, **kw)
-
-
-def exact_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    """(..., V), (..., V) -> (...): KL(softmax(p) || softmax(q)) at each position, in fp32."""
-    logp = torch.log_softmax(logits_p.float(), -1)
-    logq = torch.log_softmax(logits_q.float(), -1)
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
-def entropy(logits: Tensor) -> Tensor:
-    logp = torch.log_softmax(logits.float(), -1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:

@@ -9,36 +9,47 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import StrictModel, dump_config, load_config
+from pydantic import Field, model_validator
+
+from ..config import Sampling, dump_config
+from ..errors import DataError
 from ..judges import make_judge
 from ..runtime.device import pick_device
-from ..train.config import TrainConfig
-from ..train.offline import run_offline
+from ..train.methods import METHODS, train_config
+from ..train.run import train
 from .label import LabelConfig, label
 from .sample import SampleConfig, sample
 
 
-class IterateConfig(StrictModel):
-    model: str
-    prompts: str
-    judge: str
-    output: str
-    iterations: int = 2
-    n: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_prompts: int | None = None
-    mode: Literal["best_vs_worst", "best_vs_rest", "all"] = "best_vs_worst"
-    seed: int = 0
-    device: str = "auto"
-    train: dict[str, Any] = {}  # `prefalign train` keys for every round (method defaults to dpo)
+class IterateConfig(Sampling):
+    """`prefalign iterate`: rounds of sample -> label -> train, each round from the last round's model."""
+
+    model: str = Field(..., description="the starting model")
+    prompts: str = Field(..., description="prompt file (or any preference file: its prompts)")
+    judge: str = Field(..., description="MODULE:FUNCTION, FILE.py:FUNCTION, a reward-model or a causal-LM folder")
+    output: str = Field(..., description="folder of round-N/ and iterate.json")
+    iterations: int = Field(2, ge=1, description="rounds")
+    n: int = Field(4, ge=2, description="completions sampled per prompt and round")
+    max_new_tokens: int = Field(64, ge=0, description="tokens sampled per completion at most")
+    max_prompts: int | None = Field(None, ge=1, description="prompts used at most")
+    mode: Literal["best_vs_worst", "best_vs_rest", "all"] = Field("best_vs_worst", description="pairs made per prompt")
+    seed: int = Field(0, description="round r samples with seed + r")
+    device: str = Field("auto", description="where sampling and the judge run")
+    train: dict[str, Any] = Field({}, description="`prefalign train` keys for every round (method defaults to dpo)")
+
+    @model_validator(mode="after")
+    def _check_train(self):
+        # validated now, with this round's model/data/output standing in, not after a sampling round
+        stand_in = train_config({"method": "dpo", **self.train, **self._round(self.model, Path(self.output))})
+        if METHODS[stand_in.method].unit != "pairs":
+            raise ValueError(f"iterate trains on the pairs it labels: {stand_in.method} is not a paired method")
+        return self
+
+    def _round(self, model: str, folder: Path) -> dict[str, str]:
+        return {"model": model, "data": str(folder / "pairs.jsonl"), "output": str(folder / "train")}
 
 
 def iterate(cfg: IterateConfig, log=print, progress: bool = True) -> dict:
-    if cfg.iterations < 1:
-        raise ValueError("iterations must be at least 1")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
@@ -54,10 +65,9 @@ def iterate(cfg: IterateConfig, log=print, progress: bool = True) -> dict:
         lab = label(LabelConfig(samples=str(folder / "samples.jsonl"), judge=cfg.judge, output=str(folder / "pairs.jsonl"),
                                 mode=cfg.mode), log, judge=judge)
         if not lab["written"]:
-            raise ValueError(f"round {r}: the judge found no preference among the samples (all ties)")
-        train_cfg = load_config(TrainConfig, base={"method": "dpo", **cfg.train, "model": model,
-                                                   "data": str(folder / "pairs.jsonl"), "output": str(folder / "train")})
-        result = run_offline(train_cfg, log=log, progress=progress)
+            raise DataError(f"round {r}: the judge found no preference among the samples (all ties)")
+        train_cfg = train_config({"method": "dpo", **cfg.train, **cfg._round(model, folder)}, "iterate: train")
+        result = train(train_cfg, log=log, progress=progress)
         rounds.append({"round": r, "model": model, "sample": s, "label": lab,
                        "train": {"steps": result.steps, "wall_seconds": result.wall_seconds, "final": result.last}})
         model = str(folder / "train" / "final")

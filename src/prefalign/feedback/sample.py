@@ -5,42 +5,38 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
 
-from ..config import StrictModel
+from pydantic import Field
+
+from ..config import Runtime, Sampling
 from ..data import ReadOptions, load_prompts
-from ..models.generate import SamplingConfig, encode_prompt, generate
+from ..errors import DataError
+from ..models.generate import encode_prompt, generate
 from ..models.load import load_model, load_tokenizer_for
-from ..runtime.device import pick_device
+from ..runtime.device import set_up
 from ..runtime.precision import autocast_for
 
 
-class SampleConfig(StrictModel):
-    model: str
-    prompts: str
-    output: str
-    n: int = 4  # completions per prompt
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    batch_size: int = 16  # rows (prompt x sample) per generate call
-    max_prompt_length: int = 256
-    max_prompts: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    format: str = "auto"
-    trust_remote_code: bool = False
+class SampleConfig(Runtime, Sampling):
+    """`prefalign sample`: n completions per prompt."""
+
+    model: str = Field(..., description="model folder or LoRA run's final/")
+    prompts: str = Field(..., description="prompt file (or any preference file: its prompts)")
+    output: str = Field(..., description="JSONL of {prompt, completions, ended}")
+    n: int = Field(4, ge=1, description="completions per prompt")
+    max_new_tokens: int = Field(64, ge=0, description="tokens sampled per completion at most")
+    batch_size: int = Field(16, ge=1, description="rows (prompt x sample) per generate call")
+    max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (the end is kept)")
+    max_prompts: int | None = Field(None, ge=1, description="prompts used at most")
+    format: str = Field("auto", description="data shape of `prompts`")
+    trust_remote_code: bool = Field(False, description="run the model folder's own code (only if you trust it)")
 
 
 def sample(cfg: SampleConfig, log=print, model=None, tokenizer=None) -> dict:
     """Writes one line per prompt: {"prompt", "completions": [n], "ended": [n]}. Reproducible: batch b
     is drawn with seed (seed, b), whatever ran before. `model`/`tokenizer` may be passed in loaded."""
 
-    if cfg.n < 1:
-        raise ValueError("n must be at least 1")
-    device = pick_device(cfg.device)
+    device = set_up(cfg)
     tokenizer = tokenizer or load_tokenizer_for(cfg.model, cfg.trust_remote_code)
     model = model or load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device)
     prompts, problems = load_prompts(cfg.prompts, ReadOptions(format=cfg.format))
@@ -48,8 +44,8 @@ def sample(cfg: SampleConfig, log=print, model=None, tokenizer=None) -> dict:
         log(f"set aside: {p}")
     prompts = prompts[:cfg.max_prompts] if cfg.max_prompts else prompts
     if not prompts:
-        raise ValueError(f"{cfg.prompts}: no usable prompts")
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+        raise DataError(f"{cfg.prompts}: no usable prompts")
+    sampling = Sampling.of(cfg)
     rows = [i for i in range(len(prompts)) for _ in range(cfg.n)]
     ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
     texts: list[str] = []

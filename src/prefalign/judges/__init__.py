@@ -21,13 +21,10 @@ import torch
 from ..data.batches import pad
 from ..data.records import Text, text_of
 from ..data.tokenize import tokenize
+from ..errors import JudgeError
 from ..models.generate import encode_prompt, left_pad
 from ..models.load import load_model, load_tokenizer
 from ..models.scalar import is_reward_model, load_scalar_model, sequence_scores
-
-
-class JudgeError(ValueError):
-    pass
 
 
 def load_callable(spec: str) -> Callable:

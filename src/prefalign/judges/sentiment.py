@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-
-class ScorerMissing(ImportError):
-    pass
+from ..errors import ScorerMissing
 
 
 @lru_cache(maxsize=1)

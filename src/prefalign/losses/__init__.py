@@ -1,5 +1,1 @@
-"""Pure loss functions over tensors: no model, no I/O."""
-
-from .preference import METHODS, Method
-
-__all__ = ["METHODS", "Method"]
+"""Pure loss functions over tensors: no model, no I/O. Methods are registered in train/methods.py."""

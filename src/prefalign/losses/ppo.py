@@ -54,17 +54,17 @@ def last_token_index(mask: Tensor) -> Tensor:
 # ------------------------------------------------------------------ KL estimators
 
 
-def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+def kl_k1(logps: Tensor, ref_logps: Tensor) -> Tensor:
     """log pi(y) - log pi_ref(y) on samples y ~ pi: unbiased for KL(pi || pi_ref), but a single term
     (and a small batch's sum) can be negative, and with top-k/top-p or a temperature mismatch the
-    samples are not from pi at all, which is how the peers' users end up reporting negative KL."""
-    return logprobs - ref_logprobs
+    samples are not from pi at all, and the estimate is biased (negative on average, as seen in tests)."""
+    return logps - ref_logps
 
 
-def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
     """(r - 1) - log r with r = pi_ref(y)/pi(y): also unbiased on samples from pi (E[r] = 1), and
     non-negative term by term (x - 1 >= log x), so no batch can ever report a negative KL."""
-    log_r = ref_logprobs - logprobs
+    log_r = ref_logps - logps
     return torch.expm1(log_r) - log_r
 
 
@@ -94,17 +94,17 @@ def reward_to_go(x: Tensor, mask: Tensor, include_current: bool = True) -> Tenso
     return (total if include_current else total - x) * mask
 
 
-def kl_penalty_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
+def kl_penalty_loss(kind: str, logps: Tensor, old_logps: Tensor, ref_logps: Tensor, mask: Tensor,
                     full_kl: Tensor | None = None) -> Tensor:
     """The loss-side part of a `loss_*` penalty, per token (B, T), to be multiplied by kl_coef and
     averaged like the policy loss: f_t + rho_t * stopgrad(reward-to-go of f), rho_t = pi/pi_old (1 on
-    the first epoch; its gradient is grad log pi). `logprobs` (and `full_kl` for loss_full) carry the
+    the first epoch; its gradient is grad log pi). `logps` (and `full_kl` for loss_full) carry the
     gradient; old and reference log-probs do not. reward_k1 has no loss-side part: zeros."""
     if kind == "reward_k1":
-        return torch.zeros_like(logprobs)
-    ratio = torch.exp(logprobs - old_logprobs.detach())
+        return torch.zeros_like(logps)
+    ratio = torch.exp(logps - old_logps.detach())
     if kind == "loss_k3":
-        f = kl_k3(logprobs, ref_logprobs.detach())
+        f = kl_k3(logps, ref_logps.detach())
         future = reward_to_go(f.detach(), mask)  # k3_t depends on y_t itself: t' >= t
     elif kind == "loss_full":
         if full_kl is None:
@@ -170,14 +170,44 @@ def grpo_advantages(rewards: Tensor, k: int, eps: float = 1e-4) -> Tensor:
     return ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)).reshape(-1)
 
 
+# ------------------------------------------------------------------ the methods' advantage estimators
+# Each takes the shaped scores (N,), the per-token penalty kl (N, T) (k1 for reward_k1, zeros when the
+# KL is in the loss), the critic's values (N, T) or None, the completion mask, the current kl_coef and
+# its method's own hyperparameters (named as the config's fields); returns (advantages (N, T), returns
+# (N, T) for a critic, or None).
+
+
+def gae_estimator(scores: Tensor, kl: Tensor, values: Tensor | None, mask: Tensor, *, kl_coef: float,
+                  gae_gamma: float = 1.0, gae_lambda: float = 0.95,
+                  whiten_advantages: bool = True) -> tuple[Tensor, Tensor]:
+    """PPO: per-token KL-shaped rewards, GAE with the critic's values, whitened advantages (the critic
+    learns the unwhitened returns)."""
+    adv, returns = gae(kl_shaped_rewards(scores, kl, mask, kl_coef), values, mask, gae_gamma, gae_lambda)
+    return (whiten(adv, mask) if whiten_advantages else adv), returns
+
+
+def rloo_estimator(scores: Tensor, kl: Tensor, values: Tensor | None, mask: Tensor, *, kl_coef: float,
+                   samples_per_prompt: int = 4, whiten_advantages: bool = True) -> tuple[Tensor, None]:
+    """RLOO: the sequence reward score - kl_coef * sum_t kl_t against its leave-one-out baseline, shared
+    by every token of the completion."""
+    adv = rloo_advantages(scores - kl_coef * kl.sum(-1), samples_per_prompt)[:, None] * mask
+    return (whiten(adv, mask) if whiten_advantages else adv), None
+
+
+def grpo_estimator(scores: Tensor, kl: Tensor, values: Tensor | None, mask: Tensor, *, kl_coef: float,
+                   samples_per_prompt: int = 4) -> tuple[Tensor, None]:
+    """GRPO: the group-normalised score, shared by every token of the completion."""
+    return grpo_advantages(scores - kl_coef * kl.sum(-1), samples_per_prompt)[:, None] * mask, None
+
+
 # ------------------------------------------------------------------ losses
 
 
-def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,
                         clip: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
     mean_t max(-A_t rho_t, -A_t clip(rho_t, 1-eps, 1+eps)), rho_t = pi(y_t)/pi_old(y_t)."""
-    log_ratio = logprobs - old_logprobs
+    log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)

@@ -3,13 +3,12 @@
 Vocabulary (STYLE.md): `policy_`/`ref_` x `chosen_`/`rejected_` x `logps` are *summed* log-probs of
 the completion tokens, shape (B,); `chosen_lengths`/`rejected_lengths` are their token counts.
 Each function returns (per-example loss (B,), metrics dict of (B,) tensors); the caller averages.
-Every function takes `**_` so one call site can pass the same tensors to any registered loss.
+A function's parameters are exactly what it consumes: the tensors by name, then its own
+hyperparameters, keyword-only, with the paper's defaults (train/methods.py passes each loss only the
+tensors its signature names, and a method's config holds exactly these hyperparameters).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,7 @@ def _implicit_rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chos
 
 
 def dpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-        ref_rejected_logps: Tensor, *, beta: float = 0.1, label_smoothing: float = 0.0, **_) -> tuple[Tensor, Metrics]:
+        ref_rejected_logps: Tensor, *, beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, Metrics]:
     """Rafailov et al. 2023, eq. 7: -log sigma(beta * h).
 
     With label_smoothing eps > 0 this is conservative DPO (cDPO, Mitchell 2023): the preference label
@@ -48,13 +47,15 @@ def dpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_l
                                    ref_rejected_logps)
 
 
-def cdpo(*args, label_smoothing: float = 0.1, **kw) -> tuple[Tensor, Metrics]:
-    """Conservative DPO: DPO with label smoothing (default eps = 0.1)."""
-    return dpo(*args, label_smoothing=label_smoothing, **kw)
+def cdpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+         ref_rejected_logps: Tensor, *, beta: float = 0.1, label_smoothing: float = 0.1) -> tuple[Tensor, Metrics]:
+    """Conservative DPO (Mitchell 2023): DPO with label smoothing, flip rate eps = 0.1 by default."""
+    return dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta,
+               label_smoothing=label_smoothing)
 
 
 def robust(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-           ref_rejected_logps: Tensor, *, beta: float = 0.1, label_smoothing: float = 0.1, **_) -> tuple[Tensor, Metrics]:
+           ref_rejected_logps: Tensor, *, beta: float = 0.1, label_smoothing: float = 0.1) -> tuple[Tensor, Metrics]:
     """Chowdhury et al. 2024 (rDPO), eq. 8: an unbiased loss under label-flip rate eps < 1/2:
     [-(1-eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps)."""
     if not 0 <= label_smoothing < 0.5:
@@ -67,8 +68,8 @@ def robust(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chose
 
 
 def ipo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-        ref_rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor, *, beta: float = 0.1,
-        **_) -> tuple[Tensor, Metrics]:
+        ref_rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor, *,
+        beta: float = 0.1) -> tuple[Tensor, Metrics]:
     """Azar et al. 2023, eq. 17: (h - 1/(2 tau))^2 with tau = beta, on length-normalised log-probs."""
     h = _logratio_margin(policy_chosen_logps / chosen_lengths, policy_rejected_logps / rejected_lengths,
                          ref_chosen_logps / chosen_lengths, ref_rejected_logps / rejected_lengths)
@@ -78,7 +79,7 @@ def ipo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_l
 
 
 def hinge(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-          ref_rejected_logps: Tensor, *, beta: float = 0.1, **_) -> tuple[Tensor, Metrics]:
+          ref_rejected_logps: Tensor, *, beta: float = 0.1) -> tuple[Tensor, Metrics]:
     """SLiC (Zhao et al. 2023) calibration loss on the reference-normalised margin: max(0, 1 - beta h)."""
     h = _logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return torch.relu(1 - beta * h), _implicit_rewards(beta, policy_chosen_logps, policy_rejected_logps,
@@ -86,17 +87,18 @@ def hinge(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen
 
 
 def simpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
-          rejected_lengths: Tensor, *, beta: float = 2.0, gamma: float = 0.5, **_) -> tuple[Tensor, Metrics]:
-    """Meng et al. 2024, eq. 6: -log sigma(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma).
+          rejected_lengths: Tensor, *, beta: float = 2.0, simpo_gamma: float = 0.5) -> tuple[Tensor, Metrics]:
+    """Meng et al. 2024, eq. 6: -log sigma(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma), with
+    the target reward margin gamma = simpo_gamma.
     Reference-free; the reward is the length-normalised log-prob scaled by beta."""
     chosen_rewards = beta * policy_chosen_logps / chosen_lengths
     rejected_rewards = beta * policy_rejected_logps / rejected_lengths
-    loss = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards - simpo_gamma)
     return loss, _reward_metrics(chosen_rewards, rejected_rewards)
 
 
 def orpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
-         rejected_lengths: Tensor, *, beta: float = 0.1, **_) -> tuple[Tensor, Metrics]:
+         rejected_lengths: Tensor, *, beta: float = 0.1) -> tuple[Tensor, Metrics]:
     """Hong et al. 2024, eqs. 6-7: L_SFT + lambda * L_OR with lambda = beta, where
     L_OR = -log sigma(log odds(y_w) - log odds(y_l)), odds(y) = P(y)/(1 - P(y)) and
     P(y) = exp(mean token log-prob). Reference-free."""
@@ -113,7 +115,7 @@ def orpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_leng
 
 
 def kto(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl: Tensor, *, beta: float = 0.1,
-        desirable_weight: float = 1.0, undesirable_weight: float = 1.0, **_) -> tuple[Tensor, Metrics]:
+        desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[Tensor, Metrics]:
     """Ethayarajh et al. 2024, eq. 8, on unpaired examples.
 
     r = log pi(y|x) - log pi_ref(y|x); z0 = the batch KL reference point (the caller estimates it on
@@ -134,17 +136,13 @@ def kto(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl: Tensor, *, 
     return loss, metrics
 
 
-def with_nll(loss_fn: Callable[..., tuple[Tensor, Metrics]], alpha: float) -> Callable[..., tuple[Tensor, Metrics]]:
-    """RPO (Pang et al. 2024, eq. 2): add alpha times the length-normalised NLL of the chosen answer."""
-    def wrapped(policy_chosen_logps: Tensor, chosen_lengths: Tensor, **kw) -> tuple[Tensor, Metrics]:
-        loss, metrics = loss_fn(policy_chosen_logps=policy_chosen_logps, chosen_lengths=chosen_lengths, **kw)
-        nll = -policy_chosen_logps / chosen_lengths
-        metrics["nll/chosen"] = nll.detach()
-        return loss + alpha * nll, metrics
-    return wrapped
+def rpo_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """RPO (Pang et al. 2024, eq. 2): the length-normalised NLL of the chosen answer, added to a paired
+    loss times `rpo_alpha` (train/offline.py)."""
+    return -policy_chosen_logps / chosen_lengths
 
 
-def sft(policy_logps: Tensor, lengths: Tensor, **_) -> tuple[Tensor, Metrics]:
+def sft(policy_logps: Tensor, lengths: Tensor) -> tuple[Tensor, Metrics]:
     """Supervised fine-tuning on completions only: the token-mean negative log-likelihood of the
     batch. Per example the loss is -log pi(y)/|y| weighted by |y|/mean|y|, so the batch mean of the
     returned (B,) tensor equals sum(-log p over all tokens) / (all tokens): long answers weigh by
@@ -154,37 +152,14 @@ def sft(policy_logps: Tensor, lengths: Tensor, **_) -> tuple[Tensor, Metrics]:
 
 
 def bradley_terry(chosen_scores: Tensor, rejected_scores: Tensor, margins: Tensor | None = None, *,
-                  margin_scale: float = 0.0, **_) -> tuple[Tensor, Metrics]:
+                  margin_scale: float = 0.0) -> tuple[Tensor, Metrics]:
     """Reward-model loss: -log sigma(r(x, y_w) - r(x, y_l) - m) (Bradley and Terry 1952; Ouyang et al.
     2022, eq. 1; the margin m = margin_scale * the pair's known margin is Llama 2's, Touvron et al.
     2023, eq. 2)."""
     diff = chosen_scores - rejected_scores
     if margins is not None and margin_scale:
         diff = diff - margin_scale * margins
-    metrics = {"reward/chosen": chosen_scores.detach(), "reward/rejected": rejected_scores.detach(),
-               "reward/margin": (chosen_scores - rejected_scores).detach(),
-               "reward/accuracy": (chosen_scores > rejected_scores).float().detach()}
+    metrics = {"reward_model/chosen": chosen_scores.detach(), "reward_model/rejected": rejected_scores.detach(),
+               "reward_model/margin": (chosen_scores - rejected_scores).detach(),
+               "reward_model/accuracy": (chosen_scores > rejected_scores).float().detach()}
     return -F.logsigmoid(diff), metrics
-
-
-@dataclass(frozen=True)
-class Method:
-    loss: Callable[..., tuple[Tensor, Metrics]]
-    needs_reference: bool
-    # what one example is: "pairs" (chosen, rejected), "unpaired" (a labelled completion + the
-    # mismatched completion KTO's KL point needs), "completions" (one sequence: SFT)
-    data: str = "pairs"
-    # what the loss consumes: summed completion "logps", or "scores" of a scalar head (reward models)
-    inputs: str = "logps"
-
-    @property
-    def paired(self) -> bool:
-        return self.data == "pairs"
-
-
-METHODS: dict[str, Method] = {
-    "dpo": Method(dpo, True), "cdpo": Method(cdpo, True), "robust": Method(robust, True),
-    "ipo": Method(ipo, True), "hinge": Method(hinge, True), "simpo": Method(simpo, False),
-    "orpo": Method(orpo, False), "kto": Method(kto, True, data="unpaired"),
-    "sft": Method(sft, False, data="completions"), "reward": Method(bradley_terry, False, inputs="scores"),
-}

@@ -16,15 +16,8 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
+from ..config import Sampling
 from ..data.records import Text
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 32
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
 
 
 @dataclass
@@ -97,7 +90,7 @@ def completion_mask(completions: Tensor, eos: list[int]) -> tuple[Tensor, Tensor
     return (before == 0).long(), ended
 
 
-def generation_config(sampling: SamplingConfig, pad_id: int, eos: list[int]):
+def generation_config(sampling: Sampling, pad_id: int, eos: list[int]):
     """Every sampling setting spelled out. A setting left unset falls back to transformers' defaults
     (top_k=50 among them), and then the samples are not drawn from softmax(logits / T), the
     distribution PPO scores them under: its k1 KL estimate goes negative (seen, and tested)."""
@@ -111,7 +104,7 @@ def generation_config(sampling: SamplingConfig, pad_id: int, eos: list[int]):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int | None = None,
+def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, *, seed: int | None = None,
              device: torch.device | str = "cpu", autocast=nullcontext, prompt_texts: list[str] | None = None) -> Rollout:
     """Sample one completion per prompt id list (repeat a prompt for k samples). With `seed`, the
     draw is reproducible and the global RNG is left as it was; without, it uses (and advances) the

@@ -12,11 +12,12 @@ from contextlib import nullcontext
 
 import torch
 
-from .generate import Rollout, SamplingConfig
-from .logprobs import completion_kl
+from ..config import Sampling
+from .generate import Rollout
+from .logps import completion_kl
 
 
-def kl_refusal(sampling: SamplingConfig) -> str | None:
+def kl_refusal(sampling: Sampling) -> str | None:
     """Why the KL of what was sampled cannot be given, or None. Temperature is exact (both
     distributions are tempered); top-k/top-p truncation makes KL(processed pi || processed pi_ref)
     infinite wherever the reference's truncation drops a token the policy's keeps, and the KL of the
@@ -29,7 +30,7 @@ def kl_refusal(sampling: SamplingConfig) -> str | None:
     return None
 
 
-def kl_distribution(sampling: SamplingConfig) -> str:
+def kl_distribution(sampling: Sampling) -> str:
     """What the reported KL is the KL of (eval.json `kl_distribution`)."""
     refusal = kl_refusal(sampling)
     if refusal:

@@ -13,6 +13,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from ..errors import ModelError
+
 # LoRA targets per architecture: attention and MLP projections for Transformers. Mamba mixers: only
 # projections the forward calls as modules (an adapter on a weight that code reads directly gets no
 # gradient and stays at zero: inert). in_proj always is; x_proj is on Mamba-1's torch path (the
@@ -37,10 +39,6 @@ LORA_TARGETS = {
     # Granite-4-H: the dense shared MLP (its MoE experts are fused tensors, not Linear layers)
     "granitemoehybrid": _ATTN + ["shared_mlp.input_linear", "shared_mlp.output_linear", "in_proj"],
 }
-
-
-class ModelError(ValueError):
-    pass
 
 
 def _local(path: str | Path) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
+from ..errors import ModelError
 from .load import load_model, load_tokenizer
 
 
@@ -14,7 +15,7 @@ def merge_adapter(adapter: str | Path, out: str | Path) -> Path:
     adapter = Path(adapter)
     cfg_file = adapter / "adapter_config.json"
     if not cfg_file.exists():
-        raise ValueError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
     base = json.loads(cfg_file.read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(load_model(base), str(adapter)).merge_and_unload()
     out = Path(out)

@@ -19,8 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..errors import ConfigError
 from .load import is_peft, unwrap
-from .logprobs import batch_logps
+from .logps import batch_logps
 
 
 def _forward(model, batch: dict[str, Tensor], chunk_mb: float) -> Tensor:
@@ -32,7 +33,7 @@ class AdapterReference:
 
     def __init__(self, model, autocast: Callable = nullcontext, chunk_mb: float = 128.0):
         if not is_peft(model):
-            raise ValueError("reference: adapter needs LoRA (lora: true)")
+            raise ConfigError("reference: adapter needs LoRA (lora: true)")
         self.model, self.autocast, self.chunk_mb = model, autocast, chunk_mb
 
     @torch.no_grad()

@@ -22,7 +22,9 @@ from typing import Any
 
 import yaml
 
+from ..errors import ConfigError
 from ..runtime.plotting import pyplot
+from ..train.methods import METHODS
 
 CURVES = [  # (title, offline metric, RL metric)
     ("loss", "loss", "loss"),
@@ -42,14 +44,14 @@ def _read_json(path: Path) -> Any:
 def load_run(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder}: not a folder")
+        raise ConfigError(f"{folder}: not a folder")
     evaluation = _read_json(folder / "eval.json") or _read_json(folder / "eval" / "eval.json")
     run = _read_json(folder / "run.json")
     metrics_path = folder / "metrics.jsonl"
     metrics = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.exists() else []
     config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
     if run is None and evaluation is None:
-        raise ValueError(f"{folder}: holds neither a training run (run.json) nor an evaluation (eval.json)")
+        raise ConfigError(f"{folder}: holds neither a training run (run.json) nor an evaluation (eval.json)")
     return {"name": folder.name, "path": str(folder), "run": run, "eval": evaluation, "metrics": metrics,
             "config": config or {}}
 
@@ -73,7 +75,7 @@ def summarise(r: dict[str, Any]) -> dict[str, Any]:
         row["final kl/policy_ref_seq"] = monitored[-1]["kl/policy_ref_seq"]
     if train_rows:
         last = train_rows[-1]
-        for key in ("loss", "rewards/accuracy", "rewards/margins", "ppo/reward", "ppo/kl", "reward/accuracy"):
+        for key in ("loss", "rewards/accuracy", "rewards/margins", "ppo/reward", "ppo/kl", "reward_model/accuracy"):
             if key in last:
                 row[f"final {key}"] = last[key]
     for key in EVAL_COLUMNS:
@@ -98,7 +100,7 @@ def plot_curves(runs: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for ax, (title, offline_key, rl_key) in zip(axes.flat, CURVES, strict=True):
         for r in runs:
-            key = rl_key if r["run"] and r["run"].get("method") in ("ppo", "rloo", "grpo") else offline_key
+            key = rl_key if r["run"] and METHODS[r["run"]["method"]].trainer == "rl" else offline_key
             xs, ys = _series(r["metrics"], key)
             if xs:
                 ax.plot(xs, ys, label=f"{r['name']} ({key})")

@@ -8,6 +8,8 @@ import platform
 import psutil
 import torch
 
+from ..config import Runtime
+
 
 def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
@@ -19,6 +21,14 @@ def pick_device(name: str = "auto") -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def set_up(runtime: Runtime) -> torch.device:
+    """The device a command's Runtime settings name, with their thread count and seed applied."""
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    torch.manual_seed(runtime.seed)
+    return pick_device(runtime.device)
 
 
 def cpu_model() -> str:

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import load_config
 from ..data.curate import CurateConfig, curate
+from ..errors import DataError
 from ..eval.evaluate import EvalConfig
 from ..eval.evaluate import evaluate as run_eval
 from ..feedback.label import LabelConfig, label
 from ..feedback.sample import SampleConfig, sample
-from ..train.config import RL_METHODS, RLConfig, TrainConfig
-from ..train.offline import run_offline
-from ..train.ppo import run_rl
+from ..train.methods import method as method_spec
+from ..train.methods import train_config
+from ..train.run import train as run_train
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BASE_MODEL = ASSETS / "imdb-lm"
@@ -60,7 +60,7 @@ def check_disjoint(sets: dict[str, list[str]]) -> None:
         for text in texts:
             key = normalise(text)
             if key in seen:
-                raise ValueError(f"prompt {text!r} is in {seen[key]} and {name}: the sets must be disjoint")
+                raise DataError(f"prompt {text!r} is in {seen[key]} and {name}: the sets must be disjoint")
             seen[key] = name
 
 
@@ -79,7 +79,7 @@ def split_prefixes(out: Path, sizes: Sizes, split: Split = "test", prefixes: Pat
     rows, val = _prompts(prefixes), _prompts(validation)
     need = sizes.eval_prompts + sizes.train_prompts
     if len(rows) < need or len(val) < sizes.eval_prompts:
-        raise ValueError(f"{prefixes} has {len(rows)} prefixes ({need} needed), {validation} {len(val)} "
+        raise DataError(f"{prefixes} has {len(rows)} prefixes ({need} needed), {validation} {len(val)} "
                          f"({sizes.eval_prompts} needed)")
     sets = {"test": rows[:sizes.eval_prompts], "train": rows[sizes.eval_prompts:need], "validation": val}
     check_disjoint(sets)  # the whole validation file: no test or train prompt may hide in its tail either
@@ -103,20 +103,23 @@ def make_pairs(out: Path, base: Path, train_prompts: Path, sizes: Sizes, log: Ca
     return out / "pairs.jsonl", {"sample": s, "label": lab, "curate": cur.to_json()}
 
 
-def train(run: Path, base: Path, method: str, data: Path | None, prompts: Path | None, sizes: Sizes,
-          log: Callable[[str], None], progress: bool = True, **settings: Any) -> dict:
-    """One LoRA run of any method on the task; returns its run.json."""
-
+def train_settings(run: Path, base: Path, method: str, data: Path | None, prompts: Path | None, sizes: Sizes,
+                   **settings: Any):
+    """The validated config of one LoRA run of any method on the task (`settings` win)."""
     # the KL monitor samples completions as long as the evaluation's, so its KL and eval's compare
     common = {"model": str(base), "output": str(run), "method": method, "lora": sizes.lora, "seed": sizes.seed,
               "device": "cpu", "lr_schedule": "constant", "kl_max_new_tokens": sizes.max_new_tokens, **settings}
-    if method in RL_METHODS:
-        cfg = load_config(RLConfig, base={"prompts": str(prompts), "reward": REWARD,
-                                          "max_new_tokens": sizes.max_new_tokens, **common})
-        run_rl(cfg, log=log, progress=progress)
+    if method_spec(method).trainer == "rl":
+        common = {"prompts": str(prompts), "reward": REWARD, "max_new_tokens": sizes.max_new_tokens, **common}
     else:
-        cfg = load_config(TrainConfig, base={"data": str(data), **common})
-        run_offline(cfg, log=log, progress=progress)
+        common = {"data": str(data), **common}
+    return train_config(common, f"{method} run")
+
+
+def train(run: Path, base: Path, method: str, data: Path | None, prompts: Path | None, sizes: Sizes,
+          log: Callable[[str], None], progress: bool = True, **settings: Any) -> dict:
+    """One LoRA run of any method on the task; returns its run.json."""
+    run_train(train_settings(run, base, method, data, prompts, sizes, **settings), log=log, progress=progress)
     return json.loads((run / "run.json").read_text())
 
 

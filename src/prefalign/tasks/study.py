@@ -24,8 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import StrictModel
+from pydantic import model_validator
+
+from ..config import ConfigError, StrictModel
 from ..report.build import build_report
+from ..train.methods import METHODS
 from . import sentiment as task
 from .stages import chain, portable, run_stage
 from .study_table import aggregate, flag_collapse, frontier_statements, markdown, plot_frontier
@@ -55,6 +58,17 @@ class StudyConfig(StrictModel):
                            "num_minibatches": 2}
     reward_model: dict[str, Any] = {"learning_rate": 1e-3, "max_steps": 96, "batch_size": 8}
 
+    @model_validator(mode="after")
+    def _check_runs(self):
+        # every run's settings validated into its method's config now, not after the first runs
+        stand_in = Path(self.output)
+        for name, method, settings in runs_of(self) + [("reward-model", "reward", self.reward_model)]:
+            try:
+                task.train_settings(stand_in / name, stand_in, method, stand_in, stand_in, task.Sizes(), **settings)
+            except ConfigError as e:
+                raise ValueError(f"run {name}: {e}") from None
+        return self
+
 
 def runs_of(cfg: StudyConfig) -> list[tuple[str, str, dict[str, Any]]]:
     """(run name, method, settings) in the order they run; PPO (learned reward) is added per seed."""
@@ -66,7 +80,7 @@ def runs_of(cfg: StudyConfig) -> list[tuple[str, str, dict[str, Any]]]:
 
 def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
     if cfg.iterative_rounds > 1 and cfg.iterative_beta not in cfg.dpo_betas:
-        raise ValueError(f"iterative_beta {cfg.iterative_beta} is not in dpo_betas {cfg.dpo_betas}: "
+        raise ConfigError(f"iterative_beta {cfg.iterative_beta} is not in dpo_betas {cfg.dpo_betas}: "
                          "its DPO run is the iterative arm's first round")
     out = Path(cfg.output)
     t0 = time.perf_counter()
@@ -104,7 +118,7 @@ def _one_seed(cfg: StudyConfig, seed: int, out: Path, log, progress: bool) -> li
     if cfg.learned_reward_kl_coef is not None:
         rm, cost_rm = run_stage(task.train, out / "reward-model", base, "reward", pairs, None, sizes, child_log,
                                 progress, **cfg.reward_model)
-        log(f"reward model: train reward/accuracy {rm['final'].get('reward/accuracy', float('nan')):.2f}")
+        log(f"reward model: train reward_model/accuracy {rm['final'].get('reward_model/accuracy', float('nan')):.2f}")
         for n in cfg.learned_reward_min_new_tokens:
             guard = {"min_new_tokens": n} if n else {}
             plan.append((f"ppo-learned-reward{f'-min{n}' if n else ''}", "ppo",
@@ -114,10 +128,11 @@ def _one_seed(cfg: StudyConfig, seed: int, out: Path, log, progress: bool) -> li
     plan_size = len(plan) + max(cfg.iterative_rounds - 1, 0)
     for i, (name, method, settings, cost_rm) in enumerate(plan, 1):
         log(f"seed {seed}, run {i}/{plan_size}: {name}")
-        run, cost = run_stage(task.train, out / name, base, method, pairs if method != "ppo" else None,
-                              train_prompts if method == "ppo" else None, sizes, child_log, progress, **settings)
+        rl = METHODS[method].trainer == "rl"
+        run, cost = run_stage(task.train, out / name, base, method, None if rl else pairs,
+                              train_prompts if rl else None, sizes, child_log, progress, **settings)
         # end to end: what this setting alone would have needed (README "How costs are counted")
-        before = [] if method == "ppo" and cost_rm is None else [cost_pairs] + ([cost_rm] if cost_rm else [])
+        before = [] if rl and cost_rm is None else [cost_pairs] + ([cost_rm] if cost_rm else [])
         trained.append((name, method, settings, run, cost, chain(*before, cost)))
     trained += _iterative(cfg, out, trained, train_prompts, sizes, child_log, progress, len(plan), plan_size, log)
     models = [(base, out / "base" / "eval")] + [(out / t[0] / "final", out / t[0] / "eval") for t in trained]

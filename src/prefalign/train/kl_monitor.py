@@ -7,8 +7,9 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 
+from ..config import Sampling
 from ..data import ReadOptions, load_prompts
-from ..models.generate import SamplingConfig, encode_prompt, generate
+from ..models.generate import encode_prompt, generate
 from ..models.kl import rollouts_kl
 
 
@@ -22,7 +23,7 @@ class KLMonitor:
                  batch_size: int = 16):
         self.policy, self.reference, self.tokenizer, self.every = policy, reference, tokenizer, every
         self.ids = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
-        self.sampling = SamplingConfig(max_new_tokens, 1.0, 0, 1.0)
+        self.sampling = Sampling(max_new_tokens=max_new_tokens)
         self.seed, self.device, self.autocast, self.chunk_mb = seed, device, autocast, chunk_mb
         self.reference_ctx, self.batch_size = reference_ctx, batch_size
 

@@ -26,14 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
+from ..errors import TrainingError
 from ..runtime.memory import peak_memory_bytes
 from .config import RunConfig
-
-Step = Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, float], int]]
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 @functools.lru_cache(maxsize=4)
@@ -127,7 +122,7 @@ class LoopResult:
     last: dict[str, float] = field(default_factory=dict)
 
 
-def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
+def mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
     keys = {k for m in items for k in m}
     out = {}
     for k in sorted(keys):
@@ -187,61 +182,86 @@ def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], Non
     return state
 
 
-def train_loop(cfg: RunConfig, model, n_examples: int, make_batch: Callable[[list[int]], dict[str, Tensor]],
-               step_fn: Step, device: torch.device, *, eval_fn: Callable[[], dict[str, float]] | None = None,
-               monitor=None, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
-    """`monitor` (train/kl_monitor.py) measures the exact KL to the reference on sampled completions."""
-    out = Path(cfg.output)
+class Update:
+    """One training method's step, driven by `train_loop`: offline methods take the next micro-batches,
+    compute the loss and step the optimizer (train/offline.py); RL collects a rollout and updates on
+    it (train/ppo.py). `position` counts the batches or rollouts consumed, so a resumed run continues
+    with the next one; `state`/`restore` carry anything else a checkpoint must hold."""
+
+    position: int = 0
+
+    def __call__(self, step: int, opt: Optimization) -> tuple[dict[str, float], int]:
+        """Run step `step`; returns (its metrics, the tokens it processed)."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Optimization:
+    """The loop's optimizer as an update sees it: `apply` steps on the accumulated gradients (clipped)
+    unless they are non-finite, `skip` records a step that cannot be taken. Both go through the one
+    NaN/Inf guard (BadSteps) and count `skipped`."""
+
+    def __init__(self, params: list, optimizer, max_grad_norm: float, guard: BadSteps):
+        self.params, self.optimizer, self.max_grad_norm, self.guard = params, optimizer, max_grad_norm, guard
+        self.skipped = 0
+
+    def apply(self, step: int, what: str = "step") -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self.guard.good()
+        else:
+            self.skip(step, f"non-finite gradient; {what} skipped")
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def skip(self, step: int, why: str) -> None:
+        self.skipped += 1
+        self.guard.bad(step, why)
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
+               eval_fn: Callable[[], dict[str, float]] | None = None, monitor=None,
+               log: Callable[[str], None] = print, progress: bool = True, label: str = "training") -> LoopResult:
+    """The one loop of every method: `update` runs each step; logging, the NaN/Inf policy,
+    checkpoints and resume, the KL budget, TensorBoard and the run's last row are here, once.
+    `monitor` (train/kl_monitor.py) measures the exact KL to the reference on sampled completions."""
     params, optimizer, scheduler = build_optimizer(cfg, model)
-    step, position, skipped = 0, 0, 0
+    guard = BadSteps(cfg.max_bad_steps, log)
+    opt, step = Optimization(params, optimizer, cfg.max_grad_norm, guard), 0
     state = resume(cfg, model, optimizer, scheduler, log)
     if state is not None:
-        step, position, skipped = state["step"], state["position"], state.get("skipped_steps", 0)
-    runlog = RunLog(out, step if state is not None else None)
-    budget, guard = KLBudget(cfg, log), BadSteps(cfg.max_bad_steps, log)
+        step, update.position, opt.skipped = state["step"], state["position"], state.get("skipped_steps", 0)
+        update.restore(state)
+    runlog, budget = RunLog(Path(cfg.output), step if state is not None else None), KLBudget(cfg, log)
     stopped, total_tokens, last = "max_steps", 0, {}
     t_start = time.perf_counter()
-    bar = progress_bar(cfg.max_steps, step, progress)
+    bar = progress_bar(cfg.max_steps, step, progress, label)
     model.train()
     try:
-        if eval_fn is not None and cfg.eval_every and step == 0:
+        if eval_fn is not None and getattr(cfg, "eval_every", 0) and step == 0:
             # the baseline: what the untrained model scores, logged as step 0
             runlog.write({"step": 0, **{f"eval/{k}": v for k, v in eval_fn().items()}})
             model.train()
         while step < cfg.max_steps:
             t0 = time.perf_counter()
-            items, tokens, finite = [], 0, True
-            for _ in range(cfg.grad_accum):
-                batch = make_batch(batch_indices(position, cfg.batch_size, n_examples, cfg.seed))
-                position += 1
-                loss, metrics, n_tok = step_fn({k: v.to(device) for k, v in batch.items()})
-                tokens += n_tok
-                if not torch.isfinite(loss):
-                    finite = False
-                    continue
-                (loss / cfg.grad_accum).backward()
-                items.append({"loss": float(loss.detach()), **metrics})
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if finite else torch.tensor(float("nan"))
-            if finite and torch.isfinite(grad_norm):
-                optimizer.step()
-                guard.good()
-            else:
-                skipped += 1
-            optimizer.zero_grad(set_to_none=True)
+            metrics, tokens = update(step + 1, opt)
             scheduler.step()
             step += 1
             seconds = time.perf_counter() - t0
             total_tokens += tokens
-            row = {"step": step, **_mean_metrics(items), "grad_norm": float(grad_norm),
-                   "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds,
-                   "step_seconds": seconds, "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": skipped}
-            if not (finite and torch.isfinite(grad_norm)):
-                try:
-                    guard.bad(step, f"non-finite {'loss' if not finite else 'gradient'}; step skipped")
-                except TrainingError:
-                    runlog.write(row)  # the last skipped step is on record before the run stops
-                    raise
-            if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
+            row = {"step": step, **metrics, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds,
+                   "step_seconds": seconds, "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": opt.skipped}
+            if guard.exceeded:
+                runlog.write(row)  # the last skipped step is on record before the run stops
+                raise TrainingError(guard.exceeded)
+            if eval_fn is not None and getattr(cfg, "eval_every", 0) and step % cfg.eval_every == 0:
                 row.update({f"eval/{k}": v for k, v in eval_fn().items()})
                 model.train()
             measured = monitor is not None and monitor.due(step, cfg.max_steps)
@@ -251,17 +271,33 @@ def train_loop(cfg: RunConfig, model, n_examples: int, make_batch: Callable[[lis
             if step % cfg.log_every == 0 or step == cfg.max_steps or measured:
                 runlog.write(row)
             last = row
-            update_bar(bar, step, f"loss {row.get('loss', float('nan')):.4f} {row['tokens_per_s']:.0f} tok/s")
+            update_bar(bar, step, _bar_text(row))
             if "kl/policy_ref_token" in row and budget.over(row["kl/policy_ref_token"], step):
                 stopped = "kl_budget"
-            if checkpoint_or_stop(cfg, step, position, model, optimizer, scheduler, {"skipped_steps": skipped},
-                                  stopped, log):
+            if checkpoint_or_stop(cfg, step, update.position, model, optimizer, scheduler,
+                                  {"skipped_steps": opt.skipped, **update.state()}, stopped, log):
                 break
     finally:
         if bar is not None:
             bar[0].stop()
         runlog.close()
-    return LoopResult(step, stopped, skipped, time.perf_counter() - t_start, total_tokens, last)
+    return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last)
+
+
+def _bar_text(row: dict[str, Any]) -> str:
+    if "ppo/reward" in row:
+        return f"reward {row['ppo/reward']:.3f} kl {row['ppo/kl']:.3f}"
+    return f"loss {row.get('loss', float('nan')):.4f} {row['tokens_per_s']:.0f} tok/s"
+
+
+def write_summary(out: Path, result: LoopResult, **fields: Any) -> dict[str, Any]:
+    """run.json: what every run reports (README "How costs are counted"), plus the trainer's `fields`."""
+    summary = {**fields, "steps": result.steps, "stopped": result.stopped, "skipped_steps": result.skipped_steps,
+               "wall_seconds": result.wall_seconds, "tokens": result.tokens,
+               "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,
+               "peak_memory_bytes": result.last.get("peak_memory_bytes"), "final": result.last}
+    (out / "run.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 class KLBudget:
@@ -281,11 +317,12 @@ class KLBudget:
 
 
 class BadSteps:
-    """The NaN/Inf guard of every trainer: a non-finite loss, gradient or reward skips the update and is
-    logged; `max_bad` of them in a row stop the run with a TrainingError."""
+    """The NaN/Inf guard of every method: a non-finite loss, gradient or reward skips the update and is
+    logged; `max_bad` of them in a row set `exceeded` (the reason), and the loop stops the run with a
+    TrainingError once the step's row is written."""
 
     def __init__(self, max_bad: int, log: Callable[[str], None]):
-        self.max_bad, self.log, self.in_a_row = max_bad, log, 0
+        self.max_bad, self.log, self.in_a_row, self.exceeded = max_bad, log, 0, ""
 
     def good(self) -> None:
         self.in_a_row = 0
@@ -294,8 +331,8 @@ class BadSteps:
         self.in_a_row += 1
         self.log(f"step {step}: {what} ({self.in_a_row} in a row)")
         if self.in_a_row >= self.max_bad:
-            raise TrainingError(f"{self.in_a_row} non-finite steps in a row (last: {what}); stopping. "
-                                "Lower the learning rate, check the data or the reward, or use fp32.")
+            self.exceeded = (f"{self.in_a_row} non-finite steps in a row (last: {what}); stopping. "
+                             "Lower the learning rate, check the data or the reward, or use fp32.")
 
 
 def checkpoint_or_stop(cfg: RunConfig, step: int, position: int, model, optimizer, scheduler, extra: dict,

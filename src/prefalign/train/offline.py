@@ -17,23 +17,25 @@ from torch import Tensor
 from ..config import dump_config
 from ..data import ReadOptions, load_records
 from ..data.batches import TokenizedData, collate, collate_packed, collate_shared_prompt, tokenize_records
-from ..losses.preference import METHODS, Method, with_nll
+from ..errors import ConfigError, DataError
+from ..losses.preference import rpo_nll
 from ..models.arch import block_mask_problem
 from ..models.load import add_lora, enable_checkpointing, is_peft, load_model, load_tokenizer_for, save_model
-from ..models.logprobs import batch_logps
+from ..models.logps import batch_logps
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
 from ..models.scalar import load_scalar_model, sequence_scores
 from ..runtime.determinism import disable_dropout
-from ..runtime.device import pick_device
+from ..runtime.device import set_up
 from ..runtime.memory import set_malloc_mmap_threshold
 from ..runtime.precision import autocast_for
-from .config import RunConfig, TrainConfig
+from .config import OfflineConfig, RunConfig
 from .kl_monitor import auto_every, build_monitor
-from .loop import LoopResult, train_loop
+from .loop import LoopResult, Optimization, Update, batch_indices, mean_metrics, train_loop, write_summary
+from .methods import METHODS, Method
 
 
-def choose_reference(cfg: TrainConfig, method: Method, n_examples: int) -> str | None:
-    if not method.needs_reference:
+def choose_reference(cfg: OfflineConfig, method: Method, n_examples: int) -> str | None:
+    if not method.reference:
         return None
     if cfg.reference != "auto":
         return cfg.reference
@@ -44,50 +46,45 @@ def choose_reference(cfg: TrainConfig, method: Method, n_examples: int) -> str |
     return "adapter" if cfg.lora else "copy"
 
 
-def _load_data(path: str, cfg: TrainConfig, tokenizer, method: Method, out: Path, name: str,
+def _load_data(path: str, cfg: OfflineConfig, tokenizer, method: Method, out: Path, name: str,
                log: Callable[[str], None]) -> TokenizedData:
     records, problems = load_records(path, ReadOptions(format=cfg.format))
     data = tokenize_records(tokenizer, records, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                            data=method.data)
+                            data=method.unit)
     problems += data.problems
     if problems:
         bad = out / f"{name}_problems.jsonl"
         bad.write_text("".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in problems))
         log(f"{path}: {len(problems)} bad records set aside (first: {problems[0]}); all listed in {bad}")
     if not data.examples:
-        raise ValueError(f"{path}: no usable records")
+        raise DataError(f"{path}: no usable records")
     log(f"{path}: {len(data)} examples, {data.truncated} truncated to max_length={cfg.max_length}")
     data.problems = problems
     return data
 
 
-def choose_layout(cfg: TrainConfig, model, method: Method) -> str:
+def choose_layout(cfg: OfflineConfig, model, method: Method) -> str:
     """"packed" (padding-free rows, asked for), "shared_prompt" (one row per pair) or "padded".
     Both row layouts need log-prob inputs and a model whose every layer honours the 4D mask: not
     Mamba, nor hybrids with Mamba layers (Jamba, Bamba, ...), whatever attention heads they have."""
     problem = block_mask_problem(model, cfg.max_length)
     if cfg.packing:
         if problem or method.inputs != "logps":
-            raise ValueError(f"packing needs a log-prob method (not reward) and a mask-honouring model: "
+            raise ConfigError(f"packing needs a log-prob method (not reward) and a mask-honouring model: "
                              f"{problem or cfg.method + ' scores sequences'}; use packing: false")
         return "packed"
     possible = method.paired and method.inputs == "logps" and problem is None
     if cfg.share_prompt is True and not possible:
-        raise ValueError(f"share_prompt: true needs paired log-prob data and a mask-honouring model: "
+        raise ConfigError(f"share_prompt: true needs paired log-prob data and a mask-honouring model: "
                          f"{problem or cfg.method + ' is not a paired log-prob method'}; use share_prompt: auto")
     share = possible if cfg.share_prompt == "auto" else bool(cfg.share_prompt)
     return "shared_prompt" if share else "padded"
 
 
-def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Callable):
-    method = METHODS[method_name]
-    loss_fn = method.loss
-    if cfg.rpo_alpha and method.paired:
-        loss_fn = with_nll(loss_fn, cfg.rpo_alpha)
-    hparams = dict(beta=cfg.beta, gamma=cfg.gamma, desirable_weight=cfg.desirable_weight,
-                   undesirable_weight=cfg.undesirable_weight, margin_scale=cfg.margin_scale)
-    if cfg.label_smoothing is not None:  # None: the method's own default (cdpo/robust: 0.1)
-        hparams["label_smoothing"] = cfg.label_smoothing
+def make_step(model, cfg: OfflineConfig, reference, autocast: Callable):
+    """One micro-batch -> (mean loss, metrics, tokens) for the config's method (train/methods.py)."""
+    method = METHODS[cfg.method]
+    rpo_alpha = getattr(cfg, "rpo_alpha", 0.0)  # paired methods only
 
     def step(batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float], int]:
         b = len(batch["index"])
@@ -96,14 +93,14 @@ def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Ca
         if method.inputs == "scores":  # a reward model: one scalar per sequence
             with autocast():
                 scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
-            loss, metrics = loss_fn(chosen_scores=scores[:b], rejected_scores=scores[b:],
-                                    margins=batch.get("margins"), **hparams)
+            loss, metrics = method.compute(dict(chosen_scores=scores[:b], rejected_scores=scores[b:],
+                                                margins=batch.get("margins")), cfg)
             return loss.mean(), {k: float(v.float().mean()) for k, v in metrics.items()}, tokens
         with autocast():
             logps = batch_logps(model, batch, cfg.logits_chunk_mb)  # (slots * B,)
         lengths = batch["lengths"].clamp(min=1)
         ref = reference.logps(batch).float() if reference is not None else None
-        if method.data == "completions":
+        if method.unit == "completions":
             tensors = dict(policy_logps=logps, lengths=lengths)
         elif method.paired:
             tensors = dict(policy_chosen_logps=logps[:b], policy_rejected_logps=logps[b:],
@@ -113,7 +110,11 @@ def make_step(model, method_name: str, cfg: TrainConfig, reference, autocast: Ca
         else:
             tensors = dict(policy_logps=logps[:b], ref_logps=ref[:b], labels=batch["labels"],
                            kl=(logps[b:] - ref[b:]).mean())
-        loss, metrics = loss_fn(**tensors, **hparams)
+        loss, metrics = method.compute(tensors, cfg)
+        if rpo_alpha:
+            nll = rpo_nll(logps[:b], lengths[:b])
+            metrics["nll/chosen"] = nll.detach()
+            loss = loss + rpo_alpha * nll
         out = {k: float(torch.nanmean(v.float())) for k, v in metrics.items()}
         logps_d = logps.detach()
         answer = "chosen" if method.paired else "completion"  # SFT and KTO score completions, not pairs
@@ -140,24 +141,16 @@ def start_run(cfg: RunConfig) -> tuple[Path, torch.device, Callable]:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    device = set_up(cfg)
     return out, device, autocast_for(cfg.precision, device)
 
 
-def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
+def run_offline(cfg: OfflineConfig, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
     out, device, autocast = start_run(cfg)
     method = METHODS[cfg.method]
 
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
-    if method.inputs == "scores":
-        model = load_scalar_model(cfg.model, pad_token_id=tokenizer.pad_token_id,
-                                  trust_remote_code=cfg.trust_remote_code, device=device)
-    else:
-        model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
-                           quantize_4bit=cfg.quantize_4bit)
-    disable_dropout(model)
-    enable_checkpointing(model, cfg.gradient_checkpointing)
+    model = _load(cfg, method, tokenizer, device)
     data = _load_data(cfg.data, cfg, tokenizer, method, out, "data", log)
     eval_data = _load_data(cfg.eval_data, cfg, tokenizer, method, out, "eval_data", log) if cfg.eval_data else None
 
@@ -165,18 +158,7 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
     reference = None
     if strategy == "copy":
         reference = CopyReference(model, autocast, cfg.logits_chunk_mb)  # before LoRA and before any update
-    watch = method.inputs == "logps" and auto_every(cfg.kl_every, cfg.max_steps, cfg.kl_budget) > 0
-    initial = None
-    if watch and strategy != "copy" and cfg.lora_settings is None:
-        # a full fine-tune with no reference model in memory: the monitor needs the starting weights,
-        # a second copy; held only when asked for (kl_every or kl_budget set), so costs stay honest
-        if cfg.kl_every is None and cfg.kl_budget is None:
-            watch = False
-            log("KL monitor off: a full fine-tune without a reference copy would hold one for it "
-                "(set kl_every to turn it on)")
-        else:
-            initial = copy.deepcopy(model).requires_grad_(False).eval()
-            log("KL monitor: holding a frozen copy of the initial model (model_copies counts it)")
+    watch, initial = _watch(cfg, method, strategy, model, log)
     if cfg.lora_settings is not None:
         model = add_lora(model, cfg.lora_settings, "SEQ_CLS" if method.inputs == "scores" else "CAUSAL_LM")
         if cfg.gradient_checkpointing:
@@ -204,23 +186,73 @@ def run_offline(cfg: TrainConfig, log: Callable[[str], None] = print, progress: 
         ref_model = reference.model if strategy == "copy" else initial if initial is not None else model
         ctx = model.disable_adapter if ref_model is model else nullcontext
         monitor = build_monitor(cfg, model, ref_model, ctx, tokenizer, cfg.eval_data or cfg.data, device, autocast, log)
-    step = make_step(model, cfg.method, cfg, reference, autocast)
-    result = train_loop(cfg, model, len(data), make_batch, step, device, eval_fn=eval_fn, monitor=monitor, log=log,
-                        progress=progress)
+    update = OfflineUpdate(cfg, make_batch, make_step(model, cfg, reference, autocast), len(data), device)
+    result = train_loop(cfg, model, update, device, eval_fn=eval_fn, monitor=monitor, log=log, progress=progress)
     if method.inputs == "scores" and is_peft(model):
         # a reward model is a judge for later runs: one standalone folder, not an adapter
         save_model(model.merge_and_unload(), tokenizer, out / "final")
     else:
         save_model(model, tokenizer, out / "final", base=cfg.model)
-    summary = {"method": cfg.method, "reference": strategy, "lora": is_peft(model), "steps": result.steps,
-               "stopped": result.stopped, "skipped_steps": result.skipped_steps,
-               "wall_seconds": result.wall_seconds, "tokens": result.tokens,
-               "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,
-               "peak_memory_bytes": result.last.get("peak_memory_bytes"),
-               "model_copies": 1 + (strategy == "copy") + (initial is not None), "final": result.last}
-    (out / "run.json").write_text(json.dumps(summary, indent=2))
+    write_summary(out, result, method=cfg.method, reference=strategy, lora=is_peft(model),
+                  model_copies=1 + (strategy == "copy") + (initial is not None))
     log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
     return result
+
+
+def _load(cfg: OfflineConfig, method: Method, tokenizer, device: torch.device):
+    """The model to train: a scalar head for reward models, else the causal LM; dropout off."""
+    if method.inputs == "scores":
+        model = load_scalar_model(cfg.model, pad_token_id=tokenizer.pad_token_id,
+                                  trust_remote_code=cfg.trust_remote_code, device=device)
+    else:
+        model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
+                           quantize_4bit=cfg.quantize_4bit)
+    disable_dropout(model)
+    enable_checkpointing(model, cfg.gradient_checkpointing)
+    return model
+
+
+def _watch(cfg: OfflineConfig, method: Method, strategy: str | None, model, log) -> tuple[bool, object]:
+    """(KL monitor on?, a frozen copy of the initial model when the monitor needs one, else None)."""
+    watch = method.inputs == "logps" and auto_every(cfg.kl_every, cfg.max_steps, cfg.kl_budget) > 0
+    if not watch or strategy == "copy" or cfg.lora_settings is not None:
+        return watch, None
+    # a full fine-tune with no reference model in memory: the monitor needs the starting weights, a
+    # second copy; held only when asked for (kl_every or kl_budget set), so costs stay honest
+    if cfg.kl_every is None and cfg.kl_budget is None:
+        log("KL monitor off: a full fine-tune without a reference copy would hold one for it "
+            "(set kl_every to turn it on)")
+        return False, None
+    log("KL monitor: holding a frozen copy of the initial model (model_copies counts it)")
+    return True, copy.deepcopy(model).requires_grad_(False).eval()
+
+
+class OfflineUpdate(Update):
+    """One optimizer step of an offline method: `grad_accum` micro-batches, each loss -> backward, then
+    the clipped step. A non-finite loss skips the whole step."""
+
+    def __init__(self, cfg: OfflineConfig, make_batch: Callable, step_fn: Callable, n_examples: int,
+                 device: torch.device):
+        self.cfg, self.make_batch, self.step_fn, self.n, self.device = cfg, make_batch, step_fn, n_examples, device
+
+    def __call__(self, step: int, opt: Optimization) -> tuple[dict[str, float], int]:
+        items, tokens, finite = [], 0, True
+        for _ in range(self.cfg.grad_accum):
+            batch = self.make_batch(batch_indices(self.position, self.cfg.batch_size, self.n, self.cfg.seed))
+            self.position += 1
+            loss, metrics, n_tok = self.step_fn({k: v.to(self.device) for k, v in batch.items()})
+            tokens += n_tok
+            if not torch.isfinite(loss):
+                finite = False
+                continue
+            (loss / self.cfg.grad_accum).backward()
+            items.append({"loss": float(loss.detach()), **metrics})
+        if finite:
+            grad_norm = opt.apply(step)
+        else:
+            opt.skip(step, "non-finite loss; step skipped")
+            grad_norm = float("nan")
+        return {**mean_metrics(items), "grad_norm": grad_norm}, tokens
 
 
 def in_order(data: TokenizedData, batch_size: int, collate_fn, device: torch.device):
@@ -243,7 +275,7 @@ def _evaluator(model, cfg, eval_data, strategy, autocast, device, collate_fn, tr
     if strategy == "precompute":
         # eval examples have their own table, computed once with the model as it is now (untrained)
         reference = _precompute(model, cfg, eval_data, collate_fn, device, autocast, "ref_logps_eval", lambda _: None)
-    step = make_step(model, cfg.method, cfg, reference, autocast)
+    step = make_step(model, cfg, reference, autocast)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:

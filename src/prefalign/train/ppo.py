@@ -30,36 +30,27 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ..config import Sampling
 from ..data import ReadOptions, load_prompts
 from ..data.records import text_of
+from ..errors import DataError
 from ..judges import RewardModelJudge, make_judge
-from ..losses import ppo as P
-from ..models.generate import SamplingConfig, encode_prompt, generate
+from ..losses import ppo as ppo_losses
+from ..models.generate import encode_prompt, generate
 from ..models.load import add_lora, is_peft, load_model, load_tokenizer_for, save_model
-from ..models.logprobs import completion_logps, states_kl
+from ..models.logps import completion_logps, states_kl
 from ..models.scalar import load_scalar_model, score_head
 from ..models.scalar import token_scores as critic_token_scores
 from ..runtime.determinism import disable_dropout
-from ..runtime.memory import peak_memory_bytes
 from .config import RLConfig
 from .kl_monitor import build_monitor
-from .loop import (
-    BadSteps,
-    KLBudget,
-    LoopResult,
-    RunLog,
-    batch_indices,
-    build_optimizer,
-    checkpoint_or_stop,
-    progress_bar,
-    resume,
-    update_bar,
-)
+from .loop import LoopResult, Optimization, Update, batch_indices, train_loop, write_summary
+from .methods import METHODS
 from .offline import start_run
 
 
@@ -106,14 +97,6 @@ class RunningMoments:
         self.count = total
 
 
-@dataclass
-class RLState:
-    step: int = 0
-    position: int = 0
-    skipped: int = 0
-    moments: RunningMoments = field(default_factory=RunningMoments)
-
-
 def _reference(cfg: RLConfig, policy):
     """(a context manager that makes the policy the reference, or a frozen copy, model copies held)."""
     strategy = cfg.reference if cfg.reference != "auto" else ("adapter" if cfg.lora else "copy")
@@ -145,22 +128,13 @@ def shape_scores(cfg: RLConfig, raw: Tensor, ended: Tensor, lengths: Tensor, mom
 
 def advantages(cfg: RLConfig, scores: Tensor, old: Tensor, ref: Tensor, values: Tensor | None, mask: Tensor,
                kl_coef: float) -> tuple[Tensor, Tensor | None]:
-    """(advantages (N, Tc), returns (N, Tc) for the critic or None) for the configured method."""
-    k = cfg.samples_per_prompt
-    # reward_k1 puts k1 in the reward; the loss_* penalties act in the loss (update step), not here
-    kl = P.kl_k1(old, ref) * mask if cfg.kl_penalty == "reward_k1" else torch.zeros_like(old)
-    if cfg.method == "ppo":
-        rewards = P.kl_shaped_rewards(scores, kl, mask, kl_coef)
-        adv, returns = P.gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        return (P.whiten(adv, mask) if cfg.whiten_advantages else adv), returns
-    if cfg.method == "rloo":
-        seq_adv = P.rloo_advantages(scores - kl_coef * kl.sum(-1), k)
-    else:  # grpo: the group-normalised (KL-shaped, with reward_k1) score
-        seq_adv = P.grpo_advantages(scores - kl_coef * kl.sum(-1), k)
-    adv = seq_adv[:, None] * mask  # every token of a completion shares its sequence's advantage
-    if cfg.method == "rloo" and cfg.whiten_advantages:
-        adv = P.whiten(adv, mask)
-    return adv, None
+    """(advantages (N, Tc), returns (N, Tc) for the critic or None): the method's estimator
+    (train/methods.py) on the scores, with k1 in the reward for reward_k1 (the loss_* penalties act in
+    the loss, in `minibatch_loss`)."""
+    kl = ppo_losses.kl_k1(old, ref) * mask if cfg.kl_penalty == "reward_k1" else torch.zeros_like(old)
+    spec = METHODS[cfg.method]
+    own = {k: getattr(cfg, k) for k in spec.hyperparameters if k != "kl_coef"}
+    return spec.advantages(scores, kl, values, mask, kl_coef=kl_coef, **own)
 
 
 def minibatch_loss(cfg: RLConfig, new: dict[str, Tensor], old: Tensor, ref: Tensor, adv: Tensor, mask: Tensor,
@@ -170,21 +144,17 @@ def minibatch_loss(cfg: RLConfig, new: dict[str, Tensor], old: Tensor, ref: Tens
     value loss where a critic learns `returns`, and kl_coef x the loss-side KL penalty (loss_k3,
     loss_full: `full_kl` is the exact per-position KL, differentiable). tests/test_kl_penalty.py
     enumerates outcomes through this function and `advantages`."""
-    loss, stats = P.clipped_policy_loss(new["logps"], old, adv, mask, cfg.clip_range)
+    loss, stats = ppo_losses.clipped_policy_loss(new["logps"], old, adv, mask, cfg.clip_range)
     row = {"ppo/policy_loss": loss.item(), **{f"ppo/{k}": float(v) for k, v in stats.items()}}
     if returns is not None:
-        vf_loss, vf_stats = P.clipped_value_loss(new["values"].float(), old_values, returns, mask, cfg.clip_range_value)
+        vf_loss, vf_stats = ppo_losses.clipped_value_loss(new["values"].float(), old_values, returns, mask, cfg.clip_range_value)
         loss = loss + cfg.vf_coef * vf_loss
         row.update({"ppo/value_loss": vf_loss.item(), "ppo/value_clipfrac": float(vf_stats["value_clipfrac"])})
     if cfg.kl_penalty != "reward_k1":
-        kl_term = P.masked_mean(P.kl_penalty_loss(cfg.kl_penalty, new["logps"], old, ref, mask, full_kl), mask)
+        kl_term = ppo_losses.masked_mean(ppo_losses.kl_penalty_loss(cfg.kl_penalty, new["logps"], old, ref, mask, full_kl), mask)
         loss = loss + kl_coef * kl_term
         row["ppo/kl_loss"] = kl_term.item()
     return loss, row
-
-
-def _extra(st: RLState, kl_ctl: P.KLController) -> dict:
-    return {"skipped_steps": st.skipped, "kl_coef": kl_ctl.value, "moments": st.moments.__dict__}
 
 
 def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
@@ -200,12 +170,41 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
     if cfg.lora_settings is not None:
         policy = add_lora(policy, cfg.lora_settings)
     judge = make_judge(cfg.reward, device)
+    ac = ActorCritic(policy, *_critic(cfg, policy, judge, tokenizer, device))
 
-    value_head, critic_model = None, None
-    if cfg.method == "ppo" and cfg.critic == "value_head":
+    prompts, problems = load_prompts(cfg.prompts, ReadOptions(format=cfg.format))
+    if problems:
+        (out / "prompts_problems.jsonl").write_text("".join(json.dumps(p.to_json()) + "\n" for p in problems))
+        log(f"{cfg.prompts}: {len(problems)} bad rows set aside (first: {problems[0]})")
+    if not prompts:
+        raise DataError(f"{cfg.prompts}: no usable prompts")
+    feed_ids = isinstance(judge, RewardModelJudge) and judge.shares_vocab(tokenizer)
+    copies = 1 + (ref_model is not None) + (ac.critic_model is not None) + (judge.kind == "reward_model")
+    critic = "value head" if ac.value_head is not None else "model" if ac.critic_model is not None else "none"
+    log(f"method {cfg.method}, {len(prompts)} prompts, reference {strategy}, critic {critic}, "
+        f"reward {judge.kind}{' (on the sampled ids)' if feed_ids else ''}, "
+        f"{'LoRA' if is_peft(policy) else 'full fine-tune'}, {copies} model copies, device {device.type}")
+
+    iteration = Iteration(cfg, ac, ref_model, tokenizer, judge, prompts, feed_ids, device, autocast)
+    monitor = build_monitor(cfg, policy, ref_model if ref_model is not None else policy,
+                            nullcontext if ref_model is not None else policy.disable_adapter, tokenizer,
+                            cfg.prompts, device, autocast, log)
+    result = train_loop(cfg, ac, iteration, device, monitor=monitor, log=log, progress=progress, label=cfg.method)
+    save_model(policy, tokenizer, out / "final", base=cfg.model)
+    write_summary(out, result, method=cfg.method, reference=strategy, lora=is_peft(policy), model_copies=copies,
+                  reward=judge.kind)
+    log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
+    return result
+
+
+def _critic(cfg: RLConfig, policy, judge, tokenizer, device) -> tuple[nn.Module | None, nn.Module | None]:
+    """(value head, critic model): PPO's critic; RLOO and GRPO have none."""
+    critic = getattr(cfg, "critic", None)
+    if critic == "value_head":
         value_head = nn.Linear(policy.config.get_text_config().hidden_size, 1).to(device)
         nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)  # V = 0 until it learns
-    elif cfg.method == "ppo":
+        return value_head, None
+    if critic == "model":
         # a second model; from the reward model when there is one (InstructGPT), else from the policy
         source = judge.model_path if isinstance(judge, RewardModelJudge) else cfg.model
         critic_model = load_scalar_model(source, pad_token_id=tokenizer.pad_token_id, device=device)
@@ -213,186 +212,132 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
         if cfg.lora_settings is not None:
             critic_model = add_lora(critic_model, cfg.lora_settings, "SEQ_CLS")
         score_head(critic_model).requires_grad_(True)
-    ac = ActorCritic(policy, value_head, critic_model)
+        return None, critic_model
+    return None, None
 
-    prompts, problems = load_prompts(cfg.prompts, ReadOptions(format=cfg.format))
-    if problems:
-        (out / "prompts_problems.jsonl").write_text("".join(json.dumps(p.to_json()) + "\n" for p in problems))
-        log(f"{cfg.prompts}: {len(problems)} bad rows set aside (first: {problems[0]})")
-    if not prompts:
-        raise ValueError(f"{cfg.prompts}: no usable prompts")
-    prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-    feed_ids = isinstance(judge, RewardModelJudge) and judge.shares_vocab(tokenizer)
-    copies = 1 + (ref_model is not None) + (critic_model is not None) + (judge.kind == "reward_model")
-    log(f"method {cfg.method}, {len(prompts)} prompts, reference {strategy}, critic "
-        f"{'value head' if value_head is not None else 'model' if critic_model is not None else 'none'}, "
-        f"reward {judge.kind}{' (on the sampled ids)' if feed_ids else ''}, "
-        f"{'LoRA' if is_peft(policy) else 'full fine-tune'}, {copies} model copies, device {device.type}")
 
-    params, optimizer, scheduler = build_optimizer(cfg, ac)
-    st, kl_ctl = RLState(), P.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    saved = resume(cfg, ac, optimizer, scheduler, log)
-    if saved is not None:
-        st = RLState(saved["step"], saved["position"], saved.get("skipped_steps", 0), RunningMoments(**saved["moments"]))
-        kl_ctl.value = saved["kl_coef"]
-    runlog = RunLog(out, st.step if saved is not None else None)
-    bar = progress_bar(cfg.max_steps, st.step, progress, cfg.method)
-    t_start, total_tokens, last, stopped = time.perf_counter(), 0, {}, "max_steps"
-    budget, guard = KLBudget(cfg, log), BadSteps(cfg.max_bad_steps, log)
-    monitor = build_monitor(cfg, policy, ref_model if ref_model is not None else policy,
-                            nullcontext if ref_model is not None else policy.disable_adapter, tokenizer,
-                            cfg.prompts, device, autocast, log)
+class Iteration(Update):
+    """One PPO/RLOO/GRPO iteration, the phases of the module docstring in order; `train_loop` runs it."""
 
-    ref_net = ref_model if ref_model is not None else policy
-    ref_ctx = (lambda: policy.disable_adapter()) if ref_model is None else nullcontext  # noqa: E731
+    def __init__(self, cfg: RLConfig, ac: ActorCritic, ref_model, tokenizer, judge, prompts: list, feed_ids: bool,
+                 device: torch.device, autocast):
+        self.cfg, self.ac, self.tokenizer, self.judge, self.prompts = cfg, ac, tokenizer, judge, prompts
+        self.feed_ids, self.device, self.autocast = feed_ids, device, autocast
+        self.prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
+        self.sampling = Sampling.of(cfg)
+        self.moments, self.kl_ctl = RunningMoments(), ppo_losses.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        policy = ac.policy
+        self.ref_net = ref_model if ref_model is not None else policy
+        # the reference is a frozen copy, or the policy with its adapters switched off
+        self.ref_ctx = nullcontext if ref_model is not None else policy.disable_adapter
 
-    def reference_pass(rows: dict[str, Tensor], n_prompt: int) -> tuple[Tensor, Tensor | None]:
+    def state(self) -> dict:
+        return {"kl_coef": self.kl_ctl.value, "moments": self.moments.__dict__}
+
+    def restore(self, state: dict) -> None:
+        self.kl_ctl.value, self.moments = state["kl_coef"], RunningMoments(**state["moments"])
+
+    def __call__(self, step: int, opt: Optimization) -> tuple[dict[str, float], int]:
+        # one function on purpose (82 lines): the iteration reads top to bottom in the numbered phases
+        # of the module docstring, as CleanRL's ppo.py does; splitting it would scatter the story
+        cfg, ac, device = self.cfg, self.ac, self.device
+        # ---- 1. rollout
+        t0 = time.perf_counter()
+        idx = batch_indices(self.position, cfg.batch_size, len(self.prompts), cfg.seed)
+        self.position += 1
+        rows_idx = [i for i in idx for _ in range(cfg.samples_per_prompt)]  # k consecutive samples per prompt
+        roll = generate(ac.policy, self.tokenizer, [self.prompt_ids[i] for i in rows_idx], self.sampling,
+                        device=device, autocast=self.autocast,
+                        prompt_texts=[text_of(self.prompts[i]) for i in rows_idx])
+        all_rows = roll.select(torch.arange(len(rows_idx)))
+        mask = roll.completion_mask.float()
+
+        # ---- 2. score (once per completion, on the sampled ids when the reward model shares the vocabulary)
+        if self.feed_ids:
+            raw = self.judge.score_ids(roll.input_ids, roll.attention_mask).float().to(device)
+        else:
+            raw = torch.tensor(self.judge.score([self.prompts[i] for i in rows_idx], roll.completion_texts),
+                               device=device)
+        if not torch.isfinite(raw).all():
+            # a judge that returned NaN/Inf: no advantage can be built from it
+            opt.skip(step, f"{int((~torch.isfinite(raw)).sum())} non-finite rewards; rollout skipped")
+            return {}, 0
+        scores = shape_scores(cfg, raw, roll.ended.to(device), mask.sum(-1), self.moments)
+
+        # ---- 3. the no-grad pass: old log-probs, entropy, values; reference log-probs
+        with torch.no_grad():
+            ac.eval()
+            with self.autocast():
+                fwd = ac.forward_rows(all_rows, roll.n_prompt, cfg, entropy=True)
+            old, entropy = fwd["logps"], fwd["entropy"]
+            old_values = fwd["values"].float() * mask if "values" in fwd else None
+            ref, ref_states = self.reference_pass(all_rows, roll.n_prompt)
+            k1, k3 = ppo_losses.kl_k1(old, ref) * mask, ppo_losses.kl_k3(old, ref) * mask
+
+            # ---- 4. advantages
+            adv, returns = advantages(cfg, scores, old, ref, old_values, mask, self.kl_ctl.value)
+        rollout_seconds = time.perf_counter() - t0
+
+        # ---- 5. update: ppo_epochs passes of num_minibatches clipped steps
+        t1 = time.perf_counter()
+        ac.train()
+        stats = []
+        for _ in range(cfg.ppo_epochs):
+            for mb in torch.randperm(len(rows_idx)).chunk(cfg.num_minibatches):
+                mb_dev = mb.to(device)
+                rows, m = roll.select(mb), mask[mb_dev]
+                with self.autocast():
+                    new = ac.forward_rows(rows, roll.n_prompt, cfg, hidden=cfg.kl_penalty == "loss_full")
+                full = self.exact_kl(new, m, mb_dev, mask, ref_states) if cfg.kl_penalty == "loss_full" else None
+                loss, row = minibatch_loss(
+                    cfg, new, old[mb_dev], ref[mb_dev], adv[mb_dev], m, self.kl_ctl.value, full,
+                    None if returns is None else old_values[mb_dev], None if returns is None else returns[mb_dev])
+                if not torch.isfinite(loss):
+                    opt.skip(step, "non-finite loss; update skipped")
+                    continue
+                loss.backward()
+                skipped = opt.skipped
+                grad_norm = opt.apply(step, "update")
+                if opt.skipped == skipped:
+                    stats.append({"loss": loss.item(), "grad_norm": grad_norm, **row})
+        update_seconds = time.perf_counter() - t1
+
+        # ---- 6. the KL coefficient
+        # the adaptive controller follows k3: unbiased like k1 on samples from the policy, and never negative
+        kl_seq = k3.sum(-1)
+        self.kl_ctl.update(float(kl_seq.mean()), len(rows_idx))
+        metrics = {
+            **{k: sum(s[k] for s in stats) / len(stats) for k in (stats[0] if stats else {})},
+            "ppo/reward": float(raw.mean()), "ppo/reward_std": float(raw.std()) if len(rows_idx) > 1 else 0.0,
+            "ppo/score": float(scores.mean()),
+            "ppo/kl": float(kl_seq.mean()), "ppo/kl_k1": float(k1.sum(-1).mean()), "ppo/kl_k3": float(kl_seq.mean()),
+            "ppo/entropy": float(ppo_losses.masked_mean(entropy, mask)), "ppo/kl_coef": self.kl_ctl.value,
+            "ppo/completion_length": float(mask.sum(-1).mean()), "ppo/eos_rate": float(roll.ended.float().mean()),
+            "ppo/rollout_seconds": rollout_seconds, "ppo/update_seconds": update_seconds,
+            "ppo/generation_tokens_per_s": roll.tokens_per_s,
+        }
+        if returns is not None:
+            metrics["ppo/value_explained_var"] = ppo_losses.explained_variance(old_values, returns, mask)
+        return metrics, int(roll.attention_mask.sum())
+
+    def reference_pass(self, rows: dict[str, Tensor], n_prompt: int) -> tuple[Tensor, Tensor | None]:
         """The reference's log-probs (N, Tc) and, for loss_full, its states at the completion positions."""
         args = (rows["input_ids"], rows["attention_mask"], n_prompt, rows["completion_mask"])
-        full = cfg.kl_penalty == "loss_full"
-        with ref_ctx(), autocast():
-            out = completion_logps(ref_net, *args, chunk_mb=cfg.logits_chunk_mb, temperature=cfg.temperature,
-                                   hidden_out=full)
+        full = self.cfg.kl_penalty == "loss_full"
+        with self.ref_ctx(), self.autocast():
+            out = completion_logps(self.ref_net, *args, chunk_mb=self.cfg.logits_chunk_mb,
+                                   temperature=self.cfg.temperature, hidden_out=full)
         states = out["hidden"][rows["completion_mask"].bool()].float() if full else None  # (N, H) row-major
         return out["logps"], states
 
-    def exact_kl(new: dict[str, Tensor], m: Tensor, mb: Tensor, mask: Tensor, ref_states: Tensor) -> Tensor:
+    def exact_kl(self, new: dict[str, Tensor], m: Tensor, mb: Tensor, mask: Tensor, ref_states: Tensor) -> Tensor:
         """(B_mb, Tc) exact KL(pi || pi_ref) per completion position of a minibatch, differentiable in
         the policy. ref_states holds the reference's states of the whole rollout, row-major over its
         completion mask; `slot` finds each minibatch position's row there."""
-        slot = torch.zeros(mask.shape, dtype=torch.long, device=device)
-        slot[mask.bool()] = torch.arange(int(mask.sum()), device=device)
+        slot = torch.zeros(mask.shape, dtype=torch.long, device=self.device)
+        slot[mask.bool()] = torch.arange(int(mask.sum()), device=self.device)
         sel = m.bool()
-        with ref_ctx():  # the reference's own head (LoRA never adapts the head)
-            flat = states_kl(policy, new["hidden"][sel].float(), ref_net, ref_states[slot[mb][sel]],
-                             chunk_mb=cfg.logits_chunk_mb, temperature=cfg.temperature)
+        with self.ref_ctx():  # the reference's own head (LoRA never adapts the head)
+            flat = states_kl(self.ac.policy, new["hidden"][sel].float(), self.ref_net, ref_states[slot[mb][sel]],
+                             chunk_mb=self.cfg.logits_chunk_mb, temperature=self.cfg.temperature)
         return torch.zeros_like(m).index_put(sel.nonzero(as_tuple=True), flat)
-
-    try:
-        while st.step < cfg.max_steps:
-            # ---- 1. rollout
-            t0 = time.perf_counter()
-            idx = batch_indices(st.position, cfg.batch_size, len(prompts), cfg.seed)
-            st.position += 1
-            rows_idx = [i for i in idx for _ in range(cfg.samples_per_prompt)]  # k consecutive samples per prompt
-            roll = generate(policy, tokenizer, [prompt_ids[i] for i in rows_idx], sampling, device=device,
-                            autocast=autocast, prompt_texts=[text_of(prompts[i]) for i in rows_idx])
-            all_rows = roll.select(torch.arange(len(rows_idx)))
-            mask = roll.completion_mask.float()
-
-            # ---- 2. score (once per completion, on the sampled ids when the reward model shares the vocabulary)
-            if feed_ids:
-                raw = judge.score_ids(roll.input_ids, roll.attention_mask).float().to(device)
-            else:
-                raw = torch.tensor(judge.score([prompts[i] for i in rows_idx], roll.completion_texts), device=device)
-            if not torch.isfinite(raw).all():
-                # a judge that returned NaN/Inf: no advantage can be built from it; skip the rollout
-                guard.bad(st.step + 1, f"{int((~torch.isfinite(raw)).sum())} non-finite rewards; rollout skipped")
-                st.skipped += 1
-                st.step += 1
-                scheduler.step()
-                runlog.write({"step": st.step, "skipped_steps": st.skipped})
-                if checkpoint_or_stop(cfg, st.step, st.position, ac, optimizer, scheduler, _extra(st, kl_ctl),
-                                      stopped, log):
-                    break
-                continue
-            scores = shape_scores(cfg, raw, roll.ended.to(device), mask.sum(-1), st.moments)
-
-            # ---- 3. the no-grad pass: old log-probs, entropy, values; reference log-probs
-            with torch.no_grad():
-                ac.eval()
-                with autocast():
-                    fwd = ac.forward_rows(all_rows, roll.n_prompt, cfg, entropy=True)
-                old, entropy = fwd["logps"], fwd["entropy"]
-                old_values = fwd["values"].float() * mask if "values" in fwd else None
-                ref, ref_states = reference_pass(all_rows, roll.n_prompt)
-                k1, k3 = P.kl_k1(old, ref) * mask, P.kl_k3(old, ref) * mask
-
-                # ---- 4. advantages
-                adv, returns = advantages(cfg, scores, old, ref, old_values, mask, kl_ctl.value)
-            rollout_seconds = time.perf_counter() - t0
-
-            # ---- 5. update
-            t1 = time.perf_counter()
-            ac.train()
-            n_rows, stats, skipped_now = len(rows_idx), [], 0
-            for _ in range(cfg.ppo_epochs):
-                order = torch.randperm(n_rows)
-                for mb in order.chunk(cfg.num_minibatches):
-                    mb_dev = mb.to(device)
-                    rows, m = roll.select(mb), mask[mb_dev]
-                    with autocast():
-                        new = ac.forward_rows(rows, roll.n_prompt, cfg, hidden=cfg.kl_penalty == "loss_full")
-                    full = exact_kl(new, m, mb_dev, mask, ref_states) if cfg.kl_penalty == "loss_full" else None
-                    loss, row = minibatch_loss(
-                        cfg, new, old[mb_dev], ref[mb_dev], adv[mb_dev], m, kl_ctl.value, full,
-                        None if returns is None else old_values[mb_dev], None if returns is None else returns[mb_dev])
-                    grad_norm = torch.tensor(float("nan"))
-                    if torch.isfinite(loss):
-                        loss.backward()
-                        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer_stepped = bool(torch.isfinite(grad_norm))
-                    if optimizer_stepped:
-                        optimizer.step()
-                        guard.good()
-                    else:
-                        skipped_now += 1
-                        what = "loss" if not torch.isfinite(loss) else "gradient"
-                        guard.bad(st.step + 1, f"non-finite {what}; update skipped")
-                    optimizer.zero_grad(set_to_none=True)
-                    if optimizer_stepped:
-                        stats.append({"loss": loss.item(), "grad_norm": float(grad_norm), **row})
-            scheduler.step()
-            update_seconds = time.perf_counter() - t1
-            st.skipped += skipped_now
-
-            # ---- 6. the KL coefficient, bookkeeping
-            # the adaptive controller follows k3: unbiased like k1 on samples from the policy, and never negative
-            kl_seq = k3.sum(-1)
-            kl_ctl.update(float(kl_seq.mean()), n_rows)
-            st.step += 1
-            tokens = int(roll.attention_mask.sum())
-            total_tokens += tokens
-            seconds = rollout_seconds + update_seconds
-            metrics = {
-                "step": st.step, **{k: sum(s[k] for s in stats) / len(stats) for k in (stats[0] if stats else {})},
-                "ppo/reward": float(raw.mean()), "ppo/reward_std": float(raw.std()) if n_rows > 1 else 0.0,
-                "ppo/score": float(scores.mean()),
-                "ppo/kl": float(kl_seq.mean()), "ppo/kl_k1": float(k1.sum(-1).mean()),
-                "ppo/kl_k3": float(k3.sum(-1).mean()),
-                "ppo/entropy": float(P.masked_mean(entropy, mask)), "ppo/kl_coef": kl_ctl.value,
-                "ppo/completion_length": float(mask.sum(-1).mean()), "ppo/eos_rate": float(roll.ended.float().mean()),
-                "ppo/rollout_seconds": rollout_seconds, "ppo/update_seconds": update_seconds,
-                "ppo/generation_tokens_per_s": roll.tokens_per_s, "tokens_per_s": tokens / seconds,
-                "step_seconds": seconds, "learning_rate": scheduler.get_last_lr()[0],
-                "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": st.skipped,
-            }
-            if returns is not None:
-                metrics["ppo/value_explained_var"] = P.explained_variance(old_values, returns, mask)
-            measured = monitor is not None and monitor.due(st.step, cfg.max_steps)
-            if measured:
-                metrics.update(monitor.measure())
-            if st.step % cfg.log_every == 0 or st.step == cfg.max_steps or measured:
-                runlog.write(metrics)
-            last = metrics
-            update_bar(bar, st.step, f"reward {metrics['ppo/reward']:.3f} kl {metrics['ppo/kl']:.3f}")
-            if "kl/policy_ref_token" in metrics and budget.over(metrics["kl/policy_ref_token"], st.step):
-                stopped = "kl_budget"
-            if checkpoint_or_stop(cfg, st.step, st.position, ac, optimizer, scheduler, _extra(st, kl_ctl), stopped, log):
-                break
-    finally:
-        if bar is not None:
-            bar[0].stop()
-        runlog.close()
-
-    save_model(policy, tokenizer, out / "final", base=cfg.model)
-    result = LoopResult(st.step, stopped, st.skipped, time.perf_counter() - t_start, total_tokens, last)
-    summary = {"method": cfg.method, "reference": strategy, "lora": is_peft(policy), "steps": result.steps,
-               "stopped": result.stopped, "skipped_steps": result.skipped_steps, "wall_seconds": result.wall_seconds,
-               "tokens": result.tokens, "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,
-               "peak_memory_bytes": last.get("peak_memory_bytes"), "model_copies": copies,
-               "reward": judge.kind, "final": last}
-    (out / "run.json").write_text(json.dumps(summary, indent=2))
-    log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
-    return result

@@ -1,6 +1,6 @@
 """`prefalign recipe FILE.yaml`: named training stages run in order, a later stage reading an earlier
-one's result as `${name}` (its final/ folder). The hybrid the seeds recommend for hard cases is
-DPO first, then PPO starting from (and anchored to) the DPO model:
+one's result as `${name}` (its final/ folder). For example DPO first, then PPO starting from (and
+anchored to) the DPO model:
     output: runs/hybrid
     stages:
       dpo: {method: dpo, model: base/, data: pairs.jsonl, lora: true}
@@ -18,10 +18,9 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, apply_overrides, load_config
-from .config import RL_METHODS, RLConfig, TrainConfig
-from .offline import run_offline
-from .ppo import run_rl
+from ..config import ConfigError, apply_overrides
+from .methods import train_config
+from .run import train
 
 REF = re.compile(r"\$\{(\w[\w-]*)\}")
 
@@ -54,11 +53,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[P
             raise ConfigError(f"{path}: stage {name}: expected a mapping of train config keys")
         data = {k: _resolve(v, finals, name) for k, v in stage.items()}
         data.setdefault("output", str(out / name))
-        model = RLConfig if data.get("method") in RL_METHODS else TrainConfig
-        try:
-            stages.append((name, load_config(model, base=data)))
-        except ConfigError as e:
-            raise ConfigError(f"{path}: stage {name}: {e}") from None
+        stages.append((name, train_config(data, f"{path}: stage {name}")))
         finals[name] = str(Path(data["output"]) / "final")
     return out, stages
 
@@ -69,8 +64,7 @@ def run_recipe(path: str | Path, overrides: list[str] | None = None, log=print, 
     summary = {}
     for name, cfg in stages:
         log(f"stage {name}: {cfg.method} -> {cfg.output}")
-        runner = run_rl if cfg.method in ("ppo", "rloo", "grpo") else run_offline
-        result = runner(cfg, log=log, progress=progress)
+        result = train(cfg, log=log, progress=progress)
         summary[name] = {"method": cfg.method, "output": cfg.output, "steps": result.steps,
                          "wall_seconds": result.wall_seconds, "final": result.last}
     (out / "recipe.json").write_text(json.dumps(summary, indent=2))

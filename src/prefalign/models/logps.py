@@ -53,6 +53,16 @@ def _scored_logps(model, hidden: Tensor, y: Tensor, chunk_mb: float, temperature
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def kl_from_logps(logp: Tensor, logq: Tensor) -> Tensor:
+    """(..., V) log-softmaxes -> (...): the exact KL(p || q) = sum_v p(v) (log p(v) - log q(v))."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def entropy_from_logps(logp: Tensor) -> Tensor:
+    """(..., V) log-softmax -> (...): the entropy -sum_v p(v) log p(v)."""
+    return -(logp.exp() * logp).sum(-1)
+
+
 @torch.no_grad()
 def _scored_entropy(model, hidden: Tensor, chunk_mb: float, temperature: float = 1.0) -> Tensor:
     """Entropy of the (tempered) next-token distribution at N states, chunked: (N, H) -> (N,)."""
@@ -60,7 +70,7 @@ def _scored_entropy(model, hidden: Tensor, chunk_mb: float, temperature: float =
     pieces = []
     for a, b in spans:
         logp = torch.log_softmax(_chunk_logits(hidden[a:b], head, softcap, temperature), -1)
-        pieces.append(-(logp.exp() * logp).sum(-1))
+        pieces.append(entropy_from_logps(logp))
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -133,7 +143,7 @@ def _chunk_kl(hp: Tensor, hq: Tensor, head_p, softcap_p, head_q, softcap_q, temp
     logp = torch.log_softmax(_chunk_logits(hp, head_p, softcap_p, temperature), -1)  # (n, V)
     with torch.no_grad():
         logq = torch.log_softmax(_chunk_logits(hq, head_q, softcap_q, temperature), -1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+    return kl_from_logps(logp, logq)
 
 
 def states_kl(policy, states_p: Tensor, reference, states_q: Tensor, *, chunk_mb: float = 128.0,

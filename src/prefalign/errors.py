@@ -1,0 +1,44 @@
+"""One error hierarchy. A `PrefalignError` is a problem prefalign explains in one line (the file, line or
+key, and what to do); the CLI prints it and exits 2 for what was asked (config, data, model, judge) or
+1 for a run that failed. Anything else is a bug and keeps its traceback.
+
+Each class also derives from the builtin it replaces, so `except ValueError` callers keep working.
+"""
+
+from __future__ import annotations
+
+
+class PrefalignError(Exception):
+    exit_code = 1
+
+
+class ConfigError(PrefalignError, ValueError):
+    """A configuration or usage problem, worded for whoever wrote the YAML, the override or the flag."""
+
+    exit_code = 2
+
+
+class DataError(PrefalignError, ValueError):
+    """Input data that cannot be used: names the file, line and field."""
+
+    exit_code = 2
+
+
+class ModelError(PrefalignError, ValueError):
+    """A model folder that cannot be loaded safely or does not fit the method."""
+
+    exit_code = 2
+
+
+class JudgeError(ConfigError):
+    """A reward or judge specification that does not resolve to something that scores."""
+
+
+class ScorerMissing(PrefalignError, ImportError):
+    """An optional scorer's package is not installed."""
+
+    exit_code = 2
+
+
+class TrainingError(PrefalignError, RuntimeError):
+    """A run that had to stop (non-finite steps, ...); its last checkpoint is kept."""

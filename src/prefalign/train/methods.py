@@ -1,0 +1,250 @@
+"""The method registry: every training method, one entry each, and the only place methods are told apart.
+
+An entry carries the method's config class (its own hyperparameters, with the paper's defaults), its
+data unit, its loss (offline) or advantage estimator (RL), where the KL to the reference enters, whether
+it needs a reference, and which trainer runs it. The CLI, recipes, tasks, the bench and both trainers
+look methods up here.
+
+A loss's keyword-only parameters are exactly its method's hyperparameters, spelled as the config's
+fields (tests/test_methods.py checks both ways). Adding a DPO variant: one pure function in
+losses/preference.py, a config class below when it has hyperparameters of its own, one line in
+METHODS, and a test of the loss.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from ..config import ConfigError, apply_overrides, load_config, read_mapping
+from ..losses import ppo as ppo_losses
+from ..losses import preference as pref
+from .config import GroupConfig, OfflineConfig, ReferenceConfig, RLConfig, RunConfig
+
+# ---------------------------------------------------------------- per-method configs
+
+
+class Rpo(OfflineConfig):
+    rpo_alpha: float = Field(0.0, ge=0, description="RPO (Pang et al. 2024): weight of the chosen answer's NLL")
+
+
+class DPO(ReferenceConfig, Rpo):
+    """DPO (Rafailov et al. 2023); with label_smoothing > 0, conservative DPO (Mitchell 2023)."""
+
+    method: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0, description="beta: how far the policy may move from the reference")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed label-flip rate eps (cDPO)")
+
+
+class CDPO(DPO):
+    """Conservative DPO (Mitchell 2023): DPO that assumes a share of the labels are flipped."""
+
+    method: Literal["cdpo"] = "cdpo"
+    label_smoothing: float = Field(0.1, ge=0, lt=0.5, description="assumed label-flip rate eps")
+
+
+class Robust(DPO):
+    """Robust DPO (Chowdhury et al. 2024): unbiased under label-flip rate eps < 1/2."""
+
+    method: Literal["robust"] = "robust"
+    label_smoothing: float = Field(0.1, ge=0, lt=0.5, description="label-flip rate eps of the data")
+
+
+class IPO(ReferenceConfig, Rpo):
+    """IPO (Azar et al. 2023): squared loss towards a margin of 1/(2 tau), tau = beta."""
+
+    method: Literal["ipo"] = "ipo"
+    beta: float = Field(0.1, gt=0, description="tau: the regularisation (target margin 1/(2 tau))")
+
+
+class Hinge(ReferenceConfig, Rpo):
+    """SLiC calibration (Zhao et al. 2023): a hinge on the reference-normalised margin."""
+
+    method: Literal["hinge"] = "hinge"
+    beta: float = Field(0.1, gt=0, description="scale of the margin inside the hinge")
+
+
+class SimPO(Rpo):
+    """SimPO (Meng et al. 2024): reference-free, length-normalised, with a target margin."""
+
+    method: Literal["simpo"] = "simpo"
+    beta: float = Field(2.0, gt=0, description="scale of the length-normalised reward")
+    simpo_gamma: float = Field(0.5, description="gamma: target reward margin")
+
+
+class ORPO(Rpo):
+    """ORPO (Hong et al. 2024): NLL plus lambda times the odds-ratio loss; reference-free."""
+
+    method: Literal["orpo"] = "orpo"
+    beta: float = Field(0.1, gt=0, description="lambda: weight of the odds-ratio term")
+
+
+class KTO(ReferenceConfig):
+    """KTO (Ethayarajh et al. 2024) on unpaired examples labelled desirable or undesirable."""
+
+    method: Literal["kto"] = "kto"
+    beta: float = Field(0.1, gt=0, description="beta: sharpness of the value function")
+    desirable_weight: float = Field(1.0, gt=0, description="lambda_D")
+    undesirable_weight: float = Field(1.0, gt=0, description="lambda_U")
+
+
+class SFT(OfflineConfig):
+    """Supervised fine-tuning on completions (token-mean NLL)."""
+
+    method: Literal["sft"] = "sft"
+
+
+class Reward(OfflineConfig):
+    """A Bradley-Terry reward model (Ouyang et al. 2022) on a scalar head."""
+
+    method: Literal["reward"] = "reward"
+    margin_scale: float = Field(0.0, ge=0, description="subtract this times each pair's known margin (Llama 2)")
+
+
+class PPO(RLConfig):
+    """PPO with a critic and GAE (Schulman et al. 2017; Ouyang et al. 2022)."""
+
+    method: Literal["ppo"] = "ppo"
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    clip_range_value: float = Field(0.2, gt=0, description="value clipping epsilon")
+    gae_gamma: float = Field(1.0, ge=0, le=1, description="GAE discount gamma")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    critic: Literal["value_head", "model"] = Field(
+        "value_head", description="a value head on the policy trunk, or a second (scalar) model")
+    whiten_advantages: bool = Field(True, description="normalise advantages per rollout")
+
+
+class RLOO(GroupConfig):
+    """RLOO (Ahmadian et al. 2024): the k samples' leave-one-out mean is the baseline; no critic."""
+
+    method: Literal["rloo"] = "rloo"
+    whiten_advantages: bool = Field(True, description="normalise advantages per rollout")
+
+
+class GRPO(GroupConfig):
+    """GRPO (Shao et al. 2024): the group-normalised score is the advantage; the KL in the loss."""
+
+    method: Literal["grpo"] = "grpo"
+    # a group whose scores are equal (common with 0/1 rewards) is normalised by the std of its KL
+    # sums alone: a k1 reward would make the advantage independent of kl_coef
+    kl_penalty: Literal["loss_k3", "loss_full"] = Field(
+        "loss_k3", description="where the KL enters: k3 or the exact KL, in the loss (not in the reward)")
+
+
+# ---------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type[RunConfig]
+    trainer: Literal["offline", "rl"]
+    # one example: "pairs" (chosen, rejected), "unpaired" (a labelled completion + the mismatched one
+    # KTO's KL point needs), "completions" (SFT), "prompts" (RL samples its own completions)
+    unit: Literal["pairs", "unpaired", "completions", "prompts"]
+    reference: bool  # needs the frozen reference's log-probs
+    kl: str  # where the KL to the reference enters
+    paper: str
+    loss: Callable | None = None  # offline: (tensors..., *, hyperparameters) -> (loss (B,), metrics)
+    advantages: Callable | None = None  # RL: (scores, kl, values, mask, *, kl_coef, ...) -> (adv, returns)
+    inputs: Literal["logps", "scores"] = "logps"  # summed completion log-probs, or a scalar head's scores
+
+    @property
+    def paired(self) -> bool:
+        return self.unit == "pairs"
+
+    @property
+    def hyperparameters(self) -> tuple[str, ...]:
+        fn = self.loss or self.advantages
+        return tuple(n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY)
+
+    def compute(self, tensors: dict[str, Any], cfg: RunConfig):
+        """The loss on the tensors its signature names, with the config's values of its hyperparameters."""
+        wanted = inspect.signature(self.loss).parameters
+        return self.loss(**{k: v for k, v in tensors.items() if k in wanted},
+                         **{k: getattr(cfg, k) for k in self.hyperparameters})
+
+
+IN_LOSS = "implicit: the loss is a function of the policy/reference log-ratio"
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("dpo", DPO, "offline", "pairs", True, IN_LOSS, "Rafailov et al. 2023", loss=pref.dpo),
+    Method("cdpo", CDPO, "offline", "pairs", True, IN_LOSS, "Mitchell 2023", loss=pref.cdpo),
+    Method("robust", Robust, "offline", "pairs", True, IN_LOSS, "Chowdhury et al. 2024", loss=pref.robust),
+    Method("ipo", IPO, "offline", "pairs", True, IN_LOSS, "Azar et al. 2023", loss=pref.ipo),
+    Method("hinge", Hinge, "offline", "pairs", True, IN_LOSS, "Zhao et al. 2023", loss=pref.hinge),
+    Method("simpo", SimPO, "offline", "pairs", False, "none (reference-free)", "Meng et al. 2024", loss=pref.simpo),
+    Method("orpo", ORPO, "offline", "pairs", False, "none (reference-free)", "Hong et al. 2024", loss=pref.orpo),
+    Method("kto", KTO, "offline", "unpaired", True, IN_LOSS, "Ethayarajh et al. 2024", loss=pref.kto),
+    Method("sft", SFT, "offline", "completions", False, "none", "", loss=pref.sft),
+    Method("reward", Reward, "offline", "pairs", False, "none", "Ouyang et al. 2022", loss=pref.bradley_terry,
+           inputs="scores"),
+    Method("ppo", PPO, "rl", "prompts", True, "kl_penalty: k1 in the reward (default) or in the loss",
+           "Schulman et al. 2017", advantages=ppo_losses.gae_estimator),
+    Method("rloo", RLOO, "rl", "prompts", True, "kl_penalty: k1 in the reward (default) or in the loss",
+           "Ahmadian et al. 2024", advantages=ppo_losses.rloo_estimator),
+    Method("grpo", GRPO, "rl", "prompts", True, "kl_penalty: k3 (default) or the exact KL, in the loss",
+           "Shao et al. 2024", advantages=ppo_losses.grpo_estimator),
+]}
+# keys that were renamed: the old name, in any method's config, says where it went
+RENAMED = {"gamma": "simpo_gamma (simpo) or gae_gamma (ppo)", "lam": "gae_lambda (ppo)"}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        close = difflib.get_close_matches(str(name), METHODS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown method '{name}' (choose one of {', '.join(METHODS)}){hint}")
+    return METHODS[name]
+
+
+def own_keys(cls: type[RunConfig]) -> list[str]:
+    """The keys a method's config adds to the shared ones (RunConfig, OfflineConfig + reference, RLConfig)."""
+    base = RLConfig if issubclass(cls, RLConfig) else ReferenceConfig
+    return [k for k in cls.model_fields if k not in base.model_fields and k != "method"]
+
+
+def _foreign_keys(name: str, data: dict[str, Any], source: str) -> None:
+    """A top-level key the method's config does not have: say whose key it is, or what it became."""
+    cls = METHODS[name].config
+    problems = []
+    for key in data:
+        if key in cls.model_fields:
+            continue
+        owners = [m for m, spec in METHODS.items() if key in spec.config.model_fields]
+        if key in RENAMED:
+            problems.append(f"'{key}' was renamed: {RENAMED[key]}")
+        elif owners:
+            problems.append(f"'{key}' is a key of {', '.join(owners)}, not of {name}")
+        else:
+            close = difflib.get_close_matches(key, list(cls.model_fields), n=1, cutoff=0.6)
+            problems.append(f"unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+    if problems:
+        own = ", ".join(own_keys(cls)) or "none"
+        raise ConfigError(f"{source}: method {name}: " + "; ".join(problems)
+                          + f". {name}'s own keys: {own} (every key: prefalign config show {name})")
+
+
+def train_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a train config (a mapping with `method`, default dpo) into its method's config class."""
+    name = data.get("method", "dpo")
+    spec = method(name)
+    _foreign_keys(name, data, source)
+    return load_config(spec.config, base={**data, "method": name}, source=source)
+
+
+def make_config(**fields: Any) -> RunConfig:
+    """The Python API's way to a config: `make_config(method="simpo", model=..., data=..., output=...)`."""
+    return train_config(fields, "make_config")
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                      base: dict[str, Any] | None = None) -> RunConfig:
+    """`base` <- YAML file <- key=value overrides (later wins), validated into the method's config."""
+    data: dict[str, Any] = {**(base or {}), **(read_mapping(path) if path is not None else {})}
+    return train_config(apply_overrides(data, overrides or []), str(path) if path is not None else "command line")
