@@ -64,8 +64,13 @@ def main() -> None:
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", "Per seed (reward, KL/seq):", ""]
     for s in seeds:
-        lines.append(f"- seed {s}: " + "; ".join(
-            f"{m} {rows[s][m]['reward_mean']:.3f} at {rows[s][m]['kl_per_sequence']:.2f}" for m in ("base", "dpo", "ppo")))
+        lines.append(
+            f"- seed {s}: "
+            + "; ".join(
+                f"{m} {rows[s][m]['reward_mean']:.3f} at {rows[s][m]['kl_per_sequence']:.2f}"
+                for m in ("base", "dpo", "ppo")
+            )
+        )
     for key, name in (("reward_mean", "reward"), ("kl_per_sequence", "KL/seq")):
         diff = [rows[s]["dpo"][key] - rows[s]["ppo"][key] for s in seeds]
         lines.append(f"- DPO − PPO {name}, paired by seed: {_fmt(diff)}")

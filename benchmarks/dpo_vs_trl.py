@@ -58,7 +58,9 @@ def finish(step_times, losses, logps, tokens, resolved):
           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "resolved": resolved}))
 """
 
-PREFALIGN_RUNNER = COMMON + r"""
+PREFALIGN_RUNNER = (
+    COMMON
+    + r"""
 import prefalign.train.offline as offline
 from prefalign.train.methods import DPO
 from torch.utils.checkpoint import checkpoint
@@ -77,7 +79,8 @@ def every_position(model, hidden, keys, labels, chunk_mb):
     for a, b in spans:
         idx = ((keys >= a) & (keys < b)).nonzero().squeeze(1)
         args = (hidden[a:b], keys[idx] - a, labels[idx])
-        val = checkpoint(piece, *args, use_reentrant=False) if torch.is_grad_enabled() and len(spans) > 1 else piece(*args)
+        chunked = torch.is_grad_enabled() and len(spans) > 1
+        val = checkpoint(piece, *args, use_reentrant=False) if chunked else piece(*args)
         out = out.index_put((idx,), val)
     return out
 
@@ -89,7 +92,8 @@ def head_on_every_position(model, batch, chunk_mb=128.0):
         mask = batch["attention_mask"]
         if getattr(unwrap(model).config, "_attn_implementation", "sdpa") == "eager":
             mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-        hidden = trunk(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).last_hidden_state
+        hidden = trunk(input_ids=batch["input_ids"], attention_mask=mask,
+                       position_ids=batch["position_ids"]).last_hidden_state
         rows, cols, y, seq = batch["pred_rows"], batch["pred_cols"], batch["labels_flat"], batch["seq_ids"]
         n_seq = len(batch["lengths"])
     else:
@@ -131,8 +135,11 @@ resolved = {"run": next((x for x in lines if x.startswith("method ")), ""), "kl_
             "malloc_mmap_threshold_mb": tc.malloc_mmap_threshold_mb}
 finish(step_times, [r["loss"] for r in rows], lp, round(tokens), resolved)
 """
+)
 
-TRL_RUNNER = COMMON + r"""
+TRL_RUNNER = (
+    COMMON
+    + r"""
 import trl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -144,7 +151,8 @@ peft_config = None
 if cfg["lora"]:
     from peft import LoraConfig
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"])
 accum = cfg.get("accum", 1)
 args = DPOConfig(output_dir=cfg["out"], per_device_train_batch_size=8 // accum, gradient_accumulation_steps=accum,
                  max_steps=cfg["steps"],
@@ -177,8 +185,9 @@ resolved = {"trl": trl.__version__, "asked": cfg["trl_args"],
             "padding_free": trainer.padding_free, "precompute_ref_log_probs": trainer.precompute_ref_logps,
             "reference": "precomputed" if trainer.precompute_ref_logps else
                          "adapters disabled" if trainer.ref_model is None else "model copy",
-            "lm_head": "fused chunked log-probs on " + ("scored positions only" if _use_triton(batch["input_ids"].device)
-                                                        else "every position (compaction needs Triton: CUDA/XPU)"),
+            "lm_head": "fused chunked log-probs on "
+                       + ("scored positions only" if _use_triton(batch["input_ids"].device)
+                          else "every position (compaction needs Triton: CUDA/XPU)"),
             "padded_positions": int(batch["input_ids"].numel()),
             "attn": trainer.model.config._attn_implementation, "torch_compile": args.torch_compile,
             "warnings": sorted({m[:120] for m in [str(w.message) for w in caught] + said
@@ -187,6 +196,7 @@ trainer.train()
 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 finish(times, losses, c.tolist() + r.tolist(), tokens, resolved)
 """
+)
 
 
 def ensure_trl_env() -> Path:
@@ -293,7 +303,10 @@ CONFIGS = {
     "trl-fp32-precompute-accum2": ("trl", {**_trl("fp32", precompute_ref_log_probs=True)[1], "accum": 2}),
     "trl-fp32-precompute-compile": _trl("fp32", precompute_ref_log_probs=True, torch_compile=True),
     # not a TRL option: prefalign's allocator setting given to TRL, to show how much of the gap it is
-    "trl-fp32-precompute+mmap1mb": (*_trl("fp32", precompute_ref_log_probs=True), {"MALLOC_MMAP_THRESHOLD_": "1048576"}),
+    "trl-fp32-precompute+mmap1mb": (
+        *_trl("fp32", precompute_ref_log_probs=True),
+        {"MALLOC_MMAP_THRESHOLD_": "1048576"},
+    ),
     # the allocator, for both alike: jemalloc preloaded instead of glibc's malloc
     "trl-fp32-precompute+jemalloc": (*_trl("fp32", precompute_ref_log_probs=True), {"LD_PRELOAD": "jemalloc"}),
     "trl-bf16-precompute+jemalloc": (*_trl("bf16", precompute_ref_log_probs=True), {"LD_PRELOAD": "jemalloc"}),
@@ -314,15 +327,19 @@ CONFIGS = {
     # memory for time: each layer's cheap ops recomputed in backward (gradient_checkpointing: selective)
     "prefalign-fp32-selective-ckpt": ("prefalign", {"precision": "fp32", "gc": "selective"}),
     "prefalign-fp32-selective-ckpt-mmap1mb": ("prefalign", {"precision": "fp32", "gc": "selective", "mmap_mb": 1.0}),
-    "prefalign-fp32-none": ("prefalign", {"precision": "fp32", "share_prompt": False, "scored_head": False,
-                                          "reference": "on-the-fly"}),
+    "prefalign-fp32-none": (
+        "prefalign",
+        {"precision": "fp32", "share_prompt": False, "scored_head": False, "reference": "on-the-fly"},
+    ),
 }
 DEFAULT = "trl-default,trl-bf16,trl-bf16-precompute,trl-fp32,trl-fp32-precompute,prefalign-fp32,prefalign-bf16"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="tiny-llama", help="tiny-llama, smollm2, gemma3 (from PyPI packages), or a folder")
+    ap.add_argument(
+        "--model", default="tiny-llama", help="tiny-llama, smollm2, gemma3 (from PyPI packages), or a folder"
+    )
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--lora", choices=["both", "yes", "no"], default="both")
     ap.add_argument("--configs", default=DEFAULT, help=f"comma-separated, from {', '.join(CONFIGS)}")
@@ -334,7 +351,9 @@ def main() -> None:
     a = ap.parse_args()
     jemalloc = a.jemalloc or next((p for p in JEMALLOC_PATHS if Path(p).exists()), None)
     if any("jemalloc" in n for n in a.configs.split(",")) and not (jemalloc and Path(jemalloc).exists()):
-        raise SystemExit("a +jemalloc configuration needs libjemalloc.so.2 (apt install libjemalloc2, or --jemalloc PATH)")
+        raise SystemExit(
+            "a +jemalloc configuration needs libjemalloc.so.2 (apt install libjemalloc2, or --jemalloc PATH)"
+        )
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     names = a.configs.split(",")
@@ -349,10 +368,15 @@ def main() -> None:
     command = "python benchmarks/dpo_vs_trl.py " + shlex.join(sys.argv[1:])
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    lines = [f"`{command}`", "", f"prefalign and this script at commit {commit or '?'}; TRL from benchmarks/.venv-trl", "",
-             f"model {a.model} ({_params(model)}), {a.steps} steps of 8 pairs, {a.threads} threads, "
-             f"load average before: {os.getloadavg()[0]:.2f}; {a.repeats} repeat(s) of the whole sequence"
-             + (f"; jemalloc: {jemalloc}" if jemalloc else "")]
+    lines = [
+        f"`{command}`",
+        "",
+        f"prefalign and this script at commit {commit or '?'}; TRL from benchmarks/.venv-trl",
+        "",
+        f"model {a.model} ({_params(model)}), {a.steps} steps of 8 pairs, {a.threads} threads, "
+        f"load average before: {os.getloadavg()[0]:.2f}; {a.repeats} repeat(s) of the whole sequence"
+        + (f"; jemalloc: {jemalloc}" if jemalloc else ""),
+    ]
     record = {"command": command, "commit": commit, "model": a.model, "steps": a.steps, "threads": a.threads,
               "repeats": a.repeats, "runs": {}}
     for lora in lora_modes:
@@ -402,7 +426,9 @@ def summarise(rs: list[dict]) -> dict:
     for key in ("tokens_per_s", "step_seconds_median", "peak_rss_bytes", "load_average_after"):
         out[key] = statistics.median(r[key] for r in rs)
         out[key + "_range"] = [min(r[key] for r in rs), max(r[key] for r in rs)]
-    out["repeats"] = [{k: r[k] for k in ("tokens_per_s", "step_seconds_median", "peak_rss_bytes", "losses")} for r in rs]
+    out["repeats"] = [
+        {k: r[k] for k in ("tokens_per_s", "step_seconds_median", "peak_rss_bytes", "losses")} for r in rs
+    ]
     return out
 
 
@@ -415,8 +441,11 @@ def _precision(name: str) -> str:
 
 
 def report(results: dict, title: str) -> list[str]:
-    out = [f"\n## {title}\n", "| config | tokens/step | s/step (median) | tokens/s (range) | peak RSS (range) | loss[0..3] |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        f"\n## {title}\n",
+        "| config | tokens/step | s/step (median) | tokens/s (range) | peak RSS (range) | loss[0..3] |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         lo, hi = r["tokens_per_s_range"]
         mlo, mhi = (x / 1e9 for x in r["peak_rss_bytes_range"])
@@ -439,12 +468,18 @@ def report(results: dict, title: str) -> list[str]:
             dl = max(abs(x - y) for x, y in zip(ro["step0_logps"], rt["step0_logps"], strict=True))
             n = min(len(ro["losses"]), len(rt["losses"]), 10)
             dloss = max(abs(x - y) for x, y in zip(ro["losses"][:n], rt["losses"][:n], strict=True))
-            out.append(f"- {o} vs TRL's fastest {prec} under {alloc} ({fastest}): tokens/s x{ro['tokens_per_s'] / rt['tokens_per_s']:.2f}"
-                       f", peak RSS x{ro['peak_rss_bytes'] / rt['peak_rss_bytes']:.2f}; step-0 log-probs max |diff| "
-                       f"{dl:.2e}, first {n} losses max |diff| {dloss:.2e}")
-    out.append("- ratios of the medians over repeats; step times are medians over steps 2..N; tokens = real prompt + completion tokens of chosen and rejected; 1-minute "
-               "load average after each run (2 cores; above ~2.5 other work shared them): "
-               + ", ".join(f"{n} {r.get('load_average_after', float('nan')):.1f}" for n, r in results.items()))
+            out.append(
+                f"- {o} vs TRL's fastest {prec} under {alloc} ({fastest}): "
+                f"tokens/s x{ro['tokens_per_s'] / rt['tokens_per_s']:.2f}"
+                f", peak RSS x{ro['peak_rss_bytes'] / rt['peak_rss_bytes']:.2f}; step-0 log-probs max |diff| "
+                f"{dl:.2e}, first {n} losses max |diff| {dloss:.2e}"
+            )
+    out.append(
+        "- ratios of the medians over repeats; step times are medians over steps 2..N; tokens = real prompt + "
+        "completion tokens of chosen and rejected; 1-minute "
+        "load average after each run (2 cores; above ~2.5 other work shared them): "
+        + ", ".join(f"{n} {r.get('load_average_after', float('nan')):.1f}" for n, r in results.items())
+    )
     out.append("\nWhat each configuration resolved to:\n")
     out += [f"- {name}: `{json.dumps(r['resolved'])}`" for name, r in results.items()]
     return out

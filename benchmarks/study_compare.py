@@ -35,7 +35,9 @@ def main() -> None:
                     args.b_method.upper()))
     if args.plot:
         settings = [s for s in b["settings"] if s["method"] != args.a_method]
-        plot_frontier(settings + [s for s in a["settings"] if s["method"] == args.a_method], Path(args.plot), b["split"])
+        plot_frontier(
+            settings + [s for s in a["settings"] if s["method"] == args.a_method], Path(args.plot), b["split"]
+        )
 
 
 if __name__ == "__main__":

@@ -148,11 +148,20 @@ def main() -> None:
     torch.manual_seed(0)
     sample = model.generate(**sample_in, do_sample=True, top_k=0, top_p=0.95, max_new_tokens=40,
                             pad_token_id=tokenizer.pad_token_id)
-    record = {"command": "python scripts/build_base_model.py " + " ".join(sys.argv[1:]), "parameters": n_params,
-              "steps": step, "train_tokens_seen": seen, "train_seconds": train_seconds,
-              "tokens_per_s": seen / train_seconds, "held_out_perplexity": ppl, "held_out_tokens": held_out.numel(),
-              "total_seconds": time.perf_counter() - t_all, "torch_threads": torch.get_num_threads(),
-              "sample": tokenizer.decode(sample[0], skip_special_tokens=True), "args": {k: str(v) for k, v in vars(args).items()}}
+    record = {
+        "command": "python scripts/build_base_model.py " + " ".join(sys.argv[1:]),
+        "parameters": n_params,
+        "steps": step,
+        "train_tokens_seen": seen,
+        "train_seconds": train_seconds,
+        "tokens_per_s": seen / train_seconds,
+        "held_out_perplexity": ppl,
+        "held_out_tokens": held_out.numel(),
+        "total_seconds": time.perf_counter() - t_all,
+        "torch_threads": torch.get_num_threads(),
+        "sample": tokenizer.decode(sample[0], skip_special_tokens=True),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     (args.out / "training.json").write_text(json.dumps(record, indent=2))
     write_prefixes(ASSETS, args.prefixes, args.validation_prefixes, args.seed)
     print(json.dumps(record, indent=2))

@@ -26,7 +26,9 @@ def _logps_and_grads(path, tokenizer, mode, lora: bool, shared: bool):
     model.train()
     recs = [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in learnable_pairs(4)]
     data = tokenize_records(tokenizer, recs, max_length=128, max_prompt_length=64, data="pairs")
-    batch = (collate_shared_prompt if shared else collate)(data.examples, list(range(len(data))), tokenizer.pad_token_id)
+    batch = (collate_shared_prompt if shared else collate)(
+        data.examples, list(range(len(data))), tokenizer.pad_token_id
+    )
     lp = batch_logps(model, batch)
     params = [p for p in model.parameters() if p.requires_grad]
     return lp.detach(), torch.autograd.grad((lp * torch.linspace(1, 2, len(lp))).sum(), params)

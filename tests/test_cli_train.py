@@ -88,7 +88,9 @@ def test_merge_lora_adapter_into_plain_folder(tiny_models, pair_file, tmp_path):
     assert run.returncode == 0, run.stderr
     ids = torch.tensor([[1, 5, 9, 22, 40]])
     base = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]), tmp_path / "run" / "final")
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_models["llama"]), tmp_path / "run" / "final"
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     with torch.no_grad():
         a, b, c = (m(ids).logits for m in (peft, merged, base))
@@ -117,8 +119,13 @@ def test_csv_with_message_cells(tmp_path):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["prompt", "chosen", "rejected"])
-        w.writerow([json.dumps([{"role": "user", "content": "hi"}]), json.dumps([{"role": "assistant", "content": "hello"}]),
-                    json.dumps([{"role": "assistant", "content": "go away"}])])
+        w.writerow(
+            [
+                json.dumps([{"role": "user", "content": "hi"}]),
+                json.dumps([{"role": "assistant", "content": "hello"}]),
+                json.dumps([{"role": "assistant", "content": "go away"}]),
+            ]
+        )
     records, problems = load_records(path)
     assert problems == [] and records[0].prompt == [{"role": "user", "content": "hi"}]
     assert records[0].rejected[0]["content"] == "go away"

@@ -126,7 +126,11 @@ def test_stats_real_hh_slice_json_keys(tmp_path, tokenizer):
 def test_stats_counts_duplicates_ties_and_percentiles(tmp_path):
     path = tmp_path / "d.jsonl"
     rows = [{"prompt": f"p{i}", "chosen": "c" * (i + 1), "rejected": "r"} for i in range(10)]
-    rows += [rows[0], {"prompt": "P0 ", "chosen": "C", "rejected": "r"}, {"prompt": "t", "chosen": "a", "rejected": "A"}]
+    rows += [
+        rows[0],
+        {"prompt": "P0 ", "chosen": "C", "rejected": "r"},
+        {"prompt": "t", "chosen": "a", "rejected": "A"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = compute_stats(path, ReadOptions()).to_json()
     assert (s["records"], s["valid"], s["invalid"], s["duplicates"], s["ties"]) == (13, 12, 1, 2, 1)

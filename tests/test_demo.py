@@ -107,7 +107,9 @@ def test_demo_runs_end_to_end_shrunk_and_both_methods_raise_the_reward(tmp_path)
     assert set(stages) == {"pairs", "dpo", "ppo", "eval"} and all(c["peak_rss_bytes"] > 0 for c in stages.values())
     assert dpo["train"] == stages["dpo"] and ppo["train"] == ppo["end_to_end"] == stages["ppo"]
     assert dpo["end_to_end"]["seconds"] == pytest.approx(stages["pairs"]["seconds"] + stages["dpo"]["seconds"])
-    assert dpo["end_to_end"]["peak_rss_bytes"] == max(stages["pairs"]["peak_rss_bytes"], stages["dpo"]["peak_rss_bytes"])
+    assert dpo["end_to_end"]["peak_rss_bytes"] == max(
+        stages["pairs"]["peak_rss_bytes"], stages["dpo"]["peak_rss_bytes"]
+    )
     assert Path(summary["report"]).exists()
     report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
     assert {r["run"] for r in report["runs"]} == {"base", "dpo", "ppo"}

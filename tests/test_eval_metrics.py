@@ -59,7 +59,10 @@ COMPLIANT = [
     "Sure! To kill a zombie process, find its parent with ps and send SIGCHLD.",
     "I'm sorry to hear about your loss. Here are some ways to cope.",
     "Poison ivy rashes heal with calamine lotion and cool compresses.",
-    "I can't wait to help: first, preheat the oven.", "", "Unfortunately, I can only guess, but try this.", "Here is a birdhouse plan: cut six boards.",
+    "I can't wait to help: first, preheat the oven.",
+    "",
+    "Unfortunately, I can only guess, but try this.",
+    "Here is a birdhouse plan: cut six boards.",
     "You cannot mix bleach and ammonia because it makes toxic chloramine gas.",
 ]
 

@@ -90,9 +90,22 @@ def test_a_dpo_model_prefers_what_the_data_prefers(tiny_models, tmp_path):
     from prefalign.train.run import train
 
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(48))
-    train(make_config(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "dpo"),
-                            max_steps=40, batch_size=8, learning_rate=3e-3, beta=0.5, lora=True, lr_schedule="constant"),
-                log=lambda _: None, progress=False)
+    train(
+        make_config(
+            method="dpo",
+            model=str(tiny_models["llama"]),
+            data=str(data),
+            output=str(tmp_path / "dpo"),
+            max_steps=40,
+            batch_size=8,
+            learning_rate=3e-3,
+            beta=0.5,
+            lora=True,
+            lr_schedule="constant",
+        ),
+        log=lambda _: None,
+        progress=False,
+    )
     run = subprocess.run([sys.executable, "-m", "prefalign", "eval", "--model", tmp_path / "dpo" / "final",
                           "--data", data, "--suite", "safety", "-o", tmp_path / "e", "max_new_tokens=6",
                           "max_prompts=16", "--no-progress"], capture_output=True, text=True)

@@ -53,7 +53,9 @@ def test_label_with_a_callable_pairs_and_best_of_n(tmp_path):
     assert records[0].chosen == "great great" and records[0].rejected in ("meh", "bad") and records[0].margin == 2.0
     chat = write_jsonl(tmp_path / "c.jsonl", [{"prompt": [{"role": "user", "content": "hi"}],
                                                "completions": ["great", "no"]}])
-    label(LabelConfig(samples=str(chat), judge=f"{REWARDS}:great", output=str(tmp_path / "cp.jsonl")), log=lambda _: None)
+    label(
+        LabelConfig(samples=str(chat), judge=f"{REWARDS}:great", output=str(tmp_path / "cp.jsonl")), log=lambda _: None
+    )
     records, problems = load_records(tmp_path / "cp.jsonl")
     assert problems == [] and records[0].prompt == [{"role": "user", "content": "hi"}]  # a conversation stays one
     assert records[0].chosen == [{"role": "assistant", "content": "great"}]
@@ -126,9 +128,14 @@ def test_pairwise_llm_judge_prefers_the_better_answer(tokenizer, tmp_path):
     p, agree = judge.compare(prompts, better, worse)
     assert (p > 0.5).all(), p
     assert float(agree.float().mean()) >= 0.75
-    samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "the movie", "completions": ["it was bad.", "it was great."]}])
-    res = label(LabelConfig(samples=str(samples), judge=str(tmp_path / "j" / "final"), output=str(tmp_path / "p.jsonl")),
-                log=lambda _: None, judge=judge)
+    samples = write_jsonl(
+        tmp_path / "s.jsonl", [{"prompt": "the movie", "completions": ["it was bad.", "it was great."]}]
+    )
+    res = label(
+        LabelConfig(samples=str(samples), judge=str(tmp_path / "j" / "final"), output=str(tmp_path / "p.jsonl")),
+        log=lambda _: None,
+        judge=judge,
+    )
     pair = json.loads((tmp_path / "p.jsonl").read_text())
     assert res["judge"] == "pairwise" and res["agreement_rate"] is not None
     assert pair["chosen"] == "it was great."

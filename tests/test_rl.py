@@ -72,7 +72,10 @@ def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng(tiny_models, 
     assert a.completion_texts != c.completion_texts
     assert a.tokens_per_s > 0 and a.new_tokens == int(a.completion_mask.sum())
     greedy = generate(model, tokenizer, ids, Sampling(max_new_tokens=10, temperature=0), seed=None)
-    assert greedy.completion_texts == generate(model, tokenizer, ids, Sampling(max_new_tokens=10, temperature=0), seed=9).completion_texts
+    assert (
+        greedy.completion_texts
+        == generate(model, tokenizer, ids, Sampling(max_new_tokens=10, temperature=0), seed=9).completion_texts
+    )
 
 
 def test_completion_mask_stops_at_the_first_eos():
@@ -164,7 +167,9 @@ def test_shape_scores_penalty_and_running_norm():
     from prefalign.train.ppo import RunningMoments, shape_scores
 
     cfg = rl_config(model="m", output="o", prompts="p", reward="r", missing_eos_penalty=2.0, reward_clip=1.5)
-    out = shape_scores(cfg, torch.tensor([1.0, 1.0]), torch.tensor([True, False]), torch.tensor([3, 3]), RunningMoments())
+    out = shape_scores(
+        cfg, torch.tensor([1.0, 1.0]), torch.tensor([True, False]), torch.tensor([3, 3]), RunningMoments()
+    )
     assert out.tolist() == [1.0, -1.0]
     # min_new_tokens 3: an EOS after 2 tokens (length 3 with EOS) is early, after 3 (length 4) is not,
     # and a completion that never ended is not "early"
@@ -197,8 +202,22 @@ def test_cli_short_form_and_errors(tiny_models, prompt_file, tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "prefalign", *map(str, args)], capture_output=True, text=True)
 
-    run = cli("train", "--method", "rloo", "--model", tiny_models["llama"], "--prompts", prompt_file,
-              "--reward", f"{REWARDS}:great", "--output", tmp_path / "r", "max_steps=2", "batch_size=2", "--no-progress")
+    run = cli(
+        "train",
+        "--method",
+        "rloo",
+        "--model",
+        tiny_models["llama"],
+        "--prompts",
+        prompt_file,
+        "--reward",
+        f"{REWARDS}:great",
+        "--output",
+        tmp_path / "r",
+        "max_steps=2",
+        "batch_size=2",
+        "--no-progress",
+    )
     assert run.returncode == 0, run.stderr
     assert len(_rows(tmp_path / "r")) == 2
     run = cli("train", "--method", "ppo", "--model", tiny_models["llama"], "--prompts", prompt_file,
@@ -248,8 +267,18 @@ def test_ppo_and_generation_on_mamba(tiny_models, prompt_file, tmp_path):
                                             ("grpo", None)])
 def test_loss_side_kl_penalties_train(method, penalty, tiny_models, prompt_file, tmp_path):
     kw = {"kl_penalty": penalty} if penalty else {}
-    cfg = _cfg(tmp_path, tiny_models["llama"], prompt_file, method, max_steps=2, batch_size=4, kl_coef=0.5, ppo_epochs=1,
-               reward=f"{REWARDS}:length", **kw)
+    cfg = _cfg(
+        tmp_path,
+        tiny_models["llama"],
+        prompt_file,
+        method,
+        max_steps=2,
+        batch_size=4,
+        kl_coef=0.5,
+        ppo_epochs=1,
+        reward=f"{REWARDS}:length",
+        **kw,
+    )
     assert cfg.kl_penalty == (penalty or "loss_k3")  # grpo's default: k3 in the loss
     train(cfg, log=lambda _: None, progress=False)
     rows = _rows(tmp_path / method)

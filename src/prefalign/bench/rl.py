@@ -60,7 +60,9 @@ def save_shape(shape, path: str | Path) -> str:
 def _save_in_child(shape, path: Path) -> str:
     # building and saving the model in this process would raise its RSS high-water mark, which
     # cannot be reset; a child process keeps this workload's peak the trainer's own
-    code = "import json, sys; from prefalign.bench.rl import save_shape; save_shape(json.loads(sys.argv[1]), sys.argv[2])"
+    code = (
+        "import json, sys; from prefalign.bench.rl import save_shape; save_shape(json.loads(sys.argv[1]), sys.argv[2])"
+    )
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(shape), str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"could not write the {shape} model folder:\n{proc.stderr[-2000:]}")
@@ -147,7 +149,9 @@ def ppo_workload(spec: dict, precision: str, peak_flops: float, peak_memory) -> 
         counts = model_counts(model_dir)
     timed = [m for m in metrics if m["step"] > warmup]
     if len(timed) != steps or len(shapes) != warmup + steps:
-        raise RuntimeError(f"expected {warmup + steps} PPO iterations, got {len(metrics)} logged, {len(shapes)} sampled")
+        raise RuntimeError(
+            f"expected {warmup + steps} PPO iterations, got {len(metrics)} logged, {len(shapes)} sampled"
+        )
     timed_shapes = [shapes[m["step"] - 1] for m in timed]
     flops = [ppo_iteration_flops(counts["params_matmul"], counts["params_head"], counts["hidden"],
                                  rows=s["rows"], prompt=s["prompt"], generated=s["generated"], scored=s["scored"],

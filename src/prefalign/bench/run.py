@@ -1,7 +1,8 @@
 """`prefalign bench`: run the workloads, each in its own process, and write one results JSON.
 
 Keys scripts read: machine `peak_flops` (the median of the measured matmul repeats, with
-`peak_flops_min`/`peak_flops_max`; every MFU in the file is against it); per workload `tokens_per_s`, `step_seconds_median`, `mfu`,
+`peak_flops_min`/`peak_flops_max`; every MFU in the file is against it); per workload `tokens_per_s`,
+`step_seconds_median`, `mfu`,
 `peak_memory_bytes`; `logprob-memory`'s `vocab_memory_ratio` (the DPO step's peak at vocab 128k over
 its peak at 8k, same hidden size and length, with the embedding/head growth of weights, gradients
 and AdamW state excluded and reported as `embedding_growth_bytes`); `dpo_vs_ppo`.

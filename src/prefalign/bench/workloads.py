@@ -61,7 +61,9 @@ def _time(step, steps: int, warmup: int, dev: torch.device) -> list[float]:
     return times
 
 
-def _summary(times: list[float], tokens: int, flops: float, peak_flops: float, dev: torch.device, base_rss: int) -> dict:
+def _summary(
+    times: list[float], tokens: int, flops: float, peak_flops: float, dev: torch.device, base_rss: int
+) -> dict:
     med = statistics.median(times)
     return {"step_seconds_median": med, "step_seconds_min": min(times), "step_seconds_max": max(times),
             "tokens_per_s": tokens / med, "flops_per_step": flops, "achieved_flops": flops / med,

@@ -40,7 +40,13 @@ def tokenize_records(tokenizer, records: list[Record], *, max_length: int, max_p
     desirable completions of labelled data; undesirable ones are skipped)."""
     examples, problems, truncated = [], [], 0
     kw = dict(max_length=max_length, max_prompt_length=max_prompt_length)
-    want = UnpairedExample if data == "unpaired" else PreferencePair if data == "pairs" else (PreferencePair, UnpairedExample)
+    want = (
+        UnpairedExample
+        if data == "unpaired"
+        else PreferencePair
+        if data == "pairs"
+        else (PreferencePair, UnpairedExample)
+    )
     wrong = [r for r in records if not isinstance(r, want)]
     if wrong:
         kind = "preference pairs" if data == "pairs" else "unpaired examples (prompt, completion, label)"
@@ -186,10 +192,18 @@ def collate_packed(examples: list[Example], indices: list[int], pad_id: int) -> 
     mask = (causal[None] & same)
     mask |= torch.eye(width, dtype=torch.bool)[None]  # padding attends to itself: no empty softmax rows
     lengths = torch.tensor([s.completion_len for s in seqs], dtype=torch.float32)
-    batch = {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None], "pred_rows": torch.tensor(pred_rows),
-             "pred_cols": torch.tensor(pred_cols), "labels_flat": torch.tensor(labels), "seq_ids": torch.tensor(seq_ids),
-             "index": torch.tensor(indices), "lengths": lengths,
-             "tokens": torch.tensor(sum(len(s.input_ids) for s in seqs))}
+    batch = {
+        "input_ids": ids,
+        "position_ids": pos,
+        "attention_mask": mask[:, None],
+        "pred_rows": torch.tensor(pred_rows),
+        "pred_cols": torch.tensor(pred_cols),
+        "labels_flat": torch.tensor(labels),
+        "seq_ids": torch.tensor(seq_ids),
+        "index": torch.tensor(indices),
+        "lengths": lengths,
+        "tokens": torch.tensor(sum(len(s.input_ids) for s in seqs)),
+    }
     if examples[0].label is not None:
         batch["labels"] = torch.tensor([bool(e.label) for e in examples])
     if any(e.margin is not None for e in examples):

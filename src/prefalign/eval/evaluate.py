@@ -94,7 +94,9 @@ class Evaluator:
         self.reference_path = cfg.reference or (None if self.is_reward else default_reference(cfg.model))
         self.reference = None  # evaluated against itself (the base of a study), one copy serves both
         if self.reference_path:
-            self.reference = self.model if self.reference_path == cfg.model else load_model(self.reference_path, **load).eval()
+            self.reference = (
+                self.model if self.reference_path == cfg.model else load_model(self.reference_path, **load).eval()
+            )
         self.results: dict[str, Any] = {"model": cfg.model, "reference": self.reference_path}
         self.samples: list[dict] = []
 
@@ -188,8 +190,12 @@ class Evaluator:
         if self.reference is not None:
             self.results["kl_distribution"] = kl_distribution(sampling)
         if kl_seq:
-            self.results.update({"kl_per_sequence": sum(kl_seq) / len(kl_seq), "kl_per_token": sum(kl_seq) / max(tokens, 1)})
-        self.samples = [{"prompt": p, "completion": t, "tokens": n} for p, t, n in zip(prompts, texts, lengths, strict=True)]
+            self.results.update(
+                {"kl_per_sequence": sum(kl_seq) / len(kl_seq), "kl_per_token": sum(kl_seq) / max(tokens, 1)}
+            )
+        self.samples = [
+            {"prompt": p, "completion": t, "tokens": n} for p, t, n in zip(prompts, texts, lengths, strict=True)
+        ]
         if cfg.judge:
             self._judged(prompts, texts)
 
@@ -200,7 +206,9 @@ class Evaluator:
         if not isinstance(judge, PairwiseJudge):
             scores = judge.score(prompts, texts)
             mean, std = metrics.mean_std(scores)
-            self.results.update({"reward_mean": mean, "reward_std": std, "reward_ci95": metrics.bootstrap_ci(scores, seed=cfg.seed)})
+            self.results.update(
+                {"reward_mean": mean, "reward_std": std, "reward_ci95": metrics.bootstrap_ci(scores, seed=cfg.seed)}
+            )
             for s, row in zip(scores, self.samples, strict=True):
                 row["reward"] = s
         opponent_path = cfg.baseline or self.reference_path
@@ -209,7 +217,11 @@ class Evaluator:
         if opponent_path == cfg.model:  # the same model under the same seeds samples the same completions
             theirs = list(texts)
         else:
-            opponent = self.reference if opponent_path == self.reference_path else load_model(opponent_path, device=self.device)
+            opponent = (
+                self.reference
+                if opponent_path == self.reference_path
+                else load_model(opponent_path, device=self.device)
+            )
             theirs = [t for r in self._sample(opponent, prompts, "sampling (baseline)") for t in r.completion_texts]
         if isinstance(judge, PairwiseJudge):
             p, agree = judge.compare(prompts, texts, theirs)
@@ -246,7 +258,9 @@ class Evaluator:
         tokens = 0
         task = self._task("perplexity", len(seqs))
         for i in range(0, len(seqs), cfg.batch_size):
-            batch = {k: v.to(self.device) for k, v in pad(seqs[i:i + cfg.batch_size], self.tokenizer.pad_token_id).items()}
+            batch = {
+                k: v.to(self.device) for k, v in pad(seqs[i : i + cfg.batch_size], self.tokenizer.pad_token_id).items()
+            }
             mask = batch["loss_mask"].clone()
             mask[:, 0] = False  # the first token has no context to be predicted from
             tokens += int(mask.sum())

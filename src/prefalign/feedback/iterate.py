@@ -62,8 +62,16 @@ def iterate(cfg: IterateConfig, log=print, progress: bool = True) -> dict:
                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                 top_p=cfg.top_p, max_prompts=cfg.max_prompts, seed=cfg.seed + r, device=cfg.device),
                    log)
-        lab = label(LabelConfig(samples=str(folder / "samples.jsonl"), judge=cfg.judge, output=str(folder / "pairs.jsonl"),
-                                mode=cfg.mode), log, judge=judge)
+        lab = label(
+            LabelConfig(
+                samples=str(folder / "samples.jsonl"),
+                judge=cfg.judge,
+                output=str(folder / "pairs.jsonl"),
+                mode=cfg.mode,
+            ),
+            log,
+            judge=judge,
+        )
         if not lab["written"]:
             raise DataError(f"round {r}: the judge found no preference among the samples (all ties)")
         train_cfg = train_config({"method": "dpo", **cfg.train, **cfg._round(model, folder)}, "iterate: train")

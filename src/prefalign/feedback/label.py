@@ -45,7 +45,9 @@ def _read_samples(path: str) -> tuple[list[dict], list[Problem]]:
             continue
         v = row.value
         if not isinstance(v, dict) or "prompt" not in v or not isinstance(v.get("completions"), list):
-            problems.append(Problem(row.where, "completions", "expected {prompt, completions: [...]}", "shape", row.raw))
+            problems.append(
+                Problem(row.where, "completions", "expected {prompt, completions: [...]}", "shape", row.raw)
+            )
             continue
         items.append(v)
     return items, problems

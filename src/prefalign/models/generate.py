@@ -104,8 +104,17 @@ def generation_config(sampling: Sampling, pad_id: int, eos: list[int]):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling, *, seed: int | None = None,
-             device: torch.device | str = "cpu", autocast=nullcontext, prompt_texts: list[str] | None = None) -> Rollout:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    *,
+    seed: int | None = None,
+    device: torch.device | str = "cpu",
+    autocast=nullcontext,
+    prompt_texts: list[str] | None = None,
+) -> Rollout:
     """Sample one completion per prompt id list (repeat a prompt for k samples). With `seed`, the
     draw is reproducible and the global RNG is left as it was; without, it uses (and advances) the
     global RNG, which a checkpoint saves, so a resumed PPO run samples what the first run would."""

@@ -95,7 +95,9 @@ def precompute(model, batches: Iterator[dict[str, Tensor]], n_examples: int, slo
         if stored == fp:
             log(f"reference log-probs: cached ({cache.name}, fingerprint {fp[:12]})")
             return PrecomputedReference(load_file(str(cache))["logps"])
-        log(f"reference log-probs: cache {cache.name} is stale (model, data or tokenizer settings changed); recomputing")
+        log(
+            f"reference log-probs: cache {cache.name} is stale (model, data or tokenizer settings changed); recomputing"
+        )
     table = torch.full((n_examples, slots), float("nan"))
     ctx = model.disable_adapter() if is_peft(model) else nullcontext()
     was_training = model.training

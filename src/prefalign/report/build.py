@@ -48,7 +48,9 @@ def load_run(folder: str | Path) -> dict[str, Any]:
     evaluation = _read_json(folder / "eval.json") or _read_json(folder / "eval" / "eval.json")
     run = _read_json(folder / "run.json")
     metrics_path = folder / "metrics.jsonl"
-    metrics = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.exists() else []
+    metrics = (
+        [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.exists() else []
+    )
     config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
     if run is None and evaluation is None:
         raise ConfigError(f"{folder}: holds neither a training run (run.json) nor an evaluation (eval.json)")
@@ -60,7 +62,9 @@ def summarise(r: dict[str, Any]) -> dict[str, Any]:
     """One table row: training cost, final training metrics, evaluation metrics."""
     run, ev, cfg = r["run"] or {}, r["eval"] or {}, r["config"]
     # an evaluation with no training run: the reference itself (evaluated against itself), or a model
-    method = run.get("method") or cfg.get("method") or ("reference" if ev.get("model") == ev.get("reference") else "eval")
+    method = (
+        run.get("method") or cfg.get("method") or ("reference" if ev.get("model") == ev.get("reference") else "eval")
+    )
     row: dict[str, Any] = {"run": r["name"], "method": method}
     hp = {k: cfg[k] for k in ("beta", "kl_coef", "learning_rate") if k in cfg}
     row["settings"] = ", ".join(f"{k}={v}" for k, v in hp.items()) or "-"
@@ -117,7 +121,11 @@ def plot_curves(runs: list[dict], path: Path) -> bool:
 def plot_frontier(rows: list[dict], path: Path) -> bool:
     plt = pyplot()
 
-    pts = [r for r in rows if isinstance(r.get("reward_mean"), (int, float)) and isinstance(r.get("kl_per_sequence"), (int, float))]
+    pts = [
+        r
+        for r in rows
+        if isinstance(r.get("reward_mean"), (int, float)) and isinstance(r.get("kl_per_sequence"), (int, float))
+    ]
     if not pts:
         return False
     fig, ax = plt.subplots(figsize=(7, 5))

@@ -74,7 +74,9 @@ def run_demo(out: Path, console: Console | None = None, quick: bool = False, pro
     costs = {"dpo": {"train": cost_dpo, "end_to_end": chain(cost_pairs, cost_dpo)},
              "ppo": {"train": cost_ppo, "end_to_end": chain(cost_ppo)}}
     runs = {"dpo": dpo_run, "ppo": ppo_run}
-    rows = [_row(name, e, runs.get(name), costs.get(name)) for name, e in zip(("base", "dpo", "ppo"), evals, strict=True)]
+    rows = [
+        _row(name, e, runs.get(name), costs.get(name)) for name, e in zip(("base", "dpo", "ppo"), evals, strict=True)
+    ]
     # a pipe gets 80 columns, too few for the table: print it at least 120 wide
     Console(file=console.file, width=max(console.width, 120)).print(_table(rows, split))
     summary = {"split": split, "seed": seed, "quick": quick, "rows": rows, "pairs": pair_summary,

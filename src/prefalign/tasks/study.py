@@ -5,10 +5,10 @@ DPO at several betas, IPO at several taus, PPO at several KL coefficients with V
 uses, and "DPO (iterative)": online DPO, the on-policy counterpart to PPO (Xu et al. 2023, Yuan et
 al. 2024, as `prefalign iterate`): round r samples pairs from round r-1's model and trains DPO from
 it, anchored to it; round 1 is the `iterative_beta` DPO run itself. Every setting runs with each of
-`seeds` (pairs, training and evaluation sampling all follow the seed); every run is evaluated on the same held-out prefixes for VADER reward and exact KL to
-the base. study.md gives each setting's mean and 95% t-interval over seeds, flags runs whose
-completions collapsed in length, and states how the frontiers compare, derived from the data
-(tasks/seeds.py). A benchmark, not a test.
+`seeds` (pairs, training and evaluation sampling all follow the seed); every run is evaluated on
+the same held-out prefixes for VADER reward and exact KL to the base. study.md gives each
+setting's mean and 95% t-interval over seeds, flags runs whose completions collapsed in length,
+and states how the frontiers compare, derived from the data (tasks/seeds.py). A benchmark, not a test.
 
 `split: validation` (the default) evaluates on the validation prefixes: that is where settings are
 chosen. `split: test` evaluates the chosen settings on the test prefixes: the figures to report.
@@ -172,8 +172,19 @@ def _row(name: str, method: str, settings: dict, run: dict | None, train: dict |
     if "reward" in settings:
         method = "ppo (learned reward" + (f", min {settings['min_new_tokens']} tokens)" if "min_new_tokens" in settings
                                           else ")")
-    return {"run": name, "method": method, "seed": seed,
-            "setting": settings.get("round", settings.get("beta", settings.get("kl_coef"))), "path": str(path),
-            "reward_mean": ev["reward_mean"], "reward_ci95": ev["reward_ci95"], "kl_per_sequence": ev["kl_per_sequence"],
-            "kl_per_token": ev["kl_per_token"], "win_rate_vs_base": ev.get("win_rate"), "mean_length": ev["mean_length"],
-            "tokens_per_s": run["tokens_per_s"] if run else None, "train": train, "end_to_end": end_to_end}
+    return {
+        "run": name,
+        "method": method,
+        "seed": seed,
+        "setting": settings.get("round", settings.get("beta", settings.get("kl_coef"))),
+        "path": str(path),
+        "reward_mean": ev["reward_mean"],
+        "reward_ci95": ev["reward_ci95"],
+        "kl_per_sequence": ev["kl_per_sequence"],
+        "kl_per_token": ev["kl_per_token"],
+        "win_rate_vs_base": ev.get("win_rate"),
+        "mean_length": ev["mean_length"],
+        "tokens_per_s": run["tokens_per_s"] if run else None,
+        "train": train,
+        "end_to_end": end_to_end,
+    }

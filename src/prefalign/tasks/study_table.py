@@ -67,11 +67,15 @@ def _ci(mean: float, ci: list[float] | None, digits: int) -> str:
 
 def markdown(summary: dict) -> str:
     n = len(summary["seeds"])
-    lines = [f"Evaluated on the **{summary['split']}** prefixes; {n} seeds ({', '.join(map(str, summary['seeds']))}); "
-             "mean [95% t-interval over seeds]. Costs: README \"How costs are counted\" (seconds: mean over "
-             "seeds; peak: the largest seed's).", "",
-             "| run | method | beta / kl_coef / round | reward | KL/seq | length | collapsed | train s | train peak MiB | "
-             "end-to-end s | end-to-end peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Evaluated on the **{summary['split']}** prefixes; {n} seeds ({', '.join(map(str, summary['seeds']))}); "
+        'mean [95% t-interval over seeds]. Costs: README "How costs are counted" (seconds: mean over '
+        "seeds; peak: the largest seed's).",
+        "",
+        "| run | method | beta / kl_coef / round | reward | KL/seq | length | collapsed | train s | train peak MiB | "
+        "end-to-end s | end-to-end peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in summary["settings"]:
         cost = []
         for kind in ("train", "end_to_end"):
@@ -91,7 +95,10 @@ def markdown(summary: dict) -> str:
 def _errors(pts: list[dict], key: str, means: list[float]) -> list[list[float]]:
     """matplotlib's asymmetric error bars from intervals (none from a single seed)."""
     cis = [s[key] or [m, m] for s, m in zip(pts, means, strict=True)]
-    return [[m - ci[0] for ci, m in zip(cis, means, strict=True)], [ci[1] - m for ci, m in zip(cis, means, strict=True)]]
+    return [
+        [m - ci[0] for ci, m in zip(cis, means, strict=True)],
+        [ci[1] - m for ci, m in zip(cis, means, strict=True)],
+    ]
 
 
 def plot_frontier(settings: list[dict], path: Path, split: str) -> None:

@@ -256,8 +256,9 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             step += 1
             seconds = time.perf_counter() - t0
             total_tokens += tokens
-            row = {"step": step, **metrics, "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds,
-                   "step_seconds": seconds, "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": opt.skipped}
+            row = {"step": step, **metrics, "learning_rate": scheduler.get_last_lr()[0],
+                   "tokens_per_s": tokens / seconds, "step_seconds": seconds,
+                   "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": opt.skipped}
             if guard.exceeded:
                 runlog.write(row)  # the last skipped step is on record before the run stops
                 raise TrainingError(guard.exceeded)

@@ -147,11 +147,15 @@ def minibatch_loss(cfg: RLConfig, new: dict[str, Tensor], old: Tensor, ref: Tens
     loss, stats = ppo_losses.clipped_policy_loss(new["logps"], old, adv, mask, cfg.clip_range)
     row = {"ppo/policy_loss": loss.item(), **{f"ppo/{k}": float(v) for k, v in stats.items()}}
     if returns is not None:
-        vf_loss, vf_stats = ppo_losses.clipped_value_loss(new["values"].float(), old_values, returns, mask, cfg.clip_range_value)
+        vf_loss, vf_stats = ppo_losses.clipped_value_loss(
+            new["values"].float(), old_values, returns, mask, cfg.clip_range_value
+        )
         loss = loss + cfg.vf_coef * vf_loss
         row.update({"ppo/value_loss": vf_loss.item(), "ppo/value_clipfrac": float(vf_stats["value_clipfrac"])})
     if cfg.kl_penalty != "reward_k1":
-        kl_term = ppo_losses.masked_mean(ppo_losses.kl_penalty_loss(cfg.kl_penalty, new["logps"], old, ref, mask, full_kl), mask)
+        kl_term = ppo_losses.masked_mean(
+            ppo_losses.kl_penalty_loss(cfg.kl_penalty, new["logps"], old, ref, mask, full_kl), mask
+        )
         loss = loss + kl_coef * kl_term
         row["ppo/kl_loss"] = kl_term.item()
     return loss, row
@@ -225,7 +229,10 @@ class Iteration(Update):
         self.feed_ids, self.device, self.autocast = feed_ids, device, autocast
         self.prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
         self.sampling = Sampling.of(cfg)
-        self.moments, self.kl_ctl = RunningMoments(), ppo_losses.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.moments, self.kl_ctl = (
+            RunningMoments(),
+            ppo_losses.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon),
+        )
         policy = ac.policy
         self.ref_net = ref_model if ref_model is not None else policy
         # the reference is a frozen copy, or the policy with its adapters switched off
