@@ -73,7 +73,7 @@ def main() -> None:
         model.enable_input_require_grads()
     model.train()
     records, _ = load_records(pairs)
-    data = tokenize_records(tok, records, max_length=100000, max_prompt_length=100000, data="pairs")
+    data = tokenize_records(tok, records, max_length=100000, max_prompt_length=100000, unit="pairs")
     batch = collate_shared_prompt(data.examples, list(range(len(data))), tok.pad_token_id)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     where: list[str] = []

@@ -124,7 +124,7 @@ from prefalign.data import load_records
 from prefalign.data.batches import tokenize_records, collate
 tok = load_tokenizer(cfg["model"]); model = load_model(cfg["model"])
 recs, _ = load_records(cfg["data"])
-data = tokenize_records(tok, recs, max_length=100000, max_prompt_length=100000, data="pairs")
+data = tokenize_records(tok, recs, max_length=100000, max_prompt_length=100000, unit="pairs")
 b = collate(data.examples, list(range(len(data))), tok.pad_token_id)
 with torch.no_grad():
     lp = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"]).tolist()

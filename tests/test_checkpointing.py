@@ -25,7 +25,7 @@ def _logps_and_grads(path, tokenizer, mode, lora: bool, shared: bool):
             model.enable_input_require_grads()
     model.train()
     recs = [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in learnable_pairs(4)]
-    data = tokenize_records(tokenizer, recs, max_length=128, max_prompt_length=64, data="pairs")
+    data = tokenize_records(tokenizer, recs, max_length=128, max_prompt_length=64, unit="pairs")
     batch = (collate_shared_prompt if shared else collate)(
         data.examples, list(range(len(data))), tokenizer.pad_token_id
     )

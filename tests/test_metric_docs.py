@@ -51,13 +51,14 @@ def emitted(tiny_models, tmp_path_factory) -> dict[str, set[str]]:
     kto = write_jsonl(root / "kto.jsonl", unpaired_from(learnable_pairs(16)))
     model = str(tiny_models["llama"])
     runs = []
-    for method in METHODS:
+    for method in [m for m, spec in METHODS.items() if spec.trainer == "offline"]:
         out = root / method
+        rpo = {"rpo_alpha": 0.5} if method == "dpo" else {}
+        monitor = {} if method == "reward" else {"kl_every": 1, "kl_prompts": 2, "kl_max_new_tokens": 4}
         train(make_config(method=method, model=model, data=str(kto if method == "kto" else pairs),
-                                eval_data=str(kto if method == "kto" else pairs), eval_every=2, output=str(out),
-                                max_steps=2, batch_size=4, kl_every=1, kl_prompts=2, kl_max_new_tokens=4,
-                                rpo_alpha=0.5 if method == "dpo" else 0.0),
-                    log=lambda _: None, progress=False)
+                          eval_data=str(kto if method == "kto" else pairs), eval_every=2, output=str(out),
+                          max_steps=2, batch_size=4, **monitor, **rpo),
+              log=lambda _: None, progress=False)
         runs.append(out)
     rl = [m for m, spec in METHODS.items() if spec.trainer == "rl"]
     for method, penalty in zip(rl, ("loss_full", "reward_k1", "loss_k3"), strict=True):

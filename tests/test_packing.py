@@ -19,7 +19,7 @@ def test_packed_equals_padded(arch, data_kind, tiny_models, tokenizer):
     rows = learnable_pairs(6)
     rows[0]["chosen"] = " it was great, truly great, the best film of the year and more." * 2  # ragged lengths
     recs = [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
-    data = tokenize_records(tokenizer, recs, max_length=128, max_prompt_length=64, data=data_kind)
+    data = tokenize_records(tokenizer, recs, max_length=128, max_prompt_length=64, unit=data_kind)
     idx = list(range(len(data)))
     padded = collate(data.examples, idx, tokenizer.pad_token_id)
     packed = collate_packed(data.examples, idx, tokenizer.pad_token_id)
@@ -45,9 +45,10 @@ def test_training_with_packing_logs_the_same_losses(method, tiny_models, tmp_pat
     losses = {}
     for packing in (False, True):
         out = tmp_path / f"run-{packing}"
+        reference = {} if method == "sft" else {"reference": "copy"}  # sft has no reference
         train(make_config(method=method, model=str(tiny_models["llama"]), data=str(data), output=str(out),
-                                max_steps=3, batch_size=4, learning_rate=1e-3, packing=packing, share_prompt=False,
-                                reference="copy"), log=lambda _: None, progress=False)
+                          max_steps=3, batch_size=4, learning_rate=1e-3, packing=packing, share_prompt=False,
+                          **reference), log=lambda _: None, progress=False)
         losses[packing] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[False] == pytest.approx(losses[True], abs=1e-5)
 

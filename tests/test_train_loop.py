@@ -30,7 +30,7 @@ def metrics(run: Path) -> list[dict]:
 def test_three_reference_strategies_agree(tiny_models, pair_file, tmp_path):
     tok = load_tokenizer(tiny_models["llama"])
     records, _ = load_records(pair_file)
-    data = tokenize_records(tok, records, max_length=64, max_prompt_length=32, data="pairs")
+    data = tokenize_records(tok, records, max_length=64, max_prompt_length=32, unit="pairs")
     model = load_model(tiny_models["llama"])
     copy_ref = CopyReference(model)
     model = add_lora(model, {"r": 4})

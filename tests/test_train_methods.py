@@ -12,7 +12,7 @@ from prefalign.train.run import train
 SETTINGS = {  # per method: what converges in a few dozen CPU steps on the toy set
     "dpo": dict(beta=0.5, learning_rate=3e-3),
     "ipo": dict(beta=0.5, learning_rate=5e-3),  # 3e-3: Mamba at 0.78 held out after 100 steps
-    "simpo": dict(beta=2.0, gamma=0.3, learning_rate=3e-3),
+    "simpo": dict(beta=2.0, simpo_gamma=0.3, learning_rate=3e-3),
     "orpo": dict(beta=4.0, learning_rate=5e-3),
     "kto": dict(beta=0.5, learning_rate=3e-3),
 }

@@ -38,7 +38,7 @@ def test_sft_loss_is_the_completion_token_mean(tiny_models, tokenizer):
     recs = [UnpairedExample("I loved the movie", " it was good.", True),
             UnpairedExample("I hated it", " it was awful and bad.", True),
             UnpairedExample("skip me", " no", False)]
-    data = tokenize_records(tokenizer, recs, max_length=64, max_prompt_length=32, data="completions")
+    data = tokenize_records(tokenizer, recs, max_length=64, max_prompt_length=32, unit="completions")
     assert len(data) == 2  # the undesirable completion is not a demonstration
     batch = collate(data.examples, [0, 1], tokenizer.pad_token_id)
     cfg = make_config(method="sft", model="m", data="d", output="o")

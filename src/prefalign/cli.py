@@ -20,7 +20,8 @@ from .config import StrictModel, load_config
 from .errors import PrefalignError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Align language models to preference data: DPO family and RLHF, measured side by side.")
+                  help="Align language models to preference data: DPO family and RLHF, measured side by side. "
+                       "`prefalign --debug COMMAND ...` shows the traceback of any error.")
 data_app = typer.Typer(no_args_is_help=True, help="Check, describe, curate and split preference data.")
 app.add_typer(data_app, name="data")
 
@@ -419,14 +420,14 @@ def main() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-    argv = sys.argv[1:]
-    debug = "--debug" in argv
+    debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
     try:
-        if (text := _method_help(argv)) is not None:
-            out.print(text, markup=False, highlight=False)
-            return
+        if (text := _method_help(sys.argv[1:])) is not None:
+            # the method's keys, then typer's usage of `train` (its flags and arguments)
+            out.print(text + "\n", markup=False, highlight=False)
+            sys.argv[1:] = ["train", "--help"]
         app()
     except PrefalignError as e:
         if debug:

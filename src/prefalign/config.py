@@ -1,7 +1,7 @@
 """Typed configuration: one pydantic model per command, loaded from YAML plus `key=value` overrides.
 
 Unknown keys are errors that name the key and the closest valid one: a typo in a recipe must never
-be silently ignored (the torchtune `cfg.get` trap).
+be silently ignored.
 """
 
 from __future__ import annotations

@@ -34,6 +34,10 @@ class JudgeError(ConfigError):
     """A reward or judge specification that does not resolve to something that scores."""
 
 
+class ScoringError(PrefalignError, ValueError):
+    """A judge that resolved but returned something unusable while a run was scoring: the run failed."""
+
+
 class ScorerMissing(PrefalignError, ImportError):
     """An optional scorer's package is not installed."""
 

@@ -109,7 +109,12 @@ def compare(files: list[str | Path], out: str | Path) -> str:
     """A markdown table and a bar chart of tokens/s per workload across result files, ratios vs the first."""
     plt = pyplot()
 
-    runs = [json.loads(Path(f).read_text()) for f in files]
+    runs = []
+    for f in files:
+        try:
+            runs.append(json.loads(Path(f).read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{f}: not a bench results file (not valid JSON: {e})") from None
     labels = [f"{Path(f).stem} ({r['machine'].get('name', '?')})" for f, r in zip(files, runs, strict=True)]
     names = [w for w in runs[0]["workloads"] if all(w in r["workloads"] for r in runs)]
     lines = ["| workload | " + " | ".join(labels) + " |", "|---|" + "---|" * len(runs)]

@@ -94,11 +94,14 @@ def run_workload(spec: dict) -> dict:
                 "precision": precision, "baseline_memory_bytes": base_rss if dev.type == "cpu" else 0,
                 **ppo_workload(spec, precision, spec["peak_flops"], lambda: peak_memory_bytes(dev))}
     strategy = spec.get("strategy", "precompute")
-    model = build(spec.get("shape", "tiny"), spec.get("model"), dev, scalar=name == "reward")
+    method = METHODS.get(name)  # dpo, sft, reward: a training step of that method; generate: sampling
+    scalar = method is not None and method.inputs == "scores"
+    referenced = method is not None and method.reference  # the workload times its reference strategy
+    model = build(spec.get("shape", "tiny"), spec.get("model"), dev, scalar=scalar)
     vocab = model.config.vocab_size
-    lora = name == "dpo" and strategy == "adapter"
+    lora = referenced and strategy == "adapter"
     copies, reference, ref_tokens = 1, None, 0
-    if name == "dpo" and strategy == "copy":
+    if referenced and strategy == "copy":
         reference, copies = CopyReference(model, autocast, chunk_mb), 2
     if lora:
         model = add_lora(model)
@@ -107,15 +110,15 @@ def run_workload(spec: dict) -> dict:
     out: dict = {"workload": name, "shape": spec.get("model") or spec.get("shape"), "params_matmul": n,
                  "params_total": sum(p.numel() for p in model.parameters()), "batch": b, "seq": seq,
                  "precision": precision, "model_copies": copies}
-    if name == "generate":
+    if method is None:  # generate
         return {**out, **_generate(model, spec, dev, autocast)}
 
-    slots = 1 if name == "sft" else 2
+    slots = 2 if method.paired else 1
     examples = synthetic_examples(vocab, b, seq, slots)
-    shared = name == "dpo" and not _is_mamba(model)  # the trainer's default layout for pairs
+    shared = method.paired and not scalar and not _is_mamba(model)  # the trainer's default layout for pairs
     batch = (collate_shared_prompt if shared else collate)(examples, list(range(b)), pad_id=0)
     batch = {k: v.to(dev) for k, v in batch.items()}
-    if name == "dpo" and strategy == "precompute":
+    if referenced and strategy == "precompute":
         reference = PrecomputedReference(torch.randn(b, 2) - 50)
     if reference is not None and strategy != "precompute":
         ref_tokens = int(batch["input_ids"].numel())  # the reference forward computes the same positions
@@ -139,7 +142,7 @@ def run_workload(spec: dict) -> dict:
              + step_flops(head, scored, train=train, reference_tokens=scored if ref_tokens else 0))
     times = _time(step, steps, warmup, dev)
     out.update(_summary(times, real, flops, spec["peak_flops"], dev, base_rss))
-    out.update({"strategy": strategy if name == "dpo" else None, "positions_per_step": positions,
+    out.update({"strategy": strategy if referenced else None, "positions_per_step": positions,
                 "scored_per_step": scored})
     return out
 

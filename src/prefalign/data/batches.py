@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..data.records import PreferencePair, Problem, Record, UnpairedExample
-from ..data.tokenize import TokenizationError, Tokenized, tokenize
 from ..errors import DataError
+from .records import PreferencePair, Problem, Record, UnpairedExample
+from .tokenize import TokenizationError, Tokenized, tokenize
 
 
 @dataclass
@@ -34,30 +34,30 @@ class TokenizedData:
 
 
 def tokenize_records(tokenizer, records: list[Record], *, max_length: int, max_prompt_length: int,
-                     data: str = "pairs") -> TokenizedData:
-    """Examples for a method whose unit is `data` (see losses.preference.Method): "pairs",
+                     unit: str = "pairs") -> TokenizedData:
+    """Examples for a method whose data unit is `unit` (train/methods.py `Method.unit`): "pairs",
     "unpaired" (KTO) or "completions" (SFT: demonstrations, the chosen answer of a pair, or the
     desirable completions of labelled data; undesirable ones are skipped)."""
     examples, problems, truncated = [], [], 0
     kw = dict(max_length=max_length, max_prompt_length=max_prompt_length)
     want = (
         UnpairedExample
-        if data == "unpaired"
+        if unit == "unpaired"
         else PreferencePair
-        if data == "pairs"
+        if unit == "pairs"
         else (PreferencePair, UnpairedExample)
     )
     wrong = [r for r in records if not isinstance(r, want)]
     if wrong:
-        kind = "preference pairs" if data == "pairs" else "unpaired examples (prompt, completion, label)"
+        kind = "preference pairs" if unit == "pairs" else "unpaired examples (prompt, completion, label)"
         raise DataError(f"{wrong[0].where}: this method trains on {kind}, got a {wrong[0].kind} record")
     for i, r in enumerate(records):
         try:
             label, margin = None, None
-            if data == "pairs":
+            if unit == "pairs":
                 seqs = (tokenize(tokenizer, r.prompt, r.chosen, **kw), tokenize(tokenizer, r.prompt, r.rejected, **kw))
                 margin = r.margin
-            elif data == "unpaired":
+            elif unit == "unpaired":
                 # KTO's KL reference point: this prompt with the next example's completion (mismatched)
                 other = records[(i + 1) % len(records)]
                 seqs = (tokenize(tokenizer, r.prompt, r.completion, **kw),

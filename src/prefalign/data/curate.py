@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from transformers import AutoTokenizer
-
 from ..config import StrictModel
 from ..errors import ConfigError
 from .readers import read_rows
@@ -151,6 +149,10 @@ class Stats:
 def _load_tokenizer(path: str | None):
     if path is None:
         return None
+    # imported here: `prefalign data check/stats/curate` load no tokenizer unless asked, and importing
+    # transformers would cost them seconds of start-up
+    from transformers import AutoTokenizer
+
     # a local folder only, like every other load (nothing is downloaded), and no model code run
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
 

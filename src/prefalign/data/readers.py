@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, DataError
 from .records import Location, Problem
 
 FILE_TYPES = ("jsonl", "json", "csv", "parquet", "arrow")
@@ -47,7 +48,7 @@ def detect_file_type(path: Path) -> str:
         return "json"
     if head.startswith(b"{"):
         return "jsonl"
-    raise ValueError(f"{path}: cannot tell the file type from its name; pass --reader "
+    raise DataError(f"{path}: cannot tell the file type from its name; pass --reader "
                      f"({', '.join(FILE_TYPES)})")
 
 
@@ -336,11 +337,11 @@ def read_arrow_dir(path: Path, split: str | None = None) -> Iterator[Row | Probl
             splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
             chosen = split or ("train" if "train" in splits else splits[0])
             if chosen not in splits:
-                raise ValueError(f"{path}: no split {chosen!r}; it has {', '.join(splits)}")
+                raise DataError(f"{path}: no split {chosen!r}; it has {', '.join(splits)}")
             path = path / chosen
         state = path / "state.json"
         if not state.exists():
-            raise ValueError(f"{path}: not a datasets.save_to_disk folder (no state.json)")
+            raise DataError(f"{path}: not a datasets.save_to_disk folder (no state.json)")
         files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
     row = 0
     for file in files:
@@ -372,4 +373,4 @@ def read_rows(path: str | Path, file_type: str = "auto", split: str | None = Non
         return read_parquet(path)
     if kind == "arrow":
         return read_arrow_dir(path, split)
-    raise ValueError(f"unknown reader {kind!r}; choose one of: auto, {', '.join(FILE_TYPES)}")
+    raise ConfigError(f"unknown reader {kind!r}; choose one of: auto, {', '.join(FILE_TYPES)}")

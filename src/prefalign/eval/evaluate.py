@@ -113,7 +113,7 @@ class Evaluator:
         cfg = self.cfg
         records, problems = load_records(cfg.data, ReadOptions(format=cfg.format))
         data = tokenize_records(self.tokenizer, records, max_length=cfg.max_length,
-                                max_prompt_length=cfg.max_prompt_length, data="pairs")
+                                max_prompt_length=cfg.max_prompt_length, unit="pairs")
         task = self._task("preference accuracy", len(data))
         diffs: list[float] = []
         kind = "score" if self.is_reward else "implicit_reward" if self.reference is not None else "logprob"

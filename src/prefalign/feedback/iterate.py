@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import Sampling, dump_config
+from ..config import Runtime, Sampling, dump_config
 from ..errors import DataError
 from ..judges import make_judge
 from ..runtime.device import pick_device
@@ -21,7 +21,7 @@ from .label import LabelConfig, label
 from .sample import SampleConfig, sample
 
 
-class IterateConfig(Sampling):
+class IterateConfig(Runtime, Sampling):
     """`prefalign iterate`: rounds of sample -> label -> train, each round from the last round's model."""
 
     model: str = Field(..., description="the starting model")
@@ -33,16 +33,20 @@ class IterateConfig(Sampling):
     max_new_tokens: int = Field(64, ge=0, description="tokens sampled per completion at most")
     max_prompts: int | None = Field(None, ge=1, description="prompts used at most")
     mode: Literal["best_vs_worst", "best_vs_rest", "all"] = Field("best_vs_worst", description="pairs made per prompt")
-    seed: int = Field(0, description="round r samples with seed + r")
-    device: str = Field("auto", description="where sampling and the judge run")
     train: dict[str, Any] = Field({}, description="`prefalign train` keys for every round (method defaults to dpo)")
 
     @model_validator(mode="after")
     def _check_train(self):
         # validated now, with this round's model/data/output standing in, not after a sampling round
-        stand_in = train_config({"method": "dpo", **self.train, **self._round(self.model, Path(self.output))})
-        if METHODS[stand_in.method].unit != "pairs":
-            raise ValueError(f"iterate trains on the pairs it labels: {stand_in.method} is not a paired method")
+        if owned := sorted(set(self.train) & {"model", "data", "output"}):
+            raise ValueError(f"train: {', '.join(owned)} are set by each round (the last round's model, its pairs, "
+                             "round-N/train)")
+        stand_in = train_config({"method": "dpo", **self.train, **self._round(self.model, Path(self.output))},
+                                "train")
+        spec = METHODS[stand_in.method]
+        # the pairs it labels, or their chosen answers (best-of-n SFT); the result must be a policy
+        if spec.trainer != "offline" or spec.inputs != "logps" or spec.unit not in ("pairs", "completions"):
+            raise ValueError(f"iterate trains a policy on the pairs it labels: {stand_in.method} cannot")
         return self
 
     def _round(self, model: str, folder: Path) -> dict[str, str]:
@@ -60,7 +64,8 @@ def iterate(cfg: IterateConfig, log=print, progress: bool = True) -> dict:
         log(f"round {r}/{cfg.iterations}: sample from {model}")
         s = sample(SampleConfig(model=model, prompts=cfg.prompts, output=str(folder / "samples.jsonl"), n=cfg.n,
                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                top_p=cfg.top_p, max_prompts=cfg.max_prompts, seed=cfg.seed + r, device=cfg.device),
+                                top_p=cfg.top_p, max_prompts=cfg.max_prompts, seed=cfg.seed + r, device=cfg.device,
+                                precision=cfg.precision, threads=cfg.threads),
                    log)
         lab = label(
             LabelConfig(

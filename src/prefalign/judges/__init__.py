@@ -21,7 +21,7 @@ import torch
 from ..data.batches import pad
 from ..data.records import Text, text_of
 from ..data.tokenize import tokenize
-from ..errors import JudgeError
+from ..errors import JudgeError, ScoringError
 from ..models.generate import encode_prompt, left_pad
 from ..models.load import load_model, load_tokenizer
 from ..models.scalar import is_reward_model, load_scalar_model, sequence_scores
@@ -61,7 +61,7 @@ class CallableJudge:
     def score(self, prompts: list[Text], completions: list[str]) -> list[float]:
         values = list(self.fn([text_of(p) for p in prompts], list(completions)))
         if len(values) != len(completions):
-            raise JudgeError(f"reward {self.spec}: returned {len(values)} scores for {len(completions)} completions")
+            raise ScoringError(f"reward {self.spec}: returned {len(values)} scores for {len(completions)} completions")
         return [float(v) for v in values]
 
 

@@ -11,8 +11,8 @@ tensors its signature names, and a method's config holds exactly these hyperpara
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.nn import functional
 
 Metrics = dict[str, Tensor]
 
@@ -42,7 +42,7 @@ def dpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_l
     is assumed flipped with probability eps, giving -(1-eps) log sigma(beta h) - eps log sigma(-beta h).
     """
     logits = beta * _logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    loss = -(1 - label_smoothing) * functional.logsigmoid(logits) - label_smoothing * functional.logsigmoid(-logits)
     return loss, _implicit_rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                    ref_rejected_logps)
 
@@ -61,7 +61,7 @@ def robust(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chose
     if not 0 <= label_smoothing < 0.5:
         raise ValueError("robust DPO needs a flip rate label_smoothing in [0, 0.5)")
     logits = beta * _logratio_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    loss = (-(1 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)) \
+    loss = (-(1 - label_smoothing) * functional.logsigmoid(logits) + label_smoothing * functional.logsigmoid(-logits)) \
         / (1 - 2 * label_smoothing)
     return loss, _implicit_rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                    ref_rejected_logps)
@@ -93,7 +93,7 @@ def simpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_len
     Reference-free; the reward is the length-normalised log-prob scaled by beta."""
     chosen_rewards = beta * policy_chosen_logps / chosen_lengths
     rejected_rewards = beta * policy_rejected_logps / rejected_lengths
-    loss = -F.logsigmoid(chosen_rewards - rejected_rewards - simpo_gamma)
+    loss = -functional.logsigmoid(chosen_rewards - rejected_rewards - simpo_gamma)
     return loss, _reward_metrics(chosen_rewards, rejected_rewards)
 
 
@@ -106,7 +106,7 @@ def orpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_leng
     # log odds = log p - log(1 - p); log1p(-exp(x)) is stable for x < 0 (clamped away from 0)
     log_odds = (chosen_mean - rejected_mean) - (
         torch.log1p(-torch.exp(chosen_mean.clamp(max=-1e-6))) - torch.log1p(-torch.exp(rejected_mean.clamp(max=-1e-6))))
-    ratio_loss = -F.logsigmoid(log_odds)
+    ratio_loss = -functional.logsigmoid(log_odds)
     nll = -chosen_mean
     metrics = _reward_metrics(beta * chosen_mean, beta * rejected_mean)
     metrics["orpo/log_odds_ratio"] = log_odds.detach()
@@ -162,4 +162,4 @@ def bradley_terry(chosen_scores: Tensor, rejected_scores: Tensor, margins: Tenso
     metrics = {"reward_model/chosen": chosen_scores.detach(), "reward_model/rejected": rejected_scores.detach(),
                "reward_model/margin": (chosen_scores - rejected_scores).detach(),
                "reward_model/accuracy": (chosen_scores > rejected_scores).float().detach()}
-    return -F.logsigmoid(diff), metrics
+    return -functional.logsigmoid(diff), metrics

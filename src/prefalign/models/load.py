@@ -53,7 +53,10 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     kw: dict[str, Any] = {}
     if path.suffix == ".gguf":
         path, kw["gguf_file"] = path.parent, path.name
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kw)
+    except OSError as e:  # transformers' word for "not a tokenizer folder"
+        raise ModelError(f"{path}: cannot load a tokenizer: {e}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding positions are masked out everywhere
     return tok
@@ -89,7 +92,10 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_re
                                                        bnb_4bit_compute_dtype=torch.bfloat16)
         kw["device_map"] = {"": torch.device(device).index or 0}
         return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kw)
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kw)
+    except OSError as e:  # transformers' word for "not a model folder" (no config.json, no weights)
+        raise ModelError(f"{path}: cannot load a model: {e}") from None
     return model.to(device)
 
 
@@ -136,7 +142,6 @@ def enable_checkpointing(model, mode: bool | str) -> None:
     "selective" (matmul and attention outputs kept as well, only cheap ops recomputed)."""
     if not mode:
         return
-
 
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if mode == "selective":

@@ -94,7 +94,6 @@ def completion_logps(model, input_ids: Tensor, attention_mask: Tensor, n_prompt:
     return out
 
 
-
 def token_logps(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, *,
                 chunk_mb: float = 128.0) -> Tensor:
     """(B, T) log p(x_t | x_<t) at every scored position t (loss_mask[t] true), 0 elsewhere.

@@ -43,6 +43,8 @@ def load_scalar_model(path: str | Path, *, pad_token_id: int | None = None, dtyp
                           "use_safetensors": True, "local_files_only": True}
     try:
         model = AutoModelForSequenceClassification.from_pretrained(str(path), **kw)
+    except OSError as e:  # transformers' word for "not a model folder"
+        raise ModelError(f"{path}: cannot load a model: {e}") from None
     except ValueError as e:
         raise ModelError(f"{path}: this architecture has no sequence-classification head in transformers "
                          f"(a reward model or critic model needs one; PPO's critic: value_head): {e}") from None

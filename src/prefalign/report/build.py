@@ -38,7 +38,12 @@ EVAL_COLUMNS = ["preference_accuracy", "reward_mean", "win_rate", "kl_per_sequen
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_run(folder: str | Path) -> dict[str, Any]:
@@ -79,7 +84,8 @@ def summarise(r: dict[str, Any]) -> dict[str, Any]:
         row["final kl/policy_ref_seq"] = monitored[-1]["kl/policy_ref_seq"]
     if train_rows:
         last = train_rows[-1]
-        for key in ("loss", "rewards/accuracy", "rewards/margins", "ppo/reward", "ppo/kl", "reward_model/accuracy"):
+        for key in ("loss", "rewards/accuracy", "rewards/margins", "ppo/reward", "ppo/kl", "reward_model/accuracy",
+                    "reward/accuracy"):  # the reward model's accuracy, as runs before the rename wrote it
             if key in last:
                 row[f"final {key}"] = last[key]
     for key in EVAL_COLUMNS:
@@ -104,7 +110,8 @@ def plot_curves(runs: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for ax, (title, offline_key, rl_key) in zip(axes.flat, CURVES, strict=True):
         for r in runs:
-            key = rl_key if r["run"] and METHODS[r["run"]["method"]].trainer == "rl" else offline_key
+            spec = METHODS.get(r["run"].get("method")) if r["run"] else None
+            key = rl_key if spec is not None and spec.trainer == "rl" else offline_key
             xs, ys = _series(r["metrics"], key)
             if xs:
                 ax.plot(xs, ys, label=f"{r['name']} ({key})")

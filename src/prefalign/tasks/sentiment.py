@@ -25,8 +25,7 @@ from ..eval.evaluate import EvalConfig
 from ..eval.evaluate import evaluate as run_eval
 from ..feedback.label import LabelConfig, label
 from ..feedback.sample import SampleConfig, sample
-from ..train.methods import method as method_spec
-from ..train.methods import train_config
+from ..train.methods import get_method, train_config
 from ..train.run import train as run_train
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -109,7 +108,7 @@ def train_settings(run: Path, base: Path, method: str, data: Path | None, prompt
     # the KL monitor samples completions as long as the evaluation's, so its KL and eval's compare
     common = {"model": str(base), "output": str(run), "method": method, "lora": sizes.lora, "seed": sizes.seed,
               "device": "cpu", "lr_schedule": "constant", "kl_max_new_tokens": sizes.max_new_tokens, **settings}
-    if method_spec(method).trainer == "rl":
+    if get_method(method).trainer == "rl":
         common = {"prompts": str(prompts), "reward": REWARD, "max_new_tokens": sizes.max_new_tokens, **common}
     else:
         common = {"data": str(data), **common}

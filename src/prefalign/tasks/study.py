@@ -60,14 +60,38 @@ class StudyConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_runs(self):
-        # every run's settings validated into its method's config now, not after the first runs
+        # every run's settings validated into its method's config now, not hours into the study
+        if self.iterative_rounds > 1 and self.iterative_beta not in self.dpo_betas:
+            raise ValueError(f"iterative_beta {self.iterative_beta} is not in dpo_betas {self.dpo_betas}: "
+                             "its DPO run is the iterative arm's first round")
         stand_in = Path(self.output)
-        for name, method, settings in runs_of(self) + [("reward-model", "reward", self.reward_model)]:
-            try:
-                task.train_settings(stand_in / name, stand_in, method, stand_in, stand_in, task.Sizes(), **settings)
-            except ConfigError as e:
-                raise ValueError(f"run {name}: {e}") from None
+        runs = runs_of(self) + [("reward-model", "reward", self.reward_model)]
+        if self.learned_reward_kl_coef is not None:
+            runs += [(name, "ppo", settings) for name, settings in learned_reward_runs(self, stand_in)]
+        for seed in self.seeds:
+            sizes = sizes_of(self, seed)
+            for name, method, settings in runs:
+                try:
+                    task.train_settings(stand_in / name, stand_in, method, stand_in, stand_in, sizes, **settings)
+                except ConfigError as e:
+                    raise ValueError(f"run {name}: {e}") from None
         return self
+
+
+def sizes_of(cfg: StudyConfig, seed: int) -> task.Sizes:
+    return task.Sizes(train_prompts=cfg.train_prompts, eval_prompts=cfg.eval_prompts, samples=cfg.samples,
+                      max_new_tokens=cfg.max_new_tokens, seed=seed)
+
+
+def learned_reward_runs(cfg: StudyConfig, out: Path) -> list[tuple[str, dict[str, Any]]]:
+    """PPO against the seed's reward model (out/reward-model/final), once per min_new_tokens value."""
+    runs = []
+    for n in cfg.learned_reward_min_new_tokens:
+        guard = {"min_new_tokens": n} if n else {}
+        runs.append((f"ppo-learned-reward{f'-min{n}' if n else ''}",
+                     {**cfg.ppo, "kl_coef": cfg.learned_reward_kl_coef, "reward": str(out / "reward-model" / "final"),
+                      **guard}))
+    return runs
 
 
 def runs_of(cfg: StudyConfig) -> list[tuple[str, str, dict[str, Any]]]:
@@ -79,9 +103,6 @@ def runs_of(cfg: StudyConfig) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
-    if cfg.iterative_rounds > 1 and cfg.iterative_beta not in cfg.dpo_betas:
-        raise ConfigError(f"iterative_beta {cfg.iterative_beta} is not in dpo_betas {cfg.dpo_betas}: "
-                         "its DPO run is the iterative arm's first round")
     out = Path(cfg.output)
     t0 = time.perf_counter()
     rows: list[dict] = []
@@ -109,8 +130,7 @@ def run_study(cfg: StudyConfig, log=print, progress: bool = True) -> dict:
 
 def _one_seed(cfg: StudyConfig, seed: int, out: Path, log, progress: bool) -> list[dict]:
     """Pairs, reward model, every training run and the evaluations of one seed, each stage in its own process."""
-    sizes = task.Sizes(train_prompts=cfg.train_prompts, eval_prompts=cfg.eval_prompts, samples=cfg.samples,
-                       max_new_tokens=cfg.max_new_tokens, seed=seed)
+    sizes = sizes_of(cfg, seed)
     base, child_log = task.BASE_MODEL, portable(log)
     train_prompts, held_out = task.split_prefixes(out, sizes, cfg.split)
     (pairs, _), cost_pairs = run_stage(task.make_pairs, out, base, train_prompts, sizes, child_log)
@@ -119,11 +139,7 @@ def _one_seed(cfg: StudyConfig, seed: int, out: Path, log, progress: bool) -> li
         rm, cost_rm = run_stage(task.train, out / "reward-model", base, "reward", pairs, None, sizes, child_log,
                                 progress, **cfg.reward_model)
         log(f"reward model: train reward_model/accuracy {rm['final'].get('reward_model/accuracy', float('nan')):.2f}")
-        for n in cfg.learned_reward_min_new_tokens:
-            guard = {"min_new_tokens": n} if n else {}
-            plan.append((f"ppo-learned-reward{f'-min{n}' if n else ''}", "ppo",
-                         {**cfg.ppo, "kl_coef": cfg.learned_reward_kl_coef,
-                          "reward": str(out / "reward-model" / "final"), **guard}, cost_rm))
+        plan += [(name, "ppo", settings, cost_rm) for name, settings in learned_reward_runs(cfg, out)]
     trained = []
     plan_size = len(plan) + max(cfg.iterative_rounds - 1, 0)
     for i, (name, method, settings, cost_rm) in enumerate(plan, 1):

@@ -1,1 +1,1 @@
-"""One training loop for every offline method; objectives plug into it."""
+"""Training: the method registry (methods.py), the one loop (loop.py), the offline and RL updates."""

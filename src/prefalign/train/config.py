@@ -131,14 +131,6 @@ class RLConfig(RunConfig, Sampling):
     reference: Literal["auto", "adapter", "copy"] = Field(
         "auto", description="reference: the adapters switched off (LoRA) or a frozen copy")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data):
-        if isinstance(data, dict) and "kl_estimator" in data:
-            raise ValueError("kl_estimator was replaced by kl_penalty (reward_k1 | loss_k3 | loss_full): a detached "
-                             "k3 reward does not have the gradient of the KL; see README 'Which KL'")
-        return data
-
     @model_validator(mode="after")
     def _check_rl(self):
         if self.temperature <= 0:

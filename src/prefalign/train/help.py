@@ -8,7 +8,7 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .methods import METHODS, method, own_keys
+from .methods import METHODS, get_method, own_keys
 
 
 def _type(annotation) -> str:
@@ -36,7 +36,7 @@ def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
 
 
 def config_help(name: str) -> str:
-    spec = method(name)
+    spec = get_method(name)
     cls = spec.config
     own = own_keys(cls)
     shared = [k for k in cls.model_fields if k not in own and k != "method"]

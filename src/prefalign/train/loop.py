@@ -1,6 +1,7 @@
-"""The one training loop: AdamW, warmup + schedule, accumulation, clipping, precision, atomic
-checkpoints and exact resume, NaN/Inf guards, metrics and progress. An objective is a function
-`step(batch) -> (mean loss, metrics, real tokens)`; the loop knows nothing about methods.
+"""The one training loop of every method, offline and RL: AdamW, warmup + schedule, clipping, atomic
+checkpoints and exact resume, the NaN/Inf guard, the KL budget, metrics, TensorBoard and progress. A
+method plugs in an `Update` (train/offline.py: micro-batches -> loss -> step; train/ppo.py: rollout ->
+update); the loop knows nothing about methods.
 
 Exact resume: the data order is a pure function of (seed, micro-batch position), and a checkpoint
 holds the trainable weights, optimizer, scheduler, torch RNG state and that position; a run killed
@@ -251,13 +252,15 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             model.train()
         while step < cfg.max_steps:
             t0 = time.perf_counter()
+            skipped_before = opt.skipped
             metrics, tokens = update(step + 1, opt)
             scheduler.step()
             step += 1
-            seconds = time.perf_counter() - t0
+            # an update may time its own step (RL: rollout + update, docs/metrics.md)
+            seconds = metrics.pop("step_seconds", None) or time.perf_counter() - t0
             total_tokens += tokens
             row = {"step": step, **metrics, "learning_rate": scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens / seconds, "step_seconds": seconds,
+                   **({"tokens_per_s": tokens / seconds} if tokens else {}), "step_seconds": seconds,
                    "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": opt.skipped}
             if guard.exceeded:
                 runlog.write(row)  # the last skipped step is on record before the run stops
@@ -269,7 +272,8 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             if measured:
                 row.update(monitor.measure())
                 model.train()
-            if step % cfg.log_every == 0 or step == cfg.max_steps or measured:
+            skipped = opt.skipped > skipped_before and not metrics  # the whole step was skipped: on record
+            if step % cfg.log_every == 0 or step == cfg.max_steps or measured or skipped:
                 runlog.write(row)
             last = row
             update_bar(bar, step, _bar_text(row))
@@ -288,6 +292,8 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
 def _bar_text(row: dict[str, Any]) -> str:
     if "ppo/reward" in row:
         return f"reward {row['ppo/reward']:.3f} kl {row['ppo/kl']:.3f}"
+    if "tokens_per_s" not in row:
+        return f"step skipped ({row['skipped_steps']} in all)"
     return f"loss {row.get('loss', float('nan')):.4f} {row['tokens_per_s']:.0f} tok/s"
 
 

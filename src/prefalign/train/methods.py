@@ -17,10 +17,11 @@ import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import ConfigError, apply_overrides, load_config, read_mapping
 from ..losses import ppo as ppo_losses
@@ -82,7 +83,7 @@ class ORPO(Rpo):
     """ORPO (Hong et al. 2024): NLL plus lambda times the odds-ratio loss; reference-free."""
 
     method: Literal["orpo"] = "orpo"
-    beta: float = Field(0.1, gt=0, description="lambda: weight of the odds-ratio term")
+    beta: float = Field(0.1, ge=0, description="lambda: weight of the odds-ratio term")
 
 
 class KTO(ReferenceConfig):
@@ -105,6 +106,16 @@ class Reward(OfflineConfig):
 
     method: Literal["reward"] = "reward"
     margin_scale: float = Field(0.0, ge=0, description="subtract this times each pair's known margin (Llama 2)")
+
+    @model_validator(mode="after")
+    def _no_reference(self):
+        # a scalar head has no next-token distribution to compare with a reference, and QLoRA's loader
+        # is the causal LM's
+        if self.kl_budget is not None or self.kl_every:
+            raise ValueError("reward models have no KL to a reference: kl_budget / kl_every do not apply")
+        if self.quantize_4bit:
+            raise ValueError("quantize_4bit loads causal LMs; a reward model trains in fp32/bf16 (lora: true)")
+        return self
 
 
 class PPO(RLConfig):
@@ -131,10 +142,17 @@ class GRPO(GroupConfig):
     """GRPO (Shao et al. 2024): the group-normalised score is the advantage; the KL in the loss."""
 
     method: Literal["grpo"] = "grpo"
-    # a group whose scores are equal (common with 0/1 rewards) is normalised by the std of its KL
-    # sums alone: a k1 reward would make the advantage independent of kl_coef
-    kl_penalty: Literal["loss_k3", "loss_full"] = Field(
-        "loss_k3", description="where the KL enters: k3 or the exact KL, in the loss (not in the reward)")
+    kl_penalty: Literal["reward_k1", "loss_k3", "loss_full"] = Field(
+        "loss_k3", description="where the KL enters: k3 or the exact KL, in the loss (reward_k1 is refused)")
+
+    @model_validator(mode="after")
+    def _kl_in_the_loss(self):
+        if self.kl_penalty == "reward_k1":
+            # a group whose scores are equal (common with 0/1 rewards) is normalised by the std of its
+            # KL sums alone: the advantage no longer depends on kl_coef
+            raise ValueError("grpo normalises each group by its std, which cancels kl_coef in a k1 reward: use "
+                             "kl_penalty: loss_k3 or loss_full")
+        return self
 
 
 # ---------------------------------------------------------------- the registry
@@ -164,10 +182,18 @@ class Method:
         fn = self.loss or self.advantages
         return tuple(n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY)
 
+    @cached_property
+    def tensors(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(the tensors the loss needs, those it may take) by name, from its signature."""
+        params = [(n, p) for n, p in inspect.signature(self.loss).parameters.items() if p.kind is not p.KEYWORD_ONLY]
+        return tuple(n for n, p in params if p.default is p.empty), tuple(n for n, _ in params)
+
     def compute(self, tensors: dict[str, Any], cfg: RunConfig):
         """The loss on the tensors its signature names, with the config's values of its hyperparameters."""
-        wanted = inspect.signature(self.loss).parameters
-        return self.loss(**{k: v for k, v in tensors.items() if k in wanted},
+        needed, taken = self.tensors
+        if missing := [n for n in needed if n not in tensors]:
+            raise TypeError(f"{self.name}'s loss needs {missing}, which the trainer did not pass")
+        return self.loss(**{k: v for k, v in tensors.items() if k in taken},
                          **{k: getattr(cfg, k) for k in self.hyperparameters})
 
 
@@ -192,10 +218,15 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "Shao et al. 2024", advantages=ppo_losses.grpo_estimator),
 ]}
 # keys that were renamed: the old name, in any method's config, says where it went
-RENAMED = {"gamma": "simpo_gamma (simpo) or gae_gamma (ppo)", "lam": "gae_lambda (ppo)"}
+RENAMED = {
+    "gamma": "'gamma' was renamed: simpo_gamma (simpo) or gae_gamma (ppo)",
+    "lam": "'lam' was renamed: gae_lambda (ppo)",
+    "kl_estimator": "kl_estimator was replaced by kl_penalty (reward_k1 | loss_k3 | loss_full): a detached k3 "
+                    "reward does not have the gradient of the KL; see README 'Which KL'",
+}
 
 
-def method(name: str) -> Method:
+def get_method(name: str) -> Method:
     if name not in METHODS:
         close = difflib.get_close_matches(str(name), METHODS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -206,7 +237,13 @@ def method(name: str) -> Method:
 def own_keys(cls: type[RunConfig]) -> list[str]:
     """The keys a method's config adds to the shared ones (RunConfig, OfflineConfig + reference, RLConfig)."""
     base = RLConfig if issubclass(cls, RLConfig) else ReferenceConfig
-    return [k for k in cls.model_fields if k not in base.model_fields and k != "method"]
+    shared = base.model_fields
+
+    def redefined(k: str) -> bool:
+        mine, theirs = cls.model_fields[k], shared[k]
+        return mine.default != theirs.default or mine.annotation != theirs.annotation
+
+    return [k for k in cls.model_fields if k != "method" and (k not in shared or redefined(k))]
 
 
 def _foreign_keys(name: str, data: dict[str, Any], source: str) -> None:
@@ -218,7 +255,7 @@ def _foreign_keys(name: str, data: dict[str, Any], source: str) -> None:
             continue
         owners = [m for m, spec in METHODS.items() if key in spec.config.model_fields]
         if key in RENAMED:
-            problems.append(f"'{key}' was renamed: {RENAMED[key]}")
+            problems.append(RENAMED[key])
         elif owners:
             problems.append(f"'{key}' is a key of {', '.join(owners)}, not of {name}")
         else:
@@ -233,7 +270,7 @@ def _foreign_keys(name: str, data: dict[str, Any], source: str) -> None:
 def train_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a train config (a mapping with `method`, default dpo) into its method's config class."""
     name = data.get("method", "dpo")
-    spec = method(name)
+    spec = get_method(name)
     _foreign_keys(name, data, source)
     return load_config(spec.config, base={**data, "method": name}, source=source)
 

@@ -50,7 +50,7 @@ def _load_data(path: str, cfg: OfflineConfig, tokenizer, method: Method, out: Pa
                log: Callable[[str], None]) -> TokenizedData:
     records, problems = load_records(path, ReadOptions(format=cfg.format))
     data = tokenize_records(tokenizer, records, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                            data=method.unit)
+                            unit=method.unit)
     problems += data.problems
     if problems:
         bad = out / f"{name}_problems.jsonl"

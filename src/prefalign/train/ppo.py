@@ -11,7 +11,7 @@ One step of `max_steps`:
        ppo:  per-token reward = -kl_coef * k1_t (kl_penalty: reward_k1), plus the score at the last
              real token; GAE over it; advantages whitened (critic learns the unwhitened returns).
        rloo: sequence reward = score - kl_coef * sum_t k1_t; leave-one-out baseline over the k samples.
-       grpo: group-normalised score (with reward_k1, of score - kl_coef * sum_t k1_t).
+       grpo: the group-normalised score; its KL is in the loss (loss_k3 or loss_full).
   5. update: `ppo_epochs` passes over the rollout in `num_minibatches` shuffled minibatches; clipped
      surrogate (+ clipped value loss for ppo, + kl_coef * the loss_k3 / loss_full penalty, whose
      expected gradient is that of the sequence KL: losses/ppo.py); gradient clipping. A non-finite
@@ -245,8 +245,8 @@ class Iteration(Update):
         self.kl_ctl.value, self.moments = state["kl_coef"], RunningMoments(**state["moments"])
 
     def __call__(self, step: int, opt: Optimization) -> tuple[dict[str, float], int]:
-        # one function on purpose (82 lines): the iteration reads top to bottom in the numbered phases
-        # of the module docstring, as CleanRL's ppo.py does; splitting it would scatter the story
+        # one function on purpose: the iteration reads top to bottom in the numbered phases of the
+        # module docstring; split into helpers, the story of one PPO step would be scattered
         cfg, ac, device = self.cfg, self.ac, self.device
         # ---- 1. rollout
         t0 = time.perf_counter()
@@ -291,6 +291,8 @@ class Iteration(Update):
         stats = []
         for _ in range(cfg.ppo_epochs):
             for mb in torch.randperm(len(rows_idx)).chunk(cfg.num_minibatches):
+                if opt.guard.exceeded:  # the run stops: no more updates
+                    break
                 mb_dev = mb.to(device)
                 rows, m = roll.select(mb), mask[mb_dev]
                 with self.autocast():
@@ -321,7 +323,7 @@ class Iteration(Update):
             "ppo/entropy": float(ppo_losses.masked_mean(entropy, mask)), "ppo/kl_coef": self.kl_ctl.value,
             "ppo/completion_length": float(mask.sum(-1).mean()), "ppo/eos_rate": float(roll.ended.float().mean()),
             "ppo/rollout_seconds": rollout_seconds, "ppo/update_seconds": update_seconds,
-            "ppo/generation_tokens_per_s": roll.tokens_per_s,
+            "ppo/generation_tokens_per_s": roll.tokens_per_s, "step_seconds": rollout_seconds + update_seconds,
         }
         if returns is not None:
             metrics["ppo/value_explained_var"] = ppo_losses.explained_variance(old_values, returns, mask)
