@@ -59,9 +59,9 @@ def test_short_form_and_errors(tiny_models, pair_file, tmp_path):
               "betta=0.2")
     assert run.returncode == 2 and "unknown key 'betta'; did you mean 'beta'?" in run.stderr
     run = cli("train", "--method", "kto", "--model", tiny_models["gpt2"], "--data", pair_file, "-o", tmp_path / "x")
-    assert run.returncode == 1 and "unpaired examples" in run.stderr
+    assert run.returncode == 2 and "unpaired examples" in run.stderr  # data: exit 2
     run = cli("train", "--method", "dpo", "--model", tmp_path / "nope", "--data", pair_file, "-o", tmp_path / "x")
-    assert run.returncode == 1 and "nothing is downloaded" in run.stderr
+    assert run.returncode == 2 and "nothing is downloaded" in run.stderr  # model: exit 2
 
 
 def test_bad_records_are_reported_and_training_goes_on(tiny_models, tmp_path):

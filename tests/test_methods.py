@@ -82,7 +82,7 @@ def test_each_method_gets_its_papers_defaults():
 def test_embedded_train_configs_are_validated_before_any_work():
     with pytest.raises(ValueError, match="'gamma' was renamed"):
         IterateConfig(model="m", prompts="p", judge="j", output="o", train={"gamma": 1.0})
-    with pytest.raises(ValueError, match="not a paired method"):
+    with pytest.raises(ValueError, match="kto cannot"):
         IterateConfig(model="m", prompts="p", judge="j", output="o", train={"method": "kto"})
     with pytest.raises(ValueError, match="run ppo-kl0.1: .*unknown key 'ppo_epoch'; did you mean 'ppo_epochs'"):
         StudyConfig(output="o", ppo_kl_coefs=[0.1], ppo={"ppo_epoch": 2})

@@ -222,7 +222,7 @@ def test_cli_short_form_and_errors(tiny_models, prompt_file, tmp_path):
     assert len(_rows(tmp_path / "r")) == 2
     run = cli("train", "--method", "ppo", "--model", tiny_models["llama"], "--prompts", prompt_file,
               "--reward", f"{REWARDS}:nope", "--output", tmp_path / "x", "max_steps=1", "--no-progress")
-    assert run.returncode == 1 and "has no function 'nope'" in run.stderr
+    assert run.returncode == 2 and "has no function 'nope'" in run.stderr  # the judge spec: exit 2
     run = cli("train", "--method", "grpo", "--model", tiny_models["llama"], "--prompts", prompt_file,
               "--reward", f"{REWARDS}:great", "--output", tmp_path / "x", "samples_per_prompt=1")
     assert run.returncode == 2 and "samples_per_prompt must be >= 2" in run.stderr

@@ -59,9 +59,9 @@ def test_reward_model_reaches_accuracy_and_reads_back_with_transformers(arch, ti
 
     from prefalign.models.scalar import load_scalar_model, sequence_scores
 
-    train = learnable_pairs(96)  # measured: 48 pairs at 3e-3 reach 1.0 on train but 0.69 held out (GPT-2)
-    data = write_jsonl(tmp_path / "pairs.jsonl", train)
-    held_out = write_jsonl(tmp_path / "held_out.jsonl", held_out_pairs(train))
+    pairs = learnable_pairs(96)  # measured: 48 pairs at 3e-3 reach 1.0 on train but 0.69 held out (GPT-2)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", held_out_pairs(pairs))
     cfg = make_config(method="reward", model=str(tiny_models[arch]), data=str(data), eval_data=str(held_out),
                       output=str(tmp_path / "rm"), max_steps=120, batch_size=8, learning_rate=5e-3, eval_every=120,
                       lr_schedule="constant")

@@ -81,20 +81,32 @@ def _start(spec: dict) -> tuple[torch.device, int, str]:
     return dev, base_rss, "bf16" if default_dtype(dev) == torch.bfloat16 else "fp32"
 
 
+def _training_step(model, step_fn, batch: dict):
+    """One optimizer step of the method's own step function on a fixed batch (AdamW, as training)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+    def step():
+        loss, _, _ = step_fn(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def run_workload(spec: dict) -> dict:
     """One workload, in this process. spec: workload, shape | model, batch, seq, steps, warmup,
     device, peak_flops, and per workload: strategy (dpo: precompute|adapter|copy), new_tokens."""
     dev, base_rss, precision = _start(spec)
     name, b, seq = spec["workload"], spec["batch"], spec["seq"]
     steps, warmup = spec.get("steps", 5), spec.get("warmup", 2)
-    chunk_mb = spec.get("logits_chunk_mb", 128.0)
-    autocast = autocast_for(precision, dev)
-    if name in METHODS and METHODS[name].trainer == "rl":  # the trainer builds its own models from a folder
+    chunk_mb, autocast = spec.get("logits_chunk_mb", 128.0), autocast_for(precision, dev)
+    method = METHODS.get(name)  # dpo, sft, reward: a training step of that method; ppo: the trainer; generate
+    if method is not None and method.trainer == "rl":  # the trainer builds its own models from a folder
         return {"workload": name, "shape": spec.get("model") or spec.get("shape"), "batch": b, "seq": seq,
                 "precision": precision, "baseline_memory_bytes": base_rss if dev.type == "cpu" else 0,
                 **ppo_workload(spec, precision, spec["peak_flops"], lambda: peak_memory_bytes(dev))}
     strategy = spec.get("strategy", "precompute")
-    method = METHODS.get(name)  # dpo, sft, reward: a training step of that method; generate: sampling
     scalar = method is not None and method.inputs == "scores"
     referenced = method is not None and method.reference  # the workload times its reference strategy
     model = build(spec.get("shape", "tiny"), spec.get("model"), dev, scalar=scalar)
@@ -124,17 +136,8 @@ def run_workload(spec: dict) -> dict:
         ref_tokens = int(batch["input_ids"].numel())  # the reference forward computes the same positions
     # the method's own config at its defaults: the step is the trainer's own (train/offline.py)
     cfg = METHODS[name].config(model="-", data="-", output="-", precision=precision, logits_chunk_mb=chunk_mb)
-    step_fn = make_step(model, cfg, reference, autocast)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6)
+    step = _training_step(model, make_step(model, cfg, reference, autocast), batch)
     positions = int(batch["input_ids"].numel())  # what the model really computes (shared-prompt rows: fewer)
-
-    def step():
-        loss, _, _ = step_fn(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     real = int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
     scored = int(batch["lengths"].sum())  # the head runs here only
     head, train = head_params(model), "lora" if lora else "full"

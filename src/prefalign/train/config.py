@@ -30,7 +30,7 @@ class RunConfig(Runtime):
 
     max_steps: int = Field(100, ge=1, description="optimizer steps (RL: rollout + update iterations)")
     batch_size: int = Field(8, ge=1, description="pairs / examples per micro-batch (offline); prompts per rollout (RL)")
-    learning_rate: float = Field(5e-6, gt=0, description="AdamW learning rate")
+    learning_rate: float = Field(5e-6, ge=0, description="AdamW learning rate")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -152,4 +152,11 @@ class RLConfig(RunConfig, Sampling):
 class GroupConfig(RLConfig):
     """RLOO and GRPO compare the k samples of each prompt."""
 
-    samples_per_prompt: int = Field(4, ge=2, description="completions sampled per prompt (k >= 2: compared)")
+    samples_per_prompt: int = Field(4, ge=1, description="completions sampled per prompt (k >= 2: compared)")
+
+    @model_validator(mode="after")
+    def _a_group(self):
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"{getattr(self, 'method', 'this method')} compares samples of the same prompt: "
+                             "samples_per_prompt must be >= 2")
+        return self
