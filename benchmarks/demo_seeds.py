@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -44,7 +45,9 @@ def main() -> None:
         walls[seed] = time.perf_counter() - t0
         demos[seed] = json.loads((out / "demo.json").read_text())
     rows = {seed: {r["model"]: r for r in d["rows"]} for seed, d in demos.items()}
-    lines = [f"`python benchmarks/demo_seeds.py {shlex.join(sys.argv[1:])}`", "",
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [f"`python benchmarks/demo_seeds.py {shlex.join(sys.argv[1:])}` (commit {commit or '?'}, "
+             f"1-minute load average after: {os.getloadavg()[0]:.2f})", "",
              f"{a.split} prefixes; seeds {seeds}; mean [95% t-interval over seeds]; wall per demo: "
              + ", ".join(f"seed {s} {w:.0f} s" for s, w in walls.items()), "",
              "| model | " + " | ".join(KEYS.values()) + " | train s | train peak MiB | end-to-end s |",
@@ -53,7 +56,8 @@ def main() -> None:
         cells = []
         for key in KEYS:
             vals = [rows[s][model][key] for s in seeds]
-            cells.append("–" if None in vals else _fmt(vals))
+            # the base against itself has no win-rate to speak of
+            cells.append("–" if None in vals or (model == "base" and key == "win_rate_vs_base") else _fmt(vals))
         costs = [rows[s][model] for s in seeds]
         if costs[0]["train"] is None:
             cells += ["–"] * 3
