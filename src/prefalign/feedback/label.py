@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ..config import StrictModel
 from ..data.readers import read_rows
@@ -29,12 +30,16 @@ from ..runtime.device import pick_device
 
 
 class LabelConfig(StrictModel):
-    samples: str  # `prefalign sample` output
-    judge: str  # MODULE:FUNCTION, FILE.py:FUNCTION, a reward-model folder, or a causal-LM folder (pairwise)
-    output: str
-    mode: Literal["best_vs_worst", "best_vs_rest", "all", "best"] = "best_vs_worst"
-    skip_unfinished: bool = False  # drop completions that never reached EOS
-    device: str = "auto"
+    """`prefalign label`: sampled completions -> preference pairs (or best-of-n SFT data) by a judge."""
+
+    samples: str = Field(..., description="`prefalign sample` output")
+    judge: str = Field(..., description="MODULE:FUNCTION, FILE.py:FUNCTION, a reward-model folder, or a causal-LM "
+                                        "folder (pairwise judge)")
+    output: str = Field(..., description="preference file (or SFT file with mode: best)")
+    mode: Literal["best_vs_worst", "best_vs_rest", "all", "best"] = Field(
+        "best_vs_worst", description="pairs made per prompt, or best: the best completion as SFT data")
+    skip_unfinished: bool = Field(False, description="drop completions that never reached EOS")
+    device: str = Field("auto", description="where a model judge runs (runtime/device.py picks for auto)")
 
 
 def _read_samples(path: str) -> tuple[list[dict], list[Problem]]:

@@ -58,48 +58,18 @@ def _ssm_config(arch: str, vocab_size: int, hidden: int, layers: int, heads: int
     m2 = dict(mamba_n_heads=4, mamba_d_head=hidden * 2 // 4, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16,
               mamba_expand=2)  # Mamba-2 mixers: heads x head_dim = expand x hidden
     kw = {
-        "mamba2": dict(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_heads=4,
-            head_dim=hidden * 2 // 4,
-            state_size=8,
-            n_groups=1,
-            expand=2,
-            chunk_size=16,
-        ),
-        "jamba": dict(
-            attn,
-            attn_layer_period=2,
-            attn_layer_offset=1,
-            expert_layer_period=layers + 1,
-            num_experts=1,
-            mamba_d_state=8,
-            mamba_d_conv=4,
-            mamba_expand=2,
-            mamba_dt_rank=4,
-        ),
+        "mamba2": dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_heads=4,
+                       head_dim=hidden * 2 // 4, state_size=8, n_groups=1, expand=2, chunk_size=16),
+        "jamba": dict(attn, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=layers + 1, num_experts=1,
+                      mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4),
         "bamba": dict(attn, attn_layer_indices=list(range(1, layers, 2)), **m2),
         "falcon_h1": dict(attn, head_dim=hidden // heads, mamba_d_ssm=hidden * 2, **m2),  # parallel attn + Mamba-2
-        "nemotron_h": dict(
-            attn,
-            head_dim=hidden // heads,
-            layers_block_type=(["mamba", "attention", "mlp"] * layers)[:layers],
-            mamba_num_heads=4,
-            mamba_head_dim=hidden * 2 // 4,
-            ssm_state_size=8,
-            n_groups=1,
-            chunk_size=16,
-            expand=2,
-        ),
-        "granitemoehybrid": dict(
-            attn,
-            shared_intermediate_size=hidden * 2,
-            num_local_experts=0,
-            layer_types=["mamba", "attention"] * (layers // 2) + ["mamba"] * (layers % 2),
-            **m2,
-        ),
+        "nemotron_h": dict(attn, head_dim=hidden // heads,
+                           layers_block_type=(["mamba", "attention", "mlp"] * layers)[:layers],
+                           mamba_num_heads=4, mamba_head_dim=hidden * 2 // 4, ssm_state_size=8, n_groups=1,
+                           chunk_size=16, expand=2),
+        "granitemoehybrid": dict(attn, shared_intermediate_size=hidden * 2, num_local_experts=0,
+                                 layer_types=["mamba", "attention"] * (layers // 2) + ["mamba"] * (layers % 2), **m2),
     }[arch]
     return AutoConfig.for_model(arch, **kw, **extra)
 
