@@ -169,6 +169,18 @@ def add_lora(model, settings: dict[str, Any] | None = None, task_type: str = "CA
     return get_peft_model(model, config)
 
 
+def weight_dtypes(model) -> str:
+    """What the weights are held in, read from the model: "weights bf16 (frozen), fp32 (trained)"."""
+    def names(params) -> str:
+        found = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+        return "/".join(found) or "none"
+
+    params = list(model.parameters())
+    frozen = names(p for p in params if not p.requires_grad)
+    trained = names(p for p in params if p.requires_grad)
+    return f"weights {frozen} (frozen), {trained} (trained)"
+
+
 def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 

@@ -8,11 +8,28 @@ from functools import partial
 
 import torch
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bf16_capable(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "xpu"
+
+
+def weights_dtype(dtype: str, device: torch.device, frozen_base: bool) -> torch.dtype:
+    """The dtype the weights are loaded in. `auto`: bf16 for a frozen base (LoRA) on a device with bf16,
+    else fp32; a trained weight stays fp32 (it is the optimizer's master copy), its compute may still
+    run in bf16 under `precision`."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    return torch.bfloat16 if frozen_base and bf16_capable(device) else torch.float32
+
 
 def autocast_for(precision: str, device: torch.device) -> Callable:
     """`precision` auto | fp32 | bf16: a context factory, bf16 autocast or none (auto: bf16 on a CUDA GPU
     that has it)."""
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16_ok = device.type == "cuda" and bf16_capable(device)
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_ok)
     if not use_bf16:
         return nullcontext

@@ -46,6 +46,9 @@ class RunConfig(Runtime):
     kl_max_new_tokens: int = Field(32, ge=1, description="KL monitor: tokens sampled per prompt")
 
     max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (the end is kept)")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="weights as loaded; auto: bf16 for a LoRA base on a GPU with bf16, else fp32 (a trained "
+                            "weight stays fp32: use precision for bf16 compute)")
     gradient_checkpointing: bool | Literal["selective"] = Field(
         False, description="true: every layer recomputed in backward; selective: only its cheap ops")
     quantize_4bit: bool = Field(False, description="QLoRA: 4-bit base via bitsandbytes (CUDA only)")
@@ -68,6 +71,10 @@ class RunConfig(Runtime):
     def _check_run(self):
         if self.quantize_4bit and not self.lora:
             raise ValueError("quantize_4bit (QLoRA) trains adapters only: set lora: true")
+        if self.dtype in ("bf16", "fp16") and not self.lora:
+            # pure low-precision weights would drop the small updates AdamW makes to them
+            raise ValueError(f"dtype {self.dtype} is for a frozen LoRA base; a full fine-tune keeps fp32 weights "
+                             "(use precision: bf16 for bf16 compute)")
         if self.kl_budget is not None and self.kl_every == 0:
             raise ValueError("kl_budget is checked against the KL monitor: it needs kl_every > 0 (or unset)")
         return self

@@ -113,8 +113,10 @@ class Reward(OfflineConfig):
         # is the causal LM's
         if self.kl_budget is not None or self.kl_every:
             raise ValueError("reward models have no KL to a reference: kl_budget / kl_every do not apply")
-        if self.quantize_4bit:
-            raise ValueError("quantize_4bit loads causal LMs; a reward model trains in fp32/bf16 (lora: true)")
+        if self.quantize_4bit or self.dtype in ("bf16", "fp16"):
+            # the new scalar head is trained in full and reads the trunk's states in its own dtype
+            raise ValueError("a reward model loads in fp32 (dtype: auto or fp32; precision: bf16 for bf16 compute); "
+                             "quantize_4bit is for causal LMs")
         return self
 
 

@@ -20,14 +20,22 @@ from ..data.batches import TokenizedData, collate, collate_packed, collate_share
 from ..errors import ConfigError, DataError
 from ..losses.preference import rpo_nll
 from ..models.arch import block_mask_problem
-from ..models.load import add_lora, enable_checkpointing, is_peft, load_model, load_tokenizer_for, save_model
+from ..models.load import (
+    add_lora,
+    enable_checkpointing,
+    is_peft,
+    load_model,
+    load_tokenizer_for,
+    save_model,
+    weight_dtypes,
+)
 from ..models.logps import batch_logps
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
 from ..models.scalar import load_scalar_model, sequence_scores
 from ..runtime.determinism import disable_dropout
 from ..runtime.device import set_up
 from ..runtime.memory import set_malloc_mmap_threshold
-from ..runtime.precision import autocast_for
+from ..runtime.precision import autocast_for, weights_dtype
 from .config import OfflineConfig, RunConfig
 from .kl_monitor import auto_every, build_monitor
 from .loop import LoopResult, Optimization, Update, batch_indices, mean_metrics, train_loop, write_summary
@@ -176,7 +184,7 @@ def run_offline(cfg: OfflineConfig, log: Callable[[str], None] = print, progress
         log(f"reference pass: {time.perf_counter() - t0:.1f} s")
     log(f"method {cfg.method}, reference {strategy or 'none (reference-free)'}, "
         f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {device.type}, "
-        f"{layout.replace('_', '-')} rows")
+        f"{layout.replace('_', '-')} rows, {weight_dtypes(model)}")
 
     eval_fn = None
     if eval_data is not None:
@@ -206,7 +214,7 @@ def _load(cfg: OfflineConfig, method: Method, tokenizer, device: torch.device):
                                   trust_remote_code=cfg.trust_remote_code, device=device)
     else:
         model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
-                           quantize_4bit=cfg.quantize_4bit)
+                           quantize_4bit=cfg.quantize_4bit, dtype=weights_dtype(cfg.dtype, device, bool(cfg.lora)))
     disable_dropout(model)
     enable_checkpointing(model, cfg.gradient_checkpointing)
     return model
@@ -263,7 +271,7 @@ def in_order(data: TokenizedData, batch_size: int, collate_fn, device: torch.dev
 
 
 def _precompute(model, cfg, data, collate_fn, device, autocast, name: str, log):
-    fp = fingerprint(model, data.examples, f"{cfg.precision}|{device.type}")
+    fp = fingerprint(model, data.examples, f"{cfg.precision}|{cfg.dtype}|{device.type}")
     batches = (batch for _, batch in in_order(data, cfg.batch_size, collate_fn, device))
     return precompute(model, batches, len(data), len(data.examples[0].seqs), Path(cfg.output) / f"{name}.safetensors",
                       fp, autocast, cfg.logits_chunk_mb, log)

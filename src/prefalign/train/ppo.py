@@ -42,11 +42,12 @@ from ..errors import DataError
 from ..judges import RewardModelJudge, make_judge
 from ..losses import ppo as ppo_losses
 from ..models.generate import encode_prompt, generate
-from ..models.load import add_lora, is_peft, load_model, load_tokenizer_for, save_model
+from ..models.load import add_lora, is_peft, load_model, load_tokenizer_for, save_model, weight_dtypes
 from ..models.logps import completion_logps, states_kl
 from ..models.scalar import load_scalar_model, score_head
 from ..models.scalar import token_scores as critic_token_scores
 from ..runtime.determinism import disable_dropout
+from ..runtime.precision import weights_dtype
 from .config import RLConfig
 from .kl_monitor import build_monitor
 from .loop import LoopResult, Optimization, Update, batch_indices, train_loop, write_summary
@@ -166,7 +167,7 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
 
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
     policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
-                        quantize_4bit=cfg.quantize_4bit)
+                        quantize_4bit=cfg.quantize_4bit, dtype=weights_dtype(cfg.dtype, device, bool(cfg.lora)))
     disable_dropout(policy)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -187,7 +188,8 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
     critic = "value head" if ac.value_head is not None else "model" if ac.critic_model is not None else "none"
     log(f"method {cfg.method}, {len(prompts)} prompts, reference {strategy}, critic {critic}, "
         f"reward {judge.kind}{' (on the sampled ids)' if feed_ids else ''}, "
-        f"{'LoRA' if is_peft(policy) else 'full fine-tune'}, {copies} model copies, device {device.type}")
+        f"{'LoRA' if is_peft(policy) else 'full fine-tune'}, {copies} model copies, device {device.type}, "
+        f"{weight_dtypes(policy)}")
 
     iteration = Iteration(cfg, ac, ref_model, tokenizer, judge, prompts, feed_ids, device, autocast)
     monitor = build_monitor(cfg, policy, ref_model if ref_model is not None else policy,
