@@ -12,8 +12,8 @@ from prefalign.runtime.precision import weights_dtype
 from prefalign.train.methods import make_config
 from prefalign.train.run import train
 
-# measured here (this test's runs, losses printed side by side): 4 steps of LoRA DPO on the tiny Llama,
-# bf16 base vs fp32 base, the same data and seed, differ by at most 4.6e-5; the stated tolerance leaves
+# the stated tolerance for 4 steps of LoRA DPO on the tiny Llama, bf16 base vs fp32 base, the same data and
+# seed; on this machine the gap is far smaller (the assertion message prints both runs' losses), leaving
 # room for other CPUs' bf16 kernels
 LOSS_TOLERANCE = 1e-3
 

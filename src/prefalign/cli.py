@@ -396,16 +396,13 @@ def _method_help(argv: list[str]) -> str | None:
     """`prefalign train --method NAME --help`: NAME's keys (typer's help cannot depend on an option)."""
     if len(argv) < 2 or argv[0] != "train" or not {"--help", "-h"} & set(argv):
         return None
-    for i, arg in enumerate(argv):
-        if arg == "--method" and i + 1 < len(argv):
-            from .train.help import config_help
+    name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--method"), None)
+    name = name or next((a.partition("=")[2] for a in argv if a.startswith("--method=")), None)
+    if name is None:
+        return None
+    from .train.help import config_help
 
-            return config_help(argv[i + 1])
-        if arg.startswith("--method="):
-            from .train.help import config_help
-
-            return config_help(arg.partition("=")[2])
-    return None
+    return config_help(name)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from ..data.tokenize import Tokenized
 from ..models.load import add_lora
 from ..models.reference import AdapterReference, CopyReference, PrecomputedReference
 from ..runtime.device import default_dtype, pick_device, sync
-from ..runtime.memory import peak_memory_bytes
+from ..runtime.memory import peak_memory_bytes, peak_rss_bytes
 from ..runtime.precision import autocast_for
 from ..train.methods import METHODS
 from ..train.offline import make_step
@@ -74,7 +74,7 @@ def _summary(
 def _start(spec: dict) -> tuple[torch.device, int, str]:
     """(device, this process's RSS before the model, precision), peaks reset and the RNG seeded."""
     dev = pick_device(spec.get("device", "auto"))
-    base_rss = peak_memory_bytes(torch.device("cpu")) if dev.type == "cpu" else 0
+    base_rss = peak_rss_bytes() if dev.type == "cpu" else 0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(0)

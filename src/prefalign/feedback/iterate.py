@@ -11,27 +11,24 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import Runtime, Sampling, dump_config
+from ..config import dump_config
 from ..errors import DataError
 from ..judges import make_judge
 from ..runtime.device import pick_device
 from ..train.methods import METHODS, train_config
 from ..train.run import train
 from .label import LabelConfig, label
-from .sample import SampleConfig, sample
+from .sample import SampleConfig, SamplingRun, sample
 
 
-class IterateConfig(Runtime, Sampling):
+class IterateConfig(SamplingRun):
     """`prefalign iterate`: rounds of sample -> label -> train, each round from the last round's model."""
 
     model: str = Field(..., description="the starting model")
-    prompts: str = Field(..., description="prompt file (or any preference file: its prompts)")
     judge: str = Field(..., description="MODULE:FUNCTION, FILE.py:FUNCTION, a reward-model or a causal-LM folder")
     output: str = Field(..., description="folder of round-N/ and iterate.json")
     iterations: int = Field(2, ge=1, description="rounds")
-    n: int = Field(4, ge=2, description="completions sampled per prompt and round")
-    max_new_tokens: int = Field(64, ge=0, description="tokens sampled per completion at most")
-    max_prompts: int | None = Field(None, ge=1, description="prompts used at most")
+    n: int = Field(4, ge=2, description="completions sampled per prompt and round (2 or more: they are compared)")
     mode: Literal["best_vs_worst", "best_vs_rest", "all"] = Field("best_vs_worst", description="pairs made per prompt")
     train: dict[str, Any] = Field({}, description="`prefalign train` keys for every round (method defaults to dpo)")
 
@@ -62,10 +59,8 @@ def iterate(cfg: IterateConfig, log=print, progress: bool = True) -> dict:
     for r in range(1, cfg.iterations + 1):
         folder = out / f"round-{r}"
         log(f"round {r}/{cfg.iterations}: sample from {model}")
-        s = sample(SampleConfig(model=model, prompts=cfg.prompts, output=str(folder / "samples.jsonl"), n=cfg.n,
-                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                top_p=cfg.top_p, max_prompts=cfg.max_prompts, seed=cfg.seed + r, device=cfg.device,
-                                precision=cfg.precision, threads=cfg.threads),
+        shared = {k: getattr(cfg, k) for k in SamplingRun.model_fields}
+        s = sample(SampleConfig(**{**shared, "seed": cfg.seed + r}, model=model, output=str(folder / "samples.jsonl")),
                    log)
         lab = label(
             LabelConfig(

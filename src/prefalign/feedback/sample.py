@@ -17,17 +17,22 @@ from ..runtime.device import set_up
 from ..runtime.precision import autocast_for
 
 
-class SampleConfig(Runtime, Sampling):
+class SamplingRun(Runtime, Sampling):
+    """What `sample` and `iterate` share: the prompts, how many completions, how they are sampled."""
+
+    prompts: str = Field(..., description="prompt file (or any preference file: its prompts)")
+    n: int = Field(4, ge=1, description="completions per prompt")
+    max_new_tokens: int = Field(64, ge=0, description="tokens sampled per completion at most")
+    max_prompts: int | None = Field(None, ge=1, description="prompts used at most")
+
+
+class SampleConfig(SamplingRun):
     """`prefalign sample`: n completions per prompt."""
 
     model: str = Field(..., description="model folder or LoRA run's final/")
-    prompts: str = Field(..., description="prompt file (or any preference file: its prompts)")
     output: str = Field(..., description="JSONL of {prompt, completions, ended}")
-    n: int = Field(4, ge=1, description="completions per prompt")
-    max_new_tokens: int = Field(64, ge=0, description="tokens sampled per completion at most")
     batch_size: int = Field(16, ge=1, description="rows (prompt x sample) per generate call")
     max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (the end is kept)")
-    max_prompts: int | None = Field(None, ge=1, description="prompts used at most")
     format: str = Field("auto", description="data shape of `prompts`")
     trust_remote_code: bool = Field(False, description="run the model folder's own code (only if you trust it)")
 

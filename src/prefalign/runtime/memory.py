@@ -36,7 +36,14 @@ def set_malloc_mmap_threshold(mb: float) -> bool:
     return bool(libc.mallopt(m_mmap_threshold, int(mb * 2**20)))
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: a high-water mark that cannot be reset."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+
+
 def peak_memory_bytes(device: torch.device) -> int:
+    """The allocator's peak on a GPU, else the process's peak RSS."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak_rss_bytes()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import resource
 import sys
 import threading
 import time
@@ -25,6 +24,10 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import torch
+
+from ..runtime.memory import peak_memory_bytes, peak_rss_bytes
 
 # Imported once by the forkserver; never anything that starts threads or touches a GPU at import.
 PRELOAD = ["torch", "transformers", "peft", "prefalign.tasks.sentiment", "prefalign.train.offline",
@@ -92,14 +95,8 @@ def _measured(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, d
     t0 = time.perf_counter()
     result = fn(*args, **kwargs)
     seconds = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cuda = None
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        cuda = int(torch.cuda.max_memory_allocated())
-    # Linux reports KiB, macOS bytes
-    return result, {"seconds": seconds, "peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024,
-                    "peak_cuda_bytes": cuda}
+    cuda = peak_memory_bytes(torch.device("cuda")) if torch.cuda.is_initialized() else None
+    return result, {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "peak_cuda_bytes": cuda}
 
 
 def chain(*costs: dict) -> dict:

@@ -161,15 +161,14 @@ class RunLog:
     def write(self, row: dict[str, Any], scalars: bool = True) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        if self.writer is not None and scalars:
+        if scalars:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.writer.add_scalar(k, v, row["step"])
 
     def close(self) -> None:
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
 
 
 def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], None]) -> dict[str, Any] | None:
