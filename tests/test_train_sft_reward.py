@@ -32,7 +32,7 @@ def test_sft_loss_is_the_completion_token_mean(tiny_models, tokenizer):
     from prefalign.data.records import UnpairedExample
     from prefalign.models.load import load_model
     from prefalign.train.methods import METHODS
-    from prefalign.train.offline import make_step
+    from prefalign.train.offline import forward_of, make_step
 
     model = load_model(tiny_models["gpt2"])
     recs = [UnpairedExample("I loved the movie", " it was good.", True),
@@ -43,7 +43,7 @@ def test_sft_loss_is_the_completion_token_mean(tiny_models, tokenizer):
     batch = collate(data.examples, [0, 1], tokenizer.pad_token_id)
     cfg = make_config(method="sft", model="m", data="d", output="o")
     from contextlib import nullcontext
-    loss, _, _ = make_step(model, cfg, None, nullcontext)(batch)
+    loss, _, _ = make_step(forward_of(model, cfg), cfg, None, nullcontext)(batch)
     with torch.no_grad():
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]

@@ -165,15 +165,33 @@ def train(
                                       "reward-model folder"),
     output: str | None = typer.Option(None, "--output", "-o", help="run folder"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine (torchrun; one per GPU): "
+                              "the config's `distributed` strategy, the same optimisation as one process"),
 ) -> None:
     """Train with any method: `prefalign train CONFIG.yaml [key=value ...]` or the short form."""
     from .train.methods import load_train_config
+    from .train.run import launch_processes
     from .train.run import train as run_train
 
     config, args = _config_and_overrides(args)
     options = dict(method=method, model=model, data=data, prompts=prompts, reward=reward, output=output)
     cfg = load_train_config(config, args, base={k: v for k, v in options.items() if v is not None})
+    if nproc > 1:  # the config is valid: now start the processes, each of which runs this command
+        launch_processes(cfg, nproc, _without_nproc(sys.argv[1:]), log=_log)
+        return
     run_train(cfg, log=_log, progress=not no_progress)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 config_app = typer.Typer(no_args_is_help=True, help="The training methods and their config keys.")

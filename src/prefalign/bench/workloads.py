@@ -27,7 +27,7 @@ from ..runtime.device import default_dtype, pick_device, sync
 from ..runtime.memory import peak_memory_bytes, peak_rss_bytes
 from ..runtime.precision import autocast_for
 from ..train.methods import METHODS
-from ..train.offline import make_step
+from ..train.offline import forward_of, make_step
 from .flops import head_params, matmul_params, step_flops
 from .rl import ppo_workload
 from .shapes import build
@@ -136,7 +136,7 @@ def run_workload(spec: dict) -> dict:
         ref_tokens = int(batch["input_ids"].numel())  # the reference forward computes the same positions
     # the method's own config at its defaults: the step is the trainer's own (train/offline.py)
     cfg = METHODS[name].config(model="-", data="-", output="-", precision=precision, logits_chunk_mb=chunk_mb)
-    step = _training_step(model, make_step(model, cfg, reference, autocast), batch)
+    step = _training_step(model, make_step(forward_of(model, cfg), cfg, reference, autocast), batch)
     positions = int(batch["input_ids"].numel())  # what the model really computes (shared-prompt rows: fewer)
     real = int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
     scored = int(batch["lengths"].sum())  # the head runs here only

@@ -142,12 +142,13 @@ def rpo_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     return -policy_chosen_logps / chosen_lengths
 
 
-def sft(policy_logps: Tensor, lengths: Tensor) -> tuple[Tensor, Metrics]:
+def sft(policy_logps: Tensor, lengths: Tensor, mean_length: Tensor | None = None) -> tuple[Tensor, Metrics]:
     """Supervised fine-tuning on completions only: the token-mean negative log-likelihood of the
     batch. Per example the loss is -log pi(y)/|y| weighted by |y|/mean|y|, so the batch mean of the
     returned (B,) tensor equals sum(-log p over all tokens) / (all tokens): long answers weigh by
-    their tokens, as in a packed run."""
-    loss = -policy_logps / lengths.mean()
+    their tokens, as in a packed run. `mean_length`: mean|y| over the whole batch when this call
+    sees one process's share of it (default: over `lengths`)."""
+    loss = -policy_logps / (lengths.float().mean() if mean_length is None else mean_length)
     return loss, {"nll/token": (-policy_logps / lengths).detach(), "sft/tokens": lengths.detach()}
 
 

@@ -220,17 +220,18 @@ def backbone_and_head(model):
     return trunk_of(model), unwrap(model).get_output_embeddings()
 
 
-def save_model(model, tokenizer, out: str | Path, base: str | Path | None = None) -> None:
+def save_model(model, tokenizer, out: str | Path, base: str | Path | None = None, state_dict=None) -> None:
     """A HF folder (full fine-tune) or a PEFT adapter folder; both in safetensors.
 
     BASE: the model the run started from. An adapter records it as its base, so that a run started
     from another LoRA run's final/ (iterative DPO, PPO after DPO) saves an adapter whose base is that
     run's adapter: loading it merges the whole chain. PEFT would record the root model's name (the
-    merged model keeps its config's name) and silently drop the earlier runs' training."""
+    merged model keeps its config's name) and silently drop the earlier runs' training.
+    STATE_DICT: whole tensors gathered from a sharded (FSDP2) model, whose own are shards."""
     out = Path(out)
     if base is not None and is_peft(model):
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = str(base)
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

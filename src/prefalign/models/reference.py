@@ -88,7 +88,11 @@ def fingerprint(model, examples, extra: str = "") -> str:
 
 def precompute(model, batches: Iterator[dict[str, Tensor]], n_examples: int, slots: int, cache: Path,
                fp: str, autocast: Callable = nullcontext, chunk_mb: float = 128.0,
-               log: Callable[[str], None] = print) -> PrecomputedReference:
+               log: Callable[[str], None] = print, gather: Callable[[Tensor], Tensor] | None = None,
+               write: bool = True) -> PrecomputedReference:
+    """The table of reference log-probs of every example. Several processes: each passes `batches`
+    over its own share of the examples, `gather` sums the tables (zeros where another rank wrote)
+    and only the process told to `write` saves the cache."""
     if cache.exists():
         with safe_open(str(cache), "pt") as f:
             stored = (f.metadata() or {}).get("fingerprint")
@@ -98,20 +102,24 @@ def precompute(model, batches: Iterator[dict[str, Tensor]], n_examples: int, slo
         log(
             f"reference log-probs: cache {cache.name} is stale (model, data or tokenizer settings changed); recomputing"
         )
-    table = torch.full((n_examples, slots), float("nan"))
+    table, filled = torch.zeros(n_examples, slots), torch.zeros(n_examples)
     ctx = model.disable_adapter() if is_peft(model) else nullcontext()
     was_training = model.training
     model.eval()
     with torch.no_grad(), ctx, autocast():
         for batch in batches:
-            b = len(batch["index"])
-            table[batch["index"].cpu()] = _forward(model, batch, chunk_mb).float().cpu().view(slots, b).T
+            b, index = len(batch["index"]), batch["index"].cpu()
+            table[index] = _forward(model, batch, chunk_mb).float().cpu().view(slots, b).T
+            filled[index] += 1
     model.train(was_training)
-    if torch.isnan(table).any():
-        raise RuntimeError("reference precompute missed some examples")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    save_file({"logps": table}, str(tmp), metadata={"fingerprint": fp})
-    tmp.replace(cache)
+    if gather is not None:
+        table, filled = gather(table), gather(filled)
+    if not bool((filled == 1).all()):
+        raise RuntimeError("reference precompute missed (or repeated) some examples")
+    if write:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        save_file({"logps": table}, str(tmp), metadata={"fingerprint": fp})
+        tmp.replace(cache)
     log(f"reference log-probs: computed for {n_examples} examples -> {cache.name}")
     return PrecomputedReference(table)

@@ -52,6 +52,10 @@ class RunConfig(Runtime):
     gradient_checkpointing: bool | Literal["selective"] = Field(
         False, description="true: every layer recomputed in backward; selective: only its cheap ops")
     quantize_4bit: bool = Field(False, description="QLoRA: 4-bit base via bitsandbytes (CUDA only)")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="several processes (torchrun, accelerate launch, --nproc): ddp replicates the model, "
+                           "fsdp shards weights, gradients and optimizer state (FSDP2)")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep the shards and optimizer state in CPU memory")
     trust_remote_code: bool = Field(False, description="run the model folder's own code (only if you trust it)")
     logits_chunk_mb: float = Field(128.0, gt=0, description="memory per chunk of output-head logits")
     # glibc's own threshold grows to 32 MB after the first large free; a step's activations then come

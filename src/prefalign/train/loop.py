@@ -28,8 +28,10 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from ..errors import TrainingError
+from ..runtime.distributed import World
 from ..runtime.memory import peak_memory_bytes
 from .config import RunConfig
+from .parallel import full, shard_like
 
 
 @functools.lru_cache(maxsize=4)
@@ -65,25 +67,57 @@ def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
 
 
 def _trainable(model) -> dict[str, Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: full(p) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out: Path, step: int, position: int, model, optimizer, scheduler, extra: dict, keep: int) -> Path:
+def _param_names(model, optimizer) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def optimizer_state(model, optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name, with whole tensors: the same file whatever the
+    process count or strategy (an FSDP2 rank holds shards; torch's own dict is keyed by position)."""
+    sd, names = optimizer.state_dict(), _param_names(model, optimizer)
+    state = {names[i]: {k: full(v) if torch.is_tensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(model, optimizer, saved: dict[str, Any]) -> None:
+    if any(isinstance(k, int) for k in saved["state"]):  # a checkpoint from before name-keyed state
+        optimizer.load_state_dict(saved)
+        return
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    params = dict(model.named_parameters())
+    state = {index[n]: {k: shard_like(v, params[n]) if torch.is_tensor(v) and v.ndim else v for k, v in s.items()}
+             for n, s in saved["state"].items()}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(out: Path, step: int, position: int, model, optimizer, scheduler, extra: dict, keep: int,
+                    world: World = World()) -> Path | None:
+    """Every rank takes part (an FSDP2 shard is gathered); rank 0 writes. The files are those of a
+    one-process run, so any process count resumes from them."""
+    weights, optim = _trainable(model), optimizer_state(model, optimizer)
     ckpts = out / "checkpoints"
     final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_trainable(model), str(tmp / "trainable.safetensors"))
-    rng = {"torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():  # sampling on a GPU draws from its generators: resume needs them too
-        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng}, tmp / "state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "position": position, **extra}))
-    # the rename is the commit point: a folder named step-N is always complete
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(list_checkpoints(out))[:-keep] if keep > 0 else []:
-        shutil.rmtree(ckpts / f"step-{old}", ignore_errors=True)
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        rng = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():  # sampling on a GPU draws from its generators: resume needs them too
+            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), **rng}, tmp / "state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "position": position, **extra}))
+        # the rename is the commit point: a folder named step-N is always complete
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(list_checkpoints(out))[:-keep] if keep > 0 else []:
+            shutil.rmtree(ckpts / f"step-{old}", ignore_errors=True)
+    world.barrier()  # no rank goes on before the checkpoint exists
     return final
 
 
@@ -99,10 +133,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value)
+            params[name].copy_(shard_like(value, params[name]))
     # weights_only: the state file holds tensors and plain containers, never arbitrary objects
     state = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
@@ -147,7 +181,10 @@ class RunLog:
     """metrics.jsonl + TensorBoard events of a run. On resume, what was logged after the checkpoint
     is dropped so no step appears twice; a fresh run starts a fresh file."""
 
-    def __init__(self, out: Path, resumed_step: int | None):
+    def __init__(self, out: Path, resumed_step: int | None, enabled: bool = True):
+        self.enabled = enabled  # rank 0 of a multi-process run writes; the others only compute
+        if not enabled:
+            return
         out.mkdir(parents=True, exist_ok=True)
         path = out / "metrics.jsonl"
         if resumed_step is not None and path.exists():
@@ -159,6 +196,8 @@ class RunLog:
         self.writer = SummaryWriter(str(out))
 
     def write(self, row: dict[str, Any], scalars: bool = True) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if scalars:
@@ -167,6 +206,8 @@ class RunLog:
                     self.writer.add_scalar(k, v, row["step"])
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.file.close()
         self.writer.close()
 
@@ -228,10 +269,13 @@ class Optimization:
 
 def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                eval_fn: Callable[[], dict[str, float]] | None = None, monitor=None,
-               log: Callable[[str], None] = print, progress: bool = True, label: str = "training") -> LoopResult:
+               log: Callable[[str], None] = print, progress: bool = True, label: str = "training",
+               world: World = World()) -> LoopResult:
     """The one loop of every method: `update` runs each step; logging, the NaN/Inf policy,
     checkpoints and resume, the KL budget, TensorBoard and the run's last row are here, once.
-    `monitor` (train/kl_monitor.py) measures the exact KL to the reference on sampled completions."""
+    `monitor` (train/kl_monitor.py) measures the exact KL to the reference on sampled completions.
+    Several processes (`world`): each step's metrics are averaged and its tokens summed over the
+    ranks; rank 0 logs, measures the KL and writes; every rank loads a checkpoint to resume."""
     params, optimizer, scheduler = build_optimizer(cfg, model)
     guard = BadSteps(cfg.max_bad_steps, log)
     opt, step = Optimization(params, optimizer, cfg.max_grad_norm, guard), 0
@@ -239,10 +283,11 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
     if state is not None:
         step, update.position, opt.skipped = state["step"], state["position"], state.get("skipped_steps", 0)
         update.restore(state)
-    runlog, budget = RunLog(Path(cfg.output), step if state is not None else None), KLBudget(cfg, log)
+    runlog = RunLog(Path(cfg.output), step if state is not None else None, enabled=world.main)
+    budget = KLBudget(cfg, log)
     stopped, total_tokens, last = "max_steps", 0, {}
     t_start = time.perf_counter()
-    bar = progress_bar(cfg.max_steps, step, progress, label)
+    bar = progress_bar(cfg.max_steps, step, progress and world.main, label)
     model.train()
     try:
         if eval_fn is not None and getattr(cfg, "eval_every", 0) and step == 0:
@@ -253,6 +298,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             t0 = time.perf_counter()
             skipped_before = opt.skipped
             metrics, tokens = update(step + 1, opt)
+            metrics, tokens = world.mean_metrics(metrics), int(world.sum(tokens))
             scheduler.step()
             step += 1
             # an update may time its own step (RL: rollout + update, docs/metrics.md)
@@ -260,14 +306,14 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             total_tokens += tokens
             row = {"step": step, **metrics, "learning_rate": scheduler.get_last_lr()[0],
                    **({"tokens_per_s": tokens / seconds} if tokens else {}), "step_seconds": seconds,
-                   "peak_memory_bytes": peak_memory_bytes(device), "skipped_steps": opt.skipped}
+                   "peak_memory_bytes": int(world.max(peak_memory_bytes(device))), "skipped_steps": opt.skipped}
             if guard.exceeded:
                 runlog.write(row)  # the last skipped step is on record before the run stops
                 raise TrainingError(guard.exceeded)
             if eval_fn is not None and getattr(cfg, "eval_every", 0) and step % cfg.eval_every == 0:
                 row.update({f"eval/{k}": v for k, v in eval_fn().items()})
                 model.train()
-            measured = monitor is not None and monitor.due(step, cfg.max_steps)
+            measured = monitor is not None and world.main and monitor.due(step, cfg.max_steps)
             if measured:
                 row.update(monitor.measure())
                 model.train()
@@ -276,10 +322,11 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                 runlog.write(row)
             last = row
             update_bar(bar, step, _bar_text(row))
-            if "kl/policy_ref_token" in row and budget.over(row["kl/policy_ref_token"], step):
+            over = "kl/policy_ref_token" in row and budget.over(row["kl/policy_ref_token"], step)
+            if world.any_true(over):  # rank 0 measured it; every rank stops with it
                 stopped = "kl_budget"
             if checkpoint_or_stop(cfg, step, update.position, model, optimizer, scheduler,
-                                  {"skipped_steps": opt.skipped, **update.state()}, stopped, log):
+                                  {"skipped_steps": opt.skipped, **update.state()}, stopped, log, world):
                 break
     finally:
         if bar is not None:
@@ -342,10 +389,11 @@ class BadSteps:
 
 
 def checkpoint_or_stop(cfg: RunConfig, step: int, position: int, model, optimizer, scheduler, extra: dict,
-                       stopped: str, log: Callable[[str], None]) -> bool:
+                       stopped: str, log: Callable[[str], None], world: World = World()) -> bool:
     """Save a checkpoint when one is due or the run stops early; True when the run must stop."""
     if (cfg.save_every and step % cfg.save_every == 0) or stopped != "max_steps":
-        save_checkpoint(Path(cfg.output), step, position, model, optimizer, scheduler, extra, cfg.keep_checkpoints)
+        save_checkpoint(Path(cfg.output), step, position, model, optimizer, scheduler, extra, cfg.keep_checkpoints,
+                        world)
     if stopped != "max_steps":
         log(f"stopping at step {step}: kl/policy_ref_token is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
     return stopped != "max_steps"

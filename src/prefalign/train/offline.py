@@ -29,24 +29,31 @@ from ..models.load import (
     save_model,
     weight_dtypes,
 )
-from ..models.logps import batch_logps
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
-from ..models.scalar import load_scalar_model, sequence_scores
+from ..models.scalar import load_scalar_model
 from ..runtime.determinism import disable_dropout
 from ..runtime.device import set_up
+from ..runtime.distributed import World, init_world, shut_down
 from ..runtime.memory import set_malloc_mmap_threshold
 from ..runtime.precision import autocast_for, weights_dtype
 from .config import OfflineConfig, RunConfig
 from .kl_monitor import auto_every, build_monitor
 from .loop import LoopResult, Optimization, Update, batch_indices, mean_metrics, train_loop, write_summary
 from .methods import METHODS, Method
+from .parallel import Forward, accumulating, full_state, parallelize
 
 
-def choose_reference(cfg: OfflineConfig, method: Method, n_examples: int) -> str | None:
+def choose_reference(cfg: OfflineConfig, method: Method, n_examples: int, world: World = World()) -> str | None:
     if not method.reference:
         return None
+    fsdp = world.active and cfg.distributed == "fsdp"
+    if fsdp and cfg.reference not in ("auto", "precompute"):
+        # a sharded model is whole only inside its forward: the reference pass runs before sharding
+        raise ConfigError(f"distributed: fsdp takes reference: precompute (or auto), not {cfg.reference}")
     if cfg.reference != "auto":
         return cfg.reference
+    if fsdp:
+        return "precompute"
     visits = cfg.max_steps * cfg.batch_size * cfg.grad_accum
     # Precomputing costs one reference forward per example; on the fly costs one per visit.
     if visits >= n_examples:
@@ -55,14 +62,15 @@ def choose_reference(cfg: OfflineConfig, method: Method, n_examples: int) -> str
 
 
 def _load_data(path: str, cfg: OfflineConfig, tokenizer, method: Method, out: Path, name: str,
-               log: Callable[[str], None]) -> TokenizedData:
+               log: Callable[[str], None], world: World = World()) -> TokenizedData:
     records, problems = load_records(path, ReadOptions(format=cfg.format))
     data = tokenize_records(tokenizer, records, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                             unit=method.unit)
     problems += data.problems
     if problems:
         bad = out / f"{name}_problems.jsonl"
-        bad.write_text("".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in problems))
+        if world.main:
+            bad.write_text("".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in problems))
         log(f"{path}: {len(problems)} bad records set aside (first: {problems[0]}); all listed in {bad}")
     if not data.examples:
         raise DataError(f"{path}: no usable records")
@@ -89,8 +97,11 @@ def choose_layout(cfg: OfflineConfig, model, method: Method) -> str:
     return "shared_prompt" if share else "padded"
 
 
-def make_step(model, cfg: OfflineConfig, reference, autocast: Callable):
-    """One micro-batch -> (mean loss, metrics, tokens) for the config's method (train/methods.py)."""
+def make_step(forward, cfg: OfflineConfig, reference, autocast: Callable, world: World = World()):
+    """One micro-batch -> (mean loss, metrics, tokens) for the config's method (train/methods.py).
+    `forward` (train/parallel.py) gives per-sequence log-probs or scores; with several processes
+    each holds a share of the micro-batch, and what a loss takes over the whole batch (SFT's token
+    count, KTO's KL reference point) is taken over every rank's share."""
     method = METHODS[cfg.method]
     rpo_alpha = getattr(cfg, "rpo_alpha", 0.0)  # paired methods only
 
@@ -100,24 +111,25 @@ def make_step(model, cfg: OfflineConfig, reference, autocast: Callable):
         tokens = int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
         if method.inputs == "scores":  # a reward model: one scalar per sequence
             with autocast():
-                scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+                scores = forward(batch)  # (2B,)
             loss, metrics = method.compute(dict(chosen_scores=scores[:b], rejected_scores=scores[b:],
                                                 margins=batch.get("margins")), cfg)
             return loss.mean(), {k: float(v.float().mean()) for k, v in metrics.items()}, tokens
         with autocast():
-            logps = batch_logps(model, batch, cfg.logits_chunk_mb)  # (slots * B,)
+            logps = forward(batch)  # (slots * B,)
         lengths = batch["lengths"].clamp(min=1)
         ref = reference.logps(batch).float() if reference is not None else None
         if method.unit == "completions":
-            tensors = dict(policy_logps=logps, lengths=lengths)
+            tensors = dict(policy_logps=logps, lengths=lengths,
+                           mean_length=torch.tensor(world.sum(float(lengths.sum())) / world.sum(len(lengths))))
         elif method.paired:
             tensors = dict(policy_chosen_logps=logps[:b], policy_rejected_logps=logps[b:],
                            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:])
             if ref is not None:
                 tensors.update(ref_chosen_logps=ref[:b], ref_rejected_logps=ref[b:])
         else:
-            tensors = dict(policy_logps=logps[:b], ref_logps=ref[:b], labels=batch["labels"],
-                           kl=(logps[b:] - ref[b:]).mean())
+            kl = world.sum(float((logps[b:] - ref[b:]).detach().sum())) / world.sum(b)
+            tensors = dict(policy_logps=logps[:b], ref_logps=ref[:b], labels=batch["labels"], kl=torch.tensor(kl))
         loss, metrics = method.compute(tensors, cfg)
         if rpo_alpha:
             nll = rpo_nll(logps[:b], lengths[:b])
@@ -143,68 +155,117 @@ def make_step(model, cfg: OfflineConfig, reference, autocast: Callable):
     return step
 
 
-def start_run(cfg: RunConfig) -> tuple[Path, torch.device, Callable]:
-    """The run folder with its resolved config.yaml, the device, the autocast context; seeded."""
+def start_run(cfg: RunConfig) -> tuple[Path, torch.device, Callable, World]:
+    """The run folder with its resolved config.yaml, the device, the autocast context and the
+    process group when a launcher started several processes; seeded."""
     set_malloc_mmap_threshold(cfg.malloc_mmap_threshold_mb)
+    world, device = init_world(set_up(cfg))
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    device = set_up(cfg)
-    return out, device, autocast_for(cfg.precision, device)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    world.barrier()
+    return out, device, autocast_for(cfg.precision, device), world
 
 
 def run_offline(cfg: OfflineConfig, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
-    out, device, autocast = start_run(cfg)
-    method = METHODS[cfg.method]
+    out, device, autocast, world = start_run(cfg)
+    try:
+        return _run_offline(cfg, out, device, autocast, world, log if world.main else (lambda _: None), progress)
+    finally:
+        shut_down(world)
 
+
+def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, log, progress: bool) -> LoopResult:
+    method = METHODS[cfg.method]
+    check_world(cfg, method, world)
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
     model = _load(cfg, method, tokenizer, device)
-    data = _load_data(cfg.data, cfg, tokenizer, method, out, "data", log)
-    eval_data = _load_data(cfg.eval_data, cfg, tokenizer, method, out, "eval_data", log) if cfg.eval_data else None
+    data = _load_data(cfg.data, cfg, tokenizer, method, out, "data", log, world)
+    eval_data = _load_data(cfg.eval_data, cfg, tokenizer, method, out, "eval_data", log, world) if cfg.eval_data \
+        else None
 
-    strategy = choose_reference(cfg, method, len(data))
+    strategy = choose_reference(cfg, method, len(data), world)
     reference = None
     if strategy == "copy":
         reference = CopyReference(model, autocast, cfg.logits_chunk_mb)  # before LoRA and before any update
-    watch, initial = _watch(cfg, method, strategy, model, log)
+    watch, initial = _watch(cfg, method, strategy, model, log, world)
     if cfg.lora_settings is not None:
         model = add_lora(model, cfg.lora_settings, "SEQ_CLS" if method.inputs == "scores" else "CAUSAL_LM")
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
-    pad = tokenizer.pad_token_id
     layout = choose_layout(cfg, model, method)
     collate_fn = {"packed": collate_packed, "shared_prompt": collate_shared_prompt, "padded": collate}[layout]
-    collate_pad = partial(collate_fn, pad_id=pad)
+    collate_pad = partial(collate_fn, pad_id=tokenizer.pad_token_id)
     make_batch = partial(lambda d, idx: collate_pad([d.examples[i] for i in idx], idx), data)
+    # every reference pass happens before the model is wrapped (an FSDP2 model is only whole in its forward)
     if strategy == "adapter":
         reference = AdapterReference(model, autocast, cfg.logits_chunk_mb)
     elif strategy == "precompute":
         t0 = time.perf_counter()
-        reference = _precompute(model, cfg, data, collate_pad, device, autocast, "ref_logps", log)
+        reference = _precompute(model, cfg, data, collate_pad, device, autocast, "ref_logps", log, world)
         log(f"reference pass: {time.perf_counter() - t0:.1f} s")
+    eval_reference = reference
+    if eval_data is not None and strategy == "precompute":
+        # eval examples have their own table, computed once with the model as it is now (untrained)
+        eval_reference = _precompute(model, cfg, eval_data, collate_pad, device, autocast, "ref_logps_eval",
+                                     lambda _: None, world)
     log(f"method {cfg.method}, reference {strategy or 'none (reference-free)'}, "
         f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {device.type}, "
-        f"{layout.replace('_', '-')} rows, {weight_dtypes(model)}")
-
-    eval_fn = None
-    if eval_data is not None:
-        eval_fn = _evaluator(model, cfg, eval_data, strategy, autocast, device, collate_pad, reference)
+        f"{layout.replace('_', '-')} rows, {weight_dtypes(model)}"
+        + (f", {world.size} processes ({cfg.distributed})" if world.active else ""))
     monitor = None
     if watch:
         ref_model = reference.model if strategy == "copy" else initial if initial is not None else model
         ctx = model.disable_adapter if ref_model is model else nullcontext
         monitor = build_monitor(cfg, model, ref_model, ctx, tokenizer, cfg.eval_data or cfg.data, device, autocast, log)
-    update = OfflineUpdate(cfg, make_batch, make_step(model, cfg, reference, autocast), len(data), device)
-    result = train_loop(cfg, model, update, device, eval_fn=eval_fn, monitor=monitor, log=log, progress=progress)
-    if method.inputs == "scores" and is_peft(model):
-        # a reward model is a judge for later runs: one standalone folder, not an adapter
-        save_model(model.merge_and_unload(), tokenizer, out / "final")
-    else:
-        save_model(model, tokenizer, out / "final", base=cfg.model)
-    write_summary(out, result, method=cfg.method, reference=strategy, lora=is_peft(model),
-                  model_copies=1 + (strategy == "copy") + (initial is not None))
-    log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
+    forward = parallelize(forward_of(model, cfg), world, cfg.distributed, cfg.precision == "bf16",
+                          cfg.fsdp_cpu_offload, device)
+    step_fn = make_step(forward, cfg, reference, autocast, world)
+    eval_fn = None
+    if eval_data is not None:
+        eval_fn = _evaluator(model, cfg, eval_data, device, collate_pad,
+                             make_step(forward, cfg, eval_reference, autocast, world))
+    update = OfflineUpdate(cfg, make_batch, step_fn, len(data), device, world, forward)
+    result = train_loop(cfg, model, update, device, eval_fn=eval_fn, monitor=monitor, log=log, progress=progress,
+                        world=world)
+    _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log)
     return result
+
+
+def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult, strategy, initial, world: World,
+            log) -> None:
+    """final/ and run.json, written by rank 0 (under FSDP2 every rank first gathers its shards)."""
+    lora, base = is_peft(model), cfg.model
+    if method.inputs == "scores" and lora:
+        # a reward model is a judge for later runs: one standalone folder, not an adapter
+        model, base = model.merge_and_unload(), None
+    state = None
+    if world.active and cfg.distributed == "fsdp":
+        state = full_state(model)
+    if world.main:
+        save_model(model, tokenizer, out / "final", base=base, state_dict=state)
+        write_summary(out, result, method=cfg.method, reference=strategy, lora=lora,
+                      model_copies=1 + (strategy == "copy") + (initial is not None), processes=world.size)
+    world.barrier()
+    log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
+
+
+def check_world(cfg: OfflineConfig, method: Method, world: World) -> None:
+    """What a multi-process run needs, checked before any work."""
+    if not world.active:
+        return
+    if cfg.batch_size % world.size:
+        raise ConfigError(f"batch_size {cfg.batch_size} is the global micro-batch and must divide over the "
+                          f"{world.size} processes (each takes batch_size / processes pairs)")
+    if cfg.distributed == "fsdp" and cfg.quantize_4bit:
+        raise ConfigError("distributed: fsdp does not shard 4-bit (QLoRA) weights here; use distributed: ddp")
+    if cfg.distributed == "fsdp" and method.inputs == "scores" and cfg.lora:
+        raise ConfigError("distributed: fsdp cannot merge a sharded LoRA reward model into final/; use ddp")
+
+
+def forward_of(model, cfg: OfflineConfig) -> Forward:
+    return Forward(model, METHODS[cfg.method].inputs == "scores", cfg.logits_chunk_mb)
 
 
 def _load(cfg: OfflineConfig, method: Method, tokenizer, device: torch.device):
@@ -220,9 +281,18 @@ def _load(cfg: OfflineConfig, method: Method, tokenizer, device: torch.device):
     return model
 
 
-def _watch(cfg: OfflineConfig, method: Method, strategy: str | None, model, log) -> tuple[bool, object]:
-    """(KL monitor on?, a frozen copy of the initial model when the monitor needs one, else None)."""
+def _watch(cfg: OfflineConfig, method: Method, strategy: str | None, model, log,
+           world: World = World()) -> tuple[bool, object]:
+    """(KL monitor on?, a frozen copy of the initial model when the monitor needs one, else None).
+    Several processes: rank 0 measures (the others would repeat it); under FSDP2 no rank holds the
+    whole model to sample from, so the monitor is off."""
     watch = method.inputs == "logps" and auto_every(cfg.kl_every, cfg.max_steps, cfg.kl_budget) > 0
+    if watch and world.active and cfg.distributed == "fsdp":
+        if cfg.kl_budget is not None:
+            raise ConfigError("kl_budget needs the KL monitor, which distributed: fsdp does not run; use ddp")
+        log("KL monitor off: under distributed: fsdp no process holds the whole model to sample from")
+        return False, None
+    watch = watch and world.main
     if not watch or strategy == "copy" or cfg.lora_settings is not None:
         return watch, None
     # a full fine-tune with no reference model in memory: the monitor needs the starting weights, a
@@ -240,20 +310,31 @@ class OfflineUpdate(Update):
     the clipped step. A non-finite loss skips the whole step."""
 
     def __init__(self, cfg: OfflineConfig, make_batch: Callable, step_fn: Callable, n_examples: int,
-                 device: torch.device):
+                 device: torch.device, world: World = World(), forward=None):
         self.cfg, self.make_batch, self.step_fn, self.n, self.device = cfg, make_batch, step_fn, n_examples, device
+        self.world, self.forward = world, forward
+
+    def micro_batch(self) -> list[int]:
+        """This process's share of the next micro-batch: the micro-batches (and so the optimisation)
+        are the same whatever the process count, and `position` means the same on resume."""
+        idx = batch_indices(self.position, self.cfg.batch_size, self.n, self.cfg.seed)
+        share = len(idx) // self.world.size
+        return idx[self.world.rank * share:(self.world.rank + 1) * share]
 
     def __call__(self, step: int, opt: Optimization) -> tuple[dict[str, float], int]:
         items, tokens, finite = [], 0, True
-        for _ in range(self.cfg.grad_accum):
-            batch = self.make_batch(batch_indices(self.position, self.cfg.batch_size, self.n, self.cfg.seed))
+        for i in range(self.cfg.grad_accum):
+            batch = self.make_batch(self.micro_batch())
             self.position += 1
             loss, metrics, n_tok = self.step_fn({k: v.to(self.device) for k, v in batch.items()})
             tokens += n_tok
-            if not torch.isfinite(loss):
+            # every rank skips together: under DDP a rank without backward would leave the others waiting
+            if not self.world.all_true(bool(torch.isfinite(loss))):
                 finite = False
                 continue
-            (loss / self.cfg.grad_accum).backward()
+            # gradients are reduced across processes once a step, on its last micro-batch
+            with accumulating(self.forward, i < self.cfg.grad_accum - 1):
+                (loss / self.cfg.grad_accum).backward()
             items.append({"loss": float(loss.detach()), **metrics})
         if finite:
             grad_norm = opt.apply(step)
@@ -270,20 +351,21 @@ def in_order(data: TokenizedData, batch_size: int, collate_fn, device: torch.dev
         yield idx, {k: v.to(device) for k, v in collate_fn([data.examples[j] for j in idx], idx).items()}
 
 
-def _precompute(model, cfg, data, collate_fn, device, autocast, name: str, log):
+def _precompute(model, cfg, data, collate_fn, device, autocast, name: str, log, world: World = World()):
+    """The reference table; several processes each take every world.size-th batch and share them."""
     fp = fingerprint(model, data.examples, f"{cfg.precision}|{cfg.dtype}|{device.type}")
-    batches = (batch for _, batch in in_order(data, cfg.batch_size, collate_fn, device))
-    return precompute(model, batches, len(data), len(data.examples[0].seqs), Path(cfg.output) / f"{name}.safetensors",
-                      fp, autocast, cfg.logits_chunk_mb, log)
+    batches = (batch for i, (_, batch) in enumerate(in_order(data, cfg.batch_size, collate_fn, device))
+               if i % world.size == world.rank)
+    world.barrier()  # every rank reads the cache before any writes it
+    table = precompute(model, batches, len(data), len(data.examples[0].seqs), Path(cfg.output) / f"{name}.safetensors",
+                       fp, autocast, cfg.logits_chunk_mb, log, gather=world.fill if world.active else None,
+                       write=world.main)
+    world.barrier()
+    return table
 
 
-def _evaluator(model, cfg, eval_data, strategy, autocast, device, collate_fn, train_reference):
-    """Mean metrics of the objective over the whole eval set (no gradient)."""
-    reference = train_reference
-    if strategy == "precompute":
-        # eval examples have their own table, computed once with the model as it is now (untrained)
-        reference = _precompute(model, cfg, eval_data, collate_fn, device, autocast, "ref_logps_eval", lambda _: None)
-    step = make_step(model, cfg, reference, autocast)
+def _evaluator(model, cfg, eval_data, device, collate_fn, step):
+    """Mean metrics of the objective over the whole eval set (no gradient); every process runs it."""
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..config import Sampling
 from ..data import ReadOptions, load_prompts
 from ..data.records import text_of
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..judges import RewardModelJudge, make_judge
 from ..losses import ppo as ppo_losses
 from ..models.generate import encode_prompt, generate
@@ -163,7 +163,10 @@ def minibatch_loss(cfg: RLConfig, new: dict[str, Tensor], old: Tensor, ref: Tens
 
 
 def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
-    out, device, autocast = start_run(cfg)
+    out, device, autocast, world = start_run(cfg)
+    if world.active:
+        # rollouts sharded by rank with cross-rank advantage normalisation are not built yet
+        raise ConfigError(f"{cfg.method} runs in one process for now; launch it without torchrun/--nproc")
 
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
     policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,

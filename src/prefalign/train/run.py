@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+from ..errors import TrainingError
+from ..runtime.distributed import launch
 from .config import RunConfig
-from .loop import LoopResult
+from .loop import LoopResult, list_checkpoints
 from .methods import METHODS
 from .offline import run_offline
 from .ppo import run_rl
@@ -15,3 +18,17 @@ TRAINERS: dict[str, Callable[..., LoopResult]] = {"offline": run_offline, "rl": 
 
 def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
     return TRAINERS[METHODS[cfg.method].trainer](cfg, log=log, progress=progress)
+
+
+def launch_processes(cfg: RunConfig, nproc: int, argv: list[str], log: Callable[[str], None] = print) -> None:
+    """`prefalign ARGV` (a train command) in `nproc` processes; a failure of any one stops them all
+    and is reported with where to resume from."""
+    log(f"starting {nproc} processes (torchrun, distributed: {cfg.distributed})")
+    code = launch(nproc, argv)
+    if code == 0:
+        return
+    steps = list_checkpoints(Path(cfg.output))
+    where = (f"the newest checkpoint is {Path(cfg.output) / 'checkpoints' / f'step-{steps[-1]}'}: resume with "
+             "resume=true, on any number of processes" if steps else "no checkpoint was saved (set save_every)")
+    raise TrainingError(f"a training process failed (exit code {code}; its error is above) and torchrun "
+                        f"stopped the others; {where}")

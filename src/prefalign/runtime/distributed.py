@@ -1,0 +1,124 @@
+"""Several processes, one run: PyTorch's own process group, set up from the environment a launcher
+leaves (torchrun, `accelerate launch`, `prefalign train --nproc N`: RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT). Without one, a `World` of one process, and every function here is a no-op.
+
+The helpers are the few collectives the loop needs beyond the gradient reduction (which DDP or FSDP2
+do): agreeing on whether a loss was finite (a rank that skips backward under DDP would leave the
+others waiting), averaging the logged metrics, summing token counts, and filling the precomputed
+reference table from shards.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes logs, metrics, checkpoints and the final model; the others compute."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def all_true(self, flag: bool) -> bool:
+        """True on every rank only if `flag` is true on every rank."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def any_true(self, flag: bool) -> bool:
+        return not self.all_true(not flag)
+
+    def sum(self, value: float) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each key averaged over the ranks that report it (ranks may miss a key whose values were
+        all NaN). Every rank has an equal share of the batch, so a per-example mean averaged over
+        ranks is the mean over the whole batch."""
+        if not self.active:
+            return metrics
+        gathered: list[dict[str, float]] = [{} for _ in range(self.size)]
+        dist.all_gather_object(gathered, metrics)
+        keys = sorted({k for m in gathered for k in m})
+        return {k: sum(m[k] for m in gathered if k in m) / sum(k in m for m in gathered) for k in keys}
+
+    def max(self, value: float) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def fill(self, table: torch.Tensor) -> torch.Tensor:
+        """A table each rank filled in part (zeros elsewhere) made whole on every rank: a sum, exact
+        because every entry is written by one rank and added to zeros."""
+        if not self.active:
+            return table
+        t = table.to(self._device())
+        dist.all_reduce(t)
+        return t.cpu()
+
+    def _device(self) -> torch.device:
+        # NCCL reduces only CUDA tensors; gloo only CPU ones
+        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_world(device: torch.device, timeout_minutes: float = 30.0) -> tuple[World, torch.device]:
+    """The process group when a launcher started several processes, and this process's device
+    (cuda:LOCAL_RANK on a GPU node). NCCL for CUDA (and ROCm's RCCL behind the same name), gloo
+    for CPU runs: the CPU tests run two processes on gloo."""
+    if not launched():
+        return World(), device
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return world, device
+
+
+def shut_down(world: World) -> None:
+    if world.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """`prefalign ARGV` in `nproc` processes on this machine under torchrun (PyTorch's launcher:
+    rendezvous, environment, and when one process dies it stops the others, so nothing hangs).
+    The exit code of the run: 0, or that of the first process that failed."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "prefalign", *argv]
+    return subprocess.run(cmd, check=False).returncode

@@ -1,0 +1,123 @@
+"""One run over several processes with PyTorch's own engines: DDP (every rank holds the model, the
+gradients are averaged) or FSDP2 (`fully_shard`: weights, gradients and optimizer state sharded
+over the ranks). prefalign adds no engine of its own; it only
+
+- puts a method's differentiable forward (batch -> per-sequence log-probs or scores) behind one
+  module call, `Forward`, because both engines act in hooks on module calls, and the log-prob path
+  reads the output head's weight directly (only the positions it scores go through the head);
+- gathers full tensors for checkpoints, so that a checkpoint holds the same files whatever the
+  process count or strategy was (train/loop.py), and a run resumes on any other count.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..models.load import trunk_of
+from ..models.logps import batch_logps
+from ..models.scalar import sequence_scores
+from ..runtime.distributed import World
+
+
+class Forward(nn.Module):
+    """The training forward as one module: per-sequence log-probs (slot-major, models/logps.py)
+    or, for a reward model, one score per sequence."""
+
+    def __init__(self, model: nn.Module, scores: bool, chunk_mb: float):
+        super().__init__()
+        self.model, self.scores, self.chunk_mb = model, scores, chunk_mb
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        if self.scores:
+            return sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])
+        return batch_logps(self.model, batch, self.chunk_mb)
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The trunk's repeated layers (LlamaModel.layers, GPT2Model.h, MambaModel.layers, ...): the
+    units FSDP2 shards and gathers one at a time."""
+    found = [child for child in trunk_of(model).children() if isinstance(child, nn.ModuleList)]
+    if not found:
+        raise ConfigError(f"distributed: fsdp cannot find the repeated layers of {type(trunk_of(model)).__name__}")
+    return list(max(found, key=len))
+
+
+def parallelize(forward: Forward, world: World, strategy: str, precision_bf16: bool, cpu_offload: bool,
+                device: torch.device) -> nn.Module:
+    """`forward` as the strategy runs it; with one process, itself."""
+    if not world.active:
+        return forward
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # broadcast_buffers off: the only buffers are constant (rotary tables); a broadcast on every
+        # forward would make evaluation a collective too
+        ids = [device.index] if device.type == "cuda" else None
+        newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        return DistributedDataParallel(forward, device_ids=ids,
+                                       **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    # bf16 compute on gathered weights, gradients reduced in fp32 (FSDP2's recommended mix)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision_bf16 \
+        else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for block in blocks(forward.model):
+        fully_shard(block, mp_policy=mp, offload_policy=offload)
+    fully_shard(forward, mp_policy=mp, offload_policy=offload)  # the rest: embeddings, final norm, head
+    return forward
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor on every rank (a collective for an FSDP2 shard), on the CPU."""
+    if hasattr(t, "full_tensor"):  # a DTensor
+        t = t.full_tensor()
+    return t.detach().cpu().contiguous()
+
+
+def full_state(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict with whole tensors (every rank takes part). Tied weights (one
+    parameter under two names) stay one tensor, so save_pretrained writes it once, as it would
+    for the unsharded model."""
+    owner = {name: id(p) for name, p in model.named_parameters(remove_duplicate=False)}
+    gathered: dict[int, Tensor] = {}
+    out = {}
+    for name, t in model.state_dict().items():
+        key = owner.get(name, id(t))
+        if key not in gathered:
+            gathered[key] = full(t)
+        out[name] = gathered[key]
+    return out
+
+
+def shard_like(value: Tensor, like: Tensor) -> Tensor:
+    """A full tensor laid out as `like`: this rank's shard when `like` is an FSDP2 DTensor."""
+    if hasattr(like, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(like.dtype), like.device_mesh, like.placements)
+    return value.to(device=like.device, dtype=like.dtype)
+
+
+@contextmanager
+def accumulating(module, accumulate: bool):
+    """Backward without the gradient reduction while `accumulate` (all but a step's last micro-batch):
+    DDP's no_sync, FSDP2's set_requires_gradient_sync(False); one process: nothing to skip."""
+    if not accumulate or module is None:
+        yield
+    elif hasattr(module, "no_sync"):
+        with module.no_sync():
+            yield
+    elif hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
