@@ -1,0 +1,161 @@
+"""Several processes on PyTorch's own engines (DDP, FSDP2), on this CPU with the gloo backend: the
+same config gives the same optimisation whatever the process count (losses and final weights to
+1e-5), checkpoints resume on another count, and a process that dies stops the run with a message
+and a checkpoint to resume from. Every run is the real CLI in its own processes (torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+
+# lr large enough that three steps move every weight well past the 1e-5 the tests compare at
+BASE = ["max_steps=3", "batch_size=4", "learning_rate=1e-3", "lr_schedule=constant", "kl_every=0", "seed=3"]
+
+
+def _train(out, model, data, *overrides, nproc=1, method="dpo", timeout=240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "prefalign", "train", "--method", method, "--model", str(model), "--data", str(data),
+           "-o", str(out), "--no-progress", *BASE, *overrides] + (["--nproc", str(nproc)] if nproc > 1 else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def _losses(out) -> dict[int, float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _weights(out) -> dict[str, torch.Tensor]:
+    files = [f for f in ("model.safetensors", "adapter_model.safetensors") if (out / "final" / f).exists()]
+    return load_file(str(out / "final" / files[0]))
+
+
+def _assert_same_run(a, b, initial: dict[str, torch.Tensor] | None = None):
+    la, lb = _losses(a), _losses(b)
+    assert la.keys() == lb.keys() and len(la) == 3
+    for step in la:
+        assert abs(la[step] - lb[step]) < 1e-5, (step, la[step], lb[step])
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0), (k, (wa[k] - wb[k]).abs().max())
+    # each rank computed its share, not the whole batch again: the tokens add up to one process's
+    ta, tb = (json.loads((d / "run.json").read_text())["tokens"] for d in (a, b))
+    assert ta == tb, (ta, tb)
+    if initial is not None:  # the comparison means something only if training moved the weights
+        moved = max(float((wa[k] - initial[k]).abs().max()) for k in wa if k in initial)
+        assert moved > 1e-3, moved
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    return tiny_models["llama"]
+
+
+def test_ddp_dpo_two_processes_equal_one(model, pair_file, tmp_path):
+    """DPO, full fine-tune, reference precomputed by the two ranks in halves: the same table, the same
+    losses, the same weights. grad_accum 2: gradients reduced once a step, on the last micro-batch."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ("reference=precompute", "grad_accum=2")
+    _train(one, model, pair_file, *args)
+    run = _train(two, model, pair_file, *args, nproc=2)
+    assert "2 processes (ddp)" in run.stdout + run.stderr
+    _assert_same_run(one, two, load_file(str(model / "model.safetensors")))
+    ta, tb = (load_file(str(d / "ref_logps.safetensors"))["logps"] for d in (one, two))
+    assert torch.allclose(ta, tb, atol=1e-6, rtol=0)
+    assert json.loads((two / "run.json").read_text())["processes"] == 2
+    # rank 0 alone writes: one metrics row per step, not one per process
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_ddp_sft_lora_two_processes_equal_one(model, tmp_path):
+    """SFT's loss is a token mean over the whole batch: each rank divides by the batch's mean length
+    over all ranks, not its own. Completions of unequal length make a per-rank mean differ."""
+    rows = [{"prompt": f"I watched film {i}", "completion": " it was" + " good" * (1 + i % 5) + "."}
+            for i in range(16)]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(one, model, data, "lora=true", method="sft")
+    _train(two, model, data, "lora=true", method="sft", nproc=2)
+    _assert_same_run(one, two)
+
+
+def test_fsdp_dpo_two_processes_equal_one(model, pair_file, tmp_path):
+    """FSDP2 (fully_shard per decoder layer, then the rest) on gloo: torch 2.13's gloo backend has
+    the all-gather and reduce-scatter FSDP2 needs. Weights, gradients and AdamW state are sharded;
+    final/ holds whole tensors with the tied embedding written once, as one process writes it."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(one, model, pair_file, "reference=precompute", "grad_accum=2")
+    run = _train(two, model, pair_file, "reference=precompute", "grad_accum=2", "distributed=fsdp", nproc=2)
+    assert "2 processes (fsdp)" in run.stdout + run.stderr
+    _assert_same_run(one, two, load_file(str(model / "model.safetensors")))
+
+
+@pytest.mark.parametrize(("first", "then"), [((2, "ddp"), (1, "ddp")), ((1, "ddp"), (2, "fsdp"))])
+def test_resume_across_process_counts(first, then, model, pair_file, tmp_path):
+    """A run checkpointed at step 2 with one process count resumes with another and logs the losses
+    of a run never interrupted."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = ("max_steps=4", "reference=precompute", "lora=true")
+    _train(whole, model, pair_file, *common)
+    _train(split, model, pair_file, *common, "save_every=2", "max_steps=2", f"distributed={first[1]}", nproc=first[0])
+    _train(split, model, pair_file, *common, "resume=true", f"distributed={then[1]}", nproc=then[0])
+    a, b = _losses(whole), _losses(split)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+def _rank(launcher: subprocess.Popen, rank: str) -> psutil.Process | None:
+    for p in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if p.environ().get("RANK") == rank and p.environ().get("LOCAL_RANK") is not None:
+                return p
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def _saved(out) -> list[int]:
+    ckpts = out / "checkpoints"
+    return [int(p.name[5:]) for p in ckpts.iterdir() if p.name[5:].isdigit()] if ckpts.exists() else []
+
+
+def test_a_dying_rank_stops_the_run_with_a_resumable_checkpoint(model, pair_file, tmp_path):
+    """Rank 1 is killed (SIGKILL, as the OOM killer would) mid-run: torchrun stops rank 0 instead of
+    leaving it blocked in a collective, the command exits non-zero naming the checkpoint, and one
+    process resumes from it to the end."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "prefalign", "train", "--method", "dpo", "--model", str(model), "--data",
+           str(pair_file), "-o", str(out), "--no-progress", *BASE, "max_steps=1000000", "save_every=5",
+           "reference=precompute", "--nproc", "2"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 180
+        while not _saved(out):
+            assert launcher.poll() is None and time.time() < deadline, "the run ended or stalled before a checkpoint"
+            time.sleep(0.2)
+        victim = _rank(launcher, "1")
+        assert victim is not None
+        victim.kill()
+        text, _ = launcher.communicate(timeout=120)  # no hang: a stuck collective would time out here
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert "a training process failed" in text and "resume with resume=true" in text, text[-2000:]
+    saved = max(_saved(out))
+    _train(out, model, pair_file, "reference=precompute", "resume=true", f"max_steps={saved + 2}")
+    assert sorted(_losses(out))[-1] == saved + 2
