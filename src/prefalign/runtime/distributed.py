@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -116,9 +118,6 @@ def launch(nproc: int, argv: list[str]) -> int:
     """`prefalign ARGV` in `nproc` processes on this machine under torchrun (PyTorch's launcher:
     rendezvous, environment, and when one process dies it stops the others, so nothing hangs).
     The exit code of the run: 0, or that of the first process that failed."""
-    import subprocess
-    import sys
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "prefalign", *argv]
     return subprocess.run(cmd, check=False).returncode

@@ -295,18 +295,10 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             runlog.write({"step": 0, **{f"eval/{k}": v for k, v in eval_fn().items()}})
             model.train()
         while step < cfg.max_steps:
-            t0 = time.perf_counter()
             skipped_before = opt.skipped
-            metrics, tokens = update(step + 1, opt)
-            metrics, tokens = world.mean_metrics(metrics), int(world.sum(tokens))
-            scheduler.step()
             step += 1
-            # an update may time its own step (RL: rollout + update, docs/metrics.md)
-            seconds = metrics.pop("step_seconds", None) or time.perf_counter() - t0
+            row, metrics, tokens = _one_step(update, step, opt, scheduler, device, world)
             total_tokens += tokens
-            row = {"step": step, **metrics, "learning_rate": scheduler.get_last_lr()[0],
-                   **({"tokens_per_s": tokens / seconds} if tokens else {}), "step_seconds": seconds,
-                   "peak_memory_bytes": int(world.max(peak_memory_bytes(device))), "skipped_steps": opt.skipped}
             if guard.exceeded:
                 runlog.write(row)  # the last skipped step is on record before the run stops
                 raise TrainingError(guard.exceeded)
@@ -333,6 +325,22 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             bar[0].stop()
         runlog.close()
     return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last)
+
+
+def _one_step(update: Update, step: int, opt: Optimization, scheduler, device: torch.device,
+              world: World) -> tuple[dict[str, Any], dict[str, float], int]:
+    """Step `step` run by `update`: (its metrics.jsonl row, the update's metrics, its tokens), every
+    process's metrics averaged and tokens summed."""
+    t0 = time.perf_counter()
+    metrics, tokens = update(step, opt)
+    metrics, tokens = world.mean_metrics(metrics), int(world.sum(tokens))
+    scheduler.step()
+    # an update may time its own step (RL: rollout + update, docs/metrics.md)
+    seconds = metrics.pop("step_seconds", None) or time.perf_counter() - t0
+    row = {"step": step, **metrics, "learning_rate": scheduler.get_last_lr()[0],
+           **({"tokens_per_s": tokens / seconds} if tokens else {}), "step_seconds": seconds,
+           "peak_memory_bytes": int(world.max(peak_memory_bytes(device))), "skipped_steps": opt.skipped}
+    return row, metrics, tokens
 
 
 def _bar_text(row: dict[str, Any]) -> str:

@@ -16,6 +16,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError
 from ..models.load import trunk_of
@@ -53,16 +56,12 @@ def parallelize(forward: Forward, world: World, strategy: str, precision_bf16: b
     if not world.active:
         return forward
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         # broadcast_buffers off: the only buffers are constant (rotary tables); a broadcast on every
         # forward would make evaluation a collective too
         ids = [device.index] if device.type == "cuda" else None
         newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
         return DistributedDataParallel(forward, device_ids=ids,
                                        **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
     # bf16 compute on gathered weights, gradients reduced in fp32 (FSDP2's recommended mix)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision_bf16 \
         else MixedPrecisionPolicy()
@@ -98,8 +97,6 @@ def full_state(model: nn.Module) -> dict[str, Tensor]:
 def shard_like(value: Tensor, like: Tensor) -> Tensor:
     """A full tensor laid out as `like`: this rank's shard when `like` is an FSDP2 DTensor."""
     if hasattr(like, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
         return distribute_tensor(value.to(like.dtype), like.device_mesh, like.placements)
     return value.to(device=like.device, dtype=like.dtype)
 
