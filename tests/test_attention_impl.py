@@ -116,23 +116,25 @@ def _listed(num, idx, n):
     return out
 
 
+@pytest.mark.parametrize("block", [FLEX_BLOCK, 16])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_flex_block_lists_cover_every_visible_block(layout, batches):
+def test_flex_block_lists_cover_every_visible_block(layout, block, batches):
     """Skipping a block that some query sees would drop keys silently; a block listed as full is read
-    without the mask. Checked against the dense rule, block by block."""
+    without the mask. Checked against the dense rule, block by block; blocks of 16 put whole blocks
+    inside answers, so a rejected block after a wholly chosen one is there to be wrongly called full."""
     rows = batches[layout]
     truth = dense_row_mask(rows["segment_ids"], rows["branch_ids"])[:, 0]  # (B, T, T): fine in a test
-    mask = flex_block_mask(rows["segment_ids"], rows["branch_ids"])
+    mask = flex_block_mask(rows["segment_ids"], rows["branch_ids"], block=block)
     t = truth.shape[-1]
-    n = -(-t // FLEX_BLOCK)
-    padded = torch.nn.functional.pad(truth, (0, n * FLEX_BLOCK - t, 0, n * FLEX_BLOCK - t))
-    tiles = padded.view(-1, n, FLEX_BLOCK, n, FLEX_BLOCK).transpose(2, 3)  # (B, nq, nk, block, block)
+    n = -(-t // block)
+    padded = torch.nn.functional.pad(truth, (0, n * block - t, 0, n * block - t))
+    tiles = padded.view(-1, n, block, n, block).transpose(2, 3)  # (B, nq, nk, block, block)
     partial = _listed(mask.kv_num_blocks, mask.kv_indices, n)
     full = _listed(mask.full_kv_num_blocks, mask.full_kv_indices, n)
     assert not (partial & full).any()
     assert ((partial | full) >= tiles.any(-1).any(-1)).all()  # every visible block is listed
-    q_real = torch.arange(n * FLEX_BLOCK) < t
-    real_tiles = (q_real.view(n, FLEX_BLOCK)[:, None, :, None] & q_real.view(n, FLEX_BLOCK)[None, :, None, :])
+    real = (torch.arange(n * block) < t).view(n, block)
+    real_tiles = real[:, None, :, None] & real[None, :, None, :]  # the kernel never reads columns past T
     assert (tiles | ~real_tiles).all(-1).all(-1)[full].all()  # a full block: every query sees every key
     assert not (partial | full).all(), "nothing was skipped: the block mask saves nothing"
     assert full.any(), "no full block: the rows do not exercise the unmasked path"

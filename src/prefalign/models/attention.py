@@ -19,6 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+try:  # FlexAttention exists from torch 2.5; the floor is 2.2, where load.attn_problem refuses flex_attention
+    from torch.nn.attention.flex_attention import BlockMask
+except ImportError:
+    BlockMask = None
+
 from ..data.batches import attends, dense_row_mask
 from ..errors import ConfigError
 from .load import trunk_of, unwrap
@@ -76,8 +81,6 @@ def flex_block_mask(segment_ids: Tensor, branch_ids: Tensor, block: int = FLEX_B
     """A FlexAttention BlockMask for a row-layout batch, from its (B, T) vectors alone. torch's
     create_block_mask would evaluate the mask_mod at all T x T points (eagerly: a dense mask) to find
     the blocks; the layouts' segments are contiguous runs, so the blocks follow from per-block summaries."""
-    from torch.nn.attention.flex_attention import BlockMask  # optional: FlexAttention exists from torch 2.5
-
     b, t = segment_ids.shape
     n = -(-t // block)
     # the kernels tile whole blocks, so mask_mod is asked about indices up to n * block: padding there
