@@ -22,6 +22,7 @@ from prefalign.errors import ConfigError
 from prefalign.models.attention import FLEX_BLOCK, flex_block_mask, row_attention_mask, varlen_row
 from prefalign.models.load import load_model
 from prefalign.models.logps import batch_logps
+from prefalign.models.scalar import load_scalar_model
 
 LAYOUTS = {"shared_prompt": collate_shared_prompt, "packed": collate_packed}
 TOL = dict(rtol=1e-6, atol=1e-5)
@@ -206,6 +207,12 @@ def test_flex_attention_cannot_train_on_cpu_and_needs_a_model_that_has_it(tiny_m
         load_model(tiny_models["llama"], attn_implementation="flex_attention", training=True)
     with pytest.raises(ConfigError, match="attn_implementation: flex_attention: GPT2LMHeadModel does not support"):
         load_model(tiny_models["gpt2"], attn_implementation="flex_attention")
+    # reward models and critics (a scalar head) load the same way, and are trained the same way
+    with pytest.raises(ConfigError, match="attn_implementation: flex_attention cannot train on CPU"):
+        load_scalar_model(tiny_models["llama"], attn_implementation="flex_attention", training=True)
+    with pytest.raises(ConfigError, match="attn_implementation: flex_attention: GPT2ForSequenceClassification"):
+        load_scalar_model(tiny_models["gpt2"], attn_implementation="flex_attention")
+    assert load_scalar_model(tiny_models["llama"], attn_implementation="eager").config._attn_implementation == "eager"
 
 
 @pytest.mark.skipif(CUDA and _flash_attn(), reason="this machine has FlashAttention")
