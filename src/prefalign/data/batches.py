@@ -112,7 +112,10 @@ def collate_shared_prompt(examples: list[Example], indices: list[int], pad_id: i
     The rejected answer attends to the prompt and to itself, never to the chosen answer, and its
     position ids restart where the prompt ends: every token sees exactly the context it has in its
     own sequence, so the log-probs equal the padded layout's (tested), for ~(2P+C+R)/(P+C+R) fewer
-    tokens through the model. Only for models with attention (a 4D mask); Mamba uses `collate`.
+    tokens through the model. Who sees whom travels as two (B, T) vectors, `segment_ids` (the pair,
+    -1 on padding) and `branch_ids` (0 prompt, 1 chosen, 2 rejected), read by `attends`; the model
+    side builds from them the mask its attention takes (models/attention.py). Only for models with
+    attention; Mamba uses `collate`.
     """
     rows = []
     for e in examples:
@@ -126,7 +129,8 @@ def collate_shared_prompt(examples: list[Example], indices: list[int], pad_id: i
     b = len(rows)
     ids = torch.full((b, longest), pad_id, dtype=torch.long)
     pos = torch.zeros((b, longest), dtype=torch.long)
-    seg = torch.full((b, longest), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    seg = torch.full((b, longest), -1, dtype=torch.long)  # the pair that owns each column, -1 padding
+    branch = torch.zeros((b, longest), dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected
     pred_rows, pred_cols, labels, seq_ids = [], [], [], []
     for i, (c, r, p) in enumerate(rows):
         nc, nr = len(c.input_ids) - p, len(r.input_ids) - p
@@ -134,18 +138,17 @@ def collate_shared_prompt(examples: list[Example], indices: list[int], pad_id: i
         ids[i, p + nc:p + nc + nr] = torch.tensor(r.input_ids[p:])
         pos[i, :p + nc] = torch.arange(p + nc)
         pos[i, p + nc:p + nc + nr] = torch.arange(p, p + nr)
-        seg[i, :p], seg[i, p:p + nc], seg[i, p + nc:p + nc + nr] = 0, 1, 2
+        seg[i, :p + nc + nr] = i
+        branch[i, p:p + nc], branch[i, p + nc:p + nc + nr] = 1, 2
         for t in range(c.prompt_len, len(c.input_ids)):  # chosen token t is predicted at row t - 1
             pred_rows.append(i), pred_cols.append(t - 1), labels.append(c.input_ids[t]), seq_ids.append(i)
         for t in range(r.prompt_len, len(r.input_ids)):  # rejected index t sits at row t (+ nc past the prompt)
             col = t - 1 if t - 1 < p else t - 1 + nc
             pred_rows.append(i), pred_cols.append(col), labels.append(r.input_ids[t]), seq_ids.append(b + i)
-    causal = torch.ones(longest, longest, dtype=torch.bool).tril()
-    blocked = (seg[:, :, None] == 2) & (seg[:, None, :] == 1)  # rejected queries never see chosen keys
-    mask = (causal[None] & ~blocked)[:, None]  # (B, 1, T, T), True = attend
     lengths = torch.tensor([len(c.input_ids) - c.prompt_len for c, _, _ in rows]
                            + [len(r.input_ids) - r.prompt_len for _, r, _ in rows], dtype=torch.float32)
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "pred_rows": torch.tensor(pred_rows),
+    return {"input_ids": ids, "position_ids": pos, "segment_ids": seg, "branch_ids": branch,
+            "pred_rows": torch.tensor(pred_rows),
             "pred_cols": torch.tensor(pred_cols), "labels_flat": torch.tensor(labels), "seq_ids": torch.tensor(seq_ids),
             "index": torch.tensor(indices), "lengths": lengths,
             # what the padded layout would have processed: the throughput every trainer reports
@@ -155,10 +158,10 @@ def collate_shared_prompt(examples: list[Example], indices: list[int], pad_id: i
 def collate_packed(examples: list[Example], indices: list[int], pad_id: int) -> dict[str, Tensor]:
     """Padding-free batching: every sequence of the batch (slot-major, as `collate` orders them) laid
     end to end in rows of at most the longest sequence's length (first fit, longest first), each
-    with its own block of a block-diagonal causal 4D mask and position ids restarting at 0. A token
-    sees exactly its own sequence, so log-probs equal the padded layout's (tested); only the tail of
-    each row is padding. The output is the row layout `batch_logps` reads (pred_rows/pred_cols/...).
-    Attention models only (Mamba has no mask to make block-diagonal)."""
+    with position ids restarting at 0 and its own `segment_ids` (block-diagonal causal attention by
+    `attends`; `branch_ids` are all 0). A token sees exactly its own sequence, so log-probs equal the
+    padded layout's (tested); only the tail of each row is padding. The output is the row layout
+    `batch_logps` reads (pred_rows/pred_cols/...). Attention models only (Mamba has no mask)."""
     slots = len(examples[0].seqs)
     seqs = [e.seqs[k] for k in range(slots) for e in examples]
     width = max(len(s.input_ids) for s in seqs)
@@ -187,15 +190,12 @@ def collate_packed(examples: list[Example], indices: list[int], pad_id: int) -> 
             for t in range(max(s.prompt_len, 1), len(s.input_ids)):  # token t is predicted at column t - 1
                 pred_rows.append(r), pred_cols.append(start + t - 1), labels.append(s.input_ids[t]), seq_ids.append(n)
             start = end
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
-    mask = (causal[None] & same)
-    mask |= torch.eye(width, dtype=torch.bool)[None]  # padding attends to itself: no empty softmax rows
     lengths = torch.tensor([s.completion_len for s in seqs], dtype=torch.float32)
     batch = {
         "input_ids": ids,
         "position_ids": pos,
-        "attention_mask": mask[:, None],
+        "segment_ids": seg,
+        "branch_ids": torch.zeros_like(seg),
         "pred_rows": torch.tensor(pred_rows),
         "pred_cols": torch.tensor(pred_cols),
         "labels_flat": torch.tensor(labels),
@@ -209,3 +209,20 @@ def collate_packed(examples: list[Example], indices: list[int], pad_id: int) -> 
     if any(e.margin is not None for e in examples):
         batch["margins"] = torch.tensor([e.margin or 0.0 for e in examples], dtype=torch.float32)
     return batch
+
+
+def attends(seg_q: Tensor, branch_q: Tensor, seg_k: Tensor, branch_k: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """The row layouts' one attention rule, True where query q may see key k: an earlier (or the same)
+    token of its own segment that is on its branch or on the shared trunk (branch 0), and every
+    token sees itself (padding too: a softmax over nothing would be NaN). Written once, for both the
+    dense mask below and FlexAttention's mask_mod (models/attention.py), so the two cannot drift."""
+    visible = (seg_q == seg_k) & (seg_k >= 0) & ((branch_k == 0) | (branch_k == branch_q))
+    return (visible & (k <= q)) | (q == k)
+
+
+def dense_row_mask(segment_ids: Tensor, branch_ids: Tensor) -> Tensor:
+    """(B, T) segment and branch ids -> the (B, 1, T, T) bool mask (True = attend) that sdpa and eager
+    attention take. O(T^2): built only for those implementations, on the batch's device."""
+    cols = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    q, k = (segment_ids[:, :, None], branch_ids[:, :, None]), (segment_ids[:, None, :], branch_ids[:, None, :])
+    return attends(*q, *k, cols[:, None], cols[None, :])[:, None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 from functools import partial
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 
 # LoRA targets per architecture: attention and MLP projections for Transformers. Mamba mixers: only
 # projections the forward calls as modules (an adapter on a weight that code reads directly gets no
@@ -62,18 +63,67 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
+# attn_implementation (train/config.py RunConfig): "auto" passes nothing, so transformers picks its
+# default for the model (sdpa where the model has it, eager otherwise; Mamba has no attention at all)
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+def attn_problem(name: str, device: str | torch.device, *, training: bool = False) -> str | None:
+    """Why attention implementation `name` cannot run on `device` here (None if it can), checked
+    before any weight is read. training: the model will be trained, so it needs a backward pass."""
+    device = torch.device(device)
+    if name == "flash_attention_2":
+        missing = [what for what, ok in (("a CUDA GPU", device.type == "cuda" and torch.cuda.is_available()),
+                                         ("the flash_attn package", find_spec("flash_attn") is not None)) if not ok]
+        if missing:
+            return f"needs {' and '.join(missing)}; use sdpa or flex_attention"
+    if name == "flex_attention":
+        if find_spec("torch.nn.attention.flex_attention") is None:
+            return f"needs torch >= 2.5 (FlexAttention); this is torch {torch.__version__}"
+        if training and device.type == "cpu":
+            return ("cannot train on CPU: torch's FlexAttention has no backward pass there (forward passes "
+                    "run); train on a GPU, or use sdpa")
+    return None
+
+
+def _attention_kwargs(name: str, device: str | torch.device, training: bool) -> dict[str, Any]:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"attn_implementation: {name!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    problem = attn_problem(name, device, training=training)
+    if problem:
+        raise ConfigError(f"attn_implementation: {name} {problem}")
+    return {} if name == "auto" else {"attn_implementation": name}
+
+
+def _from_pretrained(cls, path: Path, kw: dict[str, Any]):
+    try:
+        return cls.from_pretrained(str(path), **kw)
+    except OSError as e:  # transformers' word for "not a model folder" (no config.json, no weights)
+        raise ModelError(f"{path}: cannot load a model: {e}") from None
+    except ValueError as e:
+        if "attn_implementation" in kw and "attention" in str(e):  # the architecture lacks that kernel
+            raise ConfigError(f"attn_implementation: {kw['attn_implementation']}: {str(e).split('. ')[0]}; "
+                              "use sdpa (or auto)") from None
+        raise
+
+
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               device: str | torch.device = "cpu", quantize_4bit: bool = False):
+               device: str | torch.device = "cpu", quantize_4bit: bool = False, attn_implementation: str = "auto",
+               training: bool = False):
     """A causal LM from a local folder (safetensors weights) or a .gguf file (dequantised).
 
-    quantize_4bit loads the base in NF4 through bitsandbytes for QLoRA; it needs a CUDA device."""
+    quantize_4bit loads the base in NF4 through bitsandbytes for QLoRA; it needs a CUDA device.
+    attn_implementation: one of ATTN_IMPLEMENTATIONS; one that cannot run here is a ConfigError
+    (training: the model will be trained, so its attention needs a backward pass on `device`)."""
 
     path = _local(path)
+    attention = _attention_kwargs(attn_implementation, device, training)
     if (path / "adapter_config.json").exists():
         # a LoRA run's final/: its base with the adapter merged in, so a later run (PPO after DPO)
         # starts from, and is anchored to, what that run produced
-        return _merged_adapter(path, dtype, trust_remote_code).to(device)
-    kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+        return _merged_adapter(path, dtype, trust_remote_code, attention).to(device)
+    kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "local_files_only": True,
+                          **attention}
     if path.suffix == ".gguf":
         kw["gguf_file"], path = path.name, path.parent
     else:
@@ -91,19 +141,16 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_re
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=torch.bfloat16)
         kw["device_map"] = {"": torch.device(device).index or 0}
-        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kw)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kw)
-    except OSError as e:  # transformers' word for "not a model folder" (no config.json, no weights)
-        raise ModelError(f"{path}: cannot load a model: {e}") from None
-    return model.to(device)
+        return _from_pretrained(AutoModelForCausalLM, path, kw)
+    return _from_pretrained(AutoModelForCausalLM, path, kw).to(device)
 
 
-def _merged_adapter(adapter: Path, dtype: torch.dtype, trust_remote_code: bool):
+def _merged_adapter(adapter: Path, dtype: torch.dtype, trust_remote_code: bool, attention: dict[str, Any]):
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     if not base or not Path(base).exists():
         raise ModelError(f"{adapter}: its base model {base!r} is not a local folder (nothing is downloaded)")
-    model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code,
+                       attn_implementation=attention.get("attn_implementation", "auto"))
     return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .attention import row_hidden_states
 from .load import backbone_and_head, hidden_states, unwrap
 
 
@@ -115,17 +116,12 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: 
 
 def batch_logps(model, batch: dict[str, Tensor], chunk_mb: float = 128.0) -> Tensor:
     """Summed completion log-probs of every sequence of a collated batch, in its slot-major order,
-    from either layout: padded rows (`collate`) or shared-prompt rows (`collate_shared_prompt`)."""
+    from either layout: padded rows (`collate`) or rows (`collate_shared_prompt`, `collate_packed`),
+    whose mask is built for the model's attention implementation (models/attention.py)."""
     if "pred_rows" not in batch:
         return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
                               chunk_mb=chunk_mb)
-    mask = batch["attention_mask"]  # (B, 1, T, T) bool
-    hf = unwrap(model)
-    if getattr(hf.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape, dtype=hf.dtype, device=mask.device).masked_fill(~mask, torch.finfo(hf.dtype).min)
-    trunk = backbone_and_head(model)[0]
-    hidden = trunk(input_ids=batch["input_ids"], attention_mask=mask,
-                   position_ids=batch["position_ids"]).last_hidden_state  # (B, T, H)
+    hidden = row_hidden_states(model, batch)  # (B, T, H)
     flat = _scored_logps(model, hidden[batch["pred_rows"], batch["pred_cols"]], batch["labels_flat"], chunk_mb)
     out = torch.zeros(len(batch["lengths"]), dtype=torch.float32, device=flat.device)
     return out.index_add(0, batch["seq_ids"], flat)

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification
 
+from ..errors import PrefalignError
 from ..losses.ppo import last_token_index
-from .load import ModelError, _local, hidden_states, unwrap
+from .load import ModelError, _attention_kwargs, _from_pretrained, _local, hidden_states, unwrap
 
 
 def is_reward_model(path: str | Path) -> bool:
@@ -31,20 +32,23 @@ def is_reward_model(path: str | Path) -> bool:
 
 
 def load_scalar_model(path: str | Path, *, pad_token_id: int | None = None, dtype: torch.dtype = torch.float32,
-                      trust_remote_code: bool = False, device: str | torch.device = "cpu"):
+                      trust_remote_code: bool = False, device: str | torch.device = "cpu",
+                      attn_implementation: str = "auto", training: bool = False):
     """A one-label sequence-classification model from a reward-model folder, or a new scalar head
-    (zero-initialised, so it starts by scoring everything 0) on a causal LM's trunk."""
+    (zero-initialised, so it starts by scoring everything 0) on a causal LM's trunk. attn_implementation
+    and training as in `load_model`."""
 
     path = _local(path)
     if not any(path.glob("*.safetensors")):
         raise ModelError(f"{path}: no *.safetensors weights; prefalign never unpickles .bin/.pt files")
     fresh = not is_reward_model(path)
     kw: dict[str, Any] = {"num_labels": 1, "dtype": dtype, "trust_remote_code": trust_remote_code,
-                          "use_safetensors": True, "local_files_only": True}
+                          "use_safetensors": True, "local_files_only": True,
+                          **_attention_kwargs(attn_implementation, device, training)}
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), **kw)
-    except OSError as e:  # transformers' word for "not a model folder"
-        raise ModelError(f"{path}: cannot load a model: {e}") from None
+        model = _from_pretrained(AutoModelForSequenceClassification, path, kw)
+    except PrefalignError:  # a ModelError or ConfigError already worded (both are ValueErrors too)
+        raise
     except ValueError as e:
         raise ModelError(f"{path}: this architecture has no sequence-classification head in transformers "
                          f"(a reward model or critic model needs one; PPO's critic: value_head): {e}") from None

@@ -49,6 +49,10 @@ class RunConfig(Runtime):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="weights as loaded; auto: bf16 for a LoRA base on a GPU with bf16, else fp32 (a trained "
                             "weight stays fp32: use precision for bf16 compute)")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="attention kernels; auto: transformers' default (sdpa); flex_attention: shared-prompt/"
+                            "packed rows as block masks, no T x T mask (trains on a GPU only); flash_attention_2: CUDA "
+                            "+ flash_attn, packed rows as varlen, no shared-prompt rows")
     gradient_checkpointing: bool | Literal["selective"] = Field(
         False, description="true: every layer recomputed in backward; selective: only its cheap ops")
     quantize_4bit: bool = Field(False, description="QLoRA: 4-bit base via bitsandbytes (CUDA only)")

@@ -20,6 +20,7 @@ from ..data.batches import TokenizedData, collate, collate_packed, collate_share
 from ..errors import ConfigError, DataError
 from ..losses.preference import rpo_nll
 from ..models.arch import block_mask_problem
+from ..models.attention import attn_implementation_of, shared_prompt_problem
 from ..models.load import (
     add_lora,
     enable_checkpointing,
@@ -89,6 +90,7 @@ def choose_layout(cfg: OfflineConfig, model, method: Method) -> str:
             raise ConfigError(f"packing needs a log-prob method (not reward) and a mask-honouring model: "
                              f"{problem or cfg.method + ' scores sequences'}; use packing: false")
         return "packed"
+    problem = problem or shared_prompt_problem(model)  # flash_attention_2 has no mask to share a prompt with
     possible = method.paired and method.inputs == "logps" and problem is None
     if cfg.share_prompt is True and not possible:
         raise ConfigError(f"share_prompt: true needs paired log-prob data and a mask-honouring model: "
@@ -212,7 +214,7 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
                                      lambda _: None, world)
     log(f"method {cfg.method}, reference {strategy or 'none (reference-free)'}, "
         f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {device.type}, "
-        f"{layout.replace('_', '-')} rows, {weight_dtypes(model)}"
+        f"{layout.replace('_', '-')} rows, attention {attn_implementation_of(model)}, {weight_dtypes(model)}"
         + (f", {world.size} processes ({cfg.distributed})" if world.active else ""))
     monitor = None
     if watch:
@@ -272,10 +274,12 @@ def _load(cfg: OfflineConfig, method: Method, tokenizer, device: torch.device):
     """The model to train: a scalar head for reward models, else the causal LM; dropout off."""
     if method.inputs == "scores":
         model = load_scalar_model(cfg.model, pad_token_id=tokenizer.pad_token_id,
-                                  trust_remote_code=cfg.trust_remote_code, device=device)
+                                  trust_remote_code=cfg.trust_remote_code, device=device,
+                                  attn_implementation=cfg.attn_implementation, training=True)
     else:
         model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
-                           quantize_4bit=cfg.quantize_4bit, dtype=weights_dtype(cfg.dtype, device, bool(cfg.lora)))
+                           quantize_4bit=cfg.quantize_4bit, dtype=weights_dtype(cfg.dtype, device, bool(cfg.lora)),
+                           attn_implementation=cfg.attn_implementation, training=True)
     disable_dropout(model)
     enable_checkpointing(model, cfg.gradient_checkpointing)
     return model

@@ -170,7 +170,8 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
 
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
     policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
-                        quantize_4bit=cfg.quantize_4bit, dtype=weights_dtype(cfg.dtype, device, bool(cfg.lora)))
+                        quantize_4bit=cfg.quantize_4bit, dtype=weights_dtype(cfg.dtype, device, bool(cfg.lora)),
+                        attn_implementation=cfg.attn_implementation, training=True)
     disable_dropout(policy)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -216,7 +217,8 @@ def _critic(cfg: RLConfig, policy, judge, tokenizer, device) -> tuple[nn.Module 
     if critic == "model":
         # a second model; from the reward model when there is one (InstructGPT), else from the policy
         source = judge.model_path if isinstance(judge, RewardModelJudge) else cfg.model
-        critic_model = load_scalar_model(source, pad_token_id=tokenizer.pad_token_id, device=device)
+        critic_model = load_scalar_model(source, pad_token_id=tokenizer.pad_token_id, device=device,
+                                         attn_implementation=cfg.attn_implementation, training=True)
         disable_dropout(critic_model)
         if cfg.lora_settings is not None:
             critic_model = add_lora(critic_model, cfg.lora_settings, "SEQ_CLS")
