@@ -134,6 +134,9 @@ def test_callable_reward_is_learned(method, tiny_models, prompt_file, tmp_path):
     for key in ("ppo/reward", "ppo/kl", "ppo/kl_k1", "ppo/kl_k3", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl",
                 "ppo/kl_coef", "ppo/rollout_seconds", "ppo/update_seconds", "tokens_per_s"):
         assert key in last, key
+    for r in rows:  # the step's time split: the rollout's share, generation's part of it
+        assert r["ppo/rollout_share"] == pytest.approx(r["ppo/rollout_seconds"] / r["step_seconds"], rel=1e-9)
+        assert 0 < r["ppo/generation_share"] < r["ppo/rollout_share"] < 1
     assert rows[0]["ppo/kl_k3"] == 0.0 < rows[-1]["ppo/kl_k3"]  # the first rollout is the reference's own
     monitored = [r for r in rows if "kl/policy_ref_seq" in r]
     assert [r["step"] for r in monitored] == [10, 20, 30, 40]  # kl_every unset: about four a run

@@ -39,6 +39,10 @@ class Sampling(StrictModel):
     temperature: float = Field(1.0, ge=0, description="softmax temperature; 0: greedy")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0: off")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1: off")
+    generation_backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers' generate; vllm: a colocated vLLM engine (optional extra, GPU; "
+                          "not yet run); the KL monitor always samples with hf")
+    vllm_memory_fraction: float = Field(0.3, gt=0, lt=1, description="vllm: share of the GPU's memory the engine takes")
 
     @classmethod
     def of(cls, cfg: Any) -> Sampling:

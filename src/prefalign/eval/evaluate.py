@@ -41,7 +41,8 @@ from ..data.records import PreferencePair, UnpairedExample, text_of
 from ..data.tokenize import TokenizationError, tokenize
 from ..errors import ConfigError
 from ..judges import PairwiseJudge, make_judge
-from ..models.generate import encode_prompt, generate
+from ..models.backends import check_backend, make_generator
+from ..models.generate import encode_prompt
 from ..models.kl import kl_distribution, kl_refusal, rollouts_kl
 from ..models.load import load_model, load_tokenizer_for
 from ..models.logps import batch_logps, completion_logps, sequence_logps
@@ -83,7 +84,9 @@ class Evaluator:
     def __init__(self, cfg: EvalConfig, progress=None):
         self.cfg, self.progress = cfg, progress
         self.device = set_up(cfg)
+        check_backend(cfg.generation_backend, self.device)  # before any model is loaded
         self.autocast = autocast_for(cfg.precision, self.device)
+        self.generators: dict[int, Any] = {}  # one per model sampled from (policy, baseline)
         self.tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
         self.is_reward = is_reward_model(cfg.model)
         load = dict(trust_remote_code=cfg.trust_remote_code, device=self.device)
@@ -153,11 +156,18 @@ class Evaluator:
         for b, i in enumerate(range(0, len(prompts), cfg.batch_size)):
             chunk = prompts[i:i + cfg.batch_size]
             ids = [encode_prompt(self.tokenizer, p, cfg.max_prompt_length) for p in chunk]
-            rolls.append(generate(model, self.tokenizer, ids, sampling, seed=cfg.seed * 1_000_003 + b,
-                                  device=self.device, autocast=self.autocast,
-                                  prompt_texts=[text_of(p) for p in chunk]))
+            rolls.append(self._generator(model)(ids, sampling, seed=cfg.seed * 1_000_003 + b,
+                                                prompt_texts=[text_of(p) for p in chunk]))
             self._advance(task, len(chunk))
         return rolls
+
+    def _generator(self, model):
+        cfg = self.cfg
+        if id(model) not in self.generators:
+            self.generators[id(model)] = make_generator(
+                cfg.generation_backend, model, self.tokenizer, self.device, self.autocast, seed=cfg.seed,
+                max_length=cfg.max_prompt_length + cfg.max_new_tokens, memory_fraction=cfg.vllm_memory_fraction)
+        return self.generators[id(model)]
 
     def generations(self) -> None:
         cfg = self.cfg

@@ -11,7 +11,8 @@ from pydantic import Field
 from ..config import Runtime, Sampling
 from ..data import ReadOptions, load_prompts
 from ..errors import DataError
-from ..models.generate import encode_prompt, generate
+from ..models.backends import check_backend, make_generator
+from ..models.generate import encode_prompt
 from ..models.load import load_model, load_tokenizer_for
 from ..runtime.device import set_up
 from ..runtime.precision import autocast_for
@@ -42,8 +43,12 @@ def sample(cfg: SampleConfig, log=print, model=None, tokenizer=None) -> dict:
     is drawn with seed (seed, b), whatever ran before. `model`/`tokenizer` may be passed in loaded."""
 
     device = set_up(cfg)
+    check_backend(cfg.generation_backend, device)  # before any model is loaded
     tokenizer = tokenizer or load_tokenizer_for(cfg.model, cfg.trust_remote_code)
     model = model or load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device)
+    gen = make_generator(cfg.generation_backend, model, tokenizer, device, autocast_for(cfg.precision, device),
+                         seed=cfg.seed, max_length=cfg.max_prompt_length + cfg.max_new_tokens,
+                         memory_fraction=cfg.vllm_memory_fraction)
     prompts, problems = load_prompts(cfg.prompts, ReadOptions(format=cfg.format))
     for p in problems[:5]:
         log(f"set aside: {p}")
@@ -58,8 +63,7 @@ def sample(cfg: SampleConfig, log=print, model=None, tokenizer=None) -> dict:
     t0, new_tokens = time.perf_counter(), 0
     for b, start in enumerate(range(0, len(rows), cfg.batch_size)):
         chunk = rows[start:start + cfg.batch_size]
-        roll = generate(model, tokenizer, [ids[i] for i in chunk], sampling, seed=cfg.seed * 1_000_003 + b,
-                        device=device, autocast=autocast_for(cfg.precision, device))
+        roll = gen([ids[i] for i in chunk], sampling, seed=cfg.seed * 1_000_003 + b)
         texts += roll.completion_texts
         ended += roll.ended.tolist()
         new_tokens += roll.new_tokens

@@ -136,9 +136,16 @@ def generate(
                              generation_config=generation_config(sampling, pad, eos))
     seconds = time.perf_counter() - t0
     model.train(was_training)
-    completions = out[:, ids.shape[1]:]
+    return to_rollout(ids, mask, out[:, ids.shape[1]:], tokenizer, eos, seconds, prompts, prompt_texts)
+
+
+def to_rollout(ids: Tensor, mask: Tensor, completions: Tensor, tokenizer, eos: list[int], seconds: float,
+               prompts: list[list[int]], prompt_texts: list[str] | None) -> Rollout:
+    """A Rollout from left-padded prompts (ids, mask) and the completions sampled after them (any
+    backend), masked after the first EOS and padded there."""
+    pad = tokenizer.pad_token_id
     if completions.shape[1] == 0:  # max_new_tokens 0 or nothing generated: one padding column
-        completions = torch.full((len(prompts), 1), pad, dtype=torch.long, device=out.device)
+        completions = torch.full((len(prompts), 1), pad, dtype=torch.long, device=ids.device)
     cmask, ended = completion_mask(completions, eos)
     completions = torch.where(cmask.bool(), completions, torch.full_like(completions, pad))
     texts = [tokenizer.decode(c[m.bool()], skip_special_tokens=True) for c, m in zip(completions, cmask, strict=True)]

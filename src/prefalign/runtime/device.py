@@ -23,6 +23,16 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def describe(device: torch.device) -> str:
+    """The device as a user names it: ROCm builds of torch drive AMD GPUs through torch.cuda, so
+    a "cuda" device there is reported as rocm (with the card's name), never as CUDA."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    kind = "rocm" if getattr(torch.version, "hip", None) else "cuda"
+    return f"{kind}:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def set_up(runtime: Runtime) -> torch.device:
     """The device a command's Runtime settings name, with their thread count and seed applied."""
     if runtime.threads:

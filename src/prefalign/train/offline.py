@@ -33,7 +33,7 @@ from ..models.load import (
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
 from ..models.scalar import load_scalar_model
 from ..runtime.determinism import disable_dropout
-from ..runtime.device import set_up
+from ..runtime.device import describe, set_up
 from ..runtime.distributed import World, init_world, shut_down
 from ..runtime.memory import set_malloc_mmap_threshold
 from ..runtime.precision import autocast_for, weights_dtype
@@ -213,7 +213,7 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
         eval_reference = _precompute(model, cfg, eval_data, collate_pad, device, autocast, "ref_logps_eval",
                                      lambda _: None, world)
     log(f"method {cfg.method}, reference {strategy or 'none (reference-free)'}, "
-        f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {device.type}, "
+        f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {describe(device)}, "
         f"{layout.replace('_', '-')} rows, attention {attn_implementation_of(model)}, {weight_dtypes(model)}"
         + (f", {world.size} processes ({cfg.distributed})" if world.active else ""))
     monitor = None

@@ -41,12 +41,14 @@ from ..data.records import text_of
 from ..errors import ConfigError, DataError
 from ..judges import RewardModelJudge, make_judge
 from ..losses import ppo as ppo_losses
-from ..models.generate import encode_prompt, generate
+from ..models.backends import HFGenerator, check_backend, make_generator
+from ..models.generate import encode_prompt
 from ..models.load import add_lora, is_peft, load_model, load_tokenizer_for, save_model, weight_dtypes
 from ..models.logps import completion_logps, states_kl
 from ..models.scalar import load_scalar_model, score_head
 from ..models.scalar import token_scores as critic_token_scores
 from ..runtime.determinism import disable_dropout
+from ..runtime.device import describe
 from ..runtime.precision import weights_dtype
 from .config import RLConfig
 from .kl_monitor import build_monitor
@@ -167,6 +169,7 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
     if world.active:
         # rollouts sharded by rank with cross-rank advantage normalisation are not built yet
         raise ConfigError(f"{cfg.method} runs in one process for now; launch it without torchrun/--nproc")
+    check_backend(cfg.generation_backend, device)  # before any model is loaded
 
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
     policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
@@ -176,8 +179,14 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     strategy, ref_model = _reference(cfg, policy)
+    # a vLLM engine starts from the weights before adapters; a LoRA run then pushes adapters only
+    generator = make_generator(cfg.generation_backend, policy, tokenizer, device, autocast, seed=cfg.seed,
+                               max_length=cfg.max_prompt_length + cfg.max_new_tokens,
+                               memory_fraction=cfg.vllm_memory_fraction,
+                               lora_rank=(cfg.lora_settings or {}).get("r"))
     if cfg.lora_settings is not None:
         policy = add_lora(policy, cfg.lora_settings)
+    generator.push(policy)
     judge = make_judge(cfg.reward, device)
     ac = ActorCritic(policy, *_critic(cfg, policy, judge, tokenizer, device))
 
@@ -192,10 +201,10 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
     critic = "value head" if ac.value_head is not None else "model" if ac.critic_model is not None else "none"
     log(f"method {cfg.method}, {len(prompts)} prompts, reference {strategy}, critic {critic}, "
         f"reward {judge.kind}{' (on the sampled ids)' if feed_ids else ''}, "
-        f"{'LoRA' if is_peft(policy) else 'full fine-tune'}, {copies} model copies, device {device.type}, "
+        f"{'LoRA' if is_peft(policy) else 'full fine-tune'}, {copies} model copies, device {describe(device)}, "
         f"{weight_dtypes(policy)}")
 
-    iteration = Iteration(cfg, ac, ref_model, tokenizer, judge, prompts, feed_ids, device, autocast)
+    iteration = Iteration(cfg, ac, ref_model, tokenizer, judge, prompts, feed_ids, device, autocast, generator)
     monitor = build_monitor(cfg, policy, ref_model if ref_model is not None else policy,
                             nullcontext if ref_model is not None else policy.disable_adapter, tokenizer,
                             cfg.prompts, device, autocast, log)
@@ -231,8 +240,9 @@ class Iteration(Update):
     """One PPO/RLOO/GRPO iteration, the phases of the module docstring in order; `train_loop` runs it."""
 
     def __init__(self, cfg: RLConfig, ac: ActorCritic, ref_model, tokenizer, judge, prompts: list, feed_ids: bool,
-                 device: torch.device, autocast):
+                 device: torch.device, autocast, generator=None):
         self.cfg, self.ac, self.tokenizer, self.judge, self.prompts = cfg, ac, tokenizer, judge, prompts
+        self.generator = generator or HFGenerator(ac.policy, tokenizer, device, autocast)
         self.feed_ids, self.device, self.autocast = feed_ids, device, autocast
         self.prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
         self.sampling = Sampling.of(cfg)
@@ -260,9 +270,8 @@ class Iteration(Update):
         idx = batch_indices(self.position, cfg.batch_size, len(self.prompts), cfg.seed)
         self.position += 1
         rows_idx = [i for i in idx for _ in range(cfg.samples_per_prompt)]  # k consecutive samples per prompt
-        roll = generate(ac.policy, self.tokenizer, [self.prompt_ids[i] for i in rows_idx], self.sampling,
-                        device=device, autocast=self.autocast,
-                        prompt_texts=[text_of(self.prompts[i]) for i in rows_idx])
+        roll = self.generator([self.prompt_ids[i] for i in rows_idx], self.sampling,
+                              prompt_texts=[text_of(self.prompts[i]) for i in rows_idx])
         all_rows = roll.select(torch.arange(len(rows_idx)))
         mask = roll.completion_mask.float()
 
@@ -316,6 +325,7 @@ class Iteration(Update):
                 grad_norm = opt.apply(step, "update")
                 if opt.skipped == skipped:
                     stats.append({"loss": loss.item(), "grad_norm": grad_norm, **row})
+        self.generator.push(ac.policy)  # vllm: the engine samples the next rollout from the updated weights
         update_seconds = time.perf_counter() - t1
 
         # ---- 6. the KL coefficient
@@ -331,6 +341,9 @@ class Iteration(Update):
             "ppo/completion_length": float(mask.sum(-1).mean()), "ppo/eos_rate": float(roll.ended.float().mean()),
             "ppo/rollout_seconds": rollout_seconds, "ppo/update_seconds": update_seconds,
             "ppo/generation_tokens_per_s": roll.tokens_per_s, "step_seconds": rollout_seconds + update_seconds,
+            # where an RL step's time goes: generation is the usual bottleneck (a fast backend's case)
+            "ppo/rollout_share": rollout_seconds / (rollout_seconds + update_seconds),
+            "ppo/generation_share": roll.seconds / (rollout_seconds + update_seconds),
         }
         if returns is not None:
             metrics["ppo/value_explained_var"] = ppo_losses.explained_variance(old_values, returns, mask)
