@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import learnable_pairs, unpaired_from, write_jsonl
 
 # lr large enough that three steps move every weight well past the 1e-5 the tests compare at
 BASE = ["max_steps=3", "batch_size=4", "learning_rate=1e-3", "lr_schedule=constant", "kl_every=0", "seed=3"]
@@ -88,6 +88,19 @@ def test_ddp_sft_lora_two_processes_equal_one(model, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _train(one, model, data, "lora=true", method="sft")
     _train(two, model, data, "lora=true", method="sft", nproc=2)
+    _assert_same_run(one, two)
+
+
+@pytest.mark.parametrize("method", ["kto", "reward"])
+def test_ddp_kto_and_reward_two_processes_equal_one(method, model, pair_file, tmp_path):
+    """KTO's KL reference point is a mean over the whole micro-batch (each rank's share summed over
+    the ranks); a reward model's forward is its scalar head, behind the same DDP module."""
+    data = pair_file
+    if method == "kto":
+        data = write_jsonl(tmp_path / "kto.jsonl", unpaired_from(learnable_pairs()))
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(one, model, data, "grad_accum=2", method=method)
+    _train(two, model, data, "grad_accum=2", method=method, nproc=2)
     _assert_same_run(one, two)
 
 
