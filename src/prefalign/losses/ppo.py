@@ -15,10 +15,16 @@ of KL-regularized policy gradient algorithms for LLM reasoning" (which estimator
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+# Several processes each hold a share of a rollout: `reduce` sums a tensor over them (a no-op for
+# one), so statistics of the whole rollout (whitening, score normalisation) are computed from the
+# sums of every share, in the same two passes as for one process.
+Reduce = Callable[[Tensor], Tensor]
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -35,10 +41,23 @@ def masked_var(x: Tensor, mask: Tensor) -> Tensor:
     return ((x - mean) ** 2 * mask).sum() / (n - 1)
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over the masked entries; with shift_mean=False the mean is added back
-    (used for rewards, whose sign carries meaning). Padded entries come back as 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_moments(x: Tensor, mask: Tensor, reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
+    """(mean, unbiased variance) of the masked entries of every process's share (`reduce`); with one
+    process, masked_mean and masked_var."""
+    if reduce is None:
+        return masked_mean(x, mask), masked_var(x, mask)
+    mask = mask.to(x.dtype)
+    s = reduce(torch.stack([(x * mask).sum(), mask.sum()]))
+    mean = s[0] / s[1].clamp(min=1)
+    sq = reduce(((x - mean) ** 2 * mask).sum().reshape(1))[0]
+    return mean, sq / (s[1].clamp(min=2) - 1)
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce: Reduce | None = None) -> Tensor:
+    """(x - mean) / std over the masked entries (of every process's share, with `reduce`); with
+    shift_mean=False the mean is added back (used for rewards, whose sign carries meaning). Padded
+    entries come back as 0."""
+    mean, var = masked_moments(x, mask, reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -177,26 +196,27 @@ def grpo_advantages(rewards: Tensor, k: int, eps: float = 1e-4) -> Tensor:
 # (N, T) for a critic, or None).
 
 
-def gae_estimator(scores: Tensor, kl: Tensor, values: Tensor | None, mask: Tensor, *, kl_coef: float,
-                  gae_gamma: float = 1.0, gae_lambda: float = 0.95,
+def gae_estimator(scores: Tensor, kl: Tensor, values: Tensor | None, mask: Tensor, reduce: Reduce | None = None, *,
+                  kl_coef: float, gae_gamma: float = 1.0, gae_lambda: float = 0.95,
                   whiten_advantages: bool = True) -> tuple[Tensor, Tensor]:
-    """PPO: per-token KL-shaped rewards, GAE with the critic's values, whitened advantages (the critic
-    learns the unwhitened returns)."""
+    """PPO: per-token KL-shaped rewards, GAE with the critic's values, whitened advantages over the
+    whole rollout (the critic learns the unwhitened returns)."""
     adv, returns = gae(kl_shaped_rewards(scores, kl, mask, kl_coef), values, mask, gae_gamma, gae_lambda)
-    return (whiten(adv, mask) if whiten_advantages else adv), returns
+    return (whiten(adv, mask, reduce=reduce) if whiten_advantages else adv), returns
 
 
-def rloo_estimator(scores: Tensor, kl: Tensor, values: Tensor | None, mask: Tensor, *, kl_coef: float,
-                   samples_per_prompt: int = 4, whiten_advantages: bool = True) -> tuple[Tensor, None]:
+def rloo_estimator(scores: Tensor, kl: Tensor, values: Tensor | None, mask: Tensor, reduce: Reduce | None = None, *,
+                   kl_coef: float, samples_per_prompt: int = 4, whiten_advantages: bool = True) -> tuple[Tensor, None]:
     """RLOO: the sequence reward score - kl_coef * sum_t kl_t against its leave-one-out baseline, shared
-    by every token of the completion."""
+    by every token of the completion (a prompt's k samples are always in one process's share)."""
     adv = rloo_advantages(scores - kl_coef * kl.sum(-1), samples_per_prompt)[:, None] * mask
-    return (whiten(adv, mask) if whiten_advantages else adv), None
+    return (whiten(adv, mask, reduce=reduce) if whiten_advantages else adv), None
 
 
-def grpo_estimator(scores: Tensor, kl: Tensor, values: Tensor | None, mask: Tensor, *, kl_coef: float,
-                   samples_per_prompt: int = 4) -> tuple[Tensor, None]:
-    """GRPO: the group-normalised score, shared by every token of the completion."""
+def grpo_estimator(scores: Tensor, kl: Tensor, values: Tensor | None, mask: Tensor, reduce: Reduce | None = None, *,
+                   kl_coef: float, samples_per_prompt: int = 4) -> tuple[Tensor, None]:
+    """GRPO: the group-normalised score, shared by every token of the completion (per group only, and
+    a group is never split over processes: `reduce` has nothing to do)."""
     return grpo_advantages(scores - kl_coef * kl.sum(-1), samples_per_prompt)[:, None] * mask, None
 
 

@@ -57,6 +57,14 @@ class World:
         dist.all_reduce(t)
         return float(t.item())
 
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the processes (a new tensor; `t` is left as it was)."""
+        if not self.active:
+            return t
+        out = t.detach().clone().to(self._device())
+        dist.all_reduce(out)
+        return out.to(t.device)
+
     def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Each key averaged over the ranks that report it (ranks may miss a key whose values were
         all NaN). Every rank has an equal share of the batch, so a per-example mean averaged over

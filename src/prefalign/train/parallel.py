@@ -50,18 +50,25 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(found, key=len))
 
 
+def ddp(module: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """`module` under DDP with several processes; itself with one."""
+    if not world.active:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    # buffers off: the only buffers are constant (rotary tables); syncing them on every forward would
+    # make evaluation a collective too
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers" if newer else "broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=ids, **no_sync)
+
+
 def parallelize(forward: Forward, world: World, strategy: str, precision_bf16: bool, cpu_offload: bool,
                 device: torch.device) -> nn.Module:
     """`forward` as the strategy runs it; with one process, itself."""
     if not world.active:
         return forward
     if strategy == "ddp":
-        # broadcast_buffers off: the only buffers are constant (rotary tables); a broadcast on every
-        # forward would make evaluation a collective too
-        ids = [device.index] if device.type == "cuda" else None
-        newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-        return DistributedDataParallel(forward, device_ids=ids,
-                                       **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
+        return ddp(forward, world, device)
     # bf16 compute on gathered weights, gradients reduced in fp32 (FSDP2's recommended mix)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision_bf16 \
         else MixedPrecisionPolicy()

@@ -31,6 +31,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -49,21 +50,27 @@ from ..models.scalar import load_scalar_model, score_head
 from ..models.scalar import token_scores as critic_token_scores
 from ..runtime.determinism import disable_dropout
 from ..runtime.device import describe
+from ..runtime.distributed import World, shut_down
 from ..runtime.precision import weights_dtype
 from .config import RLConfig
 from .kl_monitor import build_monitor
 from .loop import LoopResult, Optimization, Update, batch_indices, train_loop, write_summary
 from .methods import METHODS
 from .offline import start_run
+from .parallel import ddp
 
 
 class ActorCritic(nn.Module):
     """The trainable whole: the policy and its critic (a value head on the policy's trunk, a separate
-    scalar model, or none for rloo/grpo). One module so one optimizer and one checkpoint hold both."""
+    scalar model, or none for rloo/grpo). One module so one optimizer and one checkpoint hold both;
+    its forward is `forward_rows`, so that DDP can wrap it."""
 
     def __init__(self, policy, value_head: nn.Module | None = None, critic_model=None):
         super().__init__()
         self.policy, self.value_head, self.critic_model = policy, value_head, critic_model
+
+    def forward(self, *args, **kwargs):
+        return self.forward_rows(*args, **kwargs)
 
     def forward_rows(self, rows: dict[str, Tensor], n_prompt: int, cfg: RLConfig, *, entropy: bool = False,
                      hidden: bool = False):
@@ -91,8 +98,14 @@ class RunningMoments:
     var: float = 1.0
     count: float = 1e-4
 
-    def update(self, x: Tensor) -> None:
-        n, m, v = x.numel(), float(x.mean()), float(x.var(unbiased=False)) if x.numel() > 1 else 0.0
+    def update(self, x: Tensor, reduce: ppo_losses.Reduce | None = None) -> None:
+        """Fold in the scores `x` (of every process's share, with `reduce`)."""
+        if reduce is None:
+            n, m, v = x.numel(), float(x.mean()), float(x.var(unbiased=False)) if x.numel() > 1 else 0.0
+        else:
+            mean, var = ppo_losses.masked_moments(x, torch.ones_like(x), reduce)
+            n = int(reduce(torch.tensor([float(x.numel())], device=x.device))[0])
+            m, v = float(mean), float(var) * (n - 1) / n if n > 1 else 0.0
         total = self.count + n
         delta = m - self.mean
         self.mean += delta * n / total
@@ -109,8 +122,10 @@ def _reference(cfg: RLConfig, policy):
     return strategy, ref
 
 
-def shape_scores(cfg: RLConfig, raw: Tensor, ended: Tensor, lengths: Tensor, moments: RunningMoments) -> Tensor:
-    """`lengths` (N,): completion tokens including EOS. Penalties first, then normalisation and clipping."""
+def shape_scores(cfg: RLConfig, raw: Tensor, ended: Tensor, lengths: Tensor, moments: RunningMoments,
+                 reduce: ppo_losses.Reduce | None = None) -> Tensor:
+    """`lengths` (N,): completion tokens including EOS. Penalties first, then normalisation (over
+    every process's share, with `reduce`) and clipping."""
     scores = raw.clone()
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
@@ -119,10 +134,11 @@ def shape_scores(cfg: RLConfig, raw: Tensor, ended: Tensor, lengths: Tensor, mom
         # penalty invites (every token is a cost, ending is free), penalised in the score
         early = ended & (lengths - 1 < cfg.min_new_tokens)
         scores = torch.where(early, scores - cfg.early_eos_penalty, scores)
-    if cfg.reward_norm == "batch" and scores.numel() > 1:
-        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    if cfg.reward_norm == "batch" and (scores.numel() > 1 or reduce is not None):
+        mean, var = ppo_losses.masked_moments(scores, torch.ones_like(scores), reduce)
+        scores = (scores - mean) / (var.sqrt() + 1e-8)
     elif cfg.reward_norm == "running":
-        moments.update(scores)
+        moments.update(scores, reduce)
         scores = (scores - moments.mean) / math.sqrt(moments.var + 1e-8)
     if cfg.reward_clip is not None:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -130,14 +146,14 @@ def shape_scores(cfg: RLConfig, raw: Tensor, ended: Tensor, lengths: Tensor, mom
 
 
 def advantages(cfg: RLConfig, scores: Tensor, old: Tensor, ref: Tensor, values: Tensor | None, mask: Tensor,
-               kl_coef: float) -> tuple[Tensor, Tensor | None]:
+               kl_coef: float, reduce: ppo_losses.Reduce | None = None) -> tuple[Tensor, Tensor | None]:
     """(advantages (N, Tc), returns (N, Tc) for the critic or None): the method's estimator
     (train/methods.py) on the scores, with k1 in the reward for reward_k1 (the loss_* penalties act in
-    the loss, in `minibatch_loss`)."""
+    the loss, in `minibatch_loss`); `reduce`: the rollout is shared over processes."""
     kl = ppo_losses.kl_k1(old, ref) * mask if cfg.kl_penalty == "reward_k1" else torch.zeros_like(old)
     spec = METHODS[cfg.method]
     own = {k: getattr(cfg, k) for k in spec.hyperparameters if k != "kl_coef"}
-    return spec.advantages(scores, kl, values, mask, kl_coef=kl_coef, **own)
+    return spec.advantages(scores, kl, values, mask, reduce, kl_coef=kl_coef, **own)
 
 
 def minibatch_loss(cfg: RLConfig, new: dict[str, Tensor], old: Tensor, ref: Tensor, adv: Tensor, mask: Tensor,
@@ -166,9 +182,30 @@ def minibatch_loss(cfg: RLConfig, new: dict[str, Tensor], old: Tensor, ref: Tens
 
 def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
     out, device, autocast, world = start_run(cfg)
-    if world.active:
-        # rollouts sharded by rank with cross-rank advantage normalisation are not built yet
-        raise ConfigError(f"{cfg.method} runs in one process for now; launch it without torchrun/--nproc")
+    try:
+        return _run_rl(cfg, out, device, autocast, world, log if world.main else (lambda _: None), progress)
+    finally:
+        shut_down(world)
+
+
+def check_rl_world(cfg: RLConfig, world: World) -> None:
+    """What a multi-process RL run needs, checked before any work: each process samples and updates
+    on its share of the prompts (whole groups), under DDP."""
+    if not world.active:
+        return
+    if cfg.distributed != "ddp":
+        raise ConfigError(f"{cfg.method} runs under distributed: ddp (each process samples from the whole policy)")
+    if cfg.batch_size % world.size:
+        raise ConfigError(f"batch_size {cfg.batch_size} (prompts per rollout) must divide over the {world.size} "
+                          "processes")
+    rows = cfg.batch_size // world.size * cfg.samples_per_prompt
+    if rows % cfg.num_minibatches:
+        raise ConfigError(f"each process's {rows} rollout rows must divide into num_minibatches "
+                          f"({cfg.num_minibatches})")
+
+
+def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progress: bool) -> LoopResult:
+    check_rl_world(cfg, world)
     check_backend(cfg.generation_backend, device)  # before any model is loaded
 
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
@@ -191,7 +228,7 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
     ac = ActorCritic(policy, *_critic(cfg, policy, judge, tokenizer, device))
 
     prompts, problems = load_prompts(cfg.prompts, ReadOptions(format=cfg.format))
-    if problems:
+    if problems and world.main:
         (out / "prompts_problems.jsonl").write_text("".join(json.dumps(p.to_json()) + "\n" for p in problems))
         log(f"{cfg.prompts}: {len(problems)} bad rows set aside (first: {problems[0]})")
     if not prompts:
@@ -202,16 +239,22 @@ def run_rl(cfg: RLConfig, log=print, progress: bool = True) -> LoopResult:
     log(f"method {cfg.method}, {len(prompts)} prompts, reference {strategy}, critic {critic}, "
         f"reward {judge.kind}{' (on the sampled ids)' if feed_ids else ''}, "
         f"{'LoRA' if is_peft(policy) else 'full fine-tune'}, {copies} model copies, device {describe(device)}, "
-        f"{weight_dtypes(policy)}")
+        f"{weight_dtypes(policy)}" + (f", {world.size} processes (ddp)" if world.active else ""))
 
-    iteration = Iteration(cfg, ac, ref_model, tokenizer, judge, prompts, feed_ids, device, autocast, generator)
-    monitor = build_monitor(cfg, policy, ref_model if ref_model is not None else policy,
-                            nullcontext if ref_model is not None else policy.disable_adapter, tokenizer,
-                            cfg.prompts, device, autocast, log)
-    result = train_loop(cfg, ac, iteration, device, monitor=monitor, log=log, progress=progress, label=cfg.method)
-    save_model(policy, tokenizer, out / "final", base=cfg.model)
-    write_summary(out, result, method=cfg.method, reference=strategy, lora=is_peft(policy), model_copies=copies,
-                  reward=judge.kind)
+    iteration = Iteration(cfg, ac, ref_model, tokenizer, judge, prompts, feed_ids, device, autocast, generator,
+                          world, ddp(ac, world, device))
+    monitor = None
+    if world.main:  # rank 0 measures the KL; the others would repeat it
+        monitor = build_monitor(cfg, policy, ref_model if ref_model is not None else policy,
+                                nullcontext if ref_model is not None else policy.disable_adapter, tokenizer,
+                                cfg.prompts, device, autocast, log)
+    result = train_loop(cfg, ac, iteration, device, monitor=monitor, log=log, progress=progress, label=cfg.method,
+                        world=world)
+    if world.main:
+        save_model(policy, tokenizer, out / "final", base=cfg.model)
+        write_summary(out, result, method=cfg.method, reference=strategy, lora=is_peft(policy), model_copies=copies,
+                      reward=judge.kind, processes=world.size)
+    world.barrier()
     log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
     return result
 
@@ -240,8 +283,12 @@ class Iteration(Update):
     """One PPO/RLOO/GRPO iteration, the phases of the module docstring in order; `train_loop` runs it."""
 
     def __init__(self, cfg: RLConfig, ac: ActorCritic, ref_model, tokenizer, judge, prompts: list, feed_ids: bool,
-                 device: torch.device, autocast, generator=None):
+                 device: torch.device, autocast, generator=None, world: World = World(), train_forward=None):
         self.cfg, self.ac, self.tokenizer, self.judge, self.prompts = cfg, ac, tokenizer, judge, prompts
+        # several processes: each samples and updates on its share of the prompts; the update's
+        # forward goes through DDP, statistics of the whole rollout through `reduce`
+        self.world, self.train_forward = world, train_forward or ac
+        self.reduce = world.reduce if world.active else None
         self.generator = generator or HFGenerator(ac.policy, tokenizer, device, autocast)
         self.feed_ids, self.device, self.autocast = feed_ids, device, autocast
         self.prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
@@ -255,6 +302,20 @@ class Iteration(Update):
         # the reference is a frozen copy, or the policy with its adapters switched off
         self.ref_ctx = nullcontext if ref_model is not None else policy.disable_adapter
 
+    def prompt_share(self, idx: list[int]) -> list[int]:
+        """This process's prompts of the rollout (all of them for one process); a prompt's k samples
+        stay together, so group baselines never need another process."""
+        share = len(idx) // self.world.size
+        return idx[self.world.rank * share:(self.world.rank + 1) * share]
+
+    def rollout_seed(self) -> int | None:
+        """One process draws from torch's RNG (saved in checkpoints). Several must not draw the same
+        noise for different prompts: each seeds its rollout from (seed, rollout, rank), which a
+        resumed run reproduces on the same process count."""
+        if not self.world.active:
+            return None
+        return (self.cfg.seed * 1_000_003 + self.position) * 4099 + self.world.rank
+
     def state(self) -> dict:
         return {"kl_coef": self.kl_ctl.value, "moments": self.moments.__dict__}
 
@@ -267,10 +328,10 @@ class Iteration(Update):
         cfg, ac, device = self.cfg, self.ac, self.device
         # ---- 1. rollout
         t0 = time.perf_counter()
-        idx = batch_indices(self.position, cfg.batch_size, len(self.prompts), cfg.seed)
+        idx = self.prompt_share(batch_indices(self.position, cfg.batch_size, len(self.prompts), cfg.seed))
         self.position += 1
         rows_idx = [i for i in idx for _ in range(cfg.samples_per_prompt)]  # k consecutive samples per prompt
-        roll = self.generator([self.prompt_ids[i] for i in rows_idx], self.sampling,
+        roll = self.generator([self.prompt_ids[i] for i in rows_idx], self.sampling, seed=self.rollout_seed(),
                               prompt_texts=[text_of(self.prompts[i]) for i in rows_idx])
         all_rows = roll.select(torch.arange(len(rows_idx)))
         mask = roll.completion_mask.float()
@@ -281,11 +342,11 @@ class Iteration(Update):
         else:
             raw = torch.tensor(self.judge.score([self.prompts[i] for i in rows_idx], roll.completion_texts),
                                device=device)
-        if not torch.isfinite(raw).all():
+        if not self.world.all_true(bool(torch.isfinite(raw).all())):
             # a judge that returned NaN/Inf: no advantage can be built from it
             opt.skip(step, f"{int((~torch.isfinite(raw)).sum())} non-finite rewards; rollout skipped")
             return {}, 0
-        scores = shape_scores(cfg, raw, roll.ended.to(device), mask.sum(-1), self.moments)
+        scores = shape_scores(cfg, raw, roll.ended.to(device), mask.sum(-1), self.moments, self.reduce)
 
         # ---- 3. the no-grad pass: old log-probs, entropy, values; reference log-probs
         with torch.no_grad():
@@ -298,7 +359,7 @@ class Iteration(Update):
             k1, k3 = ppo_losses.kl_k1(old, ref) * mask, ppo_losses.kl_k3(old, ref) * mask
 
             # ---- 4. advantages
-            adv, returns = advantages(cfg, scores, old, ref, old_values, mask, self.kl_ctl.value)
+            adv, returns = advantages(cfg, scores, old, ref, old_values, mask, self.kl_ctl.value, self.reduce)
         rollout_seconds = time.perf_counter() - t0
 
         # ---- 5. update: ppo_epochs passes of num_minibatches clipped steps
@@ -312,12 +373,12 @@ class Iteration(Update):
                 mb_dev = mb.to(device)
                 rows, m = roll.select(mb), mask[mb_dev]
                 with self.autocast():
-                    new = ac.forward_rows(rows, roll.n_prompt, cfg, hidden=cfg.kl_penalty == "loss_full")
+                    new = self.train_forward(rows, roll.n_prompt, cfg, hidden=cfg.kl_penalty == "loss_full")
                 full = self.exact_kl(new, m, mb_dev, mask, ref_states) if cfg.kl_penalty == "loss_full" else None
                 loss, row = minibatch_loss(
                     cfg, new, old[mb_dev], ref[mb_dev], adv[mb_dev], m, self.kl_ctl.value, full,
                     None if returns is None else old_values[mb_dev], None if returns is None else returns[mb_dev])
-                if not torch.isfinite(loss):
+                if not self.world.all_true(bool(torch.isfinite(loss))):  # every process skips it, or none
                     opt.skip(step, "non-finite loss; update skipped")
                     continue
                 loss.backward()
@@ -331,7 +392,8 @@ class Iteration(Update):
         # ---- 6. the KL coefficient
         # the adaptive controller follows k3: unbiased like k1 on samples from the policy, and never negative
         kl_seq = k3.sum(-1)
-        self.kl_ctl.update(float(kl_seq.mean()), len(rows_idx))
+        rollout_rows = self.world.sum(len(rows_idx))
+        self.kl_ctl.update(self.world.sum(float(kl_seq.sum())) / rollout_rows, int(rollout_rows))
         metrics = {
             **{k: sum(s[k] for s in stats) / len(stats) for k in (stats[0] if stats else {})},
             "ppo/reward": float(raw.mean()), "ppo/reward_std": float(raw.std()) if len(rows_idx) > 1 else 0.0,
