@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import learnable_pairs, unpaired_from, write_jsonl
+from conftest import held_out_pairs, learnable_pairs, unpaired_from, write_jsonl
 
 # lr large enough that three steps move every weight well past the 1e-5 the tests compare at
 BASE = ["max_steps=3", "batch_size=4", "learning_rate=1e-3", "lr_schedule=constant", "kl_every=0", "seed=3"]
@@ -65,18 +65,26 @@ def model(tiny_models):
 
 def test_ddp_dpo_two_processes_equal_one(model, pair_file, tmp_path):
     """DPO, full fine-tune, reference precomputed by the two ranks in halves: the same table, the same
-    losses, the same weights. grad_accum 2: gradients reduced once a step, on the last micro-batch."""
+    losses, the same weights. grad_accum 2: gradients reduced once a step, on the last micro-batch.
+    eval_data (every process evaluates) and the KL monitor (rank 0 samples) give one process's values."""
     one, two = tmp_path / "one", tmp_path / "two"
-    args = ("reference=precompute", "grad_accum=2")
+    held_out = write_jsonl(tmp_path / "eval.jsonl", held_out_pairs(learnable_pairs(), 8))
+    args = ("reference=precompute", "grad_accum=2", f"eval_data={held_out}", "eval_every=3", "kl_every=3",
+            "kl_prompts=4", "kl_max_new_tokens=8")
     _train(one, model, pair_file, *args)
     run = _train(two, model, pair_file, *args, nproc=2)
     assert "2 processes (ddp)" in run.stdout + run.stderr
     _assert_same_run(one, two, load_file(str(model / "model.safetensors")))
+    last = [json.loads(x) for x in ((d / "metrics.jsonl").read_text().splitlines()[-1] for d in (one, two))]
+    watched = [k for k in last[0] if k.startswith(("eval/", "kl/"))]
+    assert "eval/loss" in watched and "kl/policy_ref_token" in watched, watched
+    for k in watched:
+        assert abs(last[0][k] - last[1][k]) < 1e-5, (k, last[0][k], last[1][k])
     ta, tb = (load_file(str(d / "ref_logps.safetensors"))["logps"] for d in (one, two))
     assert torch.allclose(ta, tb, atol=1e-6, rtol=0)
     assert json.loads((two / "run.json").read_text())["processes"] == 2
-    # rank 0 alone writes: one metrics row per step, not one per process
-    assert len((two / "metrics.jsonl").read_text().splitlines()) == 3
+    # rank 0 alone writes: one metrics row per step (and step 0's eval), not one per process
+    assert [json.loads(x)["step"] for x in (two / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
 
 
 def test_ddp_sft_lora_two_processes_equal_one(model, tmp_path):
@@ -101,7 +109,7 @@ def test_ddp_kto_and_reward_two_processes_equal_one(method, model, pair_file, tm
     one, two = tmp_path / "one", tmp_path / "two"
     _train(one, model, data, "grad_accum=2", method=method)
     _train(two, model, data, "grad_accum=2", method=method, nproc=2)
-    _assert_same_run(one, two)
+    _assert_same_run(one, two, load_file(str(model / "model.safetensors")))
 
 
 def test_fsdp_dpo_two_processes_equal_one(model, pair_file, tmp_path):
@@ -115,12 +123,13 @@ def test_fsdp_dpo_two_processes_equal_one(model, pair_file, tmp_path):
     _assert_same_run(one, two, load_file(str(model / "model.safetensors")))
 
 
-@pytest.mark.parametrize(("first", "then"), [((2, "ddp"), (1, "ddp")), ((1, "ddp"), (2, "fsdp"))])
-def test_resume_across_process_counts(first, then, model, pair_file, tmp_path):
-    """A run checkpointed at step 2 with one process count resumes with another and logs the losses
-    of a run never interrupted."""
+@pytest.mark.parametrize(("first", "then", "lora"), [((2, "ddp"), (1, "ddp"), True), ((1, "ddp"), (2, "fsdp"), True),
+                                                    ((2, "fsdp"), (1, "ddp"), False)])
+def test_resume_across_process_counts(first, then, lora, model, pair_file, tmp_path):
+    """A run checkpointed at step 2 with one process count (and strategy) resumes with another and
+    logs the losses of a run never interrupted."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    common = ("max_steps=4", "reference=precompute", "lora=true")
+    common = ("max_steps=4", "reference=precompute", f"lora={str(lora).lower()}")
     _train(whole, model, pair_file, *common)
     _train(split, model, pair_file, *common, "save_every=2", "max_steps=2", f"distributed={first[1]}", nproc=first[0])
     _train(split, model, pair_file, *common, "resume=true", f"distributed={then[1]}", nproc=then[0])
@@ -128,6 +137,28 @@ def test_resume_across_process_counts(first, then, model, pair_file, tmp_path):
     assert sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+def test_accelerate_launch_runs_the_same_training(model, pair_file, tmp_path):
+    """`accelerate launch` sets the environment torchrun sets: the same two processes, the same run."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(one, model, pair_file, "reference=precompute")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefalign", "train",
+           "--method", "dpo", "--model", str(model), "--data", str(pair_file), "-o", str(two), "--no-progress",
+           *BASE, "reference=precompute"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 processes (ddp)" in run.stdout + run.stderr
+    _assert_same_run(one, two, load_file(str(model / "model.safetensors")))
+
+
+def test_nproc_checks_the_config_before_starting_processes(model, pair_file, tmp_path):
+    cmd = [sys.executable, "-m", "prefalign", "train", "--method", "dpo", "--model", str(model), "--data",
+           str(pair_file), "-o", str(tmp_path / "run"), *BASE, "batch_size=3", "--nproc", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "batch_size 3 is the global micro-batch" in run.stderr, run.stderr[-2000:]
+    assert "starting 2 processes" not in run.stdout + run.stderr
 
 
 def _rank(launcher: subprocess.Popen, rank: str) -> psutil.Process | None:

@@ -10,7 +10,7 @@ import torch
 from conftest import write_jsonl
 from prefalign.config import Sampling
 from prefalign.errors import ConfigError
-from prefalign.models.backends import HFGenerator, backend_problem, rollout_from_ids
+from prefalign.models.backends import HFGenerator, backend_problem, engine_lora_rank, rollout_from_ids
 from prefalign.models.generate import eos_ids
 from prefalign.models.load import load_model
 
@@ -42,6 +42,12 @@ def test_vllm_where_it_cannot_run_stops_before_any_work(tiny_models, prompts, tm
     assert not (tmp_path / "rl" / "metrics.jsonl").exists()
     with pytest.raises(ConfigError, match=NEEDS):
         Evaluator(EvalConfig(model=model, prompts=str(prompts), output=str(tmp_path / "ev"), generation_backend="vllm"))
+
+
+def test_adapter_ranks_fit_the_engines_choices():
+    assert [engine_lora_rank(r) for r in (1, 4, 8, 12, 64, 200)] == [8, 8, 8, 16, 64, 256]
+    with pytest.raises(ConfigError, match="LoRA ranks up to 256"):
+        engine_lora_rank(300)
 
 
 def test_a_backends_token_lists_make_hfs_rollout(tiny_models, tokenizer):

@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def backend_problem(backend: str, device: torch.device) -> str | None:
         return None
     missing = []
     if importlib.util.find_spec("vllm") is None:
-        missing.append("the vllm package (pip install vllm, with the torch build it requires)")
+        missing.append("the vllm package (pip install 'prefalign[vllm]', with the torch build vLLM requires)")
     if device.type != "cuda":
         missing.append(f"a CUDA or ROCm GPU (this run's device is {device.type})")
     return " and ".join(missing) or None
@@ -85,12 +86,13 @@ class VLLMGenerator:
         from vllm import LLM  # optional extra, present only where the backend is chosen
 
         # the engine in this process, not a worker process: updated weights can be loaded into it
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.dir = Path(tempfile.mkdtemp(prefix="prefalign-vllm-"))
+        weakref.finalize(self, shutil.rmtree, self.dir, True)  # the engine's copy of the weights goes with it
         model.save_pretrained(self.dir / "base", safe_serialization=True)
         tokenizer.save_pretrained(self.dir / "base")
         dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(model.dtype, "float32")
-        lora = {"enable_lora": True, "max_lora_rank": lora_rank} if lora_rank else {}
+        lora = {"enable_lora": True, "max_lora_rank": engine_lora_rank(lora_rank)} if lora_rank else {}
         self.llm = LLM(model=str(self.dir / "base"), dtype=dtype, seed=seed, max_model_len=max_length,
                        gpu_memory_utilization=memory_fraction, enable_sleep_mode=True, **lora)
         self.tokenizer, self.eos, self.device = tokenizer, eos_ids(tokenizer, model), device
@@ -115,6 +117,8 @@ class VLLMGenerator:
                  prompt_texts: list[str] | None = None) -> Rollout:
         from vllm import SamplingParams  # optional extra
 
+        if sampling.max_new_tokens < 1:
+            raise ConfigError("generation_backend: vllm samples at least one token: max_new_tokens must be >= 1")
         self.llm.wake_up()
         if self.pending is not None:
             _engine_model(self.llm).load_weights((n, p.detach()) for n, p in self.pending.state_dict().items())
@@ -163,6 +167,18 @@ def rollout_from_ids(prompts: list[list[int]], sampled: list[tuple[list[int], in
     ids, mask = left_pad(prompts, pad)
     return to_rollout(ids.to(device), mask.to(device), completions.to(device), tokenizer, eos, seconds, prompts,
                       prompt_texts)
+
+
+# the adapter ranks a vLLM engine can be built for (its LoRA config's choices); an adapter of a smaller
+# rank fits in the next one up
+ENGINE_LORA_RANKS = (8, 16, 32, 64, 128, 256)
+
+
+def engine_lora_rank(r: int) -> int:
+    fits = [k for k in ENGINE_LORA_RANKS if k >= r]
+    if not fits:
+        raise ConfigError(f"generation_backend: vllm takes LoRA ranks up to {ENGINE_LORA_RANKS[-1]}, not {r}")
+    return fits[0]
 
 
 def _engine_model(llm):

@@ -86,19 +86,25 @@ def fingerprint(model, examples, extra: str = "") -> str:
     return h.hexdigest()
 
 
+def cached_fingerprint(cache: Path) -> str | None:
+    if not cache.exists():
+        return None
+    with safe_open(str(cache), "pt") as f:
+        return (f.metadata() or {}).get("fingerprint")
+
+
 def precompute(model, batches: Iterator[dict[str, Tensor]], n_examples: int, slots: int, cache: Path,
                fp: str, autocast: Callable = nullcontext, chunk_mb: float = 128.0,
                log: Callable[[str], None] = print, gather: Callable[[Tensor], Tensor] | None = None,
-               write: bool = True) -> PrecomputedReference:
+               write: bool = True, agree: Callable[[bool], bool] = bool) -> PrecomputedReference:
     """The table of reference log-probs of every example. Several processes: each passes `batches`
-    over its own share of the examples, `gather` sums the tables (zeros where another rank wrote)
-    and only the process told to `write` saves the cache."""
+    over its own share of the examples, `gather` sums the tables (zeros where another rank wrote),
+    only the process told to `write` saves the cache, and the cache is used only if every process
+    finds it fresh (`agree`), since otherwise some would wait in `gather` for the others."""
+    if agree(cached_fingerprint(cache) == fp):
+        log(f"reference log-probs: cached ({cache.name}, fingerprint {fp[:12]})")
+        return PrecomputedReference(load_file(str(cache))["logps"])
     if cache.exists():
-        with safe_open(str(cache), "pt") as f:
-            stored = (f.metadata() or {}).get("fingerprint")
-        if stored == fp:
-            log(f"reference log-probs: cached ({cache.name}, fingerprint {fp[:12]})")
-            return PrecomputedReference(load_file(str(cache))["logps"])
         log(
             f"reference log-probs: cache {cache.name} is stale (model, data or tokenizer settings changed); recomputing"
         )

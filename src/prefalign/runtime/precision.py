@@ -26,11 +26,13 @@ def weights_dtype(dtype: str, device: torch.device, frozen_base: bool) -> torch.
     return torch.bfloat16 if frozen_base and bf16_capable(device) else torch.float32
 
 
+def bf16_wanted(precision: str, device: torch.device) -> bool:
+    """`precision` auto | fp32 | bf16 resolved: auto is bf16 on a CUDA GPU that has it."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda" and bf16_capable(device))
+
+
 def autocast_for(precision: str, device: torch.device) -> Callable:
-    """`precision` auto | fp32 | bf16: a context factory, bf16 autocast or none (auto: bf16 on a CUDA GPU
-    that has it)."""
-    bf16_ok = device.type == "cuda" and bf16_capable(device)
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_ok)
-    if not use_bf16:
+    """`precision` auto | fp32 | bf16: a context factory, bf16 autocast or none (bf16_wanted)."""
+    if not bf16_wanted(precision, device):
         return nullcontext
     return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)

@@ -31,7 +31,7 @@ from ..errors import TrainingError
 from ..runtime.distributed import World
 from ..runtime.memory import peak_memory_bytes
 from .config import RunConfig
-from .parallel import full, shard_like
+from .parallel import full, shard_like, sharded
 
 
 @functools.lru_cache(maxsize=4)
@@ -66,8 +66,14 @@ def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
 # ------------------------------------------------------------------ checkpoints
 
 
-def _trainable(model) -> dict[str, Tensor]:
-    return {n: full(p) for n, p in model.named_parameters() if p.requires_grad}
+def _trainable(model, keep: bool = True) -> dict[str, Tensor]:
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            t = full(p)  # a gather every rank takes part in, for an FSDP2 shard
+            if keep:
+                out[n] = t
+    return out
 
 
 def _param_names(model, optimizer) -> list[str]:
@@ -75,17 +81,22 @@ def _param_names(model, optimizer) -> list[str]:
     return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
-def optimizer_state(model, optimizer) -> dict[str, Any]:
+def optimizer_state(model, optimizer, keep: bool = True) -> dict[str, Any]:
     """The optimizer's state keyed by parameter name, with whole tensors: the same file whatever the
-    process count or strategy (an FSDP2 rank holds shards; torch's own dict is keyed by position)."""
+    process count or strategy (an FSDP2 rank holds shards; torch's own dict is keyed by position).
+    Every rank gathers a shard's tensors with the others; only a rank that `keep`s them holds them."""
     sd, names = optimizer.state_dict(), _param_names(model, optimizer)
-    state = {names[i]: {k: full(v) if torch.is_tensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
+    state = {}
+    for i, s in sd["state"].items():
+        whole = {k: full(v) if torch.is_tensor(v) else v for k, v in s.items()}
+        if keep:
+            state[names[i]] = whole
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
     return {"state": state, "param_groups": groups}
 
 
 def load_optimizer_state(model, optimizer, saved: dict[str, Any]) -> None:
-    if any(isinstance(k, int) for k in saved["state"]):  # a checkpoint from before name-keyed state
+    if any(isinstance(p, int) for g in saved["param_groups"] for p in g["params"]):  # before name-keyed state
         optimizer.load_state_dict(saved)
         return
     index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
@@ -100,7 +111,9 @@ def save_checkpoint(out: Path, step: int, position: int, model, optimizer, sched
                     world: World = World()) -> Path | None:
     """Every rank takes part (an FSDP2 shard is gathered); rank 0 writes. The files are those of a
     one-process run, so any process count resumes from them."""
-    weights, optim = _trainable(model), optimizer_state(model, optimizer)
+    weights, optim = {}, {}
+    if world.main or sharded(model):  # DDP's other ranks hold the same tensors: nothing to gather
+        weights, optim = _trainable(model, world.main), optimizer_state(model, optimizer, world.main)
     ckpts = out / "checkpoints"
     final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
     if world.main:
@@ -212,12 +225,17 @@ class RunLog:
         self.writer.close()
 
 
-def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """The newest checkpoint's state (weights, optimizer, schedule and RNG restored), or None."""
+def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], None],
+           world: World = World()) -> dict[str, Any] | None:
+    """The newest checkpoint's state (weights, optimizer, schedule and RNG restored), or None. Every
+    process must see the same newest one (the run folder on a filesystem they all share)."""
     out = Path(cfg.output)
-    if not (cfg.resume and list_checkpoints(out)):
+    latest = list_checkpoints(out)[-1] if cfg.resume and list_checkpoints(out) else -1
+    if not world.all_true(latest == world.max(latest)):
+        raise TrainingError(f"the processes see different newest checkpoints in {out}: put the run folder on a "
+                            "filesystem every process shares")
+    if latest < 0:
         return None
-    latest = list_checkpoints(out)[-1]
     state = load_checkpoint(out / "checkpoints" / f"step-{latest}", model, optimizer, scheduler)
     log(f"resumed from checkpoints/step-{latest}")
     return state
@@ -279,7 +297,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
     params, optimizer, scheduler = build_optimizer(cfg, model)
     guard = BadSteps(cfg.max_bad_steps, log)
     opt, step = Optimization(params, optimizer, cfg.max_grad_norm, guard), 0
-    state = resume(cfg, model, optimizer, scheduler, log)
+    state = resume(cfg, model, optimizer, scheduler, log, world)
     if state is not None:
         step, update.position, opt.skipped = state["step"], state["position"], state.get("skipped_steps", 0)
         update.restore(state)

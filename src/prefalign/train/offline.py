@@ -36,7 +36,7 @@ from ..runtime.determinism import disable_dropout
 from ..runtime.device import describe, set_up
 from ..runtime.distributed import World, init_world, shut_down
 from ..runtime.memory import set_malloc_mmap_threshold
-from ..runtime.precision import autocast_for, weights_dtype
+from ..runtime.precision import autocast_for, bf16_wanted, weights_dtype
 from .config import OfflineConfig, RunConfig
 from .kl_monitor import auto_every, build_monitor
 from .loop import LoopResult, Optimization, Update, batch_indices, mean_metrics, train_loop, write_summary
@@ -180,7 +180,7 @@ def run_offline(cfg: OfflineConfig, log: Callable[[str], None] = print, progress
 
 def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, log, progress: bool) -> LoopResult:
     method = METHODS[cfg.method]
-    check_world(cfg, method, world)
+    check_world(cfg, world)
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
     model = _load(cfg, method, tokenizer, device)
     data = _load_data(cfg.data, cfg, tokenizer, method, out, "data", log, world)
@@ -221,7 +221,7 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
         ref_model = reference.model if strategy == "copy" else initial if initial is not None else model
         ctx = model.disable_adapter if ref_model is model else nullcontext
         monitor = build_monitor(cfg, model, ref_model, ctx, tokenizer, cfg.eval_data or cfg.data, device, autocast, log)
-    forward = parallelize(forward_of(model, cfg), world, cfg.distributed, cfg.precision == "bf16",
+    forward = parallelize(forward_of(model, cfg), world, cfg.distributed, bf16_wanted(cfg.precision, device),
                           cfg.fsdp_cpu_offload, device)
     step_fn = make_step(forward, cfg, reference, autocast, world)
     eval_fn = None
@@ -244,7 +244,7 @@ def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult
         model, base = model.merge_and_unload(), None
     state = None
     if world.active and cfg.distributed == "fsdp":
-        state = full_state(model)
+        state = full_state(model, keep=world.main, only_trainable=lora)
     if world.main:
         save_model(model, tokenizer, out / "final", base=base, state_dict=state)
         write_summary(out, result, method=cfg.method, reference=strategy, lora=lora,
@@ -253,8 +253,9 @@ def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult
     log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
 
 
-def check_world(cfg: OfflineConfig, method: Method, world: World) -> None:
+def check_world(cfg: OfflineConfig, world: World) -> None:
     """What a multi-process run needs, checked before any work."""
+    method = METHODS[cfg.method]
     if not world.active:
         return
     if cfg.batch_size % world.size:
@@ -330,14 +331,15 @@ class OfflineUpdate(Update):
         for i in range(self.cfg.grad_accum):
             batch = self.make_batch(self.micro_batch())
             self.position += 1
-            loss, metrics, n_tok = self.step_fn({k: v.to(self.device) for k, v in batch.items()})
-            tokens += n_tok
-            # every rank skips together: under DDP a rank without backward would leave the others waiting
-            if not self.world.all_true(bool(torch.isfinite(loss))):
-                finite = False
-                continue
-            # gradients are reduced across processes once a step, on its last micro-batch
+            # DDP: gradients reduced once a step, on its last micro-batch (DDP decides in the forward,
+            # so the forward is inside too)
             with accumulating(self.forward, i < self.cfg.grad_accum - 1):
+                loss, metrics, n_tok = self.step_fn({k: v.to(self.device) for k, v in batch.items()})
+                tokens += n_tok
+                # every rank skips together: under DDP a rank without backward would leave the others waiting
+                if not self.world.all_true(bool(torch.isfinite(loss))):
+                    finite = False
+                    continue
                 (loss / self.cfg.grad_accum).backward()
             items.append({"loss": float(loss.detach()), **metrics})
         if finite:
@@ -363,7 +365,7 @@ def _precompute(model, cfg, data, collate_fn, device, autocast, name: str, log, 
     world.barrier()  # every rank reads the cache before any writes it
     table = precompute(model, batches, len(data), len(data.examples[0].seqs), Path(cfg.output) / f"{name}.safetensors",
                        fp, autocast, cfg.logits_chunk_mb, log, gather=world.fill if world.active else None,
-                       write=world.main)
+                       write=world.main, agree=world.all_true)
     world.barrier()
     return table
 

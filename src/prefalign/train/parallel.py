@@ -86,18 +86,28 @@ def full(t: Tensor) -> Tensor:
     return t.detach().cpu().contiguous()
 
 
-def full_state(model: nn.Module) -> dict[str, Tensor]:
-    """The model's state dict with whole tensors (every rank takes part). Tied weights (one
-    parameter under two names) stay one tensor, so save_pretrained writes it once, as it would
-    for the unsharded model."""
-    owner = {name: id(p) for name, p in model.named_parameters(remove_duplicate=False)}
+def sharded(model: nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def full_state(model: nn.Module, keep: bool, only_trainable: bool = False) -> dict[str, Tensor]:
+    """The model's state dict with whole tensors: every rank takes part in each gather, one tensor
+    at a time, and only a rank that will write `keep`s them (the others hold one tensor at most).
+    `only_trainable`: a LoRA run's adapters, all its final/ holds. Tied weights (one parameter under
+    two names) stay one tensor, so save_pretrained writes it once, as for the unsharded model."""
+    params = dict(model.named_parameters(remove_duplicate=False))
     gathered: dict[int, Tensor] = {}
     out = {}
     for name, t in model.state_dict().items():
-        key = owner.get(name, id(t))
+        if only_trainable and not (name in params and params[name].requires_grad):
+            continue
+        key = id(params[name]) if name in params else id(t)
         if key not in gathered:
             gathered[key] = full(t)
-        out[name] = gathered[key]
+        if keep:
+            out[name] = gathered[key]
+        else:
+            gathered[key] = torch.empty(0)  # gathered for the others; not kept
     return out
 
 
@@ -110,18 +120,12 @@ def shard_like(value: Tensor, like: Tensor) -> Tensor:
 
 @contextmanager
 def accumulating(module, accumulate: bool):
-    """Backward without the gradient reduction while `accumulate` (all but a step's last micro-batch):
-    DDP's no_sync, FSDP2's set_requires_gradient_sync(False); one process: nothing to skip."""
-    if not accumulate or module is None:
-        yield
-    elif hasattr(module, "no_sync"):
+    """Forward and backward without DDP's gradient reduction while `accumulate` (all but a step's last
+    micro-batch): DDP's no_sync. FSDP2 reduce-scatters every micro-batch: turning that off would
+    hold whole unsharded gradients between micro-batches (and zero_grad does not clear them, so a
+    skipped step would leak into the next); one process: nothing to skip."""
+    if accumulate and isinstance(module, DistributedDataParallel):
         with module.no_sync():
             yield
-    elif hasattr(module, "set_requires_gradient_sync"):
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
     else:
         yield

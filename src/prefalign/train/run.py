@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import TrainingError
-from ..runtime.distributed import launch
+from ..errors import ConfigError, TrainingError
+from ..runtime.distributed import World, launch, launched
 from .config import RunConfig
 from .loop import LoopResult, list_checkpoints
 from .methods import METHODS
-from .offline import run_offline
-from .ppo import run_rl
+from .offline import check_world, run_offline
+from .ppo import check_rl_world, run_rl
 
 TRAINERS: dict[str, Callable[..., LoopResult]] = {"offline": run_offline, "rl": run_rl}
 
@@ -22,7 +22,11 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = T
 
 def launch_processes(cfg: RunConfig, nproc: int, argv: list[str], log: Callable[[str], None] = print) -> None:
     """`prefalign ARGV` (a train command) in `nproc` processes; a failure of any one stops them all
-    and is reported with where to resume from."""
+    and is reported with where to resume from. What the config asks of a world of `nproc` processes
+    is checked here first, so that a config error reads as one, not as a failed process."""
+    if launched():
+        raise ConfigError("--nproc starts the processes itself: under torchrun or accelerate launch, leave it out")
+    (check_world if METHODS[cfg.method].trainer == "offline" else check_rl_world)(cfg, World(0, nproc))
     log(f"starting {nproc} processes (torchrun, distributed: {cfg.distributed})")
     code = launch(nproc, argv)
     if code == 0:
