@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..models import backends
 from ..models.generate import encode_prompt
 from ..models.load import load_tokenizer_for
 from ..models.tiny import build_tokenizer
-from ..train import ppo
 from ..train.methods import PPO
 from ..train.ppo import run_rl
 from .flops import head_params, matmul_params, ppo_iteration_flops
@@ -87,7 +87,7 @@ def recorded_rollouts():
     mean completion length but not the columns generated (every row runs until the last one stops),
     which the FLOP count needs."""
 
-    inner, shapes = ppo.generate, []
+    inner, shapes = backends.generate, []
 
     def recording(*args, **kwargs):
         roll = inner(*args, **kwargs)
@@ -96,11 +96,11 @@ def recorded_rollouts():
                        "tokens": int(roll.attention_mask.sum())})
         return roll
 
-    ppo.generate = recording
+    backends.generate = recording  # the hf backend's generate: every rollout run_rl samples
     try:
         yield shapes
     finally:
-        ppo.generate = inner
+        backends.generate = inner
 
 
 def model_counts(model_dir: str) -> dict[str, int]:
