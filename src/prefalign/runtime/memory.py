@@ -37,7 +37,16 @@ def set_malloc_mmap_threshold(mb: float) -> bool:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set: a high-water mark that cannot be reset."""
+    """This process's peak resident set: a high-water mark that cannot be reset. Linux: VmHWM, the
+    peak of this program's own memory; getrusage's ru_maxrss also keeps the peak of the process it
+    was forked from, before exec (a worker started by a large parent would report the parent's)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
 

@@ -6,7 +6,7 @@ for both DPO and PPO). `run_stage` runs a function in a fresh child process and 
 with that child's cost (README "How costs are counted"):
 - `seconds`: wall clock of the function in the child (model loading included; process start-up not,
   so that a stage is not charged the interpreter's and torch's import time),
-- `peak_rss_bytes`: the child's ru_maxrss,
+- `peak_rss_bytes`: the child's own peak RSS (VmHWM),
 - `peak_cuda_bytes`: on CUDA, the allocator's peak (a fresh process starts from zero), else None.
 Children are forked from a forkserver that has imported torch and transformers once, so a stage
 starts in milliseconds rather than seconds; where there is no forkserver (Windows), they are spawned.
