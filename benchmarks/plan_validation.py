@@ -23,7 +23,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -155,7 +154,9 @@ def write(rows: list[dict], default_heap: list[dict], command: str, out: Path) -
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     worst = max(abs(r["error"]) for r in rows)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    from prefalign.runtime.device import cpu_model
+
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}"
     lines = [f"# `prefalign plan` against measured peaks, {machine}", "", f"    {command}", "",
              f"Commit {commit or '?'} (the script and the planner as committed with this file). Each run: DPO, "
              f"its own process, `malloc_mmap_threshold_mb: 0.0625` (RSS follows live tensors); the estimate from "

@@ -19,6 +19,7 @@ from prefalign.bench.plan import (
     layer_activations,
     logits_chunk,
     lora_params,
+    mask_activations,
     optimizer_state,
     optimizer_temporaries,
     param_count,
@@ -151,9 +152,12 @@ def test_layer_activations_equal_what_autograd_saves(lora, layout, tokenizer):
                                                                           tokenizer.pad_token_id)
     rows, length = batch["input_ids"].shape
     s = Setup(rows=rows, row_len=length, scored=1, mask=layout == "shared", lora_r=lora)
-    per_layer_mask = rows * length**2 * 4 if layout == "shared" else 0  # SDPA's float copy of the bool mask
-    assert saved_in_layer(model, batch) == pytest.approx(rows * length * layer_activations(
-        arch_from_config(config.to_dict()), s) + per_layer_mask, rel=0.01)
+    a = arch_from_config(config.to_dict())
+    # the mask term of one layer: SDPA's float copy of the bool mask (the bool mask itself is made outside)
+    per_layer_mask = mask_activations(a, s, 1) - mask_activations(a, s, 0)
+    assert per_layer_mask == (rows * length**2 * 4 if layout == "shared" else 0)
+    assert saved_in_layer(model, batch) == pytest.approx(rows * length * layer_activations(a, s) + per_layer_mask,
+                                                         rel=0.01)
 
 
 def long_pairs(n: int, words: int = 300, seed: int = 0) -> list[dict]:
