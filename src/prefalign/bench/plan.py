@@ -7,10 +7,10 @@ step (step 2 on, when the optimizer state exists) is the larger of two phases:
 
     forward/backward = static + held gradients + max(head backward, top layer, bottom layer, reference pass)
     optimizer step   = static + gradients + optimizer state's temporaries
-    static           = weights + reference + KL-monitor copy + optimizer state
+    static           = weights + reference + KL-monitor copy + optimizer state (+ DDP's gradient buckets)
 
-plus the process's runtime (CPU: the interpreter with torch and transformers; GPU: nothing, the
-allocator's peak excludes the CUDA context) and, on CPU, the tokenized data. Gradients and
+plus the process's runtime (measured, not derived: bench/planner.py says how; on CPU the interpreter with
+torch, transformers and the tokenizer, on GPU the CUDA context) and, on CPU, the tokenized data. Gradients and
 activations rarely coexist in full: backward frees a layer's saved tensors as it allocates that
 layer's weight gradients, so the forward/backward phase takes the larger of the two, not their sum.
 
@@ -309,11 +309,10 @@ def activations(a: Arch, s: Setup) -> dict[str, float]:
     mask_layers = 0 if s.checkpointing else a.layers  # checkpointed: the converted mask lives in one layer
     saved = {"layers": s.tokens * a.layers * saved_per_layer(a, s), "mask": mask_activations(a, s, mask_layers),
              "outside": outside_layers(a, s), "casts": autocast_casts(a, s), "kept": chunk if kept else 0.0}
-    recompute = 0.0
-    if s.checkpointing:
-        recompute = s.tokens * layer_activations(a, s) + s.rows * s.row_len**2 * s.act_bytes * bool(s.mask)
+    mask_copy = mask_activations(a, s, 1) - mask_activations(a, s, 0)  # one layer's float copy of the mask
+    recompute = s.tokens * layer_activations(a, s) + mask_copy if s.checkpointing else 0.0
     return {**saved, "saved": sum(saved.values()), "chunk": chunk, "recompute": recompute,
-            "work": s.tokens * layer_working_set(a, s)}
+            "work": s.tokens * layer_working_set(a, s), "mask_copy": mask_copy}
 
 
 def phases(a: Arch, s: Setup, static: float, grads: float, act: dict[str, float]) -> dict[str, float]:
@@ -326,7 +325,8 @@ def phases(a: Arch, s: Setup, static: float, grads: float, act: dict[str, float]
         rebuilds); at the top every layer's activations are still saved, at the bottom nearly every
         weight gradient exists: backward trades one for the other, so the larger end is the peak;
       reference: the adapter-off or copy reference's no-grad forward runs after the policy's, with the
-        policy's activations saved: a layer's working set and a forward logits chunk (2 chunks);
+        policy's activations saved: a layer's working set, its float copy of the mask, and a forward
+        logits chunk (its logits and logsumexp's exp: 2 chunks, measured so on CPU);
       optimizer_step: every gradient, the optimizer state and the step's temporaries.
     With grad_accum > 1 the gradients of earlier micro-batches are held through the whole backward."""
     head_grad = 4.0 * a.vocab * a.hidden if s.full else 0.0
@@ -344,7 +344,7 @@ def phases(a: Arch, s: Setup, static: float, grads: float, act: dict[str, float]
         "bottom_layer": after_head - act["layers"] - act["mask"] + per_layer + act["recompute"] + act["work"] + grads,
     }
     if s.reference in ("adapter", "copy"):
-        out["reference"] = act["saved"] + act["work"] + 2 * act["chunk"] + held
+        out["reference"] = act["saved"] + act["work"] + act["mask_copy"] + 2 * act["chunk"] + held
     out = {k: static + v for k, v in out.items()}
     out["optimizer_step"] = static + grads + optimizer_temporaries(a, s) / _shards(s)
     return out
@@ -362,7 +362,7 @@ def estimate(a: Arch, s: Setup) -> Breakdown:
     gradient_as_bucket_view=False). The micro-batch in `s` is already one device's share."""
     n = _shards(s)
     params, train = param_count(a)["total"], trainable(a, s)
-    unit = a.layers and layer_params(a) if n > 1 else 0
+    unit = layer_params(a) if n > 1 else 0  # FSDP gathers one layer's full weights (and gradients) at a time
     terms = {"runtime": float(s.runtime), "data": float(s.host_data),
              "weights": weights(a, s) / n + unit * s.base_bytes, "reference": reference(a, s) / n,
              "monitor_copy": base_weights(a, s) / n if s.monitor_copy else 0.0,
