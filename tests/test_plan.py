@@ -175,7 +175,7 @@ def long_pairs(n: int, words: int = 300, seed: int = 0) -> list[dict]:
 def test_a_real_tiny_run_peaks_within_25_percent_of_the_estimate(tiny_models, tmp_path):
     """The measured peak RSS of a real training process (its own process, glibc returning freed blocks of
     64 KiB or more so that RSS follows live tensors) against the planner, runtime probe and all."""
-    data = write_jsonl(tmp_path / "long.jsonl", long_pairs(24))
+    data = write_jsonl(tmp_path / "long.jsonl", long_pairs(24, words=600))
     fields = dict(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "run"),
                   max_steps=2, batch_size=16, max_length=512, max_prompt_length=128, kl_every=0,
                   malloc_mmap_threshold_mb=0.0625)
@@ -210,3 +210,23 @@ def test_plan_command_prints_what_fits(tiny_models, tmp_path):
     assert all(p["fits"] for p in result["plans"]) and result["strategy"] == "fsdp"
     assert json.loads(json.dumps(result)) == result  # --json prints exactly this
     assert parse_size("24GiB") == 24 * 2**30 and parse_size("24GB") == 24 * 10**9
+
+
+def test_planning_for_a_gpu_and_what_is_refused(tiny_models, tmp_path):
+    from prefalign.errors import ConfigError
+
+    data = write_jsonl(tmp_path / "d.jsonl", long_pairs(4, words=20))
+    # the README's example, on the tiny model: a GPU planned from this CPU machine (no runtime probe)
+    cfg = make_config(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "r"),
+                      lora={"r": 16}, max_length=2048, max_prompt_length=1024)
+    result = plan(cfg, device="cuda", device_memory=parse_size("24GB"))
+    labels = [p["label"] for p in result["plans"]]
+    assert labels == ["LoRA r=16 bf16", "full fp32 + bf16 autocast", "full fp32 + bf16 autocast + gradient "
+                      "checkpointing", "LoRA r=16 bf16 + gradient checkpointing", "QLoRA NF4 + gradient checkpointing"]
+    assert result["plans"][0]["terms"]["runtime"] == 2**30 and "assumed" in result["runtime_how"]
+    with pytest.raises(ConfigError, match="RL method"):
+        plan(make_config(method="ppo", model=str(tiny_models["llama"]), prompts=str(data), reward="x.py:f",
+                         output=str(tmp_path / "p")), runtime=0)
+    with pytest.raises(ConfigError, match="this model is gpt2"):
+        plan(make_config(method="dpo", model=str(tiny_models["gpt2"]), data=str(data), output=str(tmp_path / "g")),
+             runtime=0)
