@@ -357,6 +357,28 @@ def bench_compare(files: list[Path] = typer.Argument(..., help="results JSON fil
     out.print(compare(files, output), markup=False, highlight=False)
 
 
+@app.command("plan")
+def plan_cmd(
+    args: list[str] | None = typer.Argument(None, help="CONFIG.yaml and/or key=value overrides (as for train)"),
+    set_: list[str] | None = typer.Option(None, "--set", help="key=value override (repeatable)"),
+    device_memory: str | None = typer.Option(None, help="e.g. 24GB, 80GiB; default: this device's memory"),
+    gpus: int = typer.Option(1, help="devices the run is spread over"),
+    strategy: str = typer.Option("fsdp", help="with --gpus > 1: fsdp (sharded) or ddp (replicated)"),
+    device: str | None = typer.Option(None, help="plan for cpu or cuda (default: the config's device here)"),
+    runtime_mb: float | None = typer.Option(None, help="the process's runtime memory, instead of measuring it"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Peak memory of a training config, term by term, and which settings fit the device."""
+    from .bench.planner import format_plan, parse_size, plan
+    from .train.methods import load_train_config
+
+    config, overrides = _config_and_overrides(args)
+    cfg = load_train_config(config, overrides + list(set_ or []))
+    result = plan(cfg, device=device, device_memory=parse_size(device_memory) if device_memory else None, gpus=gpus,
+                  strategy=strategy, runtime=int(runtime_mb * 2**20) if runtime_mb is not None else None)
+    out.print(json.dumps(result) if as_json else format_plan(result), markup=False, highlight=False)
+
+
 @app.command("merge")
 def merge(adapter: Path, output: Path = typer.Option(..., "-o", "--output")) -> None:
     """Merge a LoRA adapter folder into its base model and write a plain HF folder."""

@@ -1,0 +1,232 @@
+"""`prefalign plan`: each formula of bench/plan.py against a hand computation or the real thing (the
+instantiated model, PEFT's adapters, AdamW's state, the tensors autograd saves), sharding, and one real
+training run whose measured peak must lie within ±25% of the estimate."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import write_jsonl
+from prefalign.bench.plan import (
+    PROJECTIONS,
+    Arch,
+    Setup,
+    estimate,
+    layer_activations,
+    logits_chunk,
+    lora_params,
+    mask_activations,
+    optimizer_state,
+    optimizer_temporaries,
+    param_count,
+)
+from prefalign.bench.planner import arch_from_config, parse_size, plan, safetensors_params
+from prefalign.models.load import add_lora
+from prefalign.models.tiny import save_tiny, tiny_config
+from prefalign.train.methods import make_config
+
+SMOLLM2 = Arch(vocab=49152, hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, intermediate=1536)
+
+
+def test_smollm2_parameter_count_by_hand():
+    # embedding 49152 x 576; per layer q, o 576^2, k, v 576 x 192, gate/up/down 576 x 1536, 2 norms; final norm
+    layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576
+    assert param_count(SMOLLM2)["total"] == 49152 * 576 + 30 * layer + 576 == 134_515_008
+
+
+@pytest.mark.parametrize("arch,extra", [("llama", {}), ("llama", {"tie_word_embeddings": False}), ("qwen2", {}),
+                                        ("mistral", {"tie_word_embeddings": False})])
+def test_parameter_count_equals_the_instantiated_model(arch, extra, tokenizer, tmp_path):
+    config = tiny_config(arch, 300, hidden=48, layers=3, heads=4, **extra)
+    model = AutoModelForCausalLM.from_config(config)
+    a = arch_from_config(config.to_dict())
+    assert param_count(a)["total"] == sum(p.numel() for p in model.parameters())
+    folder = save_tiny(tmp_path / arch, arch, tokenizer, hidden=48, layers=3, **extra)
+    stored = safetensors_params(folder)  # headers only: the same count without loading a weight
+    assert stored["params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
+
+
+def test_lora_parameters_equal_peft_and_adamw_state_is_8_bytes_each():
+    config = tiny_config("llama", 300, hidden=48, layers=3, heads=4)
+    a = arch_from_config(config.to_dict())
+    model = add_lora(AutoModelForCausalLM.from_config(config), {"r": 4})
+    trained = [p for p in model.parameters() if p.requires_grad]
+    # r (in + out) per projection, hidden 48, kv 2 heads x 12 = 24, intermediate 96: q 96, k 72, v 72, o 96,
+    # gate 144, up 144, down 144 = 768 per layer; r 4, 3 layers
+    assert sum(p.numel() for p in trained) == lora_params(a, 4, PROJECTIONS) == 3 * 4 * 768
+    opt = torch.optim.AdamW(trained, lr=1e-3)
+    model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    opt.step()
+    state = sum(t.nbytes for s in opt.state.values() for k, t in s.items() if k != "step")
+    assert state == optimizer_state(sum(p.numel() for p in trained)) == 8 * sum(p.numel() for p in trained)
+
+
+def test_logits_chunk_and_cpu_optimizer_temporaries_by_hand():
+    a = Arch(vocab=1000, hidden=16, layers=1, heads=2, kv_heads=1, head_dim=8, intermediate=32)
+    step = 2**20 // (4 * 1000)  # positions per 1 MiB chunk of fp32 logits: 262
+    assert logits_chunk(a, Setup(rows=1, row_len=8, scored=100, mask=False, logits_chunk_mb=1)) == (100 * 4000, True)
+    assert logits_chunk(a, Setup(rows=1, row_len=8, scored=1000, mask=False, logits_chunk_mb=1)) == (step * 4000,
+                                                                                                    False)
+    # CPU AdamW: sqrt and division, each a copy of the largest trained tensor (the 1000 x 16 embedding)
+    assert optimizer_temporaries(a, Setup(rows=1, row_len=8, scored=1, mask=False)) == 2 * 4 * 1000 * 16
+
+
+def test_step_phases_by_hand():
+    # vocab 100, hidden 8, 2 layers, 2 heads of 4 (1 KV head), MLP 16, tied: embedding 800; a layer q 64,
+    # k 32, v 32, o 64, gate/up/down 128 each, 2 norms 16 = 592; final norm 8: 1992 parameters
+    a = Arch(vocab=100, hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16)
+    b = estimate(a, Setup(rows=1, row_len=10, scored=5, mask=False, logits_chunk_mb=1))
+    assert b.total_params == b.trainable_params == 800 + 2 * 592 + 8 == 1992
+    weights, grads, adam, temps = 4 * 1992, 4 * 1992, 8 * 1992, 2 * 4 * 800  # CPU AdamW: 2 x the embedding
+    assert b.phases["optimizer_step"] == weights + adam + grads + temps == 38272
+    # per token and layer: norms 2 (8 + 1) 4 + 2 x 8 x 4; q, out 8, k, v 4 (no mask: grouped), lse 2 fp32;
+    # MLP 3 x 16; trained Linears' inputs 8 + 8 + 16; all fp32
+    layer = 2 * 9 * 4 + 2 * 8 * 4 + (8 + 8 + 4 + 4) * 4 + 2 * 4 + 3 * 16 * 4 + (8 + 8 + 16) * 4
+    assert layer_activations(a, Setup(rows=1, row_len=10, scored=5, mask=False)) == layer == 560
+    outside = 10 * (8 * 4 + 8 * 4 + 2 * 4 * 4) + 5 * 8 * 4  # final norm, cos/sin; the 5 scored hidden states
+    chunk = 5 * 100 * 4  # one chunk of fp32 logits, kept for backward
+    # the head's backward: 4 chunks at once, more than 1 chunk + the tied head's gradient (100 x 8 x 4)
+    head = 10 * 2 * layer + outside + max(4 * chunk, chunk + 4 * 800)
+    assert b.peak_phase == "head" and b.peak == weights + adam + head == 44224
+
+
+def test_sharding_divides_weights_gradients_and_state_over_fsdp_not_ddp():
+    s = Setup(rows=2, row_len=64, scored=64, mask=True)
+    one = estimate(SMOLLM2, s).terms
+    fsdp = estimate(SMOLLM2, Setup(rows=2, row_len=64, scored=64, mask=True, gpus=4, strategy="fsdp")).terms
+    ddp = estimate(SMOLLM2, Setup(rows=2, row_len=64, scored=64, mask=True, gpus=4, strategy="ddp")).terms
+    layer = (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576)  # one layer gathered at a time
+    assert fsdp["weights"] == one["weights"] / 4 + 4 * layer
+    assert fsdp["gradients"] == one["gradients"] / 4 + 4 * layer
+    assert fsdp["optimizer_state"] == one["optimizer_state"] / 4 == 8 * 134_515_008 / 4
+    assert ddp["weights"] == one["weights"] and ddp["optimizer_state"] == one["optimizer_state"]
+    assert ddp["ddp_buckets"] == one["gradients"]  # every gradient copied into DDP's buckets
+    assert fsdp["activations_layers"] == ddp["activations_layers"] == one["activations_layers"]
+
+
+def saved_in_layer(model, batch) -> int:
+    """Bytes autograd saves inside decoder layer 1 during one log-prob forward: each storage once, weights
+    left out, and storages layer 0 saves too (RoPE's cos and sin, shared by every layer) left out."""
+    from prefalign.models.load import unwrap
+    from prefalign.models.logps import batch_logps
+
+    layers = unwrap(model).model.layers
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    where, seen = [None], {0: {}, 1: {}}
+
+    def pack(t):
+        if where[0] is not None and t.untyped_storage().data_ptr() not in weights:
+            seen[where[0]].setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    for i in (0, 1):
+        layers[i].register_forward_pre_hook(lambda *_, i=i: where.__setitem__(0, i))
+        layers[i].register_forward_hook(lambda *_: where.__setitem__(0, None))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        batch_logps(model, batch)
+    return sum(n for k, n in seen[1].items() if k not in seen[0])
+
+
+@pytest.mark.parametrize("lora,layout", [(None, "shared"), (4, "shared"), (None, "padded"), (4, "padded")])
+def test_layer_activations_equal_what_autograd_saves(lora, layout, tokenizer):
+    from conftest import learnable_pairs
+    from prefalign.data.batches import collate, collate_shared_prompt, tokenize_records
+    from prefalign.data.records import PreferencePair
+
+    config = tiny_config("llama", len(tokenizer), hidden=48, layers=2, heads=4)
+    model = AutoModelForCausalLM.from_config(config)
+    if lora:
+        model = add_lora(model, {"r": lora})
+    pairs = [PreferencePair(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"], where=f"t:{i}")
+             for i, r in enumerate(learnable_pairs(4))]
+    data = tokenize_records(tokenizer, pairs, max_length=64, max_prompt_length=32)
+    if layout == "padded":  # every sequence cut to the shortest: no padding, so no mask is passed
+        n = min(len(s.input_ids) for e in data.examples for s in e.seqs)
+        for e in data.examples:
+            e.seqs = tuple(type(s)(s.input_ids[:n], s.prompt_len) for s in e.seqs)
+    batch = (collate_shared_prompt if layout == "shared" else collate)(data.examples, [0, 1, 2, 3],
+                                                                          tokenizer.pad_token_id)
+    rows, length = batch["input_ids"].shape
+    s = Setup(rows=rows, row_len=length, scored=1, mask=layout == "shared", lora_r=lora)
+    a = arch_from_config(config.to_dict())
+    # the mask term of one layer: SDPA's float copy of the bool mask (the bool mask itself is made outside)
+    per_layer_mask = mask_activations(a, s, 1) - mask_activations(a, s, 0)
+    assert per_layer_mask == (rows * length**2 * 4 if layout == "shared" else 0)
+    assert saved_in_layer(model, batch) == pytest.approx(rows * length * layer_activations(a, s) + per_layer_mask,
+                                                         rel=0.01)
+
+
+def long_pairs(n: int, words: int = 300, seed: int = 0) -> list[dict]:
+    """Pairs whose prompt and answers are all longer than the test's max_length: every sequence is cut to
+    the worst-case shape the planner assumes."""
+    import random
+
+    from conftest import WORDS
+
+    rng = random.Random(seed)
+    text = lambda: " ".join(rng.choice(WORDS) for _ in range(words))  # noqa: E731
+    return [{"prompt": text(), "chosen": " " + text(), "rejected": " " + text()} for _ in range(n)]
+
+
+def test_a_real_tiny_run_peaks_within_25_percent_of_the_estimate(tiny_models, tmp_path):
+    """The measured peak RSS of a real training process (its own process, glibc returning freed blocks of
+    64 KiB or more so that RSS follows live tensors) against the planner, runtime probe and all."""
+    data = write_jsonl(tmp_path / "long.jsonl", long_pairs(24, words=600))
+    fields = dict(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "run"),
+                  max_steps=2, batch_size=16, max_length=512, max_prompt_length=128, kl_every=0,
+                  malloc_mmap_threshold_mb=0.0625)
+    cfg = make_config(**fields)
+    args = [f"{k}={v}" for k, v in fields.items()]
+    train = subprocess.Popen([sys.executable, "-m", "prefalign", "train", *args, "--no-progress"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    planned = plan(cfg)  # its runtime probe runs meanwhile, in a process of its own
+    _, err = train.communicate()
+    assert train.returncode == 0, err
+    given = next(p for p in planned["plans"] if p["as_given"])
+    assert given["facts"]["rows"] == 16 and given["facts"]["row_len"] == 128 + 2 * 384
+    # the run's shape is more than the runtime: activations, mask and logits are a third of the estimate
+    assert given["terms"]["runtime"] < 0.75 * given["peak"]
+    measured = json.loads((tmp_path / "run" / "run.json").read_text())["peak_memory_bytes"]
+    assert abs(given["peak"] / measured - 1) <= 0.25, (given["peak"], measured)
+
+
+def test_plan_command_prints_what_fits(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", long_pairs(4, words=20))
+    run = subprocess.run([sys.executable, "-m", "prefalign", "plan", f"model={tiny_models['llama']}", f"data={data}",
+                          f"output={tmp_path / 'r'}", "--set", "batch_size=4", "--runtime-mb", "300",
+                          "--device-memory", "0.3GB"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    # 300 MiB of runtime alone is more than 0.3 GB: nothing fits
+    verdicts = [line for line in run.stdout.splitlines() if " needs ~" in line]
+    assert verdicts[0].startswith("* full fp32 needs ~0.") and len(verdicts) == 4
+    assert all(line.endswith("GB: does not fit 0.30 GB") for line in verdicts)
+    assert "LoRA r=8 fp32 + gradient checkpointing needs ~" in run.stdout
+    cfg = make_config(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "r"))
+    result = plan(cfg, runtime=300 * 2**20, device_memory=parse_size("1TB"), gpus=2)
+    assert all(p["fits"] for p in result["plans"]) and result["strategy"] == "fsdp"
+    assert json.loads(json.dumps(result)) == result  # --json prints exactly this
+    assert parse_size("24GiB") == 24 * 2**30 and parse_size("24GB") == 24 * 10**9
+
+
+def test_planning_for_a_gpu_and_what_is_refused(tiny_models, tmp_path):
+    from prefalign.errors import ConfigError
+
+    data = write_jsonl(tmp_path / "d.jsonl", long_pairs(4, words=20))
+    # the README's example, on the tiny model: a GPU planned from this CPU machine (no runtime probe)
+    cfg = make_config(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "r"),
+                      lora={"r": 16}, max_length=2048, max_prompt_length=1024)
+    result = plan(cfg, device="cuda", device_memory=parse_size("24GB"))
+    labels = [p["label"] for p in result["plans"]]
+    assert labels == ["LoRA r=16 bf16", "full fp32 + bf16 autocast", "full fp32 + bf16 autocast + gradient "
+                      "checkpointing", "LoRA r=16 bf16 + gradient checkpointing", "QLoRA NF4 + gradient checkpointing"]
+    assert result["plans"][0]["terms"]["runtime"] == 2**30 and "assumed" in result["runtime_how"]
+    with pytest.raises(ConfigError, match="RL method"):
+        plan(make_config(method="ppo", model=str(tiny_models["llama"]), prompts=str(data), reward="x.py:f",
+                         output=str(tmp_path / "p")), runtime=0)
+    with pytest.raises(ConfigError, match="this model is gpt2"):
+        plan(make_config(method="dpo", model=str(tiny_models["gpt2"]), data=str(data), output=str(tmp_path / "g")),
+             runtime=0)
