@@ -74,3 +74,28 @@ def test_a_backends_token_lists_make_hfs_rollout(tiny_models, tokenizer):
     assert torch.equal(other.attention_mask[:, :width], hf.attention_mask)
     assert torch.equal(other.ended, hf.ended) and other.completion_texts == hf.completion_texts
     assert json.dumps(other.prompt_texts) == json.dumps(hf.prompt_texts)
+
+
+@pytest.mark.skipif(backend_problem("vllm", torch.device("cuda")) is not None or not torch.cuda.is_available(),
+                    reason="needs vLLM and a GPU (run on a GPU machine with `pip install 'prefalign[vllm]'`)")
+def test_vllm_and_hf_sample_the_same_distribution(tiny_models, tokenizer):
+    """Same prompts, same settings, 64 samples each: the two backends' completions have the same mean
+    log-probability under the model and the same length, within sampling noise (4 standard errors)."""
+    from prefalign.models.backends import make_generator
+    from prefalign.models.logps import completion_logps
+
+    device = torch.device("cuda")
+    model = load_model(tiny_models["llama"], device=device)
+    prompts = [tokenizer("I loved it")["input_ids"], tokenizer("the plot was")["input_ids"]] * 32
+    sampling = Sampling(max_new_tokens=8, temperature=1.0)
+    stats = {}
+    for backend in ("hf", "vllm"):
+        roll = make_generator(backend, model, tokenizer, device, seed=0, max_length=64)(prompts, sampling, seed=1)
+        with torch.no_grad():
+            lp = completion_logps(model, roll.input_ids, roll.attention_mask, roll.n_prompt,
+                                  roll.completion_mask)["logps"]
+        per_seq = (lp * roll.completion_mask).sum(-1) / roll.completion_mask.sum(-1)
+        stats[backend] = (per_seq.mean(), per_seq.std() / len(per_seq) ** 0.5, roll.completion_mask.sum(-1).float())
+    (m_hf, se_hf, len_hf), (m_v, se_v, len_v) = stats["hf"], stats["vllm"]
+    assert abs(m_hf - m_v) < 4 * (se_hf**2 + se_v**2) ** 0.5, (m_hf, m_v)
+    assert abs(len_hf.mean() - len_v.mean()) < 4 * ((len_hf.var() + len_v.var()) / len(prompts)) ** 0.5
