@@ -178,12 +178,12 @@ def test_a_real_tiny_run_peaks_within_25_percent_of_the_estimate(tiny_models, tm
     data = write_jsonl(tmp_path / "long.jsonl", long_pairs(24, words=600))
     fields = dict(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "run"),
                   max_steps=2, batch_size=16, max_length=512, max_prompt_length=128, kl_every=0,
-                  malloc_mmap_threshold_mb=0.0625)
+                  malloc_mmap_threshold_mb=0.0625, device="cpu")  # RSS is the CPU's peak: pinned on a GPU box too
     cfg = make_config(**fields)
     args = [f"{k}={v}" for k, v in fields.items()]
     train = subprocess.Popen([sys.executable, "-m", "prefalign", "train", *args, "--no-progress"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    planned = plan(cfg)  # its runtime probe runs meanwhile, in a process of its own
+    planned = plan(cfg, device="cpu")  # its runtime probe runs meanwhile, in a process of its own
     _, err = train.communicate()
     assert train.returncode == 0, err
     given = next(p for p in planned["plans"] if p["as_given"])
@@ -198,7 +198,7 @@ def test_plan_command_prints_what_fits(tiny_models, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", long_pairs(4, words=20))
     run = subprocess.run([sys.executable, "-m", "prefalign", "plan", f"model={tiny_models['llama']}", f"data={data}",
                           f"output={tmp_path / 'r'}", "--set", "batch_size=4", "--runtime-mb", "300",
-                          "--device-memory", "0.3GB"], capture_output=True, text=True)
+                          "--device-memory", "0.3GB", "--device", "cpu"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     # 300 MiB of runtime alone is more than 0.3 GB: nothing fits
     verdicts = [line for line in run.stdout.splitlines() if " needs ~" in line]
@@ -206,14 +206,18 @@ def test_plan_command_prints_what_fits(tiny_models, tmp_path):
     assert all(line.endswith("GB: does not fit 0.30 GB") for line in verdicts)
     assert "LoRA r=8 fp32 + gradient checkpointing needs ~" in run.stdout
     cfg = make_config(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "r"))
-    result = plan(cfg, runtime=300 * 2**20, device_memory=parse_size("1TB"), gpus=2)
+    result = plan(cfg, device="cpu", runtime=300 * 2**20, device_memory=parse_size("1TB"), gpus=2)
     assert all(p["fits"] for p in result["plans"]) and result["strategy"] == "fsdp"
     assert json.loads(json.dumps(result)) == result  # --json prints exactly this
     assert parse_size("24GiB") == 24 * 2**30 and parse_size("24GB") == 24 * 10**9
 
 
-def test_planning_for_a_gpu_and_what_is_refused(tiny_models, tmp_path):
+def test_planning_for_a_gpu_and_what_is_refused(tiny_models, tmp_path, monkeypatch):
+    from prefalign.bench import planner
     from prefalign.errors import ConfigError
+
+    # planning for a GPU from a machine without one, also on a machine with one
+    monkeypatch.setattr(planner.torch.cuda, "is_available", lambda: False)
 
     data = write_jsonl(tmp_path / "d.jsonl", long_pairs(4, words=20))
     # the README's example, on the tiny model: a GPU planned from this CPU machine (no runtime probe)
@@ -226,7 +230,7 @@ def test_planning_for_a_gpu_and_what_is_refused(tiny_models, tmp_path):
     assert result["plans"][0]["terms"]["runtime"] == 2**30 and "assumed" in result["runtime_how"]
     with pytest.raises(ConfigError, match="RL method"):
         plan(make_config(method="ppo", model=str(tiny_models["llama"]), prompts=str(data), reward="x.py:f",
-                         output=str(tmp_path / "p")), runtime=0)
+                         output=str(tmp_path / "p")), device="cpu", runtime=0)
     with pytest.raises(ConfigError, match="this model is gpt2"):
         plan(make_config(method="dpo", model=str(tiny_models["gpt2"]), data=str(data), output=str(tmp_path / "g")),
-             runtime=0)
+             device="cpu", runtime=0)

@@ -204,7 +204,7 @@ from prefalign.models.load import load_tokenizer_for
 from prefalign.models.tiny import save_tiny
 from prefalign.train.methods import make_config
 from prefalign.train.run import train
-model, threads, mmap_mb = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+model, threads, mmap_mb, device = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 with tempfile.TemporaryDirectory() as work:
     work = Path(work)
     tok = load_tokenizer_for(model)
@@ -212,7 +212,8 @@ with tempfile.TemporaryDirectory() as work:
     pair = {"prompt": "The film opened", "chosen": " with a fine scene.", "rejected": " badly."}
     (work / "d.jsonl").write_text((json.dumps(pair) + "\\n") * 2)
     cfg = make_config(method="dpo", model=str(work / "m"), data=str(work / "d.jsonl"), output=str(work / "run"),
-                      max_steps=2, batch_size=1, kl_every=0, threads=threads, malloc_mmap_threshold_mb=mmap_mb)
+                      max_steps=2, batch_size=1, kl_every=0, threads=threads, malloc_mmap_threshold_mb=mmap_mb,
+                      device=device)
     train(cfg, log=lambda m: None, progress=False)
     print("RUNTIME", json.loads((work / "run" / "run.json").read_text())["peak_memory_bytes"])
 """
@@ -231,7 +232,8 @@ def measure_runtime(cfg: RunConfig, device_type: str) -> tuple[int, str]:
         how = "peak RSS of a fresh 2-step training process on a 1-layer, 8-wide model with this tokenizer"
     mmap_mb = getattr(cfg, "malloc_mmap_threshold_mb", 0.0)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-c", code, cfg.model, json.dumps(cfg.threads), str(mmap_mb)],
+    # the probe trains on the device planned for: on a GPU machine planning for cpu, not on the GPU
+    proc = subprocess.run([sys.executable, "-c", code, cfg.model, json.dumps(cfg.threads), str(mmap_mb), device_type],
                           capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RUNTIME ")), None)
     if line is None:
