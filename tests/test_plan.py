@@ -234,3 +234,21 @@ def test_planning_for_a_gpu_and_what_is_refused(tiny_models, tmp_path, monkeypat
     with pytest.raises(ConfigError, match="this model is gpt2"):
         plan(make_config(method="dpo", model=str(tiny_models["gpt2"]), data=str(data), output=str(tmp_path / "g")),
              device="cpu", runtime=0)
+
+
+def test_lora_targets_follow_peft_and_bad_inputs_are_config_errors():
+    from prefalign.bench.planner import lora_projections
+    from prefalign.errors import ConfigError
+
+    # PEFT matches a name equal to the module's full name or a dot-separated suffix of it
+    assert lora_projections(["self_attn.q_proj", "v_proj"]) == ("q_proj", "v_proj")
+    assert lora_projections(["model.layers.0.mlp.down_proj"]) == ("down_proj",)
+    assert lora_projections(r".*\.(q|k)_proj") == ("q_proj", "k_proj")  # a string is a full-match regex
+    assert lora_projections("all-linear") == PROJECTIONS
+    for bad in (["lm_head"], ["embed_tokens", "q_proj"], ["attn.q_proj"], "lm_head"):
+        with pytest.raises(ConfigError, match="target_modules"):
+            lora_projections(bad)
+    for bad in ("1.2.3GB", "0", "0GB", "GB", "-1GB"):
+        with pytest.raises(ConfigError, match="--device-memory"):
+            parse_size(bad)
+    assert parse_size("1.5GB") == 1_500_000_000 and parse_size(".5GiB") == 2**29

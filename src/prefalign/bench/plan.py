@@ -164,7 +164,7 @@ def largest_trainable(a: Arch, s: Setup) -> int:
     if s.full:
         return max(a.vocab * a.hidden, max(i * o for i, o in a.projections().values()))
     proj = a.projections()
-    return max(s.lora_r * max(proj[t]) for t in s.lora_targets if t in proj)
+    return max((s.lora_r * max(proj[t]) for t in s.lora_targets if t in proj), default=0)
 
 
 def optimizer_state(n_trainable: int) -> float:

@@ -44,7 +44,7 @@ from ..train.config import OfflineConfig, RunConfig
 from ..train.kl_monitor import auto_every
 from ..train.methods import METHODS, train_config
 from ..train.offline import choose_layout, choose_reference
-from .plan import Arch, Setup, estimate, param_count
+from .plan import PROJECTIONS, Arch, Setup, estimate, param_count
 
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})  # the layer bench/plan.py models
 PYTHON_TOKEN_BYTES = 36  # a token id in a Python list: an 8-byte pointer and a 28-byte int object
@@ -115,13 +115,42 @@ def count_examples(path: str, fmt: str) -> int | None:
 
 
 def parse_size(text: str) -> int:
-    """'24GB' (10^9), '24GiB' (2^30), '512MB', '512MiB', or a bare number of GB."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
+    """'24GB' (10^9), '24GiB' (2^30), '512MB', '512MiB', or a bare number of GB; more than zero."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
     if not m:
         raise ConfigError(f"--device-memory {text!r}: give a size such as 24GB or 80GiB")
     unit = (m.group(2) or "GB").upper()
     scale = {"K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** scale)
+    size = int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** scale)
+    if size <= 0:  # 0 must not fall back to "this device's memory" silently
+        raise ConfigError(f"--device-memory {text!r}: give a size above zero, or leave it out for this device's")
+    return size
+
+
+# where each projection sits in a Llama-family layer: PEFT matches a target_modules name against the
+# module's full name ("model.layers.3.self_attn.q_proj"), equal to it or a dot-separated suffix of it
+_PROJECTION_PATHS = {p: f"model.layers.0.{'self_attn' if p in PROJECTIONS[:4] else 'mlp'}.{p}" for p in PROJECTIONS}
+
+
+def lora_projections(targets: list[str] | str | None) -> tuple[str, ...]:
+    """The projections LoRA adapts, as PEFT resolves target_modules (a list: exact name or suffix after a
+    dot; a string: a regex the full name must match; None: models/load.py's default, all seven). A name
+    that adapts anything else (lm_head, embed_tokens) is not modelled and is refused, not dropped."""
+    if targets is None or str(targets).lower() in ("all-linear", "['all-linear']"):
+        return PROJECTIONS  # every Linear but the output head
+    if isinstance(targets, str):
+        found = tuple(p for p, full in _PROJECTION_PATHS.items() if re.fullmatch(targets, full))
+        if not found:
+            raise ConfigError(f"lora.target_modules {targets!r} matches none of a Llama layer's projections")
+        return found
+    found = []
+    for t in targets:
+        hit = [p for p, full in _PROJECTION_PATHS.items() if full == t or full.endswith("." + t)]
+        if not hit:
+            raise ConfigError(f"lora.target_modules: plan models adapters on a layer's projections "
+                              f"({', '.join(PROJECTIONS)}), not {t!r}")
+        found += [p for p in hit if p not in found]
+    return tuple(p for p in PROJECTIONS if p in found)
 
 
 def row_shape(cfg: OfflineConfig, layout: str, slots: int, batch: int) -> dict[str, int]:
@@ -168,12 +197,11 @@ def setup_for(cfg: OfflineConfig, arch: Arch, model_json: dict, *, device_type: 
     watch = method.inputs == "logps" and auto_every(cfg.kl_every, cfg.max_steps, cfg.kl_budget) > 0
     # train/offline.py `_watch`: a full fine-tune without a reference copy holds one for the KL monitor, when asked
     monitor = watch and reference != "copy" and lora is None and (cfg.kl_every is not None or cfg.kl_budget is not None)
-    targets = lora.get("target_modules") if lora else None
     setup = Setup(
         rows=shape["rows"], row_len=shape["row_len"], scored=shape["scored"] if method.inputs == "logps" else 0,
         # padded rows pass a mask when some row is padded, the worst case assumed here
         mask=True, lora_r=lora["r"] if lora else None,
-        lora_targets=tuple(targets) if isinstance(targets, list) else Setup.lora_targets,
+        lora_targets=lora_projections(lora.get("target_modules")) if lora else PROJECTIONS,
         base_bytes=base, quantized=cfg.quantize_4bit, act_bytes=act, autocast=autocast,
         checkpointing=cfg.gradient_checkpointing, logits_chunk_mb=cfg.logits_chunk_mb, reference=reference,
         examples=examples or 0, slots=slots, grad_accum=cfg.grad_accum, monitor_copy=monitor,
