@@ -131,7 +131,8 @@ def saved_in_layer(model, batch) -> int:
     return sum(n for k, n in seen[1].items() if k not in seen[0])
 
 
-@pytest.mark.parametrize("lora,layout", [(None, "shared"), (4, "shared"), (None, "padded"), (4, "padded")])
+@pytest.mark.parametrize("lora,layout", [(None, "shared"), (4, "shared"), (None, "padded"), (4, "padded"),
+                                         (None, "padding"), (4, "padding")])
 def test_layer_activations_equal_what_autograd_saves(lora, layout, tokenizer):
     from conftest import learnable_pairs
     from prefalign.data.batches import collate, collate_shared_prompt, tokenize_records
@@ -148,14 +149,18 @@ def test_layer_activations_equal_what_autograd_saves(lora, layout, tokenizer):
         n = min(len(s.input_ids) for e in data.examples for s in e.seqs)
         for e in data.examples:
             e.seqs = tuple(type(s)(s.input_ids[:n], s.prompt_len) for s in e.seqs)
+    # "padding": padded rows as they come, some shorter than the longest: transformers passes SDPA a dense mask
     batch = (collate_shared_prompt if layout == "shared" else collate)(data.examples, [0, 1, 2, 3],
                                                                           tokenizer.pad_token_id)
     rows, length = batch["input_ids"].shape
-    s = Setup(rows=rows, row_len=length, scored=1, mask=layout == "shared", lora_r=lora)
+    masked = layout != "padded"
+    if layout != "shared":
+        assert bool((batch["attention_mask"] == 0).any()) == (layout == "padding")
+    s = Setup(rows=rows, row_len=length, scored=1, mask=masked, lora_r=lora)
     a = arch_from_config(config.to_dict())
     # the mask term of one layer: SDPA's float copy of the bool mask (the bool mask itself is made outside)
     per_layer_mask = mask_activations(a, s, 1) - mask_activations(a, s, 0)
-    assert per_layer_mask == (rows * length**2 * 4 if layout == "shared" else 0)
+    assert per_layer_mask == (rows * length**2 * 4 if masked else 0)
     assert saved_in_layer(model, batch) == pytest.approx(rows * length * layer_activations(a, s) + per_layer_mask,
                                                          rel=0.01)
 
@@ -252,3 +257,16 @@ def test_lora_targets_follow_peft_and_bad_inputs_are_config_errors():
         with pytest.raises(ConfigError, match="--device-memory"):
             parse_size(bad)
     assert parse_size("1.5GB") == 1_500_000_000 and parse_size(".5GiB") == 2**29
+
+
+@pytest.mark.parametrize("field,value,match", [("attn_implementation", "eager", "probabilities"),
+                                               ("attn_implementation", "flex_attention", "block mask"),
+                                               ("lora", {"r": 4, "lora_dropout": 0.1}, "lora_dropout")])
+def test_unmodelled_settings_are_refused_with_the_reason(field, value, match, tiny_models, tmp_path):
+    from prefalign.errors import ConfigError
+
+    data = write_jsonl(tmp_path / "d.jsonl", long_pairs(4, words=20))
+    cfg = make_config(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "r"),
+                      **{field: value})
+    with pytest.raises(ConfigError, match=match):
+        plan(cfg, device="cpu", runtime=0, device_memory=2**40)

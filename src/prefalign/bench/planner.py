@@ -30,6 +30,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -179,13 +180,33 @@ def _weights_and_compute(cfg: RunConfig, device_type: str) -> tuple[float, bool,
     return base, autocast, 2 if autocast or base == 2 else 4
 
 
+# why each attention kernel but SDPA is refused: its saved tensors differ from bench/plan.py's layer
+_UNMODELLED_ATTENTION = {
+    "eager": "eager attention saves the B x heads x T x T probabilities (and their dropout input) in every layer",
+    "flex_attention": "flex attention builds a block mask, not the dense T x T mask plan counts",
+    "flash_attention_2": "flash attention computes padded rows without a mask and saves its own statistics",
+}
+
+
+def _refuse_unmodelled(cfg: OfflineConfig) -> None:
+    """Settings whose saved tensors bench/plan.py does not count: refused with the reason, not guessed."""
+    why = _UNMODELLED_ATTENTION.get(cfg.attn_implementation)
+    if why:
+        raise ConfigError(f"attn_implementation: {cfg.attn_implementation}: plan models SDPA (auto or sdpa); {why}")
+    if cfg.lora_settings and cfg.lora_settings.get("lora_dropout", 0.0) > 0:
+        raise ConfigError("lora.lora_dropout > 0: plan does not model it (each adapter then keeps a dropped copy "
+                          "of its input and the dropout mask); plan with lora_dropout: 0")
+
+
 def setup_for(cfg: OfflineConfig, arch: Arch, model_json: dict, *, device_type: str, gpus: int, strategy: str,
               runtime: int, examples: int | None) -> tuple[Setup, dict[str, Any]]:
     """The Setup of one config on one device, and the facts it was built from (layout, reference, shape)."""
     method = METHODS[cfg.method]
     if method.trainer != "offline":
         raise ConfigError(f"plan covers offline methods (DPO family, SFT, reward); {cfg.method} is an RL method")
-    model = SimpleNamespace(config=SimpleNamespace(**model_json))  # what choose_layout reads of a model
+    _refuse_unmodelled(cfg)
+    # what choose_layout reads of a model; attention is SDPA, the only kernel modelled (_refuse_unmodelled)
+    model = SimpleNamespace(config=SimpleNamespace(**{**model_json, "_attn_implementation": "sdpa"}))
     layout = choose_layout(cfg, model, method)
     # unknown data size: plan the on-the-fly reference, which holds at least as much as a precomputed one
     reference = choose_reference(cfg, method, examples if examples is not None else 2**62)
@@ -199,7 +220,8 @@ def setup_for(cfg: OfflineConfig, arch: Arch, model_json: dict, *, device_type: 
     monitor = watch and reference != "copy" and lora is None and (cfg.kl_every is not None or cfg.kl_budget is not None)
     setup = Setup(
         rows=shape["rows"], row_len=shape["row_len"], scored=shape["scored"] if method.inputs == "logps" else 0,
-        # padded rows pass a mask when some row is padded, the worst case assumed here
+        # transformers (masking_utils._ignore_causal_mask_sdpa) passes SDPA no mask when no row is padded;
+        # one shorter row makes it a dense (rows, 1, T, T) mask: the worst case, assumed here (see _notes)
         mask=True, lora_r=lora["r"] if lora else None,
         lora_targets=lora_projections(lora.get("target_modules")) if lora else PROJECTIONS,
         base_bytes=base, quantized=cfg.quantize_4bit, act_bytes=act, autocast=autocast,
@@ -320,6 +342,8 @@ def plan(cfg: RunConfig, *, device: str | None = None, device_memory: int | None
         setup, facts = setup_for(variant, arch, model_json, device_type=device_type, gpus=gpus, strategy=strategy,
                                  runtime=runtime, examples=examples)
         b = estimate(arch, setup)
+        if facts["layout"] == "padded":  # the mask's share: what the same run costs when no row is padded
+            facts["peak_unpadded"] = estimate(arch, replace(setup, mask=False)).peak
         label = describe(variant, setup)
         if update and any(r["label"] == label for r in rows):
             continue  # an alternative that is the config as given
@@ -328,7 +352,18 @@ def plan(cfg: RunConfig, *, device: str | None = None, device_memory: int | None
     stored = safetensors_params(folder)
     return {"model": str(folder), "method": cfg.method, "device": device_type, "gpus": gpus,
             "strategy": strategy if gpus > 1 else None, "device_memory": memory, "runtime_how": how,
-            "arch": vars(arch), "stored": stored, "plans": rows, "notes": _notes(cfg, device_type, arch, stored)}
+            "arch": vars(arch), "stored": stored, "plans": rows,
+            "notes": _notes(cfg, device_type, arch, stored) + _mask_note(rows[0])}
+
+
+def _mask_note(given: dict[str, Any]) -> list[str]:
+    """Padded rows' mask is the one term that depends on the data, not the config: say how much it is."""
+    if "peak_unpadded" not in given["facts"]:
+        return []
+    share = given["peak"] - given["facts"]["peak_unpadded"]
+    return [f"padded rows: {_size(share)} of the peak is the attention mask (and K/V repeated for it), which "
+            "transformers passes only when some row of a micro-batch is padded; if every sequence reaches "
+            f"max_length there is none and the peak is {_size(given['facts']['peak_unpadded'])}"]
 
 
 def _notes(cfg: RunConfig, device_type: str, arch: Arch, stored: dict | None) -> list[str]:
