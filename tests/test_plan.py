@@ -17,6 +17,7 @@ from prefalign.bench.plan import (
     Setup,
     estimate,
     layer_activations,
+    layer_casts,
     logits_chunk,
     lora_params,
     mask_activations,
@@ -131,17 +132,28 @@ def saved_in_layer(model, batch) -> int:
     return sum(n for k, n in seen[1].items() if k not in seen[0])
 
 
-@pytest.mark.parametrize("lora,layout", [(None, "shared"), (4, "shared"), (None, "padded"), (4, "padded"),
-                                         (None, "padding"), (4, "padding")])
-def test_layer_activations_equal_what_autograd_saves(lora, layout, tokenizer):
+@pytest.mark.parametrize("lora,layout,precision", [
+    (None, "shared", "fp32"), (4, "shared", "fp32"), (None, "padded", "fp32"), (4, "padded", "fp32"),
+    (None, "padding", "fp32"), (4, "padding", "fp32"),
+    # a bf16 base under fp32 adapters (PEFT casts each adapter's input), and CPU bf16 autocast (each matmul
+    # casts its input and weight): full and LoRA, fp32 and bf16 base
+    (4, "padded", "bf16"), (4, "shared", "bf16"), (None, "padded", "autocast"), (4, "padded", "autocast"),
+    (None, "shared", "autocast"), (4, "padded", "bf16+autocast")])
+def test_layer_activations_equal_what_autograd_saves(lora, layout, precision, tokenizer):
+    import contextlib
+
     from conftest import learnable_pairs
     from prefalign.data.batches import collate, collate_shared_prompt, tokenize_records
     from prefalign.data.records import PreferencePair
 
     config = tiny_config("llama", len(tokenizer), hidden=48, layers=2, heads=4)
     model = AutoModelForCausalLM.from_config(config)
+    base = 2 if precision.startswith("bf16") else 4
+    if base == 2:
+        model = model.to(torch.bfloat16)
     if lora:
-        model = add_lora(model, {"r": lora})
+        model = add_lora(model, {"r": lora})  # PEFT keeps the adapters fp32, as prefalign trains them
+    autocast = precision.endswith("autocast")
     pairs = [PreferencePair(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"], where=f"t:{i}")
              for i, r in enumerate(learnable_pairs(4))]
     data = tokenize_records(tokenizer, pairs, max_length=64, max_prompt_length=32)
@@ -156,13 +168,17 @@ def test_layer_activations_equal_what_autograd_saves(lora, layout, tokenizer):
     masked = layout != "padded"
     if layout != "shared":
         assert bool((batch["attention_mask"] == 0).any()) == (layout == "padding")
-    s = Setup(rows=rows, row_len=length, scored=1, mask=masked, lora_r=lora)
+    s = Setup(rows=rows, row_len=length, scored=1, mask=masked, lora_r=lora, base_bytes=base, autocast=autocast,
+              act_bytes=2 if autocast or base == 2 else 4)
     a = arch_from_config(config.to_dict())
     # the mask term of one layer: SDPA's float copy of the bool mask (the bool mask itself is made outside)
     per_layer_mask = mask_activations(a, s, 1) - mask_activations(a, s, 0)
-    assert per_layer_mask == (rows * length**2 * 4 if masked else 0)
-    assert saved_in_layer(model, batch) == pytest.approx(rows * length * layer_activations(a, s) + per_layer_mask,
-                                                         rel=0.01)
+    assert per_layer_mask == (rows * length**2 * s.act_bytes if masked else 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        saved = saved_in_layer(model, batch)
+    # under autocast the layer's weight casts are saved too (new storages, not the weights)
+    assert saved == pytest.approx(rows * length * layer_activations(a, s) + per_layer_mask + layer_casts(a, s),
+                                  rel=0.01)
 
 
 def long_pairs(n: int, words: int = 300, seed: int = 0) -> list[dict]:

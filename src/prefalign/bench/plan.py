@@ -208,29 +208,42 @@ def linear_input_bytes(s: Setup) -> int:
     return s.act_bytes if s.full else 4
 
 
+def linear_inputs(a: Arch, s: Setup) -> float:
+    """Bytes per token of the trained Linears' saved inputs. Where the input must change dtype first (bf16
+    autocast casts it for each matmul; PEFT casts a bf16 input to each fp32 adapter's dtype), every trained
+    projection keeps its own copy: q, k, v, gate and up an H each, o_proj q_dim, down_proj I (measured with
+    autograd's saved tensors); but a full fine-tune's o_proj under autocast takes the SDPA output, bf16
+    already, as it is. Otherwise projections sharing an input share its storage: H for q/k/v, H for
+    gate/up, I for down_proj, and o_proj's input is the SDPA output already counted."""
+    t, proj = _trained(s), a.projections()
+    if s.autocast or (not s.full and s.act_bytes != 4):
+        own = t - {"o_proj"} if s.full else t
+        return sum(proj[p][0] for p in own) * linear_input_bytes(s)
+    shared = (a.hidden * bool(t & {"q_proj", "k_proj", "v_proj"}) + a.hidden * bool(t & {"gate_proj", "up_proj"})
+              + a.intermediate * ("down_proj" in t))
+    return shared * linear_input_bytes(s)
+
+
 def layer_activations(a: Arch, s: Setup) -> float:
     """Bytes autograd keeps per token in one decoder layer without checkpointing, op by op as transformers
     computes a Llama layer. A Linear keeps its input only where its weight (or an adapter on it) is
     trained: its input's gradient needs the weight, not the input. Every op the gradient passes through
     keeps what its own backward needs, trained or not, because the layers below still need the gradient:
       2 RMSNorms: the input upcast to fp32, kept by pow and by the rsqrt product (H x 4), and the rsqrt
-        (1 x 4); with a trained norm weight (full fine-tune) also the normalised states it multiplies (H x e);
+        (1 x 4); with a trained norm weight (full fine-tune) also the normalised states it multiplies, in
+        the residual stream's dtype, the weights' (H x base_bytes: fp32 even under autocast);
       attention: q and the SDPA output (q_dim each), k and v (kv_dim, or repeated to q_dim when a mask is
         passed: transformers hands SDPA grouped K/V only without one), log-sum-exp per head (fp32);
       gated MLP: SiLU's input (gate), its output and `up` (the product's operands): 3 I;
-      trained Linears' inputs: the normalised states into q/k/v (H) and into gate/up (H), the product into
-        down_proj (I), at linear_input_bytes; o_proj's input is the SDPA output's own storage (SDPA lays
-        it out as (B, T, heads, d), so the reshape copies nothing): no extra bytes;
+      trained Linears' inputs: `linear_inputs`;
       LoRA: A's output (r per adapted projection), which B's weight gradient needs.
     e = act_bytes. The dense mask SDPA also keeps is per row, not per token: `mask_activations`."""
     e, t = s.act_bytes, _trained(s)
     kv = a.q_dim if s.mask else a.kv_dim
-    b = 2 * (a.hidden + 1) * 4 + (2 * a.hidden * e if s.full else 0)
+    b = 2 * (a.hidden + 1) * 4 + (2 * a.hidden * s.base_bytes if s.full else 0)
     b += (2 * a.q_dim + 2 * kv) * e + a.heads * 4
     b += 3 * a.intermediate * e
-    inputs = (a.hidden * bool(t & {"q_proj", "k_proj", "v_proj"}) + a.hidden * bool(t & {"gate_proj", "up_proj"})
-              + a.intermediate * ("down_proj" in t))
-    b += inputs * linear_input_bytes(s)
+    b += linear_inputs(a, s)
     if not s.full:
         b += s.lora_r * len(t & set(PROJECTIONS)) * linear_input_bytes(s)
     return b
@@ -269,7 +282,7 @@ def outside_layers(a: Arch, s: Setup) -> float:
     (head_dim each per token, shared by every layer), and the scored positions' hidden states gathered
     for the output head (scored x H)."""
     e = s.act_bytes
-    per_token = a.hidden * 4 + (a.hidden * e if s.full else 0) + 2 * a.head_dim * e
+    per_token = a.hidden * 4 + (a.hidden * s.base_bytes if s.full else 0) + 2 * a.head_dim * e
     return s.tokens * per_token + s.scored * a.hidden * e
 
 
@@ -291,13 +304,22 @@ def layer_working_set(a: Arch, s: Setup) -> float:
     return max(3 * a.intermediate + 2 * a.hidden, 4 * a.q_dim + a.hidden) * s.act_bytes
 
 
-def autocast_casts(a: Arch, s: Setup) -> float:
-    """Under bf16 autocast an fp32 weight is cast to bf16 for each matmul and the cast is kept for the
-    input's gradient until that layer's backward: 2 bytes per projection weight (and a head computed
-    in bf16), held like activations. None where the weights are already bf16 or without autocast."""
-    if not s.autocast or s.base_bytes != 4:
+def layer_casts(a: Arch, s: Setup) -> float:
+    """Under bf16 autocast each matmul casts its fp32 weight to bf16 and the cast is kept for the input's
+    gradient until that layer's backward: 2 bytes per projection weight of one layer where the base is
+    fp32, and 2 bytes per adapter weight (fp32 adapters are cast on any base). None without autocast."""
+    if not s.autocast:
         return 0.0
-    return 2.0 * (a.layers * sum(i * o for i, o in a.projections().values()) + a.vocab * a.hidden)
+    base = sum(i * o for i, o in a.projections().values()) if s.base_bytes == 4 else 0
+    adapters = 0 if s.full else lora_params(a, s.lora_r, s.lora_targets) // a.layers
+    return 2.0 * (base + adapters)
+
+
+def autocast_casts(a: Arch, s: Setup) -> float:
+    """Every layer's weight casts (`layer_casts`) and a head computed in bf16 from fp32 weights, held like
+    activations."""
+    head = 2.0 * a.vocab * a.hidden if s.autocast and s.base_bytes == 4 else 0.0
+    return a.layers * layer_casts(a, s) + head
 
 
 def activations(a: Arch, s: Setup) -> dict[str, float]:
