@@ -95,18 +95,26 @@ def test_step_phases_by_hand():
     assert b.peak_phase == "head" and b.peak == weights + adam + head == 44224
 
 
-def test_sharding_divides_weights_gradients_and_state_over_fsdp_not_ddp():
-    s = Setup(rows=2, row_len=64, scored=64, mask=True)
-    one = estimate(SMOLLM2, s).terms
-    fsdp = estimate(SMOLLM2, Setup(rows=2, row_len=64, scored=64, mask=True, gpus=4, strategy="fsdp")).terms
-    ddp = estimate(SMOLLM2, Setup(rows=2, row_len=64, scored=64, mask=True, gpus=4, strategy="ddp")).terms
-    layer = (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576)  # one layer gathered at a time
-    assert fsdp["weights"] == one["weights"] / 4 + 4 * layer
-    assert fsdp["gradients"] == one["gradients"] / 4 + 4 * layer
-    assert fsdp["optimizer_state"] == one["optimizer_state"] / 4 == 8 * 134_515_008 / 4
-    assert ddp["weights"] == one["weights"] and ddp["optimizer_state"] == one["optimizer_state"]
-    assert ddp["ddp_buckets"] == one["gradients"]  # every gradient copied into DDP's buckets
-    assert fsdp["activations_layers"] == ddp["activations_layers"] == one["activations_layers"]
+def test_sharding_by_hand():
+    # the arch of test_step_phases_by_hand: a layer 592 parameters, embedding (tied head) 800, final norm 8,
+    # 1992 in all; full fp32 fine-tune over 4 processes
+    a = Arch(vocab=100, hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, intermediate=16)
+    shape = dict(rows=1, row_len=10, scored=5, mask=False, gpus=4)
+    fsdp = estimate(a, Setup(**shape, strategy="fsdp")).terms
+    # FSDP: a quarter of each, plus one layer and the root unit (embedding, final norm) gathered: 592 + 808
+    assert fsdp["weights"] == 4 * 1992 / 4 + 4 * (592 + 808) == 7592
+    assert fsdp["gradients"] == 4 * 1992 / 4 + 4 * (592 + 808) == 7592  # the gathered units' unsharded grads
+    assert fsdp["optimizer_state"] == 8 * 1992 / 4 == 3984 and fsdp["ddp_buckets"] == 0
+    # with bf16: the gathered copies are bf16 (MixedPrecisionPolicy) and autocast has nothing left to cast
+    bf16 = estimate(a, Setup(**shape, strategy="fsdp", autocast=True, act_bytes=2)).terms
+    assert bf16["weights"] == 1992 + 2 * 1400 == 4792
+    assert bf16["activations_outside_layers"] == estimate(a, Setup(**shape, strategy="fsdp", autocast=True,
+                                                                   act_bytes=2, base_bytes=2)).terms[
+        "activations_outside_layers"]
+    ddp = estimate(a, Setup(**shape, strategy="ddp")).terms
+    # DDP: everything replicated, plus a bucket copy of every gradient
+    assert ddp["weights"] == ddp["gradients"] == ddp["ddp_buckets"] == 4 * 1992 == 7968
+    assert ddp["optimizer_state"] == 8 * 1992 == 15936
 
 
 def saved_in_layer(model, batch) -> int:
@@ -228,7 +236,7 @@ def test_plan_command_prints_what_fits(tiny_models, tmp_path):
     assert "LoRA r=8 fp32 + gradient checkpointing needs ~" in run.stdout
     cfg = make_config(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "r"))
     result = plan(cfg, device="cpu", runtime=300 * 2**20, device_memory=parse_size("1TB"), gpus=2)
-    assert all(p["fits"] for p in result["plans"]) and result["strategy"] == "fsdp"
+    assert all(p["fits"] for p in result["plans"]) and result["strategy"] == "ddp"  # the config's default
     assert json.loads(json.dumps(result)) == result  # --json prints exactly this
     assert parse_size("24GiB") == 24 * 2**30 and parse_size("24GB") == 24 * 10**9
 
@@ -286,3 +294,23 @@ def test_unmodelled_settings_are_refused_with_the_reason(field, value, match, ti
                       **{field: value})
     with pytest.raises(ConfigError, match=match):
         plan(cfg, device="cpu", runtime=0, device_memory=2**40)
+
+
+def test_processes_follow_the_trainers_rules(tiny_models, tmp_path):
+    from prefalign.errors import ConfigError
+
+    data = write_jsonl(tmp_path / "d.jsonl", long_pairs(4, words=20))
+    cfg = make_config(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "r"),
+                      batch_size=6, distributed="fsdp", max_steps=1)
+    with pytest.raises(ConfigError, match="must divide over the 4 processes"):  # check_world's own error
+        plan(cfg, device="cpu", runtime=0, device_memory=2**40, gpus=4)
+    result = plan(cfg, device="cpu", runtime=0, device_memory=2**40, gpus=3)
+    given = result["plans"][0]
+    # the strategy is the config's; under fsdp the trainer precomputes the reference (choose_reference)
+    assert result["strategy"] == "fsdp" and given["facts"]["reference"] == "precompute"
+    assert given["facts"]["per_device_batch"] == 2 and "over 3 processes" in given["label"]
+    assert given["needs"] == 3 * given["peak"]  # 3 processes share one machine's RAM
+    with pytest.raises(ConfigError, match="fsdp_cpu_offload"):
+        plan(make_config(**{**cfg.model_dump(include={"method", "model", "data", "output"}),
+                            "fsdp_cpu_offload": True, "distributed": "fsdp"}),
+             device="cpu", runtime=0, device_memory=2**40, gpus=2)

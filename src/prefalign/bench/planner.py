@@ -41,10 +41,11 @@ import torch
 from ..data import ReadOptions, load_records
 from ..errors import ConfigError, ModelError
 from ..runtime.device import pick_device
+from ..runtime.distributed import World
 from ..train.config import OfflineConfig, RunConfig
 from ..train.kl_monitor import auto_every
 from ..train.methods import METHODS, train_config
-from ..train.offline import choose_layout, choose_reference
+from ..train.offline import check_world, choose_layout, choose_reference
 from .plan import PROJECTIONS, Arch, Setup, estimate, param_count
 
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})  # the layer bench/plan.py models
@@ -209,9 +210,10 @@ def setup_for(cfg: OfflineConfig, arch: Arch, model_json: dict, *, device_type: 
     model = SimpleNamespace(config=SimpleNamespace(**{**model_json, "_attn_implementation": "sdpa"}))
     layout = choose_layout(cfg, model, method)
     # unknown data size: plan the on-the-fly reference, which holds at least as much as a precomputed one
-    reference = choose_reference(cfg, method, examples if examples is not None else 2**62)
+    # World(0, N): the reference the trainer picks on N processes (under fsdp: precompute)
+    reference = choose_reference(cfg, method, examples if examples is not None else 2**62, World(0, gpus))
     slots = 1 if method.unit == "completions" else 2
-    batch = max(1, -(-cfg.batch_size // gpus))  # batch_size is per step across processes (issue 13 §2)
+    batch = cfg.batch_size // gpus  # the global micro-batch, split evenly (check_world: it divides)
     shape = row_shape(cfg, layout, slots, batch)
     base, autocast, act = _weights_and_compute(cfg, device_type)
     lora = cfg.lora_settings
@@ -234,7 +236,7 @@ def setup_for(cfg: OfflineConfig, arch: Arch, model_json: dict, *, device_type: 
                    **shape}
 
 
-def describe(cfg: RunConfig, setup: Setup) -> str:
+def describe(cfg: RunConfig, setup: Setup, device_type: str) -> str:
     """'full fp32 + gradient checkpointing', 'LoRA r=8 bf16', 'QLoRA NF4 + selective checkpointing'."""
     weights = {4.0: "fp32", 2.0: "bf16"}[setup.base_bytes]
     kind = "QLoRA NF4" if setup.quantized else f"LoRA r={setup.lora_r} {weights}" if setup.lora_r else f"full {weights}"
@@ -243,7 +245,7 @@ def describe(cfg: RunConfig, setup: Setup) -> str:
     if setup.checkpointing:
         kind += " + " + ("selective checkpointing" if setup.checkpointing == "selective" else "gradient checkpointing")
     if setup.gpus > 1:
-        kind += f", {setup.strategy.upper()} over {setup.gpus} GPUs"
+        kind += f", {setup.strategy.upper()} over {setup.gpus} {'processes' if device_type == 'cpu' else 'GPUs'}"
     return kind
 
 
@@ -318,14 +320,53 @@ def _device_memory(device_type: str) -> int:
     return psutil.virtual_memory().total
 
 
+def _for_world(cfg: OfflineConfig, gpus: int, strategy: str | None) -> OfflineConfig:
+    """The config as N processes run it: --strategy overrides `distributed`, and what training refuses on N
+    processes (check_world: a batch_size that does not divide, ...) is refused here with the same error."""
+    if gpus < 1 or strategy not in (None, "ddp", "fsdp"):
+        raise ConfigError("--gpus must be >= 1 and --strategy ddp or fsdp")
+    if strategy and strategy != cfg.distributed:
+        cfg = _variant(cfg, {"distributed": strategy})
+    check_world(cfg, World(0, gpus))
+    if gpus > 1 and cfg.distributed == "fsdp" and cfg.fsdp_cpu_offload:
+        raise ConfigError("fsdp_cpu_offload: plan does not model it (the shards and optimizer state move to CPU "
+                          "memory, gathered units and activations stay on the GPU); plan without it")
+    return cfg
+
+
+def _plan_rows(cfg: OfflineConfig, arch: Arch, model_json: dict, device_type: str, gpus: int, memory: int,
+               runtime: int, examples: int | None) -> list[dict[str, Any]]:
+    """One row per setting: the config as given, then each alternative N processes can run."""
+    rows = []
+    for update in [{}] + alternatives(cfg, device_type):
+        variant = _variant(cfg, update) if update else cfg
+        try:
+            check_world(variant, World(0, gpus))
+        except ConfigError:
+            continue  # an alternative training would refuse on N processes (QLoRA under fsdp)
+        setup, facts = setup_for(variant, arch, model_json, device_type=device_type, gpus=gpus,
+                                 strategy=variant.distributed, runtime=runtime, examples=examples)
+        b = estimate(arch, setup)
+        if facts["layout"] == "padded":  # the mask's share: what the same run costs when no row is padded
+            facts["peak_unpadded"] = estimate(arch, replace(setup, mask=False)).peak
+        label = describe(variant, setup, device_type)
+        if update and any(r["label"] == label for r in rows):
+            continue  # an alternative that is the config as given
+        # on CPU the N processes share one machine's RAM: N x the per-process peak must fit it
+        machine = b.peak * (gpus if device_type == "cpu" else 1)
+        rows.append({"label": label, "as_given": not update, "overrides": update, "fits": machine <= memory,
+                     "needs": machine, "facts": facts, **b.to_json()})
+    return rows
+
+
 def plan(cfg: RunConfig, *, device: str | None = None, device_memory: int | None = None, gpus: int = 1,
-         strategy: str = "fsdp", runtime: int | None = None) -> dict[str, Any]:
+         strategy: str | None = None, runtime: int | None = None) -> dict[str, Any]:
     """The Python API of `prefalign plan`: the config's breakdown, its alternatives, and what fits in
-    `device_memory` (default: this device's memory, GPU total or CPU RAM). JSON-ready; bytes throughout."""
+    `device_memory` (default: this device's memory, GPU total or CPU RAM). `strategy` defaults to the
+    config's `distributed`. JSON-ready; bytes throughout."""
     if not isinstance(cfg, OfflineConfig):
         raise ConfigError(f"plan covers offline methods (DPO family, SFT, reward); {cfg.method} is an RL method")
-    if gpus < 1 or strategy not in ("ddp", "fsdp"):
-        raise ConfigError("--gpus must be >= 1 and --strategy ddp or fsdp")
+    cfg = _for_world(cfg, gpus, strategy)
     device_type = device or pick_device(cfg.device).type
     if device_type not in ("cpu", "cuda"):
         raise ConfigError(f"plan models cpu and cuda devices, not {device_type}")
@@ -335,23 +376,11 @@ def plan(cfg: RunConfig, *, device: str | None = None, device_memory: int | None
     how = "given"
     if runtime is None:
         runtime, how = measure_runtime(cfg, device_type)
-    examples = count_examples(cfg.data, cfg.format)
-    rows = []
-    for update in [{}] + alternatives(cfg, device_type):
-        variant = _variant(cfg, update) if update else cfg
-        setup, facts = setup_for(variant, arch, model_json, device_type=device_type, gpus=gpus, strategy=strategy,
-                                 runtime=runtime, examples=examples)
-        b = estimate(arch, setup)
-        if facts["layout"] == "padded":  # the mask's share: what the same run costs when no row is padded
-            facts["peak_unpadded"] = estimate(arch, replace(setup, mask=False)).peak
-        label = describe(variant, setup)
-        if update and any(r["label"] == label for r in rows):
-            continue  # an alternative that is the config as given
-        rows.append({"label": label, "as_given": not update, "overrides": update, "fits": b.peak <= memory,
-                     "facts": facts, **b.to_json()})
+    rows = _plan_rows(cfg, arch, model_json, device_type, gpus, memory, runtime,
+                      count_examples(cfg.data, cfg.format))
     stored = safetensors_params(folder)
     return {"model": str(folder), "method": cfg.method, "device": device_type, "gpus": gpus,
-            "strategy": strategy if gpus > 1 else None, "device_memory": memory, "runtime_how": how,
+            "strategy": cfg.distributed if gpus > 1 else None, "device_memory": memory, "runtime_how": how,
             "arch": vars(arch), "stored": stored, "plans": rows,
             "notes": _notes(cfg, device_type, arch, stored) + _mask_note(rows[0])}
 
@@ -405,5 +434,6 @@ def format_plan(result: dict[str, Any]) -> str:
     memory = _gb(result["device_memory"]).replace(".00", "")
     for r in result["plans"]:
         verdict = "fits" if r["fits"] else "does not fit"
-        lines.append(f"{'*' if r['as_given'] else ' '} {r['label']} needs ~{_gb(r['peak'])}: {verdict} {memory}")
+        each = f" ({result['gpus']} x {_gb(r['peak'])})" if r["needs"] != r["peak"] else ""
+        lines.append(f"{'*' if r['as_given'] else ' '} {r['label']} needs ~{_gb(r['needs'])}{each}: {verdict} {memory}")
     return "\n".join(lines + [f"note: {n}" for n in result["notes"]])
