@@ -1,6 +1,6 @@
 """`prefalign plan`: each formula of bench/plan.py against a hand computation or the real thing (the
-instantiated model, PEFT's adapters, AdamW's state, the tensors autograd saves), sharding, and one real
-training run whose measured peak must lie within ±25% of the estimate."""
+instantiated model, PEFT's adapters, AdamW's state, the tensors autograd saves), sharding by hand, and one
+real training run whose memory above the measured runtime must be the estimate's within 15%."""
 
 import json
 import subprocess
@@ -201,9 +201,12 @@ def long_pairs(n: int, words: int = 300, seed: int = 0) -> list[dict]:
     return [{"prompt": text(), "chosen": " " + text(), "rejected": " " + text()} for _ in range(n)]
 
 
-def test_a_real_tiny_run_peaks_within_25_percent_of_the_estimate(tiny_models, tmp_path):
+def test_a_real_tiny_runs_memory_above_its_runtime_is_the_estimates(tiny_models, tmp_path):
     """The measured peak RSS of a real training process (its own process, glibc returning freed blocks of
-    64 KiB or more so that RSS follows live tensors) against the planner, runtime probe and all."""
+    64 KiB or more so that RSS follows live tensors), less the runtime the planner's probe measured, against
+    the estimate less that runtime: what the formulas alone predict. The runtime is most of both peaks, so
+    comparing whole peaks could not tell a missing term; here the activations are a quarter and the mask
+    nearly half of what is compared, and dropping either moves it by more than the 15% allowed."""
     data = write_jsonl(tmp_path / "long.jsonl", long_pairs(24, words=600))
     fields = dict(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "run"),
                   max_steps=2, batch_size=16, max_length=512, max_prompt_length=128, kl_every=0,
@@ -217,10 +220,11 @@ def test_a_real_tiny_run_peaks_within_25_percent_of_the_estimate(tiny_models, tm
     assert train.returncode == 0, err
     given = next(p for p in planned["plans"] if p["as_given"])
     assert given["facts"]["rows"] == 16 and given["facts"]["row_len"] == 128 + 2 * 384
-    # the run's shape is more than the runtime: activations, mask and logits are a third of the estimate
-    assert given["terms"]["runtime"] < 0.75 * given["peak"]
+    t, runtime = given["terms"], given["terms"]["runtime"]
+    assert min(t["activations_layers"], t["attention_mask"]) > 0.2 * (given["peak"] - runtime)
     measured = json.loads((tmp_path / "run" / "run.json").read_text())["peak_memory_bytes"]
-    assert abs(given["peak"] / measured - 1) <= 0.25, (given["peak"], measured)
+    above = measured - runtime
+    assert (given["peak"] - runtime) / above == pytest.approx(1, abs=0.15), (given["peak"], runtime, measured)
 
 
 def test_plan_command_prints_what_fits(tiny_models, tmp_path):

@@ -402,9 +402,11 @@ def _notes(cfg: RunConfig, device_type: str, arch: Arch, stored: dict | None) ->
         notes.append(f"the safetensors files hold {stored['params']:,} parameters, the architecture "
                      f"{counted:,}: the weights terms use the architecture's count")
     if device_type == "cpu" and not 0 < getattr(cfg, "malloc_mmap_threshold_mb", 0) <= 1:
-        notes.append("CPU: glibc keeps freed activation blocks resident as heap holes, so the process's RSS can "
-                     "run above these live-memory figures; malloc_mmap_threshold_mb: 0.0625 returns them "
-                     "(benchmarks/results/plan-validation-cpu-2core.md measures both)")
+        # the figure is the committed measurement's (benchmarks/results/plan-validation-cpu-2core.md)
+        notes.append("CPU: glibc's default heap keeps freed activation blocks resident as holes, so the process's "
+                     "RSS runs above these live-memory figures: in 3-step validation runs the estimates fell up to "
+                     "35% below RSS, and RSS grows with more steps; malloc_mmap_threshold_mb: 0.0625 returns "
+                     "them (benchmarks/results/plan-validation-cpu-2core.md measures both)")
     notes.append("not counted: the KL monitor's sampling and the precompute pass (each smaller than a step "
                  "at these settings), the allocator's own slack")
     return notes
