@@ -242,6 +242,9 @@ def test_plan_command_prints_what_fits(tiny_models, tmp_path):
     result = plan(cfg, device="cpu", runtime=300 * 2**20, device_memory=parse_size("1TB"), gpus=2)
     assert all(p["fits"] for p in result["plans"]) and result["strategy"] == "ddp"  # the config's default
     assert json.loads(json.dumps(result)) == result  # --json prints exactly this
+    lora = plan(make_config(**{**cfg.model_dump(include={"method", "model", "data", "output"}), "lora": {"r": 16}}),
+                device="cpu", runtime=0, device_memory=2**40)
+    assert json.loads(json.dumps(lora)) == lora  # a LoRA settings object among the overrides too
     assert parse_size("24GiB") == 24 * 2**30 and parse_size("24GB") == 24 * 10**9
 
 

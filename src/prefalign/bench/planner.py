@@ -296,7 +296,8 @@ def measure_runtime(cfg: RunConfig, device_type: str) -> tuple[int, str]:
 def alternatives(cfg: OfflineConfig, device_type: str) -> list[dict[str, Any]]:
     """The settings a user weighs against each other: full fine-tune and LoRA, each without and with
     gradient checkpointing, and QLoRA with checkpointing where it runs (CUDA)."""
-    lora = cfg.lora or True
+    # a LoRA settings object as plain data: the overrides are part of the JSON result
+    lora = cfg.lora.model_dump() if hasattr(cfg.lora, "model_dump") else cfg.lora or True
     full = {"lora": False, "quantize_4bit": False, "dtype": "auto" if cfg.dtype in ("bf16", "fp16") else cfg.dtype}
     out = [{**full, "gradient_checkpointing": False}, {**full, "gradient_checkpointing": True},
            {"lora": lora, "quantize_4bit": False, "gradient_checkpointing": False},
