@@ -181,7 +181,8 @@ def held_out_section(held: dict) -> list[str]:
     return ["## Held-out runs", "", f"    {held['command']}", "",
             f"Commit {held['commit']}. Configs chosen after the formulas were corrected on the 8 development runs "
             f"above, run with the planner as committed (tiny model, `malloc_mmap_threshold_mb: 0.0625`, each its "
-            f"own process); no formula was changed after seeing them. Largest error {worst:.1%}.", "", *held_out_table(rows), "",
+            f"own process); no formula was changed after seeing them. Largest error {worst:.1%}.", "",
+            *held_out_table(rows), "",
             "Padded rows: these data cut every sequence to max_length, so no row is padded and transformers "
             "passes SDPA no mask; the estimate assumes a padded row (the worst case the config allows), the "
             "next column is the planner's own figure without one (its note says so).", ""]
