@@ -362,8 +362,9 @@ def plan_cmd(
     args: list[str] | None = typer.Argument(None, help="CONFIG.yaml and/or key=value overrides (as for train)"),
     set_: list[str] | None = typer.Option(None, "--set", help="key=value override (repeatable)"),
     device_memory: str | None = typer.Option(None, help="e.g. 24GB, 80GiB; default: this device's memory"),
-    gpus: int = typer.Option(1, help="devices the run is spread over"),
-    strategy: str = typer.Option("fsdp", help="with --gpus > 1: fsdp (sharded) or ddp (replicated)"),
+    gpus: int = typer.Option(1, help="processes the run is spread over (GPUs; on cpu, processes sharing its RAM)"),
+    strategy: str | None = typer.Option(None, help="with --gpus > 1: fsdp (sharded) or ddp (replicated); "
+                                        "default: the config's distributed"),
     device: str | None = typer.Option(None, help="plan for cpu or cuda (default: the config's device here)"),
     runtime_mb: float | None = typer.Option(None, help="the process's runtime memory, instead of measuring it"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),

@@ -164,7 +164,7 @@ def largest_trainable(a: Arch, s: Setup) -> int:
     if s.full:
         return max(a.vocab * a.hidden, max(i * o for i, o in a.projections().values()))
     proj = a.projections()
-    return max(s.lora_r * max(proj[t]) for t in s.lora_targets if t in proj)
+    return max((s.lora_r * max(proj[t]) for t in s.lora_targets if t in proj), default=0)
 
 
 def optimizer_state(n_trainable: int) -> float:
@@ -196,6 +196,18 @@ def reference(a: Arch, s: Setup) -> float:
 # ---------------------------------------------------------------- activations
 
 
+def _mp_bf16(s: Setup) -> bool:
+    """FSDP with bf16 (train/parallel.py): MixedPrecisionPolicy gathers every unit's weights, adapters
+    included, in bf16, so the model computes as a bf16 model: nothing for autocast to cast."""
+    return _shards(s) > 1 and s.autocast
+
+
+def compute_bytes(s: Setup) -> float:
+    """Bytes of a weight as the matmuls see it: the gathered bf16 copy under FSDP with bf16, else as loaded;
+    the residual stream and the norms' outputs have this dtype."""
+    return 2.0 if _mp_bf16(s) else s.base_bytes
+
+
 def _trained(s: Setup) -> frozenset[str]:
     return frozenset(PROJECTIONS if s.full else s.lora_targets)
 
@@ -208,29 +220,49 @@ def linear_input_bytes(s: Setup) -> int:
     return s.act_bytes if s.full else 4
 
 
+def _casts_inputs(s: Setup) -> bool:
+    """Whether each trained projection casts its input to a dtype of its own (see `linear_inputs`)."""
+    if _mp_bf16(s):
+        return False  # weights, adapters and activations all bf16 already
+    return s.autocast or (not s.full and s.act_bytes != 4)
+
+
+def linear_inputs(a: Arch, s: Setup) -> float:
+    """Bytes per token of the trained Linears' saved inputs. Where the input must change dtype first (bf16
+    autocast casts it for each matmul; PEFT casts a bf16 input to each fp32 adapter's dtype), every trained
+    projection keeps its own copy: q, k, v, gate and up an H each, o_proj q_dim, down_proj I (measured with
+    autograd's saved tensors); but a full fine-tune's o_proj under autocast takes the SDPA output, bf16
+    already, as it is. Otherwise projections sharing an input share its storage: H for q/k/v, H for
+    gate/up, I for down_proj, and o_proj's input is the SDPA output already counted."""
+    t, proj = _trained(s), a.projections()
+    if _casts_inputs(s):
+        own = t - {"o_proj"} if s.full else t
+        return sum(proj[p][0] for p in own) * linear_input_bytes(s)
+    shared = (a.hidden * bool(t & {"q_proj", "k_proj", "v_proj"}) + a.hidden * bool(t & {"gate_proj", "up_proj"})
+              + a.intermediate * ("down_proj" in t))
+    return shared * linear_input_bytes(s)
+
+
 def layer_activations(a: Arch, s: Setup) -> float:
     """Bytes autograd keeps per token in one decoder layer without checkpointing, op by op as transformers
     computes a Llama layer. A Linear keeps its input only where its weight (or an adapter on it) is
     trained: its input's gradient needs the weight, not the input. Every op the gradient passes through
     keeps what its own backward needs, trained or not, because the layers below still need the gradient:
       2 RMSNorms: the input upcast to fp32, kept by pow and by the rsqrt product (H x 4), and the rsqrt
-        (1 x 4); with a trained norm weight (full fine-tune) also the normalised states it multiplies (H x e);
+        (1 x 4); with a trained norm weight (full fine-tune) also the normalised states it multiplies, in
+        the residual stream's dtype, the weights' (H x base_bytes: fp32 even under autocast);
       attention: q and the SDPA output (q_dim each), k and v (kv_dim, or repeated to q_dim when a mask is
         passed: transformers hands SDPA grouped K/V only without one), log-sum-exp per head (fp32);
       gated MLP: SiLU's input (gate), its output and `up` (the product's operands): 3 I;
-      trained Linears' inputs: the normalised states into q/k/v (H) and into gate/up (H), the product into
-        down_proj (I), at linear_input_bytes; o_proj's input is the SDPA output's own storage (SDPA lays
-        it out as (B, T, heads, d), so the reshape copies nothing): no extra bytes;
+      trained Linears' inputs: `linear_inputs`;
       LoRA: A's output (r per adapted projection), which B's weight gradient needs.
     e = act_bytes. The dense mask SDPA also keeps is per row, not per token: `mask_activations`."""
     e, t = s.act_bytes, _trained(s)
     kv = a.q_dim if s.mask else a.kv_dim
-    b = 2 * (a.hidden + 1) * 4 + (2 * a.hidden * e if s.full else 0)
+    b = 2 * (a.hidden + 1) * 4 + (2 * a.hidden * compute_bytes(s) if s.full else 0)
     b += (2 * a.q_dim + 2 * kv) * e + a.heads * 4
     b += 3 * a.intermediate * e
-    inputs = (a.hidden * bool(t & {"q_proj", "k_proj", "v_proj"}) + a.hidden * bool(t & {"gate_proj", "up_proj"})
-              + a.intermediate * ("down_proj" in t))
-    b += inputs * linear_input_bytes(s)
+    b += linear_inputs(a, s)
     if not s.full:
         b += s.lora_r * len(t & set(PROJECTIONS)) * linear_input_bytes(s)
     return b
@@ -269,7 +301,7 @@ def outside_layers(a: Arch, s: Setup) -> float:
     (head_dim each per token, shared by every layer), and the scored positions' hidden states gathered
     for the output head (scored x H)."""
     e = s.act_bytes
-    per_token = a.hidden * 4 + (a.hidden * e if s.full else 0) + 2 * a.head_dim * e
+    per_token = a.hidden * 4 + (a.hidden * compute_bytes(s) if s.full else 0) + 2 * a.head_dim * e
     return s.tokens * per_token + s.scored * a.hidden * e
 
 
@@ -291,13 +323,22 @@ def layer_working_set(a: Arch, s: Setup) -> float:
     return max(3 * a.intermediate + 2 * a.hidden, 4 * a.q_dim + a.hidden) * s.act_bytes
 
 
-def autocast_casts(a: Arch, s: Setup) -> float:
-    """Under bf16 autocast an fp32 weight is cast to bf16 for each matmul and the cast is kept for the
-    input's gradient until that layer's backward: 2 bytes per projection weight (and a head computed
-    in bf16), held like activations. None where the weights are already bf16 or without autocast."""
-    if not s.autocast or s.base_bytes != 4:
+def layer_casts(a: Arch, s: Setup) -> float:
+    """Under bf16 autocast each matmul casts its fp32 weight to bf16 and the cast is kept for the input's
+    gradient until that layer's backward: 2 bytes per projection weight of one layer where the base is
+    fp32, and 2 bytes per adapter weight (fp32 adapters are cast on any base). None without autocast."""
+    if not s.autocast or _mp_bf16(s):
         return 0.0
-    return 2.0 * (a.layers * sum(i * o for i, o in a.projections().values()) + a.vocab * a.hidden)
+    base = sum(i * o for i, o in a.projections().values()) if s.base_bytes == 4 else 0
+    adapters = 0 if s.full else lora_params(a, s.lora_r, s.lora_targets) // a.layers
+    return 2.0 * (base + adapters)
+
+
+def autocast_casts(a: Arch, s: Setup) -> float:
+    """Every layer's weight casts (`layer_casts`) and a head computed in bf16 from fp32 weights, held like
+    activations."""
+    head = 2.0 * a.vocab * a.hidden if s.autocast and s.base_bytes == 4 and not _mp_bf16(s) else 0.0
+    return a.layers * layer_casts(a, s) + head
 
 
 def activations(a: Arch, s: Setup) -> dict[str, float]:
@@ -346,7 +387,8 @@ def phases(a: Arch, s: Setup, static: float, grads: float, act: dict[str, float]
     if s.reference in ("adapter", "copy"):
         out["reference"] = act["saved"] + act["work"] + act["mask_copy"] + 2 * act["chunk"] + held
     out = {k: static + v for k, v in out.items()}
-    out["optimizer_step"] = static + grads + optimizer_temporaries(a, s) / _shards(s)
+    # by the step FSDP has reduce-scattered and freed the gathered units' gradients: only the shards remain
+    out["optimizer_step"] = static + 4.0 * trainable(a, s) / _shards(s) + optimizer_temporaries(a, s) / _shards(s)
     return out
 
 
@@ -354,17 +396,27 @@ def _shards(s: Setup) -> int:
     return s.gpus if s.gpus > 1 and s.strategy == "fsdp" else 1
 
 
+def fsdp_gathered(a: Arch, s: Setup) -> float:
+    """Parameters FSDP2 holds whole at once (train/parallel.py shards each decoder layer, then the root): one
+    layer while it computes, and the root unit (embedding, final norm and an untied head), which stays
+    gathered from the forward's start to the backward's end."""
+    if _shards(s) == 1:
+        return 0
+    parts = param_count(a)
+    return layer_params(a) + parts["embedding"] + parts["final_norm"] + parts["head"]
+
+
 def estimate(a: Arch, s: Setup) -> Breakdown:
     """Every term and the peak of one device (formulas in the functions above). Over N GPUs, FSDP shards
-    weights, reference copy, gradients, optimizer state and its temporaries N ways and gathers one layer
-    at a time (its weights at base_bytes and, trained, its fp32 gradient before the reduce-scatter);
-    DDP replicates everything and adds its gradient buckets, a copy of every gradient (torch's default
-    gradient_as_bucket_view=False). The micro-batch in `s` is already one device's share."""
+    weights, reference copy, gradients, optimizer state and its temporaries N ways and holds gathered what
+    `fsdp_gathered` says (weights at compute_bytes and, trained, their fp32 gradients before the
+    reduce-scatter); DDP replicates everything and adds its gradient buckets, a copy of every gradient
+    (torch's default gradient_as_bucket_view=False). The micro-batch in `s` is already one device's share."""
     n = _shards(s)
     params, train = param_count(a)["total"], trainable(a, s)
-    unit = layer_params(a) if n > 1 else 0  # FSDP gathers one layer's full weights (and gradients) at a time
+    unit = fsdp_gathered(a, s)
     terms = {"runtime": float(s.runtime), "data": float(s.host_data),
-             "weights": weights(a, s) / n + unit * s.base_bytes, "reference": reference(a, s) / n,
+             "weights": weights(a, s) / n + unit * compute_bytes(s), "reference": reference(a, s) / n,
              "monitor_copy": base_weights(a, s) / n if s.monitor_copy else 0.0,
              "gradients": 4.0 * train / n + (4.0 * unit if s.full else 0.0),
              "optimizer_state": optimizer_state(train) / n,
