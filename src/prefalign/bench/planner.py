@@ -40,7 +40,7 @@ import torch
 
 from ..data import ReadOptions, load_records
 from ..errors import ConfigError, ModelError
-from ..runtime.device import pick_device
+from ..runtime.device import gpu_available, pick_device
 from ..runtime.distributed import World
 from ..train.config import OfflineConfig, RunConfig
 from ..train.kl_monitor import auto_every
@@ -274,7 +274,7 @@ with tempfile.TemporaryDirectory() as work:
 def measure_runtime(cfg: RunConfig, device_type: str) -> tuple[int, str]:
     """(bytes, how they were obtained): the module docstring says why each is what it is."""
     if device_type == "cuda":
-        if not torch.cuda.is_available():
+        if not gpu_available():
             return CUDA_CONTEXT_BYTES, "assumed CUDA context (no GPU on this machine to measure)"
         code = ("import torch; x = torch.ones(256, 256, device='cuda'); (x @ x).sum().item(); "
                 "free, total = torch.cuda.mem_get_info(); print('RUNTIME', total - free)")
@@ -315,7 +315,7 @@ def _variant(cfg: OfflineConfig, update: dict[str, Any]) -> OfflineConfig:
 
 def _device_memory(device_type: str) -> int:
     if device_type == "cuda":
-        if not torch.cuda.is_available():
+        if not gpu_available():
             raise ConfigError("planning for a GPU on a machine without one: give --device-memory (e.g. 24GB)")
         return torch.cuda.get_device_properties(0).total_memory
     return psutil.virtual_memory().total

@@ -23,6 +23,12 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def gpu_available() -> bool:
+    """A CUDA or ROCm GPU on this machine (what a planner or a GPU-only path asks; `pick_device`
+    chooses where to run)."""
+    return torch.cuda.is_available()
+
+
 def describe(device: torch.device) -> str:
     """The device as a user names it: ROCm builds of torch drive AMD GPUs through torch.cuda, so
     a "cuda" device there is reported as rocm (with the card's name), never as CUDA."""
