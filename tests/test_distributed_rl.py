@@ -79,13 +79,14 @@ def _rl(out, model, prompts, *args, nproc=1, method="ppo"):
     return run
 
 
-@pytest.mark.parametrize("method", ["ppo", "grpo"])
-def test_rl_on_two_processes_resumes_on_one(method, tiny_models, tmp_path):
-    """Two processes train 2 rollouts (PPO: value head, whitened GAE, batch-normalised scores), rank 0
-    writes; one process resumes from their checkpoint and trains 2 more."""
+@pytest.mark.parametrize(("method", "args"), [("ppo", ("reward_norm=batch",)), ("grpo", ()),
+                                             ("ppo", ("critic=model", "lora=true", "kl_every=2"))])
+def test_rl_on_two_processes_resumes_on_one(method, args, tiny_models, tmp_path):
+    """Two processes train 2 rollouts (PPO: value head, whitened GAE, batch-normalised scores; or a
+    LoRA critic model, whose every trainable parameter must get a gradient under DDP, with rank 0's
+    KL monitor), rank 0 writes; one process resumes from their checkpoint and trains 2 more."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"I watched film {i} and"} for i in range(16)])
     out = tmp_path / method
-    args = ("reward_norm=batch",) if method == "ppo" else ()
     run = _rl(out, tiny_models["llama"], prompts, "max_steps=2", "save_every=2", *args, nproc=2, method=method)
     assert "2 processes (ddp)" in run.stdout + run.stderr
     assert json.loads((out / "run.json").read_text())["processes"] == 2
@@ -93,3 +94,33 @@ def test_rl_on_two_processes_resumes_on_one(method, tiny_models, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+NAN_ON_RANK_1 = """
+import math, os
+
+calls = []
+
+
+def reward(prompts, completions):
+    calls.append(1)
+    bad = os.environ.get("RANK") == "1" and len(calls) == 1
+    return [math.nan if bad else float(len(c)) for c in completions]
+"""
+
+
+def test_a_non_finite_reward_in_one_process_skips_the_rollout_in_all(tiny_models, tmp_path):
+    """Rank 1's judge returns NaN on the first rollout, rank 0's does not: both skip it (were rank 0
+    to update alone, it would wait for rank 1 in DDP's reduction until the timeout)."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"I watched film {i} and"} for i in range(16)])
+    judge = tmp_path / "judge.py"
+    judge.write_text(NAN_ON_RANK_1)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "prefalign", "train", "--method", "grpo", "--model", str(tiny_models["llama"]),
+           "--prompts", str(prompts), "--reward", f"{judge}:reward", "-o", str(out), "--no-progress", "batch_size=4",
+           "max_new_tokens=8", "kl_every=0", "max_steps=2", "--nproc", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "non-finite rewards (here, or in another process); rollout skipped" in run.stdout + run.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [1, 1] and "loss" in rows[1] and "loss" not in rows[0]

@@ -11,6 +11,7 @@ reference table from shards.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import subprocess
 import sys
@@ -66,15 +67,19 @@ class World:
         return out.to(t.device)
 
     def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Each key averaged over the ranks that report it (ranks may miss a key whose values were
-        all NaN). Every rank has an equal share of the batch, so a per-example mean averaged over
-        ranks is the mean over the whole batch."""
+        """Each key averaged over the ranks that report a number for it (a rank may miss a key, or
+        have NaN where its share had nothing to measure, as one process's loop drops NaN). Every rank
+        has an equal share of the batch, so a per-example mean averaged over ranks is the mean over
+        the whole batch."""
         if not self.active:
             return metrics
         gathered: list[dict[str, float]] = [{} for _ in range(self.size)]
         dist.all_gather_object(gathered, metrics)
-        keys = sorted({k for m in gathered for k in m})
-        return {k: sum(m[k] for m in gathered if k in m) / sum(k in m for m in gathered) for k in keys}
+        out = {}
+        for k in sorted({k for m in gathered for k in m}):
+            vals = [m[k] for m in gathered if k in m and not math.isnan(m[k])]
+            out[k] = sum(vals) / len(vals) if vals else float("nan")
+        return out
 
     def max(self, value: float) -> float:
         if not self.active:

@@ -26,6 +26,7 @@ a resumed run samples and updates exactly as the uninterrupted one would.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -195,6 +196,10 @@ def check_rl_world(cfg: RLConfig, world: World) -> None:
         return
     if cfg.distributed != "ddp":
         raise ConfigError(f"{cfg.method} runs under distributed: ddp (each process samples from the whole policy)")
+    if cfg.generation_backend == "vllm":
+        # one in-process engine per rank next to the training process group: not wired (needs vLLM's
+        # external launcher) nor run on a GPU yet
+        raise ConfigError("generation_backend: vllm runs in one process for now; use hf with several processes")
     if cfg.batch_size % world.size:
         raise ConfigError(f"batch_size {cfg.batch_size} (prompts per rollout) must divide over the {world.size} "
                           "processes")
@@ -274,7 +279,10 @@ def _critic(cfg: RLConfig, policy, judge, tokenizer, device) -> tuple[nn.Module 
         disable_dropout(critic_model)
         if cfg.lora_settings is not None:
             critic_model = add_lora(critic_model, cfg.lora_settings, "SEQ_CLS")
-        score_head(critic_model).requires_grad_(True)
+        if not is_peft(critic_model):
+            score_head(critic_model).requires_grad_(True)
+        # with LoRA, PEFT trains a copy of the head (modules_to_save); making its frozen original
+        # trainable too would give DDP a parameter that never receives a gradient
         return None, critic_model
     return None, None
 
@@ -314,7 +322,8 @@ class Iteration(Update):
         resumed run reproduces on the same process count."""
         if not self.world.active:
             return None
-        return (self.cfg.seed * 1_000_003 + self.position) * 4099 + self.world.rank
+        key = f"{self.cfg.seed}/{self.position}/{self.world.rank}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")  # any seed, no overflow
 
     def state(self) -> dict:
         return {"kl_coef": self.kl_ctl.value, "moments": self.moments.__dict__}
@@ -344,7 +353,8 @@ class Iteration(Update):
                                device=device)
         if not self.world.all_true(bool(torch.isfinite(raw).all())):
             # a judge that returned NaN/Inf: no advantage can be built from it
-            opt.skip(step, f"{int((~torch.isfinite(raw)).sum())} non-finite rewards; rollout skipped")
+            where = " (here, or in another process)" if self.world.active else ""
+            opt.skip(step, f"{int((~torch.isfinite(raw)).sum())} non-finite rewards{where}; rollout skipped")
             return {}, 0
         scores = shape_scores(cfg, raw, roll.ended.to(device), mask.sum(-1), self.moments, self.reduce)
 
