@@ -58,8 +58,15 @@ class World:
         dist.all_reduce(t)
         return float(t.item())
 
+    def ratio(self, total: float, count: float) -> float:
+        """sum of `total` over sum of `count`, both over the processes (one reduction): a mean over the
+        whole batch from each process's share."""
+        s = self.reduce(torch.tensor([float(total), float(count)], dtype=torch.float64))
+        return float(s[0] / s[1])
+
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """`t` summed over the processes (a new tensor; `t` is left as it was)."""
+        """`t` summed over the processes (a new tensor; `t` is left as it was). A table each process
+        filled in part, zeros elsewhere, comes back whole: exact, as each entry is added to zeros."""
         if not self.active:
             return t
         out = t.detach().clone().to(self._device())
@@ -87,15 +94,6 @@ class World:
         t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
-
-    def fill(self, table: torch.Tensor) -> torch.Tensor:
-        """A table each rank filled in part (zeros elsewhere) made whole on every rank: a sum, exact
-        because every entry is written by one rank and added to zeros."""
-        if not self.active:
-            return table
-        t = table.to(self._device())
-        dist.all_reduce(t)
-        return t.cpu()
 
     def _device(self) -> torch.device:
         # NCCL reduces only CUDA tensors; gloo only CPU ones

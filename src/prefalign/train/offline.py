@@ -123,14 +123,14 @@ def make_step(forward, cfg: OfflineConfig, reference, autocast: Callable, world:
         ref = reference.logps(batch).float() if reference is not None else None
         if method.unit == "completions":
             tensors = dict(policy_logps=logps, lengths=lengths,
-                           mean_length=torch.tensor(world.sum(float(lengths.sum())) / world.sum(len(lengths))))
+                           mean_length=torch.tensor(world.ratio(lengths.sum(), len(lengths))))
         elif method.paired:
             tensors = dict(policy_chosen_logps=logps[:b], policy_rejected_logps=logps[b:],
                            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:])
             if ref is not None:
                 tensors.update(ref_chosen_logps=ref[:b], ref_rejected_logps=ref[b:])
         else:
-            kl = world.sum(float((logps[b:] - ref[b:]).detach().sum())) / world.sum(b)
+            kl = world.ratio((logps[b:] - ref[b:]).detach().sum(), b)
             tensors = dict(policy_logps=logps[:b], ref_logps=ref[:b], labels=batch["labels"], kl=torch.tensor(kl))
         loss, metrics = method.compute(tensors, cfg)
         if rpo_alpha:
@@ -364,7 +364,7 @@ def _precompute(model, cfg, data, collate_fn, device, autocast, name: str, log, 
                if i % world.size == world.rank)
     world.barrier()  # every rank reads the cache before any writes it
     table = precompute(model, batches, len(data), len(data.examples[0].seqs), Path(cfg.output) / f"{name}.safetensors",
-                       fp, autocast, cfg.logits_chunk_mb, log, gather=world.fill if world.active else None,
+                       fp, autocast, cfg.logits_chunk_mb, log, gather=world.reduce,
                        write=world.main, agree=world.all_true)
     world.barrier()
     return table

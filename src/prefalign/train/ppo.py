@@ -402,8 +402,7 @@ class Iteration(Update):
         # ---- 6. the KL coefficient
         # the adaptive controller follows k3: unbiased like k1 on samples from the policy, and never negative
         kl_seq = k3.sum(-1)
-        rollout_rows = self.world.sum(len(rows_idx))
-        self.kl_ctl.update(self.world.sum(float(kl_seq.sum())) / rollout_rows, int(rollout_rows))
+        self.kl_ctl.update(self.world.ratio(kl_seq.sum(), len(rows_idx)), int(self.world.sum(len(rows_idx))))
         metrics = {
             **{k: sum(s[k] for s in stats) / len(stats) for k in (stats[0] if stats else {})},
             "ppo/reward": float(raw.mean()), "ppo/reward_std": float(raw.std()) if len(rows_idx) > 1 else 0.0,
