@@ -63,6 +63,21 @@ def model(tiny_models):
     return tiny_models["llama"]
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The one-process run several tests compare with, made once per set of arguments (each costs a
+    process start and a training run)."""
+    made: dict[tuple, object] = {}
+
+    def run(model, data, *overrides, method="dpo"):
+        key = (str(model), str(data), method, overrides)
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp("one")
+            _train(made[key], model, data, *overrides, method=method)
+        return made[key]
+    return run
+
+
 def test_ddp_dpo_two_processes_equal_one(model, pair_file, tmp_path):
     """DPO, full fine-tune, reference precomputed by the two ranks in halves: the same table, the same
     losses, the same weights. grad_accum 2: gradients reduced once a step, on the last micro-batch.
@@ -112,12 +127,11 @@ def test_ddp_kto_and_reward_two_processes_equal_one(method, model, pair_file, tm
     _assert_same_run(one, two, load_file(str(model / "model.safetensors")))
 
 
-def test_fsdp_dpo_two_processes_equal_one(model, pair_file, tmp_path):
+def test_fsdp_dpo_two_processes_equal_one(model, pair_file, one_process, tmp_path):
     """FSDP2 (fully_shard per decoder layer, then the rest) on gloo: torch 2.13's gloo backend has
     the all-gather and reduce-scatter FSDP2 needs. Weights, gradients and AdamW state are sharded;
     final/ holds whole tensors with the tied embedding written once, as one process writes it."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    _train(one, model, pair_file, "reference=precompute", "grad_accum=2")
+    one, two = one_process(model, pair_file, "reference=precompute", "grad_accum=2"), tmp_path / "two"
     run = _train(two, model, pair_file, "reference=precompute", "grad_accum=2", "distributed=fsdp", nproc=2)
     assert "2 processes (fsdp)" in run.stdout + run.stderr
     _assert_same_run(one, two, load_file(str(model / "model.safetensors")))
@@ -125,12 +139,12 @@ def test_fsdp_dpo_two_processes_equal_one(model, pair_file, tmp_path):
 
 @pytest.mark.parametrize(("first", "then", "lora"), [((2, "ddp"), (1, "ddp"), True), ((1, "ddp"), (2, "fsdp"), True),
                                                     ((2, "fsdp"), (1, "ddp"), False)])
-def test_resume_across_process_counts(first, then, lora, model, pair_file, tmp_path):
+def test_resume_across_process_counts(first, then, lora, model, pair_file, one_process, tmp_path):
     """A run checkpointed at step 2 with one process count (and strategy) resumes with another and
     logs the losses of a run never interrupted."""
-    whole, split = tmp_path / "whole", tmp_path / "split"
+    split = tmp_path / "split"
     common = ("max_steps=4", "reference=precompute", f"lora={str(lora).lower()}")
-    _train(whole, model, pair_file, *common)
+    whole = one_process(model, pair_file, *common)
     _train(split, model, pair_file, *common, "save_every=2", "max_steps=2", f"distributed={first[1]}", nproc=first[0])
     _train(split, model, pair_file, *common, "resume=true", f"distributed={then[1]}", nproc=then[0])
     a, b = _losses(whole), _losses(split)
@@ -139,14 +153,13 @@ def test_resume_across_process_counts(first, then, lora, model, pair_file, tmp_p
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
 
 
-def test_accelerate_launch_runs_the_same_training(model, pair_file, tmp_path):
+def test_accelerate_launch_runs_the_same_training(model, pair_file, one_process, tmp_path):
     """`accelerate launch` sets the environment torchrun sets: the same two processes, the same run."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    _train(one, model, pair_file, "reference=precompute")
+    one, two = one_process(model, pair_file, "reference=precompute", "grad_accum=2"), tmp_path / "two"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefalign", "train",
            "--method", "dpo", "--model", str(model), "--data", str(pair_file), "-o", str(two), "--no-progress",
-           *BASE, "reference=precompute"]
+           *BASE, "reference=precompute", "grad_accum=2"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 processes (ddp)" in run.stdout + run.stderr
