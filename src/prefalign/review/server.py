@@ -65,6 +65,7 @@ def _fastapi():
 def make_app(store: Store):
     fastapi, _ = _fastapi()
     from fastapi import HTTPException, Query
+    from fastapi.responses import Response
 
     app = fastapi.FastAPI(title="prefalign review", docs_url=None, redoc_url=None)  # the docs page loads a CDN's script
     pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in FILES.items()}
@@ -99,6 +100,10 @@ def make_app(store: Store):
     def summary() -> dict:
         return summarise(store.items_with_judgements(), store.meta())
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)  # no icon, and no 404 in the browser's console
+
     @app.get("/health")
     def health() -> dict:
         return {"ok": True}
@@ -116,13 +121,14 @@ def _static(body: bytes, kind: str):
 
 
 def serve(store: Store, host: str = "127.0.0.1", port: int = 8008, log: Callable[[str], None] = print) -> None:
-    """Bind first (port 0: any free port) so the printed address is the one served, then serve until
-    interrupted."""
+    """Bind and listen first (port 0: any free port) so the printed address is the one served and
+    answers at once, then serve until interrupted."""
     _, uvicorn = _fastapi()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(128)  # connections made from now on wait in the backlog until uvicorn accepts them
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     log(f"review: http://{shown}:{bound}/?annotator=YOUR_NAME  ({store.path}; Ctrl+C stops, nothing is lost)")

@@ -85,6 +85,9 @@ function undo() {
 
 function cell(value) {
   if (value === null || value === undefined) return "–";
+  if (Array.isArray(value) && value.length && value[0].annotators) {  // Cohen's kappa of each two annotators
+    return value.map((p) => `${p.annotators.join(" & ")}: ${cell(p.kappa)} (${p.items} items)`).join("; ");
+  }
   if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toFixed(3);
   if (Array.isArray(value) && value.every((v) => typeof v === "number")) return `[${value.map(cell).join(", ")}]`;
   return typeof value === "object" ? JSON.stringify(value) : String(value);
