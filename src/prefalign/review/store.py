@@ -56,7 +56,10 @@ class Conflict(Exception):
 class Store:
     def __init__(self, path: str | Path, hold_seconds: float = 1800.0):
         self.path, self.hold_seconds = Path(path), hold_seconds
-        con = self._connect()
+        try:
+            con = self._connect()
+        except sqlite3.DatabaseError as e:
+            raise DataError(f"{self.path}: not a review file ({e})") from None
         try:
             con.execute("PRAGMA journal_mode=WAL")  # persistent: recorded in the file itself
             con.executescript(SCHEMA)
@@ -68,8 +71,12 @@ class Store:
     def _connect(self) -> sqlite3.Connection:
         # autocommit mode: transactions are the explicit BEGIN IMMEDIATE of `_write`
         con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        con.execute("PRAGMA synchronous=FULL")  # the commit is on disk, not only in the OS's cache
-        con.execute("PRAGMA foreign_keys=ON")
+        try:
+            con.execute("PRAGMA synchronous=FULL")  # the commit is on disk, not only in the OS's cache
+            con.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error:
+            con.close()
+            raise
         con.row_factory = sqlite3.Row
         return con
 
