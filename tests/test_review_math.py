@@ -180,11 +180,23 @@ def test_store_holds_undo_and_k(tmp_path):
     store.judge("alice", 1, "tie", comment="close")
     with pytest.raises(Conflict):
         store.judge("alice", 1, "a")
+    assert store.next_for("alice")["item"] is None  # item 2 is bob's
     assert store.undo("alice") == {"item": 1, "verdict": "tie", "comment": "close", "better": ""}
     assert store.next_for("alice")["item"]["id"] == 1  # the undone item comes back
     assert store.undo("alice") is None
     store.hold_seconds = 0  # alice walked away: her hold no longer counts
     assert store.next_for("carol")["item"]["id"] == 1
+
+
+def test_the_undone_item_comes_before_the_one_on_screen(tmp_path):
+    store = _store(tmp_path, n=3, k=1)
+    assert store.next_for("alice")["item"]["id"] == 1
+    store.judge("alice", 1, "a")
+    assert store.next_for("alice")["item"]["id"] == 2  # on screen, held
+    assert store.undo("alice")["item"] == 1
+    assert store.next_for("alice")["item"]["id"] == 1
+    store.judge("alice", 1, "b")
+    assert store.next_for("alice")["item"]["id"] == 2
 
 
 def test_sides_are_randomised_and_stable(tmp_path):
