@@ -184,7 +184,7 @@ def test_label_undo_resume_two_annotators_kill_restart_export_and_train(browser,
         assert alice.js("return document.querySelectorAll('#prompt *, #answer-a *, #answer-b *').length;") == 0
         assert alice.js("return window.pwned;") is None
         assert "chosen in" not in alice.js("return document.body.innerText;")  # names hidden until saved
-        browser.save_screenshot(str(shots / "1-script-as-text.png"))
+        browser.find_element("tag name", "body").screenshot(str(shots / "1-script-as-text.png"))
 
         # the mouse: item 1 (agrees with the file), item 2 (disagrees, with a comment and a written answer)
         assert alice.prefer(SCRIPT["chosen"], "mouse") == ("2", "1")
@@ -194,7 +194,7 @@ def test_label_undo_resume_two_annotators_kill_restart_export_and_train(browser,
         browser.find_element("id", "comment").send_keys("too short")
         better = "it was a great film, with a fine plot."
         browser.find_element("id", "better").send_keys(better)
-        browser.save_screenshot(str(shots / "2-comment-and-better-answer.png"))
+        browser.find_element("tag name", "body").screenshot(str(shots / "2-comment-and-better-answer.png"))
         assert alice.prefer(rows[1]["rejected"], "mouse") == ("3", "2")
 
         # typing in the comment box is not a judgement
@@ -254,7 +254,7 @@ def test_label_undo_resume_two_annotators_kill_restart_export_and_train(browser,
         time.sleep(0.5)
         summary_text = alice.text("summary-table")
         assert "fleiss_kappa" in summary_text and "0.753" in summary_text
-        browser.save_screenshot(str(shots / "3-done-with-summary.png"))
+        browser.find_element("tag name", "body").screenshot(str(shots / "3-done-with-summary.png"))
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == [], errors
     finally:
@@ -266,14 +266,14 @@ def test_label_undo_resume_two_annotators_kill_restart_export_and_train(browser,
     # Fleiss' kappa (k = 2): p = (13, 1, 2, 2)/18, sum p^2 = 178/324; P_i = 1 for 8 items, 0 for item 2:
     # P = 8/9 = 288/324; kappa = (288 - 178)/(324 - 178) = 55/73.
     out = tmp_path / "export" / "pairs.jsonl"
-    run = cli("review", "export", db, "-o", out)
+    run = cli("review", "export", db, "-o", out, "--min-agreement", "0.66")
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert summary["judgements"] == 18 and summary["annotators"] == {"alice": 9, "bob": 9}
     assert summary["verdicts"] == {"first": 13, "second": 1, "tie": 2, "both_bad": 2}
     assert summary["cohen_kappa"] == pytest.approx(28 / 37, abs=1e-12)
     assert summary["fleiss_kappa"] == pytest.approx(55 / 73, abs=1e-12) and summary["fleiss_items"] == 9
-    assert summary["export"] == {"pairs": 8, "kept": 6, "written_answers": 2, "unjudged": 0, "min_agreement": 0.0,
+    assert summary["export"] == {"pairs": 8, "kept": 6, "written_answers": 2, "unjudged": 0, "min_agreement": 0.66,
                                  "set_aside": {"disagreement": 1, "tie": 1, "both_bad": 1}, "output": str(out),
                                  "quarantine": str(out.with_name("pairs.quarantine.jsonl"))}
     assert json.loads((out.parent / "review.json").read_text()) == summary
@@ -385,8 +385,10 @@ def test_concurrent_annotators_on_two_servers_share_one_file(tmp_path):
 
 
 def test_the_server_starts_without_torch_and_refuses_bad_requests(tmp_path):
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(2))
-    server = Server(["--pairs", pairs, "-o", tmp_path / "labels.sqlite"], tmp_path / "s.log")
+    samples = write_jsonl(tmp_path / "samples.jsonl", [  # `prefalign sample` output: completions 1-2 are an item
+        {"prompt": p["prompt"], "completions": [p["chosen"], p["rejected"]], "ended": [True, True]}
+        for p in learnable_pairs(2)])
+    server = Server(["--samples", samples, "-o", tmp_path / "labels.sqlite"], tmp_path / "s.log")
     try:
         maps = Path(f"/proc/{server.proc.pid}/maps")
         if maps.exists():  # Linux: the libraries the process has loaded
@@ -400,7 +402,8 @@ def test_the_server_starts_without_torch_and_refuses_bad_requests(tmp_path):
             with pytest.raises(urllib.error.HTTPError) as e:
                 call(f"{server.url}/api/judge", body)
             assert e.value.code == code, body
-        call(f"{server.url}/api/judge", {"annotator": "al", "item": item["id"], "verdict": "a"})
+        saved = call(f"{server.url}/api/judge", {"annotator": "al", "item": item["id"], "verdict": "a"})["saved"]
+        assert {saved["a_name"], saved["b_name"]} == {"completion 1", "completion 2"}
         with pytest.raises(urllib.error.HTTPError) as e:  # twice
             call(f"{server.url}/api/judge", {"annotator": "al", "item": item["id"], "verdict": "b"})
         assert e.value.code == 409
@@ -411,5 +414,5 @@ def test_the_server_starts_without_torch_and_refuses_bad_requests(tmp_path):
     other = write_jsonl(tmp_path / "other.jsonl", learnable_pairs(3))
     run = cli("review", "--pairs", other, "-o", tmp_path / "labels.sqlite", "--port", "0")
     assert run.returncode == 2 and "holds the items of" in run.stderr
-    run = cli("review", "--pairs", pairs, "--models", "a", "b", "-o", tmp_path / "x.sqlite")
+    run = cli("review", "--pairs", other, "--models", "a", "b", "-o", tmp_path / "x.sqlite")
     assert run.returncode == 2 and "one of --pairs" in run.stderr
