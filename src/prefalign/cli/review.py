@@ -12,9 +12,9 @@ import typer
 
 from .base import _log, app, build, console, fail
 
-review_app = typer.Typer(help="Label answers side by side in a web page (blind, several annotators); export "
-                              "the judgements as preference data. `prefalign review --help`, "
-                              "`prefalign review export --help`.")
+review_app = typer.Typer(help="Serve a page where people judge two answers side by side (blind, random sides; "
+                              "keys A, B, T tie, X both bad, U undo; several annotators, k per item), saved to "
+                              "SQLite; `prefalign review export` writes the judgements as preference data.")
 app.add_typer(review_app, name="review")
 
 

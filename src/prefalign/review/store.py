@@ -9,7 +9,8 @@ several servers on one file) never see or leave half-written state.
 Who sees what: an annotator is served, first, an item they hold and have not judged (the one they
 were shown before a reload or a restart, or the one they just undid), else the first item (file
 order) they have not judged whose judgements plus other annotators' live holds are fewer than k. A
-hold is live for `hold_seconds` after it was taken, so an annotator who walks away frees their items.
+hold is live for `hold_seconds` after it was last shown, so an annotator who walks away frees their
+items (and, coming back later, may still judge the item on their screen: then it has k + 1 judgements).
 Sides are randomised per (item, annotator) by a keyed hash: the same person sees the same sides after
 a reload, and different people see independent sides.
 """

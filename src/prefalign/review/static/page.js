@@ -53,6 +53,8 @@ async function busyWhile(work) {
     await work();
   } catch (e) {
     status(`Not saved: ${e.message}`);
+    // the server's state is the truth (another tab may have judged this item): show what it holds now
+    api(`/api/next?annotator=${encodeURIComponent(annotator)}`).then(show).catch(() => {});
   } finally {
     busy = false;
     document.querySelectorAll("button").forEach((b) => { b.disabled = false; });
