@@ -1,7 +1,9 @@
 """`prefalign report RUN_DIR [RUN_DIR ...] -o OUT`: one report over training runs and evaluations.
 
 A folder may hold a training run (run.json, metrics.jsonl, config.yaml), an evaluation (eval.json),
-or both (eval.json directly or in eval/). Written to OUT:
+or both (eval.json directly or in eval/), and/or a human review (review.json, from `prefalign review
+export`: an arena's win-rate of model A over B by people, shown as human_win_rate next to the judge's
+win_rate). Written to OUT:
   curves.png         training curves per run: loss, reward accuracy (or RL reward), margins (or
                      RL sampled k3 KL), and the exact KL to the reference the monitor measured
   frontier.png       held-out reward against KL to the reference, one point per evaluated run (the
@@ -33,8 +35,11 @@ CURVES = [  # (title, offline metric, RL metric)
     ("exact KL to the reference per sequence (monitor)", "kl/policy_ref_seq", "kl/policy_ref_seq"),
 ]
 TRAIN_COLUMNS = ["method", "steps", "wall_seconds", "tokens_per_s", "peak_memory_gb", "model_copies"]
-EVAL_COLUMNS = ["preference_accuracy", "reward_mean", "win_rate", "kl_per_sequence", "kl_per_token", "perplexity",
-                "perplexity_reference", "mean_length"]
+EVAL_COLUMNS = ["preference_accuracy", "reward_mean", "win_rate", "win_rate_ci95", "kl_per_sequence", "kl_per_token",
+                "perplexity", "perplexity_reference", "mean_length"]
+# review.json's keys (the same as eval.json's) -> the report's, so a judge's and people's win-rates sit side by side
+HUMAN_COLUMNS = {"win_rate": "human_win_rate", "win_rate_ci95": "human_win_rate_ci95",
+                 "win_rate_baseline": "human_win_rate_baseline", "judgements": "human_judgements"}
 
 
 def _read_json(path: Path) -> Any:
@@ -52,24 +57,25 @@ def load_run(folder: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{folder}: not a folder")
     evaluation = _read_json(folder / "eval.json") or _read_json(folder / "eval" / "eval.json")
     run = _read_json(folder / "run.json")
+    review = _read_json(folder / "review.json")
     metrics_path = folder / "metrics.jsonl"
     metrics = (
         [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.exists() else []
     )
     config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
-    if run is None and evaluation is None:
-        raise ConfigError(f"{folder}: holds neither a training run (run.json) nor an evaluation (eval.json)")
+    if run is None and evaluation is None and review is None:
+        raise ConfigError(f"{folder}: holds neither a training run (run.json) nor an evaluation (eval.json) nor a "
+                          "review (review.json)")
     return {"name": folder.name, "path": str(folder), "run": run, "eval": evaluation, "metrics": metrics,
-            "config": config or {}}
+            "config": config or {}, "review": review}
 
 
 def summarise(r: dict[str, Any]) -> dict[str, Any]:
     """One table row: training cost, final training metrics, evaluation metrics."""
-    run, ev, cfg = r["run"] or {}, r["eval"] or {}, r["config"]
+    run, ev, cfg, review = r["run"] or {}, r["eval"] or {}, r["config"], r.get("review") or {}
     # an evaluation with no training run: the reference itself (evaluated against itself), or a model
-    method = (
-        run.get("method") or cfg.get("method") or ("reference" if ev.get("model") == ev.get("reference") else "eval")
-    )
+    method = run.get("method") or cfg.get("method") or (
+        "human review" if review and not ev else "reference" if ev.get("model") == ev.get("reference") else "eval")
     row: dict[str, Any] = {"run": r["name"], "method": method}
     hp = {k: cfg[k] for k in ("beta", "kl_coef", "learning_rate") if k in cfg}
     row["settings"] = ", ".join(f"{k}={v}" for k, v in hp.items()) or "-"
@@ -94,6 +100,8 @@ def summarise(r: dict[str, Any]) -> dict[str, Any]:
     for key, value in ev.items():
         if key.startswith("suites/") and key.endswith("/score"):
             row[key] = value
+    if review.get("mode") == "arena":
+        row.update({name: review.get(key) for key, name in HUMAN_COLUMNS.items()})
     return row
 
 
