@@ -237,3 +237,15 @@ def test_a_request_joins_a_running_batch(client, server):
     done["short"] = time.monotonic()
     thread.join()
     assert done["short"] < done["long"]
+
+
+def test_the_remote_pairwise_judge_asks_a_chat_model_by_chat(server, monkeypatch):
+    """With a chat template the remote judge asks through /v1/chat/completions (the letters' top
+    log-probs, or its parsed answer): probabilities, in both orders, without error."""
+    from prefalign.judges.remote import RemotePairwiseJudge
+
+    monkeypatch.setenv("SERVE_TEST_KEY", KEY)
+    judge = RemotePairwiseJudge(SHIPPED, f"{server}/v1", "SERVE_TEST_KEY")
+    p, agree = judge.compare(["Was it good?", "The plot"], ["Yes, great.", "thin"], ["No.", "a delight"])
+    assert judge.chat is True and p.shape == (2,) and agree.shape == (2,)
+    assert all(0 <= x <= 1 for x in p.tolist())

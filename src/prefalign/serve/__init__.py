@@ -4,5 +4,5 @@ models.py   the served models (base weights once; adapters on them)
 jobs.py     a request as the engine sees it: rows, its own seeded sampler, stop rules
 engine.py   the scheduler thread: continuous batching with the KV cache
 responses.py, schemas.py, api.py   OpenAI's request and response shapes, the routes, auth and limits
-server.py   the host check and the process: load, start the engine, run uvicorn
+host.py     which addresses bind without a key (loopback); server.py: load, start the engine, run uvicorn
 """
