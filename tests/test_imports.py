@@ -15,11 +15,11 @@ SRC = Path(prefalign.__file__).parent
 # function-level imports allowed, each for a reason written next to it: optional extras, a backend
 # that must be chosen before import, and the CLI, whose commands load their layer only when run
 # (pyarrow: only Parquet/Arrow input needs it; transformers: only data's optional tokenizer, so that
-# `prefalign data ...` starts in a fraction of a second; vllm: the optional generation backend; fastapi,
+# `prefalign data ...` starts in a fraction of a second; vllm, openai: the optional generation backends; fastapi,
 # uvicorn: the serve extra; eval.metrics: torch (its bootstrap), which the review server needs only for an
 # arena's win-rate and would otherwise pay a second of start-up for)
-LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "fastapi", "uvicorn",
-        "eval.metrics")
+LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "openai", "fastapi",
+        "uvicorn", "eval.metrics")
 
 
 def test_import_every_module():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -32,17 +32,43 @@ class Runtime(StrictModel):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")
 
 
-class Sampling(StrictModel):
+class Remote(StrictModel):
+    """Where an OpenAI-compatible server is (generation_backend: openai): sample, label and eval."""
+
+    base_url: str | None = Field(None, description="openai: the server's API root, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: the environment variable that holds the API key "
+                                                           "(unset: no key is sent)")
+
+    @model_validator(mode="after")
+    def _remote(self):
+        remote = getattr(self, "generation_backend", "hf") == "openai"
+        if remote and not self.base_url:
+            raise ValueError("generation_backend: openai needs base_url (the server's API root, .../v1)")
+        if not remote and self.base_url:
+            raise ValueError("base_url is for generation_backend: openai")
+        return self
+
+
+class Sampling(Remote):
     """How completions are sampled: declared once, shared by RL, eval, sample and the KL monitor."""
 
     max_new_tokens: int = Field(32, ge=0, description="tokens sampled per completion at most")
     temperature: float = Field(1.0, ge=0, description="softmax temperature; 0: greedy")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0: off")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1: off")
-    generation_backend: Literal["hf", "vllm"] = Field(
+    generation_backend: Literal["hf", "vllm", "openai"] = Field(
         "hf", description="hf: transformers' generate; vllm: a colocated vLLM engine (optional extra, GPU; "
-                          "not yet run); the KL monitor always samples with hf")
+                          "not yet run); openai: an OpenAI-compatible server at base_url (prefalign serve, vLLM, "
+                          "...; sample and eval; RL cannot); the KL monitor always samples with hf")
     vllm_memory_fraction: float = Field(0.3, gt=0, lt=1, description="vllm: share of the GPU's memory the engine takes")
+    served_model: str | None = Field(None, description="openai: the name the server knows `model` by; default: "
+                                                       "`model` as written (prefalign serve names a model by its path)")
+
+    @model_validator(mode="after")
+    def _served_model(self):
+        if self.served_model and self.generation_backend != "openai":
+            raise ValueError("served_model is for generation_backend: openai")
+        return self
 
     @classmethod
     def of(cls, cfg: Any) -> Sampling:

@@ -100,6 +100,10 @@ class Evaluator:
             self.reference = (
                 self.model if self.reference_path == cfg.model else load_model(self.reference_path, **load).eval()
             )
+        # what each model is called on the server (generation_backend: openai): its path, or served_model
+        self.names = {id(self.model): cfg.served_model or cfg.model}
+        if self.reference is not None and self.reference is not self.model:
+            self.names[id(self.reference)] = self.reference_path
         self.results: dict[str, Any] = {"model": cfg.model, "reference": self.reference_path}
         self.samples: list[dict] = []
 
@@ -164,9 +168,12 @@ class Evaluator:
     def _generator(self, model):
         cfg = self.cfg
         if id(model) not in self.generators:
+            name = self.names[id(model)]
+            remote = cfg.generation_backend == "openai"
             self.generators[id(model)] = make_generator(
-                cfg.generation_backend, model, self.tokenizer, self.device, self.autocast, seed=cfg.seed,
-                max_length=cfg.max_prompt_length + cfg.max_new_tokens, memory_fraction=cfg.vllm_memory_fraction)
+                cfg.generation_backend, name if remote else model, self.tokenizer, self.device, self.autocast,
+                seed=cfg.seed, max_length=cfg.max_prompt_length + cfg.max_new_tokens,
+                memory_fraction=cfg.vllm_memory_fraction, remote=cfg, served_model=name)
         return self.generators[id(model)]
 
     def generations(self) -> None:
@@ -232,6 +239,7 @@ class Evaluator:
                 if opponent_path == self.reference_path
                 else load_model(opponent_path, device=self.device)
             )
+            self.names.setdefault(id(opponent), opponent_path)
             theirs = [t for r in self._sample(opponent, prompts, "sampling (baseline)") for t in r.completion_texts]
         if isinstance(judge, PairwiseJudge):
             p, agree = judge.compare(prompts, texts, theirs)

@@ -22,19 +22,24 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..config import StrictModel
+from ..config import Remote
 from ..data.readers import read_rows
 from ..data.records import Problem
-from ..judges import PairwiseJudge, make_judge
+from ..judges import make_judge
+from ..judges.remote import RemotePairwiseJudge
 from ..runtime.device import pick_device
 
 
-class LabelConfig(StrictModel):
+class LabelConfig(Remote):
     """`prefalign label`: sampled completions -> preference pairs (or best-of-n SFT data) by a judge."""
 
     samples: str = Field(..., description="`prefalign sample` output")
     judge: str = Field(..., description="MODULE:FUNCTION, FILE.py:FUNCTION, a reward-model folder, or a causal-LM "
-                                        "folder (pairwise judge)")
+                                        "folder (pairwise judge); with generation_backend: openai, the name the "
+                                        "server knows the pairwise judge model by")
+    generation_backend: Literal["hf", "openai"] = Field(
+        "hf", description="hf: the judge runs in this process; openai: the pairwise LM judge runs on the "
+                          "OpenAI-compatible server at base_url (log-probs of the two letters)")
     output: str = Field(..., description="preference file (or SFT file with mode: best)")
     mode: Literal["best_vs_worst", "best_vs_rest", "all", "best"] = Field(
         "best_vs_worst", description="pairs made per prompt, or best: the best completion as SFT data")
@@ -64,6 +69,8 @@ def _answer(prompt, text: str):
 
 
 def label(cfg: LabelConfig, log=print, judge=None) -> dict:
+    if judge is None and cfg.generation_backend == "openai":
+        judge = RemotePairwiseJudge(cfg.judge, cfg.base_url, cfg.api_key_env)
     judge = judge or make_judge(cfg.judge, pick_device(cfg.device), pairwise_ok=True)
     items, problems = _read_samples(cfg.samples)
     written, ties, agree, compared = 0, 0, 0, 0
@@ -81,7 +88,7 @@ def label(cfg: LabelConfig, log=print, judge=None) -> dict:
             if len(texts) < (1 if cfg.mode == "best" else 2):
                 ties += 1
                 continue
-            if isinstance(judge, PairwiseJudge):
+            if judge.kind == "pairwise":  # in process or on a server
                 scores, win, agreement = _round_robin(judge, prompt, texts)
                 agree += int(agreement.sum())
                 compared += agreement.numel()

@@ -45,10 +45,13 @@ def sample(cfg: SampleConfig, log=print, model=None, tokenizer=None) -> dict:
     device = set_up(cfg)
     check_backend(cfg.generation_backend, device)  # before any model is loaded
     tokenizer = tokenizer or load_tokenizer_for(cfg.model, cfg.trust_remote_code)
+    if cfg.generation_backend == "openai":  # the server samples: only the tokenizer is loaded here
+        model = cfg.model
     model = model or load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device)
     gen = make_generator(cfg.generation_backend, model, tokenizer, device, autocast_for(cfg.precision, device),
                          seed=cfg.seed, max_length=cfg.max_prompt_length + cfg.max_new_tokens,
-                         memory_fraction=cfg.vllm_memory_fraction)
+                         memory_fraction=cfg.vllm_memory_fraction, remote=cfg,
+                         served_model=cfg.served_model or cfg.model, log=log)
     prompts, problems = load_prompts(cfg.prompts, ReadOptions(format=cfg.format))
     for p in problems[:5]:
         log(f"set aside: {p}")

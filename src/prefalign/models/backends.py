@@ -1,4 +1,4 @@
-"""Where completions are sampled: `generation_backend: hf | vllm`.
+"""Where completions are sampled: `generation_backend: hf | vllm | openai` (openai: models/remote.py).
 
 `hf`: transformers' `generate` on the model being trained (models/generate.py): the policy itself
 samples, so there is nothing to keep in sync.
@@ -31,12 +31,16 @@ import torch
 
 from ..config import Sampling
 from ..errors import ConfigError
-from .generate import Rollout, eos_ids, generate, left_pad, to_rollout
+from .generate import Rollout, eos_ids, generate, rollout_from_ids
 from .load import is_peft
+from .remote import OpenAIGenerator, remote_eos
 
 
 def backend_problem(backend: str, device: torch.device) -> str | None:
     """What this machine lacks for `backend`, or None."""
+    if backend == "openai":
+        found = importlib.util.find_spec("openai") is not None
+        return None if found else "the openai package (pip install 'prefalign[openai]')"
     if backend != "vllm":
         return None
     missing = []
@@ -49,7 +53,7 @@ def backend_problem(backend: str, device: torch.device) -> str | None:
 
 def check_backend(backend: str, device: torch.device) -> None:
     if problem := backend_problem(backend, device):
-        raise ConfigError(f"generation_backend: vllm needs {problem}; use generation_backend: hf")
+        raise ConfigError(f"generation_backend: {backend} needs {problem}; use generation_backend: hf")
 
 
 class HFGenerator:
@@ -68,12 +72,18 @@ class HFGenerator:
 
 
 def make_generator(backend: str, model, tokenizer, device: torch.device, autocast=nullcontext, *,
-                   seed: int = 0, max_length: int = 2048, memory_fraction: float = 0.3, lora_rank: int | None = None):
+                   seed: int = 0, max_length: int = 2048, memory_fraction: float = 0.3, lora_rank: int | None = None,
+                   remote: Sampling | None = None, served_model: str | None = None, log=print):
     """The generator for `backend`. For vllm, `model` must be the weights the engine starts from (for
-    a LoRA run: the base, before adapters are added; `lora_rank` then enables adapter pushes)."""
+    a LoRA run: the base, before adapters are added; `lora_rank` then enables adapter pushes). For
+    openai, `remote` holds base_url and api_key_env, `served_model` the server's name for the model,
+    and `model` is the local folder (its tokenizer and generation config; no weights are loaded)."""
     if backend == "hf":
         return HFGenerator(model, tokenizer, device, autocast)
     check_backend(backend, device)
+    if backend == "openai":
+        return OpenAIGenerator(tokenizer, device, base_url=remote.base_url, api_key_env=remote.api_key_env,
+                               model=served_model, eos=remote_eos(tokenizer, model), log=log)
     return VLLMGenerator(model, tokenizer, device, seed=seed, max_length=max_length, memory_fraction=memory_fraction,
                          lora_rank=lora_rank)
 
@@ -147,26 +157,6 @@ def _stop_token(out, tokenizer) -> int | None:
     if out.finish_reason != "stop":
         return None
     return out.stop_reason if isinstance(out.stop_reason, int) else tokenizer.eos_token_id
-
-
-def rollout_from_ids(prompts: list[list[int]], sampled: list[tuple[list[int], int | None]], tokenizer,
-                     eos: list[int], device: torch.device, seconds: float,
-                     prompt_texts: list[str] | None = None) -> Rollout:
-    """The Rollout of completions a backend returned as token lists, each with the EOS token it stopped
-    on (None: it ran out of tokens): laid out exactly as hf's generate lays out its own
-    ([left-padded prompt | completion])."""
-    pad = tokenizer.pad_token_id
-    rows = []
-    for ids, stop in sampled:
-        if stop is not None and (not ids or ids[-1] != stop):
-            ids = [*ids, stop]  # a backend that leaves out the EOS it stopped on: kept, as hf keeps it
-        rows.append(ids)
-    completions = torch.full((len(prompts), max(1, max(len(r) for r in rows))), pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        completions[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    ids, mask = left_pad(prompts, pad)
-    return to_rollout(ids.to(device), mask.to(device), completions.to(device), tokenizer, eos, seconds, prompts,
-                      prompt_texts)
 
 
 # the adapter ranks a vLLM engine can be built for (its LoRA config's choices); an adapter of a smaller

@@ -153,3 +153,23 @@ def to_rollout(ids: Tensor, mask: Tensor, completions: Tensor, tokenizer, eos: l
         prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
     return Rollout(torch.cat([ids, completions], 1), torch.cat([mask, cmask], 1), ids.shape[1], cmask, ended,
                    seconds, prompt_texts, texts)
+
+
+def rollout_from_ids(prompts: list[list[int]], sampled: list[tuple[list[int], int | None]], tokenizer,
+                     eos: list[int], device: torch.device, seconds: float,
+                     prompt_texts: list[str] | None = None) -> Rollout:
+    """The Rollout of completions a backend returned as token lists, each with the EOS token it stopped
+    on (None: it ran out of tokens): laid out exactly as hf's generate lays out its own
+    ([left-padded prompt | completion])."""
+    pad = tokenizer.pad_token_id
+    rows = []
+    for ids, stop in sampled:
+        if stop is not None and (not ids or ids[-1] != stop):
+            ids = [*ids, stop]  # a backend that leaves out the EOS it stopped on: kept, as hf keeps it
+        rows.append(ids)
+    completions = torch.full((len(prompts), max(1, max(len(r) for r in rows))), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        completions[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    ids, mask = left_pad(prompts, pad)
+    return to_rollout(ids.to(device), mask.to(device), completions.to(device), tokenizer, eos, seconds, prompts,
+                      prompt_texts)

@@ -211,6 +211,9 @@ def check_rl_world(cfg: RLConfig, world: World) -> None:
 
 def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progress: bool) -> LoopResult:
     check_rl_world(cfg, world)
+    if cfg.generation_backend == "openai":
+        raise ConfigError(f"{cfg.method} samples from the policy it trains; generation_backend: openai samples a "
+                          "fixed served model (use it for sample, label and eval); use hf or vllm")
     check_backend(cfg.generation_backend, device)  # before any model is loaded
 
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)

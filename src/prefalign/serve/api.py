@@ -1,0 +1,237 @@
+"""The HTTP side: FastAPI routes in OpenAI's shapes, the bearer-token and body-size guard, the limits.
+
+Every refusal is an OpenAI-style error body ({"error": {"message", "type", "param", "code"}}) with a
+4xx status, raised before the request reaches the engine: 400 for a bad field (malformed JSON and
+schema errors included), 401 for a missing or wrong key, 404 for an unknown model or route, 413 for
+a body over the size limit. The engine runs in its own thread; each request waits on an asyncio
+queue that the engine feeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from dataclasses import dataclass
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..models.generate import encode_prompt
+from .engine import Engine
+from .jobs import Job, Settings, sendable
+from .responses import Reply, Tokens, error_body
+from .schemas import Body, ChatBody, CompletionBody
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1 << 20  # a request body over this: 413
+    max_tokens: int = 1024  # max_tokens over this: 400
+    max_n: int = 16  # completions per prompt
+    max_prompts: int = 64  # prompts in one completions request
+    max_stop: int = 4  # stop strings (OpenAI's limit)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def _error(status: int, message: str, **kw) -> JSONResponse:
+    return JSONResponse(error_body(message, **kw), status_code=status)
+
+
+class Guard:
+    """ASGI middleware: the bearer token on every route but /health, and the body-size limit (checked on
+    Content-Length and, for a body sent without one, on the bytes as they arrive)."""
+
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"] != "/health":
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                response = _error(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                  kind="authentication_error", code="invalid_api_key")
+                return await response(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return await _error(413, f"request body of {int(length)} bytes is over the limit of {self.max_body}",
+                                code="request_too_large")(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise HTTPException(413, f"request body is over the limit of {self.max_body} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="prefalign serve", version="1",
+                  description="OpenAI-compatible completions and chat completions from local models, batched.")
+    _handlers(app)
+
+    @app.get("/health", summary="liveness (no key needed)")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", summary="the served models")
+    async def models() -> dict:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "prefalign",
+             "root": s.base.path, "parent": s.base.path if s.adapter else None, "max_model_len": s.context}
+            for name, s in engine.served.items()]}
+
+    @app.get("/stats", summary="the scheduler's counters: steps, rows and requests per step (docs/metrics.md)")
+    async def stats() -> dict:
+        return engine.stats()
+
+    @app.post("/v1/completions", summary="text completion (OpenAI's legacy completions)")
+    async def completions(body: CompletionBody, request: Request):
+        served = _served(engine, body.model)
+        prompts = [_prompt_ids(served, p, i) for i, p in enumerate(body.prompts())]
+        if len(prompts) > limits.max_prompts:
+            raise APIError(400, f"{len(prompts)} prompts: at most {limits.max_prompts} per request", "prompt")
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        if max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens: 0 only with echo (scoring the prompt)", "max_tokens")
+        settings = _settings(body, served, prompts, max_tokens, limits, body.logprobs, body.echo)
+        texts = [p if isinstance(p, str) else served.tokenizer.decode(p) for p in body.prompts()] if body.echo else None
+        return await _run(engine, request, body, served, prompts, settings, chat=False, echo_texts=texts)
+
+    @app.post("/v1/chat/completions", summary="chat completion (the model's chat template applied)")
+    async def chat(body: ChatBody, request: Request):
+        served = _served(engine, body.model)
+        if not served.has_chat_template:
+            raise APIError(400, f"model {body.model!r} has no chat template in its tokenizer: use /v1/completions, "
+                           "or start the server with --chat-template FILE", "messages", "no_chat_template")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        try:
+            messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
+            prompt = encode_prompt(served.tokenizer, messages)
+        except Exception as e:  # noqa: BLE001  the template's own refusal (roles, order): the client's to fix
+            raise APIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
+        default = served.context - len(prompt)
+        max_tokens = body.limit() if body.limit() is not None else min(limits.max_tokens, max(default, 1))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        settings = _settings(body, served, [prompt], max_tokens, limits, logprobs, False)
+        return await _run(engine, request, body, served, [prompt], settings, chat=True)
+
+    return app
+
+
+def _served(engine: Engine, name: str):
+    if name not in engine.served:
+        raise APIError(404, f"the model {name!r} does not exist; served: {', '.join(engine.served)}", "model",
+                       "model_not_found", "not_found_error")
+    return engine.served[name]
+
+
+def _prompt_ids(served, prompt, i: int) -> list[int]:
+    if isinstance(prompt, str):
+        ids = encode_prompt(served.tokenizer, prompt)
+    else:
+        vocab = len(served.tokenizer)
+        if any(not 0 <= t < vocab for t in prompt):
+            raise APIError(400, f"prompt {i}: token ids must be in [0, {vocab})", "prompt")
+        ids = list(prompt)
+    if not ids:
+        raise APIError(400, f"prompt {i} is empty", "prompt")
+    return ids
+
+
+def _settings(body: Body, served, prompts: list[list[int]], max_tokens: int, limits: Limits,
+              logprobs: int | None, echo: bool) -> Settings:
+    if max_tokens > limits.max_tokens:
+        raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}",
+                       "max_tokens")
+    if body.n > limits.max_n:
+        raise APIError(400, f"n is {body.n}; this server allows at most {limits.max_n}", "n")
+    if len(body.stops()) > limits.max_stop:
+        raise APIError(400, f"at most {limits.max_stop} stop strings", "stop")
+    longest = max(len(p) for p in prompts)
+    if longest + max_tokens > served.context:
+        raise APIError(400, f"this model's maximum context length is {served.context} tokens; the request asks for "
+                       f"{longest + max_tokens} ({longest} in the prompt, {max_tokens} in the completion)",
+                       "max_tokens", "context_length_exceeded")
+    return Settings(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                    stop=body.stops(), seed=body.seed, logprobs=logprobs, ignore_eos=body.ignore_eos, echo=echo)
+
+
+async def _run(engine: Engine, request: Request, body: Body, served, prompts, settings: Settings, *, chat: bool,
+               echo_texts: list[str] | None = None):
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job = Job(body.model, prompts, body.n, settings, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+    reply = Reply(job, chat, Tokens(served.tokenizer, body.return_tokens_as_token_ids), echo_texts,
+                  with_logprobs=settings.logprobs is not None)
+    engine.submit(job)
+    if not body.stream:
+        try:
+            while not all(r.finish for r in job.rows):
+                if (event := await events.get())[0] == "error":
+                    raise APIError(500, event[1], kind="server_error")
+        finally:
+            job.cancelled.set()  # a client gone before the end: its rows leave the batch
+        return reply.whole()
+    usage = bool((body.stream_options or {}).get("include_usage"))
+    return StreamingResponse(_stream(job, reply, events, usage), media_type="text/event-stream")
+
+
+async def _stream(job: Job, reply: Reply, events: asyncio.Queue, usage: bool):
+    stops = job.settings.stop
+    try:
+        while True:
+            event = await events.get()
+            if event[0] == "error":
+                yield f"data: {json.dumps(error_body(event[1], 'server_error'))}\n\n"
+                break
+            for chunk in reply.chunks(lambda row: sendable(row.text, stops)):
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if all(r.finish for r in job.rows):
+                if usage:
+                    yield f"data: {json.dumps(reply.usage_chunk())}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()
+
+
+def _handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return _error(e.status, e.message, kind=e.kind, param=e.param, code=e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, e: RequestValidationError):
+        problems = []
+        for item in e.errors():
+            if item.get("type") == "json_invalid":
+                problems.append(f"the body is not valid JSON ({item.get('ctx', {}).get('error', 'malformed')} at "
+                                f"character {item['loc'][-1]})")
+                continue
+            where = ".".join(str(x) for x in item.get("loc", ()) if x != "body")
+            problems.append(f"{where or 'body'}: {item.get('msg', '').removeprefix('Value error, ')}")
+        first = e.errors()[0].get("loc", ()) if e.errors() else ()
+        param = ".".join(str(x) for x in first if x != "body") or None
+        return _error(400, "; ".join(problems) or "invalid request", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        kind = {404: "not_found_error", 413: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        return _error(e.status_code, str(e.detail), kind=kind)

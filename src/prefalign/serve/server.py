@@ -1,0 +1,48 @@
+"""The server process: refuse an exposed address without a key, load the models, run the engine and uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from ..errors import ConfigError
+from ..runtime.device import pick_device
+from .api import Guard, Limits, create_app
+from .engine import Engine
+from .host import check_host
+from .models import load_served
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build(models: list[str], *, device: str = "auto", dtype: str = "fp32", max_batch: int = 32,
+          limits: Limits | None = None, api_key: str | None = None, chat_template: str | None = None,
+          threads: int | None = None):
+    """(the ASGI app, the engine): models loaded, the engine's thread started. threads: torch's CPU
+    threads (on a shared machine, 1 keeps small matmuls from waiting on busy cores)."""
+    if threads:
+        torch.set_num_threads(threads)
+    if max_batch < 1:
+        raise ConfigError("--max-batch must be at least 1")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: one of {', '.join(DTYPES)}")
+    template = Path(chat_template).read_text(encoding="utf-8") if chat_template else None
+    where = pick_device(device)
+    engine = Engine(load_served(models, where, DTYPES[dtype], template), where, max_batch)
+    engine.start()
+    limits = limits or Limits()
+    return Guard(create_app(engine, limits, api_key), api_key, limits.max_body_bytes), engine
+
+
+def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          log=print, **options) -> None:
+    check_host(host, api_key)  # before any model is loaded
+    app, engine = build(models, api_key=api_key, **options)
+    log(f"serving {', '.join(models)} on http://{host}:{port}/v1 (max batch {engine.max_batch} rows, "
+        f"{engine.device.type}){'; API key required' if api_key else ''}")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.stop()
