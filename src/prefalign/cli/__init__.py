@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import PrefalignError
-from . import commands  # noqa: F401  (registers the commands on `app`)
+from . import commands, export  # noqa: F401  (registers the commands on `app`)
 from .base import app, console, out
 
 
