@@ -201,3 +201,10 @@ def test_gguf_tensors_have_llama_cpp_shapes(models, tmp_path):
     assert shapes["blk.0.ssm_conv1d.weight"] == [4, 64] and shapes["blk.0.ssm_a"] == [8, 64]
     a = next(t for t in mamba.tensors if t.name == "blk.0.ssm_a")
     assert np.all(np.asarray(a.data) < 0)  # A = -exp(A_log), what llama.cpp's scan multiplies by
+
+
+def test_mistral_context_is_capped_at_its_sliding_window(tokenizer, tmp_path):
+    """llama.cpp runs Mistral as llama, attending to the whole context: inside the window the two agree."""
+    save_tiny(tmp_path / "tiny-mistral", "mistral", tokenizer, hidden=32, sliding_window=16)
+    reader = gguf.GGUFReader(export(tmp_path / "tiny-mistral", tmp_path / "out", "gguf"))
+    assert reader.fields["llama.context_length"].contents() == 16
