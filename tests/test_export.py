@@ -145,7 +145,14 @@ def test_gguf_round_trip_of_each_architecture(arch, models, tokenizer, tmp_path)
 
 
 def test_gguf_of_a_lora_run_is_the_adapted_model(lora_final, models, tokenizer, tmp_path):
-    model, _ = _gguf_model(export(lora_final, tmp_path, "gguf", "float32"))
+    from typer.testing import CliRunner
+
+    from prefalign.cli import app
+
+    run = CliRunner().invoke(app, ["export", str(lora_final), "-o", str(tmp_path), "--format", "gguf",
+                                   "--dtype", "float32"])
+    assert run.exit_code == 0, run.output
+    model, _ = _gguf_model(tmp_path / "model-f32.gguf")
     assert _gap(_logits(model, tokenizer), _logits(_in_process(lora_final, models["llama"]), tokenizer)) < F32
 
 
@@ -208,3 +215,19 @@ def test_mistral_context_is_capped_at_its_sliding_window(tokenizer, tmp_path):
     save_tiny(tmp_path / "tiny-mistral", "mistral", tokenizer, hidden=32, sliding_window=16)
     reader = gguf.GGUFReader(export(tmp_path / "tiny-mistral", tmp_path / "out", "gguf"))
     assert reader.fields["llama.context_length"].contents() == 16
+
+
+def test_a_lora_run_on_a_gguf_base_exports_dequantised(models, tokenizer, tmp_path):
+    """`model: FILE.gguf` trains LoRA on the dequantised weights; its export drops transformers' GGUF quantizer
+    (save_pretrained refuses while it is attached) and writes the plain fp32 model."""
+    base = export(models["llama"], tmp_path / "base", "gguf")
+    torch.manual_seed(2)
+    model = add_lora(load_model(base), {"r": 4})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    save_model(model, load_tokenizer(base), tmp_path / "final", base=base)
+    plain = AutoModelForCausalLM.from_pretrained(export(tmp_path / "final", tmp_path / "hf", "hf"))
+    assert plain.dtype == torch.float32
+    assert _gap(_logits(plain, tokenizer), _logits(_in_process(tmp_path / "final", base), tokenizer)) < F32

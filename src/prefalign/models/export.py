@@ -12,9 +12,11 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, GenerationConfig
 
 from ..errors import ModelError
 from .merge import merged, save_merged
+from .to_gguf import GGUF_DTYPES, layout_for, write_gguf
 
 FORMATS = ("hf", "gguf")
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -22,23 +24,30 @@ _GGUF_SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
 def _root(path: Path) -> Path:
-    """A model folder itself, or the model at the root of an adapter's chain of bases."""
+    """A model folder itself, or the model at the root of an adapter's chain of bases (a folder or a .gguf)."""
     seen = set()
     while (path / "adapter_config.json").exists() and path not in seen:
         seen.add(path)
         path = Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
-    if not (path / "config.json").exists():
+    if not (path / "config.json").exists() and path.suffix != ".gguf":
         raise ModelError(f"{path}: no config.json (not a model folder)")
     return path
 
 
-def _config_of(path: Path) -> dict:
-    return json.loads((_root(path) / "config.json").read_text())
+def _source_config(final: Path):
+    root = _root(final)
+    if root.suffix == ".gguf":
+        return AutoConfig.from_pretrained(str(root.parent), gguf_file=root.name, local_files_only=True)
+    return AutoConfig.from_pretrained(str(root), local_files_only=True)
 
 
 def stored_dtype(final: str | Path) -> str:
-    """The type the weights were saved in (a LoRA run: its base's), the default of --dtype auto."""
-    cfg = _config_of(Path(final))
+    """The type the weights were saved in (a LoRA run: its base's; a GGUF base is dequantised to fp32),
+    the default of --dtype auto."""
+    root = _root(Path(final))
+    if root.suffix == ".gguf":
+        return "float32"
+    cfg = json.loads((root / "config.json").read_text())
     name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch.")
     return name if name in DTYPES else "float32"
 
@@ -54,7 +63,7 @@ def _check_source(final: Path, out: Path) -> None:
         if task not in (None, "CAUSAL_LM"):
             raise ModelError(f"{final}: a {task} adapter (a reward model or critic), not a language model")
         return
-    archs = _config_of(final).get("architectures") or []
+    archs = _source_config(final).architectures or []
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise ModelError(f"{final}: {archs[0]} is not a causal LM (a reward model's final/ is already a plain HF "
                          "folder that transformers loads); export serves language models")
@@ -62,8 +71,6 @@ def _check_source(final: Path, out: Path) -> None:
 
 def _generation_config(model, tokenizer) -> None:
     """generation_config.json with the tokenizer's special tokens: servers stop on its eos_token_id."""
-    from transformers import GenerationConfig
-
     gen = model.generation_config or GenerationConfig.from_model_config(model.config)
     for kind in ("bos", "eos", "pad"):
         if getattr(gen, f"{kind}_token_id", None) is None:
@@ -83,14 +90,10 @@ def export_hf(final: Path, out: Path, dtype: str) -> Path:
 
 
 def export_gguf(final: Path, out: Path, dtype: str) -> Path:
-    from .to_gguf import GGUF_DTYPES, layout_for, write_gguf
-
     if dtype not in GGUF_DTYPES:
         raise ModelError(f"--dtype {dtype}: GGUF export writes {', '.join(GGUF_DTYPES)}")
-    from transformers import AutoConfig
-
     # an architecture the writer cannot do is refused before any weight is read (a LoRA adapter keeps its base's)
-    layout_for(AutoConfig.from_pretrained(str(_root(final)), local_files_only=True), final)
+    layout_for(_source_config(final), final)
     path = out / f"model-{_GGUF_SUFFIX[dtype]}.gguf"
     if path.exists():
         raise ModelError(f"{path}: already exists; export into a new folder or remove it")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
+from .convert import dense
 from .load import load_model, load_tokenizer_for
 
 
@@ -19,6 +20,8 @@ def merged(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a run's final/: a full fine-tune as saved, a LoRA adapter merged into its base.
     The merge runs in `dtype` (fp32 by default: adding B·A to bf16 weights in bf16 rounds twice)."""
     model = load_model(path, dtype=dtype)
+    if getattr(model, "hf_quantizer", None) is not None:  # an adapter on a .gguf base: dequantised on load
+        model = dense(model, path)
     return model, load_tokenizer_for(path)
 
 
