@@ -278,43 +278,55 @@ def _tied(model, t: torch.Tensor) -> bool:
     return t is embed or (t.shape == embed.shape and torch.equal(t, embed))
 
 
-def write_gguf(model, tokenizer, path: str | Path, dtype: str = "float32", name: str | None = None,
-               source: str | Path = "") -> Path:
-    """Write MODEL (a transformers causal LM, any adapter already merged) and TOKENIZER as one GGUF file."""
+def _tensors(model, layout: Layout, qtype, source):
+    """(GGUF name, array as written, its type) for every weight, in state_dict order."""
     gguf = _gguf()
     config = model.config
-    layout = layout_for(config, source or path)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, layout.arch), config.num_hidden_layers)
+    with torch.no_grad():
+        for hf_name, t in model.state_dict(keep_vars=True).items():
+            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:  # never drop a weight silently: the file would run, wrongly
+                raise ModelError(f"{source}: tensor {hf_name} has no llama.cpp name for {layout.arch}")
+            if gguf_name == "output.weight" and _tied(model, t):
+                continue
+            data = layout.tensor(hf_name, t.detach().float().cpu(), config).numpy()
+            kind = _type_for(gguf, gguf_name, data, qtype)
+            yield gguf_name, gguf.quants.quantize(data, kind), kind
+
+
+def write_gguf(model, tokenizer, path: str | Path, dtype: str = "float32", name: str | None = None,
+               source: str | Path = "") -> Path:
+    """Write MODEL (a transformers causal LM, any adapter already merged) and TOKENIZER as one GGUF file.
+
+    Streamed: a first pass over the weights records each tensor's shape and type, the second writes them
+    one at a time, so memory holds the model and one converted tensor, not a converted copy of all."""
+    gguf = _gguf()
+    config = model.config
+    source = source or path
+    layout = layout_for(config, source)
     if dtype not in GGUF_DTYPES:
         raise ModelError(f"GGUF export: dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
     qtype = {"float32": gguf.GGMLQuantizationType.F32, "float16": gguf.GGMLQuantizationType.F16,
              "bfloat16": gguf.GGMLQuantizationType.BF16}[dtype]
     ftype = {"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
              "bfloat16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
-    arch = getattr(gguf.MODEL_ARCH, layout.arch)
     path = Path(path)
-    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, layout.arch)])
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name or path.stem)
     w.add_block_count(config.num_hidden_layers)
     layout.hparams(w, config)
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    with torch.no_grad():
-        for hf_name, t in model.state_dict(keep_vars=True).items():
-            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:  # never drop a weight silently: the file would run, wrongly
-                raise ModelError(f"{source or path}: tensor {hf_name} has no llama.cpp name for {layout.arch}")
-            if gguf_name == "output.weight" and _tied(model, t):
-                continue
-            data = layout.tensor(hf_name, t.detach().float().cpu(), config).numpy()
-            kind = _type_for(gguf, gguf_name, data, qtype)
-            w.add_tensor(gguf_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
-    _tokenizer_kv(w, tokenizer, model.get_input_embeddings().weight.shape[0], source or path)
+    for tensor_name, data, kind in _tensors(model, layout, qtype, source):
+        w.add_tensor_info(tensor_name, data.shape, data.dtype, data.nbytes, raw_dtype=kind)
+    _tokenizer_kv(w, tokenizer, model.get_input_embeddings().weight.shape[0], source)
     path.parent.mkdir(parents=True, exist_ok=True)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for _, data, _ in _tensors(model, layout, qtype, source):
+        w.write_tensor_data(data)
     w.close()
     return path
