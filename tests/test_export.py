@@ -231,3 +231,22 @@ def test_a_lora_run_on_a_gguf_base_exports_dequantised(models, tokenizer, tmp_pa
     plain = AutoModelForCausalLM.from_pretrained(export(tmp_path / "final", tmp_path / "hf", "hf"))
     assert plain.dtype == torch.float32
     assert _gap(_logits(plain, tokenizer), _logits(_in_process(tmp_path / "final", base), tokenizer)) < F32
+
+
+def test_pre_tokenizers_are_named_as_llama_cpp_names_them(tmp_path):
+    """How the text is split before BPE, read from the tokenizer's structure; anything else is refused."""
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from prefalign.models.to_gguf import _pre_tokenizer
+
+    gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    bare = dict(gpt2, use_regex=False)
+    split = {"type": "Split", "pattern": {"Regex": PRETOKENIZE_REGEX}, "behavior": "Isolated", "invert": False}
+    assert _pre_tokenizer(gpt2, "t") == "gpt-2"
+    assert _pre_tokenizer({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                  gpt2]}, "t") == "smollm"
+    assert _pre_tokenizer({"type": "Sequence", "pretokenizers": [split, bare]}, "t") == "qwen2"
+    for other in (dict(gpt2, add_prefix_space=True), {"type": "Metaspace", "replacement": "▁"},
+                  {"type": "Sequence", "pretokenizers": [dict(split, pattern={"Regex": r"\s+"}), bare]}):
+        with pytest.raises(ModelError, match="byte-level BPE tokenizers that llama.cpp splits the same way"):
+            _pre_tokenizer(other, "t")

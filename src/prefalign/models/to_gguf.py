@@ -230,8 +230,9 @@ def _tokenizer_kv(w, tokenizer, n_vocab: int, source: str | Path) -> None:
     gguf = _gguf()
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE" or spec.get("normalizer") not in _HARMLESS_NORMALIZERS:
-        raise ModelError(f"{source}: GGUF export writes byte-level BPE tokenizers without a normalizer; this one "
-                         f"is {spec['model']['type']} with normalizer {json.dumps(spec.get('normalizer'))[:120]}")
+        raise ModelError(f"{source}: GGUF export writes byte-level BPE tokenizers without a normalizer (or NFC); "
+                         f"this one is {spec['model']['type']} with normalizer "
+                         f"{json.dumps(spec.get('normalizer'))[:120]}")
     pre = _pre_tokenizer(spec.get("pre_tokenizer"), source)
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= n_vocab:
