@@ -17,9 +17,9 @@ SRC = Path(prefalign.__file__).parent
 # (pyarrow: only Parquet/Arrow input needs it; transformers: only data's optional tokenizer, so that
 # `prefalign data ...` starts in a fraction of a second; vllm, openai: the optional generation backends; fastapi,
 # uvicorn: the serve extra; eval.metrics: torch (its bootstrap), which the review server needs only for an
-# arena's win-rate and would otherwise pay a second of start-up for)
+# arena's win-rate and would otherwise pay a second of start-up for; gguf: the extra `export --format gguf` writes with)
 LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "openai", "fastapi",
-        "uvicorn", "eval.metrics")
+        "uvicorn", "eval.metrics", "gguf")
 
 
 def test_import_every_module():

@@ -34,22 +34,29 @@ def resolve_gguf(name: str | Path) -> Path:
     return smollm2_gguf() if str(name).lower() == "smollm2" else Path(name)
 
 
-def convert_gguf(gguf: str | Path, out: str | Path) -> Path:
-    gguf = resolve_gguf(gguf)
-    if gguf.suffix != ".gguf":
-        raise ModelError(f"{gguf}: expected a .gguf file")
-    model = load_model(gguf)
-    tokenizer = load_tokenizer(gguf)
+def dense(model, source: str | Path):
+    """A model loaded from GGUF, dequantised by transformers, with the GGUF quantizer detached so that
+    save_pretrained writes it as the plain fp32 model it now is (it refuses while the quantizer is on)."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:
-            raise ModelError(f"{name}: {type(module).__name__} is not a plain Linear; refusing to save it as dense")
+            raise ModelError(f"{source}: {name}: {type(module).__name__} is not a plain Linear; refusing to save it "
+                             "as dense")
     for name, p in model.named_parameters():
         if p.dtype != torch.float32:
-            raise ModelError(f"{name}: dtype {p.dtype}, expected fp32 after dequantisation")
+            raise ModelError(f"{source}: {name}: dtype {p.dtype}, expected fp32 after dequantisation")
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    return model
+
+
+def convert_gguf(gguf: str | Path, out: str | Path) -> Path:
+    gguf = resolve_gguf(gguf)
+    if gguf.suffix != ".gguf":
+        raise ModelError(f"{gguf}: expected a .gguf file")
+    model = dense(load_model(gguf), gguf)
+    tokenizer = load_tokenizer(gguf)
     out = Path(out)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))

@@ -1,25 +1,39 @@
-"""`prefalign merge`: a LoRA adapter folder + its base -> one plain HF folder (safetensors)."""
+"""`prefalign merge`: a LoRA adapter folder + its base -> one plain HF folder (safetensors).
+
+`merged` is the one place a run's final/ becomes a plain model and its tokenizer; `prefalign export`
+builds on it. load_model already merges an adapter folder into its base (a chain of adapters too:
+each records the previous run's final/ as its base), so a full fine-tune and a LoRA run load alike.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from peft import PeftModel
+import torch
 
 from ..errors import ModelError
-from .load import load_model, load_tokenizer
+from .convert import dense
+from .load import load_model, load_tokenizer_for
+
+
+def merged(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a run's final/: a full fine-tune as saved, a LoRA adapter merged into its base.
+    The merge runs in `dtype` (fp32 by default: adding B·A to bf16 weights in bf16 rounds twice)."""
+    model = load_model(path, dtype=dtype)
+    if getattr(model, "hf_quantizer", None) is not None:  # an adapter on a .gguf base: dequantised on load
+        model = dense(model, path)
+    return model, load_tokenizer_for(path)
+
+
+def save_merged(model, tokenizer, out: str | Path) -> Path:
+    out = Path(out)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out
 
 
 def merge_adapter(adapter: str | Path, out: str | Path) -> Path:
     adapter = Path(adapter)
-    cfg_file = adapter / "adapter_config.json"
-    if not cfg_file.exists():
+    if not (adapter / "adapter_config.json").exists():
         raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
-    base = json.loads(cfg_file.read_text())["base_model_name_or_path"]
-    model = PeftModel.from_pretrained(load_model(base), str(adapter)).merge_and_unload()
-    out = Path(out)
-    model.save_pretrained(str(out), safe_serialization=True)
-    tok_src = adapter if (adapter / "tokenizer_config.json").exists() else Path(base)
-    load_tokenizer(tok_src).save_pretrained(str(out))
-    return out
+    return save_merged(*merged(adapter), out)
