@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from prefalign.errors import ModelError
 from prefalign.models.export import export
 from prefalign.models.load import add_lora, load_model, load_tokenizer, save_model
+from prefalign.models.merge import merged
 from prefalign.models.tiny import save_tiny
 
 SHIPPED = "src/prefalign/assets/imdb-lm"
@@ -92,6 +93,31 @@ def test_hf_export_of_a_lora_run_loads_in_plain_transformers(lora_final, models,
     assert reloaded.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(chat, tokenize=False)
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert merged(lora_final)[0].dtype == torch.float32  # B·A added to W in fp32
+
+
+@pytest.mark.parametrize("rope", [{"rope_theta": 1e6, "rope_type": "default"},
+                                  {"rope_theta": 5e5, "rope_type": "linear", "factor": 2.0}], ids=["1e6", "linear"])
+def test_hf_export_writes_the_keys_transformers_4_reads(rope, tokenizer, tmp_path):
+    """transformers 4.x (vLLM installs often pin it) reads rope_theta/rope_scaling/torch_dtype, not 5.x's
+    rope_parameters/dtype, and has no TokenizersBackend class: without these keys it runs RoPE at theta 10000
+    and cannot load the tokenizer (benchmarks/hf_export_tf4_check.py loads exports under 4.57: logits equal)."""
+    source = save_tiny(tmp_path / "src", "llama", tokenizer, hidden=32, initializer_range=0.3,
+                       rope_parameters=dict(rope))
+    out = export(source, tmp_path / "hf", "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == rope["rope_theta"] and config["torch_dtype"] == config["dtype"] == "float32"
+    scaled = rope["rope_type"] != "default"
+    assert config.get("rope_scaling") == ({"rope_type": "linear", "factor": 2.0} if scaled else None)
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert tokenizer_config["chat_template"] == tokenizer.chat_template  # where every version looks for it
+    # and transformers 5 reads the folder back as trained
+    assert AutoConfig.from_pretrained(out).rope_parameters == AutoConfig.from_pretrained(source).rope_parameters
+    reloaded = AutoTokenizer.from_pretrained(out)
+    assert [reloaded(t)["input_ids"] for t in TEXTS] == [tokenizer(t)["input_ids"] for t in TEXTS]
+    assert _gap(_logits(AutoModelForCausalLM.from_pretrained(out), tokenizer),
+                _logits(load_model(source), tokenizer)) == 0.0
 
 
 def test_hf_export_of_a_full_fine_tune_in_bfloat16(models, tokenizer, tmp_path):
@@ -102,6 +128,8 @@ def test_hf_export_of_a_full_fine_tune_in_bfloat16(models, tokenizer, tmp_path):
     source = AutoModelForCausalLM.from_pretrained(models["qwen2"], dtype=torch.bfloat16)
     assert plain.dtype == torch.bfloat16
     assert _gap(_logits(plain, tokenizer), _logits(source, tokenizer)) == 0.0  # the same bf16 weights
+    # a bf16 full fine-tune has nothing to merge: it loads as bf16, not upcast to twice the memory
+    assert merged(out)[0].dtype == torch.bfloat16
 
 
 def _gguf_model(path):
@@ -196,6 +224,44 @@ def test_what_cannot_be_exported_is_refused_clearly(models, tokenizer, tmp_path)
     AutoConfig.for_model("llama", architectures=["LlamaForSequenceClassification"]).save_pretrained(reward)
     with pytest.raises(ModelError, match="not a causal LM"):
         export(reward, tmp_path / "o5", "hf")
+    for missing in (tmp_path / "nope" / "final", "HuggingFaceTB/SmolLM2-135M"):  # a typo; a hub id
+        with pytest.raises(ModelError, match=f"^no such folder: {missing}$"):
+            export(missing, tmp_path / "o6", "gguf")
+
+
+def test_gguf_refusals_come_before_the_weights_are_loaded(tokenizer, tmp_path):
+    """A 7B model takes minutes and 28 GB to load: what cannot be written is refused from its config and
+    tokenizer first. These folders have no weights, so loading would fail with another error."""
+    from transformers import LlamaTokenizer
+
+    def weightless(name, arch, tok, **kw):
+        folder = save_tiny(tmp_path / name, arch, tok, hidden=32, **kw)
+        (folder / "model.safetensors").unlink()
+        return folder
+
+    # Llama-2/Mistral's SentencePiece-style BPE (Metaspace, byte fallback), as transformers builds it
+    sentencepiece = LlamaTokenizer(vocab={"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "a": 4, "▁a": 5},
+                                   merges=[("▁", "a")])
+    for folder, why in [(weightless("sp", "llama", sentencepiece), "byte-level BPE .*SentencePiece-style"),
+                        (weightless("mamba", "mamba", tokenizer, use_conv_bias=False), "use_conv_bias=false"),
+                        (weightless("gpt2", "gpt2", tokenizer, scale_attn_weights=False), "scale_attn_weights=false"),
+                        (weightless("short", "llama", tokenizer, vocab_size=300), "ids up to 399 but .* 300 rows")]:
+        with pytest.raises(ModelError, match=why):
+            export(folder, tmp_path / f"out-{folder.name}", "gguf")
+
+
+def test_a_tokenizer_without_bos_gets_config_bos_as_llama_cpp_converter_does(tokenizer, tmp_path):
+    """Qwen2.5's tokenizer has no bos_token; without tokenizer.ggml.bos_token_id llama.cpp would take id 11.
+    Its converter falls back to config.json's bos_token_id, and so does export."""
+    source = save_tiny(tmp_path / "tiny-nobos", "llama", tokenizer, hidden=32)
+    no_bos = load_tokenizer(source)
+    no_bos.bos_token = None
+    no_bos.save_pretrained(source)
+    assert load_tokenizer(source).bos_token_id is None
+    reader = gguf.GGUFReader(export(source, tmp_path / "out", "gguf"))
+    config = json.loads((source / "config.json").read_text())
+    assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == config["bos_token_id"] == 1
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id != config["bos_token_id"]
 
 
 def test_gguf_tensors_have_llama_cpp_shapes(models, tmp_path):

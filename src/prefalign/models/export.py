@@ -3,7 +3,8 @@
 hf: one plain HF folder (safetensors, tokenizer with its chat template, generation_config.json) that
 transformers and vLLM load with no adapter and no prefalign; gguf: one file for llama.cpp and Ollama
 (to_gguf.py). Both start from `merged` (merge.py): a LoRA adapter is merged into its base in fp32,
-then the weights are cast to the type asked for.
+a full fine-tune loads in the type it was saved in; then the weights are cast to the type asked for.
+Everything that refuses an export is checked before the weights are loaded.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 from transformers import AutoConfig, GenerationConfig
 
 from ..errors import ModelError
+from .load import load_tokenizer_for
 from .merge import merged, save_merged
-from .to_gguf import GGUF_DTYPES, layout_for, write_gguf
+from .to_gguf import GGUF_DTYPES, check_gguf, write_gguf
 
 FORMATS = ("hf", "gguf")
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -53,6 +55,8 @@ def stored_dtype(final: str | Path) -> str:
 
 
 def _check_source(final: Path, out: Path) -> None:
+    if not final.exists():  # a typo, or a hub id: export reads only local runs
+        raise ModelError(f"no such folder: {final}")
     if not final.is_dir():
         raise ModelError(f"{final}: export takes a run's final/ folder (a .gguf file: `prefalign convert` first)")
     if out.resolve() == final.resolve():
@@ -92,12 +96,13 @@ def export_hf(final: Path, out: Path, dtype: str) -> Path:
 def export_gguf(final: Path, out: Path, dtype: str) -> Path:
     if dtype not in GGUF_DTYPES:
         raise ModelError(f"--dtype {dtype}: GGUF export writes {', '.join(GGUF_DTYPES)}")
-    # an architecture the writer cannot do is refused before any weight is read (a LoRA adapter keeps its base's)
-    layout_for(_source_config(final), final)
+    # what the writer cannot do is refused before any weight is read (a LoRA adapter keeps its base's config)
+    tokenizer = load_tokenizer_for(final)
+    check_gguf(_source_config(final), tokenizer, final)
     path = out / f"model-{_GGUF_SUFFIX[dtype]}.gguf"
     if path.exists():
         raise ModelError(f"{path}: already exists; export into a new folder or remove it")
-    model, tokenizer = merged(final)
+    model, _ = merged(final)
     out.mkdir(parents=True, exist_ok=True)
     name = final.parent.name if final.name == "final" else final.name
     return write_gguf(model, tokenizer, path, dtype=dtype, name=name, source=final)

@@ -98,6 +98,10 @@ def _gpt2_problems(config) -> list[str]:
     problems = []
     if config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
         problems.append(f"activation_function {config.activation_function!r} (llama.cpp's gpt2 uses tanh GELU)")
+    # llama.cpp always scales scores by 1/sqrt(head_dim) and never by layer; reorder_and_upcast_attn only
+    # computes the same scores in fp32, as llama.cpp does anyway, so it is written
+    if not config.scale_attn_weights:
+        problems.append("scale_attn_weights=false (llama.cpp always scales attention by 1/sqrt(head_dim))")
     if config.scale_attn_by_inverse_layer_idx:
         problems.append("scale_attn_by_inverse_layer_idx=true")
     if getattr(config, "add_cross_attention", False):
@@ -124,6 +128,8 @@ def _mamba_problems(config) -> list[str]:
         problems.append(f"intermediate_size {config.intermediate_size} != 2 x hidden_size (llama.cpp assumes expand 2)")
     if config.use_bias:
         problems.append("use_bias=true (llama.cpp's Mamba has no in/out projection bias)")
+    if not config.use_conv_bias:
+        problems.append("use_conv_bias=false (llama.cpp's Mamba requires the conv1d bias)")
     if config.hidden_act != "silu":
         problems.append(f"hidden_act {config.hidden_act!r}")
     return problems
@@ -212,9 +218,11 @@ def _pre_tokenizer(spec: dict | None, source: str | Path) -> str:
         name = next((k for k, v in SPLIT_REGEXES.items() if v == pattern), None)
         if name and parts[0].get("behavior") == "Isolated" and not parts[0].get("invert"):
             return name
+    text = json.dumps(spec)
+    kind = " (SentencePiece-style, as Llama 2 and Mistral's)" if "Metaspace" in text else ""
     raise ModelError(f"{source}: GGUF export writes byte-level BPE tokenizers that llama.cpp splits the same way "
-                     f"({', '.join(['gpt-2', 'smollm', *SPLIT_REGEXES])}); this tokenizer's pre-tokenizer is "
-                     f"{json.dumps(spec)[:300]}")
+                     f"({', '.join(['gpt-2', 'smollm', *SPLIT_REGEXES])}); this tokenizer's pre-tokenizer{kind} is "
+                     f"{text[:300]}")
 
 
 def _adds(tokenizer) -> tuple[bool, bool]:
@@ -226,18 +234,45 @@ def _adds(tokenizer) -> tuple[bool, bool]:
             extra and ids[-1] == tokenizer.eos_token_id and ids[-1:] != plain[-1:])
 
 
-def _tokenizer_kv(w, tokenizer, n_vocab: int, source: str | Path) -> None:
-    gguf = _gguf()
+def _tokenizer_spec(tokenizer, n_vocab: int, source: str | Path) -> tuple[dict, str]:
+    """(the tokenizer.json structure, llama.cpp's pre-tokenizer name), or why llama.cpp could not run it."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE" or spec.get("normalizer") not in _HARMLESS_NORMALIZERS:
         raise ModelError(f"{source}: GGUF export writes byte-level BPE tokenizers without a normalizer (or NFC); "
                          f"this one is {spec['model']['type']} with normalizer "
                          f"{json.dumps(spec.get('normalizer'))[:120]}")
     pre = _pre_tokenizer(spec.get("pre_tokenizer"), source)
+    top = max(tokenizer.get_vocab().values())
+    if top >= n_vocab:
+        raise ModelError(f"{source}: the tokenizer has ids up to {top} but the embedding only {n_vocab} rows")
+    return spec, pre
+
+
+def check_gguf(config, tokenizer, source: str | Path) -> Layout:
+    """Every reason an export is refused, from the config and the tokenizer alone: called before the weights
+    are loaded (a 7B model takes minutes and tens of GB to load; it must not be refused after that)."""
+    layout = layout_for(config, source)
+    _tokenizer_spec(tokenizer, config.vocab_size, source)
+    return layout
+
+
+def _special_ids(tokenizer, config, n_vocab: int) -> dict[str, int]:
+    """The tokenizer's special tokens, then config.json's for those it lacks, as llama.cpp's converter
+    (gguf-py's SpecialVocab) does: a BPE file without tokenizer.ggml.bos_token_id gets BOS id 11 in llama.cpp.
+    Qwen2.5's tokenizer has no bos_token; its config names <|endoftext|>."""
+    ids = {}
+    for kind in ("bos", "eos", "unk", "pad"):
+        for token_id in (getattr(tokenizer, f"{kind}_token_id", None), getattr(config, f"{kind}_token_id", None)):
+            if isinstance(token_id, int) and 0 <= token_id < n_vocab:  # a list (Llama 3's eos) is skipped, as there
+                ids[kind] = token_id
+                break
+    return ids
+
+
+def _tokenizer_kv(w, tokenizer, config, n_vocab: int, source: str | Path) -> None:
+    gguf = _gguf()
+    spec, pre = _tokenizer_spec(tokenizer, n_vocab, source)
     vocab = tokenizer.get_vocab()
-    if max(vocab.values()) >= n_vocab:
-        raise ModelError(f"{source}: the tokenizer has ids up to {max(vocab.values())} but the embedding only "
-                         f"{n_vocab} rows")
     added = tokenizer.added_tokens_decoder
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]  # rows no token uses, named as llama.cpp's converter names them
     types = [gguf.TokenType.UNUSED] * n_vocab
@@ -252,9 +287,8 @@ def _tokenizer_kv(w, tokenizer, n_vocab: int, source: str | Path) -> None:
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
-    for kind in ("bos", "eos", "unk", "pad"):
-        if (token_id := getattr(tokenizer, f"{kind}_token_id")) is not None:
-            getattr(w, f"add_{kind}_token_id")(token_id)
+    for kind, token_id in _special_ids(tokenizer, config, n_vocab).items():
+        getattr(w, f"add_{kind}_token_id")(token_id)
     bos, eos = _adds(tokenizer)
     w.add_add_bos_token(bos)
     w.add_add_eos_token(eos)
@@ -305,7 +339,9 @@ def write_gguf(model, tokenizer, path: str | Path, dtype: str = "float32", name:
     gguf = _gguf()
     config = model.config
     source = source or path
+    n_vocab = model.get_input_embeddings().weight.shape[0]
     layout = layout_for(config, source)
+    _tokenizer_spec(tokenizer, n_vocab, source)  # refused before anything is written
     if dtype not in GGUF_DTYPES:
         raise ModelError(f"GGUF export: dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
     qtype = {"float32": gguf.GGMLQuantizationType.F32, "float16": gguf.GGMLQuantizationType.F16,
@@ -322,7 +358,7 @@ def write_gguf(model, tokenizer, path: str | Path, dtype: str = "float32", name:
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for tensor_name, data, kind in _tensors(model, layout, qtype, source):
         w.add_tensor_info(tensor_name, data.shape, data.dtype, data.nbytes, raw_dtype=kind)
-    _tokenizer_kv(w, tokenizer, model.get_input_embeddings().weight.shape[0], source)
+    _tokenizer_kv(w, tokenizer, config, n_vocab, source)
     path.parent.mkdir(parents=True, exist_ok=True)
     w.write_header_to_file()
     w.write_kv_data_to_file()
