@@ -30,6 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
+from ..runtime.http import Guard, detail_body, is_loopback
 from .store import Conflict, Store
 from .summary import summarise
 
@@ -148,14 +149,10 @@ def _static(body: bytes, kind: str):
 
 def guarded(store: Store, api_key: str | None = None):
     """The app behind the key check (/api routes) and the body-size limit."""
-    from ..runtime.http import Guard, detail_body
-
     return Guard(make_app(store), api_key, MAX_BODY, detail_body, open_paths={*FILES, "/favicon.ico", "/health"})
 
 
 def check_host(host: str, api_key: str | None) -> None:
-    from ..runtime.http import is_loopback
-
     if not is_loopback(host) and not api_key:
         raise ConfigError(f"--host {host} is not a loopback address: anyone who can reach it could label and read "
                           "the answers; give --api-key KEY (or PREFALIGN_REVIEW_KEY) and open the page with &key=KEY")
