@@ -187,15 +187,16 @@ async def _until_done(job: Job, events: asyncio.Queue, request: Request) -> bool
     done_task, gone_task = asyncio.ensure_future(finished()), asyncio.ensure_future(gone())
     try:
         await asyncio.wait({done_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+        answered = done_task.done()
     finally:
         for task in (done_task, gone_task):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if done_task.done() and not done_task.cancelled():
-        done_task.result()  # the engine's error, if it sent one
-        return True
-    return False
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    if answered:
+        done_task.result()  # raises the engine's error, if it sent one (a 500)
+    return answered
 
 
 async def _stream(job: Job, reply: Reply, events: asyncio.Queue, usage: bool):
