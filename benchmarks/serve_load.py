@@ -1,7 +1,7 @@
 """Load on `prefalign serve`: N concurrent clients x M streamed requests on loopback, batched vs one at a time.
 
     python benchmarks/serve_load.py [--clients 8] [--requests 4] [--max-tokens 32] [--threads 1]
-                                    [--modes 32,1] [--out benchmarks/results/serve_load-cpu-2core]
+                                    [--modes 32,1] [--repeats 2] [--out benchmarks/results/serve_load-cpu-2core]
 
 For each mode (the server's --max-batch: 32 batches, 1 serves one request at a time) a fresh server
 process on the shipped model (src/prefalign/assets/imdb-lm) takes N client threads, each sending M
@@ -9,7 +9,10 @@ completions one after another (streamed, `ignore_eos` so every request generates
 tokens: equal work in both modes). Reported: throughput (completion tokens over the wall time of the
 whole load), latency (request sent -> last chunk) and time to first token (request sent -> first
 chunk with text), p50 and p99 over all requests, and the scheduler's batch sizes (GET /stats).
-Bounded: N x M requests, and --deadline seconds for each mode (the script stops a mode that runs past it).
+The modes are interleaved and repeated (--repeats 2: 32, 1, 32, 1), so a machine that gets busier or
+quieter during the run weighs on every mode alike; each run records the load average before and after
+it, and each mode's figures are the median over its runs (every run is in the results too).
+Bounded: N x M requests, and --deadline seconds for each run (the script stops a run that goes past it).
 Loopback only: the server binds 127.0.0.1.
 """
 
@@ -117,41 +120,69 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4, help="per client")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
-    ap.add_argument("--modes", default="32,1", help="the server's --max-batch values to compare")
-    ap.add_argument("--deadline", type=float, default=600, help="seconds per mode at most")
+    ap.add_argument("--modes", default="32,1", help="the server's --max-batch values to compare, in order")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds over the modes (interleaved: 32,1,32,1)")
+    ap.add_argument("--deadline", type=float, default=600, help="seconds per run at most")
     ap.add_argument("--out", default=None, help="writes OUT.json and OUT.md")
     args = ap.parse_args()
-    rows = {}
-    for mode in [int(x) for x in args.modes.split(",")]:
-        proc, url = start_server(mode, args.threads)
-        try:
-            load(url, 1, 1, 4, args.deadline)  # warm-up: first-call costs out of the figures
-            rows[mode] = load(url, args.clients, args.requests, args.max_tokens, args.deadline)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        print(f"max_batch {mode}: {json.dumps(rows[mode])}", flush=True)
+    modes = [int(x) for x in args.modes.split(",")]
+    runs = []
+    for round_ in range(args.repeats):
+        for mode in modes:
+            runs.append({"max_batch": mode, "round": round_, **one_run(mode, args)})
+            print(f"round {round_} max_batch {mode}: {json.dumps(runs[-1])}", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "commit": commit.strip(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_average": os.getloadavg(),
-            "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
-            "server_threads": args.threads}
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "clients": args.clients,
+            "requests_per_client": args.requests, "max_tokens": args.max_tokens, "server_threads": args.threads,
+            "repeats": args.repeats}
+    medians = {mode: median_of([r for r in runs if r["max_batch"] == mode]) for mode in dict.fromkeys(modes)}
     if args.out:
-        Path(f"{args.out}.json").write_text(json.dumps({**meta, "modes": rows}, indent=2) + "\n")
-        Path(f"{args.out}.md").write_text(markdown(meta, rows))
+        Path(f"{args.out}.json").write_text(json.dumps({**meta, "modes": medians, "runs": runs}, indent=2) + "\n")
+        Path(f"{args.out}.md").write_text(markdown(meta, medians, runs))
 
 
-def markdown(meta: dict, rows: dict) -> str:
+def one_run(mode: int, args) -> dict:
+    """A fresh server at --max-batch `mode`, warmed up, then the load; the load average around it."""
+    proc, url = start_server(mode, args.threads)
+    try:
+        load(url, 1, 1, 4, args.deadline)  # warm-up: first-call costs out of the figures
+        before = os.getloadavg()
+        row = load(url, args.clients, args.requests, args.max_tokens, args.deadline)
+        return {**row, "load_average_before": list(before), "load_average_after": list(os.getloadavg())}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+FIGURES = ["tokens_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s", "mean_rows_per_step"]
+
+
+def median_of(runs: list[dict]) -> dict:
+    return {"runs": len(runs), **{k: statistics.median(r[k] for r in runs) for k in FIGURES},
+            "requests": sum(r["requests"] for r in runs)}
+
+
+def markdown(meta: dict, medians: dict, runs: list[dict]) -> str:
+    head = ("| tokens/s | latency p50 s | latency p99 s | TTFT p50 s | TTFT p99 s | mean rows/step |",
+            "|---|---|---|---|---|---|")
+
+    def cells(r: dict) -> str:
+        return (f"{r['tokens_per_s']:.0f} | {r['latency_p50_s']:.3f} | {r['latency_p99_s']:.3f} | "
+                f"{r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['mean_rows_per_step']:.1f} |")
+
     lines = [f"`{meta['command']}`", "",
-             f"(commit {meta['commit']}; {meta['machine']}; load average at the end {meta['load_average'][0]:.1f}; "
-             f"{meta['clients']} clients x {meta['requests_per_client']} streamed requests of {meta['max_tokens']} "
-             f"tokens on the shipped model; server torch threads {meta['server_threads']})", "",
-             "| --max-batch | requests | tokens/s | latency p50 s | latency p99 s | TTFT p50 s | TTFT p99 s "
-             "| mean rows/step |", "|---|---|---|---|---|---|---|---|"]
-    for mode, r in rows.items():
-        lines.append(f"| {mode} | {r['requests']} | {r['tokens_per_s']:.0f} | {r['latency_p50_s']:.3f} | "
-                     f"{r['latency_p99_s']:.3f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | "
-                     f"{r['mean_rows_per_step']:.1f} |")
+             f"(commit {meta['commit']}; {meta['machine']}; {meta['clients']} clients x {meta['requests_per_client']} "
+             f"streamed requests of {meta['max_tokens']} tokens on the shipped model; server torch threads "
+             f"{meta['server_threads']}; the modes interleaved, {meta['repeats']} rounds)", "",
+             "Median over the runs of each mode:", "",
+             "| --max-batch | runs | " + head[0].removeprefix("| "), "|---|---|" + head[1].removeprefix("|")]
+    lines += [f"| {mode} | {m['runs']} | " + cells(m) for mode, m in medians.items()]
+    lines += ["", "Every run, in the order run (load average: 1-minute, before -> after the run):", "",
+              "| round | --max-batch | requests | load average | " + head[0].removeprefix("| "),
+              "|---|---|---|---|" + head[1].removeprefix("|")]
+    lines += [f"| {r['round']} | {r['max_batch']} | {r['requests']} | {r['load_average_before'][0]:.1f} -> "
+              f"{r['load_average_after'][0]:.1f} | " + cells(r) for r in runs]
     return "\n".join(lines) + "\n"
 
 

@@ -16,10 +16,12 @@ SRC = Path(prefalign.__file__).parent
 # that must be chosen before import, and the CLI, whose commands load their layer only when run
 # (pyarrow: only Parquet/Arrow input needs it; transformers: only data's optional tokenizer, so that
 # `prefalign data ...` starts in a fraction of a second; vllm, openai: the optional generation backends; fastapi,
-# uvicorn: the serve extra; eval.metrics: torch (its bootstrap), which the review server needs only for an
-# arena's win-rate and would otherwise pay a second of start-up for; gguf: the extra `export --format gguf` writes with)
+# uvicorn, starlette: the serve extra (runtime/http.py's guard imports starlette when it runs, so its
+# is_loopback refuses an address with or without the extra); eval.metrics: torch (its bootstrap), which the
+# review server needs only for an arena's win-rate and would otherwise pay a second of start-up for; gguf: the
+# extra `export --format gguf` writes with)
 LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "openai", "fastapi",
-        "uvicorn", "eval.metrics", "gguf")
+        "uvicorn", "starlette", "eval.metrics", "gguf")
 
 
 def test_import_every_module():

@@ -118,3 +118,41 @@ def test_settings_that_cannot_work_are_refused_early(prompts, remote, tmp_path, 
                       output=str(tmp_path / "rl"), **remote)
     with pytest.raises(ConfigError, match="samples from the policy it trains"):
         train(cfg, progress=False)
+
+
+def test_the_plain_judge_scores_the_prompt_even_where_eos_comes_next(remote):
+    """The judge reads log p(letter | question) as the last echoed prompt token. It used to ask for one
+    generated token too and take the second-to-last: when that token was EOS, which a server leaves out
+    of the tokens, it read the token before the letter. Here the greedy next token is EOS."""
+    import torch
+
+    from prefalign.judges.remote import RemotePairwiseJudge
+    from prefalign.models.generate import encode_prompt, eos_ids
+    from prefalign.models.load import load_model, load_tokenizer
+
+    prompts = ["This movie was great. I give it 10/10.", "I loved this movie because"]
+    tok, model = load_tokenizer(SHIPPED), load_model(SHIPPED)
+    here = []
+    for text in prompts:
+        ids = encode_prompt(tok, text)
+        with torch.no_grad():
+            logps = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        here.append(float(logps[-2, ids[-1]]))
+        if text == prompts[0]:
+            assert int(logps[-1].argmax()) in eos_ids(tok, model)  # the case this test is about
+    judge = RemotePairwiseJudge(SHIPPED, remote["base_url"], remote["api_key_env"])
+    assert judge.last_token_logprobs(prompts) == pytest.approx(here, abs=1e-5)
+
+
+def test_the_chat_judge_adds_the_spellings_of_a_letter():
+    """Top log-probs may list " A" and "A" (and "A\\n"): one answer, their probabilities add; a later,
+    less likely spelling must not replace an earlier one."""
+    import math
+
+    from prefalign.judges.remote import letter_logprobs
+
+    top = [(" A", -0.5), ("B", -1.5), ("C", -1.6), ("A", -3.0), (" B\n", -4.0), ("A", -5.0)]
+    got = letter_logprobs(top, ("A", "B"))
+    assert got["A"] == pytest.approx(math.log(math.exp(-0.5) + math.exp(-3.0) + math.exp(-5.0)), abs=1e-12)
+    assert got["B"] == pytest.approx(math.log(math.exp(-1.5) + math.exp(-4.0)), abs=1e-12)
+    assert letter_logprobs([("C", -0.1), (" no", -2.0)], ("A", "B")) == {}

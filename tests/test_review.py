@@ -61,9 +61,9 @@ class Server:
             self.proc.wait(10)
 
 
-def call(url: str, body: dict | None = None) -> dict:
+def call(url: str, body: dict | None = None, headers: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
@@ -315,6 +315,11 @@ def test_arena_human_win_rate_and_report(tiny_models, tmp_path):
         # alice prefers model A on prompts 1-2, B on 3, tie on 4; bob: A, tie, both bad, B
         plan = {"alice": ["A", "A", "B", "tie"], "bob": ["A", "tie", "both_bad", "B"]}
         for who, verdicts in plan.items():
+            if who == "bob":  # mid-labelling (k = 2): the page's summary gives no tally and no names
+                blind = call(f"{server.url}/api/summary")
+                assert blind["blinded"] is True and blind["judgements"] == 4, blind
+                assert not {"model", "win_rate_baseline", "win_rate", "win_rate_ci95", "verdicts"} & set(blind)
+                assert a not in json.dumps(blind) and b not in json.dumps(blind)
             state = call(f"{server.url}/api/next?annotator={who}")
             for want in verdicts:
                 item = state["item"]
@@ -325,9 +330,10 @@ def test_arena_human_win_rate_and_report(tiny_models, tmp_path):
                 # the models' names come back once the judgement is saved
                 assert state["saved"][f"{a_side}_name"] == a and set(state["saved"].values()) >= {a, b}
             assert state["item"] is None
-        summary = call(f"{server.url}/api/summary")
+        summary = call(f"{server.url}/api/summary")  # every item judged twice: the whole summary
     finally:
         server.stop()
+    assert summary["blinded"] is False
     # per prompt: (1 + 1)/2, (1 + 1/2)/2, (0 + 1/2)/2, (1/2 + 0)/2 -> mean (1 + .75 + .25 + .25)/4 = 0.5625
     outcomes = [1.0, 0.75, 0.25, 0.25]
     assert summary["mode"] == "arena" and summary["model"] == a and summary["win_rate_baseline"] == b
@@ -367,11 +373,14 @@ def test_concurrent_annotators_on_two_servers_share_one_file(tmp_path):
             errors.append(f"{who}: {e}")
 
     try:
-        threads = [threading.Thread(target=annotate, args=(f"p{i}", servers[i % 2].url)) for i in range(6)]
+        threads = [threading.Thread(target=annotate, args=(f"p{i}", servers[i % 2].url), name=f"p{i}")
+                   for i in range(6)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
+        stuck = [t.name for t in threads if t.is_alive()]
+        assert not stuck, f"annotator threads still waiting on the servers after 60 s: {stuck}"
     finally:
         for s in servers:
             s.stop()
@@ -416,3 +425,44 @@ def test_the_server_starts_without_torch_and_refuses_bad_requests(tmp_path):
     assert run.returncode == 2 and "holds the items of" in run.stderr
     run = cli("review", "--pairs", other, "--models", "a", "b", "-o", tmp_path / "x.sqlite")
     assert run.returncode == 2 and "one of --pairs" in run.stderr
+
+
+def test_off_loopback_needs_a_key_which_the_page_sends_and_bodies_are_bounded(browser, tmp_path):
+    """No key, no other address (refused before the file is made). With --api-key every /api route wants
+    the bearer token; the page takes it from its address once (then drops it from there) and sends it.
+    A body over 1 MiB is a 413, with or without a Content-Length."""
+    import http.client
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(2))
+    db = tmp_path / "labels.sqlite"
+    run = cli("review", "--pairs", pairs, "-o", db, "--host", "0.0.0.0", "--port", "0",
+              env={**os.environ, "PREFALIGN_REVIEW_KEY": ""}, timeout=60)  # it used to serve there, for ever
+    assert run.returncode == 2 and "not a loopback address" in run.stderr and not db.exists(), run.stderr
+    server = Server(["--pairs", pairs, "-o", db, "--api-key", "s3cret"], tmp_path / "s.log")
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                call(f"{server.url}/api/next?annotator=al", headers=headers)
+            assert e.value.code == 401
+        with urllib.request.urlopen(server.url + "/") as r:  # the page itself holds no data
+            assert r.status == 200
+        auth = {"Authorization": "Bearer s3cret"}
+        big = {"annotator": "al", "item": 1, "verdict": "a", "comment": "x" * (1 << 20)}
+        with pytest.raises(urllib.error.HTTPError) as e:
+            call(f"{server.url}/api/judge", big, headers=auth)
+        assert e.value.code == 413 and "over the limit" in json.loads(e.value.read())["detail"]
+        con = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+        chunks = (b"x" * 65536 for _ in range(20))  # no Content-Length: counted as it arrives
+        con.request("POST", "/api/judge", body=chunks, headers={**auth, "Content-Type": "application/json"},
+                    encode_chunked=True)
+        assert con.getresponse().status == 413
+        con.close()
+
+        browser.get(f"{server.url}/?annotator=al&key=s3cret")
+        page = Page(browser, browser.current_window_handle)
+        assert page.wait() == ("1", "0") and "key=" not in browser.current_url
+        assert page.prefer(learnable_pairs(2)[0]["chosen"], "mouse") == ("2", "1")
+        browser.refresh()  # the key stays with the tab
+        assert page.wait() == ("2", "1")
+    finally:
+        server.stop()

@@ -245,3 +245,46 @@ def test_summary_keys_are_documented(tmp_path):
     keys = set(summary) | set(summarise(store.items_with_judgements(), meta)) | {
         f"export/{k}" for k in summary["export"]}
     assert undocumented(keys, documented()) == set()
+
+
+def test_a_judgement_given_again_after_an_undo_is_flagged(tmp_path):
+    """Saving reveals which answer was which; an undo lets the annotator judge the item again knowing it.
+    Allowed (undo is for slips), but the new judgement is flagged and counted in the summary."""
+    store = _store(tmp_path, n=3, k=1)
+    _judge(store, "alice", 1, "first")
+    assert store.undo("alice")["item"] == 1
+    _judge(store, "alice", 1, "second")
+    _judge(store, "alice", 2, "first")
+    flags = [(it["id"], j["revised_after_reveal"]) for it in store.items_with_judgements() for j in it["judgements"]]
+    assert flags == [(1, True), (2, False)]
+    summary = export(tmp_path / "labels.sqlite", tmp_path / "pairs.jsonl")
+    assert summary["revised_after_reveal"] == 1 and summary["blinded"] is False
+
+
+def test_a_file_from_before_the_flag_opens(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)  # the judgements table as the first version wrote it
+    con.executescript("""
+        CREATE TABLE items (id INTEGER PRIMARY KEY, prompt TEXT NOT NULL, first TEXT NOT NULL, second TEXT NOT NULL,
+            first_name TEXT NOT NULL, second_name TEXT NOT NULL, source TEXT NOT NULL);
+        CREATE TABLE judgements (id INTEGER PRIMARY KEY AUTOINCREMENT, item INTEGER NOT NULL REFERENCES items(id),
+            annotator TEXT NOT NULL, verdict TEXT NOT NULL, swapped INTEGER NOT NULL, comment TEXT NOT NULL,
+            better TEXT NOT NULL, created REAL NOT NULL, UNIQUE (item, annotator));
+        INSERT INTO items VALUES (1, '"p"', '"a"', '"b"', 'A', 'B', 'f:1');
+        INSERT INTO judgements (item, annotator, verdict, swapped, comment, better, created)
+            VALUES (1, 'alice', 'first', 0, '', '', 0);""")
+    con.close()
+    store = Store(path)
+    assert [j["revised_after_reveal"] for j in store.items_with_judgements()[0]["judgements"]] == [False]
+
+
+def test_the_summary_blinded(tmp_path):
+    store = _store(tmp_path, n=2, k=1)
+    _judge(store, "alice", 1, "first")
+    meta = {**store.meta(), "source": {"mode": "arena", "models": ["A", "B"]}}
+    blind = summarise(store.items_with_judgements(), meta, blind=True)
+    assert blind["blinded"] is True and not {"verdicts", "model", "win_rate", "win_rate_baseline"} & set(blind)
+    full = summarise(store.items_with_judgements(), meta)
+    assert full["verdicts"]["first"] == 1 and full["model"] == "A" and full["win_rate"] == 1.0

@@ -147,6 +147,11 @@ def test_streaming_matches_the_whole_answer(client, server):
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["usage"]["completion_tokens"] >= 1 and chunks[-1]["choices"] == []
+    # OpenAI's format: with include_usage every other chunk has usage null; the finish comes in a chunk
+    # of its own whose delta is {}, after the last text
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
+    finishing = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["finish_reason"] is not None]
+    assert len(finishing) == 1 and finishing[0]["delta"] == {} and chunks[-2]["choices"][0] == finishing[0]
 
 
 def test_n_seed_stop_and_logprobs(client):
@@ -190,17 +195,90 @@ def test_refusals(client, server):
     assert client.completions.create(model=SHIPPED, prompt="still up", max_tokens=2).choices  # nothing crashed
 
 
+BAD = [  # (path, body changes, the field the 400 names): each is the client's to fix, never a 500
+    ("completions", {"prompt": []}, "prompt"), ("completions", {"prompt": [""]}, "prompt"),
+    ("completions", {"prompt": [[]]}, "prompt"), ("completions", {"prompt": ["ok", []]}, "prompt"),
+    ("completions", {"prompt": [-1]}, "prompt"), ("completions", {"n": 0}, "n"),
+    ("completions", {"max_tokens": -1}, "max_tokens"), ("completions", {"seed": 2**64}, "seed"),
+    ("completions", {"seed": -2**63 - 1}, "seed"), ("completions", {"temperature": -0.5}, "temperature"),
+    ("completions", {"logprobs": 21}, "logprobs"), ("completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("completions", {"max_tokens": 0}, "max_tokens"), ("chat/completions", {"messages": []}, "messages"),
+    ("chat/completions", {"max_tokens": 0}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("path,change,param", BAD, ids=[f"{p}:{json.dumps(c)}" for p, c, _ in BAD])
+def test_bad_fields_are_400_in_openai_shape(server, path, change, param):
+    body = {"model": SHIPPED, "max_tokens": 2, **({"messages": [{"role": "user", "content": "hi"}]}
+                                                   if path.startswith("chat") else {"prompt": "hi"}), **change}
+    r = httpx.post(f"{server}/v1/{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error.keys() == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert param in error["message"] or error["param"] == param, error
+
+
+def test_a_bad_seed_is_refused_while_a_running_request_goes_on(server):
+    """A seed past 64 bits used to raise in the engine thread: every request decoding with it got a 500
+    and the offender never got an answer. Now it is a 400 and the running request ends normally."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    done = {}
+
+    def victim() -> None:
+        done["victim"] = httpx.post(f"{server}/v1/completions", headers=auth, timeout=60, json={
+            "model": SHIPPED, "prompt": "Once", "max_tokens": 80, "ignore_eos": True})
+
+    thread = threading.Thread(target=victim)
+    thread.start()
+    while stats(server)["running_rows"] == 0:
+        time.sleep(0.01)
+    bad = httpx.post(f"{server}/v1/completions", headers=auth, timeout=10,
+                     json={"model": SHIPPED, "prompt": "x", "max_tokens": 2, "seed": 2**64})
+    thread.join(60)
+    assert not thread.is_alive(), "the running request got no answer"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed", bad.text
+    assert done["victim"].status_code == 200 and done["victim"].json()["usage"]["completion_tokens"] == 80
+
+
+def test_a_request_must_fit_in_a_batch(client):
+    """n x prompts rows are decoded together: more than --max-batch (32 here) is refused, naming the flag;
+    more prompts than --max-prompts likewise; 16 x 2 = 32 fits."""
+    with pytest.raises(openai.BadRequestError, match=r"16 x 3 = 48 completions.*at most 32 together \(--max-batch\)"):
+        client.completions.create(model=SHIPPED, prompt=["a", "b", "c"], n=16, max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match=r"65 prompts.*at most 64 per request \(--max-prompts\)"):
+        client.completions.create(model=SHIPPED, prompt=["a"] * 65, max_tokens=1)
+    assert len(client.completions.create(model=SHIPPED, prompt=["a", "b"], n=16, max_tokens=1).choices) == 32
+
+
+def test_a_client_that_disconnects_leaves_the_batch(server):
+    """A non-streaming client that closes its connection: its rows stop decoding at once (FastAPI does not
+    cancel the handler by itself), long before max_tokens would end them."""
+    body = json.dumps({"model": SHIPPED, "prompt": "Once", "max_tokens": 256, "ignore_eos": True}).encode()
+    before = stats(server)["generated_tokens"]
+    with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1]))) as raw:
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                    + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        while stats(server)["running_rows"] == 0:
+            time.sleep(0.01)
+    end = time.monotonic() + 20
+    while stats(server)["running_rows"] and time.monotonic() < end:
+        time.sleep(0.02)
+    after = stats(server)
+    assert after["running_rows"] == 0 and after["generated_tokens"] - before < 128, after
+
+
 def test_concurrent_requests_share_decode_steps_and_keep_their_seeds(client, server):
     """Six clients at once, 48 tokens each (past EOS): the scheduler's counters show steps that decoded
     several requests together; each seeded answer equals the same request sent alone."""
-    kw = dict(model=SHIPPED, max_tokens=48, extra_body={"ignore_eos": True})
-    alone = client.completions.create(prompt="A film about", seed=11, **kw).choices[0].text
+    kw = dict(model=SHIPPED, max_tokens=48, logprobs=0, extra_body={"ignore_eos": True,
+                                                                    "return_tokens_as_token_ids": True})
+    alone = token_ids(client.completions.create(prompt="A film about", seed=11, **kw))
     before = stats(server)["requests_per_step"]
-    results: dict[int, str] = {}
+    results: dict[int, list[int]] = {}
 
     def ask(i: int) -> None:
-        results[i] = client.completions.create(prompt="A film about" if i == 0 else f"Movie number {i}",
-                                               seed=11 if i == 0 else i, **kw).choices[0].text
+        results[i] = token_ids(client.completions.create(prompt="A film about" if i == 0 else f"Movie number {i}",
+                                                         seed=11 if i == 0 else i, **kw))
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
     for t in threads:
@@ -210,8 +288,39 @@ def test_concurrent_requests_share_decode_steps_and_keep_their_seeds(client, ser
     after = stats(server)
     shared = sum(v - before.get(k, 0) for k, v in after["requests_per_step"].items() if int(k) >= 2)
     assert shared > 0 and after["max_requests_per_step"] >= 2, after
-    assert results[0] == alone
+    if results[0] != alone:
+        step, margin = near_tie("A film about", 11, alone, results[0])
+        if margin < 1e-4:  # a shared batch's logits may round differently (jobs.py): reported, not hidden
+            pytest.xfail(f"the seeded draw parted from the one alone at token {step}, where the two best tokens of "
+                         f"argmax(p / q) were within {margin:.1e} of each other: a rounding flip, not a seed bug")
+        pytest.fail(f"the seeded draw parted from the one alone at token {step}, where the draw was not close "
+                    f"(relative margin {margin:.3f}): the request did not keep its own generator")
     assert undocumented(after, documented()) == set()
+
+
+def token_ids(completion) -> list[int]:
+    return [int(t.removeprefix("token_id:")) for t in completion.choices[0].logprobs.tokens]
+
+
+def near_tie(prompt: str, seed: int, alone: list[int], other: list[int]) -> tuple[int, float]:
+    """Where `other` parts from `alone` (a request of one row, temperature 1, seeded), and how close the
+    draw was there: the relative gap between the two best p / q, with the model run here on the prompt
+    and `alone`, and q drawn from the request's generator as the engine draws it (serve/jobs.py)."""
+    import torch
+
+    from prefalign.models.generate import encode_prompt
+    from prefalign.models.load import load_model, load_tokenizer
+
+    step = next(i for i, (a, b) in enumerate(zip(alone, other, strict=True)) if a != b)
+    ids = encode_prompt(load_tokenizer(SHIPPED), prompt)
+    with torch.no_grad():
+        logits = load_model(SHIPPED)(torch.tensor([ids + alone])).logits[0, len(ids) - 1:-1].float()
+    probs, generator = torch.softmax(logits, -1), torch.Generator().manual_seed(seed)
+    for t in range(step + 1):
+        score = probs[t] / torch.empty((1, probs.shape[-1])).exponential_(1, generator=generator)[0]
+        best = torch.topk(score, 2).values
+        assert t == step or int(score.argmax()) == alone[t], f"the draw here does not reproduce token {t}"
+    return step, float((best[0] - best[1]) / best[0])
 
 
 def test_non_loopback_without_key_refused():

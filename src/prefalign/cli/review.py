@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import tempfile
 from pathlib import Path
@@ -76,13 +75,6 @@ def _prepare(store, source: dict[str, Any] | None, per_item: int | None, setting
     _log(f"{store.path}: {len(items)} items to review")
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
-
-
 @review_app.callback(invoke_without_command=True)
 def review_cmd(
     ctx: typer.Context,
@@ -93,8 +85,9 @@ def review_cmd(
     prompts: Path | None = typer.Option(None, help="with --models: the prompts (a prompt or preference file)"),
     output: Path | None = typer.Option(None, "-o", "--output", help="the review file (SQLite); given again: resume"),
     port: int = typer.Option(8008, help="port to serve on (0: any free port)"),
-    host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback lets others on the "
-                                               "network label (there is no login)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; any non-loopback address needs --api-key"),
+    api_key: str | None = typer.Option(None, envvar="PREFALIGN_REVIEW_KEY", help="a key the page's API checks "
+                                       "(annotators open /?annotator=NAME&key=KEY); needed off loopback"),
     per_item: int | None = typer.Option(None, "--per-item", min=1, help="annotators who judge each item (k; "
                                         "default 1, or what the file was created with)"),
     sample_settings: list[str] | None = typer.Option(None, "--sample", help="arena: a `prefalign sample` "
@@ -106,16 +99,14 @@ def review_cmd(
         return
     if output is None:
         fail("-o labels.sqlite is needed (the file every judgement is saved to)")
-    from ..review.server import serve
+    from ..review.server import check_host, serve
     from ..review.store import Store
 
+    check_host(host, api_key)  # before the arena's models sample anything
     source = _source(pairs, samples, models if models and models[0] else None, prompts)
-    if not _loopback(host):
-        console.print(f"[yellow]warning:[/] serving on {host}: anyone who can reach it can label (no login)",
-                      highlight=False)
     store = Store(output)
     _prepare(store, source, per_item, list(sample_settings or []))
-    serve(store, host, port, _log)
+    serve(store, host, port, _log, api_key=api_key)
 
 
 @review_app.command("export")

@@ -17,7 +17,9 @@ def serve_cmd(
     port: int = typer.Option(8000, help="port to bind"),
     api_key: str | None = typer.Option(None, envvar="PREFALIGN_API_KEY",
                                        help="bearer token checked on every route but /health"),
-    max_batch: int = typer.Option(32, help="rows decoded together at most (1: one request at a time)"),
+    max_batch: int = typer.Option(32, help="rows (completions) decoded together at most (1: one request at a "
+                                           "time); a request of more rows (n x prompts) is refused"),
+    max_prompts: int = typer.Option(64, min=1, help="prompts in one /v1/completions request at most"),
     max_tokens: int = typer.Option(1024, help="largest max_tokens a request may ask for"),
     max_body: int = typer.Option(1 << 20, help="largest request body in bytes"),
     chat_template: str | None = typer.Option(None, help="Jinja chat template file for models whose tokenizer "
@@ -37,5 +39,6 @@ def serve_cmd(
     from ..serve.api import Limits
     from ..serve.server import serve
 
+    limits = Limits(max_tokens=max_tokens, max_body_bytes=max_body, max_prompts=max_prompts)
     serve(models, host=host, port=port, api_key=api_key, log=_log, max_batch=max_batch, device=device, dtype=dtype,
-          chat_template=chat_template, threads=threads, limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body))
+          chat_template=chat_template, threads=threads, limits=limits)

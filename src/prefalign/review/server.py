@@ -6,8 +6,13 @@ build step, nothing fetched from elsewhere) and a small JSON API over the `Store
   POST /api/judge             {annotator, item, verdict: a|b|tie|both_bad, comment, better}: committed,
                               then the sides' names and the next item
   POST /api/undo              {annotator}: their last judgement removed; that item comes back
-  GET  /api/summary           counts, agreement, the arena's win-rate
+  GET  /api/summary           counts and agreement; verdict counts, the arena's models and win-rate only
+                              once every item has its k judgements (until then annotators see no tally)
   GET  /health
+
+Off loopback it needs a key (`--api-key`): every /api route then checks `Authorization: Bearer KEY`,
+which the page sends (it reads `?key=` once, keeps it for the tab and takes it out of the address). The
+page, its script and /health need none: they hold no data. A request body over MAX_BODY is a 413.
 
 Answers reach the page as JSON strings and are written with `textContent`, never parsed as HTML; the
 Content-Security-Policy allows only this server's own script, so even markup that slipped through
@@ -25,6 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
+from ..runtime.http import Guard, detail_body, is_loopback
 from .store import Conflict, Store
 from .summary import summarise
 
@@ -38,6 +44,7 @@ HEADERS = {
     "Cache-Control": "no-store",  # the page must always ask the server, which holds the state
 }
 NAME = r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$"  # any printable name that is not blank
+MAX_BODY = 1 << 20  # bytes: a judgement with the longest comment and answer the page allows is well under
 
 
 class AnnotatorRequest(BaseModel):
@@ -70,12 +77,7 @@ def make_app(store: Store):
     app = fastapi.FastAPI(title="prefalign review", docs_url=None, redoc_url=None)  # the docs page loads a CDN's script
     pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in FILES.items()}
 
-    @app.middleware("http")
-    async def headers(request, call_next):
-        response = await call_next(request)
-        response.headers.update(HEADERS)
-        return response
-
+    app.add_middleware(SecurityHeaders)
     for route, (body, kind) in pages.items():
         app.get(route, include_in_schema=False)(_static(body, kind))
 
@@ -98,7 +100,9 @@ def make_app(store: Store):
 
     @app.get("/api/summary")
     def summary() -> dict:
-        return summarise(store.items_with_judgements(), store.meta())
+        items, meta = store.items_with_judgements(), store.meta()
+        complete = all(len(it["judgements"]) >= meta["per_item"] for it in items)
+        return summarise(items, meta, blind=not complete)  # no running tally for those still labelling
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:
@@ -111,6 +115,29 @@ def make_app(store: Store):
     return app
 
 
+class SecurityHeaders:
+    """ASGI middleware: HEADERS on every response. (Plain ASGI, not starlette's BaseHTTPMiddleware, which
+    runs the app in a task of its own and turns the guard's 413 raised while the body streams in into
+    FastAPI's 400 "error parsing the body".)"""
+
+    def __init__(self, app):
+        self.app = app
+        self.raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in HEADERS.items()]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        names = {k for k, _ in self.raw}
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                message = {**message, "headers": kept + self.raw}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 def _static(body: bytes, kind: str):
     from fastapi.responses import Response
 
@@ -120,9 +147,22 @@ def _static(body: bytes, kind: str):
     return page
 
 
-def serve(store: Store, host: str = "127.0.0.1", port: int = 8008, log: Callable[[str], None] = print) -> None:
+def guarded(store: Store, api_key: str | None = None):
+    """The app behind the key check (/api routes) and the body-size limit."""
+    return Guard(make_app(store), api_key, MAX_BODY, detail_body, open_paths={*FILES, "/favicon.ico", "/health"})
+
+
+def check_host(host: str, api_key: str | None) -> None:
+    if not is_loopback(host) and not api_key:
+        raise ConfigError(f"--host {host} is not a loopback address: anyone who can reach it could label and read "
+                          "the answers; give --api-key KEY (or PREFALIGN_REVIEW_KEY) and open the page with &key=KEY")
+
+
+def serve(store: Store, host: str = "127.0.0.1", port: int = 8008, log: Callable[[str], None] = print,
+          api_key: str | None = None) -> None:
     """Bind and listen first (port 0: any free port) so the printed address is the one served and
     answers at once, then serve until interrupted."""
+    check_host(host, api_key)
     _, uvicorn = _fastapi()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -131,6 +171,7 @@ def serve(store: Store, host: str = "127.0.0.1", port: int = 8008, log: Callable
     sock.listen(128)  # connections made from now on wait in the backlog until uvicorn accepts them
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    log(f"review: http://{shown}:{bound}/?annotator=YOUR_NAME  ({store.path}; Ctrl+C stops, nothing is lost)")
-    config = uvicorn.Config(make_app(store), log_level="warning", access_log=False)
+    key = "&key=YOUR_KEY" if api_key else ""
+    log(f"review: http://{shown}:{bound}/?annotator=YOUR_NAME{key}  ({store.path}; Ctrl+C stops, nothing is lost)")
+    config = uvicorn.Config(guarded(store, api_key), log_level="warning", access_log=False)
     uvicorn.Server(config).run(sockets=[sock])

@@ -13,6 +13,12 @@ hold is live for `hold_seconds` after it was last shown, so an annotator who wal
 items (and, coming back later, may still judge the item on their screen: then it has k + 1 judgements).
 Sides are randomised per (item, annotator) by a keyed hash: the same person sees the same sides after
 a reload, and different people see independent sides.
+
+Undo after a reveal: saving a judgement shows which answer was which (the issue asks for the names
+once the judgement is saved), so an annotator who then undoes it judges the same item again knowing
+the names. That is allowed (undo is for slips) but recorded: the undo is kept in `undone`, and the
+judgement given again is saved with `revised_after_reveal = 1` (counted in the summary and review.json,
+and kept per judgement in the export's quarantine lines), so an analysis can leave those out.
 """
 
 from __future__ import annotations
@@ -44,8 +50,10 @@ CREATE TABLE IF NOT EXISTS judgements (
     id INTEGER PRIMARY KEY AUTOINCREMENT, item INTEGER NOT NULL REFERENCES items(id),
     annotator TEXT NOT NULL, verdict TEXT NOT NULL CHECK (verdict IN ('first', 'second', 'tie', 'both_bad')),
     swapped INTEGER NOT NULL, comment TEXT NOT NULL, better TEXT NOT NULL, created REAL NOT NULL,
-    UNIQUE (item, annotator));
+    revised_after_reveal INTEGER NOT NULL DEFAULT 0, UNIQUE (item, annotator));
 CREATE INDEX IF NOT EXISTS judgements_of ON judgements (annotator, id);
+CREATE TABLE IF NOT EXISTS undone (
+    item INTEGER NOT NULL REFERENCES items(id), annotator TEXT NOT NULL, PRIMARY KEY (item, annotator));
 """
 SIDES = {"a": ("first", "second"), "b": ("second", "first")}  # side -> verdict when not swapped / swapped
 
@@ -64,6 +72,9 @@ class Store:
         try:
             con.execute("PRAGMA journal_mode=WAL")  # persistent: recorded in the file itself
             con.executescript(SCHEMA)
+            columns = {r[1] for r in con.execute("PRAGMA table_info(judgements)")}
+            if "revised_after_reveal" not in columns:  # a file written before the flag existed
+                con.execute("ALTER TABLE judgements ADD COLUMN revised_after_reveal INTEGER NOT NULL DEFAULT 0")
         except sqlite3.DatabaseError as e:
             raise DataError(f"{self.path}: not a review file ({e})") from None
         finally:
@@ -202,9 +213,11 @@ class Store:
             swapped = self.swapped(item, annotator, salt)
             verdict = SIDES[side][swapped] if side in SIDES else side
             assert verdict in VERDICTS, verdict
-            con.execute("INSERT INTO judgements (item, annotator, verdict, swapped, comment, better, created) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (item, annotator, verdict, int(swapped), comment, better,
-                                                        time.time()))
+            revised = con.execute("SELECT 1 FROM undone WHERE item = ? AND annotator = ?",
+                                  (item, annotator)).fetchone() is not None  # they have seen the names
+            con.execute("INSERT INTO judgements (item, annotator, verdict, swapped, comment, better, created, "
+                        "revised_after_reveal) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (item, annotator, verdict, int(swapped), comment, better, time.time(), int(revised)))
             return {"item": item, "verdict": side, **self._names(con, item, swapped)}
 
     def _names(self, con: sqlite3.Connection, item: int, swapped: bool) -> dict[str, str]:
@@ -220,6 +233,7 @@ class Store:
             if row is None:
                 return None
             con.execute("DELETE FROM judgements WHERE id = ?", (row["id"],))
+            con.execute("INSERT OR IGNORE INTO undone (item, annotator) VALUES (?, ?)", (row["item"], annotator))
             con.execute("INSERT OR REPLACE INTO holds (item, annotator, touched) VALUES (?, ?, ?)",
                         (row["item"], annotator, time.time()))
             side = row["verdict"] if row["verdict"] in ("tie", "both_bad") else \
@@ -235,7 +249,9 @@ class Store:
                                "second": json.loads(r["second"]), "first_name": r["first_name"],
                                "second_name": r["second_name"], "source": r["source"], "judgements": []}
                      for r in con.execute("SELECT * FROM items ORDER BY id")}
-            for r in con.execute("SELECT item, annotator, verdict, comment, better, created FROM judgements "
-                                 "ORDER BY id"):
-                items[r["item"]]["judgements"].append({k: r[k] for k in r.keys() if k != "item"})
+            for r in con.execute("SELECT item, annotator, verdict, comment, better, created, revised_after_reveal "
+                                 "FROM judgements ORDER BY id"):
+                judgement = {k: r[k] for k in r.keys() if k != "item"}
+                judgement["revised_after_reveal"] = bool(judgement["revised_after_reveal"])
+                items[r["item"]]["judgements"].append(judgement)
         return list(items.values())

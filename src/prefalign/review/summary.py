@@ -52,7 +52,9 @@ def arena(items: list[dict[str, Any]], source: dict[str, Any], seed: int = 0) ->
     return out
 
 
-def summarise(items: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+def summarise(items: list[dict[str, Any]], meta: dict[str, Any], blind: bool = False) -> dict[str, Any]:
+    """The summary; `blind`: without what would tell annotators still at work how the answers are faring
+    (the verdict counts, which are in the items' own terms, and an arena's model names and win-rate)."""
     k, source = meta["per_item"], meta["source"]
     judgements = [j for it in items for j in it["judgements"]]
     verdicts = Counter(j["verdict"] for j in judgements)
@@ -60,7 +62,10 @@ def summarise(items: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, An
         "mode": source["mode"], "items": len(items), "items_judged": sum(bool(it["judgements"]) for it in items),
         "items_complete": sum(len(it["judgements"]) >= k for it in items), "per_item": k,
         "judgements": len(judgements), "annotators": dict(sorted(Counter(j["annotator"] for j in judgements).items())),
-        "verdicts": {v: verdicts.get(v, 0) for v in VERDICTS}, **agreement(items, k)}
-    if source["mode"] == "arena":
-        out.update(arena(items, source))
+        "revised_after_reveal": sum(bool(j.get("revised_after_reveal")) for j in judgements), "blinded": blind,
+        **agreement(items, k)}
+    if not blind:
+        out["verdicts"] = {v: verdicts.get(v, 0) for v in VERDICTS}
+        if source["mode"] == "arena":
+            out.update(arena(items, source))
     return out

@@ -10,16 +10,17 @@ queue that the engine feeds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import secrets
 from dataclasses import dataclass
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..models.generate import encode_prompt
+from ..runtime.http import Guard
 from .engine import Engine
 from .jobs import Job, Settings, sendable
 from .responses import Reply, Tokens, error_body
@@ -31,7 +32,7 @@ class Limits:
     max_body_bytes: int = 1 << 20  # a request body over this: 413
     max_tokens: int = 1024  # max_tokens over this: 400
     max_n: int = 16  # completions per prompt
-    max_prompts: int = 64  # prompts in one completions request
+    max_prompts: int = 64  # prompts in one completions request (--max-prompts); n x prompts <= --max-batch
     max_stop: int = 4  # stop strings (OpenAI's limit)
 
 
@@ -46,38 +47,12 @@ def _error(status: int, message: str, **kw) -> JSONResponse:
     return JSONResponse(error_body(message, **kw), status_code=status)
 
 
-class Guard:
-    """ASGI middleware: the bearer token on every route but /health, and the body-size limit (checked on
-    Content-Length and, for a body sent without one, on the bytes as they arrive)."""
+def guard(app, api_key: str | None, max_body: int) -> Guard:
+    """The bearer token (every route but /health) and the body-size limit, answered in OpenAI's shape."""
+    def error(status: int, message: str, code: str | None) -> dict:
+        return error_body(message, "authentication_error" if status == 401 else "invalid_request_error", code=code)
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"] != "/health":
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                response = _error(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                  kind="authentication_error", code="invalid_api_key")
-                return await response(scope, receive, send)
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            return await _error(413, f"request body of {int(length)} bytes is over the limit of {self.max_body}",
-                                code="request_too_large")(scope, receive, send)
-        received = 0
-
-        async def counted():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body:
-                raise HTTPException(413, f"request body is over the limit of {self.max_body} bytes")
-            return message
-
-        await self.app(scope, counted, send)
+    return Guard(app, api_key, max_body, error)
 
 
 def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> FastAPI:
@@ -103,13 +78,14 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> Fa
     @app.post("/v1/completions", summary="text completion (OpenAI's legacy completions)")
     async def completions(body: CompletionBody, request: Request):
         served = _served(engine, body.model)
+        if len(body.prompts()) > limits.max_prompts:
+            raise APIError(400, f"{len(body.prompts())} prompts: this server takes at most {limits.max_prompts} per "
+                           "request (--max-prompts)", "prompt")
         prompts = [_prompt_ids(served, p, i) for i, p in enumerate(body.prompts())]
-        if len(prompts) > limits.max_prompts:
-            raise APIError(400, f"{len(prompts)} prompts: at most {limits.max_prompts} per request", "prompt")
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         if max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens: 0 only with echo (scoring the prompt)", "max_tokens")
-        settings = _settings(body, served, prompts, max_tokens, limits, body.logprobs, body.echo)
+        settings = _settings(body, served, prompts, max_tokens, limits, body.logprobs, body.echo, engine.max_batch)
         texts = [p if isinstance(p, str) else served.tokenizer.decode(p) for p in body.prompts()] if body.echo else None
         return await _run(engine, request, body, served, prompts, settings, chat=False, echo_texts=texts)
 
@@ -129,7 +105,7 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> Fa
         default = served.context - len(prompt)
         max_tokens = body.limit() if body.limit() is not None else min(limits.max_tokens, max(default, 1))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        settings = _settings(body, served, [prompt], max_tokens, limits, logprobs, False)
+        settings = _settings(body, served, [prompt], max_tokens, limits, logprobs, False, engine.max_batch)
         return await _run(engine, request, body, served, [prompt], settings, chat=True)
 
     return app
@@ -156,7 +132,7 @@ def _prompt_ids(served, prompt, i: int) -> list[int]:
 
 
 def _settings(body: Body, served, prompts: list[list[int]], max_tokens: int, limits: Limits,
-              logprobs: int | None, echo: bool) -> Settings:
+              logprobs: int | None, echo: bool, max_batch: int) -> Settings:
     if max_tokens > limits.max_tokens:
         raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}",
                        "max_tokens")
@@ -164,7 +140,10 @@ def _settings(body: Body, served, prompts: list[list[int]], max_tokens: int, lim
         raise APIError(400, f"n is {body.n}; this server allows at most {limits.max_n}", "n")
     if len(body.stops()) > limits.max_stop:
         raise APIError(400, f"at most {limits.max_stop} stop strings", "stop")
-    longest = max(len(p) for p in prompts)
+    if body.n * len(prompts) > max_batch:  # a request's rows are decoded together: they must fit in one batch
+        raise APIError(400, f"n x prompts is {body.n} x {len(prompts)} = {body.n * len(prompts)} completions; this "
+                       f"server decodes at most {max_batch} together (--max-batch): send fewer per request", "n")
+    longest = max((len(p) for p in prompts), default=0)
     if longest + max_tokens > served.context:
         raise APIError(400, f"this model's maximum context length is {served.context} tokens; the request asks for "
                        f"{longest + max_tokens} ({longest} in the prompt, {max_tokens} in the completion)",
@@ -183,14 +162,41 @@ async def _run(engine: Engine, request: Request, body: Body, served, prompts, se
     engine.submit(job)
     if not body.stream:
         try:
-            while not all(r.finish for r in job.rows):
-                if (event := await events.get())[0] == "error":
-                    raise APIError(500, event[1], kind="server_error")
+            if not await _until_done(job, events, request):
+                return Response(status_code=499)  # nobody reads it: the client closed the connection
         finally:
             job.cancelled.set()  # a client gone before the end: its rows leave the batch
         return reply.whole()
     usage = bool((body.stream_options or {}).get("include_usage"))
     return StreamingResponse(_stream(job, reply, events, usage), media_type="text/event-stream")
+
+
+async def _until_done(job: Job, events: asyncio.Queue, request: Request) -> bool:
+    """Wait for every row to finish (True), or for the client to disconnect (False: FastAPI would not
+    cancel this handler, and the rows would decode to max_tokens for nobody). The body has been read,
+    so the next ASGI message the client's side can send is http.disconnect."""
+    async def finished() -> None:
+        while not all(r.finish for r in job.rows):
+            if (event := await events.get())[0] == "error":
+                raise APIError(500, event[1], kind="server_error")
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    done_task, gone_task = asyncio.ensure_future(finished()), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({done_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+        answered = done_task.done()
+    finally:
+        for task in (done_task, gone_task):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    if answered:
+        done_task.result()  # raises the engine's error, if it sent one (a 500)
+    return answered
 
 
 async def _stream(job: Job, reply: Reply, events: asyncio.Queue, usage: bool):
@@ -201,7 +207,9 @@ async def _stream(job: Job, reply: Reply, events: asyncio.Queue, usage: bool):
             if event[0] == "error":
                 yield f"data: {json.dumps(error_body(event[1], 'server_error'))}\n\n"
                 break
-            for chunk in reply.chunks(lambda row: sendable(row.text, stops)):
+            for chunk in reply.chunks(lambda text: sendable(text, stops)):
+                if usage:  # OpenAI: with include_usage every chunk has a usage field, null but in the last
+                    chunk["usage"] = None
                 yield f"data: {json.dumps(chunk)}\n\n"
             if all(r.finish for r in job.rows):
                 if usage:

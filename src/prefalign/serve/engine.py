@@ -12,7 +12,10 @@ The merge needs a cache of plain key/value layers (transformers' DynamicLayer: L
 ...). For any other cache (sliding windows, Mamba states) a model's batch admits requests only when
 it is empty, all that wait at once: batching at request boundaries (`Engine.mergeable`).
 
-`max_batch` caps the rows decoded together (1: one request at a time, the benchmark's baseline).
+`max_batch` caps the rows decoded together (1: one request at a time, the benchmark's baseline): a
+request joins the batch only when its rows fit, and the API refuses a request of more rows. An error
+in one request's prefill (its seed, its prompt) answers that request alone; an error in a decode step
+answers every request in the batch; no request is left without an answer.
 `stats()` counts steps and the rows and requests in each: the evidence that requests were batched.
 """
 
@@ -91,23 +94,34 @@ class Engine:
                 except queue.Empty:
                     break
             for job in jobs:
-                if job is not None:  # None: stop() waking the loop
+                if job is None:  # stop() waking the loop
+                    continue
+                if len(job.rows) > self.max_batch:  # the API refuses these; a direct caller is told, not left waiting
+                    self._fail([job], ValueError(f"{len(job.rows)} rows, over max_batch {self.max_batch}"))
+                else:
                     self.waiting[job.model].append(job)
             for name in self.served:
                 try:
                     self._admit(name)
                     if self.batches[name].rows:
                         self._step(name)
-                except Exception as e:  # noqa: BLE001  a failed step fails its requests, never the server
-                    self._fail(name, e)
+                except Exception as e:  # noqa: BLE001  a failed step fails the batch's requests, never the server
+                    self._fail([j for j, _ in self.batches[name].rows], e)
+                    self.batches[name] = Batch()
 
-    def _fail(self, name: str, error: Exception) -> None:
-        jobs = {id(j): j for j, _ in self.batches[name].rows} | {id(j): j for j in self.waiting[name]}
-        for job in jobs.values():
-            job.emit(("error", f"{type(error).__name__}: {error}"))
-        self.batches[name], self.waiting[name] = Batch(), []
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        """Answer each of `jobs` (once, whatever rows it has) with the error; the jobs waiting are not
+        touched (they are admitted to a fresh batch)."""
+        for job in {id(j): j for j in jobs}.values():
+            job.cancelled.set()  # its rows, wherever they are, are not decoded again
+            try:
+                job.emit(("error", f"{type(error).__name__}: {error}"))
+            except RuntimeError:  # the client's event loop is gone (the server is shutting down)
+                pass
 
     def _admit(self, name: str) -> None:
+        """Waiting requests join the running batch, first come first served, while their rows fit in
+        max_batch (a request that does not fit waits for rows to finish; none is larger than max_batch)."""
         batch, waiting = self.batches[name], self.waiting[name]
         for job in [j for j in waiting if j.cancelled.is_set()]:
             waiting.remove(job)
@@ -115,17 +129,37 @@ class Engine:
             return  # request-boundary batching: the batch must drain first
         taken: list[Job] = []
         rows = len(batch.rows)
-        while waiting and (rows + len(waiting[0].rows) <= self.max_batch or rows == 0):
-            taken.append(waiting.pop(0))  # FIFO; a request larger than max_batch runs alone
+        while waiting and rows + len(waiting[0].rows) <= self.max_batch:
+            taken.append(waiting.pop(0))
             rows += len(taken[-1].rows)
             if self.mergeable[name]:  # prefilled alone, as generate would draw it (jobs.py)
-                self._prefill(name, taken)
+                self._start(name, taken)
                 taken = []
         if taken:
-            self._prefill(name, taken)
+            self._start(name, taken)
+
+    def _start(self, name: str, jobs: list[Job]) -> None:
+        """Prefill `jobs` and merge them into the running batch. What fails before the merge (a seed the
+        generator refuses, the prefill's forward pass) fails these jobs alone: the batch is not touched
+        until the merge; a failed merge leaves the batch unusable and fails it with them."""
+        try:
+            part = self._prefill(name, jobs)
+        except Exception as e:  # noqa: BLE001  this request's own error, answered to it alone
+            self._fail(jobs, e)
+            return
+        if part is None:
+            return
+        try:
+            self._merge(name, part)
+            self._drop_finished(name)
+        except Exception as e:  # noqa: BLE001
+            self._fail([j for j, _ in self.batches[name].rows] + jobs, e)
+            self.batches[name] = Batch()
 
     @torch.inference_mode()
-    def _prefill(self, name: str, jobs: list[Job]) -> None:
+    def _prefill(self, name: str, jobs: list[Job]) -> Batch | None:
+        """The jobs' rows prefilled together and their first tokens drawn: a batch of their own, or None
+        when nothing is left to generate."""
         served = self.served[name]
         for job in jobs:
             job.start(self.device)
@@ -140,7 +174,7 @@ class Engine:
             self._emit(job)
         rows = [(j, r) for j in jobs if j.settings.max_tokens > 0 for r in j.rows]
         if not rows:
-            return
+            return None
         ids, mask = left_pad([r.prompt for _, r in rows], served.tokenizer.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate makes them
@@ -150,8 +184,7 @@ class Engine:
                                     use_cache=True, logits_to_keep=1)
         part = Batch(rows, cache, mask, positions[:, -1] + 1, None)
         part.inputs = self._advance(rows, out.logits[:, -1].float(), served)
-        self._merge(name, part)
-        self._drop_finished(name)
+        return part
 
     @torch.inference_mode()
     def _step(self, name: str) -> None:
@@ -200,12 +233,16 @@ class Engine:
             top = torch.topk(logps, job.settings.logprobs) if job.settings.logprobs else None
             row.logprobs.append((token, float(logps[token]),
                                  list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else []))
-        before = len(row.text)
-        row.text = served.tokenizer.decode(row.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        if job.settings.stop and (cut := stop_cut(row.text, job.settings.stop, before)) is not None:
-            row.text, row.finish = row.text[:cut], "stop"
+        # the HTTP side reads row.text without a lock while this runs: the text is cut at a stop string
+        # before it is published, and published before the finish that says it is final
+        text = served.tokenizer.decode(row.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        finish = None
+        if job.settings.stop and (cut := stop_cut(text, job.settings.stop, len(row.text))) is not None:
+            text, finish = text[:cut], "stop"
         elif row.generated >= job.settings.max_tokens:
-            row.finish = "length"
+            finish = "length"
+        row.text = text
+        row.finish = finish
 
     def _emit(self, job: Job) -> None:
         job.emit(("update", job))

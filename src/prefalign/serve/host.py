@@ -3,19 +3,8 @@ the refusal comes before torch loads)."""
 
 from __future__ import annotations
 
-import ipaddress
-
 from ..errors import ConfigError
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and `localhost` only: any other name could resolve to an exposed address."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+from ..runtime.http import is_loopback
 
 
 def check_host(host: str, api_key: str | None) -> None:

@@ -93,15 +93,17 @@ class Reply:
         return {**self._head(False), "choices": choices, "usage": usage(self.job)}
 
     def chunks(self, sendable) -> list[dict]:
-        """The chunks that what was generated since the last call makes (one per row that moved).
-        `sendable(row)`: how much of a running row's text may go out yet."""
+        """The chunks that what was generated since the last call makes (one per row that moved; a chat
+        row's last chunk is OpenAI's `delta: {}` with the finish_reason, after its last text).
+        `sendable(text)`: how much of a running row's text may go out yet."""
         out = []
         for row in self.job.rows:
             if self.closed[row.index]:
                 continue
             finish = row.finish  # read before the text: a finished row's text is final
-            end = len(row.text) if finish is not None else sendable(row)
-            delta = row.text[row.sent:end] if end > row.sent else ""
+            text = row.text  # read once: the engine thread replaces it while this runs
+            end = len(text) if finish is not None else sendable(text)
+            delta = text[row.sent:end] if end > row.sent else ""
             n_lp = len(row.logprobs)
             entries = row.logprobs[self.sent_logprobs[row.index]:n_lp]
             first = not self.started[row.index]
@@ -110,18 +112,28 @@ class Reply:
             if first and not self.chat and self.prompt_texts:
                 delta = self._echo(row) + delta
                 entries = (row.prompt_logprobs or []) + entries
-            choice: dict[str, Any] = {"index": row.index, "logprobs": self._logprobs(row, entries),
-                                      "finish_reason": finish}
             if self.chat:
-                choice["delta"] = ({"role": "assistant", "content": delta} if first else {"content": delta})
+                if delta or first:
+                    out.append(self._chunk(row.index, {"role": "assistant", "content": delta} if first else
+                                           {"content": delta}, self._logprobs(row, entries), None))
+                if finish is not None:
+                    out.append(self._chunk(row.index, {}, None, finish))
             else:
-                choice["text"] = delta
+                out.append(self._chunk(row.index, None, self._logprobs(row, entries), finish, text=delta))
             row.sent = max(row.sent, end)
             self.sent_logprobs[row.index] = n_lp
             self.started[row.index] = True
             self.closed[row.index] = finish is not None
-            out.append({**self._head(True), "choices": [choice]})
         return out
+
+    def _chunk(self, index: int, delta: dict | None, logprobs: dict | None, finish: str | None,
+               text: str | None = None) -> dict:
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish}
+        if self.chat:
+            choice["delta"] = delta
+        else:
+            choice["text"] = text
+        return {**self._head(True), "choices": [choice]}
 
     def usage_chunk(self) -> dict:
         return {**self._head(True), "choices": [], "usage": usage(self.job)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # fields of OpenAI's API that are accepted at their neutral value only
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "best_of": 1, "suffix": None,
@@ -28,7 +28,8 @@ class Body(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1: off")
     top_k: int = Field(0, ge=0, description="(vLLM's extension) keep the k most likely tokens; 0 (or -1): off")
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end a completion (not returned)")
-    seed: int | None = Field(None, description="the draw is reproducible: same seed, prompt and settings, same text")
+    seed: int | None = Field(None, ge=-2**63, lt=2**63, description="the draw is reproducible: same seed, prompt and "
+                             "settings, same text (a 64-bit signed integer, as OpenAI and vLLM take it)")
     stream: bool = Field(False, description="server-sent events in OpenAI's chunk format, ending in data: [DONE]")
     stream_options: dict[str, Any] | None = Field(None, description="{include_usage: true}: a last chunk with usage")
     ignore_eos: bool = Field(False, description="(vLLM's extension) run to max_tokens past EOS (load tests)")
@@ -67,6 +68,13 @@ class CompletionBody(Body):
     echo: bool = Field(False, description="the prompt is returned before the completion (with logprobs: scored)")
     best_of: int | None = None
     suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _some_prompt(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("give at least one prompt (an empty list has nothing to complete)")
+        return prompt
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

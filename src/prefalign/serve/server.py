@@ -9,7 +9,7 @@ import uvicorn
 
 from ..errors import ConfigError
 from ..runtime.device import pick_device
-from .api import Guard, Limits, create_app
+from .api import Limits, create_app, guard
 from .engine import Engine
 from .host import check_host
 from .models import load_served
@@ -33,7 +33,7 @@ def build(models: list[str], *, device: str = "auto", dtype: str = "fp32", max_b
     engine = Engine(load_served(models, where, DTYPES[dtype], template), where, max_batch)
     engine.start()
     limits = limits or Limits()
-    return Guard(create_app(engine, limits, api_key), api_key, limits.max_body_bytes), engine
+    return guard(create_app(engine, limits, api_key), api_key, limits.max_body_bytes), engine
 
 
 def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

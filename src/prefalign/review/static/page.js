@@ -5,14 +5,23 @@
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const annotator = (params.get("annotator") || "").trim();
+// a server started with --api-key: the key comes once in the address (&key=), is kept for this tab
+// and taken out of the address bar (and so out of the history and of shared screenshots)
+if (params.has("key")) {
+  sessionStorage.setItem("prefalign-review-key", params.get("key"));
+  params.delete("key");
+  history.replaceState(null, "", `${location.pathname}?${params.toString()}`);
+}
+const key = sessionStorage.getItem("prefalign-review-key");
 const LABELS = {a: "A is better", b: "B is better", tie: "tie", both_bad: "both are bad"};
 const KEYS = {a: "a", b: "b", t: "tie", x: "both_bad"};
 let current = null;
 let busy = false;
 
 async function api(path, body) {
-  const init = body === undefined ? {} : {
-    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)};
+  const headers = key ? {"Authorization": `Bearer ${key}`} : {};
+  const init = body === undefined ? {headers} : {
+    method: "POST", headers: {...headers, "Content-Type": "application/json"}, body: JSON.stringify(body)};
   const response = await fetch(path, init);
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
