@@ -71,6 +71,13 @@ class RunConfig(Runtime):
 
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0: only the final model")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
+    # auto: sharded where FSDP2 shards (as accelerate's FSDP default, SHARDED_STATE_DICT): gathering a
+    # full fine-tune's weights and AdamW state on rank 0 needs 3x the fp32 weights in one host's memory,
+    # which is what FSDP avoids; elsewhere whole (DDP ranks hold whole tensors: nothing to shard)
+    checkpoint_format: Literal["auto", "whole", "sharded"] = Field(
+        "auto", description="checkpoints/step-N: whole tensors written by rank 0, or each rank's shards "
+                            "(torch.distributed.checkpoint, safetensors); auto: sharded under fsdp with several "
+                            "processes; either resumes on any process count")
     resume: bool = Field(False, description="continue from the newest checkpoint in `output`")
     log_every: int = Field(1, ge=1, description="steps between metrics.jsonl rows")
     max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/Inf steps before the run stops")
@@ -83,6 +90,9 @@ class RunConfig(Runtime):
             # pure low-precision weights would drop the small updates AdamW makes to them
             raise ValueError(f"dtype {self.dtype} is for a frozen LoRA base; a full fine-tune keeps fp32 weights "
                              "(use precision: bf16 for bf16 compute)")
+        if self.checkpoint_format == "sharded" and self.distributed != "fsdp":
+            raise ValueError(f"checkpoint_format: sharded writes FSDP2 shards; distributed: {self.distributed} "
+                             "holds whole tensors on every process: use whole (or auto)")
         if self.kl_budget is not None and self.kl_every == 0:
             raise ValueError("kl_budget is checked against the KL monitor: it needs kl_every > 0 (or unset)")
         return self

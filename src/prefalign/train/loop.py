@@ -4,8 +4,8 @@ method plugs in an `Update` (train/offline.py: micro-batches -> loss -> step; tr
 update); the loop knows nothing about methods.
 
 Exact resume: the data order is a pure function of (seed, micro-batch position), and a checkpoint
-holds the trainable weights, optimizer, scheduler, torch RNG state and that position; a run killed
-at any moment and resumed logs the same losses as one never interrupted.
+(train/checkpoint.py) holds the trainable weights, optimizer, scheduler, torch RNG state and that
+position; a run killed at any moment and resumed logs the same losses as one never interrupted.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,15 +21,13 @@ from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
-from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from ..errors import TrainingError
 from ..runtime.distributed import World
 from ..runtime.memory import peak_memory_bytes
+from .checkpoint import resume, save_checkpoint, sharded_format
 from .config import RunConfig
-from .parallel import full, shard_like, sharded
 
 
 @functools.lru_cache(maxsize=4)
@@ -61,100 +57,6 @@ def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
             return max(0.0, 1 - progress)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
-
-
-# ------------------------------------------------------------------ checkpoints
-
-
-def _trainable(model, keep: bool = True) -> dict[str, Tensor]:
-    out = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            t = full(p)  # a gather every rank takes part in, for an FSDP2 shard
-            if keep:
-                out[n] = t
-    return out
-
-
-def _param_names(model, optimizer) -> list[str]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-
-def optimizer_state(model, optimizer, keep: bool = True) -> dict[str, Any]:
-    """The optimizer's state keyed by parameter name, with whole tensors: the same file whatever the
-    process count or strategy (an FSDP2 rank holds shards; torch's own dict is keyed by position).
-    Every rank gathers a shard's tensors with the others; only a rank that `keep`s them holds them."""
-    sd, names = optimizer.state_dict(), _param_names(model, optimizer)
-    state = {}
-    for i, s in sd["state"].items():
-        whole = {k: full(v) if torch.is_tensor(v) else v for k, v in s.items()}
-        if keep:
-            state[names[i]] = whole
-    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def load_optimizer_state(model, optimizer, saved: dict[str, Any]) -> None:
-    if any(isinstance(p, int) for g in saved["param_groups"] for p in g["params"]):  # before name-keyed state
-        optimizer.load_state_dict(saved)
-        return
-    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
-    params = dict(model.named_parameters())
-    state = {index[n]: {k: shard_like(v, params[n]) if torch.is_tensor(v) and v.ndim else v for k, v in s.items()}
-             for n, s in saved["state"].items()}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def save_checkpoint(out: Path, step: int, position: int, model, optimizer, scheduler, extra: dict, keep: int,
-                    world: World = World()) -> Path | None:
-    """Every rank takes part (an FSDP2 shard is gathered); rank 0 writes. The files are those of a
-    one-process run, so any process count resumes from them."""
-    weights, optim = {}, {}
-    if world.main or sharded(model):  # DDP's other ranks hold the same tensors: nothing to gather
-        weights, optim = _trainable(model, world.main), optimizer_state(model, optimizer, world.main)
-    ckpts = out / "checkpoints"
-    final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
-    if world.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        rng = {"torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():  # sampling on a GPU draws from its generators: resume needs them too
-            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), **rng}, tmp / "state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "position": position, **extra}))
-        # the rename is the commit point: a folder named step-N is always complete
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(list_checkpoints(out))[:-keep] if keep > 0 else []:
-            shutil.rmtree(ckpts / f"step-{old}", ignore_errors=True)
-    world.barrier()  # no rank goes on before the checkpoint exists
-    return final
-
-
-def list_checkpoints(out: Path) -> list[int]:
-    ckpts = out / "checkpoints"
-    if not ckpts.exists():
-        return []
-    return sorted(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(shard_like(value, params[name]))
-    # weights_only: the state file holds tensors and plain containers, never arbitrary objects
-    state = torch.load(path / "state.pt", weights_only=True)
-    load_optimizer_state(model, optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return json.loads((path / "state.json").read_text())
 
 
 # ------------------------------------------------------------------ the loop
@@ -223,22 +125,6 @@ class RunLog:
             return
         self.file.close()
         self.writer.close()
-
-
-def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], None],
-           world: World = World()) -> dict[str, Any] | None:
-    """The newest checkpoint's state (weights, optimizer, schedule and RNG restored), or None. Every
-    process must see the same newest one (the run folder on a filesystem they all share)."""
-    out = Path(cfg.output)
-    latest = list_checkpoints(out)[-1] if cfg.resume and list_checkpoints(out) else -1
-    if not world.all_true(latest == world.max(latest)):
-        raise TrainingError(f"the processes see different newest checkpoints in {out}: put the run folder on a "
-                            "filesystem every process shares")
-    if latest < 0:
-        return None
-    state = load_checkpoint(out / "checkpoints" / f"step-{latest}", model, optimizer, scheduler)
-    log(f"resumed from checkpoints/step-{latest}")
-    return state
 
 
 class Update:
@@ -419,7 +305,7 @@ def checkpoint_or_stop(cfg: RunConfig, step: int, position: int, model, optimize
     """Save a checkpoint when one is due or the run stops early; True when the run must stop."""
     if (cfg.save_every and step % cfg.save_every == 0) or stopped != "max_steps":
         save_checkpoint(Path(cfg.output), step, position, model, optimizer, scheduler, extra, cfg.keep_checkpoints,
-                        world)
+                        world, sharded_format(cfg, world))
     if stopped != "max_steps":
         log(f"stopping at step {step}: kl/policy_ref_token is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
     return stopped != "max_steps"
