@@ -110,3 +110,39 @@ def test_a_sharded_checkpoint_of_another_model_is_a_clear_error(tiny_models, tmp
     _, optimizer, scheduler = build_optimizer(cfg, lora)
     with pytest.raises(TrainingError, match="cannot be loaded into this run.*Missing key in checkpoint.*lora_A"):
         load_checkpoint(path, lora, optimizer, scheduler)
+
+
+def test_a_checkpoint_with_an_empty_parameter_group_still_loads(tiny_models, tmp_path):
+    """build_optimizer used to keep an empty no-decay group for a LoRA run (no 1-D trainable
+    parameters), and the schedule a learning rate for it; it leaves it out now (DeepSpeed drops it).
+    Such a checkpoint loads into today's optimizer: weights, AdamW state and schedule."""
+    from prefalign.models.load import add_lora, load_model
+    from prefalign.train.checkpoint import load_checkpoint, save_checkpoint
+    from prefalign.train.config import RunConfig
+    from prefalign.train.loop import build_optimizer, lr_lambda
+
+    cfg = RunConfig(model=str(tiny_models["llama"]), output=str(tmp_path), warmup_steps=5, learning_rate=1e-2)
+    old = add_lora(load_model(str(tiny_models["llama"])), {"r": 4})
+    trained = [p for p in old.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": trained, "weight_decay": 0.0}, {"params": [], "weight_decay": 0.0}],
+                                  lr=cfg.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    for _ in range(2):
+        old(torch.arange(12).view(2, 6)).logits.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    path = save_checkpoint(tmp_path, 2, 2, old, optimizer, scheduler, {}, keep=2)
+
+    new = add_lora(load_model(str(tiny_models["llama"])), {"r": 4})
+    _, optimizer2, scheduler2 = build_optimizer(cfg, new)
+    assert len(optimizer2.param_groups) == 1
+    load_checkpoint(path, new, optimizer2, scheduler2)
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr()[:1] == [cfg.learning_rate * 3 / 6]
+    scheduler.step()
+    scheduler2.step()
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr()[:1]
+    names = [n for n, p in new.named_parameters() if p.requires_grad]
+    for name, a, b in zip(names, trained, [p for p in new.parameters() if p.requires_grad], strict=True):
+        assert torch.equal(a, b), name
+        assert torch.equal(optimizer.state[a]["exp_avg"], optimizer2.state[b]["exp_avg"]), name

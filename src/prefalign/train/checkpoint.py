@@ -93,16 +93,47 @@ def load_optimizer_state(model, optimizer, saved: dict[str, Any]) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _load_whole(path: Path, model, optimizer) -> dict[str, Any]:
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(shard_like(value, params[name]))
+class WholeTensors:
+    """How the whole format reads and writes a run's trainable tensors. With torch's optimizers: the
+    parameters (an FSDP2 shard gathered, or scattered back) and `optimizer.state_dict()`; DeepSpeed's
+    ZeRO keeps them in partitions of its own (train/deepspeed.py has its WholeTensors)."""
+
+    # torch's state_dict API reaches these tensors, so DCP loads a sharded checkpoint into them in place
+    in_place = True
+
+    def everyone(self, model) -> bool:
+        """Whether a gather needs every rank (DDP's rank 0 holds whole tensors itself)."""
+        return sharded(model)
+
+    def gather(self, model, optimizer, keep: bool) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(trainable weights, name-keyed optimizer state), whole, on a rank that `keep`s them."""
+        return _trainable(model, keep), optimizer_state(model, optimizer, keep)
+
+    def scatter(self, model, optimizer, weights: dict[str, Tensor], optim: dict[str, Any]) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(shard_like(value, params[name]))
+        load_optimizer_state(model, optimizer, optim)
+
+
+def _load_whole(path: Path, model, optimizer, tensors: WholeTensors) -> dict[str, Any]:
     # weights_only: the state file holds tensors and plain containers, never arbitrary objects
     state = torch.load(path / "state.pt", weights_only=True)
-    load_optimizer_state(model, optimizer, state["optimizer"])
+    optim = state["optimizer"]
+    optim["param_groups"] = _drop_empty_groups(optim["param_groups"], state["scheduler"])
+    tensors.scatter(model, optimizer, load_file(str(path / "trainable.safetensors")), optim)
     return state
+
+
+def _drop_empty_groups(groups: list[dict[str, Any]], scheduler: dict[str, Any]) -> list[dict[str, Any]]:
+    """A checkpoint from before build_optimizer left out empty parameter groups (a LoRA run has no 1-D
+    trainable parameters) holds one, and its schedule one learning rate per group: both without it."""
+    keep = [i for i, g in enumerate(groups) if g["params"]]
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+        if isinstance(scheduler.get(key), list) and len(scheduler[key]) == len(groups):
+            scheduler[key] = [scheduler[key][i] for i in keep]
+    return [groups[i] for i in keep]
 
 
 # ------------------------------------------------------------------ sharded (DCP)
@@ -142,7 +173,7 @@ def _load_sharded(path: Path, model, optimizer, world: World) -> dict[str, Any]:
         raise TrainingError(f"{path} cannot be loaded into this run (another model, or other LoRA settings?): "
                             f"{str(e).strip().splitlines()[-1][:300]}") from e
     state = torch.load(path / "state.pt", weights_only=True)
-    optim = {"state": {}, "param_groups": state["param_groups"]}
+    optim = {"state": {}, "param_groups": _drop_empty_groups(state["param_groups"], state["scheduler"])}
     for key, t in tensors.items():
         if key.startswith("optimizer."):
             name, k = key[len("optimizer."):].rsplit(".", 1)
@@ -157,7 +188,7 @@ def _load_sharded(path: Path, model, optimizer, world: World) -> dict[str, Any]:
 
 
 def save_checkpoint(out: Path, step: int, position: int, model, optimizer, scheduler, extra: dict, keep: int,
-                    world: World = World(), shards: bool = False) -> Path | None:
+                    world: World = World(), shards: bool = False, tensors: WholeTensors = WholeTensors()) -> Path:
     """checkpoints/step-N/ in either format (module docstring); every rank takes part (an FSDP2
     shard is gathered, or written by its own rank), rank 0 writes the rest and commits."""
     ckpts = out / "checkpoints"
@@ -171,8 +202,8 @@ def save_checkpoint(out: Path, step: int, position: int, model, optimizer, sched
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     if shards:
         state["param_groups"] = _save_sharded(tmp, model, optimizer, world)  # returns once every rank wrote
-    elif world.main or sharded(model):  # DDP's other ranks hold the same tensors: nothing to gather
-        weights, state["optimizer"] = _trainable(model, world.main), optimizer_state(model, optimizer, world.main)
+    elif world.main or tensors.everyone(model):  # DDP's other ranks hold the same tensors: nothing to gather
+        weights, state["optimizer"] = tensors.gather(model, optimizer, world.main)
         if world.main:
             save_file(weights, str(tmp / "trainable.safetensors"))
     if world.main:
@@ -195,10 +226,28 @@ def list_checkpoints(out: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, world: World = World()) -> dict[str, Any]:
+def _read_sharded_whole(path: Path, tensors: WholeTensors, model, optimizer) -> dict[str, Any]:
+    """A sharded checkpoint read whole on every rank and handed to `tensors` as the whole format's
+    (a DeepSpeed run, whose ZeRO partitions torch's state_dict API does not reach)."""
+    meta = HuggingFaceStorageReader(str(path / SHARDS)).read_metadata().state_dict_metadata
+    whole = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()}
+    dcp.load(whole, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)), no_dist=True)
+    state = torch.load(path / "state.pt", weights_only=True)
+    optim = {"state": {}, "param_groups": _drop_empty_groups(state["param_groups"], state["scheduler"])}
+    for key in [k for k in whole if k.startswith("optimizer.")]:
+        name, k = key[len("optimizer."):].rsplit(".", 1)
+        optim["state"].setdefault(name, {})[k] = whole.pop(key)
+    tensors.scatter(model, optimizer, whole, optim)
+    return state
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, world: World = World(),
+                    tensors: WholeTensors = WholeTensors()) -> dict[str, Any]:
     """Weights, optimizer, schedule and RNG from either format, into a model of any strategy."""
     if (path / "trainable.safetensors").exists():
-        state = _load_whole(path, model, optimizer)
+        state = _load_whole(path, model, optimizer, tensors)
+    elif (path / SHARDS).is_dir() and not tensors.in_place:
+        state = _read_sharded_whole(path, tensors, model, optimizer)
     elif (path / SHARDS).is_dir():
         state = _load_sharded(path, model, optimizer, world)
     else:
@@ -211,7 +260,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, world: World = Worl
 
 
 def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], None],
-           world: World = World()) -> dict[str, Any] | None:
+           world: World = World(), tensors: WholeTensors = WholeTensors()) -> dict[str, Any] | None:
     """The newest checkpoint's state (weights, optimizer, schedule and RNG restored), or None. Every
     process must see the same newest one (the run folder on a filesystem they all share)."""
     out = Path(cfg.output)
@@ -221,6 +270,6 @@ def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], Non
                             "filesystem every process shares")
     if latest < 0:
         return None
-    state = load_checkpoint(out / "checkpoints" / f"step-{latest}", model, optimizer, scheduler, world)
+    state = load_checkpoint(out / "checkpoints" / f"step-{latest}", model, optimizer, scheduler, world, tensors)
     log(f"resumed from checkpoints/step-{latest}")
     return state

@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from ..errors import TrainingError
 from ..runtime.distributed import World
 from ..runtime.memory import peak_memory_bytes
-from .checkpoint import resume, save_checkpoint, sharded_format
+from .checkpoint import WholeTensors, resume, save_checkpoint, sharded_format
 from .config import RunConfig
 
 
@@ -83,12 +84,13 @@ def mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
 
 
 def build_optimizer(cfg: RunConfig, model) -> tuple[list, torch.optim.Optimizer, Any]:
-    """AdamW over the trainable parameters (no decay on biases and norms) and the LR schedule."""
+    """AdamW over the trainable parameters (no decay on biases and norms) and the LR schedule. A group
+    with no parameters (a LoRA run has no 1-D trainable ones) is left out: DeepSpeed drops it, and the
+    schedule and checkpoints must have the same groups under every strategy."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
     return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
@@ -147,13 +149,29 @@ class Update:
 
 
 class Optimization:
-    """The loop's optimizer as an update sees it: `apply` steps on the accumulated gradients (clipped)
-    unless they are non-finite, `skip` records a step that cannot be taken. Both go through the one
-    NaN/Inf guard (BadSteps) and count `skipped`."""
+    """The loop's optimizer as an update sees it: `backward` adds a micro-batch's gradient, `apply`
+    steps on the accumulated gradients (clipped) unless they are non-finite, `skip` records a step
+    that cannot be taken. Both go through the one NaN/Inf guard (BadSteps) and count `skipped`.
+    AdamW and the schedule are torch's; a strategy whose engine steps itself (DeepSpeed:
+    train/deepspeed.py) overrides these three and `tensors`, how checkpoints read its state."""
 
-    def __init__(self, params: list, optimizer, max_grad_norm: float, guard: BadSteps):
+    tensors = WholeTensors()
+
+    def __init__(self, params: list, optimizer, max_grad_norm: float, guard: BadSteps, scheduler=None):
         self.params, self.optimizer, self.max_grad_norm, self.guard = params, optimizer, max_grad_norm, guard
-        self.skipped = 0
+        self.scheduler, self.skipped = scheduler, 0
+
+    @classmethod
+    def build(cls, cfg: RunConfig, model, log: Callable[[str], None]) -> Optimization:
+        """AdamW over `model`'s trainable parameters as they are now (FSDP2: after sharding)."""
+        params, optimizer, scheduler = build_optimizer(cfg, model)
+        return cls(params, optimizer, cfg.max_grad_norm, BadSteps(cfg.max_bad_steps, log), scheduler)
+
+    def backward(self, loss: Tensor, micro_batches: int, finite: bool) -> None:
+        """One of a step's `micro_batches`: its share of the step's gradient. A non-finite loss (here
+        or on another process) adds nothing: the caller skips the step."""
+        if finite:
+            (loss / micro_batches).backward()
 
     def apply(self, step: int, what: str = "step") -> float:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
@@ -174,16 +192,16 @@ class Optimization:
 def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                eval_fn: Callable[[], dict[str, float]] | None = None, monitor=None,
                log: Callable[[str], None] = print, progress: bool = True, label: str = "training",
-               world: World = World()) -> LoopResult:
+               world: World = World(), opt: Optimization | None = None) -> LoopResult:
     """The one loop of every method: `update` runs each step; logging, the NaN/Inf policy,
     checkpoints and resume, the KL budget, TensorBoard and the run's last row are here, once.
     `monitor` (train/kl_monitor.py) measures the exact KL to the reference on sampled completions.
     Several processes (`world`): each step's metrics are averaged and its tokens summed over the
-    ranks; rank 0 logs, measures the KL and writes; every rank loads a checkpoint to resume."""
-    params, optimizer, scheduler = build_optimizer(cfg, model)
-    guard = BadSteps(cfg.max_bad_steps, log)
-    opt, step = Optimization(params, optimizer, cfg.max_grad_norm, guard), 0
-    state = resume(cfg, model, optimizer, scheduler, log, world)
+    ranks; rank 0 logs, measures the KL and writes; every rank loads a checkpoint to resume.
+    `opt`: the optimizer a strategy built (DeepSpeed's engine); by default AdamW over `model`."""
+    opt = opt or Optimization.build(cfg, model, log)
+    guard, step = opt.guard, 0
+    state = resume(cfg, model, opt.optimizer, opt.scheduler, log, world, opt.tensors)
     if state is not None:
         step, update.position, opt.skipped = state["step"], state["position"], state.get("skipped_steps", 0)
         update.restore(state)
@@ -201,7 +219,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
         while step < cfg.max_steps:
             skipped_before = opt.skipped
             step += 1
-            row, metrics, tokens = _one_step(update, step, opt, scheduler, device, world)
+            row, metrics, tokens = _one_step(update, step, opt, opt.scheduler, device, world)
             total_tokens += tokens
             if guard.exceeded:
                 runlog.write(row)  # the last skipped step is on record before the run stops
@@ -221,8 +239,8 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             over = "kl/policy_ref_token" in row and budget.over(row["kl/policy_ref_token"], step)
             if world.any_true(over):  # rank 0 measured it; every rank stops with it
                 stopped = "kl_budget"
-            if checkpoint_or_stop(cfg, step, update.position, model, optimizer, scheduler,
-                                  {"skipped_steps": opt.skipped, **update.state()}, stopped, log, world):
+            if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
+                                  **update.state()}, stopped, log, world):
                 break
     finally:
         if bar is not None:
@@ -300,12 +318,12 @@ class BadSteps:
                              "Lower the learning rate, check the data or the reward, or use fp32.")
 
 
-def checkpoint_or_stop(cfg: RunConfig, step: int, position: int, model, optimizer, scheduler, extra: dict,
+def checkpoint_or_stop(cfg: RunConfig, step: int, position: int, model, opt: Optimization, extra: dict,
                        stopped: str, log: Callable[[str], None], world: World = World()) -> bool:
     """Save a checkpoint when one is due or the run stops early; True when the run must stop."""
     if (cfg.save_every and step % cfg.save_every == 0) or stopped != "max_steps":
-        save_checkpoint(Path(cfg.output), step, position, model, optimizer, scheduler, extra, cfg.keep_checkpoints,
-                        world, sharded_format(cfg, world))
+        save_checkpoint(Path(cfg.output), step, position, model, opt.optimizer, opt.scheduler, extra,
+                        cfg.keep_checkpoints, world, sharded_format(cfg, world), opt.tensors)
     if stopped != "max_steps":
         log(f"stopping at step {step}: kl/policy_ref_token is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
     return stopped != "max_steps"
