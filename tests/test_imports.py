@@ -15,8 +15,9 @@ SRC = Path(prefalign.__file__).parent
 # function-level imports allowed, each for a reason written next to it: optional extras, a backend
 # that must be chosen before import, and the CLI, whose commands load their layer only when run
 # (pyarrow: only Parquet/Arrow input needs it; transformers: only data's optional tokenizer, so that
-# `prefalign data ...` starts in a fraction of a second; vllm: the optional generation backend)
-LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm")
+# `prefalign data ...` starts in a fraction of a second; vllm: the optional generation backend;
+# deepspeed: the optional ZeRO engine, absent from most installs and slow to import)
+LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "deepspeed")
 
 
 def test_import_every_module():

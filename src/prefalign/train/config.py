@@ -56,10 +56,14 @@ class RunConfig(Runtime):
     gradient_checkpointing: bool | Literal["selective"] = Field(
         False, description="true: every layer recomputed in backward; selective: only its cheap ops")
     quantize_4bit: bool = Field(False, description="QLoRA: 4-bit base via bitsandbytes (CUDA only)")
-    distributed: Literal["ddp", "fsdp"] = Field(
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="several processes (torchrun, accelerate launch, --nproc): ddp replicates the model, "
-                           "fsdp shards weights, gradients and optimizer state (FSDP2)")
+                           "fsdp shards weights, gradients and optimizer state (FSDP2), deepspeed: ZeRO through "
+                           "accelerate (pip install deepspeed)")
     fsdp_cpu_offload: bool = Field(False, description="fsdp: keep the shards and optimizer state in CPU memory")
+    deepspeed_stage: Literal[2, 3] | None = Field(
+        None, description="distributed: deepspeed: ZeRO stage 2 shards gradients and optimizer state, 3 the "
+                          "weights too; default 2")
     trust_remote_code: bool = Field(False, description="run the model folder's own code (only if you trust it)")
     logits_chunk_mb: float = Field(128.0, gt=0, description="memory per chunk of output-head logits")
     # glibc's own threshold grows to 32 MB after the first large free; a step's activations then come
@@ -90,12 +94,19 @@ class RunConfig(Runtime):
             # pure low-precision weights would drop the small updates AdamW makes to them
             raise ValueError(f"dtype {self.dtype} is for a frozen LoRA base; a full fine-tune keeps fp32 weights "
                              "(use precision: bf16 for bf16 compute)")
+        if self.deepspeed_stage is not None and self.distributed != "deepspeed":
+            raise ValueError(f"deepspeed_stage is for distributed: deepspeed, not {self.distributed}")
         if self.checkpoint_format == "sharded" and self.distributed != "fsdp":
+            # DeepSpeed's ZeRO partitions are not DTensors: its checkpoints are whole (train/deepspeed.py)
             raise ValueError(f"checkpoint_format: sharded writes FSDP2 shards; distributed: {self.distributed} "
-                             "holds whole tensors on every process: use whole (or auto)")
+                             "writes whole checkpoints: use whole (or auto)")
         if self.kl_budget is not None and self.kl_every == 0:
             raise ValueError("kl_budget is checked against the KL monitor: it needs kl_every > 0 (or unset)")
         return self
+
+    @property
+    def zero_stage(self) -> int:
+        return self.deepspeed_stage or 2
 
     @property
     def lora_settings(self) -> dict | None:

@@ -70,6 +70,8 @@ def parallelize(forward: Forward, world: World, strategy: str, precision_bf16: b
         return forward
     if strategy == "ddp":
         return ddp(forward, world, device)
+    if strategy != "fsdp":  # deepspeed: its engine is built with the optimizer (train/deepspeed.py)
+        raise ConfigError(f"parallelize: {strategy} is not a torch strategy")
     # bf16 compute on gathered weights, gradients reduced in fp32 (FSDP2's recommended mix)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision_bf16 \
         else MixedPrecisionPolicy()
