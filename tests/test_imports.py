@@ -19,9 +19,10 @@ SRC = Path(prefalign.__file__).parent
 # uvicorn, starlette: the serve extra (runtime/http.py's guard imports starlette when it runs, so its
 # is_loopback refuses an address with or without the extra); eval.metrics: torch (its bootstrap), which the
 # review server needs only for an arena's win-rate and would otherwise pay a second of start-up for; gguf: the
-# extra `export --format gguf` writes with)
+# extra `export --format gguf` writes with; deepspeed: the optional ZeRO engine, absent from most
+# installs and slow to import)
 LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "openai", "fastapi",
-        "uvicorn", "starlette", "eval.metrics", "gguf")
+        "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed")
 
 
 def test_import_every_module():

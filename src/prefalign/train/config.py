@@ -56,10 +56,14 @@ class RunConfig(Runtime):
     gradient_checkpointing: bool | Literal["selective"] = Field(
         False, description="true: every layer recomputed in backward; selective: only its cheap ops")
     quantize_4bit: bool = Field(False, description="QLoRA: 4-bit base via bitsandbytes (CUDA only)")
-    distributed: Literal["ddp", "fsdp"] = Field(
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="several processes (torchrun, accelerate launch, --nproc): ddp replicates the model, "
-                           "fsdp shards weights, gradients and optimizer state (FSDP2)")
+                           "fsdp shards weights, gradients and optimizer state (FSDP2), deepspeed: ZeRO through "
+                           "accelerate (pip install deepspeed)")
     fsdp_cpu_offload: bool = Field(False, description="fsdp: keep the shards and optimizer state in CPU memory")
+    deepspeed_stage: Literal[2, 3] | None = Field(
+        None, description="distributed: deepspeed: ZeRO stage 2 shards gradients and optimizer state, 3 the "
+                          "weights too; default 2")
     trust_remote_code: bool = Field(False, description="run the model folder's own code (only if you trust it)")
     logits_chunk_mb: float = Field(128.0, gt=0, description="memory per chunk of output-head logits")
     # glibc's own threshold grows to 32 MB after the first large free; a step's activations then come
@@ -71,6 +75,13 @@ class RunConfig(Runtime):
 
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0: only the final model")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
+    # auto: sharded where FSDP2 shards (as accelerate's FSDP default, SHARDED_STATE_DICT): gathering a
+    # full fine-tune's weights and AdamW state on rank 0 needs 3x the fp32 weights in one host's memory,
+    # which is what FSDP avoids; elsewhere whole (DDP ranks hold whole tensors: nothing to shard)
+    checkpoint_format: Literal["auto", "whole", "sharded"] = Field(
+        "auto", description="checkpoints/step-N: whole tensors written by rank 0, or each rank's shards "
+                            "(torch.distributed.checkpoint, safetensors); auto: sharded under fsdp with several "
+                            "processes; either resumes on any process count")
     resume: bool = Field(False, description="continue from the newest checkpoint in `output`")
     log_every: int = Field(1, ge=1, description="steps between metrics.jsonl rows")
     max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/Inf steps before the run stops")
@@ -83,9 +94,19 @@ class RunConfig(Runtime):
             # pure low-precision weights would drop the small updates AdamW makes to them
             raise ValueError(f"dtype {self.dtype} is for a frozen LoRA base; a full fine-tune keeps fp32 weights "
                              "(use precision: bf16 for bf16 compute)")
+        if self.deepspeed_stage is not None and self.distributed != "deepspeed":
+            raise ValueError(f"deepspeed_stage is for distributed: deepspeed, not {self.distributed}")
+        if self.checkpoint_format == "sharded" and self.distributed != "fsdp":
+            # DeepSpeed's ZeRO partitions are not DTensors: its checkpoints are whole (train/deepspeed.py)
+            raise ValueError(f"checkpoint_format: sharded writes FSDP2 shards; distributed: {self.distributed} "
+                             "writes whole checkpoints: use whole (or auto)")
         if self.kl_budget is not None and self.kl_every == 0:
             raise ValueError("kl_budget is checked against the KL monitor: it needs kl_every > 0 (or unset)")
         return self
+
+    @property
+    def zero_stage(self) -> int:
+        return self.deepspeed_stage or 2
 
     @property
     def lora_settings(self) -> dict | None:

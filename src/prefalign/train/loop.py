@@ -4,8 +4,8 @@ method plugs in an `Update` (train/offline.py: micro-batches -> loss -> step; tr
 update); the loop knows nothing about methods.
 
 Exact resume: the data order is a pure function of (seed, micro-batch position), and a checkpoint
-holds the trainable weights, optimizer, scheduler, torch RNG state and that position; a run killed
-at any moment and resumed logs the same losses as one never interrupted.
+(train/checkpoint.py) holds the trainable weights, optimizer, scheduler, torch RNG state and that
+position; a run killed at any moment and resumed logs the same losses as one never interrupted.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,15 +21,14 @@ from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from ..errors import TrainingError
 from ..runtime.distributed import World
 from ..runtime.memory import peak_memory_bytes
+from .checkpoint import WholeTensors, resume, save_checkpoint, sharded_format
 from .config import RunConfig
-from .parallel import full, shard_like, sharded
 
 
 @functools.lru_cache(maxsize=4)
@@ -63,100 +60,6 @@ def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
     return f
 
 
-# ------------------------------------------------------------------ checkpoints
-
-
-def _trainable(model, keep: bool = True) -> dict[str, Tensor]:
-    out = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            t = full(p)  # a gather every rank takes part in, for an FSDP2 shard
-            if keep:
-                out[n] = t
-    return out
-
-
-def _param_names(model, optimizer) -> list[str]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-
-def optimizer_state(model, optimizer, keep: bool = True) -> dict[str, Any]:
-    """The optimizer's state keyed by parameter name, with whole tensors: the same file whatever the
-    process count or strategy (an FSDP2 rank holds shards; torch's own dict is keyed by position).
-    Every rank gathers a shard's tensors with the others; only a rank that `keep`s them holds them."""
-    sd, names = optimizer.state_dict(), _param_names(model, optimizer)
-    state = {}
-    for i, s in sd["state"].items():
-        whole = {k: full(v) if torch.is_tensor(v) else v for k, v in s.items()}
-        if keep:
-            state[names[i]] = whole
-    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def load_optimizer_state(model, optimizer, saved: dict[str, Any]) -> None:
-    if any(isinstance(p, int) for g in saved["param_groups"] for p in g["params"]):  # before name-keyed state
-        optimizer.load_state_dict(saved)
-        return
-    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
-    params = dict(model.named_parameters())
-    state = {index[n]: {k: shard_like(v, params[n]) if torch.is_tensor(v) and v.ndim else v for k, v in s.items()}
-             for n, s in saved["state"].items()}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def save_checkpoint(out: Path, step: int, position: int, model, optimizer, scheduler, extra: dict, keep: int,
-                    world: World = World()) -> Path | None:
-    """Every rank takes part (an FSDP2 shard is gathered); rank 0 writes. The files are those of a
-    one-process run, so any process count resumes from them."""
-    weights, optim = {}, {}
-    if world.main or sharded(model):  # DDP's other ranks hold the same tensors: nothing to gather
-        weights, optim = _trainable(model, world.main), optimizer_state(model, optimizer, world.main)
-    ckpts = out / "checkpoints"
-    final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
-    if world.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        rng = {"torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():  # sampling on a GPU draws from its generators: resume needs them too
-            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), **rng}, tmp / "state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "position": position, **extra}))
-        # the rename is the commit point: a folder named step-N is always complete
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(list_checkpoints(out))[:-keep] if keep > 0 else []:
-            shutil.rmtree(ckpts / f"step-{old}", ignore_errors=True)
-    world.barrier()  # no rank goes on before the checkpoint exists
-    return final
-
-
-def list_checkpoints(out: Path) -> list[int]:
-    ckpts = out / "checkpoints"
-    if not ckpts.exists():
-        return []
-    return sorted(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(shard_like(value, params[name]))
-    # weights_only: the state file holds tensors and plain containers, never arbitrary objects
-    state = torch.load(path / "state.pt", weights_only=True)
-    load_optimizer_state(model, optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return json.loads((path / "state.json").read_text())
-
-
 # ------------------------------------------------------------------ the loop
 
 
@@ -181,12 +84,13 @@ def mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
 
 
 def build_optimizer(cfg: RunConfig, model) -> tuple[list, torch.optim.Optimizer, Any]:
-    """AdamW over the trainable parameters (no decay on biases and norms) and the LR schedule."""
+    """AdamW over the trainable parameters (no decay on biases and norms) and the LR schedule. A group
+    with no parameters (a LoRA run has no 1-D trainable ones) is left out: DeepSpeed drops it, and the
+    schedule and checkpoints must have the same groups under every strategy."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
     return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
@@ -225,22 +129,6 @@ class RunLog:
         self.writer.close()
 
 
-def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], None],
-           world: World = World()) -> dict[str, Any] | None:
-    """The newest checkpoint's state (weights, optimizer, schedule and RNG restored), or None. Every
-    process must see the same newest one (the run folder on a filesystem they all share)."""
-    out = Path(cfg.output)
-    latest = list_checkpoints(out)[-1] if cfg.resume and list_checkpoints(out) else -1
-    if not world.all_true(latest == world.max(latest)):
-        raise TrainingError(f"the processes see different newest checkpoints in {out}: put the run folder on a "
-                            "filesystem every process shares")
-    if latest < 0:
-        return None
-    state = load_checkpoint(out / "checkpoints" / f"step-{latest}", model, optimizer, scheduler)
-    log(f"resumed from checkpoints/step-{latest}")
-    return state
-
-
 class Update:
     """One training method's step, driven by `train_loop`: offline methods take the next micro-batches,
     compute the loss and step the optimizer (train/offline.py); RL collects a rollout and updates on
@@ -261,13 +149,29 @@ class Update:
 
 
 class Optimization:
-    """The loop's optimizer as an update sees it: `apply` steps on the accumulated gradients (clipped)
-    unless they are non-finite, `skip` records a step that cannot be taken. Both go through the one
-    NaN/Inf guard (BadSteps) and count `skipped`."""
+    """The loop's optimizer as an update sees it: `backward` adds a micro-batch's gradient, `apply`
+    steps on the accumulated gradients (clipped) unless they are non-finite, `skip` records a step
+    that cannot be taken. Both go through the one NaN/Inf guard (BadSteps) and count `skipped`.
+    AdamW and the schedule are torch's; a strategy whose engine steps itself (DeepSpeed:
+    train/deepspeed.py) overrides these three and `tensors`, how checkpoints read its state."""
 
-    def __init__(self, params: list, optimizer, max_grad_norm: float, guard: BadSteps):
+    tensors = WholeTensors()
+
+    def __init__(self, params: list, optimizer, max_grad_norm: float, guard: BadSteps, scheduler=None):
         self.params, self.optimizer, self.max_grad_norm, self.guard = params, optimizer, max_grad_norm, guard
-        self.skipped = 0
+        self.scheduler, self.skipped = scheduler, 0
+
+    @classmethod
+    def build(cls, cfg: RunConfig, model, log: Callable[[str], None]) -> Optimization:
+        """AdamW over `model`'s trainable parameters as they are now (FSDP2: after sharding)."""
+        params, optimizer, scheduler = build_optimizer(cfg, model)
+        return cls(params, optimizer, cfg.max_grad_norm, BadSteps(cfg.max_bad_steps, log), scheduler)
+
+    def backward(self, loss: Tensor, micro_batches: int, finite: bool) -> None:
+        """One of a step's `micro_batches`: its share of the step's gradient. A non-finite loss (here
+        or on another process) adds nothing: the caller skips the step."""
+        if finite:
+            (loss / micro_batches).backward()
 
     def apply(self, step: int, what: str = "step") -> float:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
@@ -288,16 +192,16 @@ class Optimization:
 def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                eval_fn: Callable[[], dict[str, float]] | None = None, monitor=None,
                log: Callable[[str], None] = print, progress: bool = True, label: str = "training",
-               world: World = World()) -> LoopResult:
+               world: World = World(), opt: Optimization | None = None) -> LoopResult:
     """The one loop of every method: `update` runs each step; logging, the NaN/Inf policy,
     checkpoints and resume, the KL budget, TensorBoard and the run's last row are here, once.
     `monitor` (train/kl_monitor.py) measures the exact KL to the reference on sampled completions.
     Several processes (`world`): each step's metrics are averaged and its tokens summed over the
-    ranks; rank 0 logs, measures the KL and writes; every rank loads a checkpoint to resume."""
-    params, optimizer, scheduler = build_optimizer(cfg, model)
-    guard = BadSteps(cfg.max_bad_steps, log)
-    opt, step = Optimization(params, optimizer, cfg.max_grad_norm, guard), 0
-    state = resume(cfg, model, optimizer, scheduler, log, world)
+    ranks; rank 0 logs, measures the KL and writes; every rank loads a checkpoint to resume.
+    `opt`: the optimizer a strategy built (DeepSpeed's engine); by default AdamW over `model`."""
+    opt = opt or Optimization.build(cfg, model, log)
+    guard, step = opt.guard, 0
+    state = resume(cfg, model, opt.optimizer, opt.scheduler, log, world, opt.tensors)
     if state is not None:
         step, update.position, opt.skipped = state["step"], state["position"], state.get("skipped_steps", 0)
         update.restore(state)
@@ -315,7 +219,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
         while step < cfg.max_steps:
             skipped_before = opt.skipped
             step += 1
-            row, metrics, tokens = _one_step(update, step, opt, scheduler, device, world)
+            row, metrics, tokens = _one_step(update, step, opt, opt.scheduler, device, world)
             total_tokens += tokens
             if guard.exceeded:
                 runlog.write(row)  # the last skipped step is on record before the run stops
@@ -335,8 +239,8 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             over = "kl/policy_ref_token" in row and budget.over(row["kl/policy_ref_token"], step)
             if world.any_true(over):  # rank 0 measured it; every rank stops with it
                 stopped = "kl_budget"
-            if checkpoint_or_stop(cfg, step, update.position, model, optimizer, scheduler,
-                                  {"skipped_steps": opt.skipped, **update.state()}, stopped, log, world):
+            if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
+                                  **update.state()}, stopped, log, world):
                 break
     finally:
         if bar is not None:
@@ -414,12 +318,12 @@ class BadSteps:
                              "Lower the learning rate, check the data or the reward, or use fp32.")
 
 
-def checkpoint_or_stop(cfg: RunConfig, step: int, position: int, model, optimizer, scheduler, extra: dict,
+def checkpoint_or_stop(cfg: RunConfig, step: int, position: int, model, opt: Optimization, extra: dict,
                        stopped: str, log: Callable[[str], None], world: World = World()) -> bool:
     """Save a checkpoint when one is due or the run stops early; True when the run must stop."""
     if (cfg.save_every and step % cfg.save_every == 0) or stopped != "max_steps":
-        save_checkpoint(Path(cfg.output), step, position, model, optimizer, scheduler, extra, cfg.keep_checkpoints,
-                        world)
+        save_checkpoint(Path(cfg.output), step, position, model, opt.optimizer, opt.scheduler, extra,
+                        cfg.keep_checkpoints, world, sharded_format(cfg, world), opt.tensors)
     if stopped != "max_steps":
         log(f"stopping at step {step}: kl/policy_ref_token is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
     return stopped != "max_steps"

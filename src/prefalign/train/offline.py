@@ -37,6 +37,7 @@ from ..runtime.device import describe, set_up
 from ..runtime.distributed import World, init_world, shut_down
 from ..runtime.memory import set_malloc_mmap_threshold
 from ..runtime.precision import autocast_for, bf16_wanted, weights_dtype
+from . import deepspeed
 from .config import OfflineConfig, RunConfig
 from .kl_monitor import auto_every, build_monitor
 from .loop import LoopResult, Optimization, Update, batch_indices, mean_metrics, train_loop, write_summary
@@ -44,16 +45,23 @@ from .methods import METHODS, Method
 from .parallel import Forward, accumulating, full_state, parallelize
 
 
+def sharded_weights(cfg: RunConfig, world: World) -> str | None:
+    """The strategy, when no process holds the whole model outside its forward (FSDP2, ZeRO-3)."""
+    if world.active and (cfg.distributed == "fsdp" or (cfg.distributed == "deepspeed" and cfg.zero_stage == 3)):
+        return "distributed: fsdp" if cfg.distributed == "fsdp" else "ZeRO-3 (distributed: deepspeed)"
+    return None
+
+
 def choose_reference(cfg: OfflineConfig, method: Method, n_examples: int, world: World = World()) -> str | None:
     if not method.reference:
         return None
-    fsdp = world.active and cfg.distributed == "fsdp"
-    if fsdp and cfg.reference not in ("auto", "precompute"):
+    sharded = sharded_weights(cfg, world)
+    if sharded and cfg.reference not in ("auto", "precompute"):
         # a sharded model is whole only inside its forward: the reference pass runs before sharding
-        raise ConfigError(f"distributed: fsdp takes reference: precompute (or auto), not {cfg.reference}")
+        raise ConfigError(f"{sharded} takes reference: precompute (or auto), not {cfg.reference}")
     if cfg.reference != "auto":
         return cfg.reference
-    if fsdp:
+    if sharded:
         return "precompute"
     visits = cfg.max_steps * cfg.batch_size * cfg.grad_accum
     # Precomputing costs one reference forward per example; on the fly costs one per visit.
@@ -221,8 +229,12 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
         ref_model = reference.model if strategy == "copy" else initial if initial is not None else model
         ctx = model.disable_adapter if ref_model is model else nullcontext
         monitor = build_monitor(cfg, model, ref_model, ctx, tokenizer, cfg.eval_data or cfg.data, device, autocast, log)
-    forward = parallelize(forward_of(model, cfg), world, cfg.distributed, bf16_wanted(cfg.precision, device),
-                          cfg.fsdp_cpu_offload, device)
+    opt = None
+    if world.active and cfg.distributed == "deepspeed":  # the engine is built with its optimizer
+        forward, opt = deepspeed.prepare(forward_of(model, cfg), model, cfg, world, log)
+    else:
+        forward = parallelize(forward_of(model, cfg), world, cfg.distributed, bf16_wanted(cfg.precision, device),
+                              cfg.fsdp_cpu_offload, device)
     step_fn = make_step(forward, cfg, reference, autocast, world)
     eval_fn = None
     if eval_data is not None:
@@ -230,7 +242,7 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
                              make_step(forward, cfg, eval_reference, autocast, world))
     update = OfflineUpdate(cfg, make_batch, step_fn, len(data), device, world, forward)
     result = train_loop(cfg, model, update, device, eval_fn=eval_fn, monitor=monitor, log=log, progress=progress,
-                        world=world)
+                        world=world, opt=opt)
     _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log)
     return result
 
@@ -245,6 +257,8 @@ def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult
     state = None
     if world.active and cfg.distributed == "fsdp":
         state = full_state(model, keep=world.main, only_trainable=lora)
+    elif world.active and cfg.distributed == "deepspeed":
+        state = deepspeed.final_state(model, keep=world.main, only_trainable=lora)
     if world.main:
         save_model(model, tokenizer, out / "final", base=base, state_dict=state)
         write_summary(out, result, method=cfg.method, reference=strategy, lora=lora,
@@ -261,10 +275,12 @@ def check_world(cfg: OfflineConfig, world: World) -> None:
     if cfg.batch_size % world.size:
         raise ConfigError(f"batch_size {cfg.batch_size} is the global micro-batch and must divide over the "
                           f"{world.size} processes (each takes batch_size / processes pairs)")
-    if cfg.distributed == "fsdp" and cfg.quantize_4bit:
-        raise ConfigError("distributed: fsdp does not shard 4-bit (QLoRA) weights here; use distributed: ddp")
-    if cfg.distributed == "fsdp" and method.inputs == "scores" and cfg.lora:
-        raise ConfigError("distributed: fsdp cannot merge a sharded LoRA reward model into final/; use ddp")
+    deepspeed.check(cfg)
+    if cfg.distributed != "ddp" and cfg.quantize_4bit:
+        raise ConfigError(f"distributed: {cfg.distributed} does not shard 4-bit (QLoRA) weights here; use ddp")
+    sharded = sharded_weights(cfg, world)
+    if sharded and method.inputs == "scores" and cfg.lora:
+        raise ConfigError(f"{sharded} cannot merge a sharded LoRA reward model into final/; use ddp")
 
 
 def forward_of(model, cfg: OfflineConfig) -> Forward:
@@ -292,10 +308,11 @@ def _watch(cfg: OfflineConfig, method: Method, strategy: str | None, model, log,
     Several processes: rank 0 measures (the others would repeat it); under FSDP2 no rank holds the
     whole model to sample from, so the monitor is off."""
     watch = method.inputs == "logps" and auto_every(cfg.kl_every, cfg.max_steps, cfg.kl_budget) > 0
-    if watch and world.active and cfg.distributed == "fsdp":
+    sharded = sharded_weights(cfg, world)
+    if watch and sharded:
         if cfg.kl_budget is not None:
-            raise ConfigError("kl_budget needs the KL monitor, which distributed: fsdp does not run; use ddp")
-        log("KL monitor off: under distributed: fsdp no process holds the whole model to sample from")
+            raise ConfigError(f"kl_budget needs the KL monitor, which {sharded} does not run; use ddp")
+        log(f"KL monitor off: under {sharded} no process holds the whole model to sample from")
         return False, None
     watch = watch and world.main
     if not watch or strategy == "copy" or cfg.lora_settings is not None:
@@ -337,11 +354,11 @@ class OfflineUpdate(Update):
                 loss, metrics, n_tok = self.step_fn({k: v.to(self.device) for k, v in batch.items()})
                 tokens += n_tok
                 # every rank skips together: under DDP a rank without backward would leave the others waiting
-                if not self.world.all_true(bool(torch.isfinite(loss))):
-                    finite = False
-                    continue
-                (loss / self.cfg.grad_accum).backward()
-            items.append({"loss": float(loss.detach()), **metrics})
+                ok = self.world.all_true(bool(torch.isfinite(loss)))
+                finite = finite and ok
+                opt.backward(loss, self.cfg.grad_accum, ok)
+            if ok:
+                items.append({"loss": float(loss.detach()), **metrics})
         if finite:
             grad_norm = opt.apply(step)
         else:

@@ -5,8 +5,9 @@ over the ranks). prefalign adds no engine of its own; it only
 - puts a method's differentiable forward (batch -> per-sequence log-probs or scores) behind one
   module call, `Forward`, because both engines act in hooks on module calls, and the log-prob path
   reads the output head's weight directly (only the positions it scores go through the head);
-- gathers full tensors for checkpoints, so that a checkpoint holds the same files whatever the
-  process count or strategy was (train/loop.py), and a run resumes on any other count.
+- gathers full tensors (whole checkpoints and final/) and scatters them back (a resume), so that
+  a run resumes on any other count (train/checkpoint.py; sharded checkpoints go through
+  torch.distributed.checkpoint instead).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def parallelize(forward: Forward, world: World, strategy: str, precision_bf16: b
         return forward
     if strategy == "ddp":
         return ddp(forward, world, device)
+    if strategy != "fsdp":  # deepspeed: its engine is built with the optimizer (train/deepspeed.py)
+        raise ConfigError(f"parallelize: {strategy} is not a torch strategy")
     # bf16 compute on gathered weights, gradients reduced in fp32 (FSDP2's recommended mix)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision_bf16 \
         else MixedPrecisionPolicy()

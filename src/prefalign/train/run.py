@@ -7,8 +7,9 @@ from pathlib import Path
 
 from ..errors import ConfigError, TrainingError
 from ..runtime.distributed import World, launch, launched
+from .checkpoint import list_checkpoints
 from .config import RunConfig
-from .loop import LoopResult, list_checkpoints
+from .loop import LoopResult
 from .methods import METHODS
 from .offline import check_world, run_offline
 from .ppo import check_rl_world, run_rl
