@@ -14,7 +14,9 @@ Two formats; a run resumes from either, whatever its own strategy and process co
 
 Both: `state.json` (step, data position, what an update adds), and the same commit point: every
 file goes into `step-N.tmp/`, which rank 0 renames to `step-N/` once all are written, so a folder
-named step-N is always complete and a save killed half-way leaves only a `.tmp` no resume reads.
+named step-N is always complete and a save killed half-way leaves only a `.tmp` no resume reads
+(the next save, or a resume, removes it). Rank 0 fsyncs what it writes, the folder, and after the
+rename `checkpoints/`. A sharded checkpoint's state.json names every rank's file, checked on load.
 """
 
 from __future__ import annotations
