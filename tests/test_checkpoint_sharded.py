@@ -5,6 +5,7 @@ run never interrupted. Real runs of the CLI on gloo (torchrun), as in test_distr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -51,27 +52,55 @@ def model(tiny_models):
     return tiny_models["llama"]
 
 
+def _load_error(path, model) -> str:
+    """The TrainingError a one-process load of checkpoint `path` raises."""
+    from prefalign.errors import TrainingError
+    from prefalign.models.load import load_model
+    from prefalign.train.checkpoint import load_checkpoint
+    from prefalign.train.config import RunConfig
+    from prefalign.train.loop import build_optimizer
+
+    net = load_model(str(model))
+    _, optimizer, scheduler = build_optimizer(RunConfig(model=str(model), output=str(path)), net)
+    with pytest.raises(TrainingError) as e:
+        load_checkpoint(path, net, optimizer, scheduler)
+    return str(e.value)
+
+
 def test_sharded_checkpoints_resume_across_process_counts(model, pair_file, tmp_path):
     """A 1-process run with sharded checkpoints (one file, whole tensors) is the uninterrupted run;
-    2 FSDP2 processes write step 2 as shards (each rank its half of every tensor, nothing gathered);
-    1 process (plain) resumes from those shards, and 2 FSDP2 processes resume from the 1-process
-    shards: every resumed loss equals the uninterrupted run's. A save killed half-way (a step-N.tmp
-    with one rank's file missing) is left alone."""
+    2 FSDP2 processes with checkpoint_format auto write step 2 as shards (each rank its half of every
+    tensor, nothing gathered; state.json names both files); 1 process (plain) resumes from those
+    shards, and 2 FSDP2 processes resume from the 1-process shards: every resumed loss equals the
+    uninterrupted run's. A shard file missing from step 2 is a TrainingError on load. A `step-3.tmp`
+    (the folder of a save killed half-way) beside step 2 is not resumed from and is removed on resume."""
     whole, two, to_one, to_two = (tmp_path / d for d in ("whole", "two", "to_one", "to_two"))
     sharded = ("distributed=fsdp", "checkpoint_format=sharded", "save_every=2", "keep_checkpoints=5")
     _train(whole, model, pair_file, *COMMON, *sharded)
-    _train(two, model, pair_file, *COMMON, *sharded[:-1], "max_steps=2", nproc=2)  # auto: sharded under fsdp
+    _train(two, model, pair_file, *COMMON, "distributed=fsdp", "save_every=2", "max_steps=2", nproc=2)  # auto
     step2 = two / "checkpoints" / "step-2"
-    assert sorted(p.name for p in step2.iterdir()) == ["shards", "state.json", "state.pt"]  # no whole tensors
+    assert sorted(p.name for p in step2.iterdir()) == ["shards", "state.json", "state.pt"]  # auto: sharded
+    files = ["shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    assert json.loads((step2 / "state.json").read_text())["shard_files"] == files
     _assert_each_rank_wrote_its_half(_pieces(step2 / "shards"), _pieces(whole / "checkpoints" / "step-2" / "shards"))
 
+    # a shard file lost (or written on another node's disk): the file state.json names is missing;
+    # without that record (an older checkpoint), the pieces left do not cover the tensors
+    broken = tmp_path / "lost" / "step-2"
+    shutil.copytree(step2, broken)
+    (broken / "shards" / files[0]).unlink()
+    assert f"{files[0]} is missing" in _load_error(broken, model)
+    info = json.loads((broken / "state.json").read_text())
+    (broken / "state.json").write_text(json.dumps({k: v for k, v in info.items() if k != "shard_files"}))
+    assert "a shard file is missing" in _load_error(broken, model)
+
     shutil.copytree(two, to_one)
-    # as if rank 1 died while a later save was writing: step-3.tmp has rank 0's shards only
-    half_done = to_one / "checkpoints" / "step-3.tmp"
+    half_done = to_one / "checkpoints" / "step-3.tmp"  # as if the processes died while saving step 3
     shutil.copytree(step2, half_done)
-    (half_done / "shards" / "shard-00002-model-00001-of-00001.safetensors").unlink()
+    (half_done / "shards" / files[1]).unlink()
     run = _train(to_one, model, pair_file, *COMMON, "resume=true")  # distributed: ddp, one process
     assert "resumed from checkpoints/step-2" in run.stdout + run.stderr
+    assert not half_done.exists()
 
     (to_two / "checkpoints").mkdir(parents=True)
     shutil.copytree(whole / "checkpoints" / "step-2", to_two / "checkpoints" / "step-2")
@@ -146,3 +175,82 @@ def test_a_checkpoint_with_an_empty_parameter_group_still_loads(tiny_models, tmp
     for name, a, b in zip(names, trained, [p for p in new.parameters() if p.requires_grad], strict=True):
         assert torch.equal(a, b), name
         assert torch.equal(optimizer.state[a]["exp_avg"], optimizer2.state[b]["exp_avg"]), name
+
+
+def _tiny(tiny_models, tmp_path):
+    from prefalign.models.load import load_model
+    from prefalign.train.config import RunConfig
+    from prefalign.train.loop import build_optimizer
+
+    net = load_model(str(tiny_models["llama"]))
+    return (net, *build_optimizer(RunConfig(model=str(tiny_models["llama"]), output=str(tmp_path)), net)[1:])
+
+
+def test_a_killed_save_is_never_a_checkpoint_and_the_next_save_removes_it(tiny_models, tmp_path, monkeypatch):
+    """A save that fails after trainable.safetensors is written (state.pt cannot be pickled) leaves a
+    step-2.tmp and no step-2: step 1 stays the newest checkpoint. The next save removes step-2.tmp.
+    A committed save fsyncs its files, its folder, and the checkpoints folder after the rename."""
+    from prefalign.train.checkpoint import WholeTensors, list_checkpoints, save_checkpoint
+
+    class DiesWhileSaving(WholeTensors):
+        def gather(self, model, optimizer, keep):
+            weights, optim = super().gather(model, optimizer, keep)
+            return weights, {**optim, "unpicklable": lambda: None}
+
+    net, optimizer, scheduler = _tiny(tiny_models, tmp_path)
+    save_checkpoint(tmp_path, 1, 1, net, optimizer, scheduler, {}, keep=5)
+    with pytest.raises(Exception, match="lambda"):
+        save_checkpoint(tmp_path, 2, 2, net, optimizer, scheduler, {}, keep=5, tensors=DiesWhileSaving())
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-1", "step-2.tmp"]
+    assert (ckpts / "step-2.tmp" / "trainable.safetensors").exists() and list_checkpoints(tmp_path) == [1]
+
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    save_checkpoint(tmp_path, 3, 3, net, optimizer, scheduler, {}, keep=5)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-1", "step-3"]
+    tmp = f"{ckpts}/step-3.tmp"
+    assert synced == [f"{tmp}/trainable.safetensors", f"{tmp}/state.pt", f"{tmp}/state.json", tmp, str(ckpts)]
+
+
+def test_a_sharded_save_before_any_update_makes_up_no_optimizer_state(tiny_models, tmp_path):
+    """Every step before the first save skipped (the NaN guard): AdamW has no state. The sharded save
+    leaves it without (torch's state_dict API would take a step with lr 0, and AdamW's step count
+    would read one more than the updates made); the load gives the weights and no state either."""
+    from prefalign.train.checkpoint import load_checkpoint, save_checkpoint
+
+    net, optimizer, scheduler = _tiny(tiny_models, tmp_path)
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)
+    path = save_checkpoint(tmp_path, 1, 1, net, optimizer, scheduler, {}, keep=2, shards=True)
+    assert len(optimizer.state) == 0
+    net2, optimizer2, scheduler2 = _tiny(tiny_models, tmp_path)
+    load_checkpoint(path, net2, optimizer2, scheduler2)
+    assert len(optimizer2.state) == 0
+    for (name, a), b in zip(net.named_parameters(), net2.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    for m, o in ((net, optimizer), (net2, optimizer2)):
+        m(torch.arange(12).view(2, 6)).logits.pow(2).mean().backward()
+        o.step()
+    assert [float(s["step"]) for s in optimizer2.state.values()] == [1.0] * len(optimizer.state)
+
+
+def test_sharded_needs_a_torch_with_hugging_face_storage(monkeypatch):
+    """On a torch without HuggingFaceStorageWriter: `sharded` is a ConfigError naming the version it
+    needs, `auto` falls back to whole checkpoints (under FSDP2 with 2 processes it is sharded)."""
+    import torch.distributed.checkpoint as dcp
+
+    from prefalign.errors import ConfigError
+    from prefalign.runtime.distributed import World
+    from prefalign.train.checkpoint import sharded_format
+    from prefalign.train.config import RunConfig
+
+    two = World(rank=0, size=2)
+    auto, explicit = (RunConfig(model="m", output="o", distributed="fsdp", checkpoint_format=f)
+                      for f in ("auto", "sharded"))
+    assert sharded_format(auto, two) and not sharded_format(auto, World())
+    assert not sharded_format(RunConfig(model="m", output="o"), two)  # ddp: whole
+    monkeypatch.delattr(dcp, "HuggingFaceStorageWriter")
+    assert not sharded_format(auto, two)
+    with pytest.raises(ConfigError, match=r"checkpoint_format: sharded needs torch >= 2\.9"):
+        sharded_format(explicit, two)

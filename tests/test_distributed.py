@@ -145,7 +145,11 @@ def test_resume_across_process_counts(first, then, lora, model, pair_file, one_p
     split = tmp_path / "split"
     common = ("max_steps=4", "reference=precompute", f"lora={str(lora).lower()}")
     whole = one_process(model, pair_file, *common)
-    _train(split, model, pair_file, *common, "save_every=2", "max_steps=2", f"distributed={first[1]}", nproc=first[0])
+    # FSDP2 gathered into the whole format (auto would shard: 2 -> 1 sharded is test_checkpoint_sharded's)
+    fmt = ("checkpoint_format=whole",) if first[1] == "fsdp" else ()
+    _train(split, model, pair_file, *common, *fmt, "save_every=2", "max_steps=2", f"distributed={first[1]}",
+           nproc=first[0])
+    assert (split / "checkpoints" / "step-2" / "trainable.safetensors").exists()  # auto under ddp: whole too
     _train(split, model, pair_file, *common, "resume=true", f"distributed={then[1]}", nproc=then[0])
     a, b = _losses(whole), _losses(split)
     assert sorted(b) == [1, 2, 3, 4]

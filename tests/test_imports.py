@@ -20,9 +20,10 @@ SRC = Path(prefalign.__file__).parent
 # is_loopback refuses an address with or without the extra); eval.metrics: torch (its bootstrap), which the
 # review server needs only for an arena's win-rate and would otherwise pay a second of start-up for; gguf: the
 # extra `export --format gguf` writes with; deepspeed: the optional ZeRO engine, absent from most
-# installs and slow to import)
+# installs and slow to import; torch.distributed.checkpoint: its HuggingFaceStorageWriter/Reader, which only a
+# torch >= 2.9 has and only sharded checkpoints use, so that whole checkpoints run on the older torch allowed)
 LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "openai", "fastapi",
-        "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed")
+        "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed", "torch.distributed.checkpoint")
 
 
 def test_import_every_module():

@@ -14,12 +14,16 @@ Two formats; a run resumes from either, whatever its own strategy and process co
 
 Both: `state.json` (step, data position, what an update adds), and the same commit point: every
 file goes into `step-N.tmp/`, which rank 0 renames to `step-N/` once all are written, so a folder
-named step-N is always complete and a save killed half-way leaves only a `.tmp` no resume reads.
+named step-N is always complete and a save killed half-way leaves only a `.tmp` no resume reads
+(the next save, or a resume, removes it). Rank 0 fsyncs what it writes, the folder, and after the
+rename `checkpoints/`. A sharded checkpoint's state.json names every rank's file, checked on load.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -27,26 +31,60 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from ..runtime.distributed import World
 from .config import RunConfig
 from .parallel import full, shard_like, sharded
 
 SHARDS = "shards"  # the sharded format's DCP folder: only DCP's safetensors files are in it
+# HuggingFaceStorageWriter(save_distributed=True) (one safetensors file per rank) first shipped in torch 2.9
+SHARDED_TORCH = "2.9"
+
+
+def _hf_storage():
+    """torch's Hugging Face storage classes, imported here so that the whole format runs on the older
+    torch pyproject allows; a torch without them (or without save_distributed) cannot shard."""
+    try:
+        from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+    except ImportError:
+        HuggingFaceStorageWriter = None
+    if HuggingFaceStorageWriter is None or "save_distributed" not in inspect.signature(
+            HuggingFaceStorageWriter).parameters:
+        raise ConfigError(f"checkpoint_format: sharded needs torch >= {SHARDED_TORCH} (torch.distributed.checkpoint's "
+                          f"HuggingFaceStorageWriter with save_distributed); this is torch {torch.__version__}: "
+                          "use checkpoint_format: whole, or upgrade torch")
+    return HuggingFaceStorageWriter, HuggingFaceStorageReader
 
 
 def sharded_format(cfg: RunConfig, world: World) -> bool:
-    """Whether this run writes sharded checkpoints (config.py: checkpoint_format)."""
+    """Whether this run writes sharded checkpoints (config.py: checkpoint_format). `auto` on a torch
+    too old for them writes whole ones; an explicit `sharded` there is a ConfigError."""
     if cfg.checkpoint_format == "auto":
-        return cfg.distributed == "fsdp" and world.active
-    return cfg.checkpoint_format == "sharded"
+        if not (cfg.distributed == "fsdp" and world.active):
+            return False
+        try:
+            _hf_storage()
+        except ConfigError:
+            return False
+        return True
+    if cfg.checkpoint_format == "sharded":
+        _hf_storage()
+        return True
+    return False
 
 
 # ------------------------------------------------------------------ whole tensors, name-keyed
@@ -139,13 +177,18 @@ def _drop_empty_groups(groups: list[dict[str, Any]], scheduler: dict[str, Any]) 
 # ------------------------------------------------------------------ sharded (DCP)
 
 
-def _dcp_tensors(model, optimizer) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+def _dcp_tensors(model, optimizer, with_optimizer: bool = True) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
     """This rank's trainable weights and AdamW state as DCP sees them (FSDP2: DTensor shards, which
     DCP writes piece by piece; a plain model: whole tensors) under the names of the whole format,
     and the optimizer's parameter groups (by name). Both come from torch's own state_dict API, which
-    also gives a fresh optimizer its (zero) state, so that a resume has tensors to load into."""
+    also gives an optimizer without state its (zero) state by taking a step with lr 0: AdamW's step
+    count then reads 1. Without `with_optimizer` (no update yet: nothing to save) only the weights."""
     opts = StateDictOptions(ignore_frozen_params=True, strict=False)
-    weights, optim = get_state_dict(model, optimizer, options=opts)
+    if with_optimizer:
+        weights, optim = get_state_dict(model, optimizer, options=opts)
+    else:
+        weights = get_model_state_dict(model, options=opts)
+        optim = {"state": {}, "param_groups": optimizer_state(model, optimizer, False)["param_groups"]}
     # named_parameters names a tied weight once (an embedding that is also the output head):
     # safetensors refuses two names for one tensor, and one is all a load needs
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -155,36 +198,105 @@ def _dcp_tensors(model, optimizer) -> tuple[dict[str, Tensor], list[dict[str, An
     return out, optim["param_groups"]
 
 
-def _save_sharded(tmp: Path, model, optimizer, world: World) -> list[dict[str, Any]]:
-    """Every rank writes its own shards into tmp/shards/: no rank gathers anything."""
-    tensors, groups = _dcp_tensors(model, optimizer)
+def _save_sharded(tmp: Path, model, optimizer, world: World, state: dict[str, Any]) -> list[str]:
+    """Every rank writes its own shards into tmp/shards/: no rank gathers anything. The files DCP
+    says the ranks wrote (its metadata gathers them) must all be in rank 0's view of the folder."""
+    writer, _ = _hf_storage()
+    # every step before the first save skipped (the NaN guard): no AdamW state, and none made up
+    state["optimizer_state"] = world.any_true(len(optimizer.state) > 0)
+    tensors, state["param_groups"] = _dcp_tensors(model, optimizer, state["optimizer_state"])
     # save_distributed: one file per rank (shard-0000R-...), tensors saved as the pieces a rank holds;
     # a tensor every rank holds whole (AdamW's step count) is written once
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True),
-             no_dist=not world.active)
-    return groups
+    storage, written = writer(str(tmp / SHARDS), save_distributed=True), []
+    write_data = storage.write_data  # its future's results name the file(s) this rank wrote
+
+    def record(plan, planner):
+        written.append(write_data(plan, planner))
+        return written[-1]
+
+    storage.write_data = record
+    dcp.save(tensors, storage_writer=storage, no_dist=not world.active)
+    mine = sorted({r.storage_data.relative_path for w in written for r in w.value()})
+    every = [mine]
+    if world.active:
+        every = [None] * world.size
+        dist.all_gather_object(every, mine)
+    files = sorted({f for names in every for f in names})
+    missing = [f for f in files if not (tmp / SHARDS / f).exists()] if world.main else []
+    if world.any_true(bool(missing)):  # every rank stops, none waits in the next collective
+        raise TrainingError(f"{tmp / SHARDS} lacks {', '.join(missing) or 'files other processes wrote'}: sharded "
+                            "checkpoints need an output folder every node shares (or checkpoint_format: whole)")
+    return files
+
+
+def _check_shards(path: Path, recorded: list[str] | None) -> None:
+    """DCP's reader takes the layout from whatever files are in shards/: a missing one would leave
+    its rows at their initial values without a word. The files state.json names must be there, and
+    every tensor's pieces (offsets and shapes in the files' headers) must cover the whole tensor."""
+    for name in recorded or []:
+        if not (path / SHARDS / name).exists():
+            raise TrainingError(f"{path / SHARDS / name} is missing: the checkpoint is incomplete (a shard "
+                                "file deleted, or written on another node's disk)")
+    pieces: dict[str, list[tuple[list[int], list[int]]]] = {}
+    for f in sorted((path / SHARDS).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            info = json.loads((h.metadata() or {}).get("DCP_SHARDING_INFO", "{}"))
+            for k in h.keys():
+                shape = h.get_slice(k).get_shape()
+                pieces.setdefault(k, []).append((info.get(k, {}).get("saved_offsets", [0] * len(shape)), shape))
+    for k, ps in pieces.items():
+        size = [max(o[i] + s[i] for o, s in ps) for i in range(len(ps[0][1]))]
+        covered = sum(math.prod(s) for _, s in {(tuple(o), tuple(s)) for o, s in ps})
+        if covered != math.prod(size):
+            raise TrainingError(f"{path / SHARDS}: the pieces of {k} cover {covered} of its {math.prod(size)} "
+                                "values: a shard file is missing")
+
+
+def _optim_from(tensors: dict[str, Tensor], state: dict[str, Any]) -> dict[str, Any]:
+    """The name-keyed optimizer state dict from DCP's flat `optimizer.<param>.<key>` tensors (popped)."""
+    optim = {"state": {}, "param_groups": _drop_empty_groups(state["param_groups"], state["scheduler"])}
+    for key in [k for k in tensors if k.startswith("optimizer.")]:
+        name, k = key[len("optimizer."):].rsplit(".", 1)
+        optim["state"].setdefault(name, {})[k] = tensors.pop(key)
+    return optim
 
 
 def _load_sharded(path: Path, model, optimizer, world: World) -> dict[str, Any]:
-    tensors, _ = _dcp_tensors(model, optimizer)
+    state = torch.load(path / "state.pt", weights_only=True)
+    with_optim = state.get("optimizer_state", True)
+    tensors, _ = _dcp_tensors(model, optimizer, with_optim)
     try:  # in place: each rank reads the pieces that cover its own shards
-        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)), no_dist=not world.active)
+        dcp.load(tensors, storage_reader=_hf_storage()[1](str(path / SHARDS)), no_dist=not world.active)
     except CheckpointException as e:  # (a BaseException) every rank's trace; its last line says what is wrong
         raise TrainingError(f"{path} cannot be loaded into this run (another model, or other LoRA settings?): "
                             f"{str(e).strip().splitlines()[-1][:300]}") from e
-    state = torch.load(path / "state.pt", weights_only=True)
-    optim = {"state": {}, "param_groups": _drop_empty_groups(state["param_groups"], state["scheduler"])}
-    for key, t in tensors.items():
-        if key.startswith("optimizer."):
-            name, k = key[len("optimizer."):].rsplit(".", 1)
-            optim["state"].setdefault(name, {})[k] = t
-    weights = {n: t for n, t in tensors.items() if not n.startswith("optimizer.")}
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    optim = _optim_from(tensors, state)
+    opts = StateDictOptions(ignore_frozen_params=True, strict=False)
+    if with_optim:
+        set_state_dict(model, optimizer, model_state_dict=tensors, optim_state_dict=optim, options=opts)
+    else:  # no update before the save: the weights, and the optimizer's groups with no state
+        set_model_state_dict(model, tensors, options=opts)
+        load_optimizer_state(model, optimizer, optim)
     return state
 
 
 # ------------------------------------------------------------------ the folders
+
+
+def _fsync(path: Path) -> None:
+    """To the disk, not only to the page cache: after a power loss a renamed step-N must hold its
+    files' bytes (a folder's fsync makes its entries, a rename's among them, durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_saves(out: Path) -> None:
+    """step-N.tmp folders of saves killed half-way (a full AdamW state each): no resume reads them."""
+    for tmp in (out / "checkpoints").glob("step-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_checkpoint(out: Path, step: int, position: int, model, optimizer, scheduler, extra: dict, keep: int,
@@ -194,24 +306,29 @@ def save_checkpoint(out: Path, step: int, position: int, model, optimizer, sched
     ckpts = out / "checkpoints"
     final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
     if world.main:
-        shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way before this one
+        remove_stale_saves(out)  # saves that died half-way before this one
         tmp.mkdir(parents=True)
     world.barrier()  # the folder exists before any rank writes into it
     state: dict[str, Any] = {"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():  # sampling on a GPU draws from its generators: resume needs them too
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    if shards:
-        state["param_groups"] = _save_sharded(tmp, model, optimizer, world)  # returns once every rank wrote
+    files = {}
+    if shards:  # DCP fsyncs its files (FileSystemWriter's sync_files)
+        files = {"shard_files": _save_sharded(tmp, model, optimizer, world, state)}  # once every rank wrote
     elif world.main or tensors.everyone(model):  # DDP's other ranks hold the same tensors: nothing to gather
         weights, state["optimizer"] = tensors.gather(model, optimizer, world.main)
         if world.main:
             save_file(weights, str(tmp / "trainable.safetensors"))
+            _fsync(tmp / "trainable.safetensors")
     if world.main:
         torch.save(state, tmp / "state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "position": position, **extra}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "position": position, **extra, **files}))
+        for p in (tmp / "state.pt", tmp / "state.json", tmp):
+            _fsync(p)
         # the rename is the commit point: a folder named step-N is always complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        _fsync(ckpts)  # the rename itself
         for old in sorted(list_checkpoints(out))[:-keep] if keep > 0 else []:
             shutil.rmtree(ckpts / f"step-{old}", ignore_errors=True)
     world.barrier()  # no rank goes on before the checkpoint exists
@@ -229,14 +346,12 @@ def list_checkpoints(out: Path) -> list[int]:
 def _read_sharded_whole(path: Path, tensors: WholeTensors, model, optimizer) -> dict[str, Any]:
     """A sharded checkpoint read whole on every rank and handed to `tensors` as the whole format's
     (a DeepSpeed run, whose ZeRO partitions torch's state_dict API does not reach)."""
-    meta = HuggingFaceStorageReader(str(path / SHARDS)).read_metadata().state_dict_metadata
+    reader = _hf_storage()[1]
+    meta = reader(str(path / SHARDS)).read_metadata().state_dict_metadata
     whole = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()}
-    dcp.load(whole, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)), no_dist=True)
+    dcp.load(whole, storage_reader=reader(str(path / SHARDS)), no_dist=True)
     state = torch.load(path / "state.pt", weights_only=True)
-    optim = {"state": {}, "param_groups": _drop_empty_groups(state["param_groups"], state["scheduler"])}
-    for key in [k for k in whole if k.startswith("optimizer.")]:
-        name, k = key[len("optimizer."):].rsplit(".", 1)
-        optim["state"].setdefault(name, {})[k] = whole.pop(key)
+    optim = _optim_from(whole, state)
     tensors.scatter(model, optimizer, whole, optim)
     return state
 
@@ -244,11 +359,14 @@ def _read_sharded_whole(path: Path, tensors: WholeTensors, model, optimizer) -> 
 def load_checkpoint(path: Path, model, optimizer, scheduler, world: World = World(),
                     tensors: WholeTensors = WholeTensors()) -> dict[str, Any]:
     """Weights, optimizer, schedule and RNG from either format, into a model of any strategy."""
+    info = json.loads((path / "state.json").read_text())
     if (path / "trainable.safetensors").exists():
         state = _load_whole(path, model, optimizer, tensors)
     elif (path / SHARDS).is_dir() and not tensors.in_place:
+        _check_shards(path, info.get("shard_files"))
         state = _read_sharded_whole(path, tensors, model, optimizer)
     elif (path / SHARDS).is_dir():
+        _check_shards(path, info.get("shard_files"))
         state = _load_sharded(path, model, optimizer, world)
     else:
         raise TrainingError(f"{path} holds neither trainable.safetensors nor {SHARDS}/: not a checkpoint")
@@ -256,7 +374,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, world: World = Worl
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return json.loads((path / "state.json").read_text())
+    return info
 
 
 def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], None],
@@ -264,6 +382,9 @@ def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], Non
     """The newest checkpoint's state (weights, optimizer, schedule and RNG restored), or None. Every
     process must see the same newest one (the run folder on a filesystem they all share)."""
     out = Path(cfg.output)
+    sharded_format(cfg, world)  # sharded on a torch without it: the ConfigError now, not at the first save
+    if world.main:
+        remove_stale_saves(out)
     latest = list_checkpoints(out)[-1] if cfg.resume and list_checkpoints(out) else -1
     if not world.all_true(latest == world.max(latest)):
         raise TrainingError(f"the processes see different newest checkpoints in {out}: put the run folder on a "
