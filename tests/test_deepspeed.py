@@ -42,6 +42,16 @@ def test_without_deepspeed_it_is_a_config_error_before_any_process_starts(model,
     assert "starting 2 processes" not in run.stdout + run.stderr and not (tmp_path / "run").exists()
 
 
+def test_bf16_autocast_under_the_engine_is_refused_on_a_gpu_only():
+    """DeepSpeed's engine turns an outer CUDA autocast off: bf16 there would silently run in fp32."""
+    from prefalign.train.deepspeed import check_precision
+
+    with pytest.raises(ConfigError, match="precision: fp32"):
+        check_precision(True, torch.device("cuda", 0))
+    check_precision(False, torch.device("cuda", 0))
+    check_precision(True, torch.device("cpu"))  # CPU autocast is left on by the engine
+
+
 def test_a_launcher_that_disagrees_with_the_config_is_an_error(monkeypatch):
     from prefalign.train import deepspeed
     from prefalign.train.methods import make_config

@@ -36,7 +36,8 @@ def _chunk_logps(hidden: Tensor, labels: Tensor, head: torch.nn.Module, softcap:
 def _chunks(model, n: int, chunk_mb: float):
     head = backbone_and_head(model)[1]
     softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
-    step = max(1, int(chunk_mb * 2**20 // (4 * head.weight.shape[0])))
+    rows = getattr(head.weight, "ds_shape", head.weight.shape)[0]  # ZeRO-3 leaves an empty tensor outside the call
+    step = max(1, int(chunk_mb * 2**20 // (4 * rows)))
     return head, softcap, step, [(start, start + step) for start in range(0, n, step)]
 
 

@@ -11,8 +11,9 @@ the NaN/Inf guard, and the checkpoints: prefalign's whole safetensors files with
 by parameter name, read and written through DeepSpeed's safe_get/set_full_* functions, never
 DeepSpeed's own pickled checkpoints. A ZeRO run resumes on one process, DDP or FSDP2, and they on ZeRO.
 
-Weights stay fp32 in the engine (no DeepSpeed fp16/bf16 mode); `precision: bf16` is torch's autocast,
-as for every other strategy. No CPU/NVMe offload: not offered until it has run somewhere it matters.
+Weights stay fp32 in the engine (no DeepSpeed fp16/bf16 mode); `precision: bf16` is torch's autocast on CPU,
+as for every other strategy, and refused on a GPU (the engine turns an outer CUDA autocast off: see
+check_precision). No CPU/NVMe offload: not offered until it has run somewhere it matters.
 """
 
 from __future__ import annotations
@@ -71,6 +72,16 @@ def check(cfg: RunConfig) -> None:
     if cfg.distributed == "deepspeed" and not installed():
         raise ConfigError(f"distributed: deepspeed needs the deepspeed package, which is not installed: {INSTALL}; "
                           "or use distributed: ddp or fsdp")
+
+
+def check_precision(bf16: bool, device: torch.device) -> None:
+    """DeepSpeed's engine runs the forward with an outer CUDA autocast turned off unless its own
+    `torch_autocast` is configured (deepspeed 0.19.8, runtime/torch_autocast.py): bf16 would silently
+    compute in fp32 there, against a reference computed in bf16. Refused until that has run on a GPU;
+    CPU autocast is not touched by it (the CPU tests run bf16 through the engine)."""
+    if bf16 and device.type == "cuda":
+        raise ConfigError("distributed: deepspeed with bf16 autocast on a GPU is not supported yet (DeepSpeed's "
+                          "engine turns an outer autocast off): set precision: fp32, or use distributed: fsdp")
 
 
 def prepare(forward: nn.Module, model: nn.Module, cfg: RunConfig, world: World,
@@ -202,6 +213,11 @@ class ZeroTensors(WholeTensors):
         if missing:
             raise TrainingError(f"the checkpoint has no weights for {missing[:3]}... (another model, or LoRA "
                                 "settings?)")
+        uneven = [n for n, p in params if hasattr(p, "ds_id") and p.ds_numel % dist.get_world_size()]
+        if uneven:  # the same list on every process: all raise, none waits in a collective
+            raise TrainingError(f"resuming ZeRO-3 needs every trainable tensor's size divisible by the process "
+                                f"count ({uneven[0]} is not; deepspeed 0.19.8's set_full_hp_param reads past its "
+                                "end): resume with another process count, ZeRO-2, FSDP or one process")
         steps = set()
         for name, p in params:
             value = weights[name].to(torch.float32)

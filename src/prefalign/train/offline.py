@@ -189,6 +189,8 @@ def run_offline(cfg: OfflineConfig, log: Callable[[str], None] = print, progress
 def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, log, progress: bool) -> LoopResult:
     method = METHODS[cfg.method]
     check_world(cfg, world)
+    if world.active and cfg.distributed == "deepspeed":
+        deepspeed.check_precision(bf16_wanted(cfg.precision, device), device)
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
     model = _load(cfg, method, tokenizer, device)
     data = _load_data(cfg.data, cfg, tokenizer, method, out, "data", log, world)
