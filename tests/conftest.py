@@ -1,3 +1,4 @@
+import os
 import random
 
 import pytest
@@ -85,3 +86,26 @@ def tiny_models(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def pair_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", learnable_pairs())
+
+
+def headless_chromium(profile, *flags):
+    """Debian's chromium through its chromedriver (the report and review pages are checked in a real
+    browser); skipped where neither is installed, a failure where PREFALIGN_REQUIRE_BROWSER says so (CI)."""
+    import shutil
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("PREFALIGN_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required here (apt-get install chromium chromium-driver)")
+        pytest.skip("no chromium/chromedriver on this machine (CI installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", *flags):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=opts)

@@ -1,15 +1,13 @@
 """`prefalign report` over a DPO run with its eval and a PPO run; the HTML opens in headless Chromium."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import learnable_pairs, write_jsonl
+from conftest import headless_chromium, learnable_pairs, write_jsonl
 
 REWARDS = Path(__file__).parent / "fixtures" / "rewards.py"
 
@@ -53,22 +51,7 @@ def test_report_rejects_a_folder_with_nothing_in_it(tmp_path):
 
 
 def test_html_report_opens_in_headless_chromium(report, tmp_path):
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        if os.environ.get("PREFALIGN_REQUIRE_BROWSER"):
-            pytest.fail("chromium and chromedriver are required here (apt-get install chromium chromium-driver)")
-        pytest.skip("no chromium/chromedriver on this machine (CI installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    browser = webdriver.Chrome(service=Service(driver), options=opts)
+    browser = headless_chromium(tmp_path / "profile")
     try:
         browser.get((report / "report.html").resolve().as_uri())
         images = browser.execute_script(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import learnable_pairs, write_jsonl
+from conftest import headless_chromium, learnable_pairs, write_jsonl
 
 SCRIPT = {"prompt": "Say hello <i>please</i>", "chosen": "Hello <script>window.pwned = 1</script><b>there</b>",
           "rejected": '<img src=x onerror="window.pwned = 2"> go away'}
@@ -78,22 +77,7 @@ def judgements(db: Path) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        if os.environ.get("PREFALIGN_REQUIRE_BROWSER"):
-            pytest.fail("chromium and chromedriver are required here (apt-get install chromium chromium-driver)")
-        pytest.skip("no chromium/chromedriver on this machine (CI installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,860", f"--user-data-dir={tmp_path_factory.mktemp('profile')}"):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    b = webdriver.Chrome(service=Service(driver), options=opts)
+    b = headless_chromium(tmp_path_factory.mktemp("profile"), "--window-size=1280,860")
     yield b
     b.quit()
 
