@@ -54,18 +54,23 @@ def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-@pytest.fixture(scope="module")
-def lora_final(models, tmp_path_factory):
-    """A LoRA run's final/ as training saves it: an adapter on the tiny llama, with non-zero B (trained)."""
-    base = models["llama"]
-    torch.manual_seed(1)
+def _trained_lora(base, final, seed: int) -> None:
+    """A LoRA run's final/ as training saves it, with non-zero B (as after training) so the merge matters."""
+    torch.manual_seed(seed)
     model = add_lora(load_model(base), {"r": 4})
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.2)
-    final = tmp_path_factory.mktemp("run") / "final"
     save_model(model, load_tokenizer(base), final, base=base)
+
+
+@pytest.fixture(scope="module")
+def lora_final(models, tmp_path_factory):
+    """A LoRA run's final/ as training saves it: an adapter on the tiny llama, with non-zero B (trained)."""
+    base = models["llama"]
+    final = tmp_path_factory.mktemp("run") / "final"
+    _trained_lora(base, final, seed=1)
     return final
 
 
@@ -287,13 +292,7 @@ def test_a_lora_run_on_a_gguf_base_exports_dequantised(models, tokenizer, tmp_pa
     """`model: FILE.gguf` trains LoRA on the dequantised weights; its export drops transformers' GGUF quantizer
     (save_pretrained refuses while it is attached) and writes the plain fp32 model."""
     base = export(models["llama"], tmp_path / "base", "gguf")
-    torch.manual_seed(2)
-    model = add_lora(load_model(base), {"r": 4})
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
-    save_model(model, load_tokenizer(base), tmp_path / "final", base=base)
+    _trained_lora(base, tmp_path / "final", seed=2)
     plain = AutoModelForCausalLM.from_pretrained(export(tmp_path / "final", tmp_path / "hf", "hf"))
     assert plain.dtype == torch.float32
     assert _gap(_logits(plain, tokenizer), _logits(_in_process(tmp_path / "final", base), tokenizer)) < F32
