@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench-data
+.PHONY: setup demo test lint docs bench-data
 
 $(VENV)/.installed: pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
@@ -14,6 +14,10 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest -q
+
+# the documentation site, into site/; tests/test_docs.py builds it too, so `make test` covers it
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 demo: setup
 	$(PY) -m prefalign demo -o runs/demo

@@ -4,7 +4,7 @@ then per model the mean over seeds with a 95% t-interval, and DPO - PPO paired b
     python benchmarks/demo_seeds.py --seeds 0,1,2 [--split test] [-o runs/demo-seeds] [--out RESULTS.md]
 
 Each demo runs in its own `prefalign demo` process one after another (the machine otherwise idle), so
-its stages' costs are measured as the README's "How costs are counted" says.
+its stages' costs are measured as docs/benchmarks.md, "How costs are counted", says.
 """
 
 from __future__ import annotations

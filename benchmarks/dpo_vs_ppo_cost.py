@@ -8,11 +8,11 @@ DPO's pipeline, as in the paper: sample 4 continuations per training prefix from
 label best-vs-worst by the scorer, train DPO. PPO: the same prefixes, the scorer as its reward.
 Both see `steps x batch` examples (pairs for DPO, prompts for PPO). Every stage (pairs, DPO, PPO,
 eval) runs in its own process (prefalign.tasks.stages), so each peak RSS is that stage's alone; the
-table gives "train" and "end to end" costs as the README's "How costs are counted" defines them.
+table gives "train" and "end to end" costs as docs/benchmarks.md, "How costs are counted", defines them.
 Then each model (base, DPO, PPO) samples one continuation per held-out prefix with the same seed,
 scored by the same scorer (95% bootstrap interval), with the exact KL to the base per sequence.
 
-    python benchmarks/dpo_vs_ppo_cost.py --model models/smollm2-135m-instruct --lora   # the README figures
+    python benchmarks/dpo_vs_ppo_cost.py --model models/smollm2-135m-instruct --lora   # docs/benchmarks.md's figures
     python benchmarks/dpo_vs_ppo_cost.py --model tiny                                  # a 1-minute smoke run
 """
 
@@ -116,7 +116,7 @@ def print_table(args, base, results: dict, pair_summary: dict, c_pairs: dict) ->
     gib = 1024**3
     print(f"\nbase {base}; {args.train_prompts} train / {args.eval_prompts} {args.split} IMDb prefixes; "
           f"{args.steps} steps x {args.batch}; {'LoRA' if args.lora else 'full'}; reward {Path(args.reward).name}; "
-          "costs: README 'How costs are counted'")
+          "costs: docs/benchmarks.md, 'How costs are counted'")
     print("| | train s | train peak RSS | end-to-end s | end-to-end peak RSS | train tokens/s | generation tokens/s | "
           "model copies | held-out reward [95% CI] | exact KL/seq |")
     print("|---|---|---|---|---|---|---|---|---|---|")

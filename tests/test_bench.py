@@ -113,7 +113,7 @@ def test_ppo_flops_equal_the_matmuls_run_rl_performs(tokenizer, tmp_path, monkey
 
 
 def test_model_size_statements():
-    """The sizes the README states, counted: the bench's llama-30m shape (tied 32k head) and the
+    """The sizes docs/bench.md states, counted: the bench's llama-30m shape (tied 32k head) and the
     TRL benchmark's tiny Llama (benchmarks/dpo_vs_trl.py: untied, models/tiny.py's kv heads = heads/2,
     MLP 2 x hidden)."""
     from transformers import AutoModelForCausalLM

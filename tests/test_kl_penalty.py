@@ -22,7 +22,7 @@ from prefalign.train.ppo import advantages, minibatch_loss
 def rl_config(method: str, penalty: str) -> RLConfig:
     """The configuration under which the equality is exact: undiscounted returns with no critic
     baseline (gamma = lam = 1, values 0) and advantages not whitened. (With lam < 1 and a critic, or
-    whitening, the KL inherits the same bias and scaling as the score: README "Which KL".)"""
+    whitening, the KL inherits the same bias and scaling as the score: docs/rlhf.md, "Which KL".)"""
     return make_config(model="m", output="o", prompts="p", reward="r", method=method, kl_penalty=penalty,
                        samples_per_prompt=1 if method == "ppo" else 2,
                        **({} if method == "grpo" else {"whiten_advantages": False}),

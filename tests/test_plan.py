@@ -256,7 +256,7 @@ def test_planning_for_a_gpu_and_what_is_refused(tiny_models, tmp_path, monkeypat
     monkeypatch.setattr(planner.torch.cuda, "is_available", lambda: False)
 
     data = write_jsonl(tmp_path / "d.jsonl", long_pairs(4, words=20))
-    # the README's example, on the tiny model: a GPU planned from this CPU machine (no runtime probe)
+    # docs/bench.md's example, on the tiny model: a GPU planned from this CPU machine (no runtime probe)
     cfg = make_config(method="dpo", model=str(tiny_models["llama"]), data=str(data), output=str(tmp_path / "r"),
                       lora={"r": 16}, max_length=2048, max_prompt_length=1024)
     result = plan(cfg, device="cuda", device_memory=parse_size("24GB"))

@@ -1,4 +1,4 @@
-"""Evaluation metrics as pure functions; each is defined once here and in the README.
+"""Evaluation metrics as pure functions; each is defined once here and in docs/metrics.md.
 
 - bootstrap_ci: the percentile bootstrap (Efron and Tibshirani 1993, §13.3) of a statistic of a sample.
 - win_rate: wins count 1, ties 1/2, losses 0, averaged over prompts, with a bootstrap interval.

@@ -2,7 +2,7 @@
 `prefalign eval` both call this): sample completions from the policy, then sum the exact per-position
 KL(pi || pi_ref) over the full vocabulary along each one. A single-sample log-ratio on the dataset's
 answers is no KL: under DPO's likelihood displacement it goes negative while the policy moves away
-(README "Which KL").
+(docs/rlhf.md, "Which KL").
 """
 
 from __future__ import annotations

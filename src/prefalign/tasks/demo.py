@@ -6,7 +6,7 @@ the ground truth (tasks/sentiment.py). Everything it needs ships with the packag
 A few minutes on 2 CPU cores; `quick` shrinks every stage for the test suite.
 
 Each stage (pairs, DPO, PPO, eval) runs in its own process (tasks/stages.py), so the table's peak
-memory is each stage's own; costs are given as "train" and "end to end" (README "How costs are
+memory is each stage's own; costs are given as "train" and "end to end" (docs/benchmarks.md, "How costs are
 counted"). Settings were chosen on the validation prefixes (`split="validation"`); the figures the
 demo reports by default are on the test prefixes, which played no part in choosing them.
 """
@@ -104,7 +104,8 @@ def _row(name: str, e: dict, run: dict | None, cost: dict | None) -> dict:
 
 def _table(rows: list[dict], split: str):
     table = Table(title=f"{split} IMDb prefixes: VADER reward of the continuation (higher is more positive); "
-                        "KL: exact, to the base; MiB: peak RSS; e2e: end to end (README 'How costs are counted')")
+                        "KL: exact, to the base; MiB: peak RSS; e2e: end to end "
+                        "(docs/benchmarks.md, 'How costs are counted')")
     for col in ("model", "reward [95% CI]", "KL/seq", "win vs base", "train s", "train MiB", "e2e s", "e2e MiB",
                 "train tok/s"):
         table.add_column(col, no_wrap=col.startswith("reward"))

@@ -3,7 +3,7 @@
 A process's RSS high-water mark cannot be reset: in one process, DPO training after pair sampling
 would report the sampler's peak, and every stage the largest so far (the old demo reported 630 MB
 for both DPO and PPO). `run_stage` runs a function in a fresh child process and returns its result
-with that child's cost (README "How costs are counted"):
+with that child's cost (docs/benchmarks.md, "How costs are counted"):
 - `seconds`: wall clock of the function in the child (model loading included; process start-up not,
   so that a stage is not charged the interpreter's and torch's import time),
 - `peak_rss_bytes`: the child's own peak RSS (VmHWM),

@@ -13,7 +13,7 @@ and states how the frontiers compare, derived from the data (tasks/seeds.py). A 
 `split: validation` (the default) evaluates on the validation prefixes: that is where settings are
 chosen. `split: test` evaluates the chosen settings on the test prefixes: the figures to report.
 Each stage (pairs, reward model, each training run, the evaluations of a seed) runs in its own
-process (tasks/stages.py); costs are "train" and "end to end" (README "How costs are counted").
+process (tasks/stages.py); costs are "train" and "end to end" (docs/benchmarks.md, "How costs are counted").
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def _one_seed(cfg: StudyConfig, seed: int, out: Path, log, progress: bool) -> li
         rl = METHODS[method].trainer == "rl"
         run, cost = run_stage(task.train, out / name, base, method, None if rl else pairs,
                               train_prompts if rl else None, sizes, child_log, progress, **settings)
-        # end to end: what this setting alone would have needed (README "How costs are counted")
+        # end to end: what this setting alone would have needed (docs/benchmarks.md, "How costs are counted")
         before = [] if rl and cost_rm is None else [cost_pairs] + ([cost_rm] if cost_rm else [])
         trained.append((name, method, settings, run, cost, chain(*before, cost)))
     trained += _iterative(cfg, out, trained, train_prompts, sizes, child_log, progress, len(plan), plan_size, log)

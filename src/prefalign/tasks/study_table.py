@@ -69,7 +69,7 @@ def markdown(summary: dict) -> str:
     n = len(summary["seeds"])
     lines = [
         f"Evaluated on the **{summary['split']}** prefixes; {n} seeds ({', '.join(map(str, summary['seeds']))}); "
-        'mean [95% t-interval over seeds]. Costs: README "How costs are counted" (seconds: mean over '
+        'mean [95% t-interval over seeds]. Costs: docs/benchmarks.md, "How costs are counted" (seconds: mean over '
         "seeds; peak: the largest seed's).",
         "",
         "| run | method | beta / kl_coef / round | reward | KL/seq | length | collapsed | train s | train peak MiB | "

@@ -150,7 +150,7 @@ class RLConfig(RunConfig, Sampling):
     kl_target: float | None = Field(
         None, description="adaptive controller (Ziegler et al. 2019) when set: nats per sequence")
     kl_horizon: int = Field(10_000, ge=1, description="the adaptive controller's horizon")
-    # README "Which KL": k1 in the reward, or k3 / the exact vocabulary KL in the loss with its
+    # docs/rlhf.md, "Which KL": k1 in the reward, or k3 / the exact vocabulary KL in the loss with its
     # score-function part (losses/ppo.py)
     kl_penalty: Literal["reward_k1", "loss_k3", "loss_full"] = Field(
         "reward_k1", description="where the KL enters: k1 in the reward, or k3 / the exact KL in the loss")

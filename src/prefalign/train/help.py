@@ -1,5 +1,5 @@
 """Help from the types: a method's keys (type, default, description) read from its config class, for
-`prefalign config show NAME`, `prefalign train --method NAME --help` and the README's key tables."""
+`prefalign config show NAME`, `prefalign train --method NAME --help` and docs/methods.md's key table."""
 
 from __future__ import annotations
 

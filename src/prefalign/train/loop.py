@@ -274,7 +274,7 @@ def _bar_text(row: dict[str, Any]) -> str:
 
 
 def write_summary(out: Path, result: LoopResult, **fields: Any) -> dict[str, Any]:
-    """run.json: what every run reports (README "How costs are counted"), plus the trainer's `fields`."""
+    """run.json: what every run reports (docs/benchmarks.md, "How costs are counted"), plus the trainer's `fields`."""
     summary = {**fields, "steps": result.steps, "stopped": result.stopped, "skipped_steps": result.skipped_steps,
                "wall_seconds": result.wall_seconds, "tokens": result.tokens,
                "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,

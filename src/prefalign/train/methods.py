@@ -224,7 +224,7 @@ RENAMED = {
     "gamma": "'gamma' was renamed: simpo_gamma (simpo) or gae_gamma (ppo)",
     "lam": "'lam' was renamed: gae_lambda (ppo)",
     "kl_estimator": "kl_estimator was replaced by kl_penalty (reward_k1 | loss_k3 | loss_full): a detached k3 "
-                    "reward does not have the gradient of the KL; see README 'Which KL'",
+                    "reward does not have the gradient of the KL; see docs/rlhf.md, 'Which KL'",
 }
 
 
