@@ -63,11 +63,11 @@ def test_the_mix_takes_each_share_evenly_and_repeatably():
 
 def test_bad_entries_name_the_entry_and_the_field(tmp_path, tokenizer):
     base = dict(method="dpo", model="m", output="o")
-    with pytest.raises(ConfigError, match=r"data\[1\]: set weight or fraction, not both"):
+    with pytest.raises(ConfigError, match=r"data\[1\]: set weight or fraction, not both") as e:
         make_config(**base, data=["a.jsonl", {"path": "b.jsonl", "weight": 1, "fraction": 0.5}])
-    with pytest.raises(ConfigError, match=r"unknown key 'data\[1\]\.fractoin'; did you mean 'fraction'\?") as e:
+    assert "valid string" not in str(e.value)  # not the noise of the other branch (data: a plain path)
+    with pytest.raises(ConfigError, match=r"unknown key 'data\[1\]\.fractoin'; did you mean 'fraction'\?"):
         make_config(**base, data=["a.jsonl", {"path": "b.jsonl", "fractoin": 0.5}])
-    assert "valid string" not in str(e.value)  # not the noise of the plain-path branch
     with pytest.raises(ConfigError, match=r"data\[1\]\.weight: missing"):
         make_config(**base, data=[{"path": "a.jsonl", "weight": 2}, "b.jsonl"])
     with pytest.raises(ConfigError, match=r"unknown key 'eval_data\.held\.fractoin'"):
@@ -119,10 +119,12 @@ def runs(tiny_models, tmp_path_factory):
     held_b = learnable_pairs(6, seed=5)
     files = {name: write_jsonl(root / f"{name}.jsonl", rows) for name, rows in
              [("a", train_a), ("held_a", held_a), ("b", _conversations(train_b)), ("held_b", _conversations(held_b))]}
+    # the run's format is pairs, source b's its own; precomputed reference log-probs: one table per eval set
     common = dict(method="dpo", model=str(tiny_models["llama"]), max_steps=2, batch_size=4, eval_every=2, kl_every=0,
+                  reference="precompute", format="pairs",
                   data=[{"path": str(files["a"]), "weight": 3}, {"path": str(files["b"]), "weight": 1,
                                                                   "format": "conversation"}])
-    named = dict(a=str(files["held_a"]), b=str(files["held_b"]))
+    named = dict(a=str(files["held_a"]), b={"path": str(files["held_b"]), "format": "conversation"})
     for out, eval_data in (("named", named), ("single", str(files["held_a"]))):
         train(make_config(**common, eval_data=eval_data, output=str(root / out)), log=lambda _: None, progress=False)
     rows = {out: [json.loads(x) for x in (root / out / "metrics.jsonl").read_text().splitlines()]
@@ -136,7 +138,7 @@ def test_run_json_counts_each_source(runs):
     # 12 + 8 = 20 rows in the mix, 3:1 -> 15 of the pairs file (repeats) and 5 of the 8 conversations
     assert [(s["available"], s["used"]) for s in sources] == [(12, 15), (8, 5)]
     assert [s["weight"] for s in sources] == [3.0, 1.0]
-    assert [s["format"] for s in sources] == ["auto", "conversation"] and sources[0]["path"].endswith("a.jsonl")
+    assert [s["format"] for s in sources] == ["pairs", "conversation"] and sources[0]["path"].endswith("a.jsonl")
 
 
 def test_named_eval_sets_are_logged_apart_and_match_a_single_set_run(runs):
@@ -150,6 +152,8 @@ def test_named_eval_sets_are_logged_apart_and_match_a_single_set_run(runs):
         # set a is the single run's eval_data: the same numbers (the training is the same)
         for key in (k for k in single[step] if k.startswith("eval/")):
             assert named[step]["eval/a/" + key.removeprefix("eval/")] == pytest.approx(single[step][key], abs=1e-6)
+        if step == 0:  # the untrained policy is its reference on every set (each set has its own table)
+            assert named[0]["eval/a/rewards/chosen"] == named[0]["eval/b/rewards/chosen"] == 0.0
         # different sets, different numbers (DPO's loss is log 2 on any set at step 0: compare log-probs)
         assert named[step]["eval/a/logps/chosen"] != pytest.approx(named[step]["eval/b/logps/chosen"], abs=1e-3)
     assert not any(k.startswith("eval/") and k.count("/") == 1 for r in rows["named"] for k in r)
