@@ -14,7 +14,7 @@ from prefalign.data.mixture import DataSource, counts, mix
 from prefalign.errors import ConfigError, DataError
 from prefalign.train.methods import METHODS, make_config
 from prefalign.train.run import train
-from prefalign.train.sources import load_examples
+from prefalign.train.sources import load_examples, load_prompt_mix
 
 
 def _sources(*shares: dict) -> list[DataSource]:
@@ -99,6 +99,12 @@ def test_bad_entries_name_the_entry_and_the_field(tmp_path, tokenizer):
     # SFT takes both shapes: the chosen answers of pairs and the desirable completions of KTO rows
     data, uses = load("sft", [str(pairs), str(kto)])
     assert [(u.available, u.used) for u in uses] == [(8, 8), (4, 4)] and len(data) == 12
+    # RL prompts: a source's rows are its distinct prompts (the KTO rows repeat the pairs' 8 prompts)
+    cfg = make_config(method="rloo", model="m", output="o", reward="r:f", seed=1,
+                      prompts=[{"path": str(pairs), "weight": 1}, {"path": str(kto), "weight": 3}])
+    prompts, uses = load_prompt_mix(cfg, tmp_path, lambda _: None)
+    assert [(u.available, u.used) for u in uses] == [(8, 4), (8, 12)] and len(prompts) == 16
+    assert prompts == load_prompt_mix(cfg, tmp_path, lambda _: None)[0]
 
 
 def _conversations(pairs: list[dict]) -> list[dict]:

@@ -69,7 +69,8 @@ def emitted(tiny_models, tmp_path_factory) -> dict[str, set[str]]:
     rl = [m for m, spec in METHODS.items() if spec.trainer == "rl"]
     for method, penalty in zip(rl, ("loss_full", "reward_k1", "loss_k3"), strict=True):
         out = root / method
-        train(make_config(method=method, model=model, prompts=str(pairs), reward=f"{REWARDS}:length", output=str(out),
+        prompts = [{"path": str(pairs), "fraction": 0.5}, str(pairs)] if method == "rloo" else str(pairs)
+        train(make_config(method=method, model=model, prompts=prompts, reward=f"{REWARDS}:length", output=str(out),
                         max_steps=2, batch_size=2, max_new_tokens=4, kl_every=1, kl_prompts=2, kl_max_new_tokens=4,
                         kl_penalty=penalty), log=lambda _: None, progress=False)
         runs.append(out)

@@ -100,7 +100,7 @@ def load_prompt_mix(cfg, out: Path, log: Callable[[str], None],
     if problems:
         if world.main:
             (out / "prompts_problems.jsonl").write_text("".join(json.dumps(p.to_json()) + "\n" for p in problems))
-        log(f"prompts: {len(problems)} bad rows set aside (first: {problems[0]})")
+        log(f"{cfg.prompts if plain else 'prompts'}: {len(problems)} bad rows set aside (first: {problems[0]})")
     prompts, uses = mix(parts, sources, cfg.seed, labels)
     if not plain:
         log(f"prompts: {len(prompts)} mixed from " + ", ".join(f"{u.source.path} {u.used}/{u.available}" for u in uses))
