@@ -30,8 +30,10 @@ def documented() -> list[re.Pattern]:
 def undocumented(keys, patterns) -> set[str]:
     out = set()
     for key in keys:
-        inner = key[len("eval/"):] if key.startswith("eval/") else key  # eval/<name>: <name> must be documented
-        if not any(p.match(inner) for p in patterns):
+        inner = [key]
+        if key.startswith("eval/"):  # eval/<name> and a named set's eval/<set>/<name>: <name> must be documented
+            inner = [key[len("eval/"):], *key[len("eval/"):].split("/", 1)[1:]]
+        if not any(p.match(k) for p in patterns for k in inner):
             out.add(key)
     return out
 
@@ -39,9 +41,10 @@ def undocumented(keys, patterns) -> set[str]:
 def test_the_doc_parses():
     patterns = documented()
     assert len(patterns) > 60
-    assert undocumented(["kl/policy_ref_seq", "eval/rewards/accuracy", "suites/safety/score"], patterns) == set()
-    assert undocumented(["kl/ref", "eval/nonsense", "suites/a/b/score"], patterns) == {"kl/ref", "eval/nonsense",
-                                                                                     "suites/a/b/score"}
+    assert undocumented(["kl/policy_ref_seq", "eval/rewards/accuracy", "eval/held/rewards/accuracy",
+                         "suites/safety/score"], patterns) == set()
+    bad = ["kl/ref", "eval/nonsense", "eval/held/nonsense", "eval/a/b/loss", "suites/a/b/score"]
+    assert undocumented(bad, patterns) == set(bad)
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +58,19 @@ def emitted(tiny_models, tmp_path_factory) -> dict[str, set[str]]:
         out = root / method
         rpo = {"rpo_alpha": 0.5} if method == "dpo" else {}
         monitor = {} if method == "reward" else {"kl_every": 1, "kl_prompts": 2, "kl_max_new_tokens": 4}
-        train(make_config(method=method, model=model, data=str(kto if method == "kto" else pairs),
-                          eval_data=str(kto if method == "kto" else pairs), eval_every=2, output=str(out),
+        data = str(kto if method == "kto" else pairs)
+        # cdpo: a two-source mixture and a named eval set (eval/held/...)
+        mixture = dict(data=[{"path": data, "weight": 1}, {"path": data, "weight": 2}],
+                       eval_data={"held": data}) if method == "cdpo" else dict(data=data, eval_data=data)
+        train(make_config(method=method, model=model, **mixture, eval_every=2, output=str(out),
                           max_steps=2, batch_size=4, **monitor, **rpo),
               log=lambda _: None, progress=False)
         runs.append(out)
     rl = [m for m, spec in METHODS.items() if spec.trainer == "rl"]
     for method, penalty in zip(rl, ("loss_full", "reward_k1", "loss_k3"), strict=True):
         out = root / method
-        train(make_config(method=method, model=model, prompts=str(pairs), reward=f"{REWARDS}:length", output=str(out),
+        prompts = [{"path": str(pairs), "fraction": 0.5}, str(pairs)] if method == "rloo" else str(pairs)
+        train(make_config(method=method, model=model, prompts=prompts, reward=f"{REWARDS}:length", output=str(out),
                         max_steps=2, batch_size=2, max_new_tokens=4, kl_every=1, kl_prompts=2, kl_max_new_tokens=4,
                         kl_penalty=penalty), log=lambda _: None, progress=False)
         runs.append(out)
@@ -89,3 +96,4 @@ def test_every_emitted_key_is_documented(emitted, where):
 def test_the_monitor_and_the_renamed_log_ratio_are_emitted(emitted):
     assert {"kl/policy_ref_seq", "kl/policy_ref_token", "logratio/chosen", "ppo/kl_loss"} <= emitted["metrics.jsonl"]
     assert "kl/ref" not in emitted["metrics.jsonl"]
+    assert {"eval/held/loss", "eval/loss"} <= emitted["metrics.jsonl"] and "data_sources" in emitted["run.json"]

@@ -7,6 +7,9 @@ be silently ignored.
 from __future__ import annotations
 
 import difflib
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -106,21 +109,54 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
-    """Follow an error location through nested models, dropping pydantic's union-member tags
-    ('Lora', 'bool', ...): returns the key path a user wrote and the model that owns its last key."""
+def _members(annotation: Any) -> list[Any] | None:
+    """The members of a union pydantic tags its errors with (`bool | Lora`, `str | list[...]`); None for
+    anything else, `X | None` included (pydantic does not tag a nullable type)."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return members if len(members) > 1 else None
+
+
+def _member(members: list[Any], tag: str) -> Any:
+    """The member a pydantic tag ('LoraSettings', 'list[function-after[..., DataSource]]', 'str') names."""
+    for m in members:
+        origin = typing.get_origin(m)
+        name = getattr(origin or m, "__name__", str(m))
+        if tag == name or tag.startswith(name + "["):
+            return m
+        if isinstance(m, type) and issubclass(m, BaseModel) and re.search(rf"\b{m.__name__}\b", tag):
+            return m
+    return None
+
+
+def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None, bool]:
+    """Follow an error location through nested models, lists and mappings, dropping pydantic's union-member
+    tags: (the key path a user wrote, list indices as `[i]`; the model that owns its last key; whether the
+    location ends at a union member: an error about the value's type as a whole)."""
     path: list[str] = []
-    current: type[BaseModel] | None = model
-    for part in loc[:-1]:
-        fields = current.model_fields if current is not None else {}
-        if isinstance(part, str) and part in fields:
-            path.append(part)
-            annotation = fields[part].annotation
-            members = [annotation, *getattr(annotation, "__args__", ())]
-            current = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel)), None)
-        elif isinstance(part, int):
-            path.append(str(part))
-    return path + [str(loc[-1])], current
+    owner, annotation, at_tag = None, model, False
+    for part in loc:
+        if (members := _members(annotation)) is not None:
+            annotation, at_tag = _member(members, str(part)), True
+            continue
+        at_tag = False
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(inner) == 1:
+            annotation = inner[0]  # X | None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            owner = annotation
+            field = annotation.model_fields.get(str(part))
+            annotation = field.annotation if field is not None else None
+        elif typing.get_origin(annotation) is list and isinstance(part, int):
+            owner, annotation = None, typing.get_args(annotation)[0]
+            path.append(f"[{part}]")
+            continue
+        else:
+            owner = None
+            annotation = typing.get_args(annotation)[1] if typing.get_origin(annotation) is dict else None
+        path.append(str(part))
+    return path, owner, at_tag
 
 
 def explain(error: ValidationError, model: type[BaseModel], source: str) -> str:
@@ -128,20 +164,24 @@ def explain(error: ValidationError, model: type[BaseModel], source: str) -> str:
     # With a union (`lora: Lora | bool`) pydantic reports every branch; a typo is the useful one.
     if any(i["type"] == "extra_forbidden" for i in items):
         items = [i for i in items if i["type"] == "extra_forbidden"]
+    walked = [(i, *_walk(model, tuple(i["loc"]))) for i in items]
+    # ...and a value of one branch's type (a list of sources) fails the others' ("not a string") too
+    deeper = {i["loc"][0] for i, _, _, at_tag in walked if i["loc"] and not at_tag}
     lines = []
-    for item in items:
+    for item, path, owner, at_tag in walked:
         if not item["loc"]:  # a check across fields (a model validator)
             lines.append(f"{source}: {item['msg'].removeprefix('Value error, ')}")
             continue
-        path, owner = _walk(model, tuple(item["loc"]))
-        key = ".".join(path)
+        if at_tag and item["loc"][0] in deeper:
+            continue
+        key = "".join(p if p.startswith("[") or not i else "." + p for i, p in enumerate(path))
         if item["type"] == "extra_forbidden":
             valid = sorted(owner.model_fields) if owner else []
             close = difflib.get_close_matches(path[-1], valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
             lines.append(f"{source}: unknown key '{key}'{hint}")
         else:
-            lines.append(f"{source}: {key}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"{source}: {key}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
     return "\n".join(dict.fromkeys(lines))
 
 

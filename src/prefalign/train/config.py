@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import Runtime, Sampling, StrictModel
+from ..data.mixture import DataSource, as_entries, check_eval_sets, check_mixture
 
 
 class LoraSettings(StrictModel):
@@ -119,8 +120,12 @@ class RunConfig(Runtime):
 class OfflineConfig(RunConfig):
     """A run on a fixed dataset (the DPO family, SFT, reward models)."""
 
-    data: str = Field(..., description="training data file or folder")
-    eval_data: str | None = Field(None, description="held-out data, scored every eval_every steps")
+    data: str | list[DataSource] = Field(
+        ..., description="training data file or folder, or a list of sources {path, weight | fraction, split, "
+                         "format} mixed with the run's seed (docs/data-mixtures.md)")
+    eval_data: str | dict[str, DataSource] | None = Field(
+        None, description="held-out data, scored every eval_every steps (eval/...); or named sets {name: path or "
+                          "{path, fraction, split, format}}, each logged as eval/<name>/...")
     format: str = Field("auto", description="data shape (see `prefalign data`)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     eval_every: int = Field(0, ge=0, description="steps between eval_data passes; 0: none")
@@ -128,6 +133,23 @@ class OfflineConfig(RunConfig):
     share_prompt: bool | Literal["auto"] = Field(
         "auto", description="one row per pair, prompt computed once (models whose every layer honours the mask)")
     packing: bool = Field(False, description="padding-free rows: sequences end to end, block-diagonal mask")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _entries(cls, value):
+        return as_entries(value)
+
+    @field_validator("eval_data", mode="before")
+    @classmethod
+    def _named_sets(cls, value):
+        return {k: {"path": v} if isinstance(v, str) else v for k, v in value.items()} if isinstance(value, dict) \
+            else value
+
+    @model_validator(mode="after")
+    def _check_sources(self):
+        check_mixture(self.data, "data")
+        check_eval_sets(self.eval_data)
+        return self
 
 
 class ReferenceConfig(OfflineConfig):
@@ -141,7 +163,9 @@ class RLConfig(RunConfig, Sampling):
     """PPO and the critic-free RLOO/GRPO on the same rollouts. One step = one rollout batch of
     `batch_size` prompts (x `samples_per_prompt`) and `ppo_epochs` passes of minibatch updates."""
 
-    prompts: str = Field(..., description="prompt file (or any preference file: its prompts)")
+    prompts: str | list[DataSource] = Field(
+        ..., description="prompt file (or any preference file: its prompts), or a list of sources mixed as `data` "
+                         "is (docs/data-mixtures.md)")
     reward: str = Field(..., description="MODULE:FUNCTION, FILE.py:FUNCTION or a reward-model folder")
     format: str = Field("auto", description="data shape of `prompts`")
     samples_per_prompt: int = Field(1, ge=1, description="completions sampled per prompt (k)")
@@ -167,8 +191,14 @@ class RLConfig(RunConfig, Sampling):
     reference: Literal["auto", "adapter", "copy"] = Field(
         "auto", description="reference: the adapters switched off (LoRA) or a frozen copy")
 
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _entries(cls, value):
+        return as_entries(value)
+
     @model_validator(mode="after")
     def _check_rl(self):
+        check_mixture(self.prompts, "prompts")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0: RL samples from softmax(logits / temperature)")
         if self.top_k or self.top_p < 1.0:

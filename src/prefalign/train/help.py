@@ -13,7 +13,7 @@ from .methods import METHODS, get_method, own_keys
 
 def _type(annotation) -> str:
     text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
-    for noise in ("typing.", "prefalign.train.config.", "<class '", "'>"):
+    for noise in ("typing.", "prefalign.train.config.", "prefalign.data.mixture.", "<class '", "'>"):
         text = text.replace(noise, "")
     if typing.get_origin(annotation) is typing.Literal:
         text = " | ".join(str(a) for a in typing.get_args(annotation))

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 from ..config import Sampling
-from ..data import ReadOptions, load_prompts
 from ..models.generate import encode_prompt, generate
 from ..models.kl import rollouts_kl
 
@@ -50,16 +49,17 @@ def auto_every(kl_every: int | None, max_steps: int, budget: float | None = None
     return max(1, math.ceil(max_steps / (20 if budget is not None else 4)))
 
 
-def build_monitor(cfg, policy, reference, reference_ctx, tokenizer, prompts_path: str, device, autocast,
-                  log: Callable[[str], None]) -> KLMonitor | None:
-    """The run's monitor, or None when kl_every is 0. `reference` is the model the KL is taken to."""
+def build_monitor(cfg, policy, reference, reference_ctx, tokenizer, prompts: list | Callable[[], list], device,
+                  autocast, log: Callable[[str], None]) -> KLMonitor | None:
+    """The run's monitor, or None when kl_every is 0. `reference` is the model the KL is taken to;
+    `prompts` (or what reads them, called only when the monitor is on): the first kl_prompts are used."""
 
     every = auto_every(cfg.kl_every, cfg.max_steps, cfg.kl_budget)
     if every <= 0:
         return None
-    prompts, _ = load_prompts(prompts_path, ReadOptions(format=cfg.format))
+    prompts = prompts() if callable(prompts) else prompts
     if not prompts:
-        log(f"KL monitor off: no prompts in {prompts_path}")
+        log("KL monitor off: no prompts")
         return None
     prompts = prompts[:cfg.kl_prompts]
     log(f"KL monitor: exact KL to the reference on {len(prompts)} prompts x {cfg.kl_max_new_tokens} sampled "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable
@@ -15,9 +14,8 @@ import torch
 from torch import Tensor
 
 from ..config import dump_config
-from ..data import ReadOptions, load_records
-from ..data.batches import TokenizedData, collate, collate_packed, collate_shared_prompt, tokenize_records
-from ..errors import ConfigError, DataError
+from ..data.batches import TokenizedData, collate, collate_packed, collate_shared_prompt
+from ..errors import ConfigError
 from ..losses.preference import rpo_nll
 from ..models.arch import block_mask_problem
 from ..models.attention import attn_implementation_of, shared_prompt_problem
@@ -43,6 +41,7 @@ from .kl_monitor import auto_every, build_monitor
 from .loop import LoopResult, Optimization, Update, batch_indices, mean_metrics, train_loop, write_summary
 from .methods import METHODS, Method
 from .parallel import Forward, accumulating, full_state, parallelize
+from .sources import load_eval_sets, load_examples, monitor_prompts
 
 
 def sharded_weights(cfg: RunConfig, world: World) -> str | None:
@@ -68,24 +67,6 @@ def choose_reference(cfg: OfflineConfig, method: Method, n_examples: int, world:
     if visits >= n_examples:
         return "precompute"
     return "adapter" if cfg.lora else "copy"
-
-
-def _load_data(path: str, cfg: OfflineConfig, tokenizer, method: Method, out: Path, name: str,
-               log: Callable[[str], None], world: World = World()) -> TokenizedData:
-    records, problems = load_records(path, ReadOptions(format=cfg.format))
-    data = tokenize_records(tokenizer, records, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                            unit=method.unit)
-    problems += data.problems
-    if problems:
-        bad = out / f"{name}_problems.jsonl"
-        if world.main:
-            bad.write_text("".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in problems))
-        log(f"{path}: {len(problems)} bad records set aside (first: {problems[0]}); all listed in {bad}")
-    if not data.examples:
-        raise DataError(f"{path}: no usable records")
-    log(f"{path}: {len(data)} examples, {data.truncated} truncated to max_length={cfg.max_length}")
-    data.problems = problems
-    return data
 
 
 def choose_layout(cfg: OfflineConfig, model, method: Method) -> str:
@@ -193,9 +174,8 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
         deepspeed.check_precision(bf16_wanted(cfg.precision, device), device)
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
     model = _load(cfg, method, tokenizer, device)
-    data = _load_data(cfg.data, cfg, tokenizer, method, out, "data", log, world)
-    eval_data = _load_data(cfg.eval_data, cfg, tokenizer, method, out, "eval_data", log, world) if cfg.eval_data \
-        else None
+    data, uses = load_examples(cfg.data, "data", cfg, tokenizer, method.unit, out, "data", log, world)
+    eval_sets = load_eval_sets(cfg, tokenizer, method.unit, out, log, world)  # {None: set} for a plain path
 
     strategy = choose_reference(cfg, method, len(data), world)
     reference = None
@@ -217,11 +197,11 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
         t0 = time.perf_counter()
         reference = _precompute(model, cfg, data, collate_pad, device, autocast, "ref_logps", log, world)
         log(f"reference pass: {time.perf_counter() - t0:.1f} s")
-    eval_reference = reference
-    if eval_data is not None and strategy == "precompute":
+    eval_references = {name: reference for name in eval_sets}
+    if strategy == "precompute":
         # eval examples have their own table, computed once with the model as it is now (untrained)
-        eval_reference = _precompute(model, cfg, eval_data, collate_pad, device, autocast, "ref_logps_eval",
-                                     lambda _: None, world)
+        eval_references = {name: _precompute(model, cfg, d, collate_pad, device, autocast, "ref_logps_eval" + (
+            f"_{name}" if name else ""), lambda _: None, world) for name, d in eval_sets.items()}
     log(f"method {cfg.method}, reference {strategy or 'none (reference-free)'}, "
         f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {describe(device)}, "
         f"{layout.replace('_', '-')} rows, attention {attn_implementation_of(model)}, {weight_dtypes(model)}"
@@ -230,7 +210,8 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     if watch:
         ref_model = reference.model if strategy == "copy" else initial if initial is not None else model
         ctx = model.disable_adapter if ref_model is model else nullcontext
-        monitor = build_monitor(cfg, model, ref_model, ctx, tokenizer, cfg.eval_data or cfg.data, device, autocast, log)
+        monitor = build_monitor(cfg, model, ref_model, ctx, tokenizer, partial(monitor_prompts, cfg), device, autocast,
+                                log)
     opt = None
     if world.active and cfg.distributed == "deepspeed":  # the engine is built with its optimizer
         forward, opt = deepspeed.prepare(forward_of(model, cfg), model, cfg, world, log)
@@ -239,18 +220,18 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
                               cfg.fsdp_cpu_offload, device)
     step_fn = make_step(forward, cfg, reference, autocast, world)
     eval_fn = None
-    if eval_data is not None:
-        eval_fn = _evaluator(model, cfg, eval_data, device, collate_pad,
-                             make_step(forward, cfg, eval_reference, autocast, world))
+    if eval_sets:
+        steps = {name: make_step(forward, cfg, eval_references[name], autocast, world) for name in eval_sets}
+        eval_fn = _evaluator(model, cfg, device, collate_pad, {name: (d, steps[name]) for name, d in eval_sets.items()})
     update = OfflineUpdate(cfg, make_batch, step_fn, len(data), device, world, forward)
     result = train_loop(cfg, model, update, device, eval_fn=eval_fn, monitor=monitor, log=log, progress=progress,
                         world=world, opt=opt)
-    _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log)
+    _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log, uses)
     return result
 
 
 def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult, strategy, initial, world: World,
-            log) -> None:
+            log, uses=()) -> None:
     """final/ and run.json, written by rank 0 (under FSDP2 every rank first gathers its shards)."""
     lora, base = is_peft(model), cfg.model
     if method.inputs == "scores" and lora:
@@ -264,7 +245,8 @@ def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult
     if world.main:
         save_model(model, tokenizer, out / "final", base=base, state_dict=state)
         write_summary(out, result, method=cfg.method, reference=strategy, lora=lora,
-                      model_copies=1 + (strategy == "copy") + (initial is not None), processes=world.size)
+                      model_copies=1 + (strategy == "copy") + (initial is not None), processes=world.size,
+                      data_sources=[u.to_json() for u in uses])
     world.barrier()
     log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
 
@@ -389,14 +371,13 @@ def _precompute(model, cfg, data, collate_fn, device, autocast, name: str, log, 
     return table
 
 
-def _evaluator(model, cfg, eval_data, device, collate_fn, step):
-    """Mean metrics of the objective over the whole eval set (no gradient); every process runs it."""
+def _evaluator(model, cfg, device, collate_fn, sets: dict[str | None, tuple[TokenizedData, Callable]]):
+    """Mean metrics of the objective over each whole eval set (no gradient); every process runs it. A
+    named set's metrics are `<name>/<metric>` (the loop logs eval/<name>/<metric>), a plain path's `<metric>`."""
 
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        model.eval()
+    def mean_over(data: TokenizedData, step) -> dict[str, float]:
         rows, weights = [], []
-        for idx, batch in in_order(eval_data, cfg.batch_size, collate_fn, device):
+        for idx, batch in in_order(data, cfg.batch_size, collate_fn, device):
             loss, metrics, _ = step(batch)
             rows.append({"loss": float(loss), **metrics})
             weights.append(len(idx))
@@ -405,5 +386,11 @@ def _evaluator(model, cfg, eval_data, device, collate_fn, step):
             pairs = [(r[k], w) for r, w in zip(rows, weights, strict=True) if k in r and not math.isnan(r[k])]
             out[k] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else float("nan")
         return out
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        return {(f"{name}/{k}" if name else k): v for name, (data, step) in sets.items()
+                for k, v in mean_over(data, step).items()}
 
     return evaluate

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -38,9 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Sampling
-from ..data import ReadOptions, load_prompts
 from ..data.records import text_of
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..judges import RewardModelJudge, make_judge
 from ..losses import ppo as ppo_losses
 from ..models.backends import HFGenerator, check_backend, make_generator
@@ -59,6 +57,7 @@ from .loop import LoopResult, Optimization, Update, batch_indices, train_loop, w
 from .methods import METHODS
 from .offline import start_run
 from .parallel import ddp
+from .sources import load_prompt_mix
 
 
 class ActorCritic(nn.Module):
@@ -235,12 +234,7 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
     judge = make_judge(cfg.reward, device)
     ac = ActorCritic(policy, *_critic(cfg, policy, judge, tokenizer, device))
 
-    prompts, problems = load_prompts(cfg.prompts, ReadOptions(format=cfg.format))
-    if problems and world.main:
-        (out / "prompts_problems.jsonl").write_text("".join(json.dumps(p.to_json()) + "\n" for p in problems))
-        log(f"{cfg.prompts}: {len(problems)} bad rows set aside (first: {problems[0]})")
-    if not prompts:
-        raise DataError(f"{cfg.prompts}: no usable prompts")
+    prompts, uses = load_prompt_mix(cfg, out, log, world)
     feed_ids = isinstance(judge, RewardModelJudge) and judge.shares_vocab(tokenizer)
     copies = 1 + (ref_model is not None) + (ac.critic_model is not None) + (judge.kind == "reward_model")
     critic = "value head" if ac.value_head is not None else "model" if ac.critic_model is not None else "none"
@@ -255,13 +249,13 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
     if world.main:  # rank 0 measures the KL; the others would repeat it
         monitor = build_monitor(cfg, policy, ref_model if ref_model is not None else policy,
                                 nullcontext if ref_model is not None else policy.disable_adapter, tokenizer,
-                                cfg.prompts, device, autocast, log)
+                                prompts, device, autocast, log)
     result = train_loop(cfg, ac, iteration, device, monitor=monitor, log=log, progress=progress, label=cfg.method,
                         world=world)
     if world.main:
         save_model(policy, tokenizer, out / "final", base=cfg.model)
         write_summary(out, result, method=cfg.method, reference=strategy, lora=is_peft(policy), model_copies=copies,
-                      reward=judge.kind, processes=world.size)
+                      reward=judge.kind, processes=world.size, data_sources=[u.to_json() for u in uses])
     world.barrier()
     log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
     return result
