@@ -61,6 +61,15 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def absolute_store(uri: str) -> str:
+    """A local MLflow store named relative to the working directory, made absolute: trackers.json must find it
+    from wherever `prefalign report` or a resumed run starts."""
+    for scheme in ("file:", "sqlite:///"):
+        if uri.startswith(scheme) and not uri.startswith(scheme + "/"):
+            return scheme + str(Path(uri[len(scheme):]).resolve())
+    return uri  # a server, or a bare name (databricks) that is not a path
+
+
 class Tracker:
     """One tracker's run. `start` opens it (continuing `previous`, what the last attempt stored, when the run
     resumes) and returns what to store for the next attempt; `log` gets a row's numbers; `artifact` files;
@@ -173,7 +182,7 @@ class MLflow(Tracker):
         mlflow = require("mlflow")
         from mlflow.tracking import MlflowClient
 
-        uri = uri or mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, else mlflow's default
+        uri = uri or absolute_store(mlflow.get_tracking_uri())  # MLFLOW_TRACKING_URI, else mlflow's default
         try:
             client = MlflowClient(uri)
             client.search_experiments(max_results=1)  # opens the store: a bad URI fails here, not mid-run
