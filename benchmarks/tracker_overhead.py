@@ -8,7 +8,8 @@ counted (torch is loaded first, as in a training process): import, start (with a
 --keys numbers, finish. Reported per phase: wall and CPU seconds (CPU is what a shared machine's load changes
 least), and the child processes and threads alive after finish (W&B's wandb-core: its finish alone leaves it
 running; the tracker's finish also calls wandb.teardown). Local modes only: W&B offline, an MLflow file store,
-trackio's local store, all under a temporary folder. The load average before each run is recorded; each figure
+trackio's local store, all under a temporary folder (W&B's cache, data and config folders too; MLflow's
+telemetry off). The load average before each run is recorded; each figure
 is the median over --repeats runs (every run is in the JSON).
 """
 
@@ -63,7 +64,8 @@ def run_one(name: str, rows: int, keys: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
                "MLFLOW_TRACKING_URI": f"file:{tmp}/mlruns", "MLFLOW_ALLOW_FILE_STORE": "true",
-               "TRACKIO_DIR": f"{tmp}/trackio"}
+               "MLFLOW_DISABLE_TELEMETRY": "true", "TRACKIO_DIR": f"{tmp}/trackio",
+               **{f"WANDB_{k}_DIR": f"{tmp}/wandb-{k}" for k in ("CACHE", "DATA", "CONFIG")}}
         env.pop("WANDB_DIR", None)
         load = os.getloadavg()[0]
         proc = subprocess.run([sys.executable, "-c", CHILD, name, str(rows), str(keys), tmp], capture_output=True,

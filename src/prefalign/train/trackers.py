@@ -115,7 +115,7 @@ class TensorBoard(Tracker):
     def reopen(self, state, out):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(state.get("dir", str(out)))
+        self.writer = SummaryWriter(str(out))  # the events of the folder reported, wherever it is now
 
     def log(self, step, metrics):
         for k, v in metrics.items():
@@ -305,8 +305,10 @@ class Trackers:
                 state[name] = tracker.start(config, out.name, out, previous.get(name), resumed_step)
                 goes_on = name in previous and not tracker.purges and logged_until is not None
                 if goes_on and logged_until > resumed_step:
-                    log(f"{name}: resumed at step {resumed_step}; steps {resumed_step + 1}-{logged_until}, logged "
-                        "before the interruption, keep their first values there (metrics.jsonl has the re-run's)")
+                    span = f"steps {resumed_step + 1}-{logged_until}" if logged_until > resumed_step + 1 \
+                        else f"step {logged_until}"
+                    log(f"{name}: resumed at step {resumed_step}; {span}, logged before the interruption, keeps "
+                        "its first values there (metrics.jsonl has the re-run's)")
                 self.active.append((tracker, logged_until if goes_on else -1))
         except BaseException:
             self.finish(ok=False)
