@@ -21,9 +21,12 @@ SRC = Path(prefalign.__file__).parent
 # review server needs only for an arena's win-rate and would otherwise pay a second of start-up for; gguf: the
 # extra `export --format gguf` writes with; deepspeed: the optional ZeRO engine, absent from most
 # installs and slow to import; torch.distributed.checkpoint: its HuggingFaceStorageWriter/Reader, which only a
-# torch >= 2.9 has and only sharded checkpoints use, so that whole checkpoints run on the older torch allowed)
+# torch >= 2.9 has and only sharded checkpoints use, so that whole checkpoints run on the older torch allowed;
+# wandb, mlflow, trackio, torch.utils.tensorboard: the experiment trackers (train/trackers.py), optional extras
+# but TensorBoard, each imported only by a run that logs to it: mlflow alone costs 2 s, tensorboard 1.8 s)
 LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "openai", "fastapi",
-        "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed", "torch.distributed.checkpoint")
+        "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed", "torch.distributed.checkpoint", "wandb", "mlflow",
+        "trackio", "torch.utils.tensorboard")
 
 
 def test_import_every_module():

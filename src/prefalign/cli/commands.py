@@ -275,11 +275,17 @@ def eval_cmd(
 def report_cmd(
     folders: list[Path] = typer.Argument(..., help="run and/or eval folders"),
     output: Path = typer.Option(..., "--output", "-o", help="folder for report.md, report.html, report.json, PNGs"),
+    no_trackers: bool = typer.Option(False, "--no-trackers", help="do not add the plots to the runs' experiment "
+                                     "trackers (report_to: wandb, mlflow, trackio, tensorboard)"),
 ) -> None:
     """Side-by-side table, training curves and the reward-vs-KL plot of several runs."""
     from ..report.build import build_report
 
-    build_report(folders, output, _log)
+    report = build_report(folders, output, _log)
+    if not no_trackers:  # the training runs' trackers (their trackers.json) get the plots and report.html
+        from ..train.trackers import attach_report
+
+        attach_report(folders, [*map(Path, report["images"].values()), output / "report.html"], _log)
 
 
 bench_app = typer.Typer(help="Benchmark training and generation on this machine; compare result files.")

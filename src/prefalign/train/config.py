@@ -85,10 +85,27 @@ class RunConfig(Runtime):
                             "processes; either resumes on any process count")
     resume: bool = Field(False, description="continue from the newest checkpoint in `output`")
     log_every: int = Field(1, ge=1, description="steps between metrics.jsonl rows")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "none"]] = Field(
+        ["tensorboard"], description="experiment trackers given every metrics.jsonl row, the config and (prefalign "
+                                     "report) the plots: tensorboard, wandb, mlflow, trackio (pip install "
+                                     "'prefalign[NAME]'; settings from their own env vars: docs/trackers.md), or none")
+    tracker_project: str | None = Field(
+        None, description="the W&B / trackio project and MLflow experiment; default: WANDB_PROJECT or "
+                          "MLFLOW_EXPERIMENT_NAME, else prefalign")
     max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/Inf steps before the run stops")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value):
+        # report_to=wandb or report_to=wandb,mlflow on the command line: one string
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_run(self):
+        if len(set(self.report_to)) < len(self.report_to):
+            raise ValueError(f"report_to names a tracker twice: {self.report_to}")
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(f"report_to: none means no tracker; it cannot go with others: {self.report_to}")
         if self.quantize_4bit and not self.lora:
             raise ValueError("quantize_4bit (QLoRA) trains adapters only: set lora: true")
         if self.dtype in ("bf16", "fp16") and not self.lora:
@@ -104,6 +121,10 @@ class RunConfig(Runtime):
         if self.kl_budget is not None and self.kl_every == 0:
             raise ValueError("kl_budget is checked against the KL monitor: it needs kl_every > 0 (or unset)")
         return self
+
+    @property
+    def trackers(self) -> list[str]:
+        return [t for t in self.report_to if t != "none"]
 
     @property
     def zero_stage(self) -> int:

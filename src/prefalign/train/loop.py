@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
-from torch.utils.tensorboard import SummaryWriter
 
 from ..errors import TrainingError
 from ..runtime.distributed import World
 from ..runtime.memory import peak_memory_bytes
 from .checkpoint import WholeTensors, resume, save_checkpoint, sharded_format
 from .config import RunConfig
+from .trackers import Trackers
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,22 +95,27 @@ def build_optimizer(cfg: RunConfig, model) -> tuple[list, torch.optim.Optimizer,
 
 
 class RunLog:
-    """metrics.jsonl + TensorBoard events of a run. On resume, what was logged after the checkpoint
-    is dropped so no step appears twice; a fresh run starts a fresh file."""
+    """metrics.jsonl + the trackers of `report_to` (train/trackers.py: TensorBoard by default). On resume,
+    what was logged after the checkpoint is dropped so no step appears twice; a fresh run starts a fresh file."""
 
-    def __init__(self, out: Path, resumed_step: int | None, enabled: bool = True):
+    def __init__(self, out: Path, resumed_step: int | None, enabled: bool = True, cfg: RunConfig | None = None,
+                 log: Callable[[str], None] = print):
         self.enabled = enabled  # rank 0 of a multi-process run writes; the others only compute
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
         path = out / "metrics.jsonl"
+        logged_until = None  # the last step the interrupted attempt logged: the trackers already have it
         if resumed_step is not None and path.exists():
-            kept = [x for x in path.read_text().splitlines() if x and json.loads(x).get("step", 0) <= resumed_step]
+            rows = [x for x in path.read_text().splitlines() if x]
+            kept = [x for x in rows if json.loads(x).get("step", 0) <= resumed_step]
+            logged_until = max([json.loads(x).get("step", 0) for x in rows] + [resumed_step])
             path.write_text("".join(x + "\n" for x in kept))
         elif path.exists():
             path.unlink()
+        self.trackers = Trackers(cfg.trackers if cfg else ["tensorboard"], cfg.model_dump(mode="json") if cfg else {},
+                                 out, cfg.tracker_project if cfg else None, resumed_step, logged_until, log)
         self.file = open(path, "a", encoding="utf-8")
-        self.writer = SummaryWriter(str(out))
 
     def write(self, row: dict[str, Any], scalars: bool = True) -> None:
         if not self.enabled:
@@ -118,15 +123,14 @@ class RunLog:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if scalars:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.writer.add_scalar(k, v, row["step"])
+            self.trackers.write(row)
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """`ok`: False when the run stops on an error (trackers mark their run failed)."""
         if not self.enabled:
             return
         self.file.close()
-        self.writer.close()
+        self.trackers.finish(ok)
 
 
 class Update:
@@ -205,10 +209,10 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
     if state is not None:
         step, update.position, opt.skipped = state["step"], state["position"], state.get("skipped_steps", 0)
         update.restore(state)
-    runlog = RunLog(Path(cfg.output), step if state is not None else None, enabled=world.main)
+    runlog = RunLog(Path(cfg.output), step if state is not None else None, enabled=world.main, cfg=cfg, log=log)
     budget = KLBudget(cfg, log)
     stopped, total_tokens, last = "max_steps", 0, {}
-    t_start = time.perf_counter()
+    t_start, ok = time.perf_counter(), False
     bar = progress_bar(cfg.max_steps, step, progress and world.main, label)
     model.train()
     try:
@@ -242,10 +246,11 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
                                   **update.state()}, stopped, log, world):
                 break
+        ok = True
     finally:
         if bar is not None:
             bar[0].stop()
-        runlog.close()
+        runlog.close(ok)
     return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last)
 
 

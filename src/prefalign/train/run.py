@@ -13,11 +13,13 @@ from .loop import LoopResult
 from .methods import METHODS
 from .offline import check_world, run_offline
 from .ppo import check_rl_world, run_rl
+from .trackers import check_installed
 
 TRAINERS: dict[str, Callable[..., LoopResult]] = {"offline": run_offline, "rl": run_rl}
 
 
 def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
+    check_installed(cfg.trackers)  # before any model is loaded
     return TRAINERS[METHODS[cfg.method].trainer](cfg, log=log, progress=progress)
 
 
@@ -27,6 +29,7 @@ def launch_processes(cfg: RunConfig, nproc: int, argv: list[str], log: Callable[
     is checked here first, so that a config error reads as one, not as a failed process."""
     if launched():
         raise ConfigError("--nproc starts the processes itself: under torchrun or accelerate launch, leave it out")
+    check_installed(cfg.trackers)
     (check_world if METHODS[cfg.method].trainer == "offline" else check_rl_world)(cfg, World(0, nproc))
     log(f"starting {nproc} processes (torchrun, distributed: {cfg.distributed})")
     code = launch(nproc, argv)
