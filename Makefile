@@ -15,8 +15,9 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q
 
+# the demo runs on what ships with the project: nothing is fetched from the Hub (docs/hub.md)
 demo: setup
-	$(PY) -m prefalign demo -o runs/demo
+	HF_HUB_OFFLINE=1 $(PY) -m prefalign demo -o runs/demo
 
 bench-data: setup
 	$(PY) benchmarks/data_scale.py

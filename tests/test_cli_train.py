@@ -61,7 +61,7 @@ def test_short_form_and_errors(tiny_models, pair_file, tmp_path):
     run = cli("train", "--method", "kto", "--model", tiny_models["gpt2"], "--data", pair_file, "-o", tmp_path / "x")
     assert run.returncode == 2 and "unpaired examples" in run.stderr  # data: exit 2
     run = cli("train", "--method", "dpo", "--model", tmp_path / "nope", "--data", pair_file, "-o", tmp_path / "x")
-    assert run.returncode == 2 and "nothing is downloaded" in run.stderr  # model: exit 2
+    assert run.returncode == 2 and "no such model folder or file, nor a Hub id" in run.stderr  # model: exit 2
 
 
 def test_bad_records_are_reported_and_training_goes_on(tiny_models, tmp_path):

@@ -21,9 +21,10 @@ SRC = Path(prefalign.__file__).parent
 # review server needs only for an arena's win-rate and would otherwise pay a second of start-up for; gguf: the
 # extra `export --format gguf` writes with; deepspeed: the optional ZeRO engine, absent from most
 # installs and slow to import; torch.distributed.checkpoint: its HuggingFaceStorageWriter/Reader, which only a
-# torch >= 2.9 has and only sharded checkpoints use, so that whole checkpoints run on the older torch allowed)
+# torch >= 2.9 has and only sharded checkpoints use, so that whole checkpoints run on the older torch allowed;
+# huggingface_hub: data/hub.py's Hub ids, which `prefalign data ...` on local files should not pay half a second for)
 LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "openai", "fastapi",
-        "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed", "torch.distributed.checkpoint")
+        "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed", "torch.distributed.checkpoint", "huggingface_hub")
 
 
 def test_import_every_module():

@@ -40,6 +40,7 @@ import torch
 
 from ..data import ReadOptions, load_records
 from ..errors import ConfigError, ModelError
+from ..models.hub import adapter_base, resolve_model
 from ..runtime.device import gpu_available, pick_device
 from ..runtime.distributed import World
 from ..train.config import OfflineConfig, RunConfig
@@ -56,14 +57,14 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8
 
 def model_config(path: str) -> tuple[dict[str, Any], Path]:
     """config.json of a model folder, or of an adapter folder's base: (config, the folder holding it)."""
-    folder = Path(path)
+    folder = resolve_model(path, tokenizer_only=True)  # a Hub id: its configs and tokenizer, no weights
     if folder.suffix == ".gguf":
         raise ConfigError(f"{path}: plan reads a HF folder's config.json; convert the GGUF first "
                           "(prefalign convert FILE -o DIR)")
-    if (folder / "adapter_config.json").exists():
-        folder = Path(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
+    if (base := adapter_base(folder)) is not None:
+        folder = resolve_model(base, tokenizer_only=True)
     if not (folder / "config.json").exists():
-        raise ModelError(f"{folder}: no config.json (nothing is downloaded)")
+        raise ModelError(f"{folder}: no config.json (not a model folder, nor a Hub id org/name)")
     return json.loads((folder / "config.json").read_text()), folder
 
 

@@ -33,7 +33,6 @@ def main() -> None:
 
     # prefalign draws its own progress; transformers' per-load bars would bury it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
     try:  # transformers' own per-load bars (the import is paid once, by every command that loads a model)
         from transformers.utils import logging as hf_logging
 

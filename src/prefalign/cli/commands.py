@@ -133,8 +133,10 @@ def train(
     args: list[str] | None = typer.Argument(None, help="CONFIG.yaml and/or key=value overrides"),
     method: str | None = typer.Option(None, help="any registered method (default dpo): `prefalign config list`; "
                                       "`prefalign train --method NAME --help` lists its keys"),
-    model: str | None = typer.Option(None, help="local HF model folder, .gguf file or a LoRA run's final/"),
-    data: str | None = typer.Option(None, help="preference data (offline methods)"),
+    model: str | None = typer.Option(None, help="local HF model folder, .gguf file, a LoRA run's final/ or a Hub "
+                                     "id org/name[@revision]"),
+    data: str | None = typer.Option(None, help="preference data (offline methods): a file, a folder or a Hub "
+                                    "dataset id org/name[@revision][/file]"),
     prompts: str | None = typer.Option(None, help="prompts (RL methods): a prompt file or any preference file"),
     reward: str | None = typer.Option(None, help="RL methods: MODULE:FUNCTION, FILE.py:FUNCTION or a "
                                       "reward-model folder"),

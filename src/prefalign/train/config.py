@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..config import Runtime, Sampling, StrictModel
+from ..models.hub import check_repo_id, default_repo_id
 
 
 class LoraSettings(StrictModel):
@@ -25,7 +26,8 @@ class LoraSettings(StrictModel):
 class RunConfig(Runtime):
     """What every training run has: a model, an output folder, the optimizer and the machinery."""
 
-    model: str = Field(..., description="local HF model folder, .gguf file or LoRA run's final/")
+    model: str = Field(..., description="local HF model folder, .gguf file, LoRA run's final/, or a Hub id "
+                                        "org/name[@revision] (docs/hub.md)")
     output: str = Field(..., description="run folder")
 
     max_steps: int = Field(100, ge=1, description="optimizer steps (RL: rollout + update iterations)")
@@ -85,6 +87,14 @@ class RunConfig(Runtime):
     resume: bool = Field(False, description="continue from the newest checkpoint in `output`")
     log_every: int = Field(1, ge=1, description="steps between metrics.jsonl rows")
     max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/Inf steps before the run stops")
+    # docs/hub.md: checked (offline, token) before the run starts; the upload is the run's very last act
+    push_to_hub: bool = Field(False, description="upload final/ to the Hugging Face Hub when the run ends "
+                                                 "(needs the network and a token: hf auth login or HF_TOKEN)")
+    hub_model_id: str | None = Field(
+        None, description="push_to_hub: the model repo, org/name or name (in the token owner's namespace); "
+                          "default: the output folder's name")
+    hub_private: bool = Field(False, description="push_to_hub: create the repo private (an existing repo keeps "
+                                                 "its visibility)")
 
     @model_validator(mode="after")
     def _check_run(self):
@@ -102,7 +112,16 @@ class RunConfig(Runtime):
                              "writes whole checkpoints: use whole (or auto)")
         if self.kl_budget is not None and self.kl_every == 0:
             raise ValueError("kl_budget is checked against the KL monitor: it needs kl_every > 0 (or unset)")
+        if not self.push_to_hub and (self.hub_model_id is not None or self.hub_private):
+            raise ValueError("hub_model_id and hub_private are for push_to_hub: true")
+        if self.push_to_hub:
+            check_repo_id(self.hub_repo_id)
         return self
+
+    @property
+    def hub_repo_id(self) -> str:
+        """Where push_to_hub uploads: hub_model_id, else the output folder's name (the token owner's namespace)."""
+        return self.hub_model_id or default_repo_id(self.output)
 
     @property
     def zero_stage(self) -> int:
@@ -119,8 +138,9 @@ class RunConfig(Runtime):
 class OfflineConfig(RunConfig):
     """A run on a fixed dataset (the DPO family, SFT, reward models)."""
 
-    data: str = Field(..., description="training data file or folder")
-    eval_data: str | None = Field(None, description="held-out data, scored every eval_every steps")
+    data: str = Field(..., description="training data file or folder, or a Hub dataset id "
+                                       "org/name[@revision][/file] (docs/hub.md)")
+    eval_data: str | None = Field(None, description="held-out data (as data), scored every eval_every steps")
     format: str = Field("auto", description="data shape (see `prefalign data`)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     eval_every: int = Field(0, ge=0, description="steps between eval_data passes; 0: none")
