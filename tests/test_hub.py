@@ -80,7 +80,7 @@ def test_hub_ids_parse_and_local_paths_do_not():
     assert parse_hub_id("org/name@refs%2Fpr%2F1") == HubRef("org/name", "refs/pr/1")
     assert str(HubRef("org/name", "refs/pr/1", "a.jsonl")) == "org/name@refs%2Fpr%2F1/a.jsonl"
     for local in ("/abs/path", "./org/name", "../org/name", "name", "org/na--me", "org/name/../x",
-                  "rewards/great.py:score", "org/name@", "~/org/name"):
+                  "rewards/great.py:score", "tests/fixtures/rewards.py:great", "org/name@", "~/org/name"):
         assert parse_hub_id(local) is None, local
 
 
@@ -228,3 +228,69 @@ def test_a_failed_upload_says_the_run_is_saved(hub_run):
     # offline (conftest), huggingface_hub refuses the request itself: the path up to the network, no further
     with pytest.raises(TrainingError, match=f"{final} is saved, but pushing it to org/tiny-dpo failed.*hf upload"):
         push_final(final, "org/tiny-dpo", private=False, log=lambda _: None)
+
+
+def test_only_safe_files_of_a_model_repo_are_fetched():
+    """Filtered by huggingface_hub's own filter_repo_objects, the one snapshot_download applies."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from prefalign.data.hub import HubRef, model_patterns
+
+    repo = ["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "tokenizer.json", "tokenizer.model", "merges.txt", "chat_template.jinja", "training_args.bin",
+            "modeling_x.py", "model.q4.gguf", "onnx/model.onnx", "original/consolidated.00.pth",
+            "draft/model.safetensors", "draft/config.json", "draft/tokenizer.json"]
+
+    def fetched(ref, **kw):
+        allow, ignore = model_patterns(ref, **kw)
+        return sorted(filter_repo_objects(repo, allow_patterns=allow, ignore_patterns=ignore))
+
+    assert fetched(HubRef("org/m")) == ["chat_template.jinja", "config.json", "merges.txt",
+                                        "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+                                        "tokenizer.json", "tokenizer.model"]
+    assert fetched(HubRef("org/m"), tokenizer_only=True) == ["chat_template.jinja", "config.json", "merges.txt",
+                                                             "model.safetensors.index.json", "tokenizer.json",
+                                                             "tokenizer.model"]
+    assert "modeling_x.py" in fetched(HubRef("org/m"), code=True)
+    assert fetched(HubRef("org/m", inside="draft")) == ["draft/config.json", "draft/model.safetensors",
+                                                        "draft/tokenizer.json"]
+    assert fetched(HubRef("org/m", inside="model.q4.gguf")) == ["model.q4.gguf"]
+
+
+def test_the_cli_goes_online_unless_told_not_to(tmp_path):
+    """With HF_HUB_OFFLINE unset the CLI asks the Hub (here a loopback server answering 404 to everything)
+    and says what it answered. (Offline, the same id is looked up in the cache only: tests above.)"""
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked = []
+
+    class NoRepos(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NoRepos)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}", HF_HOME=str(tmp_path / "home"),
+               HF_HUB_CACHE=str(tmp_path / "cache"), HF_TOKEN="")
+    try:
+        run = subprocess.run([sys.executable, "-m", "prefalign", "data", "stats", "org/pairs"], capture_output=True,
+                             text=True, env=env, cwd=tmp_path)
+    finally:
+        server.shutdown()
+    assert run.returncode == 2 and "org/pairs: no such local path, and the Hub dataset org/pairs (revision main) " \
+        "does not exist, or it is private" in run.stderr, run.stderr
+    # (huggingface_hub also fetches its agent-harness registry, /api/agent-harnesses, when online)
+    assert "/api/datasets/org/pairs/revision/main" in asked, asked

@@ -155,12 +155,18 @@ def resolve_model(spec: str | Path, *, tokenizer_only: bool = False, code: bool 
     ref = None if path.exists() else parse_hub_id(spec)
     if ref is None:
         return path
+    return snapshot(ref, "model", *model_patterns(ref, tokenizer_only, code), ModelError)
+
+
+def model_patterns(ref: HubRef, tokenizer_only: bool = False, code: bool = False) -> tuple[list[str], list[str]]:
+    """(allow, ignore): the files of a model repo snapshot_download fetches. Never pickled weights
+    (.bin, .pt, .pth), never code unless asked; a .gguf only when named."""
     if ref.inside.endswith(".gguf"):
-        return snapshot(ref, "model", [ref.inside], None, ModelError)
+        return [ref.inside], []
     prefix = f"{ref.inside}/" if ref.inside else ""
     patterns = (TOKENIZER_FILES if tokenizer_only else MODEL_FILES) + (["*.py"] if code else [])
     # top level only: a repo's subfolders (onnx/, original/, other checkpoints) are other models
-    return snapshot(ref, "model", [prefix + p for p in patterns], [prefix + "*/*"], ModelError)
+    return [prefix + p for p in patterns], [prefix + "*/*"]
 
 
 # ------------------------------------------------------------------ datasets
