@@ -284,6 +284,7 @@ def measure_runtime(cfg: RunConfig, device_type: str) -> tuple[int, str]:
         code = _PROBE
         how = "peak RSS of a fresh 2-step training process on a 1-layer, 8-wide model with this tokenizer"
     mmap_mb = getattr(cfg, "malloc_mmap_threshold_mb", 0.0)
+    # offline: model_config already fetched the tokenizer files a Hub id needs; the probe reads the cache
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # the probe trains on the device planned for: on a GPU machine planning for cpu, not on the GPU
     proc = subprocess.run([sys.executable, "-c", code, cfg.model, json.dumps(cfg.threads), str(mmap_mb), device_type],

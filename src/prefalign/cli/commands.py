@@ -28,7 +28,7 @@ def data_check(
     path: Path,
     format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
     reader: str = typer.Option("auto", help=READER_HELP),
-    split: str | None = typer.Option(None, help="split of a saved DatasetDict"),
+    split: str | None = typer.Option(None, help="split of a saved DatasetDict or a Hub dataset (default train)"),
     ranked: str = typer.Option("best_vs_rest", help="ranked data: best_vs_rest, best_vs_worst, all"),
     max_problems: int = typer.Option(100, help="problems printed at most"),
 ) -> None:
@@ -56,7 +56,7 @@ def data_stats(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
     reader: str = typer.Option("auto", help=READER_HELP),
-    split: str | None = typer.Option(None, help="split of a saved DatasetDict"),
+    split: str | None = typer.Option(None, help="split of a saved DatasetDict or a Hub dataset (default train)"),
     ranked: str = typer.Option("best_vs_rest", help="ranked data: best_vs_rest, best_vs_worst, all"),
 ) -> None:
     """Counts, duplicates, ties, length bias and length percentiles, streamed in bounded memory."""

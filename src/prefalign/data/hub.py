@@ -96,6 +96,7 @@ def snapshot(ref: HubRef, repo_type: str, allow: list[str] | None, ignore: list[
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -106,6 +107,8 @@ def snapshot(ref: HubRef, repo_type: str, allow: list[str] | None, ignore: list[
     try:
         folder = snapshot_download(ref.repo_id, repo_type=repo_type, revision=ref.revision, cache_dir=cache,
                                    local_files_only=offline(), allow_patterns=allow, ignore_patterns=ignore)
+    except IncompleteSnapshotError as e:  # cached for a tokenizer alone, say, and now its weights are needed
+        raise error(f"{what} is only partly in the cache (looked in {repo_folder(ref, repo_type)}): {e}") from None
     except LocalEntryNotFoundError as e:
         if offline():
             raise error(f"{what} is not in the cache (looked in {repo_folder(ref, repo_type)}); HF_HUB_OFFLINE is "

@@ -161,8 +161,8 @@ class RLConfig(RunConfig, Sampling):
     """PPO and the critic-free RLOO/GRPO on the same rollouts. One step = one rollout batch of
     `batch_size` prompts (x `samples_per_prompt`) and `ppo_epochs` passes of minibatch updates."""
 
-    prompts: str = Field(..., description="prompt file (or any preference file: its prompts)")
-    reward: str = Field(..., description="MODULE:FUNCTION, FILE.py:FUNCTION or a reward-model folder")
+    prompts: str = Field(..., description="prompt file (or any preference file: its prompts); or a Hub dataset id")
+    reward: str = Field(..., description="MODULE:FUNCTION, FILE.py:FUNCTION, or a reward-model folder or Hub id")
     format: str = Field("auto", description="data shape of `prompts`")
     samples_per_prompt: int = Field(1, ge=1, description="completions sampled per prompt (k)")
 
