@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.markup import escape
+
 from ..errors import PrefalignError
 from . import commands, export, review, serve  # noqa: F401  (register their commands on `app`)
 from .base import app, console, out
@@ -51,12 +53,12 @@ def main() -> None:
     except PrefalignError as e:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)  # "[..." in e is text
         sys.exit(e.exit_code)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)  # "[..." in e is text
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -134,9 +134,9 @@ def train(
     method: str | None = typer.Option(None, help="any registered method (default dpo): `prefalign config list`; "
                                       "`prefalign train --method NAME --help` lists its keys"),
     model: str | None = typer.Option(None, help="local HF model folder, .gguf file, a LoRA run's final/ or a Hub "
-                                     "id org/name[@revision]"),
+                                     "id org/name or org/name@revision"),
     data: str | None = typer.Option(None, help="preference data (offline methods): a file, a folder or a Hub "
-                                    "dataset id org/name[@revision][/file]"),
+                                    "dataset id (org/name, org/name@revision/FILE: docs/hub.md)"),
     prompts: str | None = typer.Option(None, help="prompts (RL methods): a prompt file or any preference file"),
     reward: str | None = typer.Option(None, help="RL methods: MODULE:FUNCTION, FILE.py:FUNCTION or a "
                                       "reward-model folder"),

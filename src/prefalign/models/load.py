@@ -46,7 +46,7 @@ def _local(path: str | Path, *, tokenizer_only: bool = False, code: bool = False
     """A model folder or file on disk: SPEC itself, or a Hub id's snapshot in the cache (models/hub.py)."""
     path = resolve_model(path, tokenizer_only=tokenizer_only, code=code)
     if not path.exists():
-        raise ModelError(f"{path}: no such model folder or file, nor a Hub id (org/name[@revision])")
+        raise ModelError(f"{path}: no such model folder or file, nor a Hub id (org/name or org/name@revision)")
     return path
 
 
