@@ -19,8 +19,9 @@ test: setup lint
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
+# the demo runs on what ships with the project: nothing is fetched from the Hub (docs/hub.md)
 demo: setup
-	$(PY) -m prefalign demo -o runs/demo
+	HF_HUB_OFFLINE=1 $(PY) -m prefalign demo -o runs/demo
 
 bench-data: setup
 	$(PY) benchmarks/data_scale.py

@@ -3,6 +3,10 @@ import random
 
 import pytest
 
+# Tests never download: model and dataset ids resolve from the Hub cache only (docs/hub.md). Set here, at
+# import, before anything imports huggingface_hub or transformers (they read it once); subprocesses inherit it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 WORDS = ("the movie was great good bad awful fine plot actor story answer yes no question what why "
          "because I you we it is are love hate film scene end begin human assistant hello thanks").split()
 

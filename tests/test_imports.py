@@ -23,10 +23,11 @@ SRC = Path(prefalign.__file__).parent
 # installs and slow to import; torch.distributed.checkpoint: its HuggingFaceStorageWriter/Reader, which only a
 # torch >= 2.9 has and only sharded checkpoints use, so that whole checkpoints run on the older torch allowed;
 # wandb, mlflow, trackio, torch.utils.tensorboard: the experiment trackers (train/trackers.py), optional extras
-# but TensorBoard, each imported only by a run that logs to it: mlflow alone costs 2 s, tensorboard 1.8 s)
+# but TensorBoard, each imported only by a run that logs to it: mlflow alone costs 2 s, tensorboard 1.8 s;
+# huggingface_hub: data/hub.py's Hub ids, which `prefalign data ...` on local files should not pay half a second for)
 LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "openai", "fastapi",
         "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed", "torch.distributed.checkpoint", "wandb", "mlflow",
-        "trackio", "torch.utils.tensorboard")
+        "trackio", "torch.utils.tensorboard", "huggingface_hub")
 
 
 def test_import_every_module():

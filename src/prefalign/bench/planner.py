@@ -40,6 +40,7 @@ import torch
 
 from ..data import ReadOptions, load_records
 from ..errors import ConfigError, ModelError
+from ..models.hub import adapter_base, resolve_model
 from ..runtime.device import gpu_available, pick_device
 from ..runtime.distributed import World
 from ..train.config import OfflineConfig, RunConfig
@@ -56,14 +57,14 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8
 
 def model_config(path: str) -> tuple[dict[str, Any], Path]:
     """config.json of a model folder, or of an adapter folder's base: (config, the folder holding it)."""
-    folder = Path(path)
+    folder = resolve_model(path, tokenizer_only=True)  # a Hub id: its configs and tokenizer, no weights
     if folder.suffix == ".gguf":
         raise ConfigError(f"{path}: plan reads a HF folder's config.json; convert the GGUF first "
                           "(prefalign convert FILE -o DIR)")
-    if (folder / "adapter_config.json").exists():
-        folder = Path(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
+    if (base := adapter_base(folder)) is not None:
+        folder = resolve_model(base, tokenizer_only=True)
     if not (folder / "config.json").exists():
-        raise ModelError(f"{folder}: no config.json (nothing is downloaded)")
+        raise ModelError(f"{folder}: no config.json (not a model folder, nor a Hub id org/name)")
     return json.loads((folder / "config.json").read_text()), folder
 
 
@@ -283,6 +284,7 @@ def measure_runtime(cfg: RunConfig, device_type: str) -> tuple[int, str]:
         code = _PROBE
         how = "peak RSS of a fresh 2-step training process on a 1-layer, 8-wide model with this tokenizer"
     mmap_mb = getattr(cfg, "malloc_mmap_threshold_mb", 0.0)
+    # offline: model_config already fetched the tokenizer files a Hub id needs; the probe reads the cache
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # the probe trains on the device planned for: on a GPU machine planning for cpu, not on the GPU
     proc = subprocess.run([sys.executable, "-c", code, cfg.model, json.dumps(cfg.threads), str(mmap_mb), device_type],

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..models import backends
 from ..models.generate import encode_prompt
+from ..models.hub import resolve_model
 from ..models.load import load_tokenizer_for
 from ..models.tiny import build_tokenizer
 from ..train.methods import PPO
@@ -107,7 +108,7 @@ def model_counts(model_dir: str) -> dict[str, int]:
     """N (matmul weights), the head's weights and the hidden size of a model folder, from its config
     on the meta device (no weights loaded)."""
 
-    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg = AutoConfig.from_pretrained(str(resolve_model(model_dir, tokenizer_only=True)), local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     return {"params_matmul": matmul_params(model), "params_head": head_params(model),

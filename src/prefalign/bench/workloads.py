@@ -11,7 +11,6 @@ that workload's own. The PPO workload is the real trainer's iteration (rl.py).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -187,8 +186,9 @@ def _generate(model, spec: dict, dev: torch.device, autocast) -> dict:
 
 def run_isolated(spec: dict) -> dict:
     """Run one workload in a fresh Python process (its own peak memory) and return its result."""
+    # the user's environment as it is: a Hub id in the spec resolves as in any command (docs/hub.md)
     proc = subprocess.run([sys.executable, "-m", "prefalign.bench.workloads", json.dumps(spec)], capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"workload {spec['workload']} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.markup import escape
+
 from ..errors import PrefalignError
 from . import commands, export, review, serve  # noqa: F401  (register their commands on `app`)
 from .base import app, console, out
@@ -33,7 +35,6 @@ def main() -> None:
 
     # prefalign draws its own progress; transformers' per-load bars would bury it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
     try:  # transformers' own per-load bars (the import is paid once, by every command that loads a model)
         from transformers.utils import logging as hf_logging
 
@@ -52,12 +53,12 @@ def main() -> None:
     except PrefalignError as e:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)  # "[..." in e is text
         sys.exit(e.exit_code)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)  # "[..." in e is text
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

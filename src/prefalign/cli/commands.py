@@ -28,7 +28,7 @@ def data_check(
     path: Path,
     format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
     reader: str = typer.Option("auto", help=READER_HELP),
-    split: str | None = typer.Option(None, help="split of a saved DatasetDict"),
+    split: str | None = typer.Option(None, help="split of a saved DatasetDict or a Hub dataset (default train)"),
     ranked: str = typer.Option("best_vs_rest", help="ranked data: best_vs_rest, best_vs_worst, all"),
     max_problems: int = typer.Option(100, help="problems printed at most"),
 ) -> None:
@@ -56,7 +56,7 @@ def data_stats(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
     reader: str = typer.Option("auto", help=READER_HELP),
-    split: str | None = typer.Option(None, help="split of a saved DatasetDict"),
+    split: str | None = typer.Option(None, help="split of a saved DatasetDict or a Hub dataset (default train)"),
     ranked: str = typer.Option("best_vs_rest", help="ranked data: best_vs_rest, best_vs_worst, all"),
 ) -> None:
     """Counts, duplicates, ties, length bias and length percentiles, streamed in bounded memory."""
@@ -133,8 +133,10 @@ def train(
     args: list[str] | None = typer.Argument(None, help="CONFIG.yaml and/or key=value overrides"),
     method: str | None = typer.Option(None, help="any registered method (default dpo): `prefalign config list`; "
                                       "`prefalign train --method NAME --help` lists its keys"),
-    model: str | None = typer.Option(None, help="local HF model folder, .gguf file or a LoRA run's final/"),
-    data: str | None = typer.Option(None, help="preference data (offline methods)"),
+    model: str | None = typer.Option(None, help="local HF model folder, .gguf file, a LoRA run's final/ or a Hub "
+                                     "id org/name or org/name@revision"),
+    data: str | None = typer.Option(None, help="preference data (offline methods): a file, a folder or a Hub "
+                                    "dataset id (org/name, org/name@revision/FILE: docs/hub.md)"),
     prompts: str | None = typer.Option(None, help="prompts (RL methods): a prompt file or any preference file"),
     reward: str | None = typer.Option(None, help="RL methods: MODULE:FUNCTION, FILE.py:FUNCTION or a "
                                       "reward-model folder"),

@@ -10,7 +10,8 @@ from .base import app, console
 
 
 @app.command("export")
-def export(final: Path = typer.Argument(..., help="a run's final/ folder: a LoRA adapter or a full fine-tune"),
+def export(final: Path = typer.Argument(..., help="a run's final/ folder (a LoRA adapter or a full fine-tune), or a "
+                                                   "Hub id org/name or org/name@revision"),
            output: Path = typer.Option(..., "-o", "--output", help="folder to write into"),
            format: str = typer.Option("hf", "--format",
                                       help="hf: merged safetensors folder (transformers, vLLM); "

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from ..config import StrictModel
 from ..errors import ConfigError
+from .hub import resolve_model
 from .readers import read_rows
 from .records import PreferencePair, Problem, Record, UnpairedExample, text_of
 from .shapes import norm, parse_rows
@@ -153,8 +154,9 @@ def _load_tokenizer(path: str | None):
     # transformers would cost them seconds of start-up
     from transformers import AutoTokenizer
 
-    # a local folder only, like every other load (nothing is downloaded), and no model code run
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    # a local folder, or a Hub id's tokenizer files fetched into the cache; no model code run
+    folder = resolve_model(path, tokenizer_only=True)
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
 
 
 def _token_counts(tokenizer, records: list[Record]) -> list[dict[str, int]]:

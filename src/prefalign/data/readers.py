@@ -11,6 +11,7 @@ import codecs
 import csv
 import gzip
 import io
+import itertools
 import json
 import re
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from .hub import data_files
 from .records import Location, Problem
 
 FILE_TYPES = ("jsonl", "json", "csv", "parquet", "arrow")
@@ -359,7 +361,15 @@ def read_arrow_dir(path: Path, split: str | None = None) -> Iterator[Row | Probl
 
 
 def read_rows(path: str | Path, file_type: str = "auto", split: str | None = None) -> Iterator[Row | Problem]:
-    path = Path(path)
+    """The rows of a local file or folder, or of a Hub dataset id (data/hub.py: its split's files, one
+    after the other; each row's location is the file in the cache it came from)."""
+    files = data_files(path, split)
+    if len(files) > 1:
+        return itertools.chain.from_iterable(_read_file(f, file_type, split) for f in files)
+    return _read_file(files[0], file_type, split)
+
+
+def _read_file(path: Path, file_type: str, split: str | None) -> Iterator[Row | Problem]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     kind = detect_file_type(path) if file_type == "auto" else file_type

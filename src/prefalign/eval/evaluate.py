@@ -43,6 +43,7 @@ from ..errors import ConfigError
 from ..judges import PairwiseJudge, make_judge
 from ..models.backends import check_backend, make_generator
 from ..models.generate import encode_prompt
+from ..models.hub import adapter_base, resolve_model
 from ..models.kl import kl_distribution, kl_refusal, rollouts_kl
 from ..models.load import load_model, load_tokenizer_for
 from ..models.logps import batch_logps, completion_logps, sequence_logps
@@ -76,8 +77,7 @@ class EvalConfig(Runtime, Sampling):
 
 
 def default_reference(model: str) -> str | None:
-    cfg = Path(model) / "adapter_config.json"
-    return json.loads(cfg.read_text())["base_model_name_or_path"] if cfg.exists() else None
+    return adapter_base(resolve_model(model, tokenizer_only=True))  # an adapter's base (a Hub id: at its commit)
 
 
 class Evaluator:

@@ -3,8 +3,8 @@
 - a Python callable `module:function` or `path/to/file.py:function`, called as
   f(prompts: list[str], completions: list[str]) -> list[float] (a sentiment analyser, a unit-test
   runner, a regex: ground truth that drives PPO);
-- a reward model folder (a one-label sequence-classification model, e.g. `prefalign train --method reward`);
-- a pairwise LLM judge: any local causal LM asked which of two answers is better, scored from its
+- a reward model folder or Hub id (a one-label sequence-classification model, e.g. `prefalign train --method reward`);
+- a pairwise LLM judge: any causal LM (a folder or a Hub id) asked which of two answers is better, scored from its
   next-token probabilities of the two choice letters, asked in both orders to cancel position bias.
 """
 
@@ -23,6 +23,7 @@ from ..data.records import Text, text_of
 from ..data.tokenize import tokenize
 from ..errors import JudgeError, ScoringError
 from ..models.generate import encode_prompt, left_pad
+from ..models.hub import resolve_model
 from ..models.load import load_model, load_tokenizer
 from ..models.scalar import is_reward_model, load_scalar_model, sequence_scores
 
@@ -164,12 +165,12 @@ def combine_orders(p_forward: torch.Tensor, p_swapped: torch.Tensor) -> tuple[to
 def make_judge(spec: str, device: torch.device | str = "cpu", *, pairwise_ok: bool = False):
     """A reward-model folder, a causal-LM folder (pairwise judge, where allowed) or a callable."""
 
-    path = Path(spec)
+    path = resolve_model(spec, tokenizer_only=True)  # a Hub id: its snapshot, configs only until loaded
     if path.is_dir():
         if is_reward_model(path):
-            return RewardModelJudge(path, device)
+            return RewardModelJudge(spec, device)
         if pairwise_ok and (path / "config.json").exists():
-            return PairwiseJudge(path, device)
+            return PairwiseJudge(spec, device)
         raise JudgeError(f"{spec}: not a reward model (a one-label sequence-classification folder)"
                          + ("" if pairwise_ok else "; a causal LM can only judge pairs (prefalign label)"))
     return CallableJudge(spec)

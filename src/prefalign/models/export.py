@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, GenerationConfig
 
+from ..data.hub import parse_hub_id
 from ..errors import ModelError
+from .hub import adapter_base, resolve_model
 from .load import load_tokenizer_for
 from .merge import merged, save_merged
 from .to_gguf import GGUF_DTYPES, check_gguf, write_gguf
@@ -30,7 +32,7 @@ def _root(path: Path) -> Path:
     seen = set()
     while (path / "adapter_config.json").exists() and path not in seen:
         seen.add(path)
-        path = Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
+        path = resolve_model(adapter_base(path), tokenizer_only=True)  # a Hub base: its config is enough here
     if not (path / "config.json").exists() and path.suffix != ".gguf":
         raise ModelError(f"{path}: no config.json (not a model folder)")
     return path
@@ -55,7 +57,7 @@ def stored_dtype(final: str | Path) -> str:
 
 
 def _check_source(final: Path, out: Path) -> None:
-    if not final.exists():  # a typo, or a hub id: export reads only local runs
+    if not final.exists():  # neither a local folder nor a Hub id (resolve_model fetched an id's snapshot)
         raise ModelError(f"no such folder: {final}")
     if not final.is_dir():
         raise ModelError(f"{final}: export takes a run's final/ folder (a .gguf file: `prefalign convert` first)")
@@ -93,7 +95,7 @@ def export_hf(final: Path, out: Path, dtype: str) -> Path:
     return out
 
 
-def export_gguf(final: Path, out: Path, dtype: str) -> Path:
+def export_gguf(final: Path, out: Path, dtype: str, name: str | None = None) -> Path:
     if dtype not in GGUF_DTYPES:
         raise ModelError(f"--dtype {dtype}: GGUF export writes {', '.join(GGUF_DTYPES)}")
     # what the writer cannot do is refused before any weight is read (a LoRA adapter keeps its base's config)
@@ -104,18 +106,22 @@ def export_gguf(final: Path, out: Path, dtype: str) -> Path:
         raise ModelError(f"{path}: already exists; export into a new folder or remove it")
     model, _ = merged(final)
     out.mkdir(parents=True, exist_ok=True)
-    name = final.parent.name if final.name == "final" else final.name
+    name = name or (final.parent.name if final.name == "final" else final.name)
     return write_gguf(model, tokenizer, path, dtype=dtype, name=name, source=final)
 
 
 def export(final: str | Path, out: str | Path, fmt: str = "hf", dtype: str = "auto") -> Path:
     """Export a run's final/ (a LoRA adapter or a full fine-tune) as FMT into the folder OUT; returns what
     was written (the folder for hf, the .gguf file for gguf). dtype auto: the type the weights were saved in."""
-    final, out = Path(final), Path(out)
+    # a Hub id exports too (its snapshot in the cache); the GGUF's name is then the repo's, not the commit's
+    ref = None if Path(final).exists() else parse_hub_id(final)
+    final, out = resolve_model(final), Path(out)
     if fmt not in FORMATS:
         raise ModelError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise ModelError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     _check_source(final, out)
     dtype = stored_dtype(final) if dtype == "auto" else dtype
-    return (export_hf if fmt == "hf" else export_gguf)(final, out, dtype)
+    if fmt == "hf":
+        return export_hf(final, out, dtype)
+    return export_gguf(final, out, dtype, ref.repo_id.rpartition("/")[2] if ref else None)

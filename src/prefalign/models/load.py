@@ -1,9 +1,8 @@
-"""Load any local Hugging Face causal LM (safetensors only, no remote code unless asked), add LoRA."""
+"""Load any Hugging Face causal LM, local or a Hub id (safetensors only, no remote code unless asked), add LoRA."""
 
 from __future__ import annotations
 
 import inspect
-import json
 from functools import partial
 from importlib.util import find_spec
 from pathlib import Path
@@ -15,6 +14,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from ..errors import ConfigError, ModelError
+from .hub import adapter_base, base_reference, resolve_model
 
 # LoRA targets per architecture: attention and MLP projections for Transformers. Mamba mixers: only
 # projections the forward calls as modules (an adapter on a weight that code reads directly gets no
@@ -42,15 +42,16 @@ LORA_TARGETS = {
 }
 
 
-def _local(path: str | Path) -> Path:
-    path = Path(path)
+def _local(path: str | Path, *, tokenizer_only: bool = False, code: bool = False) -> Path:
+    """A model folder or file on disk: SPEC itself, or a Hub id's snapshot in the cache (models/hub.py)."""
+    path = resolve_model(path, tokenizer_only=tokenizer_only, code=code)
     if not path.exists():
-        raise ModelError(f"{path}: no such model folder or file (nothing is downloaded)")
+        raise ModelError(f"{path}: no such model folder or file, nor a Hub id (org/name or org/name@revision)")
     return path
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    path = _local(path)
+    path = _local(path, tokenizer_only=True, code=trust_remote_code)
     kw: dict[str, Any] = {}
     if path.suffix == ".gguf":
         path, kw["gguf_file"] = path.parent, path.name
@@ -116,12 +117,13 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_re
     attn_implementation: one of ATTN_IMPLEMENTATIONS; one that cannot run here is a ConfigError
     (training: the model will be trained, so its attention needs a backward pass on `device`)."""
 
-    path = _local(path)
+    path = _local(path, code=trust_remote_code)
     attention = _attention_kwargs(attn_implementation, device, training)
     if (path / "adapter_config.json").exists():
         # a LoRA run's final/: its base with the adapter merged in, so a later run (PPO after DPO)
         # starts from, and is anchored to, what that run produced
         return _merged_adapter(path, dtype, trust_remote_code, attention).to(device)
+    # local_files_only: `path` is on disk (a Hub id was fetched by resolve_model, with only safe files)
     kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "local_files_only": True,
                           **attention}
     if path.suffix == ".gguf":
@@ -146,9 +148,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_re
 
 
 def _merged_adapter(adapter: Path, dtype: torch.dtype, trust_remote_code: bool, attention: dict[str, Any]):
-    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    if not base or not Path(base).exists():
-        raise ModelError(f"{adapter}: its base model {base!r} is not a local folder (nothing is downloaded)")
+    base = adapter_base(adapter)  # a local folder or a Hub id (at the commit the adapter was trained on)
     model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code,
                        attn_implementation=attention.get("attn_implementation", "auto"))
     return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
@@ -157,9 +157,9 @@ def _merged_adapter(adapter: Path, dtype: torch.dtype, trust_remote_code: bool, 
 def load_tokenizer_for(path: str | Path, trust_remote_code: bool = False):
     """The tokenizer of a model folder, or of an adapter folder's base when the adapter has none."""
 
-    path = Path(path)
+    path = _local(path, tokenizer_only=True, code=trust_remote_code)
     if (path / "adapter_config.json").exists() and not (path / "tokenizer_config.json").exists():
-        path = Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
+        return load_tokenizer(adapter_base(path), trust_remote_code)
     return load_tokenizer(path, trust_remote_code)
 
 
@@ -277,8 +277,9 @@ def save_model(model, tokenizer, out: str | Path, base: str | Path | None = None
     STATE_DICT: whole tensors gathered from a sharded (FSDP2) model, whose own are shards."""
     out = Path(out)
     if base is not None and is_peft(model):
+        name, revision = base_reference(base)  # a Hub base: its id and the commit it was loaded at
         for peft_cfg in model.peft_config.values():
-            peft_cfg.base_model_name_or_path = str(base)
+            peft_cfg.base_model_name_or_path, peft_cfg.revision = name, revision
     model.save_pretrained(str(out), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import ModelError
 from .convert import dense
+from .hub import resolve_model
 from .load import load_model, load_tokenizer_for
 
 
@@ -21,8 +22,9 @@ def merged(path: str | Path, dtype: torch.dtype | None = None):
     """(model, tokenizer) of a run's final/: a full fine-tune as saved, a LoRA adapter merged into its base.
     By default a full fine-tune loads in the type it was saved in (nothing to merge: a bf16 7B model stays
     14 GB, not 28), and a merge runs in fp32 (adding B·A to bf16 weights in bf16 rounds twice)."""
+    path = resolve_model(path)  # a run's final/, or a Hub id (an adapter repo or a model)
     if dtype is None:
-        dtype = torch.float32 if (Path(path) / "adapter_config.json").exists() else "auto"
+        dtype = torch.float32 if (path / "adapter_config.json").exists() else "auto"
     model = load_model(path, dtype=dtype)
     if getattr(model, "hf_quantizer", None) is not None:  # an adapter on a .gguf base: dequantised on load
         model = dense(model, path)
@@ -61,7 +63,7 @@ def _add_legacy_keys(out: Path) -> None:
 
 
 def merge_adapter(adapter: str | Path, out: str | Path) -> Path:
-    adapter = Path(adapter)
+    adapter = resolve_model(adapter)
     if not (adapter / "adapter_config.json").exists():
         raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
     return save_merged(*merged(adapter), out)

@@ -20,11 +20,12 @@ from transformers import AutoModelForSequenceClassification
 
 from ..errors import PrefalignError
 from ..losses.ppo import last_token_index
+from .hub import resolve_model
 from .load import ModelError, _attention_kwargs, _from_pretrained, _local, hidden_states, unwrap
 
 
 def is_reward_model(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
+    config = resolve_model(path, tokenizer_only=True) / "config.json"  # a Hub id: its configs, no weights
     if not config.exists():
         return False
     archs = json.loads(config.read_text()).get("architectures") or []
@@ -38,7 +39,7 @@ def load_scalar_model(path: str | Path, *, pad_token_id: int | None = None, dtyp
     (zero-initialised, so it starts by scoring everything 0) on a causal LM's trunk. attn_implementation
     and training as in `load_model`."""
 
-    path = _local(path)
+    path = _local(path, code=trust_remote_code)
     if not any(path.glob("*.safetensors")):
         raise ModelError(f"{path}: no *.safetensors weights; prefalign never unpickles .bin/.pt files")
     fresh = not is_reward_model(path)

@@ -10,7 +10,6 @@ models take turns step by step (engine.py).
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from peft import PeftModel
 
 from ..errors import ModelError
 from ..models.generate import eos_ids
+from ..models.hub import adapter_base, resolve_model
 from ..models.load import load_model, load_tokenizer, load_tokenizer_for
 
 
@@ -53,14 +53,9 @@ class Served:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
 
-def _adapter_base(path: Path) -> str | None:
-    cfg = path / "adapter_config.json"
-    if not cfg.exists():
-        return None
-    base = json.loads(cfg.read_text())["base_model_name_or_path"]
-    if not base or not Path(base).exists():
-        raise ModelError(f"{path}: its base model {base!r} is not a local folder (nothing is downloaded)")
-    return base
+def _adapter_base(name: str) -> str | None:
+    """The base of an adapter (a folder or a Hub id), as load_model takes it; None for a whole model."""
+    return adapter_base(resolve_model(name, tokenizer_only=True))
 
 
 def _context(model, tokenizer) -> int:
@@ -84,15 +79,16 @@ def load_served(paths: list[str], device: torch.device, dtype: torch.dtype = tor
 
     served = {}
     for i, name in enumerate(paths):
-        base_path = _adapter_base(Path(name))
+        base_path = _adapter_base(name)
         base = base_of(base_path if base_path is not None else name)
         adapter = None
         if base_path is not None:
             adapter = f"adapter{i}"
             if isinstance(base.model, PeftModel):
-                base.model.load_adapter(name, adapter_name=adapter)
+                base.model.load_adapter(str(resolve_model(name)), adapter_name=adapter)
             else:
-                base.model = PeftModel.from_pretrained(base.model, name, adapter_name=adapter).eval()
+                base.model = PeftModel.from_pretrained(base.model, str(resolve_model(name)),
+                                                       adapter_name=adapter).eval()
             base.model.requires_grad_(False)
         tokenizer = load_tokenizer_for(name) if base_path is not None else load_tokenizer(name)
         if chat_template is not None and not getattr(tokenizer, "chat_template", None):

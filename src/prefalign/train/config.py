@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..config import Runtime, Sampling, StrictModel
 from ..data.mixture import DataSource, as_entries, check_eval_sets, check_mixture
+from ..models.hub import check_repo_id, default_repo_id
 
 
 class LoraSettings(StrictModel):
@@ -26,7 +27,8 @@ class LoraSettings(StrictModel):
 class RunConfig(Runtime):
     """What every training run has: a model, an output folder, the optimizer and the machinery."""
 
-    model: str = Field(..., description="local HF model folder, .gguf file or LoRA run's final/")
+    model: str = Field(..., description="local HF model folder, .gguf file, LoRA run's final/, or a Hub id "
+                                        "org/name[@revision] (docs/hub.md)")
     output: str = Field(..., description="run folder")
 
     max_steps: int = Field(100, ge=1, description="optimizer steps (RL: rollout + update iterations)")
@@ -93,6 +95,14 @@ class RunConfig(Runtime):
         None, description="the W&B / trackio project and MLflow experiment; default: WANDB_PROJECT or "
                           "MLFLOW_EXPERIMENT_NAME, else prefalign")
     max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/Inf steps before the run stops")
+    # docs/hub.md: checked (offline, token) before the run starts; the upload is the run's very last act
+    push_to_hub: bool = Field(False, description="upload final/ to the Hugging Face Hub when the run ends "
+                                                 "(needs the network and a token: hf auth login or HF_TOKEN)")
+    hub_model_id: str | None = Field(
+        None, description="push_to_hub: the model repo, org/name or name (in the token owner's namespace); "
+                          "default: the output folder's name")
+    hub_private: bool = Field(False, description="push_to_hub: create the repo private (an existing repo keeps "
+                                                 "its visibility)")
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -120,11 +130,20 @@ class RunConfig(Runtime):
                              "writes whole checkpoints: use whole (or auto)")
         if self.kl_budget is not None and self.kl_every == 0:
             raise ValueError("kl_budget is checked against the KL monitor: it needs kl_every > 0 (or unset)")
+        if not self.push_to_hub and (self.hub_model_id is not None or self.hub_private):
+            raise ValueError("hub_model_id and hub_private are for push_to_hub: true")
+        if self.push_to_hub:
+            check_repo_id(self.hub_repo_id)
         return self
 
     @property
     def trackers(self) -> list[str]:
         return [t for t in self.report_to if t != "none"]
+
+    @property
+    def hub_repo_id(self) -> str:
+        """Where push_to_hub uploads: hub_model_id, else the output folder's name (the token owner's namespace)."""
+        return self.hub_model_id or default_repo_id(self.output)
 
     @property
     def zero_stage(self) -> int:
@@ -142,11 +161,12 @@ class OfflineConfig(RunConfig):
     """A run on a fixed dataset (the DPO family, SFT, reward models)."""
 
     data: str | list[DataSource] = Field(
-        ..., description="training data file or folder, or a list of sources {path, weight | fraction, split, "
-                         "format} mixed with the run's seed (docs/data-mixtures.md)")
+        ..., description="training data file or folder, a Hub dataset id org/name[@revision][/file] (docs/hub.md), "
+                         "or a list of sources {path, weight | fraction, split, format} mixed with the run's seed "
+                         "(docs/data-mixtures.md)")
     eval_data: str | dict[str, DataSource] | None = Field(
-        None, description="held-out data, scored every eval_every steps (eval/...); or named sets {name: path or "
-                          "{path, fraction, split, format}}, each logged as eval/<name>/...")
+        None, description="held-out data (as data), scored every eval_every steps (eval/...); or named sets "
+                          "{name: path or {path, fraction, split, format}}, each logged as eval/<name>/...")
     format: str = Field("auto", description="data shape (see `prefalign data`)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     eval_every: int = Field(0, ge=0, description="steps between eval_data passes; 0: none")
@@ -185,9 +205,9 @@ class RLConfig(RunConfig, Sampling):
     `batch_size` prompts (x `samples_per_prompt`) and `ppo_epochs` passes of minibatch updates."""
 
     prompts: str | list[DataSource] = Field(
-        ..., description="prompt file (or any preference file: its prompts), or a list of sources mixed as `data` "
-                         "is (docs/data-mixtures.md)")
-    reward: str = Field(..., description="MODULE:FUNCTION, FILE.py:FUNCTION or a reward-model folder")
+        ..., description="prompt file (or any preference file: its prompts), a Hub dataset id, or a list of sources "
+                         "mixed as `data` is (docs/data-mixtures.md)")
+    reward: str = Field(..., description="MODULE:FUNCTION, FILE.py:FUNCTION, or a reward-model folder or Hub id")
     format: str = Field("auto", description="data shape of `prompts`")
     samples_per_prompt: int = Field(1, ge=1, description="completions sampled per prompt (k)")
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ConfigError, TrainingError
+from ..models.hub import check_push, push_final
 from ..runtime.distributed import World, launch, launched
 from .checkpoint import list_checkpoints
 from .config import RunConfig
@@ -20,7 +22,13 @@ TRAINERS: dict[str, Callable[..., LoopResult]] = {"offline": run_offline, "rl": 
 
 def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
     check_installed(cfg.trackers)  # before any model is loaded
-    return TRAINERS[METHODS[cfg.method].trainer](cfg, log=log, progress=progress)
+    if cfg.push_to_hub:
+        check_push(cfg.hub_repo_id)  # offline or without a token: an error now, not after hours of training
+    result = TRAINERS[METHODS[cfg.method].trainer](cfg, log=log, progress=progress)
+    # the run's very last act, once final/, its card and run.json are written: one process uploads
+    if cfg.push_to_hub and int(os.environ.get("RANK", "0")) == 0:
+        push_final(Path(cfg.output) / "final", cfg.hub_repo_id, cfg.hub_private, log)
+    return result
 
 
 def launch_processes(cfg: RunConfig, nproc: int, argv: list[str], log: Callable[[str], None] = print) -> None:
@@ -31,6 +39,8 @@ def launch_processes(cfg: RunConfig, nproc: int, argv: list[str], log: Callable[
         raise ConfigError("--nproc starts the processes itself: under torchrun or accelerate launch, leave it out")
     check_installed(cfg.trackers)
     (check_world if METHODS[cfg.method].trainer == "offline" else check_rl_world)(cfg, World(0, nproc))
+    if cfg.push_to_hub:
+        check_push(cfg.hub_repo_id)
     log(f"starting {nproc} processes (torchrun, distributed: {cfg.distributed})")
     code = launch(nproc, argv)
     if code == 0:
