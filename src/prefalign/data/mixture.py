@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 
 from ..config import StrictModel
 from ..errors import DataError
+from .hub import parse_hub_id
 
 T = TypeVar("T")
 SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a path part of eval/<name>/... and a file name
@@ -107,6 +108,8 @@ def label_of(value: Any, field: str, i: int) -> str:
 def check_readable(source: DataSource, label: str) -> None:
     """The path exists and a split is only asked of a folder that has splits: errors name the entry and field."""
     path = Path(source.path)
+    if not path.exists() and parse_hub_id(source.path) is not None:
+        return  # a Hub dataset id: data/hub.py resolves it (a split picks its files) and names the cache if missing
     if not path.exists():
         raise DataError(f"{label}.path: {source.path}: no such file or folder")
     if source.split is not None and not (path / "dataset_dict.json").exists():
