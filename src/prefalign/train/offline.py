@@ -74,7 +74,7 @@ def _load_data(path: str, cfg: OfflineConfig, tokenizer, method: Method, out: Pa
                log: Callable[[str], None], world: World = World()) -> TokenizedData:
     records, problems = load_records(path, ReadOptions(format=cfg.format))
     data = tokenize_records(tokenizer, records, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                            unit=method.unit)
+                            unit=method.unit, assistant_turns=getattr(cfg, "assistant_turns", "last"))  # SFT's key
     problems += data.problems
     if problems:
         bad = out / f"{name}_problems.jsonl"
@@ -191,7 +191,7 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     check_world(cfg, world)
     if world.active and cfg.distributed == "deepspeed":
         deepspeed.check_precision(bf16_wanted(cfg.precision, device), device)
-    tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     model = _load(cfg, method, tokenizer, device)
     data = _load_data(cfg.data, cfg, tokenizer, method, out, "data", log, world)
     eval_data = _load_data(cfg.eval_data, cfg, tokenizer, method, out, "eval_data", log, world) if cfg.eval_data \
