@@ -34,6 +34,9 @@ ANSWER = {"role": "assistant", "content": "It is 21 C in Paris."}
 AGAIN = {"role": "user", "content": "And tomorrow?"}
 LAST = {"role": "assistant", "content": "Rain, 17 C."}
 CONVERSATION = [SYSTEM, ASK, CALL, RESULT, ANSWER, AGAIN, LAST]
+# for templates that never read tool_calls (SmolLM2's): the call written as the turn's text
+CONVERSATION_TEXT = [SYSTEM, ASK, {"role": "assistant", "content": 'weather(city="Paris")'}, RESULT, ANSWER, AGAIN,
+                     LAST]
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +255,26 @@ def test_every_layout_scores_the_same_tokens_of_multi_turn_answers(tiny_models, 
             batch = collate_fn(examples, [0, 1], tok.pad_token_id)
             assert torch.allclose(batch_logps(model, batch), padded, atol=1e-5)
             assert batch["lengths"].tolist() == [float(e.seqs[k].completion_len) for k in (0, 1) for e in examples]
+    # a precomputed reference is keyed on which tokens are scored, not only on the ids
+    from dataclasses import replace
+
+    from prefalign.models.reference import fingerprint
+
+    unmasked = Example((replace(gap, mask=None), *examples[0].seqs[1:]))
+    assert fingerprint(model, [examples[0]]) != fingerprint(model, [unmasked])
+
+
+def test_truncation_keeps_each_token_with_its_mask(smol):
+    """A long multi-turn sequence cut to max_length: the prompt's end and the conversation's start are kept,
+    and every kept token keeps its own mark."""
+    from prefalign.data.tokenize import truncate
+
+    full = tokenize(smol, CONVERSATION_TEXT[:-1], CONVERSATION_TEXT[-1:], all_turns=True)
+    cut = truncate(full, max_length=17, max_prompt_length=5)
+    assert cut.truncated and len(cut.input_ids) == 17 and cut.prompt_len == 5
+    kept = list(range(full.prompt_len - 5, full.prompt_len + 12))
+    assert cut.input_ids == [full.input_ids[t] for t in kept]
+    assert cut.loss_mask == [full.loss_mask[t] for t in kept] and False in cut.loss_mask[5:]
 
 
 def test_sft_trains_every_assistant_turn(tiny_models, tmp_path):
