@@ -122,6 +122,35 @@ def test_preference_rows_with_multi_turn_prompts_score_only_the_answer(smol):
         check(smol, chatml_turns(prompt + answer, {4}), tokenize(smol, prompt, answer))
 
 
+def test_llamafactory_sharegpt_demonstrations_with_function_calls(smol, tmp_path):
+    """LLaMA-Factory's SFT shape: function_call turns are the assistant's (trained), observations are tool
+    results (not trained)."""
+    from prefalign.data import load_records
+
+    row = {"system": "You are terse.", "conversations": [
+        {"from": "human", "value": ASK["content"]}, {"from": "function_call", "value": CALL_JSON},
+        {"from": "observation", "value": RESULT["content"]}, {"from": "gpt", "value": ANSWER["content"]}]}
+    (tmp_path / "sft.json").write_text(json.dumps([row]))
+    (record,), problems = load_records(tmp_path / "sft.json")
+    assert problems == [] and record.label and record.completion == [ANSWER]
+    conv = [SYSTEM, ASK, {"role": "assistant", "content": CALL_JSON}, RESULT, ANSWER]
+    assert record.prompt + record.completion == conv
+    check(smol, chatml_turns(conv, {2, 4}), tokenize(smol, record.prompt, record.completion, all_turns=True))
+
+
+def test_tool_calls_are_checked_and_kept(tmp_path):
+    from prefalign.data import load_records
+
+    openai_null = {**CALL, "content": None}
+    rows = [{"messages": [ASK, openai_null, {**RESULT, "tool_call_id": "call_1"}, ANSWER]},
+            {"messages": [{**ASK, "tool_calls": CALL["tool_calls"]}, ANSWER]},
+            {"messages": [ASK, {**CALL, "tool_calls": [{"function": {"arguments": {}}}]}, RESULT, ANSWER]}]
+    records, problems = load_records(write_jsonl(tmp_path / "calls.jsonl", rows))
+    assert records[0].prompt[1] == CALL and records[0].prompt[2]["tool_call_id"] == "call_1"
+    assert [(p.field, p.kind) for p in problems] == [("messages[0].tool_calls", "roles"),
+                                                     ("messages[1].tool_calls[0]", "type")]
+
+
 # ---------------------------------------------------------------- the shipped model, a name, a file
 
 
@@ -135,6 +164,15 @@ def test_shipped_model_has_no_template_the_error_names_the_option():
     with pytest.raises(ConfigError, match="chat_template"):
         encode_prompt(tok, [ASK])  # sampling (RL, sample, eval, the KL monitor) too
     assert tokenize(tok, "The movie", " was good.").completion_len > 0  # plain text needs none
+
+
+def test_sampling_reads_the_option_too(tmp_path):
+    from prefalign.feedback.sample import SampleConfig, sample
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [SYSTEM, ASK]}])
+    sample(SampleConfig(model=str(SHIPPED), prompts=str(prompts), output=str(tmp_path / "s.jsonl"), n=1,
+                        max_new_tokens=3, chat_template="zephyr"), log=lambda _: None)  # without it: the error above
+    assert len(json.loads((tmp_path / "s.jsonl").read_text())["completions"]) == 1
 
 
 def test_shipped_model_with_a_named_template_masks_tool_calls_token_exactly():

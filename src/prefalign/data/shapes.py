@@ -5,7 +5,8 @@ Shapes:
   conversation {"chosen": [msgs], "rejected": [msgs]} (+ optional "prompt": [msgs]); without a
                prompt, the shared prefix of the two conversations becomes the prompt
   hh           Anthropic HH-RLHF: "chosen"/"rejected" transcripts of "\\n\\nHuman: ... \\n\\nAssistant: ..."
-  sharegpt     LLaMA-Factory: "conversations" [{from, value}] + "chosen"/"rejected" {from, value}
+  sharegpt     LLaMA-Factory: "conversations" [{from, value}] + "chosen"/"rejected" {from, value}; without
+               chosen/rejected, a demonstration (LLaMA-Factory's SFT shape), as `sft` {"messages"}
   kto          {"prompt", "completion", "label": bool} or LLaMA-Factory's {"messages", "label"}
   sft          {"prompt", "completion"} or {"messages"} (the last assistant turn is the completion),
                no label: demonstrations for supervised fine-tuning (read as desirable completions)
@@ -257,6 +258,11 @@ def parse_sharegpt(row: dict, where: Location, **_: Any) -> list[Record]:
         if not isinstance(system, str):
             raise Bad("system", f"expected text, got {type(system).__name__}", "type")
         prompt = [{"role": "system", "content": system}] + prompt
+    if row.get("chosen") is None and row.get("rejected") is None:
+        # LLaMA-Factory's SFT shape: a whole conversation (function_call/observation turns included),
+        # read as a demonstration whose last assistant turn is the completion
+        check_turns(prompt, "conversations", last="assistant")
+        return [UnpairedExample(prompt[:-1], prompt[-1:], True, where)]
     check_turns(prompt, "conversations", last="user")
     answers = []
     for key in ("chosen", "rejected"):
