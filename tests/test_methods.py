@@ -22,8 +22,9 @@ from prefalign.train.methods import METHODS, make_config, own_keys
 SRC = Path(__file__).resolve().parent.parent / "src" / "prefalign"
 OFFLINE = [m for m, spec in METHODS.items() if spec.trainer == "offline"]
 RL = [m for m, spec in METHODS.items() if spec.trainer == "rl"]
-# applied around every paired loss by the trainer (RPO), not a parameter of the loss itself
-AROUND_THE_LOSS = {"rpo_alpha"}
+# applied around every paired loss by the trainer (RPO), or read by the data's tokenization (SFT's
+# assistant_turns: which tokens are completions), not parameters of the loss itself
+AROUND_THE_LOSS = {"rpo_alpha", "assistant_turns"}
 
 
 @pytest.mark.parametrize("name", OFFLINE)

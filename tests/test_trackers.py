@@ -278,7 +278,7 @@ def test_report_to_values(tmp_path):
     assert cfg.report_to == ["wandb", "mlflow"] and make_config(method="dpo", model="m", data="d", output="o") \
         .report_to == ["tensorboard"]
     for bad, why in ((["none", "wandb"], "none means no tracker"), (["wandb", "wandb"], "twice"),
-                     (["comet"], "report_to\[0\]: Input should be")):
+                     (["comet"], r"report_to\[0\]: Input should be")):
         with pytest.raises(ConfigError, match=why):
             make_config(method="dpo", model="m", data="d", output="o", report_to=bad)
     log = RunLog(tmp_path, None, cfg=make_config(method="dpo", model="m", data="d", output=str(tmp_path),

@@ -33,6 +33,9 @@ class Runtime(StrictModel):
         "auto", description="bf16 autocast or fp32; auto: bf16 on a CUDA GPU that supports it")
     seed: int = Field(0, description="seed of every random draw (data order, sampling, init)")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")
+    chat_template: str | None = Field(
+        None, description="replaces the tokenizer's chat template: NAME (shipped: chatml, zephyr, llama3) or FILE (a "
+                          "Jinja file); conversations need one (docs/conversations.md)")
 
 
 class Remote(StrictModel):

@@ -22,8 +22,8 @@ def serve_cmd(
     max_prompts: int = typer.Option(64, min=1, help="prompts in one /v1/completions request at most"),
     max_tokens: int = typer.Option(1024, help="largest max_tokens a request may ask for"),
     max_body: int = typer.Option(1 << 20, help="largest request body in bytes"),
-    chat_template: str | None = typer.Option(None, help="Jinja chat template file for models whose tokenizer "
-                                                        "has none"),
+    chat_template: str | None = typer.Option(None, help="chat template FILE (Jinja) or shipped NAME (chatml, zephyr, "
+                                                        "llama3) for models whose tokenizer has none"),
     device: str = typer.Option("auto", help="auto (a GPU if there is one) or a torch device name"),
     dtype: str = typer.Option("fp32", help="weights in fp32, bf16 or fp16"),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's)"),

@@ -34,12 +34,14 @@ class TokenizedData:
 
 
 def tokenize_records(tokenizer, records: list[Record], *, max_length: int, max_prompt_length: int,
-                     unit: str = "pairs") -> TokenizedData:
+                     unit: str = "pairs", assistant_turns: str = "last") -> TokenizedData:
     """Examples for a method whose data unit is `unit` (train/methods.py `Method.unit`): "pairs",
     "unpaired" (KTO) or "completions" (SFT: demonstrations, the chosen answer of a pair, or the
-    desirable completions of labelled data; undesirable ones are skipped)."""
+    desirable completions of labelled data; undesirable ones are skipped). Completions of conversations
+    train the last assistant turn, or with assistant_turns "all" every assistant turn."""
     examples, problems, truncated = [], [], 0
     kw = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+    sft_kw = dict(kw, all_turns=assistant_turns == "all")
     want = (
         UnpairedExample
         if unit == "unpaired"
@@ -64,9 +66,9 @@ def tokenize_records(tokenizer, records: list[Record], *, max_length: int, max_p
                         tokenize(tokenizer, r.prompt, other.completion, **kw))
                 label = r.label
             elif isinstance(r, PreferencePair):
-                seqs = (tokenize(tokenizer, r.prompt, r.chosen, **kw),)
+                seqs = (tokenize(tokenizer, r.prompt, r.chosen, **sft_kw),)
             elif r.label:
-                seqs = (tokenize(tokenizer, r.prompt, r.completion, **kw),)
+                seqs = (tokenize(tokenizer, r.prompt, r.completion, **sft_kw),)
             else:
                 continue
         except TokenizationError as e:
@@ -87,7 +89,7 @@ def pad(seqs: list[Tokenized], pad_id: int) -> dict[str, Tensor]:
         n = len(s.input_ids)
         ids[i, :n] = torch.tensor(s.input_ids)
         attn[i, :n] = 1
-        loss[i, s.prompt_len:n] = True
+        loss[i, :n] = torch.tensor(s.loss_mask)
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
@@ -140,13 +142,13 @@ def collate_shared_prompt(examples: list[Example], indices: list[int], pad_id: i
         pos[i, p + nc:p + nc + nr] = torch.arange(p, p + nr)
         seg[i, :p + nc + nr] = i
         branch[i, p:p + nc], branch[i, p + nc:p + nc + nr] = 1, 2
-        for t in range(c.prompt_len, len(c.input_ids)):  # chosen token t is predicted at row t - 1
+        for t in c.scored:  # chosen token t is predicted at row t - 1
             pred_rows.append(i), pred_cols.append(t - 1), labels.append(c.input_ids[t]), seq_ids.append(i)
-        for t in range(r.prompt_len, len(r.input_ids)):  # rejected index t sits at row t (+ nc past the prompt)
+        for t in r.scored:  # rejected index t sits at row t (+ nc past the prompt)
             col = t - 1 if t - 1 < p else t - 1 + nc
             pred_rows.append(i), pred_cols.append(col), labels.append(r.input_ids[t]), seq_ids.append(b + i)
-    lengths = torch.tensor([len(c.input_ids) - c.prompt_len for c, _, _ in rows]
-                           + [len(r.input_ids) - r.prompt_len for _, r, _ in rows], dtype=torch.float32)
+    lengths = torch.tensor([c.completion_len for c, _, _ in rows] + [r.completion_len for _, r, _ in rows],
+                           dtype=torch.float32)
     return {"input_ids": ids, "position_ids": pos, "segment_ids": seg, "branch_ids": branch,
             "pred_rows": torch.tensor(pred_rows),
             "pred_cols": torch.tensor(pred_cols), "labels_flat": torch.tensor(labels), "seq_ids": torch.tensor(seq_ids),
@@ -187,7 +189,7 @@ def collate_packed(examples: list[Example], indices: list[int], pad_id: int) -> 
             ids[r, start:end] = torch.tensor(s.input_ids)
             pos[r, start:end] = torch.arange(len(s.input_ids))
             seg[r, start:end] = n
-            for t in range(max(s.prompt_len, 1), len(s.input_ids)):  # token t is predicted at column t - 1
+            for t in [t for t in s.scored if t > 0]:  # token t is predicted at column t - 1
                 pred_rows.append(r), pred_cols.append(start + t - 1), labels.append(s.input_ids[t]), seq_ids.append(n)
             start = end
     lengths = torch.tensor([s.completion_len for s in seqs], dtype=torch.float32)

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role, content; tool_calls, tool_call_id, name where given
 Text = Union[str, list[Message]]
 
 
@@ -98,7 +98,9 @@ def text_of(value: Text) -> str:
     """A flat string for lengths, hashing and display; messages become 'role: content' lines."""
     if isinstance(value, str):
         return value
-    return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in value)
+    return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}"
+                     + (f" {json.dumps(m['tool_calls'], ensure_ascii=False, sort_keys=True)}" if m.get("tool_calls")
+                        else "") for m in value)
 
 
 def dumps(record: Record) -> str:

@@ -5,7 +5,8 @@ Shapes:
   conversation {"chosen": [msgs], "rejected": [msgs]} (+ optional "prompt": [msgs]); without a
                prompt, the shared prefix of the two conversations becomes the prompt
   hh           Anthropic HH-RLHF: "chosen"/"rejected" transcripts of "\\n\\nHuman: ... \\n\\nAssistant: ..."
-  sharegpt     LLaMA-Factory: "conversations" [{from, value}] + "chosen"/"rejected" {from, value}
+  sharegpt     LLaMA-Factory: "conversations" [{from, value}] + "chosen"/"rejected" {from, value}; without
+               chosen/rejected, a demonstration (LLaMA-Factory's SFT shape), as `sft` {"messages"}
   kto          {"prompt", "completion", "label": bool} or LLaMA-Factory's {"messages", "label"}
   sft          {"prompt", "completion"} or {"messages"} (the last assistant turn is the completion),
                no label: demonstrations for supervised fine-tuning (read as desirable completions)
@@ -110,18 +111,43 @@ def _messages(value: Any, field: str, *, from_key: str = "role", text_key: str =
         elif role not in ROLES:
             raise Bad(f"{where}.{from_key}", f"unknown role {role!r} (expected one of {', '.join(ROLES)})",
                       "roles")
-        content = m.get(text_key)
+        content, calls = m.get(text_key), m.get("tool_calls")
+        if calls is not None:
+            _tool_calls(calls, role, f"{where}.tool_calls")
+            content = "" if content is None else content  # a turn that only calls tools (OpenAI's null content)
         if not isinstance(content, str):
             kind = "missing" if content is None else "type"
             raise Bad(f"{where}.{text_key}", "missing" if content is None else
                       f"expected text, got {type(content).__name__}", kind)
         _check_unicode(content, f"{where}.{text_key}")
-        if not content.strip():
+        if not content.strip() and not calls:
             raise Bad(f"{where}.{text_key}", "is empty", "empty")
-        out.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        # tool calls and the ids/names tying tool results to them reach the chat template as given
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if m.get(key) is not None:
+                if key != "tool_calls" and not isinstance(m[key], str):
+                    raise Bad(f"{where}.{key}", f"expected text, got {type(m[key]).__name__}", "type")
+                message[key] = m[key]
+        out.append(message)
     if not out:
         raise Bad(field, "has no messages", "empty")
     return out
+
+
+def _tool_calls(calls: Any, role: str, field: str) -> None:
+    """OpenAI's shape, [{"type": "function", "function": {"name", "arguments"}}], or the bare
+    {"name", "arguments"} transformers also takes; arguments an object or a JSON string."""
+    if role != "assistant":
+        raise Bad(field, f"only an assistant turn makes tool calls, not a {role} turn", "roles")
+    if not isinstance(calls, list) or not calls:
+        raise Bad(field, "expected a non-empty list of tool calls", "type")
+    for i, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise Bad(f"{field}[{i}]", "expected {\"function\": {\"name\": ..., \"arguments\": ...}}", "type")
+        if not isinstance(fn.get("arguments", {}), (dict, str)):
+            raise Bad(f"{field}[{i}].function.arguments", "expected an object or a JSON string", "type")
 
 
 def check_turns(messages: list[Message], field: str, *, last: str | None = None) -> None:
@@ -146,7 +172,8 @@ def check_turns(messages: list[Message], field: str, *, last: str | None = None)
 
 def _not_tie(chosen: Text, rejected: Text) -> None:
     def key(t):
-        return (norm(t) if isinstance(t, str) else [(m["role"], norm(m["content"])) for m in t])
+        return (norm(t) if isinstance(t, str) else [(m["role"], norm(m["content"]), repr(m.get("tool_calls")))
+                                                     for m in t])
     if key(chosen) == key(rejected):
         raise Bad("rejected", "chosen and rejected are the same answer (a tie)", "tie")
 
@@ -231,6 +258,11 @@ def parse_sharegpt(row: dict, where: Location, **_: Any) -> list[Record]:
         if not isinstance(system, str):
             raise Bad("system", f"expected text, got {type(system).__name__}", "type")
         prompt = [{"role": "system", "content": system}] + prompt
+    if row.get("chosen") is None and row.get("rejected") is None:
+        # LLaMA-Factory's SFT shape: a whole conversation (function_call/observation turns included),
+        # read as a demonstration whose last assistant turn is the completion
+        check_turns(prompt, "conversations", last="assistant")
+        return [UnpairedExample(prompt[:-1], prompt[-1:], True, where)]
     check_turns(prompt, "conversations", last="user")
     answers = []
     for key in ("chosen", "rejected"):

@@ -5,73 +5,93 @@ tokenizers ("Answer: " + "yes" is not "Answer:" + " yes"), i.e. sequences the mo
 inference. We tokenize the full text once and find the boundary from character offsets: every token
 that ends past the prompt's last character is a completion token (a token straddling the seam is
 scored, since it carries completion characters).
+
+Conversations (messages) go through the chat template (data/chat.py), which says which tokens each
+assistant turn wrote: those of the completion's assistant turns are scored, or with `all_turns` those of
+every assistant turn (multi-turn SFT); system, user and tool messages never are.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import DataError
+from .chat import TokenizationError, conversation_mask
 from .records import PreferencePair, Text
 
-
-class TokenizationError(DataError):
-    pass
+__all__ = ["TokenizationError", "Tokenized", "tokenize", "tokenize_pair", "truncate"]
 
 
 @dataclass
 class Tokenized:
     input_ids: list[int]
-    prompt_len: int  # tokens [0, prompt_len) are the prompt; the rest are scored
+    prompt_len: int  # tokens [0, prompt_len) are the prompt; the first scored token is at prompt_len
     truncated: bool = False
+    # per token: scored. None: every token from prompt_len on. Multi-turn conversations have unscored
+    # stretches after prompt_len (the user and tool turns between assistant turns)
+    mask: list[bool] | None = None
+
+    @property
+    def loss_mask(self) -> list[bool]:
+        return self.mask if self.mask is not None else \
+            [False] * self.prompt_len + [True] * (len(self.input_ids) - self.prompt_len)
+
+    @property
+    def scored(self) -> list[int]:
+        """Positions of the scored tokens."""
+        if self.mask is None:
+            return list(range(self.prompt_len, len(self.input_ids)))
+        return [t for t, on in enumerate(self.mask) if on]
 
     @property
     def completion_len(self) -> int:
-        return len(self.input_ids) - self.prompt_len
+        return len(self.scored) if self.mask is not None else len(self.input_ids) - self.prompt_len
 
 
-def render(tokenizer, prompt: Text, completion: Text) -> tuple[str, str, bool]:
-    """(prompt text, completion text, whether a chat template produced them)."""
-    if isinstance(prompt, str) and isinstance(completion, str):
-        return prompt, completion, False
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise TokenizationError("conversational data needs a tokenizer with a chat template "
-                                "(set tokenizer.chat_template, or convert the data to prompt/chosen/rejected text)")
-    p_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    c_msgs = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
-    prompt_text = tokenizer.apply_chat_template(p_msgs, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(p_msgs + c_msgs, tokenize=False)
-    if not full.startswith(prompt_text):
-        raise TokenizationError("the chat template renders the prompt differently on its own than as the "
-                                "start of the conversation; cannot find the completion's boundary")
-    return prompt_text, full[len(prompt_text):], True
+def _messages(text: Text, role: str) -> list:
+    return [{"role": role, "content": text}] if isinstance(text, str) else list(text)
 
 
 def tokenize(tokenizer, prompt: Text, completion: Text, *, max_length: int | None = None,
-             max_prompt_length: int | None = None, add_eos: bool = True) -> Tokenized:
-    prompt_text, completion_text, templated = render(tokenizer, prompt, completion)
-    # A template already writes BOS (and its own turn terminators): adding special tokens again
-    # would double BOS, a silent quality loss.
-    enc = tokenizer(prompt_text + completion_text, add_special_tokens=not templated,
-                    return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-    boundary = len(prompt_text)
-    prompt_len = 0
-    # The scan stops at the first completion token, so special tokens a post-processor appends
-    # (offset (0, 0)) after it stay in the completion.
-    while prompt_len < len(ids) and offsets[prompt_len][1] <= boundary:
-        prompt_len += 1
+             max_prompt_length: int | None = None, add_eos: bool = True, all_turns: bool = False) -> Tokenized:
+    """One sequence and its scored tokens. Plain text: the completion. Messages (either side a list):
+    the completion's assistant turns; with all_turns, every assistant turn of prompt + completion."""
+    if isinstance(prompt, str) and isinstance(completion, str):
+        ids, prompt_len = _plain(tokenizer, prompt, completion)
+        mask = None
+    else:
+        p_msgs, c_msgs = _messages(prompt, "user"), _messages(completion, "assistant")
+        ids, scored = conversation_mask(tokenizer, p_msgs + c_msgs, 0 if all_turns else len(p_msgs))
+        if not any(scored):
+            raise TokenizationError("the completion produced no tokens")
+        # nothing after the last scored token is read (what a template writes after the final turn)
+        end = max(t for t, on in enumerate(scored) if on) + 1
+        ids, scored = ids[:end], scored[:end]
+        prompt_len = scored.index(True)
+        mask = scored if not all(scored[prompt_len:]) else None
     bos = tokenizer.bos_token_id
     if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
-        ids, prompt_len = ids[1:], prompt_len - 1
+        ids, prompt_len, mask = ids[1:], prompt_len - 1, mask[1:] if mask is not None else None
     eos = tokenizer.eos_token_id
     if add_eos and eos is not None:
         tail = ids[max(prompt_len, len(ids) - 3):]
         if eos not in tail:
             ids.append(eos)
+            mask = mask + [True] if mask is not None else None
     if prompt_len >= len(ids):
         raise TokenizationError("the completion produced no tokens")
-    return truncate(Tokenized(ids, prompt_len), max_length, max_prompt_length, bos)
+    return truncate(Tokenized(ids, prompt_len, mask=mask), max_length, max_prompt_length, bos)
+
+
+def _plain(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
+    enc = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    boundary = len(prompt)
+    prompt_len = 0
+    # The scan stops at the first completion token, so special tokens a post-processor appends
+    # (offset (0, 0)) after it stay in the completion.
+    while prompt_len < len(ids) and offsets[prompt_len][1] <= boundary:
+        prompt_len += 1
+    return ids, prompt_len
 
 
 def truncate(t: Tokenized, max_length: int | None, max_prompt_length: int | None,
@@ -86,7 +106,8 @@ def truncate(t: Tokenized, max_length: int | None, max_prompt_length: int | None
         lead = [prompt[0]] if bos is not None and prompt[0] == bos and keep_prompt > 1 else []
         prompt = lead + prompt[len(prompt) - (keep_prompt - len(lead)):]
     completion = completion[:max_length - len(prompt)]
-    return Tokenized(prompt + completion, len(prompt), truncated=True)
+    mask = None if t.mask is None else [False] * len(prompt) + t.mask[t.prompt_len:][:len(completion)]
+    return Tokenized(prompt + completion, len(prompt), truncated=True, mask=mask)
 
 
 def tokenize_pair(tokenizer, pair: PreferencePair, **kw) -> tuple[Tokenized, Tokenized]:

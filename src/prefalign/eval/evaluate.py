@@ -87,7 +87,7 @@ class Evaluator:
         check_backend(cfg.generation_backend, self.device)  # before any model is loaded
         self.autocast = autocast_for(cfg.precision, self.device)
         self.generators: dict[int, Any] = {}  # one per model sampled from (policy, baseline)
-        self.tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code, cfg.chat_template)
         self.is_reward = is_reward_model(cfg.model)
         load = dict(trust_remote_code=cfg.trust_remote_code, device=self.device)
         if self.is_reward:

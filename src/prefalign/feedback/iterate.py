@@ -38,13 +38,17 @@ class IterateConfig(SamplingRun):
         if owned := sorted(set(self.train) & {"model", "data", "output"}):
             raise ValueError(f"train: {', '.join(owned)} are set by each round (the last round's model, its pairs, "
                              "round-N/train)")
-        stand_in = train_config({"method": "dpo", **self.train, **self._round(self.model, Path(self.output))},
-                                "train")
+        stand_in = train_config({"method": "dpo", **self._template(), **self.train,
+                                 **self._round(self.model, Path(self.output))}, "train")
         spec = METHODS[stand_in.method]
         # the pairs it labels, or their chosen answers (best-of-n SFT); the result must be a policy
         if spec.trainer != "offline" or spec.inputs != "logps" or spec.unit not in ("pairs", "completions"):
             raise ValueError(f"iterate trains a policy on the pairs it labels: {stand_in.method} cannot")
         return self
+
+    def _template(self) -> dict[str, str]:
+        """The chat template sampling uses, for training too (a round's final/ then carries it)."""
+        return {"chat_template": self.chat_template} if self.chat_template else {}
 
     def _round(self, model: str, folder: Path) -> dict[str, str]:
         return {"model": model, "data": str(folder / "pairs.jsonl"), "output": str(folder / "train")}
@@ -74,7 +78,8 @@ def iterate(cfg: IterateConfig, log=print, progress: bool = True) -> dict:
         )
         if not lab["written"]:
             raise DataError(f"round {r}: the judge found no preference among the samples (all ties)")
-        train_cfg = train_config({"method": "dpo", **cfg.train, **cfg._round(model, folder)}, "iterate: train")
+        train_cfg = train_config({"method": "dpo", **cfg._template(), **cfg.train, **cfg._round(model, folder)},
+                                 "iterate: train")
         result = train(train_cfg, log=log, progress=progress)
         rounds.append({"round": r, "model": model, "sample": s, "label": lab,
                        "train": {"steps": result.steps, "wall_seconds": result.wall_seconds, "final": result.last}})

@@ -44,7 +44,7 @@ def sample(cfg: SampleConfig, log=print, model=None, tokenizer=None) -> dict:
 
     device = set_up(cfg)
     check_backend(cfg.generation_backend, device)  # before any model is loaded
-    tokenizer = tokenizer or load_tokenizer_for(cfg.model, cfg.trust_remote_code)
+    tokenizer = tokenizer or load_tokenizer_for(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     if cfg.generation_backend == "openai":  # the server samples: only the tokenizer is loaded here
         model = cfg.model
     model = model or load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device)

@@ -17,6 +17,7 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from ..config import Sampling
+from ..data.chat import template_of
 from ..data.records import Text
 
 
@@ -55,6 +56,7 @@ def encode_prompt(tokenizer, prompt: Text, max_prompt_length: int | None = None)
     if isinstance(prompt, str):
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     else:
+        template_of(tokenizer)  # none: an error naming chat_template
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_prompt_length is not None and len(ids) > max_prompt_length:

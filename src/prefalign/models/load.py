@@ -13,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from ..data.chat import set_chat_template
 from ..errors import ConfigError, ModelError
 from .hub import adapter_base, base_reference, resolve_model
 
@@ -154,13 +155,14 @@ def _merged_adapter(adapter: Path, dtype: torch.dtype, trust_remote_code: bool, 
     return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
 
 
-def load_tokenizer_for(path: str | Path, trust_remote_code: bool = False):
-    """The tokenizer of a model folder, or of an adapter folder's base when the adapter has none."""
+def load_tokenizer_for(path: str | Path, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer of a model folder, or of an adapter folder's base when the adapter has none;
+    `chat_template` (NAME | FILE, data/chat.py) replaces its template when set."""
 
     path = _local(path, tokenizer_only=True, code=trust_remote_code)
     if (path / "adapter_config.json").exists() and not (path / "tokenizer_config.json").exists():
-        return load_tokenizer(adapter_base(path), trust_remote_code)
-    return load_tokenizer(path, trust_remote_code)
+        path = adapter_base(path)
+    return set_chat_template(load_tokenizer(path, trust_remote_code), chat_template)
 
 
 # gradient_checkpointing: selective. Inside each checkpointed layer the outputs of the matmuls and

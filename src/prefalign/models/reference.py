@@ -83,6 +83,8 @@ def fingerprint(model, examples, extra: str = "") -> str:
         for s in ex.seqs:
             h.update(len(s.input_ids).to_bytes(4, "little") + s.prompt_len.to_bytes(4, "little"))
             h.update(torch.tensor(s.input_ids, dtype=torch.int64).numpy().tobytes())
+            if s.mask is not None:  # which tokens are scored, when not simply all after the prompt
+                h.update(bytes(s.mask))
     return h.hexdigest()
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import uvicorn
 
+from ..data.chat import resolve_chat_template
 from ..errors import ConfigError
 from ..runtime.device import pick_device
 from .api import Limits, create_app, guard
@@ -28,7 +27,7 @@ def build(models: list[str], *, device: str = "auto", dtype: str = "fp32", max_b
         raise ConfigError("--max-batch must be at least 1")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: one of {', '.join(DTYPES)}")
-    template = Path(chat_template).read_text(encoding="utf-8") if chat_template else None
+    template = resolve_chat_template(chat_template) if chat_template else None  # FILE or a shipped NAME
     where = pick_device(device)
     engine = Engine(load_served(models, where, DTYPES[dtype], template), where, max_batch)
     engine.start()

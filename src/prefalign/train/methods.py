@@ -99,6 +99,9 @@ class SFT(OfflineConfig):
     """Supervised fine-tuning on completions (token-mean NLL)."""
 
     method: Literal["sft"] = "sft"
+    assistant_turns: Literal["last", "all"] = Field(
+        "last", description="conversations: train the last assistant turn, or every assistant turn (system, user "
+                            "and tool messages are never trained)")
 
 
 class Reward(OfflineConfig):

@@ -172,7 +172,7 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     check_world(cfg, world)
     if world.active and cfg.distributed == "deepspeed":
         deepspeed.check_precision(bf16_wanted(cfg.precision, device), device)
-    tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     model = _load(cfg, method, tokenizer, device)
     data, uses = load_examples(cfg.data, "data", cfg, tokenizer, method.unit, out, "data", log, world)
     eval_sets = load_eval_sets(cfg, tokenizer, method.unit, out, log, world)  # {None: set} for a plain path

@@ -215,7 +215,7 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
                           "fixed served model (use it for sample, label and eval); use hf or vllm")
     check_backend(cfg.generation_backend, device)  # before any model is loaded
 
-    tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
                         quantize_4bit=cfg.quantize_4bit, dtype=weights_dtype(cfg.dtype, device, bool(cfg.lora)),
                         attn_implementation=cfg.attn_implementation, training=True)

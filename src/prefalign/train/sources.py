@@ -38,7 +38,8 @@ def load_examples(value, field: str, cfg, tokenizer, unit: str, out: Path, name:
         try:
             records, bad = load_records(source.path, _options(source))
             data = tokenize_records(tokenizer, records, max_length=cfg.max_length,
-                                    max_prompt_length=cfg.max_prompt_length, unit=unit)
+                                    max_prompt_length=cfg.max_prompt_length, unit=unit,
+                                    assistant_turns=getattr(cfg, "assistant_turns", "last"))  # SFT's own key
         except (ConfigError, DataError) as e:
             raise _named(label, e, plain) from None
         bad += data.problems
