@@ -1,6 +1,8 @@
 # The two front-door commands: `make demo` and `make test`. Both set up .venv when it is missing.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# test processes: one per core (pytest-xdist; tests/conftest.py gives each one thread)
+TEST_WORKERS ?= auto
 
 .PHONY: setup demo test lint docs bench-data
 
@@ -13,7 +15,7 @@ lint: setup
 	$(PY) -m ruff check --output-format concise src tests benchmarks scripts
 
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # the documentation site, into site/; tests/test_docs.py builds it too, so `make test` covers it
 docs: setup

@@ -6,6 +6,12 @@ import pytest
 # Tests never download: model and dataset ids resolve from the Hub cache only (docs/hub.md). Set here, at
 # import, before anything imports huggingface_hub or transformers (they read it once); subprocesses inherit it.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# `make test` runs the suite in one worker per core (pytest-xdist): each worker and the processes it starts
+# compute on one thread, so two workers share the cores instead of fighting over them (OpenMP spin-waits
+# made a busy machine several times slower); a plain `pytest` keeps torch's default threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 WORDS = ("the movie was great good bad awful fine plot actor story answer yes no question what why "
          "because I you we it is are love hate film scene end begin human assistant hello thanks").split()
