@@ -24,6 +24,7 @@ SRC = Path(prefalign.__file__).parent
 # torch >= 2.9 has and only sharded checkpoints use, so that whole checkpoints run on the older torch allowed)
 LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "openai", "fastapi",
         "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed", "torch.distributed.checkpoint")
+LAZY += ("lm_eval",)  # the optional lm-evaluation-harness (extra lmeval): only `eval --lm-eval` pays its import
 
 
 def test_import_every_module():
