@@ -50,6 +50,7 @@ def test_every_shipped_answer_follows_from_its_steps():
 def test_the_generator_is_deterministic_and_the_shipped_file_is_its_output():
     assert reasoning.items(30, seed=3) == reasoning.items(30, seed=3)
     assert reasoning.items(30, seed=3) != reasoning.items(30, seed=4)
+    assert [len(i["steps"]) for i in reasoning.items(6, seed=3)] == [2, 3, 4, 2, 3, 4]
     shipped = [json.loads(x) for x in (SHIPPED / "reasoning.jsonl").read_text().splitlines()]
     assert shipped == reasoning.items()  # regenerate with: python scripts/make_suites.py
 
