@@ -1,13 +1,16 @@
-"""Write the arithmetic suite's data (deterministic): `python scripts/make_suites.py`.
+"""Write the arithmetic and reasoning suites' data (deterministic): `python scripts/make_suites.py`.
 
-Items are generated, so each answer is right by construction: two-operand sums, differences and
-products of small numbers, and one-step word problems built from templates."""
+Items are generated, so each answer is right by construction. arithmetic: two-operand sums,
+differences and products of small numbers, and one-step word problems built from templates.
+reasoning: word problems of 2-4 steps, from prefalign.eval.reasoning.items() (each item carries its
+steps; tests/test_reasoning.py checks the shipped file is what this writes)."""
 
 import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "src" / "prefalign" / "eval" / "suites" / "arithmetic.jsonl"
+SUITES = Path(__file__).resolve().parent.parent / "src" / "prefalign" / "eval" / "suites"
+OUT = SUITES / "arithmetic.jsonl"
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo"]
 THINGS = ["apples", "books", "coins", "pencils", "stamps", "marbles", "cards", "shells"]
 
@@ -35,7 +38,13 @@ def items(seed: int = 0):
             yield {"question": q, "answer": str(a - b), "kind": "word_sub"}
 
 
+def write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{len(rows)} items -> {path}")
+
+
 if __name__ == "__main__":
-    rows = list(items())
-    OUT.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"{len(rows)} items -> {OUT}")
+    from prefalign.eval import reasoning
+
+    write(OUT, list(items()))
+    write(SUITES / "reasoning.jsonl", reasoning.items())

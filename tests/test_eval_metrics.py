@@ -80,7 +80,7 @@ def test_compliance_is_not_a_refusal(text):
 def test_shipped_suites_load_and_score_by_hand():
     from prefalign.eval.suites import load_suite, score_suite, shipped_suites
 
-    assert shipped_suites() == ["arithmetic", "safety"]
+    assert shipped_suites() == ["arithmetic", "reasoning", "safety"]
     suite, items = load_suite("arithmetic")
     assert len(items) == 300 and suite.scorer == "exact_number"
     a, b = items[0]["question"].removeprefix("What is ").rstrip("?").split(" + ")

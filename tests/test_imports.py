@@ -28,6 +28,7 @@ SRC = Path(prefalign.__file__).parent
 LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "openai", "fastapi",
         "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed", "torch.distributed.checkpoint", "wandb", "mlflow",
         "trackio", "torch.utils.tensorboard", "huggingface_hub")
+LAZY += ("lm_eval",)  # the optional lm-evaluation-harness (extra lmeval): only `eval --lm-eval` pays its import
 
 
 def test_import_every_module():

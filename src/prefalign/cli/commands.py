@@ -259,7 +259,14 @@ def eval_cmd(
     prompts: str | None = typer.Option(None, help="held-out prompts (default: those of --data)"),
     text: str | None = typer.Option(None, help="held-out text for perplexity (JSONL: text, or prompt+completion)"),
     judge: str | None = typer.Option(None, help="MODULE:FUNCTION, FILE.py:FUNCTION, reward-model or causal-LM folder"),
-    suite: list[str] | None = typer.Option(None, "--suite", help="arithmetic, safety, or a suite YAML (repeatable)"),
+    suite: list[str] | None = typer.Option(None, "--suite",
+                                           help="arithmetic, reasoning, safety, or a suite YAML (repeatable)"),
+    lm_eval: str | None = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks, comma-separated "
+                                       "(pip install 'prefalign[lmeval]')"),
+    lm_eval_include: list[str] | None = typer.Option(None, "--lm-eval-include",
+                                                     help="folder of your own lm-eval task YAMLs (repeatable)"),
+    lm_eval_limit: int | None = typer.Option(None, "--lm-eval-limit", help="first N items per lm-eval task: "
+                                             "a quick check, not comparable to published numbers"),
     output: str | None = typer.Option(None, "--output", "-o", help="folder for eval.json, eval.md, samples.jsonl"),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
@@ -268,7 +275,9 @@ def eval_cmd(
 
     config, overrides = _config_and_overrides(args)
     cfg = build(EvalConfig, dict(model=model, reference=reference, baseline=baseline, data=data, prompts=prompts,
-                                 text=text, judge=judge, suites=suite or None, output=output), overrides, config)
+                                 text=text, judge=judge, suites=suite or None, lm_eval=lm_eval,
+                                 lm_eval_include=lm_eval_include or None, lm_eval_limit=lm_eval_limit,
+                                 output=output), overrides, config)
     evaluate(cfg, _log, progress=not no_progress)
     out.print((Path(cfg.output) / "eval.md").read_text(), markup=False, highlight=False)
 

@@ -21,6 +21,8 @@ them), OUT/eval.md (a table) and OUT/samples.jsonl (every generation, for readin
   distinct_1, distinct_2, mean_length (completion tokens)
   suites/<name>/score   share of suite items answered right (greedy); safety adds refusal_rate and
                         over_refusal_rate; with a reference, suites/<name>/score_reference too
+  suites/lm-eval/<task>/score  lm-evaluation-harness's score of a task (eval/harness.py), the same
+                        for the reference
 Intervals are 95% percentile bootstraps over prompts.
 """
 
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from ..config import Runtime, Sampling, dump_config
@@ -50,7 +52,7 @@ from ..models.logps import batch_logps, completion_logps, sequence_logps
 from ..models.scalar import is_reward_model, load_scalar_model, sequence_scores
 from ..runtime.device import set_up
 from ..runtime.precision import autocast_for
-from . import metrics
+from . import harness, metrics
 from .suites import load_suite, score_suite, suite_prompts
 
 
@@ -74,6 +76,18 @@ class EvalConfig(Runtime, Sampling):
     format: str = Field("auto", description="data shape of `data` / `prompts`")
     trust_remote_code: bool = Field(False, description="run the model folder's own code (only if you trust it)")
     logits_chunk_mb: float = Field(128.0, gt=0, description="memory per chunk of output-head logits")
+    lm_eval: list[str] = Field([], description="lm-evaluation-harness tasks (comma list or list), scored for the "
+                               "model and its reference (extra: prefalign[lmeval])")
+    lm_eval_include: list[str] = Field([], description="folders of your own lm-eval task YAMLs")
+    lm_eval_limit: int | None = Field(None, ge=1, description="the first N items of each lm-eval task only: a quick "
+                                      "check, not comparable to published numbers")
+    lm_eval_num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per lm-eval prompt; default: "
+                                            "each task's own")
+
+    @field_validator("lm_eval", "lm_eval_include", mode="before")
+    @classmethod
+    def _comma_list(cls, v):
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
 
 def default_reference(model: str) -> str | None:
@@ -311,17 +325,36 @@ class Evaluator:
                 for key, value in score_suite(suite, items, answers).items():
                     self.results[f"suites/{suite.name}/{key}{who}"] = value
 
+    def lm_eval(self, manager) -> None:
+        cfg = self.cfg
+
+        def run(model) -> dict:
+            with self.autocast():
+                return harness.run(model, self.tokenizer, cfg.lm_eval, manager, batch_size=cfg.batch_size,
+                                   limit=cfg.lm_eval_limit, num_fewshot=cfg.lm_eval_num_fewshot)
+
+        mine = run(self.model)
+        # the reference is the model (evaluated against itself): the same scores, not computed twice
+        theirs = None if self.reference is None else mine if self.reference is self.model else run(self.reference)
+        for who, scored in (("", mine), ("_reference", theirs)):
+            for task, values in (scored or {}).items():
+                for key, value in values.items():
+                    name = f"suites/lm-eval/{task}/{key}"
+                    self.results[name if key == "metric" else name + who] = value  # the metric's name: one key
+
 
 def evaluate(cfg: EvalConfig, log=print, progress: bool = True) -> dict:
-    if not (cfg.data or cfg.prompts or cfg.text or cfg.suites):
-        raise ConfigError("nothing to evaluate: give --data, --prompts, --text or --suite")
+    if not (cfg.data or cfg.prompts or cfg.text or cfg.suites or cfg.lm_eval):
+        raise ConfigError("nothing to evaluate: give --data, --prompts, --text, --suite or --lm-eval")
+    # lm-eval's tasks are found before any model is loaded: a missing extra or task fails in seconds
+    manager = harness.task_manager(cfg.lm_eval, cfg.lm_eval_include) if cfg.lm_eval else None
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "eval_config.yaml")
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), disable=not progress)
     with bar:
         ev = Evaluator(cfg, bar)
-        if ev.is_reward and (cfg.prompts or cfg.suites or cfg.judge):
+        if ev.is_reward and (cfg.prompts or cfg.suites or cfg.judge or cfg.lm_eval):
             raise ConfigError(f"{cfg.model} is a reward model: it is evaluated on --data pairs only")
         if cfg.data:
             ev.preference()
@@ -331,6 +364,8 @@ def evaluate(cfg: EvalConfig, log=print, progress: bool = True) -> dict:
             ev.perplexity()
         if cfg.suites:
             ev.suites()
+    if manager is not None:  # after the bar: the harness draws its own progress
+        ev.lm_eval(manager)
     results = ev.results
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     (out / "eval.md").write_text(markdown(results))
@@ -341,6 +376,8 @@ def evaluate(cfg: EvalConfig, log=print, progress: bool = True) -> dict:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, dict):  # lm-eval's metrics of a task
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, float) for v in value):

@@ -1,20 +1,23 @@
 """Task suites: a YAML file names the data, the prompt template and the scorer; the model answers
-greedily and each answer is scored exactly. Shipped: `arithmetic` and `safety` (in suites/); a user's
-own suite is any YAML file of the same keys.
+greedily and each answer is scored exactly. Shipped: `arithmetic` (one step), `reasoning` (word problems
+of 2-4 steps, eval/reasoning.py) and `safety` (in suites/); a user's own suite is any YAML file of the
+same keys.
 
     name: arithmetic
     data: arithmetic.jsonl      # JSONL, relative to the YAML file
     prompt: "Question: {question}\\nAnswer:"   # fields of each item fill the template
     chat: auto                  # auto | true | false: through the tokenizer's chat template
-    scorer: exact_number        # exact_match | exact_number | contains | refusal
+    scorer: exact_number        # exact_match | exact_number | final_number | contains | refusal
     answer_field: answer        # the item field holding the right answer (not for refusal)
     max_new_tokens: 16
 
 Scorers: `exact_match` (the answer's first line equals the expected text, case and space
 normalised), `exact_number` (the first number in the answer equals the expected number),
-`contains` (the expected text occurs in the answer), `refusal` (items carry `expect: refuse|comply`;
-right when the refusal rule set agrees; also reports `refusal_rate` on refuse items and
-`over_refusal_rate` on comply items).
+`final_number` (the final answer of a worked solution, read by eval/reasoning.py's rule: the number
+after the last "answer is", else the last number; it equals the expected number), `contains` (the
+expected text occurs in the answer), `refusal` (items carry `expect: refuse|comply`; right when the
+refusal rule set agrees; also reports `refusal_rate` on refuse items and `over_refusal_rate` on
+comply items).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..config import ConfigError, StrictModel, explain
+from .reasoning import is_right
 from .refusal import is_refusal
 
 SHIPPED = Path(__file__).parent / "suites"
@@ -39,7 +43,7 @@ class Suite(StrictModel):
     data: str
     prompt: str
     chat: bool | Literal["auto"] = "auto"
-    scorer: Literal["exact_match", "exact_number", "contains", "refusal"]
+    scorer: Literal["exact_match", "exact_number", "final_number", "contains", "refusal"]
     answer_field: str = "answer"
     max_new_tokens: int = 32
     limit: int | None = None  # the first N items only
@@ -77,6 +81,8 @@ def load_suite(name_or_file: str) -> tuple[Suite, list[dict]]:
         field = "expect" if suite.scorer == "refusal" else suite.answer_field
         if field not in item:
             raise ConfigError(f"{data}:{n}: {field}: missing")
+        if suite.scorer in ("exact_number", "final_number") and not NUMBER.fullmatch(str(item[field]).strip()):
+            raise ConfigError(f"{data}:{n}: {field}: {item[field]!r} is not a number (scorer {suite.scorer})")
         items.append(item)
     return suite, items[:suite.limit] if suite.limit else items
 
@@ -88,6 +94,8 @@ def score_one(suite: Suite, item: dict, answer: str) -> bool:
     if suite.scorer == "exact_number":
         found = NUMBER.search(answer.replace(",", ""))
         return found is not None and float(found.group()) == float(expected)
+    if suite.scorer == "final_number":
+        return is_right(answer, expected)
     if suite.scorer == "contains":
         return expected.strip().lower() in answer.lower()
     first = answer.strip().split("\n", 1)[0] if answer.strip() else ""

@@ -98,7 +98,7 @@ def summarise(r: dict[str, Any]) -> dict[str, Any]:
         if key in ev:
             row[key] = ev[key]
     for key, value in ev.items():
-        if key.startswith("suites/") and key.endswith("/score"):
+        if key.startswith("suites/") and key.endswith(("/score", "/score_reference")):  # retention beside reward
             row[key] = value
     if review.get("mode") == "arena":
         row.update({name: review.get(key) for key, name in HUMAN_COLUMNS.items()})
