@@ -21,9 +21,10 @@ SRC = Path(prefalign.__file__).parent
 # review server needs only for an arena's win-rate and would otherwise pay a second of start-up for; gguf: the
 # extra `export --format gguf` writes with; deepspeed: the optional ZeRO engine, absent from most
 # installs and slow to import; torch.distributed.checkpoint: its HuggingFaceStorageWriter/Reader, which only a
-# torch >= 2.9 has and only sharded checkpoints use, so that whole checkpoints run on the older torch allowed)
+# torch >= 2.9 has and only sharded checkpoints use, so that whole checkpoints run on the older torch allowed;
+# methods: RunConfig.for_method/from_yaml in train/config.py reach the registry, which imports the config classes)
 LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "openai", "fastapi",
-        "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed", "torch.distributed.checkpoint")
+        "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed", "torch.distributed.checkpoint", "methods")
 
 
 def test_import_every_module():
