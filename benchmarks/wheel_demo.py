@@ -27,12 +27,36 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from wheel_venv import build_wheel, clean_env, install  # noqa: E402
 
 
-def _row(r: dict) -> str:
+def _cells(r: dict) -> list[str]:
+    """model, reward [CI], KL, win-rate as the demo's own table prints them."""
     lo, hi = r["reward_ci95"]
-    win = "-" if r["win_rate_vs_base"] is None else f"{r['win_rate_vs_base']:.2f}"
-    train = "-" if r["train"] is None else f"{r['train']['seconds']:.0f}"
-    reward = f"{r['reward_mean']:.3f} [{lo:.3f}, {hi:.3f}]"
-    return f"| {r['model']} | {reward} | {r['kl_per_sequence']:.2f} | {win} | {train} |"
+    win = "-" if r["model"] == "base" else f"{r['win_rate_vs_base']:.2f}"
+    return [r["model"], f"{r['reward_mean']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['kl_per_sequence']:.2f}", win]
+
+
+def _committed(path: Path) -> dict[str, list[str]]:
+    """The same four cells of the demo's table in a committed results file (from the repo's own run)."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if len(cells) >= 4 and cells[0] in ("base", "dpo", "ppo"):
+            rows[cells[0]] = cells[:4]
+    return rows
+
+
+def _compare(summary: dict, quick: bool) -> str:
+    """The wheel's figures against the repo's own full demo run (README's table): seeded, so equal on
+    the same machine and library versions."""
+    reference = ROOT / "benchmarks" / "results" / "demo-cpu-2core.md"
+    if quick or summary["split"] != "test" or summary["seed"] != 0:
+        return f"(Not compared with {reference.name}: that is the full demo on the test prefixes, seed 0.)"
+    theirs, ours = _committed(reference), {r["model"]: _cells(r) for r in summary["rows"]}
+    differ = [m for m in ours if theirs.get(m) != ours[m]]
+    if not differ:
+        return (f"Every cell above equals the same row of {reference.name} (the full demo run from the repo's "
+                "source tree; wall-clock and memory columns aside).")
+    return f"Differs from {reference.name} in rows {', '.join(differ)}: " + "; ".join(
+        f"{m}: {theirs.get(m)} there, {ours[m]} here" for m in differ)
 
 
 def main() -> None:
@@ -74,8 +98,8 @@ def main() -> None:
         f"Demo wall clock {demo_s:.0f} s (its own count: {summary['seconds']:.0f} s); load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after, on {os.cpu_count()} cores.", "",
         f"Its table (demo.json, {summary['split']} prefixes, seed {summary['seed']}, quick {summary['quick']}):", "",
-        "| model | VADER reward [95% CI] | exact KL to base / seq | win vs base | train s |", "|---|---|---|---|---|",
-        *map(_row, summary["rows"]), "",
+        "| model | VADER reward [95% CI] | exact KL to base / seq | win vs base |", "|---|---|---|---|",
+        *("| " + " | ".join(_cells(r)) + " |" for r in summary["rows"]), "", _compare(summary, args.quick), "",
         "Its output:", "", "```", *(run.stderr + run.stdout).rstrip().splitlines()[-16:], "```", "",
     ]
     args.out.write_text("\n".join(lines))
