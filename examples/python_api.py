@@ -4,8 +4,9 @@
 # The model that ships inside prefalign (a 4M-parameter writer of IMDb reviews) learns with DPO to
 # prefer praise to pans after the opening words of a review; we check the preference on held-out
 # openings and phrasings, read what it writes before and after, and build the report. 30 s on 2 idle
-# CPU cores (benchmarks/results/python-api-example.md has what it printed); nothing is downloaded. Run it as a script (`python examples/python_api.py`) or cell
-# by cell in an editor that reads `# %%` cells (VS Code, Jupytext, Spyder).
+# CPU cores (benchmarks/results/python-api-example.md has what it printed); nothing is downloaded.
+# Run it as a script (`python examples/python_api.py`) or cell by cell in an editor that reads `# %%`
+# cells (VS Code, Jupytext, Spyder).
 #
 # PREFALIGN_EXAMPLE_OUT (default runs/python-api), PREFALIGN_EXAMPLE_STEPS (default 40) and
 # PREFALIGN_EXAMPLE_MODEL (default: the shipped model) are read so that tests/test_api.py can run it small.
