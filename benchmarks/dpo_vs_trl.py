@@ -61,7 +61,7 @@ def finish(step_times, losses, logps, tokens, resolved):
 PREFALIGN_RUNNER = (
     COMMON
     + r"""
-import prefalign.train.offline as offline
+from prefalign.train import offline  # (prefalign.train, an attribute, is the API function)
 from prefalign.train.methods import DPO
 from torch.utils.checkpoint import checkpoint
 from prefalign.models.logps import sequence_logps, _chunks, _chunk_logits

@@ -27,7 +27,7 @@ SRC = Path(prefalign.__file__).parent
 # huggingface_hub: data/hub.py's Hub ids, which `prefalign data ...` on local files should not pay half a second for)
 LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers", "vllm", "openai", "fastapi",
         "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed", "torch.distributed.checkpoint", "wandb", "mlflow",
-        "trackio", "torch.utils.tensorboard", "huggingface_hub")
+        "trackio", "torch.utils.tensorboard", "huggingface_hub", "methods")
 LAZY += ("lm_eval",)  # the optional lm-evaluation-harness (extra lmeval): only `eval --lm-eval` pays its import
 
 

@@ -11,7 +11,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,7 +21,18 @@ from .errors import ConfigError
 C = TypeVar("C", bound="StrictModel")
 
 
-class StrictModel(BaseModel):
+class _Checked(type(BaseModel)):  # pydantic's metaclass
+    if not TYPE_CHECKING:  # type checkers keep pydantic's typed constructor (one keyword per field)
+        def __call__(cls, *args: Any, **data: Any) -> Any:
+            # a config built in Python (the API, a notebook) fails as one from YAML does: a ConfigError naming
+            # the key. Only a call goes through here; validating a mapping or a nested model does not.
+            try:
+                return super().__call__(*args, **data)
+            except ValidationError as e:
+                raise ConfigError(explain(e, cls, cls.__name__)) from None
+
+
+class StrictModel(BaseModel, metaclass=_Checked):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -183,6 +194,8 @@ def explain(error: ValidationError, model: type[BaseModel], source: str) -> str:
             close = difflib.get_close_matches(path[-1], valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
             lines.append(f"{source}: unknown key '{key}'{hint}")
+        elif item["type"] == "missing":  # its input is the whole mapping, which says nothing
+            lines.append(f"{source}: {key}: Field required")
         else:
             lines.append(f"{source}: {key}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
     return "\n".join(dict.fromkeys(lines))

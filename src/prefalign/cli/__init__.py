@@ -13,7 +13,7 @@ import sys
 from rich.markup import escape
 
 from ..errors import PrefalignError
-from . import commands, export, review, serve  # noqa: F401  (register their commands on `app`)
+from . import commands, export, review, serve, version  # noqa: F401  (register their commands on `app`)
 from .base import app, console, out
 
 
@@ -35,12 +35,14 @@ def main() -> None:
 
     # prefalign draws its own progress; transformers' per-load bars would bury it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:  # transformers' own per-load bars (the import is paid once, by every command that loads a model)
-        from transformers.utils import logging as hf_logging
+    # a TAB press (shell completion) and --version answer without importing transformers (a second of CPU)
+    if "_PREFALIGN_COMPLETE" not in os.environ and not {"--version", "-V"} & set(sys.argv[1:]):
+        try:  # transformers' own per-load bars (the import is paid once, by every command that loads a model)
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
@@ -49,7 +51,7 @@ def main() -> None:
             # the method's keys, then typer's usage of `train` (its flags and arguments)
             out.print(text + "\n", markup=False, highlight=False)
             sys.argv[1:] = ["train", "--help"]
-        app()
+        app(prog_name="prefalign")  # also under `python -m prefalign`: usage lines and shell completion's name
     except PrefalignError as e:
         if debug:
             raise

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from ..config import StrictModel, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(no_args_is_help=True,  # typer's --install-completion / --show-completion: docs/install.md
                   help="Align language models to preference data: DPO family and RLHF, measured side by side. "
                        "`prefalign --debug COMMAND ...` shows the traceback of any error.")
 data_app = typer.Typer(no_args_is_help=True, help="Check, describe, curate and split preference data.")

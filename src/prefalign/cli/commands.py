@@ -146,9 +146,9 @@ def train(
                               "the config's `distributed` strategy, the same optimisation as one process"),
 ) -> None:
     """Train with any method: `prefalign train CONFIG.yaml [key=value ...]` or the short form."""
+    from ..api import train as api_train
     from ..train.methods import load_train_config
     from ..train.run import launch_processes
-    from ..train.run import train as run_train
 
     config, args = _config_and_overrides(args)
     options = dict(method=method, model=model, data=data, prompts=prompts, reward=reward, output=output)
@@ -156,7 +156,7 @@ def train(
     if nproc > 1:  # the config is valid: now start the processes, each of which runs this command
         launch_processes(cfg, nproc, _without_nproc(sys.argv[1:]), log=_log)
         return
-    run_train(cfg, log=_log, progress=not no_progress)
+    api_train(cfg, log=_log, progress=not no_progress)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -271,15 +271,15 @@ def eval_cmd(
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """Preference accuracy, judged reward, win-rate, exact KL, retention and task suites: OUT/eval.json."""
-    from ..eval.evaluate import EvalConfig, evaluate
+    from ..api import EvalConfig, evaluate
 
     config, overrides = _config_and_overrides(args)
     cfg = build(EvalConfig, dict(model=model, reference=reference, baseline=baseline, data=data, prompts=prompts,
                                  text=text, judge=judge, suites=suite or None, lm_eval=lm_eval,
                                  lm_eval_include=lm_eval_include or None, lm_eval_limit=lm_eval_limit,
                                  output=output), overrides, config)
-    evaluate(cfg, _log, progress=not no_progress)
-    out.print((Path(cfg.output) / "eval.md").read_text(), markup=False, highlight=False)
+    result = evaluate(cfg, log=_log, progress=not no_progress)
+    out.print((result.output / "eval.md").read_text(), markup=False, highlight=False)
 
 
 @app.command("report")
@@ -290,13 +290,9 @@ def report_cmd(
                                      "trackers (report_to: wandb, mlflow, trackio, tensorboard)"),
 ) -> None:
     """Side-by-side table, training curves and the reward-vs-KL plot of several runs."""
-    from ..report.build import build_report
+    from ..api import report
 
-    report = build_report(folders, output, _log)
-    if not no_trackers:  # the training runs' trackers (their trackers.json) get the plots and report.html
-        from ..train.trackers import attach_report
-
-        attach_report(folders, [*map(Path, report["images"].values()), output / "report.html"], _log)
+    report(folders, output, trackers=not no_trackers, log=_log)
 
 
 bench_app = typer.Typer(help="Benchmark training and generation on this machine; compare result files.")

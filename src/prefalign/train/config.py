@@ -7,11 +7,13 @@ train/methods.py, where the method is registered. Every field carries a descript
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import Runtime, Sampling, StrictModel
+from ..config import ConfigError, Runtime, Sampling, StrictModel, apply_overrides, read_mapping
 from ..data.mixture import DataSource, as_entries, check_eval_sets, check_mixture
 from ..models.hub import check_repo_id, default_repo_id
 
@@ -25,7 +27,12 @@ class LoraSettings(StrictModel):
 
 
 class RunConfig(Runtime):
-    """What every training run has: a model, an output folder, the optimizer and the machinery."""
+    """What every training run has: a model, an output folder, the optimizer and the machinery.
+
+    The base class of every method's config (`prefalign.TrainConfig` in the Python API): build one
+    with `for_method` or `from_yaml`, which pick the method's own class (its hyperparameters, with the
+    paper's defaults) from the registry in train/methods.py.
+    """
 
     model: str = Field(..., description="local HF model folder, .gguf file, LoRA run's final/, or a Hub id "
                                         "org/name[@revision] (docs/hub.md)")
@@ -135,6 +142,34 @@ class RunConfig(Runtime):
         if self.push_to_hub:
             check_repo_id(self.hub_repo_id)
         return self
+
+    @classmethod
+    def for_method(cls, method: str = "dpo", /, **fields: Any) -> RunConfig:
+        """The validated config of `method` (any name of `prefalign config list`) with `fields` set.
+
+        `TrainConfig.for_method("dpo", model="m", data="pairs.jsonl", output="runs/x", beta=0.2)` is a
+        `DPO` config. A key the method does not have, a misspelt key or a bad value raises a
+        `ConfigError` naming the key (and the method that has it, or the closest valid key).
+        """
+        name = "TrainConfig" if cls is RunConfig else cls.__name__  # the name the API exports it under
+        return cls._validated({**fields, "method": method}, f"{name}.for_method")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = (), **fields: Any) -> RunConfig:
+        """The config in a YAML file (its `method` key picks the class; default dpo), then `fields`,
+        then `overrides` as the command line writes them (`"lora.r=16"`); later wins."""
+        data = apply_overrides({**read_mapping(path), **fields}, list(overrides))
+        return cls._validated(data, str(path))
+
+    @classmethod
+    def _validated(cls, data: dict[str, Any], source: str) -> RunConfig:
+        # the registry imports these classes, so the class reaches the registry when called, not at import
+        from .methods import train_config
+
+        cfg = train_config(data, source)
+        if not isinstance(cfg, cls):
+            raise ConfigError(f"{source}: method {cfg.method}'s config is {type(cfg).__name__}, not a {cls.__name__}")
+        return cfg
 
     @property
     def trackers(self) -> list[str]:
