@@ -41,6 +41,7 @@ from .train.config import RunConfig
 from .train.loop import LoopResult
 from .train.methods import train_config
 from .train.run import train as run_train
+from .train.trackers import attach_report
 
 __all__ = ["EvalConfig", "EvalResult", "Preferences", "Report", "TrainConfig", "TrainResult", "evaluate", "generate",
            "load_preferences", "report", "train"]
@@ -239,8 +240,6 @@ def report(folders: Sequence[str | Path], output: str | Path, *, trackers: bool 
     report.html as artifacts."""
     built = build_report(list(folders), output, log or _silent)
     if trackers:
-        from .train.trackers import attach_report
-
         attach_report([Path(f) for f in folders], [*map(Path, built["images"].values()), Path(output) / "report.html"],
                       log or _silent)
     return Report(Path(output), built["runs"])
