@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import PrefalignError
-from . import commands, export, review, serve  # noqa: F401  (register their commands on `app`)
+from . import card, commands, export, review, serve  # noqa: F401  (register their commands on `app`)
 from .base import app, console, out
 
 

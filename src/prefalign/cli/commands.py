@@ -21,6 +21,7 @@ from .base import (
     fail,
     out,
 )
+from .card import write_model_card_after_training
 
 
 @data_app.command("check")
@@ -153,8 +154,9 @@ def train(
     cfg = load_train_config(config, args, base={k: v for k, v in options.items() if v is not None})
     if nproc > 1:  # the config is valid: now start the processes, each of which runs this command
         launch_processes(cfg, nproc, _without_nproc(sys.argv[1:]), log=_log)
-        return
-    run_train(cfg, log=_log, progress=not no_progress)
+    else:
+        run_train(cfg, log=_log, progress=not no_progress)
+    write_model_card_after_training(cfg.output)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -232,7 +234,8 @@ def iterate_cmd(
 
     config, overrides = _config_and_overrides(args)
     cfg = build(IterateConfig, {}, overrides, config)
-    iterate(cfg, _log, progress=not no_progress)
+    for r in range(1, len(iterate(cfg, _log, progress=not no_progress)["rounds"]) + 1):
+        write_model_card_after_training(Path(cfg.output) / f"round-{r}" / "train")
 
 
 @app.command("recipe")
@@ -244,7 +247,8 @@ def recipe_cmd(
     """Run training stages in order (e.g. DPO, then PPO from the DPO model: the hybrid recipe)."""
     from ..train.recipe import run_recipe
 
-    run_recipe(path, list(overrides or []), _log, progress=not no_progress)
+    for stage in run_recipe(path, list(overrides or []), _log, progress=not no_progress).values():
+        write_model_card_after_training(stage["output"])
 
 
 @app.command("eval")
