@@ -16,8 +16,8 @@ TRAINING_KEYS = ["learning_rate", "lr_schedule", "warmup_steps", "weight_decay",
                  "batch_size", "grad_accum", "max_length", "max_prompt_length", "reference", "lora", "dtype",
                  "precision", "seed", "samples_per_prompt", "kl_coef", "kl_target", "kl_penalty", "ppo_epochs",
                  "num_minibatches", "clip_range", "temperature", "max_new_tokens", "reward"]
-COUNTS = ["records", "valid", "invalid", "pairs", "unpaired", "duplicates", "conflicts", "ties",
-          "chosen_longer_share", "prompts"]
+COUNTS = ["records", "prompts", "valid", "invalid", "pairs", "unpaired", "duplicates", "conflicts", "ties",
+          "chosen_longer_share"]
 
 
 def body(src: Sources) -> str:
@@ -89,10 +89,11 @@ def method(src: Sources) -> str:
 
 
 def data(src: Sources) -> str:
+    files = src.stats.get("files") or []
+    tokens = any(k.endswith("_tokens") for f in files for k in f.get("stats", {}))
     lines = ["## Training data", "", "`prefalign data stats` of each file the run read, measured when this card "
              "was first written" + (f" (token lengths under `{src.stats['tokenizer']}`'s tokenizer)"
-                                   if src.stats.get("tokenizer") else "") + "."]
-    files = src.stats.get("files") or []
+                                   if tokens else "") + "."]
     if not files:
         lines += ["", "No data file is named in the config."]
     counts, lengths, problems = [], [], []
@@ -128,9 +129,10 @@ def evaluation(src: Sources) -> str:
         return (f"## Evaluation\n\n{note}Not evaluated yet: "
                 f"`prefalign eval --model {src.final} --data HELD_OUT_PAIRS --judge JUDGE -o {src.run / 'eval'}`, "
                 f"then `prefalign card {src.run}`.")
-    lines = ["## Evaluation", "", f"`prefalign eval` of `{ev.get('model')}` against the reference "
-             f"`{ev.get('reference')}` ({src.eval_dir / 'eval.json'}); intervals are 95% bootstraps over prompts "
-             "(pairs).", "", table(["metric", "value", "95% interval", "of"], eval_rows(ev)),
+    reference = f"against the reference `{ev['reference']}`" if ev.get("reference") else "with no reference"
+    lines = ["## Evaluation", "", f"`prefalign eval` of `{ev.get('model')}` {reference} "
+             f"({src.eval_dir / 'eval.json'}); intervals are 95% bootstraps over prompts (pairs).", "",
+             table(["metric", "value", "95% interval", "of"], eval_rows(ev)),
              *retention(ev), *missing(ev)]
     config = src.eval_dir / "eval_config.yaml"
     if config.exists():
@@ -174,6 +176,8 @@ def retention(ev: dict[str, Any]) -> list[str]:
 
 
 def missing(ev: dict[str, Any]) -> list[str]:
+    if ev.get("preference_kind") == "score":  # a reward model is evaluated on held-out pairs only
+        return []
     gaps = [(key, why) for key, why in (
         ("preference_accuracy", "preference accuracy: give `--data` held-out pairs"),
         ("reward_mean", "reward: give `--judge`"),

@@ -255,7 +255,8 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
 
 def hardware(device: torch.device) -> str:
     """The device as a cost table names it: a GPU with its model; a CPU with its model and threads."""
-    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)" if device.type == "cpu" else describe(device)
+    threads = torch.get_num_threads()
+    return f"cpu ({cpu_model()}, {threads} thread{'s' * (threads != 1)})" if device.type == "cpu" else describe(device)
 
 
 def versions() -> dict[str, str]:
