@@ -15,6 +15,7 @@ line; both are `ValueError`s.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,8 +34,10 @@ from .eval.evaluate import EvalConfig
 from .eval.evaluate import evaluate as run_eval
 from .models.generate import encode_prompt
 from .models.generate import generate as sample_ids
+from .models.hub import push_final
 from .models.load import load_model, load_tokenizer_for
 from .report.build import build_report
+from .report.card import write_card
 from .runtime.device import set_up
 from .runtime.precision import autocast_for
 from .train.config import RunConfig
@@ -143,13 +146,15 @@ def _mapping(config: Mapping[str, Any] | str | Path, fields: dict[str, Any]) -> 
 
 
 def train(config: RunConfig | Mapping[str, Any] | str | Path, /, *, log: Log | None = print, progress: bool = True,
-          **overrides: Any) -> TrainResult:
+          card: bool = True, command: str | None = None, **overrides: Any) -> TrainResult:
     """Train with any registered method and return the run.
 
     `config` is a `TrainConfig` (`TrainConfig.for_method("dpo", model=..., data=..., output=...)`),
     a mapping with a `method` key (default dpo) or a YAML file, as `prefalign train` reads it;
     `overrides` are keys set over it (`max_steps=10`). Under torchrun each process calls this.
-    `log=None` is silent; `progress=False` draws no progress bar.
+    `log=None` is silent; `progress=False` draws no progress bar. When the run ends, `finish_run`
+    writes its model card (`card=False`: none, and no push) and, with `push_to_hub`, uploads final/;
+    `command` is recorded in run.json as the command line that reproduces the run.
     """
     if isinstance(config, RunConfig):
         if not hasattr(config, "method"):
@@ -159,12 +164,33 @@ def train(config: RunConfig | Mapping[str, Any] | str | Path, /, *, log: Log | N
         cfg = train_config(*_mapping(config, overrides))
     with _load_bars(progress):
         loop: LoopResult = run_train(cfg, log=log or _silent, progress=progress)
+    if card:
+        finish_run(cfg.output, command=command, log=log)
     out = Path(cfg.output)
     summary_file = out / "run.json"  # written by the first process, before every process returns
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {
         "method": cfg.method, "steps": loop.steps, "stopped": loop.stopped, "skipped_steps": loop.skipped_steps,
         "wall_seconds": loop.wall_seconds, "tokens": loop.tokens, "final": loop.last}
     return TrainResult(out, cfg, summary)
+
+
+def finish_run(run: str | Path, *, command: str | None = None, log: Log | None = print) -> Path | None:
+    """The end of a training run, on one process (the main one, or rank 0 under a launcher): run.json's
+    `command` (when given), final/README.md (the model card, with the data measured afresh), then,
+    when the run's config asks for it, the upload of final/ to the Hub (the very last act, so the card
+    goes with it). Returns the card's path (None on the other ranks)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    out, say = Path(run), log or _silent
+    if command is not None:
+        summary = json.loads((out / "run.json").read_text())
+        (out / "run.json").write_text(json.dumps({**summary, "command": command}, indent=2))
+    card = write_card(out, fresh_stats=True)
+    say(f"model card -> {card}")
+    cfg = train_config(read_mapping(out / "config.yaml"), str(out / "config.yaml"))
+    if cfg.push_to_hub:
+        say(f"pushed {out / 'final'} -> {push_final(out / 'final', cfg.hub_repo_id, cfg.hub_private, say)}")
+    return card
 
 
 def evaluate(config: EvalConfig | Mapping[str, Any] | str | Path, /, *, log: Log | None = print,

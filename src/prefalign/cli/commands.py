@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .base import (
     fail,
     out,
 )
+from .card import command_line, write_model_card_after_training
 
 
 @data_app.command("check")
@@ -154,9 +156,10 @@ def train(
     options = dict(method=method, model=model, data=data, prompts=prompts, reward=reward, output=output)
     cfg = load_train_config(config, args, base={k: v for k, v in options.items() if v is not None})
     if nproc > 1:  # the config is valid: now start the processes, each of which runs this command
+        os.environ["PREFALIGN_COMMAND"] = command_line()  # rank 0 records it with the card
         launch_processes(cfg, nproc, _without_nproc(sys.argv[1:]), log=_log)
         return
-    api_train(cfg, log=_log, progress=not no_progress)
+    api_train(cfg, log=_log, progress=not no_progress, command=command_line())
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -234,7 +237,8 @@ def iterate_cmd(
 
     config, overrides = _config_and_overrides(args)
     cfg = build(IterateConfig, {}, overrides, config)
-    iterate(cfg, _log, progress=not no_progress)
+    for r in range(1, len(iterate(cfg, _log, progress=not no_progress)["rounds"]) + 1):
+        write_model_card_after_training(Path(cfg.output) / f"round-{r}" / "train")
 
 
 @app.command("recipe")
@@ -246,7 +250,8 @@ def recipe_cmd(
     """Run training stages in order (e.g. DPO, then PPO from the DPO model: the hybrid recipe)."""
     from ..train.recipe import run_recipe
 
-    run_recipe(path, list(overrides or []), _log, progress=not no_progress)
+    for stage in run_recipe(path, list(overrides or []), _log, progress=not no_progress).values():
+        write_model_card_after_training(stage["output"])
 
 
 @app.command("eval")

@@ -25,6 +25,7 @@ from ..eval.evaluate import EvalConfig
 from ..eval.evaluate import evaluate as run_eval
 from ..feedback.label import LabelConfig, label
 from ..feedback.sample import SampleConfig, sample
+from ..report.card import write_card
 from ..train.methods import get_method, train_config
 from ..train.run import train as run_train
 
@@ -133,5 +134,11 @@ def evaluate(model: Path, out: Path, base: Path, held_out: Path, sizes: Sizes, l
 
 def evaluate_all(models: list[tuple[Path, Path]], base: Path, held_out: Path, sizes: Sizes,
                  log: Callable[[str], None], progress: bool = True, judge: str = REWARD) -> list[dict]:
-    """`evaluate` for each (model, out) in turn: one process for the whole eval stage."""
-    return [evaluate(model, out, base, held_out, sizes, log, progress, judge) for model, out in models]
+    """`evaluate` for each (model, out) in turn: one process for the whole eval stage. A trained model
+    (a run's final/) then gets its model card, with this evaluation in it."""
+    results = []
+    for model, out in models:
+        results.append(evaluate(model, out, base, held_out, sizes, log, progress, judge))
+        if model.name == "final" and (model.parent / "run.json").exists():
+            log(f"model card -> {write_card(model.parent, eval_dir=out, fresh_stats=True)}")
+    return results

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 
 from ..errors import TrainingError
+from ..runtime.device import cpu_model, describe
 from ..runtime.distributed import World
 from ..runtime.memory import peak_memory_bytes
 from .checkpoint import WholeTensors, resume, save_checkpoint, sharded_format
@@ -71,6 +73,7 @@ class LoopResult:
     wall_seconds: float
     tokens: int
     last: dict[str, float] = field(default_factory=dict)
+    device: str = ""  # where it ran (run.json's `device`): the costs are this hardware's
 
 
 def mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
@@ -251,7 +254,25 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
         if bar is not None:
             bar[0].stop()
         runlog.close(ok)
-    return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last)
+    return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last,
+                      hardware(device))
+
+
+def hardware(device: torch.device) -> str:
+    """The device as a cost table names it: a GPU with its model; a CPU with its model and threads."""
+    threads = torch.get_num_threads()
+    return f"cpu ({cpu_model()}, {threads} thread{'s' * (threads != 1)})" if device.type == "cpu" else describe(device)
+
+
+def versions() -> dict[str, str]:
+    """run.json's `versions`: the packages whose versions decide what a rerun of the config computes."""
+    out = {}
+    for name in ("prefalign", "torch", "transformers", "peft"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def _one_step(update: Update, step: int, opt: Optimization, scheduler, device: torch.device,
@@ -283,7 +304,8 @@ def write_summary(out: Path, result: LoopResult, **fields: Any) -> dict[str, Any
     summary = {**fields, "steps": result.steps, "stopped": result.stopped, "skipped_steps": result.skipped_steps,
                "wall_seconds": result.wall_seconds, "tokens": result.tokens,
                "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,
-               "peak_memory_bytes": result.last.get("peak_memory_bytes"), "final": result.last}
+               "peak_memory_bytes": result.last.get("peak_memory_bytes"), "device": result.device,
+               "versions": versions(), "final": result.last}
     (out / "run.json").write_text(json.dumps(summary, indent=2))
     return summary
 

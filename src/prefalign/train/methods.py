@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 from ..config import ConfigError, apply_overrides, load_config, read_mapping
 from ..losses import ppo as ppo_losses
 from ..losses import preference as pref
+from . import citations as cite
 from .config import GroupConfig, OfflineConfig, ReferenceConfig, RLConfig, RunConfig
 
 # ---------------------------------------------------------------- per-method configs
@@ -177,6 +178,7 @@ class Method:
     loss: Callable | None = None  # offline: (tensors..., *, hyperparameters) -> (loss (B,), metrics)
     advantages: Callable | None = None  # RL: (scores, kl, values, mask, *, kl_coef, ...) -> (adv, returns)
     inputs: Literal["logps", "scores"] = "logps"  # summed completion log-probs, or a scalar head's scores
+    citation: tuple[str, ...] = ()  # its paper(s) as BibTeX (train/citations.py), printed in model cards
 
     @property
     def paired(self) -> bool:
@@ -204,24 +206,37 @@ class Method:
 
 IN_LOSS = "implicit: the loss is a function of the policy/reference log-ratio"
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("dpo", DPO, "offline", "pairs", True, IN_LOSS, "Rafailov et al. 2023", loss=pref.dpo),
-    Method("cdpo", CDPO, "offline", "pairs", True, IN_LOSS, "Mitchell 2023", loss=pref.cdpo),
-    Method("robust", Robust, "offline", "pairs", True, IN_LOSS, "Chowdhury et al. 2024", loss=pref.robust),
-    Method("ipo", IPO, "offline", "pairs", True, IN_LOSS, "Azar et al. 2023", loss=pref.ipo),
-    Method("hinge", Hinge, "offline", "pairs", True, IN_LOSS, "Zhao et al. 2023", loss=pref.hinge),
-    Method("simpo", SimPO, "offline", "pairs", False, "none (reference-free)", "Meng et al. 2024", loss=pref.simpo),
-    Method("orpo", ORPO, "offline", "pairs", False, "none (reference-free)", "Hong et al. 2024", loss=pref.orpo),
-    Method("kto", KTO, "offline", "unpaired", True, IN_LOSS, "Ethayarajh et al. 2024", loss=pref.kto),
+    Method("dpo", DPO, "offline", "pairs", True, IN_LOSS, "Rafailov et al. 2023", loss=pref.dpo, citation=(cite.DPO,)),
+    Method("cdpo", CDPO, "offline", "pairs", True, IN_LOSS, "Mitchell 2023", loss=pref.cdpo, citation=(cite.CDPO,)),
+    Method("robust", Robust, "offline", "pairs", True, IN_LOSS, "Chowdhury et al. 2024", loss=pref.robust,
+           citation=(cite.ROBUST,)),
+    Method("ipo", IPO, "offline", "pairs", True, IN_LOSS, "Azar et al. 2023", loss=pref.ipo, citation=(cite.IPO,)),
+    Method("hinge", Hinge, "offline", "pairs", True, IN_LOSS, "Zhao et al. 2023", loss=pref.hinge,
+           citation=(cite.SLIC_HF,)),
+    Method("simpo", SimPO, "offline", "pairs", False, "none (reference-free)", "Meng et al. 2024", loss=pref.simpo,
+           citation=(cite.SIMPO,)),
+    Method("orpo", ORPO, "offline", "pairs", False, "none (reference-free)", "Hong et al. 2024", loss=pref.orpo,
+           citation=(cite.ORPO,)),
+    Method("kto", KTO, "offline", "unpaired", True, IN_LOSS, "Ethayarajh et al. 2024", loss=pref.kto,
+           citation=(cite.KTO,)),
     Method("sft", SFT, "offline", "completions", False, "none", "", loss=pref.sft),
     Method("reward", Reward, "offline", "pairs", False, "none", "Ouyang et al. 2022", loss=pref.bradley_terry,
-           inputs="scores"),
+           inputs="scores", citation=(cite.INSTRUCTGPT, cite.BRADLEY_TERRY)),
     Method("ppo", PPO, "rl", "prompts", True, "kl_penalty: k1 in the reward (default) or in the loss",
-           "Schulman et al. 2017", advantages=ppo_losses.gae_estimator),
+           "Schulman et al. 2017", advantages=ppo_losses.gae_estimator,
+           citation=(cite.PPO, cite.INSTRUCTGPT)),
     Method("rloo", RLOO, "rl", "prompts", True, "kl_penalty: k1 in the reward (default) or in the loss",
-           "Ahmadian et al. 2024", advantages=ppo_losses.rloo_estimator),
+           "Ahmadian et al. 2024", advantages=ppo_losses.rloo_estimator, citation=(cite.RLOO,)),
     Method("grpo", GRPO, "rl", "prompts", True, "kl_penalty: k3 (default) or the exact KL, in the loss",
-           "Shao et al. 2024", advantages=ppo_losses.grpo_estimator),
+           "Shao et al. 2024", advantages=ppo_losses.grpo_estimator, citation=(cite.GRPO,)),
 ]}
+# terms a config switches on beyond its method's loss, cited when on: key -> (the methods where the key
+# is such a term (None: any), their BibTeX). cdpo and robust own label_smoothing: for them it is the method.
+TERMS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {
+    "rpo_alpha": (None, (cite.RPO, cite.RPO_LIU)),
+    "label_smoothing": (("dpo",), (cite.CDPO,)),
+    "kl_target": (None, (cite.ADAPTIVE_KL,)),
+}
 # keys that were renamed: the old name, in any method's config, says where it went
 RENAMED = {
     "gamma": "'gamma' was renamed: simpo_gamma (simpo) or gae_gamma (ppo)",
@@ -229,6 +244,17 @@ RENAMED = {
     "kl_estimator": "kl_estimator was replaced by kl_penalty (reward_k1 | loss_k3 | loss_full): a detached k3 "
                     "reward does not have the gradient of the KL; see docs/rlhf.md, 'Which KL'",
 }
+
+
+def citations(config: dict[str, Any]) -> list[str]:
+    """The BibTeX entries a run with this (resolved) config cites: its method's paper, then the papers of
+    the terms it switched on (TERMS), each entry once."""
+    spec = get_method(config.get("method", "dpo"))
+    entries = list(spec.citation)
+    for key, (methods, bib) in TERMS.items():
+        if config.get(key) and (methods is None or spec.name in methods):
+            entries += bib
+    return list(dict.fromkeys(entries))
 
 
 def get_method(name: str) -> Method:

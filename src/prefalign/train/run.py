@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ConfigError, TrainingError
-from ..models.hub import check_push, push_final
+from ..models.hub import check_push
 from ..runtime.distributed import World, launch, launched
 from .checkpoint import list_checkpoints
 from .config import RunConfig
@@ -24,11 +24,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = T
     check_installed(cfg.trackers)  # before any model is loaded
     if cfg.push_to_hub:
         check_push(cfg.hub_repo_id)  # offline or without a token: an error now, not after hours of training
-    result = TRAINERS[METHODS[cfg.method].trainer](cfg, log=log, progress=progress)
-    # the run's very last act, once final/, its card and run.json are written: one process uploads
-    if cfg.push_to_hub and int(os.environ.get("RANK", "0")) == 0:
-        push_final(Path(cfg.output) / "final", cfg.hub_repo_id, cfg.hub_private, log)
-    return result
+    # the upload is the run's very last act, after its model card: api.finish_run, one layer up
+    return TRAINERS[METHODS[cfg.method].trainer](cfg, log=log, progress=progress)
 
 
 def launch_processes(cfg: RunConfig, nproc: int, argv: list[str], log: Callable[[str], None] = print) -> None:
