@@ -224,6 +224,9 @@ def test_a_mixture_gets_a_table_per_source_and_a_local_base_no_hub_id(run, tiny_
                                {"path": "hf://datasets/other-org/more-pairs/train.jsonl", "split": "train",
                                 "format": "pairs", "weight": 0.25, "available": 40, "used": 6}]
     (mixed / "run.json").write_text(json.dumps(summary))
+    config = yaml.safe_load((mixed / "config.yaml").read_text())  # a mixture's config lists its sources
+    config["data"] = [{k: s[k] for k in ("path", "split", "format", "weight")} for s in summary["data_sources"]]
+    (mixed / "config.yaml").write_text(yaml.safe_dump(config))
     assert prefalign("card", mixed) == 0
     text = (mixed / "final" / "README.md").read_text()
     table = rows(section(text, "Training data").split("Mixture (run.json `data_sources`):", 1)[1])

@@ -115,7 +115,8 @@ def data(src: Sources) -> str:
     if lengths:
         lines += ["", table(["file", "length", "mean", "p50", "p90", "p99", "max"], lengths)]
     lines += [""] + problems if problems else []
-    if sources := src.summary.get("data_sources"):
+    mixed = any(isinstance(src.config.get(k), list) for k in ("data", "prompts"))  # one plain file: the table above
+    if mixed and (sources := src.summary.get("data_sources")):
         keys = list(dict.fromkeys(k for s in sources for k in s))
         lines += ["", "Mixture (run.json `data_sources`):", "", table(keys, [[num(s.get(k)) for k in keys]
                                                                             for s in sources])]
