@@ -123,8 +123,52 @@ def test_dataset_files_splits_and_a_file_inside(hub):
     assert [row.value for row in read_rows("org/pairs", split="test")] == TEST
     assert [r.prompt for r in load_records("org/pairs@main/data/test-00000-of-00001.jsonl")[0]] == \
         [r["prompt"] for r in TEST]
-    with pytest.raises(Exception, match="no files of split 'validation'.*name one as org/pairs/FILE"):
+    with pytest.raises(Exception, match="org/pairs: no split 'validation'; its splits are test, train"):
         read_rows("org/pairs", split="validation")
+
+
+@pytest.mark.parametrize("layout", [
+    ["data/train_prefs-00000-of-00001.parquet", "data/train_sft-00000-of-00002.parquet",
+     "data/train_sft-00001-of-00002.parquet", "data/test_prefs-00000-of-00001.parquet"],  # ultrafeedback_binarized
+    ["data/train-00000-of-00002.jsonl", "data/train-00001-of-00002.jsonl", "data/test-00000-of-00001.jsonl"],
+    ["train.jsonl", "test.jsonl", "train_extra.jsonl"], ["train/a.csv", "validation/b.csv"]])
+def test_split_files_are_the_ones_datasets_picks(layout, tmp_path):
+    """datasets' own pattern resolution is the reference: a split's files are exactly those it assigns the
+    split (train_prefs is not train), and a split it does not see is an error listing the ones it does."""
+    from datasets.data_files import get_data_patterns, resolve_pattern
+
+    from prefalign.data.hub import HubRef, pick_data_files
+    from prefalign.errors import DataError
+
+    for name in layout:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    patterns = get_data_patterns(str(tmp_path))
+    def files(pattern: str) -> list[str]:  # datasets raises for a pattern that matches nothing
+        try:
+            return [Path(f).relative_to(tmp_path).as_posix() for f in resolve_pattern(pattern, str(tmp_path))]
+        except FileNotFoundError:
+            return []
+
+    expected = {str(split): sorted({f for p in pats for f in files(p)}) for split, pats in patterns.items()}
+    for split in ("train", "test", "validation", "train_prefs", "train_sft", "test_prefs"):
+        if split in expected:
+            got = pick_data_files(tmp_path, split, HubRef("org/x"))
+            assert sorted(f.relative_to(tmp_path).as_posix() for f in got) == expected[split], split
+        else:
+            with pytest.raises(DataError, match=f"no (files of )?split '{split}'"):
+                pick_data_files(tmp_path, split, HubRef("org/x"))
+
+
+def test_a_source_split_reads_that_split_of_a_hub_dataset(hub, tokenizer, tmp_path):
+    """data: [{path: org/pairs, split: test}] trains on the test split's rows, not train's."""
+    from prefalign.train.methods import train_config
+    from prefalign.train.sources import load_examples
+
+    cfg = train_config({"method": "dpo", "model": "m", "output": str(tmp_path),
+                        "data": [{"path": "org/pairs", "split": "test"}]})
+    data, uses = load_examples(cfg.data, "data", cfg, tokenizer, "pairs", tmp_path, "data", lambda _: None)
+    assert uses[0].available == len(TEST) and len(data.examples) == len(TEST)
 
 
 def test_a_local_path_shaped_like_an_id_wins(hub, tiny_models, tmp_path, monkeypatch):

@@ -132,5 +132,5 @@ def test_offline_a_hub_task_fails_clearly_and_downloads_nothing(tasks, tmp_path)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr[-3000:]
     assert run.stdout.startswith("lm-eval task(s) prefalign_hub_mc: a data set could not be fetched")
-    assert "OfflineModeIsEnabled" in run.stdout and "HF_HUB_OFFLINE=0" in run.stdout
+    assert "OfflineModeIsEnabled" in run.stdout and "HF_HUB_OFFLINE=1" in run.stdout
     assert not list((tmp_path / "hf").rglob("*.arrow"))  # nothing was fetched into the cache

@@ -51,8 +51,8 @@ def parse_hub_id(spec: str | Path) -> HubRef | None:
     from huggingface_hub.utils import validate_repo_id
 
     match = _HUB_ID.fullmatch(str(spec))
-    if match is None:
-        return None
+    if match is None or Path(match["repo"].split("/")[0]).exists():
+        return None  # runs/sft/final with runs/ here is a mistyped local path: it must not go to the Hub
     try:
         validate_repo_id(match["repo"])  # rules out ./x, ../x, a--b, x.git
     except HFValidationError:
@@ -88,6 +88,10 @@ def repo_folder(ref: HubRef, repo_type: str) -> Path:
     return hub_cache() / repo_folder_name(repo_id=ref.repo_id, repo_type=repo_type)
 
 
+class _NeverRaised(Exception):
+    """Stands in for an error class an older huggingface_hub does not have."""
+
+
 def snapshot(ref: HubRef, repo_type: str, allow: list[str] | None, ignore: list[str] | None,
              error: type[PrefalignError]) -> Path:
     """The snapshot folder of REF's revision in the cache, after downloading the files that match
@@ -96,11 +100,15 @@ def snapshot(ref: HubRef, repo_type: str, allow: list[str] | None, ignore: list[
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
-        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+
+    try:  # huggingface_hub >= 1.0; the 0.x that transformers 4 needs raises LocalEntryNotFoundError instead
+        from huggingface_hub.errors import IncompleteSnapshotError
+    except ImportError:
+        IncompleteSnapshotError = _NeverRaised  # noqa: N806
 
     cache, rev = hub_cache(), ref.revision or "main"
     what = f"{ref}: no such local path, and the Hub {repo_type} {ref.repo_id} (revision {rev})"
@@ -185,8 +193,18 @@ def _is_data_file(rel: PurePosixPath) -> bool:
     return name.endswith(DATA_SUFFIXES) and rel.name not in _METADATA and not hidden
 
 
+# datasets' sharded layout, data/{split}-00000-of-00002.parquet, names its splits exactly (train_prefs,
+# train_sft, ...): where a repo uses it, a split is that name and nothing that merely starts with it
+_SHARDED = re.compile(r"data/(?P<split>[^/]+?)-\d{5}-of-\d{5}[^/]*")
+
+
+def _sharded_split(rel: PurePosixPath) -> str | None:
+    match = _SHARDED.fullmatch(rel.as_posix())
+    return match["split"] if match else None
+
+
 def _in_split(rel: PurePosixPath, split: str) -> bool:
-    """datasets' naming of split files: train.jsonl, data/train-00000-of-00002.parquet, train/part.csv."""
+    """datasets' naming of split files otherwise: train.jsonl, train_a.jsonl, train/part.csv."""
     return any(part == split or part.startswith((f"{split}-", f"{split}_", f"{split}.")) for part in rel.parts)
 
 
@@ -199,6 +217,13 @@ def pick_data_files(root: Path, split: str | None, ref: HubRef) -> list[Path]:
     files = [f for f in files if _is_data_file(f)]
     if not files:
         raise DataError(f"{ref}: no data files ({', '.join(s.lstrip('.') for s in DATA_SUFFIXES)}) in it")
+    sharded = {f: _sharded_split(f) for f in files}
+    if splits := sorted({v for v in sharded.values() if v}):
+        chosen = [f for f in files if sharded[f] == (split or "train")]
+        if not chosen:
+            raise DataError(f"{ref}: no split {split or 'train'!r}; its splits are {', '.join(splits)}: name one "
+                            f"(a data source's `split`, e.g. data: [{{path: {ref}, split: {splits[0]}}}])")
+        return [root / f for f in chosen]
     chosen = [f for f in files if _in_split(f, split or "train")]
     if not chosen and split is None and len(files) == 1:
         chosen = files

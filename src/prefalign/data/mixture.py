@@ -37,14 +37,15 @@ SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a path part of eval/<n
 class DataSource(StrictModel):
     """One source of a data mixture: a file or datasets folder, how much of it, how to read it."""
 
-    path: str = Field(..., description="data file (JSONL, JSON, CSV, Parquet) or datasets.save_to_disk folder")
+    path: str = Field(..., description="data file (JSONL, JSON, CSV, Parquet), datasets.save_to_disk folder or Hub "
+                                       "dataset id")
     weight: float | None = Field(
         None, gt=0, description="share of the mixed set relative to the other sources' weights (the mixed set has "
                                 "as many rows as the sources together; a larger share repeats rows)")
     fraction: float | None = Field(None, gt=0, le=1, description="share of this source's rows taken (a seeded "
                                                                  "subset); default: every row")
-    split: str | None = Field(None, description="split of a saved DatasetDict folder (dataset_dict.json); default: "
-                                                "train, else its first")
+    split: str | None = Field(None, description="split of a saved DatasetDict folder (dataset_dict.json; default: "
+                                                "train, else its first) or of a Hub dataset id (default: train)")
     format: str | None = Field(None, description="data shape of this source (see `prefalign data`); default: the "
                                                  "run's `format`")
 

@@ -8,7 +8,7 @@ or in folders of your own task YAMLs (`--lm-eval-include DIR`); with such folder
 
 lm-eval is an optional extra (`pip install 'prefalign[lmeval]'`), imported only when asked for (it
 costs about half a second over torch and transformers). A hub task's data set is read by `datasets`,
-which honours HF_HUB_OFFLINE=1 (prefalign's default): offline, only data sets already in the cache
+which honours HF_HUB_OFFLINE=1 (the tests and the demo set it): offline, only data sets already in the cache
 (or local files) can be used.
 
 Per reported task T (a task, or a group's aggregate; a tag's tasks one by one), under suites/lm-eval/T/:
@@ -73,8 +73,8 @@ def _data_errors(tasks: list[str]):
     try:
         yield
     except ConnectionError as e:  # datasets, offline or unreachable: say what to do
-        raise ConfigError(f"lm-eval task(s) {', '.join(tasks)}: a data set could not be fetched ({e}). prefalign "
-                          "runs offline (HF_HUB_OFFLINE=1): fetch the data set once with HF_HUB_OFFLINE=0, or give "
+        raise ConfigError(f"lm-eval task(s) {', '.join(tasks)}: a data set could not be fetched ({e}). Offline "
+                          "(HF_HUB_OFFLINE=1) or without the network: fetch the data set once online, or give "
                           "a local task (--lm-eval-include DIR) over a local file") from None
     except FileNotFoundError as e:
         raise ConfigError(f"lm-eval task(s) {', '.join(tasks)}: {e}") from None

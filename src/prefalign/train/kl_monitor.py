@@ -3,6 +3,7 @@ completions sampled for a fixed prompt set, measured as `prefalign eval` measure
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -61,7 +62,8 @@ def build_monitor(cfg, policy, reference, reference_ctx, tokenizer, prompts: lis
     if not prompts:
         log("KL monitor off: no prompts")
         return None
-    prompts = prompts[:cfg.kl_prompts]
+    # distinct prompts: an upsampled mixture repeats rows, and a repeated prompt adds no information
+    prompts = list({json.dumps(p, sort_keys=True): p for p in prompts}.values())[:cfg.kl_prompts]
     log(f"KL monitor: exact KL to the reference on {len(prompts)} prompts x {cfg.kl_max_new_tokens} sampled "
         f"tokens every {every} steps")
     return KLMonitor(policy, reference, tokenizer, prompts, every=every, max_new_tokens=cfg.kl_max_new_tokens,

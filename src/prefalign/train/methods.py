@@ -101,8 +101,8 @@ class SFT(OfflineConfig):
 
     method: Literal["sft"] = "sft"
     assistant_turns: Literal["last", "all"] = Field(
-        "last", description="conversations: train the last assistant turn, or every assistant turn (system, user "
-                            "and tool messages are never trained)")
+        "all", description="conversations: train every assistant turn (as TRL's assistant-only loss does), or only "
+                           "the last; system, user and tool messages are never trained")
 
 
 class Reward(OfflineConfig):
