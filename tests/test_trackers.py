@@ -13,6 +13,8 @@ import base64
 import hashlib
 import json
 import math
+import re
+import shutil
 import struct
 import sys
 import threading
@@ -217,12 +219,13 @@ def test_trackio_local_store_holds_metrics_jsonl_the_config_and_the_report(track
     from trackio.sqlite_storage import SQLiteStorage
 
     state = tracked["state"]["trackio"]
-    assert state["project"] == PROJECT and state["run"] == "run"
+    # the run folder's name and a digest of its path: two folders named `run` never share a trackio run
+    assert state["project"] == PROJECT and re.fullmatch(r"run-[0-9a-f]{8}", state["run"])
     assert [r["id"] for r in SQLiteStorage.get_run_records(PROJECT)] == [state["id"]]  # resumed, not a second run
     logs = SQLiteStorage.get_logs(PROJECT, run_id=state["id"])
     rows = [{k: v for k, v in row.items() if k != "timestamp"} for row in logs]
     same_series(series(rows), sent(tracked))
-    config = SQLiteStorage.get_run_config(PROJECT, "run")
+    config = SQLiteStorage.get_run_config(PROJECT, state["run"])
     assert {k: v for k, v in config.items() if not k.startswith("_")} == tracked["config"]
     [artifact] = [a for a in SQLiteStorage.list_artifacts(PROJECT) if a["name"] == f"report-{state['id']}"]
     assert artifact["type"] == "report" and artifact["versions"][0]["num_files"] == 2
@@ -286,3 +289,42 @@ def test_report_to_values(tmp_path):
     log.write({"step": 1, "loss": math.pi})
     log.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no events, no trackers.json
+
+
+def test_a_twice_interrupted_resume_sends_no_step_twice(tiny_models, tmp_path, monkeypatch):
+    """Preempted at step 4 (checkpoint 2), resumed and stopped again at 3, resumed to 5: MLflow holds each
+    step once (what a tracker run was sent is kept in trackers.json, not read back from metrics.jsonl,
+    which each attempt cuts back to its checkpoint). Then a fresh run without trackers drops trackers.json."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"file:{tmp_path / 'mlruns'}"
+    for k, v in {"MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true",
+                 "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+        monkeypatch.setenv(k, v)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(8))
+    base = dict(method="dpo", model=str(tiny_models["llama"]), data=str(pairs), batch_size=4, kl_every=0,
+                output=str(tmp_path / "run"), save_every=2, report_to=["mlflow"], tracker_project=PROJECT)
+    for steps, resume in ((4, False), (3, True), (5, True)):
+        train(make_config(**base, max_steps=steps, resume=resume), log=lambda _: None, progress=False)
+        for later in (tmp_path / "run" / "checkpoints").glob("step-*"):  # preempted: no checkpoint after step 2
+            if int(later.name.split("-")[1]) > 2:
+                shutil.rmtree(later)
+    state = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
+    history = MlflowClient(uri).get_metric_history(state["run_id"], "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5], [m.step for m in history]
+    train(make_config(**{**base, "report_to": ["none"]}, max_steps=1), log=lambda _: None, progress=False)
+    assert not (tmp_path / "run" / "trackers.json").exists()
+
+
+def test_mlflow_default_store_without_sqlalchemy_is_refused_before_the_model_loads(monkeypatch):
+    import importlib.util
+
+    from prefalign.train.trackers import check_installed
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI is unset.*needs SQLAlchemy"):
+        check_installed(["mlflow"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:./mlruns")
+    check_installed(["mlflow"])

@@ -13,6 +13,7 @@ environment variables (WANDB_MODE, WANDB_DIR, MLFLOW_TRACKING_URI, TRACKIO_DIR, 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -40,6 +41,19 @@ def check_installed(report_to: list[str]) -> None:
     for name in report_to:
         if name in PACKAGES and importlib.util.find_spec(PACKAGES[name][0]) is None:
             raise ConfigError(f"report_to: {name} needs the {PACKAGES[name][0]} package: {PACKAGES[name][1]}")
+    if "mlflow" in report_to:
+        check_mlflow_store()
+
+
+def check_mlflow_store() -> None:
+    """MLflow 3's default store, sqlite:///mlflow.db, needs SQLAlchemy, which mlflow-skinny (the extra) lacks:
+    say so before any model is loaded rather than when the run's tracker starts."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None and importlib.util.find_spec("sqlalchemy") is None:
+        raise ConfigError("report_to: mlflow: MLFLOW_TRACKING_URI is unset, and MLflow's default store (sqlite:///"
+                          "mlflow.db) needs SQLAlchemy (pip install mlflow, the full package); or set "
+                          "MLFLOW_TRACKING_URI to a server, or to file:./mlruns with MLFLOW_ALLOW_FILE_STORE=true "
+                          "(docs/trackers.md)")
 
 
 def require(name: str):
@@ -236,15 +250,26 @@ class Trackio(Tracker):
     def start(self, config, name, out, previous=None, resumed_step=None):
         trackio = require("trackio")
         project = self.project or "prefalign"
+        # trackio finds a run by its name: runs/a/dpo and runs/b/dpo (or every iterate round's `train`) must
+        # not share one, so the name carries a digest of the folder's absolute path
+        unique = f"{name}-{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:8]}"
         with contextlib.redirect_stdout(sys.stderr):  # trackio prints; stdout is for a command's results
-            self.run = trackio.init(project=project, name=previous["run"] if previous else name, config=config,
+            self.run = trackio.init(project=project, name=previous["run"] if previous else unique, config=config,
                                     resume="allow" if previous else "never")
+        if previous and previous.get("project") == project:
+            self._check(previous)
         return {"project": project, "run": self.run.name, "id": self.run.id}
+
+    def _check(self, state):
+        if getattr(self.run, "id", None) != state.get("id"):
+            raise ConfigError(f"trackio: project {state.get('project')} run {state.get('run')} is not the run this "
+                              f"folder logged to (id {self.run.id}, trackers.json has {state.get('id')})")
 
     def reopen(self, state, out):
         trackio = require("trackio")
         with contextlib.redirect_stdout(sys.stderr):
             self.run = trackio.init(project=state["project"], name=state["run"], resume="must")
+        self._check(state)
 
     def log(self, step, metrics):
         self.run.log(metrics, step=step)
@@ -268,6 +293,13 @@ class Trackio(Tracker):
 
 
 TRACKERS: dict[str, type[Tracker]] = {t.name: t for t in (TensorBoard, WandB, MLflow, Trackio)}
+
+
+def same_run(previous: dict[str, Any] | None, now: dict[str, Any]) -> bool:
+    """Whether a tracker went on in the run an earlier attempt logged to, not a new one (another store or
+    project), by the run id both recorded (W&B and trackio: id; MLflow: run_id)."""
+    ids = [k for k in ("id", "run_id") if k in now]
+    return bool(previous) and bool(ids) and all(previous.get(k) == now[k] for k in ids)
 
 
 def read_state(out: Path) -> dict[str, Any]:
@@ -303,24 +335,35 @@ class Trackers:
             for name in report_to:
                 tracker = TRACKERS[name](project)
                 state[name] = tracker.start(config, out.name, out, previous.get(name), resumed_step)
-                goes_on = name in previous and not tracker.purges and logged_until is not None
-                if goes_on and logged_until > resumed_step:
-                    span = f"steps {resumed_step + 1}-{logged_until}" if logged_until > resumed_step + 1 \
-                        else f"step {logged_until}"
+                goes_on = not tracker.purges and same_run(previous.get(name), state[name])
+                # the last step this tracker run was sent, by any earlier attempt (an attempt that failed
+                # before passing it again still counts), at least what metrics.jsonl shows was logged
+                has = max(previous[name].get("sent", -1), logged_until or -1) if goes_on else -1
+                state[name]["sent"] = has
+                if goes_on and has > resumed_step:
+                    span = f"steps {resumed_step + 1}-{has}" if has > resumed_step + 1 else f"step {has}"
                     log(f"{name}: resumed at step {resumed_step}; {span}, logged before the interruption, keeps "
                         "its first values there (metrics.jsonl has the re-run's)")
-                self.active.append((tracker, logged_until if goes_on else -1))
+                self.active.append((tracker, has))
         except BaseException:
             self.finish(ok=False)
             raise
+        self.path, self.state = out / STATE, state
         if report_to:
-            (out / STATE).write_text(json.dumps(state, indent=2))
+            self.path.write_text(json.dumps(state, indent=2))
+        elif resumed_step is None:
+            self.path.unlink(missing_ok=True)  # a fresh run without trackers: no earlier run's to attach to
 
     def write(self, row: dict[str, Any]) -> None:
-        metrics = numbers(row)
-        for tracker, has in self.active:
+        metrics, sent = numbers(row), False
+        for i, (tracker, has) in enumerate(self.active):
             if row["step"] > has:
                 tracker.log(row["step"], metrics)
+                self.active[i] = (tracker, row["step"])
+                self.state[tracker.name]["sent"] = row["step"]
+                sent = True
+        if sent and any(t.name != "tensorboard" for t, _ in self.active):  # what a resume must not send again
+            self.path.write_text(json.dumps(self.state, indent=2))
 
     def finish(self, ok: bool = True) -> None:
         for tracker, _ in self.active:
