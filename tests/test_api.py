@@ -152,6 +152,11 @@ def test_results_are_what_the_run_wrote(runs):
         api.evaluate(root / "e.yaml", max_new_tokens=-1)
     with pytest.raises(prefalign.ConfigError, match="method dpo: unknown key 'betta'"):
         api.train({**trained.config.model_dump(), "betta": 1})
+    # keyword overrides over a config object are applied (and validated) too, before any work
+    with pytest.raises(prefalign.ConfigError, match="max_steps: Input should be greater than or equal to 1"):
+        api.train(trained.config, max_steps=0)
+    with pytest.raises(prefalign.ConfigError, match="max_new_tokens: Input should be greater than or equal"):
+        api.evaluate(api.EvalConfig(model=str(trained.model), output=str(root / "x"), data="d"), max_new_tokens=-1)
 
 
 def test_generate_is_seeded_and_takes_text_or_messages(runs):
