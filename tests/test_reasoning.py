@@ -79,6 +79,7 @@ def test_generated_problems_of_each_length(seed):
     ("The answer is: $40.", 40),
     ("12 + 5 = 17, then 17 * 2 = 34", 34),               # several numbers: the last
     ("The answer is 9. Question: Ana has 3 apples", 9),  # the stated answer beats later numbers
+    ("The answer is **24**, not 25.", 24),               # Markdown emphasis around the stated answer
     ("answer is 4, no wait, The Answer Is 6", 6),        # the last statement
     ("The answer is unknown, maybe 8", 8),               # a statement without a number: the last number
     ("The answer is 12.0", 12),                          # a whole number written with a decimal part

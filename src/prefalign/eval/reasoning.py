@@ -19,8 +19,8 @@ exact match of the whole number read from its answer (suites scorer `final_numbe
      "." ("x2" and "v1.5" hold no number; "$12" and "(12)" do). A minus sign directly before the
      digits makes it negative unless it follows a letter or digit ("3-5" reads as 3 and 5).
      A trailing full stop, comma or other punctuation is not part of the number ("12." is 12).
-  2. If the text says "answer is" (any case) followed by a number (optionally after ":" or "$"),
-     the number after the LAST such phrase is the answer.
+  2. If the text says "answer is" (any case) followed by a number (optionally after ":", "$" or
+     Markdown emphasis, "**24**" or "*24*"), the number after the LAST such phrase is the answer.
   3. Otherwise the LAST number anywhere in the text is the answer.
   4. No number: no answer (scored wrong).
 """
@@ -33,7 +33,7 @@ from decimal import Decimal
 
 _NUM = r"-?(?:\d{1,3}(?:,\d{3}(?!\d))+|\d+)(?:\.\d+)?"
 NUMBER = re.compile(rf"(?<![\w.])(?:{_NUM})")
-ANSWER_IS = re.compile(rf"answer is\s*:?\s*\$?\s*(?<![\w.])({_NUM})", re.IGNORECASE)
+ANSWER_IS = re.compile(rf"answer is\s*:?\s*\**\s*\$?\s*(?<![\w.])({_NUM})", re.IGNORECASE)
 
 
 def _value(text: str) -> Decimal:
