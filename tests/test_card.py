@@ -192,12 +192,41 @@ def test_a_later_eval_lands_on_the_card(run, evaluated):
     assert section(card, "Method") == section(run["card"], "Method")
 
 
+def g4(x: float) -> str:
+    """4 significant digits, written here rather than taken from the card code's own formatter."""
+    return f"{x:.4g}"
+
+
+def test_the_tables_hold_the_files_numbers_formatted_independently(run, evaluated, tmp_path):
+    """Each cell against eval.json / run.json with this file's own formatting: units (GiB), the right key
+    per row (per token vs per sequence, the model's perplexity, not the reference's), and lm-eval's tasks,
+    whose suite names hold a slash (suites/lm-eval/<task>/...)."""
+    ev, summary = evaluated["eval"], json.loads((run["out"] / "run.json").read_text())
+    table = rows(section(evaluated["card"], "Evaluation"))
+    assert table["preference accuracy"][0] == g4(ev["preference_accuracy"])
+    assert table["KL(π‖π_ref) per token"][0] == g4(ev["kl_per_token"]) != g4(ev["kl_per_sequence"])
+    assert table["perplexity"][0] == g4(ev["perplexity"]) and g4(ev["perplexity_reference"]) in table["perplexity"][2]
+    cost = rows(section(evaluated["card"], "Cost"))
+    assert cost["peak memory"][0].startswith(f"{g4(summary['peak_memory_bytes'] / 2**30)} GiB")
+    assert cost["processes"][0] == str(summary["processes"])
+    copy = shutil.copytree(run["out"], tmp_path / "lm")
+    lm = {"suites/lm-eval/gsm8k/score": 0.25, "suites/lm-eval/gsm8k/score_reference": 0.5,
+          "suites/lm-eval/gsm8k/n": 8, "suites/lm-eval/gsm8k/metric": "exact_match,strict-match",
+          "suites/lm-eval/gsm8k/metrics": {"exact_match,strict-match": 0.25}}
+    (copy / "eval" / "eval.json").write_text(json.dumps({**ev, "model": str(copy / "final"), **lm}))
+    assert prefalign("card", copy) == 0
+    suites = rows(section((copy / "final" / "README.md").read_text(), "Evaluation"))
+    assert suites["lm-eval/gsm8k"] == ["0.25", "0.5", "8"] and "lm-eval" not in suites
+
+
 def test_an_evaluation_of_another_model_is_refused(run, evaluated, tmp_path, capsys):
     other = tmp_path / "other-eval"
     other.mkdir()
     (other / "eval.json").write_text(json.dumps({**evaluated["eval"], "model": str(run["base"])}))
     assert prefalign("card", run["out"], "--eval", other, "-o", tmp_path / "x.md") == 2
     assert f"is an evaluation of {run['base']}, not of this run's" in capsys.readouterr().err
+    (other / "eval.json").write_text(json.dumps({**evaluated["eval"], "model": "some-org/another-model"}))
+    assert prefalign("card", run["out"], "--eval", other, "-o", tmp_path / "x.md") == 2  # a Hub id: another model
     assert not (tmp_path / "x.md").exists()
     # an earlier model's evaluation left in a run folder trained again: left off, with why
     again = shutil.copytree(run["out"], tmp_path / "again")
@@ -221,7 +250,7 @@ def test_a_mixture_gets_a_table_per_source_and_a_local_base_no_hub_id(run, tiny_
     summary = json.loads((mixed / "run.json").read_text())
     summary["data_sources"] = [{"path": str(run["data"]), "split": None, "format": "auto", "weight": 0.75,
                                 "available": 24, "used": 18},
-                               {"path": "hf://datasets/other-org/more-pairs/train.jsonl", "split": "train",
+                               {"path": "other-org/more-pairs@v1/train.jsonl", "split": None,
                                 "format": "pairs", "weight": 0.25, "available": 40, "used": 6}]
     (mixed / "run.json").write_text(json.dumps(summary))
     config = yaml.safe_load((mixed / "config.yaml").read_text())  # a mixture's config lists its sources

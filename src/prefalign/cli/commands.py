@@ -157,7 +157,10 @@ def train(
     cfg = load_train_config(config, args, base={k: v for k, v in options.items() if v is not None})
     if nproc > 1:  # the config is valid: now start the processes, each of which runs this command
         os.environ["PREFALIGN_COMMAND"] = command_line()  # rank 0 records it with the card
-        launch_processes(cfg, nproc, _without_nproc(sys.argv[1:]), log=_log)
+        try:
+            launch_processes(cfg, nproc, _without_nproc(sys.argv[1:]), log=_log)
+        finally:  # a later command in this process (a notebook, a test) has its own command line
+            os.environ.pop("PREFALIGN_COMMAND", None)
         return
     api_train(cfg, log=_log, progress=not no_progress, command=command_line())
 
@@ -237,8 +240,7 @@ def iterate_cmd(
 
     config, overrides = _config_and_overrides(args)
     cfg = build(IterateConfig, {}, overrides, config)
-    for r in range(1, len(iterate(cfg, _log, progress=not no_progress)["rounds"]) + 1):
-        write_model_card_after_training(Path(cfg.output) / f"round-{r}" / "train")
+    iterate(cfg, _log, progress=not no_progress, after_round=write_model_card_after_training)
 
 
 @app.command("recipe")
@@ -250,8 +252,7 @@ def recipe_cmd(
     """Run training stages in order (e.g. DPO, then PPO from the DPO model: the hybrid recipe)."""
     from ..train.recipe import run_recipe
 
-    for stage in run_recipe(path, list(overrides or []), _log, progress=not no_progress).values():
-        write_model_card_after_training(stage["output"])
+    run_recipe(path, list(overrides or []), _log, progress=not no_progress, after_stage=write_model_card_after_training)
 
 
 @app.command("eval")

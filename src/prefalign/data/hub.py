@@ -154,7 +154,8 @@ def pinned(ref: HubRef, repo_type: str) -> HubRef:
 # a model folder's files at the repo's top level (or the folder named inside it): weights, configs,
 # tokenizers (tokenizer.json, vocab.json, merges.txt, tokenizer.model, chat_template.jinja, *.tiktoken)
 TOKENIZER_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-MODEL_FILES = ["*.safetensors", *TOKENIZER_FILES]
+# README.md: the repo's model card, whose header states the licence a model card of ours repeats
+MODEL_FILES = ["*.safetensors", "README.md", *TOKENIZER_FILES]
 
 
 def resolve_model(spec: str | Path, *, tokenizer_only: bool = False, code: bool = False) -> Path:

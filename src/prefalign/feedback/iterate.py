@@ -54,7 +54,7 @@ class IterateConfig(SamplingRun):
         return {"model": model, "data": str(folder / "pairs.jsonl"), "output": str(folder / "train")}
 
 
-def iterate(cfg: IterateConfig, log=print, progress: bool = True) -> dict:
+def iterate(cfg: IterateConfig, log=print, progress: bool = True, after_round=None) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
@@ -81,6 +81,8 @@ def iterate(cfg: IterateConfig, log=print, progress: bool = True) -> dict:
         train_cfg = train_config({"method": "dpo", **cfg._template(), **cfg.train, **cfg._round(model, folder)},
                                  "iterate: train")
         result = train(train_cfg, log=log, progress=progress)
+        if after_round is not None:  # the CLI: the round's model card (and push), as soon as it exists
+            after_round(train_cfg.output)
         rounds.append({"round": r, "model": model, "sample": s, "label": lab,
                        "train": {"steps": result.steps, "wall_seconds": result.wall_seconds, "final": result.last}})
         model = str(folder / "train" / "final")

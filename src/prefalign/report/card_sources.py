@@ -15,6 +15,7 @@ from huggingface_hub import metadata_load, try_to_load_from_cache
 
 from ..data import ReadOptions, load_prompts
 from ..data.curate import compute_stats
+from ..data.hub import hub_cache, parse_hub_id
 from ..errors import ConfigError, PrefalignError
 from ..train.methods import Method, get_method
 
@@ -22,7 +23,6 @@ CARD = "README.md"
 STATS = "data_stats.json"
 # a folder of the Hugging Face cache: .../models--ORG--NAME/snapshots/REVISION/...
 _CACHED = re.compile(r"(models|datasets)--([^/]+?)--([^/]+)/snapshots/[^/]+")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 @dataclass
@@ -83,10 +83,15 @@ def data_stats(src: Sources, fresh: bool = False) -> dict[str, Any]:
     if path.exists() and not fresh:
         return json.loads(path.read_text())
     tokenizer = str(src.final) if (src.final / "tokenizer_config.json").exists() else None
-    opts = ReadOptions(format=str(src.config.get("format", "auto")))
+    fmt = str(src.config.get("format", "auto"))
+    own = {s["path"]: s for s in src.summary.get("data_sources") or [] if isinstance(s.get("path"), str)}
     files = []
     for role, file in data_files(src.config, src.summary):
         entry: dict[str, Any] = {"path": file, "role": role}
+        source = own.get(file, {})  # a mixture's source is read as the run read it: its split and format
+        opts = ReadOptions(format=source.get("format") or fmt, split=source.get("split"))
+        if source.get("split"):
+            entry["split"] = source["split"]
         try:
             if role == "prompts" and src.spec.trainer == "rl":
                 prompts, problems = load_prompts(file, opts)
@@ -119,7 +124,7 @@ def find_evaluation(src: Sources, eval_dir: Path | None) -> tuple[Path | None, d
     evaluation = json.loads(path.read_text())
     model = evaluation.get("model")
     problem = ""
-    if model and Path(model).exists() and Path(model).resolve() != src.final.resolve():
+    if model and not _same_model(model, src.final):
         problem = f"{path} is an evaluation of {model}, not of this run's {src.final}"
     elif path.stat().st_mtime < max((w.stat().st_mtime for w in src.final.glob("*.safetensors")), default=0.0):
         problem = f"{path} is older than {src.final}'s weights: an evaluation of an earlier model trained there"
@@ -128,21 +133,30 @@ def find_evaluation(src: Sources, eval_dir: Path | None) -> tuple[Path | None, d
     return (None, None, f"Not shown: {problem}.") if problem else (found, evaluation, "")
 
 
+def _same_model(model: str, final: Path) -> bool:
+    """Whether eval.json's `model` is this run's final/: the same folder when the path exists here; a
+    path that does not (written relative to another folder) must end in this run's RUN/final; a Hub id
+    or any other name is another model."""
+    if Path(model).exists():
+        return Path(model).resolve() == final.resolve()
+    return Path(model).parts[-2:] == final.resolve().parts[-2:]
+
+
 # ---------------------------------------------------------------- the header
 
 
 def hub_id(name: str, kind: str = "models") -> str | None:
-    """The Hub id a model (or dataset) was loaded by, or None for a local one: a folder of the Hugging
-    Face cache gives ORG/NAME; `hf://datasets/ORG/NAME/...` too; a name that is no local path and that
-    the cache holds is one. An adapter folder: its base's id (the chain of adapters followed)."""
+    """The Hub id a model (or dataset) was loaded by, or None for a local one: an id as the config wrote
+    it (org/name, @revision, a file inside: data/hub.py's parser, the one the loaders use); a folder or
+    file of the Hugging Face cache (the path as written, not its blob); an adapter folder: its base's id
+    (the chain of adapters followed)."""
     seen: set[Path] = set()
     while name:
         path = Path(name)
         if not path.exists():
-            if name.startswith(f"hf://{kind}/"):
-                return "/".join(name.removeprefix(f"hf://{kind}/").split("/")[:2])
-            return name if _HUB_ID.fullmatch(name) and _cached(name, kind) else None
-        if m := _CACHED.search(path.resolve().as_posix()):
+            ref = parse_hub_id(name)
+            return ref.repo_id if ref is not None else None
+        if m := _CACHED.search(path.absolute().as_posix()):
             return f"{m.group(2)}/{m.group(3)}" if m.group(1) == kind else None
         adapter = path / "adapter_config.json"
         if kind != "models" or not adapter.exists() or path.resolve() in seen:
@@ -152,16 +166,13 @@ def hub_id(name: str, kind: str = "models") -> str | None:
     return None
 
 
-def _cached(repo_id: str, kind: str) -> bool:
-    filename = "config.json" if kind == "models" else "README.md"
-    return isinstance(try_to_load_from_cache(repo_id, filename, repo_type=kind[:-1]), str)
-
-
 def base_license(model: str) -> dict[str, str]:
     """license (and license_name/license_link) from the base model's own card, local or cached."""
     readme: Any = Path(model) / CARD
     if not readme.exists() and (repo := hub_id(model)) is not None:
-        readme = try_to_load_from_cache(repo, CARD)
+        ref = parse_hub_id(model)
+        readme = try_to_load_from_cache(repo, CARD, cache_dir=hub_cache(),
+                                        revision=ref.revision if ref is not None and ref.repo_id == repo else None)
     if not isinstance(readme, (str, Path)) or not Path(readme).exists():
         return {}
     try:

@@ -31,12 +31,12 @@ ROBUST = """@inproceedings{chowdhury2024robust,
   archivePrefix = {arXiv}
 }"""
 
-IPO = """@inproceedings{azar2023ipo,
+IPO = """@misc{azar2023ipo,
   title = {A General Theoretical Paradigm to Understand Learning from Human Preferences},
   author = {Azar, Mohammad Gheshlaghi and Rowland, Mark and Piot, Bilal and Guo, Daniel and
     Calandriello, Daniele and Valko, Michal and Munos, R{\\'e}mi},
-  booktitle = {International Conference on Artificial Intelligence and Statistics},
-  year = {2024},
+  note = {AISTATS 2024},
+  year = {2023},
   eprint = {2310.12036},
   archivePrefix = {arXiv}
 }"""

@@ -58,13 +58,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[P
     return out, stages
 
 
-def run_recipe(path: str | Path, overrides: list[str] | None = None, log=print, progress: bool = True) -> dict:
+def run_recipe(path: str | Path, overrides: list[str] | None = None, log=print, progress: bool = True,
+               after_stage=None) -> dict:
+    """Each stage trained in order; `after_stage(output)` runs as each ends (the CLI: its model card and
+    push), so a later stage's failure leaves the earlier ones finished."""
     out, stages = load_recipe(path, overrides)
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
     for name, cfg in stages:
         log(f"stage {name}: {cfg.method} -> {cfg.output}")
         result = train(cfg, log=log, progress=progress)
+        if after_stage is not None:
+            after_stage(cfg.output)
         summary[name] = {"method": cfg.method, "output": cfg.output, "steps": result.steps,
                          "wall_seconds": result.wall_seconds, "final": result.last}
     (out / "recipe.json").write_text(json.dumps(summary, indent=2))
