@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from functools import partial
 from importlib.util import find_spec
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from ..data.chat import set_chat_template
 from ..errors import ConfigError, ModelError
@@ -48,7 +49,27 @@ def _local(path: str | Path, *, tokenizer_only: bool = False, code: bool = False
     path = resolve_model(path, tokenizer_only=tokenizer_only, code=code)
     if not path.exists():
         raise ModelError(f"{path}: no such model folder or file, nor a Hub id (org/name or org/name@revision)")
+    if not code:
+        refuse_code(path)
     return path
+
+
+def refuse_code(path: Path) -> None:
+    """A model whose config maps to the repo's own Python (`auto_map`) for an architecture transformers
+    does not have is refused unless the user set trust_remote_code: that code would run on load. (A
+    repo that maps a type transformers knows loads with transformers' own classes, its code unread.)
+    Said here, in prefalign's words, before transformers refuses with a ValueError about an argument."""
+    file = path / "config.json"
+    if not file.is_file():
+        return
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # not ours to judge: transformers reports a broken config
+    if isinstance(config, dict) and config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING:
+        raise ModelError(f"{file}: model_type {config.get('model_type')!r} is the repo's own Python code (auto_map), "
+                         "which would run when it loads; prefalign runs no such code unless you set "
+                         "trust_remote_code: true (read that code first)")
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
