@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from ..models.hub import check_push
 from ..runtime.distributed import World, launch, launched
 from .checkpoint import list_checkpoints
 from .config import RunConfig
+from .lock import run_lock
 from .loop import LoopResult
 from .methods import METHODS
 from .offline import check_world, run_offline
@@ -23,8 +25,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = T
     check_installed(cfg.trackers)  # before any model is loaded
     if cfg.push_to_hub:
         check_push(cfg.hub_repo_id)  # offline or without a token: an error now, not after hours of training
-    # the upload is the run's very last act, after its model card: api.finish_run, one layer up
-    return TRAINERS[METHODS[cfg.method].trainer](cfg, log=log, progress=progress)
+    # one run per output folder (rank 0 holds the lock for all processes); the upload is the run's very
+    # last act, after its model card: api.finish_run, one layer up
+    with run_lock(Path(cfg.output), log, main=int(os.environ.get("RANK", "0")) == 0):
+        return TRAINERS[METHODS[cfg.method].trainer](cfg, log=log, progress=progress)
 
 
 def launch_processes(cfg: RunConfig, nproc: int, argv: list[str], log: Callable[[str], None] = print) -> None:
