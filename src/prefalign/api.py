@@ -168,7 +168,9 @@ def train(config: RunConfig | Mapping[str, Any] | str | Path, /, *, log: Log | N
         finish_run(cfg.output, command=command, log=log)
     out = Path(cfg.output)
     summary_file = out / "run.json"  # written by the first process, before every process returns
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {
+    # the other processes do not read it: rank 0 may be rewriting it (finish_run) as they return
+    main = int(os.environ.get("RANK", "0")) == 0
+    summary = json.loads(summary_file.read_text()) if main and summary_file.exists() else {
         "method": cfg.method, "steps": loop.steps, "stopped": loop.stopped, "skipped_steps": loop.skipped_steps,
         "wall_seconds": loop.wall_seconds, "tokens": loop.tokens, "final": loop.last}
     return TrainResult(out, cfg, summary)
@@ -184,7 +186,9 @@ def finish_run(run: str | Path, *, command: str | None = None, log: Log | None =
     out, say = Path(run), log or _silent
     if command is not None:
         summary = json.loads((out / "run.json").read_text())
-        (out / "run.json").write_text(json.dumps({**summary, "command": command}, indent=2))
+        tmp = out / "run.json.tmp"  # replaced whole: a reader never sees it half-written
+        tmp.write_text(json.dumps({**summary, "command": command}, indent=2))
+        os.replace(tmp, out / "run.json")
     card = write_card(out, fresh_stats=True)
     say(f"model card -> {card}")
     cfg = train_config(read_mapping(out / "config.yaml"), str(out / "config.yaml"))
