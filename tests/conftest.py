@@ -84,6 +84,23 @@ def write_jsonl(path, rows):
     return path
 
 
+def nan_model(tiny_llama, folder):
+    """A tiny llama folder (the tokenizer of `tiny_llama`) whose every loss is NaN (its final norm is),
+    for the tests of the NaN guard: every step is skipped until max_bad_steps stops the run."""
+    import torch
+
+    from prefalign.models.load import load_tokenizer
+    from prefalign.models.tiny import build_model
+
+    tok = load_tokenizer(tiny_llama)
+    model = build_model("llama", tok, hidden=32)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tokenizer):
     """arch -> folder of a saved random-init tiny model sharing the session tokenizer."""

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import held_out_pairs, learnable_pairs, write_jsonl
+from conftest import held_out_pairs, learnable_pairs, nan_model, write_jsonl
 from prefalign.errors import ConfigError
 from test_distributed import BASE, _losses, _train, _weights
 
@@ -177,15 +177,7 @@ def test_zero_checkpoints_resume_on_one_process_and_back(model, pair_file, tmp_p
 def test_zero_skips_non_finite_steps_and_stops(tiny_models, tmp_path):
     """A model whose every loss is NaN: each step is skipped (DeepSpeed does not update, the guard
     counts), and max_bad_steps in a row stop the run, as with one process."""
-    from prefalign.models.load import load_tokenizer
-    from prefalign.models.tiny import build_model
-
-    tok = load_tokenizer(tiny_models["llama"])
-    nan_model = build_model("llama", tok, hidden=32)
-    with torch.no_grad():
-        nan_model.model.norm.weight.fill_(float("nan"))
-    nan_model.save_pretrained(tmp_path / "nan_model")
-    tok.save_pretrained(tmp_path / "nan_model")
+    nan_model(tiny_models["llama"], tmp_path / "nan_model")
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs())
     cmd = [sys.executable, "-m", "prefalign", "train", "--method", "dpo", "--model", str(tmp_path / "nan_model"),
            "--data", str(data), "-o", str(tmp_path / "run"), "--no-progress", *BASE, "max_steps=20",

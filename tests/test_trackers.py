@@ -26,7 +26,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import learnable_pairs, write_jsonl
+from conftest import learnable_pairs, nan_model, write_jsonl
 from prefalign.errors import ConfigError
 from prefalign.train.methods import make_config
 from prefalign.train.run import train
@@ -235,15 +235,9 @@ def test_a_run_stopped_by_an_error_is_marked_failed(tracked, tiny_models, tmp_pa
     """The loop tells its trackers how the run ended (here MLflow, in the file store `tracked` set up)."""
     from mlflow.tracking import MlflowClient
 
-    from prefalign.models.load import load_tokenizer
-    from prefalign.models.tiny import build_model
     from prefalign.train.loop import TrainingError
 
-    tok = load_tokenizer(tiny_models["llama"])
-    model = build_model("llama", tok, hidden=32)
-    model.model.norm.weight.data.fill_(float("nan"))  # every loss non-finite: the guard stops the run
-    model.save_pretrained(tmp_path / "nan_model")
-    tok.save_pretrained(tmp_path / "nan_model")
+    nan_model(tiny_models["llama"], tmp_path / "nan_model")  # every loss non-finite: the guard stops the run
     pairs = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(8))
     cfg = make_config(method="dpo", model=str(tmp_path / "nan_model"), data=str(pairs), output=str(tmp_path / "run"),
                       max_steps=5, batch_size=4, max_bad_steps=2, reference="copy", report_to=["mlflow"])

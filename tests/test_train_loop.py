@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import learnable_pairs, write_jsonl
+from conftest import learnable_pairs, nan_model, write_jsonl
 from prefalign.data import load_records
 from prefalign.data.batches import collate, tokenize_records
 from prefalign.losses.preference import dpo
@@ -139,15 +139,9 @@ def test_kl_budget_stops_the_run_and_saves(tiny_models, pair_file, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_models, pair_file, tmp_path):
-    from prefalign.models.tiny import build_model
     from prefalign.train.loop import TrainingError
 
-    tok = load_tokenizer(tiny_models["llama"])
-    model = build_model("llama", tok, hidden=32)
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(tmp_path / "nan_model")
-    tok.save_pretrained(tmp_path / "nan_model")
+    nan_model(tiny_models["llama"], tmp_path / "nan_model")
     cfg = make_config(model=str(tmp_path / "nan_model"), data=str(pair_file), output=str(tmp_path / "run"),
                       max_steps=20, batch_size=4, max_bad_steps=3, reference="copy")
     with pytest.raises(TrainingError, match="3 non-finite steps in a row"):

@@ -167,8 +167,7 @@ def eval_rows(ev: dict[str, Any]) -> list[list[str]]:
 
 def retention(ev: dict[str, Any]) -> list[str]:
     # suites/<name>/<metric>: a name may hold a slash (suites/lm-eval/gsm8k/score)
-    suites = sorted({k.removeprefix("suites/").rsplit("/", 1)[0] for k in ev if k.startswith("suites/")
-                     and k.count("/") >= 2 and not k.removeprefix("suites/").rsplit("/", 1)[0].endswith("/metrics")})
+    suites = sorted({k.removeprefix("suites/").rsplit("/", 1)[0] for k in ev if k.startswith("suites/")})
     if not suites:
         return []
     cols = ["score", "score_reference", "refusal_rate", "refusal_rate_reference", "over_refusal_rate",
