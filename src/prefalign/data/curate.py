@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .. import faults
 from ..config import StrictModel
 from ..errors import ConfigError
 from .hub import resolve_model
@@ -310,6 +311,7 @@ def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: Curat
                     bad.write(_set_aside_line(record, *reason) + "\n")
                 else:
                     res.kept += 1
+                    faults.point("curate.write", out)
                     good.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
     return res
 

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .. import faults
 from ..errors import ConfigError
 from .load import is_peft, unwrap
 from .logps import batch_logps
@@ -116,6 +117,7 @@ def precompute(model, batches: Iterator[dict[str, Tensor]], n_examples: int, slo
     model.eval()
     with torch.no_grad(), ctx, autocast():
         for batch in batches:
+            faults.point("reference.precompute")
             b, index = len(batch["index"]), batch["index"].cpu()
             table[index] = _forward(model, batch, chunk_mb).float().cpu().view(slots, b).T
             filled[index] += 1
@@ -128,6 +130,7 @@ def precompute(model, batches: Iterator[dict[str, Tensor]], n_examples: int, slo
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         save_file({"logps": table}, str(tmp), metadata={"fingerprint": fp})
+        faults.point("reference.cache.write", tmp)
         tmp.replace(cache)
     log(f"reference log-probs: computed for {n_examples} examples -> {cache.name}")
     return PrecomputedReference(table)

@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from .. import faults
 from ..errors import ConfigError, TrainingError
 from ..runtime.distributed import World
 from .config import RunConfig
@@ -321,11 +322,13 @@ def save_checkpoint(out: Path, step: int, position: int, model, optimizer, sched
             save_file(weights, str(tmp / "trainable.safetensors"))
             _fsync(tmp / "trainable.safetensors")
     if world.main:
+        faults.point("checkpoint.write", tmp / "state.pt")
         torch.save(state, tmp / "state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "position": position, **extra, **files}))
         for p in (tmp / "state.pt", tmp / "state.json", tmp):
             _fsync(p)
         # the rename is the commit point: a folder named step-N is always complete
+        faults.point("checkpoint.commit", tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync(ckpts)  # the rename itself

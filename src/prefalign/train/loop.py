@@ -24,6 +24,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
+from .. import faults
 from ..errors import TrainingError
 from ..runtime.device import cpu_model, describe
 from ..runtime.distributed import World
@@ -123,6 +124,7 @@ class RunLog:
     def write(self, row: dict[str, Any], scalars: bool = True) -> None:
         if not self.enabled:
             return
+        faults.point("metrics.write", self.file.name)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if scalars:
@@ -179,10 +181,13 @@ class Optimization:
         or on another process) adds nothing: the caller skips the step."""
         if finite:
             (loss / micro_batches).backward()
+            faults.point("backward")
 
     def apply(self, step: int, what: str = "step") -> float:
+        faults.poison_grads("grad", self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         if torch.isfinite(grad_norm):
+            faults.point("optimizer.step")
             self.optimizer.step()
             self.guard.good()
         else:
@@ -226,6 +231,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
         while step < cfg.max_steps:
             skipped_before = opt.skipped
             step += 1
+            faults.point("step")
             row, metrics, tokens = _one_step(update, step, opt, opt.scheduler, device, world)
             total_tokens += tokens
             if guard.exceeded:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import faults
 from ..config import dump_config
 from ..data.batches import TokenizedData, collate, collate_packed, collate_shared_prompt
 from ..errors import ConfigError
@@ -109,7 +110,7 @@ def make_step(forward, cfg: OfflineConfig, reference, autocast: Callable, world:
         with autocast():
             logps = forward(batch)  # (slots * B,)
         lengths = batch["lengths"].clamp(min=1)
-        ref = reference.logps(batch).float() if reference is not None else None
+        ref = faults.poison("ref_logps", reference.logps(batch).float()) if reference is not None else None
         if method.unit == "completions":
             tensors = dict(policy_logps=logps, lengths=lengths,
                            mean_length=torch.tensor(world.ratio(lengths.sum(), len(lengths))))
@@ -243,6 +244,7 @@ def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult
     elif world.active and cfg.distributed == "deepspeed":
         state = deepspeed.final_state(model, keep=world.main, only_trainable=lora)
     if world.main:
+        faults.point("final.write", out / "final")
         save_model(model, tokenizer, out / "final", base=base, state_dict=state)
         write_summary(out, result, method=cfg.method, reference=strategy, lora=lora,
                       model_copies=1 + (strategy == "copy") + (initial is not None), processes=world.size,
@@ -336,6 +338,7 @@ class OfflineUpdate(Update):
             # so the forward is inside too)
             with accumulating(self.forward, i < self.cfg.grad_accum - 1):
                 loss, metrics, n_tok = self.step_fn({k: v.to(self.device) for k, v in batch.items()})
+                loss = faults.poison("loss", loss)
                 tokens += n_tok
                 # every rank skips together: under DDP a rank without backward would leave the others waiting
                 ok = self.world.all_true(bool(torch.isfinite(loss)))
@@ -378,6 +381,7 @@ def _evaluator(model, cfg, device, collate_fn, sets: dict[str | None, tuple[Toke
     def mean_over(data: TokenizedData, step) -> dict[str, float]:
         rows, weights = [], []
         for idx, batch in in_order(data, cfg.batch_size, collate_fn, device):
+            faults.point("eval")
             loss, metrics, _ = step(batch)
             rows.append({"loss": float(loss), **metrics})
             weights.append(len(idx))

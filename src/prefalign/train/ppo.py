@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .. import faults
 from ..config import Sampling
 from ..data.records import text_of
 from ..errors import ConfigError
@@ -333,6 +334,7 @@ class Iteration(Update):
         # module docstring; split into helpers, the story of one PPO step would be scattered
         cfg, ac, device = self.cfg, self.ac, self.device
         # ---- 1. rollout
+        faults.point("rollout")
         t0 = time.perf_counter()
         idx = self.prompt_share(batch_indices(self.position, cfg.batch_size, len(self.prompts), cfg.seed))
         self.position += 1
@@ -348,6 +350,7 @@ class Iteration(Update):
         else:
             raw = torch.tensor(self.judge.score([self.prompts[i] for i in rows_idx], roll.completion_texts),
                                device=device)
+        raw = faults.poison("reward", raw)
         if not self.world.all_true(bool(torch.isfinite(raw).all())):
             # a judge that returned NaN/Inf: no advantage can be built from it
             where = " (here, or in another process)" if self.world.active else ""
@@ -363,6 +366,7 @@ class Iteration(Update):
             old, entropy = fwd["logps"], fwd["entropy"]
             old_values = fwd["values"].float() * mask if "values" in fwd else None
             ref, ref_states = self.reference_pass(all_rows, roll.n_prompt)
+            ref = faults.poison("ref_logps", ref)
             k1, k3 = ppo_losses.kl_k1(old, ref) * mask, ppo_losses.kl_k3(old, ref) * mask
 
             # ---- 4. advantages
@@ -385,6 +389,7 @@ class Iteration(Update):
                 loss, row = minibatch_loss(
                     cfg, new, old[mb_dev], ref[mb_dev], adv[mb_dev], m, self.kl_ctl.value, full,
                     None if returns is None else old_values[mb_dev], None if returns is None else returns[mb_dev])
+                loss = faults.poison("loss", loss)
                 if not self.world.all_true(bool(torch.isfinite(loss))):  # every process skips it, or none
                     opt.skip(step, "non-finite loss; update skipped")
                     continue
