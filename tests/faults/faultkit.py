@@ -24,12 +24,13 @@ def sample(cases: list, k: int, seed: int = 0) -> list:
     return random.Random(seed).sample(list(cases), k)
 
 
-def tally(kind: str, survived: bool, lost: int = 0, test: str = "", detail: str = "") -> None:
-    """One injected fault of `kind` (the table's row: kill, disk full, corrupt checkpoint, ...)."""
+def tally(kind: str, survived: bool, lost: int = 0, test: str = "", detail: str = "", count: int = 1) -> None:
+    """`count` injected faults of `kind` (the table's row: kill, disk full, corrupt checkpoint, ...), all
+    with this outcome (a property test's examples are recorded once, with their number)."""
     path = os.environ.get(TALLY_ENV)
     if not path:
         return
-    row = {"kind": kind, "survived": bool(survived), "lost": int(lost),
+    row = {"kind": kind, "count": int(count), "survived": bool(survived), "lost": int(lost),
            "test": test or os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "detail": detail}
     with Path(path).open("a", encoding="utf-8") as f:  # one short append per line: whole under xdist
         f.write(json.dumps(row) + "\n")
