@@ -105,6 +105,7 @@ class RunLog:
     def __init__(self, out: Path, resumed_step: int | None, enabled: bool = True, cfg: RunConfig | None = None,
                  log: Callable[[str], None] = print):
         self.enabled = enabled  # rank 0 of a multi-process run writes; the others only compute
+        self.last: dict[str, Any] = {}  # on resume, the last row kept
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +116,7 @@ class RunLog:
             kept = [x for x in rows if json.loads(x).get("step", 0) <= resumed_step]
             logged_until = max([json.loads(x).get("step", 0) for x in rows] + [resumed_step])
             path.write_text("".join(x + "\n" for x in kept))
+            self.last = json.loads(kept[-1]) if kept else {}
         elif path.exists():
             path.unlink()
         self.trackers = Trackers(cfg.trackers if cfg else ["tensorboard"], cfg.model_dump(mode="json") if cfg else {},
@@ -212,15 +214,18 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
     ranks; rank 0 logs, measures the KL and writes; every rank loads a checkpoint to resume.
     `opt`: the optimizer a strategy built (DeepSpeed's engine); by default AdamW over `model`."""
     opt = opt or Optimization.build(cfg, model, log)
-    guard, step = opt.guard, 0
+    guard, step, before = opt.guard, 0, {}
     state = resume(cfg, model, opt.optimizer, opt.scheduler, log, world, opt.tensors)
     if state is not None:
         step, update.position, opt.skipped = state["step"], state["position"], state.get("skipped_steps", 0)
         update.restore(state)
+        before = state
     runlog = RunLog(Path(cfg.output), step if state is not None else None, enabled=world.main, cfg=cfg, log=log)
     budget = KLBudget(cfg, log)
-    stopped, total_tokens, last = "max_steps", 0, {}
-    t_start, ok = time.perf_counter(), False
+    # run.json counts the run, not its last attempt: a resumed run's tokens and seconds go on from its
+    # checkpoint's, and its last row is the last one logged, also when no step is left (killed in final/)
+    stopped, total_tokens, last = "max_steps", before.get("tokens", 0), runlog.last
+    t_start, ok = time.perf_counter() - before.get("wall_seconds", 0.0), False
     bar = progress_bar(cfg.max_steps, step, progress and world.main, label)
     model.train()
     try:
@@ -253,6 +258,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             if world.any_true(over):  # rank 0 measured it; every rank stops with it
                 stopped = "kl_budget"
             if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
+                                  "tokens": total_tokens, "wall_seconds": time.perf_counter() - t_start,
                                   **update.state()}, stopped, log, world):
                 break
         ok = True

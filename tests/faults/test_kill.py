@@ -1,0 +1,311 @@
+"""Killed runs (issue 16 §1): SIGKILL a training run at a seeded moment, resume it with `resume=true`,
+and the completed run is the run that was never interrupted: the same metrics.jsonl rows (every
+value to 1e-6, steps once each) and the same final/ (the same files, the tensors equal exactly).
+
+The matrix: trainer (dpo, sft, reward, ppo, rloo) x variant (full, lora) x moment, each moment a fail
+point (prefalign/faults.py: a step, a backward, an optimizer step, an eval batch, a reference precompute
+batch, the reference cache's write, a checkpoint's files or its commit, a metrics row, final/, an RL
+rollout) at a seeded hit among those an uninterrupted run reaches, or a SIGKILL sent from outside at a
+seeded delay after the first checkpoint appears (a fail point is only where we thought to put one).
+A kill inside a checkpoint save must leave that save uncommitted and the previous checkpoint intact
+and chosen; a kill in the reference precompute leaves its cache absent or whole.
+
+Each run is a real `prefalign train ...` process, forked from a server that imported torch once
+(forkserver.py): a kill is the kernel's SIGKILL, not an exception. `make test` runs a seeded sample;
+`make faults` (PREFALIGN_FAULTS_FULL=1) all of it. Tests here that share runs (the baselines, one per
+trainer x variant) share them through module fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from faultkit import FULL, sample, tally
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import held_out_pairs, learnable_pairs, write_jsonl
+
+KIND = "kill (SIGKILL)"
+HERE = Path(__file__).parent
+REWARD = HERE.parent / "fixtures" / "rewards.py"
+
+# metrics.jsonl keys that measure the machine, not the training (docs/metrics.md): wall times and what is
+# derived from them, and the process's memory high-water mark, which a resumed process starts afresh.
+# Every other key (losses, rewards, log-probs, KL, gradient norms, learning rate, eval/*, counts) is compared.
+MACHINE_KEYS = frozenset({"step_seconds", "tokens_per_s", "peak_memory_bytes", "ppo/rollout_seconds",
+                          "ppo/update_seconds", "ppo/generation_tokens_per_s", "ppo/rollout_share",
+                          "ppo/generation_share"})
+TOL = 1e-6
+
+OFFLINE = ["max_steps=6", "batch_size=4", "save_every=2", "keep_checkpoints=3", "eval_every=3", "learning_rate=1e-3",
+           "max_length=48"]
+MONITOR = ["kl_every=3", "kl_prompts=4", "kl_max_new_tokens=6"]  # the KL monitor samples: its RNG must not leak
+RL = ["max_steps=4", "batch_size=4", "save_every=2", "keep_checkpoints=3", "learning_rate=1e-3", "max_new_tokens=8",
+      "ppo_epochs=2", "num_minibatches=2", "kl_every=2", "kl_prompts=4", "kl_max_new_tokens=6",
+      "reward_norm=running", "kl_target=1.0", f"--reward={REWARD}:great"]
+TRAINERS = {  # trainer -> (its data files' flags, its settings)
+    "dpo": (["--data={pairs}", "eval_data={eval}"], OFFLINE + MONITOR + ["reference=precompute"]),
+    "sft": (["--data={sft}", "eval_data={sft_eval}"], OFFLINE + MONITOR),
+    "reward": (["--data={pairs}", "eval_data={eval}"], OFFLINE),
+    "ppo": (["--prompts={prompts}"], RL),
+    "rloo": (["--prompts={prompts}"], RL + ["samples_per_prompt=2"]),
+}
+COMMON = ["step", "optimizer.step", "metrics.write", "checkpoint.write", "checkpoint.commit", "final.write", "outside"]
+MOMENTS = {"dpo": COMMON + ["backward", "eval", "reference.precompute", "reference.cache.write"],
+           "sft": COMMON + ["backward", "eval"], "reward": COMMON + ["backward", "eval"],
+           "ppo": COMMON + ["rollout"], "rloo": COMMON + ["rollout"]}
+CASES = [(t, v, m) for t in TRAINERS for v in ("full", "lora") for m in MOMENTS[t]]
+SAVES = ("checkpoint.write", "checkpoint.commit")
+
+
+def _picked() -> list[tuple[str, str, str]]:
+    """`make test`: one seeded case per trainer; one of them a kill inside a checkpoint save, one a kill
+    from outside, the others at any other fail point."""
+    trainers = list(TRAINERS)
+    random.Random(16).shuffle(trainers)
+    kinds = [lambda m: m in SAVES, lambda m: m == "outside"] + [lambda m: m not in SAVES and m != "outside"] * 3
+    return [sample([c for c in CASES if c[0] == t and kind(c[2])], 1, seed=16)[0]
+            for t, kind in zip(trainers, kinds, strict=False)]
+
+
+# ------------------------------------------------------------------ runs: forked from one server
+
+
+class Server:
+    """forkserver.py in a subprocess: `run` starts a training command in a forked child."""
+
+    def __init__(self):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        env.pop("PREFALIGN_FAULTS", None)
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "forkserver.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+
+    def start(self, argv: list[str], log: Path, faults: str = "", hits: Path | None = None) -> int:
+        job = {"argv": argv, "env": {"PREFALIGN_FAULTS": faults}, "log": str(log), "hits": hits and str(hits)}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()["pid"]
+
+    def wait(self) -> int:
+        return self._answer()["rc"]
+
+    def run(self, argv: list[str], log: Path, faults: str = "", hits: Path | None = None) -> int:
+        self.start(argv, log, faults, hits)
+        return self.wait()
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        assert line, f"the fork server died (exit status {self.proc.poll()})"
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # the server exits at the end of its input
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kill-data")
+    pairs = learnable_pairs(16)
+    held = held_out_pairs(pairs, 8)
+    sft = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs + held]
+    return {"pairs": write_jsonl(root / "pairs.jsonl", pairs), "eval": write_jsonl(root / "eval.jsonl", held),
+            "sft": write_jsonl(root / "sft.jsonl", sft[:16]),
+            "sft_eval": write_jsonl(root / "sft_eval.jsonl", sft[16:]),
+            "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": p["prompt"]} for p in pairs])}
+
+
+def command(trainer: str, variant: str, model: Path, files: dict, out: Path, *extra: str) -> list[str]:
+    data, settings = TRAINERS[trainer]
+    return ["train", "--method", trainer, "--model", str(model), *(d.format(**files) for d in data), "-o", str(out),
+            "--no-progress", *settings, f"lora={variant == 'lora'}", *extra]
+
+
+@pytest.fixture(scope="module")
+def baselines(server, files, tiny_models, tmp_path_factory):
+    """(trainer, variant) -> (the uninterrupted run's folder, how often it reached each fail point)."""
+    root, done = tmp_path_factory.mktemp("kill-baselines"), {}
+
+    def get(trainer: str, variant: str) -> tuple[Path, dict[str, int]]:
+        if (trainer, variant) not in done:
+            out = root / f"{trainer}-{variant}" / "run"  # named as the killed run's: the model card's title
+            out.parent.mkdir()
+            # a rule that never fires makes the run count its hits of every point (prefalign/faults.py)
+            rc = server.run(command(trainer, variant, tiny_models["llama"], files, out), out.parent / "run.log",
+                            "kill@never#1", out.parent / "hits.json")
+            assert rc == 0, (out.parent / "run.log").read_text()[-3000:]
+            done[trainer, variant] = out, json.loads((out.parent / "hits.json").read_text())
+        return done[trainer, variant]
+
+    return get
+
+
+# ------------------------------------------------------------------ what must be equal
+
+
+def metric_problems(base: Path, run: Path) -> list[str]:
+    rows_a = [json.loads(x) for x in (base / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps_a, steps_b = [r["step"] for r in rows_a], [r["step"] for r in rows_b]
+    if steps_b != steps_a:
+        return [f"metrics.jsonl steps {steps_b} != the uninterrupted run's {steps_a}"]
+    out = []
+    for a, b in zip(rows_a, rows_b, strict=True):
+        if set(a) != set(b):
+            out.append(f"step {a['step']}: keys differ: {sorted(set(a) ^ set(b))}")
+        for k in sorted((set(a) & set(b)) - MACHINE_KEYS):
+            x, y = a[k], b[k]
+            same = (abs(x - y) <= TOL or (x != x and y != y)) if isinstance(x, float | int) else x == y
+            if not same:
+                out.append(f"step {a['step']}: {k} {y} != {x}")
+    return out
+
+
+def card(text: str, out: Path) -> str:
+    """final/README.md as a rerun must reproduce it: the run's folder, the resume flag, and the machine's
+    measurements (MACHINE_KEYS, wall time, memory, token rate) taken out."""
+    keep = []
+    for line in text.replace(str(out), "RUN").replace(" resume=true", "").replace("resume: true", "resume: false") \
+            .splitlines():
+        if any(f"`{k}`" in line for k in MACHINE_KEYS) or line.startswith(("| wall time", "| peak memory")):
+            continue
+        keep.append(re.sub(r" \([0-9.e+-]+ tokens/s\)", "", line))
+    return "\n".join(keep)
+
+
+def folder_problems(a: Path, b: Path, what: str, times: bool = False) -> list[str]:
+    """`b` holds what `a` holds: the same files, safetensors' tensors equal exactly (and their metadata),
+    JSON equal as values, the model card equal but for the machine, every other file byte for byte.
+    `times`: a checkpoint, whose JSON records the loop's wall time so far (and whatever hashes that): its
+    JSON need only be whole here; what it says is checked by the resume, which must reproduce the run."""
+    names_a = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    names_b = sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    if names_a != names_b:
+        return [f"{what}: files {names_b} != {names_a}"]
+    out = []
+    for name in names_a:
+        fa, fb = a / name, b / name
+        if name.endswith(".safetensors"):
+            ta, tb = load_file(str(fa)), load_file(str(fb))
+            with safe_open(str(fa), "pt") as ha, safe_open(str(fb), "pt") as hb:
+                meta_same = ha.metadata() == hb.metadata()
+            if ta.keys() != tb.keys() or not all(torch.equal(ta[k], tb[k]) for k in ta) or not meta_same:
+                out.append(f"{what}/{name}: tensors differ")
+        elif name.endswith(".json"):
+            try:
+                same = json.loads(fb.read_text()) == json.loads(fa.read_text()) or times
+            except ValueError:
+                same = False
+            if not same:
+                out.append(f"{what}/{name} differs")
+        elif name == "README.md":
+            if card(fa.read_text(), a.parent) != card(fb.read_text(), b.parent):
+                out.append(f"{what}/README.md (the model card) differs beyond the machine's measurements")
+        elif fa.read_bytes() != fb.read_bytes():
+            out.append(f"{what}/{name} differs")
+    return out
+
+
+def committed(run: Path) -> list[int]:
+    ckpts = run / "checkpoints"
+    return sorted(int(p.name[5:]) for p in ckpts.iterdir() if p.name[5:].isdigit()) if ckpts.exists() else []
+
+
+# ------------------------------------------------------------------ the kill
+
+
+def kill_outside(server: Server, argv: list[str], out: Path, log: Path, rng: random.Random) -> tuple[int, str]:
+    """SIGKILL from outside at a seeded delay after the first checkpoint is committed; a run that ended
+    first is started again (a fresh folder) with half the delay."""
+    delay = rng.uniform(0.0, 0.4)
+    for _ in range(6):
+        shutil.rmtree(out, ignore_errors=True)
+        pid, deadline = server.start(argv, log), time.monotonic() + 120
+        while not committed(out) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(delay)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended, and the server reaped it
+            pass
+        rc = server.wait()
+        if rc == -signal.SIGKILL:
+            return rc, f"{delay * 1000:.0f} ms after checkpoint step-{committed(out)[0]}"
+        delay /= 2
+    return rc, "the run always ended before the kill"
+
+
+def cache_problems(base: Path, run: Path) -> list[str]:
+    """A reference cache after a kill: absent, or the uninterrupted run's whole table."""
+    out = []
+    for name in ("ref_logps.safetensors", "ref_logps_eval.safetensors"):
+        if (run / name).exists():
+            try:
+                same = torch.equal(load_file(str(run / name))["logps"], load_file(str(base / name))["logps"])
+            except Exception as e:  # a half-written file does not even open
+                same, name = False, f"{name} ({e})"
+            if not same:
+                out.append(f"the reference cache {name} is there but not whole")
+    return out
+
+
+@pytest.mark.parametrize(("trainer", "variant", "moment"), CASES if FULL else _picked(),
+                         ids=lambda x: str(x))
+def test_a_killed_run_resumes_to_the_uninterrupted_run(trainer, variant, moment, server, baselines, files,
+                                                       tiny_models, tmp_path):
+    base, hits = baselines(trainer, variant)
+    out, rng = tmp_path / "run", random.Random(f"{trainer}/{variant}/{moment}")
+    argv = command(trainer, variant, tiny_models["llama"], files, out)
+    if moment == "outside":
+        rc, where = kill_outside(server, argv, out, tmp_path / "killed.log", rng)
+    else:
+        assert hits.get(moment, 0) >= 1, f"an uninterrupted {trainer} run never reaches {moment}: {hits}"
+        hit = rng.randint(1, hits[moment])
+        where = f"{moment}#{hit} of {hits[moment]}"
+        rc = server.run(argv, tmp_path / "killed.log", f"kill@{moment}#{hit}")
+    assert rc == -signal.SIGKILL, f"{where}: exit status {rc}, not SIGKILL\n" + (tmp_path / "killed.log").read_text()
+    # what the kill left: the checkpoint the resume must take, a save it must not, the reference cache
+    problems, left = [], committed(out)
+    if moment in SAVES:
+        save = (hit * 2)  # save_every=2
+        if save in left or not (out / "checkpoints" / f"step-{save}.tmp").is_dir():
+            problems.append(f"the save of step {save} killed half-way: committed {left}")
+        if left and left[-1] == save - 2:
+            problems += folder_problems(base / "checkpoints" / f"step-{save - 2}",
+                                        out / "checkpoints" / f"step-{save - 2}", f"checkpoints/step-{save - 2}", True)
+        elif save > 2:
+            problems.append(f"checkpoint step-{save - 2} is gone: committed {left}")
+    if moment.startswith("reference"):
+        problems += cache_problems(base, out)
+    rc = server.run(argv + ["resume=true"], tmp_path / "resumed.log")
+    log = (tmp_path / "resumed.log").read_text()
+    if rc != 0:
+        problems.append(f"the resumed run failed (exit status {rc}): {log[-2000:]}")
+    else:
+        said = re.findall(r"resumed from checkpoints/step-(\d+)", log)
+        if said != [str(s) for s in left[-1:]]:
+            problems.append(f"resumed from {said}, the newest committed checkpoint was {left[-1:] or 'none'}")
+        if any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir()):
+            problems.append("a half-written save is still there after the resume")
+        problems += metric_problems(base, out) + folder_problems(base / "final", out / "final", "final")
+    tally(KIND, survived=not problems, lost=int(bool(problems)), detail=f"{trainer} {variant} {where}")
+    assert not problems, f"{trainer} {variant}, killed at {where}:\n" + "\n".join(problems[:20])
