@@ -180,6 +180,26 @@ def metric_problems(base: Path, run: Path) -> list[str]:
     return out
 
 
+def tracker_problems(run: Path) -> list[str]:
+    """TensorBoard (the default tracker) over both attempts' event files shows the run once: every
+    series is metrics.jsonl's, each step once, none the killed attempt sent and the resume sent again."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    got = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    want = {k: [(r["step"], r[k]) for r in rows if k in r] for r in rows for k in r if k != "step"}
+    out = [f"TensorBoard lacks {k}" for k in sorted(set(want) - set(got) - MACHINE_KEYS)]
+    for tag in sorted(set(got) - MACHINE_KEYS):
+        steps, values = [s for s, _ in got[tag]], [v for _, v in got[tag]]
+        if steps != [s for s, _ in want.get(tag, [])]:
+            out.append(f"TensorBoard's {tag} has steps {steps}, metrics.jsonl {[s for s, _ in want.get(tag, [])]}")
+        elif values != pytest.approx([v for _, v in want[tag]], rel=1e-6, abs=1e-7, nan_ok=True):  # stored as float32
+            out.append(f"TensorBoard's {tag} differs from metrics.jsonl")
+    return out
+
+
 def card(text: str, out: Path) -> str:
     """final/README.md as a rerun must reproduce it: the run's folder, the resume flag, and the machine's
     measurements (MACHINE_KEYS, wall time, memory, token rate) taken out."""
@@ -307,5 +327,6 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(trainer, variant, moment,
         if any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir()):
             problems.append("a half-written save is still there after the resume")
         problems += metric_problems(base, out) + folder_problems(base / "final", out / "final", "final")
+        problems += tracker_problems(out)
     tally(KIND, survived=not problems, lost=int(bool(problems)), detail=f"{trainer} {variant} {where}")
     assert not problems, f"{trainer} {variant}, killed at {where}:\n" + "\n".join(problems[:20])
