@@ -6,7 +6,8 @@ The matrix: trainer (dpo, sft, reward, ppo, rloo) x variant (full, lora) x momen
 point (prefalign/faults.py: a step, a backward, an optimizer step, an eval batch, a reference precompute
 batch, the reference cache's write, a checkpoint's files or its commit, a metrics row, final/, an RL
 rollout) at a seeded hit among those an uninterrupted run reaches, or a SIGKILL sent from outside at a
-seeded delay after the first checkpoint appears (a fail point is only where we thought to put one).
+seeded delay after the first checkpoint appears (a fail point is only where we thought to put one), or
+twice: at a fail point, then the resume killed too at one of the steps it had left.
 A kill inside a checkpoint save must leave that save uncommitted and the previous checkpoint intact
 and chosen; a kill in the reference precompute leaves its cache absent or whole.
 
@@ -57,12 +58,14 @@ RL = ["max_steps=4", "batch_size=4", "save_every=2", "keep_checkpoints=3", "lear
       "reward_norm=running", "kl_target=1.0", f"--reward={REWARD}:great"]
 TRAINERS = {  # trainer -> (its data files' flags, its settings)
     "dpo": (["--data={pairs}", "eval_data={eval}"], OFFLINE + MONITOR + ["reference=precompute"]),
-    "sft": (["--data={sft}", "eval_data={sft_eval}"], OFFLINE + MONITOR),
+    # two micro-batches a step: a kill between their backwards
+    "sft": (["--data={sft}", "eval_data={sft_eval}"], OFFLINE + MONITOR + ["batch_size=2", "grad_accum=2"]),
     "reward": (["--data={pairs}", "eval_data={eval}"], OFFLINE),
     "ppo": (["--prompts={prompts}"], RL),
     "rloo": (["--prompts={prompts}"], RL + ["samples_per_prompt=2"]),
 }
-COMMON = ["step", "optimizer.step", "metrics.write", "checkpoint.write", "checkpoint.commit", "final.write", "outside"]
+COMMON = ["step", "optimizer.step", "metrics.write", "checkpoint.write", "checkpoint.commit", "final.write", "outside",
+          "twice"]  # twice: killed at one of the others, then the resume killed too
 MOMENTS = {"dpo": COMMON + ["backward", "eval", "reference.precompute", "reference.cache.write"],
            "sft": COMMON + ["backward", "eval"], "reward": COMMON + ["backward", "eval"],
            "ppo": COMMON + ["rollout"], "rloo": COMMON + ["rollout"]}
@@ -288,45 +291,69 @@ def cache_problems(base: Path, run: Path) -> list[str]:
     return out
 
 
+def kill_at(server: Server, argv: list[str], log: Path, point: str, hit: int, of: int) -> tuple[int, str]:
+    return server.run(argv, log, f"kill@{point}#{hit}"), f"{point}#{hit} of {of}"
+
+
+def aftermath(base: Path, out: Path, point: str, hit: int) -> list[str]:
+    """What a kill at `point`'s `hit` must leave: a save killed half-way uncommitted and the checkpoint
+    before it whole (save_every=2: save n is step 2n); a reference cache absent or whole."""
+    problems, left = [], committed(out)
+    if point in SAVES:
+        save, prev = 2 * hit, 2 * hit - 2
+        if save in left or not (out / "checkpoints" / f"step-{save}.tmp").is_dir():
+            problems.append(f"the save of step {save} killed half-way: committed {left}")
+        if left and left[-1] == prev:
+            problems += folder_problems(base / "checkpoints" / f"step-{prev}", out / "checkpoints" / f"step-{prev}",
+                                        f"checkpoints/step-{prev}", times=True)
+        elif prev:
+            problems.append(f"checkpoint step-{prev} is not the newest one left: committed {left}")
+    if point.startswith("reference"):
+        problems += cache_problems(base, out)
+    return problems
+
+
+def resume_problems(server: Server, argv: list[str], base: Path, out: Path, log: Path) -> list[str]:
+    """The resume: it must take the newest committed checkpoint and complete the uninterrupted run."""
+    left = committed(out)
+    rc = server.run(argv + ["resume=true"], log)
+    text = log.read_text()
+    if rc != 0:
+        return [f"the resumed run failed (exit status {rc}): {text[-2000:]}"]
+    problems = []
+    said = re.findall(r"resumed from checkpoints/step-(\d+)", text)
+    if said != [str(s) for s in left[-1:]]:
+        problems.append(f"resumed from {said}, the newest committed checkpoint was {left[-1:] or 'none'}")
+    if any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir()):
+        problems.append("a half-written save is still there after the resume")
+    return problems + metric_problems(base, out) + folder_problems(base / "final", out / "final", "final") \
+        + tracker_problems(out)
+
+
 @pytest.mark.parametrize(("trainer", "variant", "moment"), CASES if FULL else _picked(),
                          ids=lambda x: str(x))
 def test_a_killed_run_resumes_to_the_uninterrupted_run(trainer, variant, moment, server, baselines, files,
                                                        tiny_models, tmp_path):
     base, hits = baselines(trainer, variant)
     out, rng = tmp_path / "run", random.Random(f"{trainer}/{variant}/{moment}")
-    argv = command(trainer, variant, tiny_models["llama"], files, out)
-    if moment == "outside":
-        rc, where = kill_outside(server, argv, out, tmp_path / "killed.log", rng)
+    argv, killed = command(trainer, variant, tiny_models["llama"], files, out), tmp_path / "killed.log"
+    point = rng.choice([m for m in MOMENTS[trainer] if m not in ("outside", "twice")]) if moment == "twice" else moment
+    if point == "outside":
+        rc, where = kill_outside(server, argv, out, killed, rng)
     else:
-        assert hits.get(moment, 0) >= 1, f"an uninterrupted {trainer} run never reaches {moment}: {hits}"
-        hit = rng.randint(1, hits[moment])
-        where = f"{moment}#{hit} of {hits[moment]}"
-        rc = server.run(argv, tmp_path / "killed.log", f"kill@{moment}#{hit}")
-    assert rc == -signal.SIGKILL, f"{where}: exit status {rc}, not SIGKILL\n" + (tmp_path / "killed.log").read_text()
-    # what the kill left: the checkpoint the resume must take, a save it must not, the reference cache
-    problems, left = [], committed(out)
-    if moment in SAVES:
-        save = (hit * 2)  # save_every=2
-        if save in left or not (out / "checkpoints" / f"step-{save}.tmp").is_dir():
-            problems.append(f"the save of step {save} killed half-way: committed {left}")
-        if left and left[-1] == save - 2:
-            problems += folder_problems(base / "checkpoints" / f"step-{save - 2}",
-                                        out / "checkpoints" / f"step-{save - 2}", f"checkpoints/step-{save - 2}", True)
-        elif save > 2:
-            problems.append(f"checkpoint step-{save - 2} is gone: committed {left}")
-    if moment.startswith("reference"):
-        problems += cache_problems(base, out)
-    rc = server.run(argv + ["resume=true"], tmp_path / "resumed.log")
-    log = (tmp_path / "resumed.log").read_text()
-    if rc != 0:
-        problems.append(f"the resumed run failed (exit status {rc}): {log[-2000:]}")
-    else:
-        said = re.findall(r"resumed from checkpoints/step-(\d+)", log)
-        if said != [str(s) for s in left[-1:]]:
-            problems.append(f"resumed from {said}, the newest committed checkpoint was {left[-1:] or 'none'}")
-        if any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir()):
-            problems.append("a half-written save is still there after the resume")
-        problems += metric_problems(base, out) + folder_problems(base / "final", out / "final", "final")
-        problems += tracker_problems(out)
-    tally(KIND, survived=not problems, lost=int(bool(problems)), detail=f"{trainer} {variant} {where}")
+        assert hits.get(point, 0) >= 1, f"an uninterrupted {trainer} run never reaches {point}: {hits}"
+        hit = rng.randint(1, hits[point])
+        rc, where = kill_at(server, argv, killed, point, hit, hits[point])
+    assert rc == -signal.SIGKILL, f"{where}: exit status {rc}, not SIGKILL\n" + killed.read_text()
+    problems = aftermath(base, out, point, hit) if point != "outside" else []
+    kills = 1
+    if moment == "twice":  # the resume is killed too, at a step it has left (or in final/), then resumed
+        left = (committed(out) or [0])[-1]
+        steps = int(next(a for a in argv if a.startswith("max_steps=")).split("=")[1]) - left
+        second = ("step", rng.randint(1, steps), steps) if steps else ("final.write", 1, 1)
+        rc, again = kill_at(server, argv + ["resume=true"], tmp_path / "killed-again.log", *second)
+        assert rc == -signal.SIGKILL, f"{again}: exit status {rc}, not SIGKILL"
+        where, kills = f"{where}, then the resume at {again}", 2
+    problems += resume_problems(server, argv, base, out, tmp_path / "resumed.log")
+    tally(KIND, survived=not problems, lost=int(bool(problems)), detail=f"{trainer} {variant} {where}", count=kills)
     assert not problems, f"{trainer} {variant}, killed at {where}:\n" + "\n".join(problems[:20])
