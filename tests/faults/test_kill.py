@@ -19,6 +19,7 @@ trainer x variant) share them through module fixtures.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import random
@@ -241,8 +242,10 @@ def folder_problems(a: Path, b: Path, what: str, times: bool = False) -> list[st
             if not same:
                 out.append(f"{what}/{name} differs")
         elif name == "README.md":
-            if card(fa.read_text(), a.parent) != card(fb.read_text(), b.parent):
-                out.append(f"{what}/README.md (the model card) differs beyond the machine's measurements")
+            lines_a, lines_b = card(fa.read_text(), a.parent).splitlines(), card(fb.read_text(), b.parent).splitlines()
+            if lines_a != lines_b:
+                diff = [x for x in difflib.unified_diff(lines_a, lines_b, lineterm="", n=0) if x[:1] in "+-"][2:6]
+                out.append(f"{what}/README.md (the model card) differs beyond the machine's measurements: {diff}")
         elif fa.read_bytes() != fb.read_bytes():
             out.append(f"{what}/{name} differs")
     return out
