@@ -7,8 +7,9 @@ The server itself only imports: it computes nothing, starts no thread and draws 
 each child starts in the state of a freshly started `prefalign` process (the seed is set by the run).
 
 Protocol, one JSON object a line: the parent writes {"argv": [...], "env": {...}, "log": PATH,
-"hits": PATH or null}; the server answers {"pid": PID} as soon as the child runs, then {"pid": PID,
-"rc": RC} when it ended (RC: the exit status, or minus the signal that ended it: -9 for SIGKILL).
+"hits": PATH or null}; the server answers {"pid": PID} as soon as the child runs; the parent writes
+{"reap": PID} when it has done with the PID (sent its SIGKILL, or not), and the server answers {"pid":
+PID, "rc": RC} once the child ended (RC: the exit status, or minus the signal that ended it: -9 for SIGKILL).
 `hits`: where the child writes how often it reached each fail point (prefalign.faults counts them
 whenever PREFALIGN_FAULTS has a rule), read by the matrix to aim its kills at hits that happen."""
 
@@ -68,6 +69,9 @@ def main() -> None:
             _child(job)
         answer.write(json.dumps({"pid": pid}) + "\n")
         answer.flush()
+        # reaped only when the parent asks (its next line): until then a child that ended stays a zombie,
+        # so its PID is not reused and a SIGKILL the parent sends it can never reach another process
+        sys.stdin.readline()
         _, status = os.waitpid(pid, 0)
         answer.write(json.dumps({"pid": pid, "rc": os.waitstatus_to_exitcode(status)}) + "\n")
         answer.flush()

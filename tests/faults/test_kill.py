@@ -102,12 +102,14 @@ class Server:
         self.proc.stdin.flush()
         return self._answer()["pid"]
 
-    def wait(self) -> int:
+    def wait(self, pid: int) -> int:
+        """The child's exit status once it ended; only now may the server reap it (and its PID be reused)."""
+        self.proc.stdin.write(json.dumps({"reap": pid}) + "\n")
+        self.proc.stdin.flush()
         return self._answer()["rc"]
 
     def run(self, argv: list[str], log: Path, faults: str = "", hits: Path | None = None) -> int:
-        self.start(argv, log, faults, hits)
-        return self.wait()
+        return self.wait(self.start(argv, log, faults, hits))
 
     def _answer(self) -> dict:
         line = self.proc.stdout.readline()
@@ -269,11 +271,8 @@ def kill_outside(server: Server, argv: list[str], out: Path, log: Path, rng: ran
         while not committed(out) and time.monotonic() < deadline:
             time.sleep(0.001)
         time.sleep(delay)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:  # it ended, and the server reaped it
-            pass
-        rc = server.wait()
+        os.kill(pid, signal.SIGKILL)  # still ours: a child that ended first is not reaped before wait()
+        rc = server.wait(pid)
         if rc == -signal.SIGKILL:
             return rc, f"{delay * 1000:.0f} ms after checkpoint step-{committed(out)[0]}"
         delay /= 2

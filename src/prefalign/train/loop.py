@@ -214,18 +214,14 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
     ranks; rank 0 logs, measures the KL and writes; every rank loads a checkpoint to resume.
     `opt`: the optimizer a strategy built (DeepSpeed's engine); by default AdamW over `model`."""
     opt = opt or Optimization.build(cfg, model, log)
-    guard, step, before = opt.guard, 0, {}
-    state = resume(cfg, model, opt.optimizer, opt.scheduler, log, world, opt.tensors)
-    if state is not None:
-        step, update.position, opt.skipped = state["step"], state["position"], state.get("skipped_steps", 0)
-        update.restore(state)
-        before = state
-    runlog = RunLog(Path(cfg.output), step if state is not None else None, enabled=world.main, cfg=cfg, log=log)
+    guard, state = opt.guard, _resume(cfg, model, update, opt, log, world)
+    step = state.get("step", 0)
+    runlog = RunLog(Path(cfg.output), step if state else None, enabled=world.main, cfg=cfg, log=log)
     budget = KLBudget(cfg, log)
     # run.json counts the run, not its last attempt: a resumed run's tokens and seconds go on from its
     # checkpoint's, and its last row is the last one logged, also when no step is left (killed in final/)
-    stopped, total_tokens, last = "max_steps", before.get("tokens", 0), runlog.last
-    t_start, ok = time.perf_counter() - before.get("wall_seconds", 0.0), False
+    stopped, total_tokens, last = "max_steps", state.get("tokens", 0), runlog.last
+    t_start, ok = time.perf_counter() - state.get("wall_seconds", 0.0), False
     bar = progress_bar(cfg.max_steps, step, progress and world.main, label)
     model.train()
     try:
@@ -268,6 +264,17 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
         runlog.close(ok)
     return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last,
                       hardware(device))
+
+
+def _resume(cfg: RunConfig, model, update: Update, opt: Optimization, log: Callable[[str], None],
+            world: World) -> dict[str, Any]:
+    """The newest checkpoint's state, restored into the model, optimizer, update and RNG; {} for a fresh run."""
+    state = resume(cfg, model, opt.optimizer, opt.scheduler, log, world, opt.tensors)
+    if state is None:
+        return {}
+    update.position, opt.skipped = state["position"], state.get("skipped_steps", 0)
+    update.restore(state)
+    return state
 
 
 def hardware(device: torch.device) -> str:
