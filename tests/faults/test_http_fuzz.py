@@ -166,12 +166,14 @@ def test_serve_answers_every_request_its_schema_allows_or_breaks_without_a_5xx()
             sent, failures = fuzz(url, EXAMPLES)
             raw = raw_bodies(url, ["/v1/completions", "/v1/chat/completions"], RAW)
             stats = json.loads(_get(url + "/stats"))
+            pages = [_status(url + page) for page in ("/docs", "/redoc")]
     finally:
         engine.stop()
         torch.set_num_threads(threads)
     record(sent + raw[0], failures + raw[1])
     assert not failures + raw[1], "\n\n".join(failures + raw[1])
     assert sent >= 8 * EXAMPLES and stats["requests"] >= EXAMPLES  # the valid cases reached the model
+    assert pages == [404, 404]  # FastAPI's docs pages load a CDN's script: not served
 
 
 def test_review_answers_every_request_its_schema_allows_or_breaks_without_a_5xx(tmp_path):
@@ -209,3 +211,31 @@ def _get(url: str) -> str:
     request = urllib.request.Request(url, headers=AUTH)
     with urllib.request.urlopen(request, timeout=30) as r:
         return r.read().decode()
+
+
+@pytest.mark.parametrize("server", ["serve", "review"])
+def test_only_loopback_binds_without_a_key(server):
+    """Either server refuses any other address (a blank key is no key) before it binds anything."""
+    from prefalign.errors import ConfigError
+    from prefalign.review.server import check_host as review
+    from prefalign.serve.host import check_host as serve
+
+    check = {"serve": serve, "review": review}[server]
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
+        check(host, None)
+    for host in ("0.0.0.0", "::", "", "192.168.1.10", "10.0.0.1", "127.0.0.1.nip.io", "localhost.example.com",
+                 "127.1", "example.com"):
+        for key in (None, ""):
+            with pytest.raises(ConfigError, match="not a loopback address"):
+                check(host, key)
+        check(host, "a-key")
+
+
+def _status(url: str) -> int:
+    import urllib.error
+
+    try:
+        _get(url)
+        return 200
+    except urllib.error.HTTPError as e:
+        return e.code

@@ -57,7 +57,7 @@ def guard(app, api_key: str | None, max_body: int) -> Guard:
 
 
 def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="prefalign serve", version="1",
+    app = FastAPI(title="prefalign serve", version="1", docs_url=None, redoc_url=None,  # pages that load a CDN's script
                   description="OpenAI-compatible completions and chat completions from local models, batched.")
     _handlers(app)
     document(app, engine, limits, api_key)
