@@ -72,9 +72,12 @@ def _call_rules(call: ast.Call) -> list[str]:
         found.append("a shell command")
     if _is_true(_kw(call, "trust_remote_code")):
         found.append("trust_remote_code=True")
-    if name in ("importlib.import_module", "import_module") and not isinstance(
-            call.args[0] if call.args else None, ast.Constant) and not _constant_choice(call.args[0]):
-        found.append("dynamic import")
+    if name in ("importlib.import_module", "import_module") and call.args:
+        target = call.args[0]
+        if isinstance(target, ast.Constant) and str(target.value).split(".")[0] in PICKLERS:
+            found.append(f"import {target.value}")
+        elif not isinstance(target, ast.Constant) and not _constant_choice(target):
+            found.append("dynamic import")
     if last in ("spec_from_file_location", "exec_module"):
         found.append("dynamic import")
     return found
@@ -138,7 +141,8 @@ CASES = [
     ("subprocess.run(cmd, shell=True)\n", "a shell command"), ("os.system(cmd)\n", "a shell command"),
     ("load(p, trust_remote_code=True)\n", "trust_remote_code=True"),
     ("kw = {'trust_remote_code': True}\n", "trust_remote_code=True"),
-    ("importlib.import_module(row['reward'])\n", "dynamic import"), ("pd.read_pickle(f)\n", "pd.read_pickle: a pickle"),
+    ("importlib.import_module(row['reward'])\n", "dynamic import"),
+    ("importlib.import_module('pickle')\n", "import pickle"), ("pd.read_pickle(f)\n", "pd.read_pickle: a pickle"),
 ]
 SAFE = ["torch.load(f, weights_only=True)\n", "np.load(f)\n", "yaml.load(s, Loader=yaml.SafeLoader)\n",
         "yaml.safe_load(s)\n", "model.eval()\n", "re.compile(p)\n", "load(p, trust_remote_code=cfg.trust)\n",
