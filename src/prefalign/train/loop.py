@@ -244,7 +244,9 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             if measured:
                 row.update(monitor.measure())
                 model.train()
-            skipped = opt.skipped > skipped_before and not metrics  # the whole step was skipped: on record
+            # a step with a skipped update is on record whatever log_every (an offline step's metrics are
+            # never empty, `grad_norm` is NaN there: testing for none left a skipped step unrecorded)
+            skipped = opt.skipped > skipped_before
             if step % cfg.log_every == 0 or step == cfg.max_steps or measured or skipped:
                 runlog.write(row)
             last = row

@@ -15,8 +15,8 @@ One step of `max_steps`:
   5. update: `ppo_epochs` passes over the rollout in `num_minibatches` shuffled minibatches; clipped
      surrogate (+ clipped value loss for ppo, + kl_coef * the loss_k3 / loss_full penalty, whose
      expected gradient is that of the sequence KL: losses/ppo.py); gradient clipping. A non-finite
-     reward skips the rollout, a non-finite loss or gradient skips the update; `max_bad_steps` of them
-     in a row stop the run.
+     reward or log-prob (policy, reference) skips the rollout, a non-finite loss or gradient skips the
+     update; `max_bad_steps` of them in a row stop the run.
   6. the KL coefficient adapts towards `kl_target` (Ziegler et al. 2019) when one is set.
 Checkpoints hold the trainable weights (policy adapters or weights, and the critic), the optimizer,
 the schedule, the RNG, the prompt position, the KL coefficient and the running reward statistics, so
@@ -356,7 +356,6 @@ class Iteration(Update):
             where = " (here, or in another process)" if self.world.active else ""
             opt.skip(step, f"{int((~torch.isfinite(raw)).sum())} non-finite rewards{where}; rollout skipped")
             return {}, 0
-        scores = shape_scores(cfg, raw, roll.ended.to(device), mask.sum(-1), self.moments, self.reduce)
 
         # ---- 3. the no-grad pass: old log-probs, entropy, values; reference log-probs
         with torch.no_grad():
@@ -367,9 +366,19 @@ class Iteration(Update):
             old_values = fwd["values"].float() * mask if "values" in fwd else None
             ref, ref_states = self.reference_pass(all_rows, roll.n_prompt)
             ref = faults.poison("ref_logps", ref)
+            bad = [name for name, t in (("policy", old), ("reference", ref)) if not bool(torch.isfinite(t).all())]
+            if not self.world.all_true(not bad):
+                # skipped here, as one bad step: left to the loss, each of the ppo_epochs x num_minibatches
+                # updates would count as one (a single bad pass could reach max_bad_steps), and a NaN KL
+                # would poison the adaptive kl_coef for the rest of the run
+                what = f"{' and '.join(bad)} log-probs" if bad else "log-probs in another process"
+                opt.skip(step, f"non-finite {what}; rollout skipped")
+                return {}, 0
             k1, k3 = ppo_losses.kl_k1(old, ref) * mask, ppo_losses.kl_k3(old, ref) * mask
 
-            # ---- 4. advantages
+            # ---- 4. advantages (the scores shaped only now: a rollout skipped above leaves the running
+            # reward statistics as they were)
+            scores = shape_scores(cfg, raw, roll.ended.to(device), mask.sum(-1), self.moments, self.reduce)
             adv, returns = advantages(cfg, scores, old, ref, old_values, mask, self.kl_ctl.value, self.reduce)
         rollout_seconds = time.perf_counter() - t0
 
