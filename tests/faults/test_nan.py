@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from faultkit import sample, tally
 from safetensors.torch import load_file
 
 from conftest import learnable_pairs, unpaired_from, write_jsonl
-from faultkit import sample, tally
 from prefalign import faults
 from prefalign.api import train
 from prefalign.errors import TrainingError

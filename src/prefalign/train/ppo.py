@@ -51,6 +51,7 @@ from ..models.scalar import token_scores as critic_token_scores
 from ..runtime.determinism import disable_dropout
 from ..runtime.device import describe
 from ..runtime.distributed import World, shut_down
+from ..runtime.memory import doing
 from ..runtime.precision import weights_dtype
 from .config import RLConfig
 from .kl_monitor import build_monitor
@@ -216,6 +217,7 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
                           "fixed served model (use it for sample, label and eval); use hf or vllm")
     check_backend(cfg.generation_backend, device)  # before any model is loaded
 
+    doing("while loading the models")  # the policy, reference, judge and critic; what an OOM error names
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
                         quantize_4bit=cfg.quantize_4bit, dtype=weights_dtype(cfg.dtype, device, bool(cfg.lora)),
@@ -235,6 +237,7 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
     judge = make_judge(cfg.reward, device)
     ac = ActorCritic(policy, *_critic(cfg, policy, judge, tokenizer, device))
 
+    doing("while reading the prompts")
     prompts, uses = load_prompt_mix(cfg, out, log, world)
     feed_ids = isinstance(judge, RewardModelJudge) and judge.shares_vocab(tokenizer)
     copies = 1 + (ref_model is not None) + (ac.critic_model is not None) + (judge.kind == "reward_model")
@@ -253,6 +256,7 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
                                 prompts, device, autocast, log)
     result = train_loop(cfg, ac, iteration, device, monitor=monitor, log=log, progress=progress, label=cfg.method,
                         world=world)
+    doing("while writing final/")
     if world.main:
         save_model(policy, tokenizer, out / "final", base=cfg.model)
         write_summary(out, result, method=cfg.method, reference=strategy, lora=is_peft(policy), model_copies=copies,
