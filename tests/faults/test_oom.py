@@ -1,9 +1,9 @@
 """Out of memory (docs/reliability.md, "NaN, Inf and out of memory"): a real RLIMIT_AS on a CPU run whose
-step needs far more than is left, and the `oom` fail point at a step, in the reference precompute and
-in an RL rollout. Each ends in one clear error (prefalign.errors.OutOfMemoryError: where it ran out,
-`prefalign plan` on the run's own config, gradient checkpointing, a smaller batch_size with a larger
-grad_accum, LoRA); the CLI prints it on one line, without a traceback, and exits 1; committed
-checkpoints stay intact and resume, and no final/ or run.json is written."""
+step needs far more than is left, and the `oom` fail point as the model loads, at a step, in the
+reference precompute and in an RL rollout. Each ends in one clear error (prefalign.errors.OutOfMemoryError:
+where it ran out, `prefalign plan` on the run's own config, gradient checkpointing, a smaller batch_size
+with a larger grad_accum, LoRA); the CLI prints it on one line, without a traceback, and exits 1;
+committed checkpoints stay intact and resume, and no final/ or run.json is written."""
 
 from __future__ import annotations
 
@@ -112,6 +112,7 @@ def test_out_of_memory_at_a_step_keeps_the_committed_checkpoints(tiny_models, pa
 
 
 @pytest.mark.parametrize(("method", "fault", "where"), [
+    ("sft", "oom@model.load#1", "out of memory while loading the model"),
     ("dpo", "oom@reference.precompute#1", "out of memory in the reference precompute"),
     ("grpo", "oom@rollout#2", "out of memory at step 2"),
 ])
@@ -120,8 +121,8 @@ def test_the_cli_prints_one_line(method, fault, where, tiny_models, pair_file, t
 
     args = ["prefalign", "train", "--method", method, "--model", str(tiny_models["llama"]), "-o", str(tmp_path / "run"),
             "--no-progress", "max_steps=3", "batch_size=2", "kl_every=0", "report_to=none"]
-    if method == "dpo":
-        args += ["--data", str(pair_file), "reference=precompute"]
+    if method != "grpo":
+        args += ["--data", str(pair_file)] + (["reference=precompute"] if method == "dpo" else [])
     else:
         args += ["--prompts", str(pair_file), "--reward", f"{HERE.parent / 'fixtures' / 'rewards.py'}:length",
                  "samples_per_prompt=2", "max_new_tokens=4", "ppo_epochs=1"]

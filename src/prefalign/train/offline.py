@@ -278,6 +278,7 @@ def forward_of(model, cfg: OfflineConfig) -> Forward:
 def _load(cfg: OfflineConfig, method: Method, tokenizer, device: torch.device):
     """The model to train: a scalar head for reward models, else the causal LM; dropout off."""
     doing("while loading the model")  # what an out-of-memory error names (train/run.py)
+    faults.point("model.load")
     if method.inputs == "scores":
         model = load_scalar_model(cfg.model, pad_token_id=tokenizer.pad_token_id,
                                   trust_remote_code=cfg.trust_remote_code, device=device,

@@ -218,6 +218,7 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
     check_backend(cfg.generation_backend, device)  # before any model is loaded
 
     doing("while loading the models")  # the policy, reference, judge and critic; what an OOM error names
+    faults.point("model.load")
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
                         quantize_4bit=cfg.quantize_4bit, dtype=weights_dtype(cfg.dtype, device, bool(cfg.lora)),
