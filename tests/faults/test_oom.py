@@ -46,7 +46,8 @@ def _said(text: str) -> dict:
 
 def test_real_rlimit_as_at_a_big_step_is_one_clear_error(tiny_models, tmp_path):
     """`prefalign train` under an address-space limit its model and data fit in and its first step (128
-    sequences of ~1000 tokens: ~1 GB more on this machine) does not."""
+    sequences of ~1000 tokens) does not: without a limit that step took VmPeak from 1,084 to 2,308 MB on
+    the 2-core CPU machine this was written on, five times the 256 MB margin."""
     rng = random.Random(0)
     rows = [{"prompt": "Question: what?", "completion": " " + " ".join(rng.choice(WORDS) for _ in range(1000))}
             for _ in range(128)]
