@@ -44,6 +44,7 @@ def _said(text: str) -> dict:
                 kept=text.rsplit(". ", 1)[-1])
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status: Linux")
 def test_real_rlimit_as_at_a_big_step_is_one_clear_error(tiny_models, tmp_path):
     """`prefalign train` under an address-space limit its model and data fit in and its first step (128
     sequences of ~1000 tokens) does not: without a limit that step took VmPeak from 1,084 to 2,308 MB on
