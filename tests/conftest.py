@@ -13,6 +13,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
 
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fail_points():
+    """Every test counts fail-point hits from 1 (prefalign/faults.py): a test that sets the same
+    PREFALIGN_FAULTS value as the one before it in this process would otherwise go on from its counts."""
+    from prefalign import faults
+
+    faults.reset()
+
+
 WORDS = ("the movie was great good bad awful fine plot actor story answer yes no question what why "
          "because I you we it is are love hate film scene end begin human assistant hello thanks").split()
 

@@ -67,11 +67,6 @@ assert set(COVER) <= set(MATRIX) and set(STOP_COVER) <= set(MATRIX)
 assert {c[0] for c in COVER} == set(METHODS), "a method of the registry is not in the make-test sample"
 
 
-@pytest.fixture(autouse=True)
-def fresh_fault_counts():
-    faults.reset()  # a rule the test before set too would otherwise count on from its hits
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("nan-data")

@@ -32,11 +32,6 @@ HERE = Path(__file__).parent
 TIPS = ("`prefalign plan ", "gradient_checkpointing: true", "lora: true")
 
 
-@pytest.fixture(autouse=True)
-def fresh_fault_counts():
-    faults.reset()  # a rule the test before set too would otherwise count on from its hits
-
-
 def _said(text: str) -> dict:
     """What an out-of-memory error tells: where, the tips it gives, what it says was kept."""
     return dict(where=text.split(" (")[0], tips=[t for t in TIPS if t in text],
