@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # test processes: one per core (pytest-xdist; tests/conftest.py gives each one thread)
 TEST_WORKERS ?= auto
 
-.PHONY: setup demo test lint docs bench-data
+.PHONY: setup demo test lint docs bench-data faults
 
 $(VENV)/.installed: pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
@@ -27,3 +27,7 @@ demo: setup
 
 bench-data: setup
 	$(PY) benchmarks/data_scale.py
+
+# every case of the fault-injection suite (tests/faults/); writes the README's reliability table
+faults: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/faults.py

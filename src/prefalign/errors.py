@@ -46,3 +46,9 @@ class ScorerMissing(PrefalignError, ImportError):
 
 class TrainingError(PrefalignError, RuntimeError):
     """A run that had to stop (non-finite steps, ...); its last checkpoint is kept."""
+
+
+class OutOfMemoryError(TrainingError, MemoryError):
+    """A run that ran out of host or GPU memory: says where (loading the model, the reference
+    precompute, step N) and which settings need less. A MemoryError too, as what it replaces was one
+    (or torch's OutOfMemoryError, a RuntimeError)."""

@@ -72,6 +72,15 @@ def refuse_code(path: Path) -> None:
                          "trust_remote_code: true (read that code first)")
 
 
+def refuse_pickled_adapter(path: Path) -> Path:
+    """PATH, an adapter folder, when its weights are safetensors. PEFT would fall back to
+    adapter_model.bin and unpickle it (torch.load); prefalign never does."""
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ModelError(f"{path}: no adapter_model.safetensors; prefalign never unpickles .bin/.pt files "
+                         "(convert the adapter to safetensors first)")
+    return path
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     path = _local(path, tokenizer_only=True, code=trust_remote_code)
     kw: dict[str, Any] = {}
@@ -170,6 +179,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_re
 
 
 def _merged_adapter(adapter: Path, dtype: torch.dtype, trust_remote_code: bool, attention: dict[str, Any]):
+    refuse_pickled_adapter(adapter)  # before the base loads
     base = adapter_base(adapter)  # a local folder or a Hub id (at the commit the adapter was trained on)
     model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code,
                        attn_implementation=attention.get("attn_implementation", "auto"))

@@ -28,7 +28,7 @@ from .. import faults
 from ..errors import TrainingError
 from ..runtime.device import cpu_model, describe
 from ..runtime.distributed import World
-from ..runtime.memory import peak_memory_bytes
+from ..runtime.memory import doing, peak_memory_bytes
 from .checkpoint import WholeTensors, resume, save_checkpoint, sharded_format
 from .config import RunConfig
 from .trackers import Trackers
@@ -232,7 +232,6 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
         while step < cfg.max_steps:
             skipped_before = opt.skipped
             step += 1
-            faults.point("step")
             row, metrics, tokens = _one_step(update, step, opt, opt.scheduler, device, world)
             total_tokens += tokens
             if guard.exceeded:
@@ -245,7 +244,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             if measured:
                 row.update(monitor.measure())
                 model.train()
-            skipped = opt.skipped > skipped_before and not metrics  # the whole step was skipped: on record
+            skipped = opt.skipped > skipped_before  # on record whatever log_every (not: no metrics; offline has some)
             if step % cfg.log_every == 0 or step == cfg.max_steps or measured or skipped:
                 runlog.write(row)
             last = row
@@ -298,6 +297,8 @@ def _one_step(update: Update, step: int, opt: Optimization, scheduler, device: t
               world: World) -> tuple[dict[str, Any], dict[str, float], int]:
     """Step `step` run by `update`: (its metrics.jsonl row, the update's metrics, its tokens), every
     process's metrics averaged and tokens summed."""
+    doing(f"at step {step}")  # what an out-of-memory error names (train/run.py)
+    faults.point("step")
     t0 = time.perf_counter()
     metrics, tokens = update(step, opt)
     metrics, tokens = world.mean_metrics(metrics), int(world.sum(tokens))
