@@ -13,8 +13,8 @@ and chosen; a kill in the reference precompute leaves its cache absent or whole.
 
 Each run is a real `prefalign train ...` process, forked from a server that imported torch once
 (forkserver.py): a kill is the kernel's SIGKILL, not an exception. `make test` runs a seeded sample;
-`make faults` (PREFALIGN_FAULTS_FULL=1) all of it. Tests here that share runs (the baselines, one per
-trainer x variant) share them through module fixtures.
+`make faults` (PREFALIGN_FAULTS_FULL=1) all of it. The uninterrupted runs (one per trainer x variant)
+are shared by the cases through a module fixture.
 """
 
 from __future__ import annotations
@@ -344,7 +344,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(trainer, variant, moment,
         rc, where = kill_outside(server, argv, out, killed, rng)
     else:
         assert hits.get(point, 0) >= 1, f"an uninterrupted {trainer} run never reaches {point}: {hits}"
-        hit = rng.randint(1, hits[point])
+        # a save's kill: one after the first, so that there is a checkpoint before it to keep and take
+        hit = rng.randint(2 if point in SAVES else 1, hits[point])
         rc, where = kill_at(server, argv, killed, point, hit, hits[point])
     assert rc == -signal.SIGKILL, f"{where}: exit status {rc}, not SIGKILL\n" + killed.read_text()
     problems = aftermath(base, out, point, hit) if point != "outside" else []
