@@ -1,0 +1,159 @@
+"""Writes a full disk cannot turn into a file taken for good, and the checksums that catch one that did.
+
+Every file prefalign reads back (checkpoints, the reference cache, final/, curate's and split's outputs) is
+written under a temporary name in its own folder and renamed once whole: a rename within a folder is atomic,
+so the name a reader opens is either the old file, the new one complete, or absent. A write that runs out of
+space (ENOSPC; EDQUOT over a quota; EFBIG over RLIMIT_FSIZE, the limit `ulimit -f` sets) becomes a
+StorageError naming the file, the bytes it was writing and the bytes free, with the partial file removed."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import StorageError
+
+# what "the disk cannot take this write" looks like to a process
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Bytes free on the filesystem `path` is (or would be) on; None where that cannot be read."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def remove(path: str | Path) -> None:
+    """A partial file or folder gone, whatever it is; nothing raised (it may never have been made)."""
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def storage_error(path: str | Path, needed: int | None, e: OSError) -> StorageError:
+    free = free_bytes(path)
+    why = {errno.EFBIG: "the file-size limit (ulimit -f) was reached",
+           errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, "no space left on the device")
+    need = f"~{needed:,} bytes" if needed is not None else "an unknown number of bytes"
+    have = f"{free:,} bytes free there" if free is not None else "free space unknown"
+    return StorageError(f"{path}: {why} while writing it ({need} to write, {have}); nothing half-written was "
+                        "kept: free space (or point the output elsewhere) and run again")
+
+
+@contextmanager
+def disk_full(path: str | Path, needed: int | Callable[[], int | None] | None, *partial: str | Path) -> Iterator[None]:
+    """A disk-full OSError inside becomes a StorageError about `path`; the `partial` files are removed first.
+    `needed`: the bytes being written (or a function that says, read when the error happens)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL or isinstance(e, StorageError):
+            raise
+        for p in partial:
+            remove(p)
+        raise storage_error(path, needed() if callable(needed) else needed, e) from e
+
+
+def fsync(path: str | Path) -> None:
+    """To the disk, not only to the page cache: after a power loss a renamed file must hold its bytes
+    (a folder's fsync makes its entries, a rename's among them, durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_name(path: str | Path) -> Path:
+    """The temporary name `path` is written under: in its own folder (a rename there is atomic), hidden,
+    and named for the process, so two writers never share one."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.{os.getpid()}.tmp")
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """`tmp`, written whole, becomes `path` (a folder replaces a folder of that name)."""
+    fsync(tmp)
+    if tmp.is_dir() and path.is_dir():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    fsync(path.parent)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ a folder's checksums
+
+CHECKSUMS = "checksums.json"
+
+
+def file_entry(path: str | Path) -> dict[str, object]:
+    """checksums.json's entry of one file: its sha256 and its size in bytes."""
+    return {"sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def _own_sum(files: dict) -> str:
+    """The manifest's hash of itself: a bit flip in checksums.json that still parses changes it."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def write_checksums(folder: Path, known: dict[str, dict] | None = None) -> Path:
+    """folder/checksums.json: the sha256 and size of every file under `folder` (subfolders too), each read
+    back from the disk unless `known` has its entry (files other processes hashed), and fsynced."""
+    known = known or {}
+    files = {name: known.get(name) or file_entry(folder / name) for name in _files(folder)}
+    path = folder / CHECKSUMS
+    path.write_text(json.dumps({"files": files, "sha256": _own_sum(files)}, indent=1, sort_keys=True) + "\n")
+    fsync(path)
+    return path
+
+
+def verify_checksums(folder: Path) -> str | None:
+    """What is wrong with `folder` against its checksums.json (the first problem found), or None."""
+    try:
+        manifest = json.loads((folder / CHECKSUMS).read_text())
+        files = manifest["files"]
+        if manifest["sha256"] != _own_sum(files):
+            return f"{CHECKSUMS} does not match its own checksum (the manifest itself is corrupt)"
+        expected = {name: (int(e["bytes"]), str(e["sha256"])) for name, e in files.items()}
+    except FileNotFoundError:
+        return f"{CHECKSUMS} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{CHECKSUMS} is unreadable ({type(e).__name__}: {str(e)[:120]})"
+    extra = sorted(set(_files(folder)) - expected.keys())
+    if extra:
+        return f"{extra[0]} is not listed in {CHECKSUMS}"
+    for name, (size, digest) in sorted(expected.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            what = "empty" if actual == 0 else ("truncated" if actual < size else "longer than written")
+            return f"{name} is {what} ({actual:,} bytes, {size:,} written)"
+        if sha256_file(path) != digest:
+            return f"{name} does not match its sha256 (a bit flip, or a write that did not finish)"
+    return None
