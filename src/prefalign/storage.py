@@ -85,7 +85,9 @@ def tmp_name(path: str | Path) -> Path:
 
 
 def commit(tmp: Path, path: Path) -> None:
-    """`tmp`, written whole, becomes `path` (a folder replaces a folder of that name)."""
+    """`tmp`, written whole, becomes `path` (a folder replaces a folder of that name), each file fsynced."""
+    for f in [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []:
+        fsync(f)
     fsync(tmp)
     if tmp.is_dir() and path.is_dir():
         shutil.rmtree(path)
@@ -157,3 +159,27 @@ def verify_checksums(folder: Path) -> str | None:
         if sha256_file(path) != digest:
             return f"{name} does not match its sha256 (a bit flip, or a write that did not finish)"
     return None
+
+
+@contextmanager
+def whole_append(f, needed: int) -> Iterator[Callable[[bytes], None]]:
+    """Appends to the unbuffered binary file `f` (open(path, "ab", buffering=0)) that land whole or not
+    at all: a full disk cuts the file back to its length before them (no half line for a reader to
+    choke on) and is a StorageError about `f`, `needed` the bytes being appended."""
+    start = f.seek(0, os.SEEK_END)
+
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # a write may take only part of it
+            view = view[f.write(view):]
+
+    try:
+        yield write
+    except OSError as e:
+        if e.errno not in DISK_FULL or isinstance(e, StorageError):
+            raise
+        try:
+            f.truncate(start)
+        except OSError:
+            pass
+        raise storage_error(f.name, needed, e) from e
