@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import faults
 from .errors import StorageError
 
 # what "the disk cannot take this write" looks like to a process
@@ -183,3 +184,67 @@ def whole_append(f, needed: int) -> Iterator[Callable[[bytes], None]]:
         except OSError:
             pass
         raise storage_error(f.name, needed, e) from e
+
+
+class AtomicWriter:
+    """A text file written under a temporary name in its own folder: `close()` flushes and fsyncs it,
+    `commit()` renames it to `path`, `discard()` removes it. A full disk while writing or closing is a
+    StorageError naming `path` and the bytes written so far, the partial file removed. `point`: the
+    fail point (prefalign/faults.py) each write passes."""
+
+    def __init__(self, path: str | Path, point: str | None = None):
+        self.path, self.point, self.bytes = Path(path), point, 0
+        self.tmp = tmp_name(self.path)
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.tmp, "w", encoding="utf-8")
+
+    @contextmanager
+    def _guard(self, needed: int = 0) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in DISK_FULL or isinstance(e, StorageError):
+                raise
+            self.discard()
+            raise storage_error(self.path, self.bytes + needed, e) from e
+
+    def write(self, text: str) -> None:
+        with self._guard(len(text)):
+            if self.point:
+                faults.point(self.point, self.path)
+            self.file.write(text)
+        self.bytes += len(text)
+
+    def close(self) -> None:
+        with self._guard():
+            self.file.close()
+            fsync(self.tmp)
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.path)
+        fsync(self.path.parent)
+
+    def discard(self) -> None:
+        try:
+            self.file.close()  # flushing what is left may fail again on a full disk: the file goes anyway
+        except OSError:
+            pass
+        remove(self.tmp)
+
+
+@contextmanager
+def replacing(*writers: AtomicWriter) -> Iterator[list[AtomicWriter]]:
+    """Files that appear together or not at all: every writer closed (each may find the disk full), then
+    every one renamed; an error on the way discards them all, and the files of an earlier run stay.
+    Yields the writers' list: one opened inside is appended to it."""
+    every = list(writers)
+    try:
+        yield every
+        for w in every:
+            w.close()
+    except BaseException:
+        for w in every:
+            w.discard()
+        raise
+    for w in every:
+        w.commit()
