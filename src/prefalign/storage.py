@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +23,17 @@ from .errors import StorageError
 
 # what "the disk cannot take this write" looks like to a process
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def disk_full_errno(e: BaseException) -> int | None:
+    """The errno of a disk-full error, or None. Libraries written in Rust (safetensors' save_file, the
+    tokenizers' save) raise their own error types with the OS error only in the text: `(os error 28)`."""
+    if isinstance(e, StorageError):
+        return None
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and (m := re.search(r"\(os error (\d+)\)", str(e))):
+        code = int(m.group(1))
+    return code if code in DISK_FULL else None
 
 
 def free_bytes(path: str | Path) -> int | None:
@@ -44,11 +56,13 @@ def remove(path: str | Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def storage_error(path: str | Path, needed: int | None, e: OSError) -> StorageError:
+def storage_error(path: str | Path, needed: int | None, e: BaseException, at_least: bool = False) -> StorageError:
+    """`needed`: the bytes being written; `at_least`: those written so far of a file whose size is not known
+    in advance (curate's output)."""
     free = free_bytes(path)
     why = {errno.EFBIG: "the file-size limit (ulimit -f) was reached",
-           errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, "no space left on the device")
-    need = f"~{needed:,} bytes" if needed is not None else "an unknown number of bytes"
+           errno.EDQUOT: "the disk quota is exceeded"}.get(disk_full_errno(e), "no space left on the device")
+    need = "an unknown number of bytes" if needed is None else f"{'at least ' if at_least else '~'}{needed:,} bytes"
     have = f"{free:,} bytes free there" if free is not None else "free space unknown"
     return StorageError(f"{path}: {why} while writing it ({need} to write, {have}); nothing half-written was "
                         "kept: free space (or point the output elsewhere) and run again")
@@ -60,8 +74,8 @@ def disk_full(path: str | Path, needed: int | Callable[[], int | None] | None, *
     `needed`: the bytes being written (or a function that says, read when the error happens)."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in DISK_FULL or isinstance(e, StorageError):
+    except Exception as e:
+        if disk_full_errno(e) is None:
             raise
         for p in partial:
             remove(p)
@@ -177,7 +191,7 @@ def whole_append(f, needed: int) -> Iterator[Callable[[bytes], None]]:
     try:
         yield write
     except OSError as e:
-        if e.errno not in DISK_FULL or isinstance(e, StorageError):
+        if disk_full_errno(e) is None:
             raise
         try:
             f.truncate(start)
@@ -203,10 +217,10 @@ class AtomicWriter:
         try:
             yield
         except OSError as e:
-            if e.errno not in DISK_FULL or isinstance(e, StorageError):
+            if disk_full_errno(e) is None:
                 raise
             self.discard()
-            raise storage_error(self.path, self.bytes + needed, e) from e
+            raise storage_error(self.path, self.bytes + needed, e, at_least=True) from e
 
     def write(self, text: str) -> None:
         with self._guard(len(text)):

@@ -12,17 +12,17 @@ import random
 import shutil
 from pathlib import Path
 
+import ckptkit
 import pytest
 import torch
+from ckptkit import losses, resume, steps_lost
 from faultkit import sample, tally
 from safetensors import safe_open
 
-from conftest import learnable_pairs, write_jsonl
 from prefalign.errors import TrainingError
 from prefalign.models.reference import read_cache
 from prefalign.storage import CHECKSUMS, verify_checksums
 from prefalign.train.checkpoint_state import read_state
-from prefalign.train.methods import make_config
 from prefalign.train.run import train
 
 KINDS = ("bit flip", "truncated", "empty", "deleted")
@@ -51,43 +51,15 @@ def damage(path: Path, kind: str, seed: int) -> str:
     return f"{path.name}: deleted"
 
 
-def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
-
-def _config(tiny_models, root: Path, fmt: str, **over):
-    data = write_jsonl(root / "pairs.jsonl", learnable_pairs(16))
-    sharded = {"distributed": "fsdp", "checkpoint_format": "sharded"} if fmt == "sharded" else {}
-    return make_config(model=str(tiny_models["llama"]), data=str(data), max_steps=6, batch_size=4,
-                       learning_rate=1e-3, save_every=2, keep_checkpoints=3, reference="precompute",
-                       **sharded, **over)
-
-
 @pytest.fixture(scope="module")
 def straight(tiny_models, tmp_path_factory):
     """fmt -> (an uninterrupted run with checkpoints at steps 2, 4 and 6, its config); trained on first use."""
-    runs = {}
-
-    def get(fmt: str):
-        if fmt not in runs:
-            root = tmp_path_factory.mktemp(f"straight-{fmt}")
-            cfg = _config(tiny_models, root, fmt, output=str(root / "run"))
-            train(cfg, log=lambda _: None, progress=False)
-            runs[fmt] = (root / "run", cfg)
-        return runs[fmt]
-
-    return get
+    return lambda fmt: ckptkit.straight(tiny_models, tmp_path_factory, fmt)
 
 
 def _copy(run: Path, to: Path) -> Path:
     shutil.copytree(run, to)
     return to
-
-
-def _resume(cfg, out: Path) -> list[str]:
-    logs: list[str] = []
-    train(cfg.model_copy(update={"output": str(out), "resume": True}), log=logs.append, progress=False)
-    return logs
 
 
 def test_every_damage_to_every_checkpoint_file_is_detected(straight, tmp_path):
@@ -111,9 +83,8 @@ def test_resume_falls_back_to_the_newest_good_checkpoint(straight, tmp_path, fmt
     detail = damage(out / "checkpoints" / "step-6" / name, kind, seed=0)
     logs, lost = [], 6
     try:
-        logs = _resume(cfg, out)
-        got, want = losses(out), losses(run)
-        lost = sum(abs(got.get(s, float("inf")) - want[s]) > 1e-6 for s in want)
+        logs = resume(cfg, out)
+        lost = steps_lost(out, run)
     finally:
         fell_back = any(x.startswith("resumed from checkpoints/step-4 (step-6 failed its checksum") for x in logs)
         tally("corrupt checkpoint", survived=fell_back and lost == 0, lost=lost, detail=detail)
@@ -130,7 +101,7 @@ def test_no_checkpoint_that_verifies_is_an_error_not_a_fresh_start(straight, tmp
     rows = (out / "metrics.jsonl").read_text()
     error = None
     try:
-        _resume(cfg, out)
+        resume(cfg, out)
     except TrainingError as e:
         error = str(e)
     untouched = (out / "metrics.jsonl").read_text() == rows and sorted(
@@ -152,7 +123,7 @@ def test_a_checkpoint_from_before_checksums_still_loads(straight, tmp_path):
     for name in ("state.safetensors", CHECKSUMS):
         (step / name).unlink()
     (step / "state.json").write_text(json.dumps({k: v for k, v in info.items() if k not in ("scheduler", "optimizer")}))
-    logs = _resume(cfg, out)
+    logs = resume(cfg, out)
     assert any(f"{CHECKSUMS} (an older prefalign wrote it): loaded unverified" in x for x in logs), logs
     assert "resumed from checkpoints/step-4" in logs
     got, want = losses(out), losses(run)
@@ -189,8 +160,7 @@ def test_a_run_recomputes_a_corrupt_cache(straight, tmp_path, kind, seed):
     detail, logs, lost = damage(out / CACHE, kind, seed), [], 6
     try:
         train(cfg.model_copy(update={"output": str(out)}), log=logs.append, progress=False)
-        got, want = losses(out), losses(run)
-        lost = sum(abs(got.get(s, float("inf")) - want[s]) > 1e-6 for s in want)
+        lost = steps_lost(out, run)
     finally:
         recomputed = any("is corrupt" in x for x in logs) and any("reference log-probs: computed" in x for x in logs)
         tally("corrupt reference cache", survived=recomputed and lost == 0, lost=lost, detail=detail)

@@ -56,8 +56,8 @@ from ..errors import ConfigError, StorageError, TrainingError
 from ..runtime.distributed import World
 from ..storage import (
     CHECKSUMS,
-    DISK_FULL,
     disk_full,
+    disk_full_errno,
     file_entry,
     fsync,
     remove,
@@ -256,10 +256,10 @@ def _save_sharded(tmp: Path, model, optimizer, world: World, state: dict[str, An
 def _disk_full_in(e: CheckpointException, tmp: Path, world: World, needed: int) -> None:
     """A StorageError (rank 0 removing the .tmp) when a rank's DCP write failed for a full disk."""
     for exc, _ in e.failures.values():
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        if disk_full_errno(exc) is not None:
             if world.main:
                 remove(tmp)
-            raise storage_error(exc.filename or tmp / SHARDS, needed, exc) from e
+            raise storage_error(getattr(exc, "filename", None) or tmp / SHARDS, needed, exc) from e
 
 
 def _check_shards(path: Path, recorded: list[str] | None) -> None:
@@ -367,7 +367,7 @@ def save_checkpoint(out: Path, step: int, position: int, model, optimizer, sched
     error = None
     if world.main:
         try:
-            with disk_full(tmp, lambda: _nbytes(weights, state), tmp):
+            with disk_full(final, lambda: _nbytes(weights, state), tmp):  # named as the checkpoint it was to be
                 _write_files(tmp, weights, state, {"step": step, "position": position, **extra, **files}, sums)
         except StorageError as e:
             error = e
