@@ -99,15 +99,16 @@ def test_no_checkpoint_that_verifies_is_an_error_not_a_fresh_start(straight, tmp
     out = _copy(run, tmp_path / "run")
     details = [damage(out / "checkpoints" / f"step-{s}" / "state.safetensors", "bit flip", seed=s) for s in (2, 4, 6)]
     rows = (out / "metrics.jsonl").read_text()
-    error = None
+    error, untouched = None, False
     try:
         resume(cfg, out)
     except TrainingError as e:
         error = str(e)
-    untouched = (out / "metrics.jsonl").read_text() == rows and sorted(
-        p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
-    tally("corrupt checkpoint", survived=error is not None and untouched, lost=0 if error else 6,
-          detail="every checkpoint's state.safetensors flipped", count=3)
+    finally:  # no fresh start: metrics.jsonl and the checkpoints as they were
+        untouched = (out / "metrics.jsonl").read_text() == rows and sorted(
+            p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+        tally("corrupt checkpoint", survived=error is not None and untouched, lost=0 if error else 6,
+              detail="every checkpoint's state.safetensors flipped", count=3)
     assert error and "no checkpoint" in error and "step-6: state.safetensors does not match its sha256" in error
     assert "resume: false" in error and untouched, details
 

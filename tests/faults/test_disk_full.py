@@ -166,11 +166,14 @@ def _left_behind(kind: str, work: Path) -> list[str]:
         bad.append("the earlier cache")
     if kind == "metrics":
         text = (work / "metrics.jsonl").read_text()
-        steps = [json.loads(x)["step"] for x in text.splitlines()]
-        bad += [] if text.endswith("\n") and steps == list(range(1, len(steps) + 1)) else ["a metrics line"]
+        try:
+            steps = [json.loads(x)["step"] for x in text.splitlines()]
+        except ValueError:
+            steps = None
+        bad += [] if text.endswith("\n") and steps == list(range(1, len(steps) + 1)) else ["a metrics line cut"]
     if kind in ("curate", "split"):
         names = ["out.jsonl", "out.quarantine.jsonl"] if kind == "curate" else ["split/train.jsonl", "split/eval.jsonl"]
-        bad += [n for n in names if (work / n).read_text() != OLD]
+        bad += [n for n in names if not (work / n).exists() or (work / n).read_text() != OLD]
     return bad
 
 
@@ -190,16 +193,18 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing_half_written(kind, tiny
     _prepare(kind, work, run, big_input)
     with small_disk(work, ROOM[kind]) as (where, limit):
         result = run_act(kind, where, spec, limit)
-    left = _left_behind(kind, work)
-    message = result["message"]
+    message, left, lost = result["message"], ["(not checked)"], 1
     clear = (result["error"] == "StorageError" and _named(kind) in message and "bytes to write" in message
-             and ("bytes free" in message))
-    lost = len(left)
-    if kind in ("checkpoint", "final") and not left:  # room made: the run goes on from what was kept
-        logs = resume(cfg, work / "run")
-        lost += steps_lost(work / "run", run) + (not (work / "run" / "final" / "model.safetensors").exists())
-        clear = clear and ("resumed from checkpoints/step-2" in logs if kind == "checkpoint" else True)
-    tally("disk full", survived=clear and lost == 0, lost=lost, detail=f"{kind}: {message[:200]}")
+             and "bytes free" in message)
+    try:
+        left = _left_behind(kind, work)
+        lost = len(left)
+        if kind in ("checkpoint", "final") and not left:  # room made: the run goes on from what was kept
+            logs = resume(cfg, work / "run")
+            lost += steps_lost(work / "run", run) + (not (work / "run" / "final" / "model.safetensors").exists())
+            clear = clear and ("resumed from checkpoints/step-2" in logs if kind == "checkpoint" else True)
+    finally:
+        tally("disk full", survived=clear and lost == 0, lost=lost, detail=f"{kind}: {message[:200]}")
     assert clear, result
     assert not left, left
     assert lost == 0
@@ -220,10 +225,12 @@ def test_the_nospace_fail_point_inside_a_whole_run(rule, tiny_models, tmp_path_f
         error = str(e)
     monkeypatch.delenv(faults.ENV)
     lost = 6
-    if error:
-        resume(cfg, out)
-        lost = steps_lost(out, run) + (not (out / "final" / "model.safetensors").exists())
-    tally("disk full", survived=bool(error) and lost == 0, lost=lost, detail=f"{rule}: {error}")
+    try:
+        if error:
+            resume(cfg, out)
+            lost = steps_lost(out, run) + (not (out / "final" / "model.safetensors").exists())
+    finally:
+        tally("disk full", survived=bool(error) and lost == 0, lost=lost, detail=f"{rule}: {error}")
     assert error and "bytes to write" in error, error
     assert lost == 0
 
@@ -236,10 +243,13 @@ def test_a_metrics_line_cut_short_does_not_break_resume(tiny_models, tmp_path_fa
     shutil.rmtree(out / "checkpoints" / "step-6")
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 7, "loss": 0.69')
-    logs = resume(cfg, out)
-    lost = steps_lost(out, run)
-    noted = any("dropped 1 line(s) that do not parse" in x for x in logs)
-    tally("disk full", survived=noted and lost == 0, lost=lost, detail="metrics.jsonl's last line cut short")
+    logs, lost = [], 6
+    try:
+        logs = resume(cfg, out)
+        lost = steps_lost(out, run)
+    finally:
+        noted = any("dropped 1 line(s) that do not parse" in x for x in logs)
+        tally("disk full", survived=noted and lost == 0, lost=lost, detail="metrics.jsonl's last line cut short")
     assert noted and lost == 0, logs
 
 
