@@ -143,7 +143,7 @@ def write_checksums(folder: Path, known: dict[str, dict] | None = None) -> Path:
     known = known or {}
     files = {name: known.get(name) or file_entry(folder / name) for name in _files(folder)}
     path = folder / CHECKSUMS
-    path.write_text(json.dumps({"files": files, "sha256": _own_sum(files)}, indent=1, sort_keys=True) + "\n")
+    path.write_text(json.dumps({"checksums": files, "self_sha256": _own_sum(files)}, indent=1, sort_keys=True) + "\n")
     fsync(path)
     return path
 
@@ -152,8 +152,8 @@ def verify_checksums(folder: Path) -> str | None:
     """What is wrong with `folder` against its checksums.json (the first problem found), or None."""
     try:
         manifest = json.loads((folder / CHECKSUMS).read_text())
-        files = manifest["files"]
-        if manifest["sha256"] != _own_sum(files):
+        files = manifest["checksums"]
+        if manifest["self_sha256"] != _own_sum(files):
             return f"{CHECKSUMS} does not match its own checksum (the manifest itself is corrupt)"
         expected = {name: (int(e["bytes"]), str(e["sha256"])) for name, e in files.items()}
     except FileNotFoundError:

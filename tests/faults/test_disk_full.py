@@ -31,9 +31,12 @@ from conftest import learnable_pairs, write_jsonl
 from prefalign import faults
 from prefalign.data.curate import CurateConfig, SplitConfig, curate, split
 from prefalign.errors import StorageError
+from prefalign.models.load import load_model
 from prefalign.models.reference import read_cache, write_cache
 from prefalign.storage import verify_checksums
-from prefalign.train.loop import RunLog
+from prefalign.train.checkpoint import save_checkpoint
+from prefalign.train.config import RunConfig
+from prefalign.train.loop import RunLog, build_optimizer
 from prefalign.train.methods import make_config
 from prefalign.train.run import train
 
@@ -41,8 +44,8 @@ HERE = Path(__file__).resolve().parent
 CACHE = "ref_logps.safetensors"
 # the write each kind aims at, and the room left for it: less than it needs, more than anything written
 # before it (a checkpoint: trainable.safetensors, 128 kB, fits and state.safetensors, 263 kB, does not)
-ROOM = {"checkpoint": 190_000, "final": 64_000, "reference cache": 100_000, "metrics": 8_000,
-        "curate": 64_000, "split": 64_000}
+ROOM = {"checkpoint": 190_000, "sharded checkpoint": 190_000, "final": 64_000, "reference cache": 100_000,
+        "metrics": 8_000, "curate": 64_000, "split": 64_000}
 OLD = "an earlier run's output\n"
 
 
@@ -95,6 +98,8 @@ def act(kind: str, work: str, spec: dict) -> dict:
         if kind in ("checkpoint", "final"):  # a resumed run: steps 3 and 4, then the save (or only final/)
             train(make_config(**{**spec["config"], "output": str(work_dir / "run"), "resume": True}),
                   log=lambda _: None, progress=False)
+        elif kind == "sharded checkpoint":  # one process's DCP file: weights and AdamW state, 377 kB
+            save_checkpoint(work_dir, 2, 2, *_stepped(spec["model"]), {}, keep=2, shards=True)
         elif kind == "reference cache":
             write_cache(work_dir / CACHE, torch.arange(100_000.0).view(-1, 2), "new")
         elif kind == "metrics":
@@ -110,6 +115,15 @@ def act(kind: str, work: str, spec: dict) -> dict:
     except Exception as e:
         return {"error": type(e).__name__, "message": str(e)}
     return {"error": None, "message": ""}
+
+
+def _stepped(model: str) -> tuple:
+    """(a tiny model, its AdamW after one step, the schedule): what a sharded save writes."""
+    net = load_model(model)
+    _, optimizer, scheduler = build_optimizer(RunConfig(model=model, output="unused"), net)
+    net(torch.arange(12).view(2, 6)).logits.pow(2).mean().backward()
+    optimizer.step()
+    return net, optimizer, scheduler
 
 
 def _limit(size: int):
@@ -130,7 +144,7 @@ def run_act(kind: str, work: Path, spec: dict, limit: int | None) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _prepare(kind: str, work: Path, run: Path, data: Path) -> None:
+def _prepare(kind: str, work: Path, run: Path, spec: dict) -> None:
     """What is there before the write: a run killed after step 2 (checkpoint), one whose final/ was not
     written (final), an earlier cache, or an earlier run's outputs (curate, split)."""
     if kind in ("checkpoint", "final"):
@@ -138,6 +152,8 @@ def _prepare(kind: str, work: Path, run: Path, data: Path) -> None:
         drop = ["final", "run.json"] + (["checkpoints/step-4", "checkpoints/step-6"] if kind == "checkpoint" else [])
         for name in drop:
             shutil.rmtree(work / "run" / name) if (work / "run" / name).is_dir() else (work / "run" / name).unlink()
+    elif kind == "sharded checkpoint":
+        save_checkpoint(work, 1, 1, *_stepped(spec["model"]), {}, keep=2, shards=True)
     elif kind == "reference cache":
         write_cache(work / CACHE, torch.ones(4, 2), "old")
     elif kind in ("curate", "split"):
@@ -148,8 +164,8 @@ def _prepare(kind: str, work: Path, run: Path, data: Path) -> None:
 
 
 def _named(kind: str) -> str:
-    return {"checkpoint": "checkpoints/step-4", "final": "run/final", "reference cache": CACHE,
-            "metrics": "metrics.jsonl", "curate": "out.jsonl", "split": "split/"}[kind]
+    return {"checkpoint": "checkpoints/step-4", "sharded checkpoint": "checkpoints/step-2", "final": "run/final",
+            "reference cache": CACHE, "metrics": "metrics.jsonl", "curate": "out.jsonl", "split": "split/"}[kind]
 
 
 def _left_behind(kind: str, work: Path) -> list[str]:
@@ -160,6 +176,10 @@ def _left_behind(kind: str, work: Path) -> list[str]:
         ckpts = work / "run" / "checkpoints"
         bad += [] if sorted(p.name for p in ckpts.iterdir()) == ["step-2"] else ["checkpoints other than step-2"]
         bad += [] if verify_checksums(ckpts / "step-2") is None else ["step-2 no longer verifies"]
+    if kind == "sharded checkpoint":
+        ckpts = work / "checkpoints"
+        bad += [] if sorted(p.name for p in ckpts.iterdir()) == ["step-1"] else ["checkpoints other than step-1"]
+        bad += [] if verify_checksums(ckpts / "step-1") is None else ["step-1 no longer verifies"]
     if kind == "final" and (work / "run" / "final").exists():
         bad.append("final/")
     if kind == "reference cache" and read_cache(work / CACHE, "old", log=lambda _: None) is None:
@@ -187,10 +207,11 @@ def big_input(tmp_path_factory) -> Path:
 def test_a_full_disk_is_a_clear_error_and_leaves_nothing_half_written(kind, tiny_models, tmp_path_factory,
                                                                       tmp_path, big_input):
     run, cfg = ckptkit.straight(tiny_models, tmp_path_factory)
-    spec = {"config": cfg.model_dump(mode="json", exclude={"output"}), "input": str(big_input)}
+    spec = {"config": cfg.model_dump(mode="json", exclude={"output"}), "input": str(big_input),
+            "model": str(tiny_models["llama"])}
     work = tmp_path / "work"
     work.mkdir()
-    _prepare(kind, work, run, big_input)
+    _prepare(kind, work, run, spec)
     with small_disk(work, ROOM[kind]) as (where, limit):
         result = run_act(kind, where, spec, limit)
     message, left, lost = result["message"], ["(not checked)"], 1

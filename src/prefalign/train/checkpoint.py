@@ -259,7 +259,7 @@ def _disk_full_in(e: CheckpointException, tmp: Path, world: World, needed: int) 
         if disk_full_errno(exc) is not None:
             if world.main:
                 remove(tmp)
-            raise storage_error(getattr(exc, "filename", None) or tmp / SHARDS, needed, exc) from e
+            raise storage_error(tmp.with_name(tmp.name.removesuffix(".tmp")), needed, exc) from e  # step-N
 
 
 def _check_shards(path: Path, recorded: list[str] | None) -> None:
