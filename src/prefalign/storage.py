@@ -93,10 +93,10 @@ def fsync(path: str | Path) -> None:
 
 
 def tmp_name(path: str | Path) -> Path:
-    """The temporary name `path` is written under: in its own folder (a rename there is atomic), hidden,
-    and named for the process, so two writers never share one."""
+    """The temporary name `path` is written under: in its own folder (a rename there is atomic) and hidden.
+    One name per file, so the next write replaces what a killed one left (one writer per run folder: its lock)."""
     p = Path(path)
-    return p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    return p.with_name(f".{p.name}.tmp")
 
 
 def commit(tmp: Path, path: Path) -> None:
@@ -210,7 +210,7 @@ class AtomicWriter:
         self.path, self.point, self.bytes = Path(path), point, 0
         self.tmp = tmp_name(self.path)
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.tmp, "w", encoding="utf-8")
+        self.file = open(self.tmp, "w", encoding="utf-8")  # (truncates what a killed write left)
 
     @contextmanager
     def _guard(self, needed: int = 0) -> Iterator[None]:
@@ -223,11 +223,12 @@ class AtomicWriter:
             raise storage_error(self.path, self.bytes + needed, e, at_least=True) from e
 
     def write(self, text: str) -> None:
-        with self._guard(len(text)):
+        size = len(text.encode())
+        with self._guard(size):
             if self.point:
                 faults.point(self.point, self.path)
             self.file.write(text)
-        self.bytes += len(text)
+        self.bytes += size
 
     def close(self) -> None:
         with self._guard():

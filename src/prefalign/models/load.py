@@ -308,7 +308,7 @@ def save_model(model, tokenizer, out: str | Path, base: str | Path | None = None
     # written whole under a temporary name, then renamed: a full disk or a kill never leaves a final/ that
     # loads with half its files; a full disk is a StorageError naming final/ and its size
     tmp = tmp_name(out)
-    remove(tmp)
+    remove(tmp)  # what a save killed half-way left
     with disk_full(out, lambda: _weights_bytes(model, state_dict), tmp):
         model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         faults.point("final.write", tmp)
