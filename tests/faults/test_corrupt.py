@@ -16,9 +16,10 @@ import ckptkit
 import pytest
 import torch
 from ckptkit import losses, resume, steps_lost
-from faultkit import sample, tally
+from faultkit import FULL, sample, tally
 from safetensors import safe_open
 
+from conftest import learnable_pairs, write_jsonl
 from prefalign.errors import TrainingError
 from prefalign.models.reference import read_cache
 from prefalign.storage import CHECKSUMS, verify_checksums
@@ -173,3 +174,26 @@ def test_a_run_recomputes_a_corrupt_cache(straight, tmp_path, kind, seed):
 def _cache(path: Path) -> tuple[dict, list]:
     with safe_open(str(path), "pt") as f:
         return f.metadata(), f.get_tensor("logps").tolist()
+
+
+@pytest.mark.skipif(not FULL, reason="two processes under torchrun: make faults")
+def test_two_processes_fall_back_to_the_same_checkpoint(tiny_models, tmp_path):
+    """Rank 0 verifies, every rank loads what it chose: step-3 damaged, both resume from step-2 and
+    retrain step 3 to the uninterrupted two-process run's loss."""
+    from test_distributed import _losses, _train
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(16))
+    args = ("save_every=1", "keep_checkpoints=3", "reference=precompute")
+    _train(tmp_path / "straight", tiny_models["llama"], data, *args, nproc=2)
+    out = _copy(tmp_path / "straight", tmp_path / "run")
+    detail = damage(out / "checkpoints" / "step-3" / "trainable.safetensors", "bit flip", seed=2)
+    run, lost = None, 3
+    try:
+        run = _train(out, tiny_models["llama"], data, *args, "resume=true", nproc=2)
+        got, want = _losses(out), _losses(tmp_path / "straight")
+        lost = sum(abs(got.get(s, float("inf")) - want[s]) > 1e-5 for s in want)
+    finally:
+        said = run is not None and "resumed from checkpoints/step-2 (step-3 failed its checksum" in (
+            run.stdout + run.stderr)
+        tally("corrupt checkpoint", survived=said and lost == 0, lost=lost, detail=f"2 processes: {detail}")
+    assert said and lost == 0
