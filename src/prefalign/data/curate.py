@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .. import faults
 from ..config import StrictModel
 from ..errors import ConfigError
+from ..storage import AtomicWriter, replacing
 from .hub import resolve_model
 from .readers import read_rows
 from .records import PreferencePair, Problem, Record, UnpairedExample, text_of
@@ -284,9 +284,8 @@ def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: Curat
                         conflicted.add(key)
         del tracker
     res, dups = CurateResult(), DuplicateTracker()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(quarantine).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as good, open(quarantine, "w", encoding="utf-8") as bad:
+    # both written under temporary names and renamed once whole: never a half-written output (a full disk)
+    with replacing(AtomicWriter(out, "curate.write"), AtomicWriter(quarantine)) as (good, bad):
         for _, result in iter_parsed(path, cfg):
             res.rows += 1
             if isinstance(result, Problem):
@@ -311,7 +310,6 @@ def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: Curat
                     bad.write(_set_aside_line(record, *reason) + "\n")
                 else:
                     res.kept += 1
-                    faults.point("curate.write", out)
                     good.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
     return res
 
@@ -325,26 +323,22 @@ def split(path: str | Path, out_dir: str | Path, cfg: SplitConfig) -> dict[str, 
     if not 0.0 <= cfg.eval_fraction <= 1.0:
         raise ConfigError(f"eval_fraction must be within [0, 1], got {cfg.eval_fraction}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     counts = Counter()
-    files = {name: open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") for name in ("train", "eval")}
-    quarantine = None
-    try:
+    # written under temporary names and renamed together once whole: never a half-written split (a full disk)
+    files = {name: AtomicWriter(out_dir / f"{name}.jsonl", "curate.write") for name in ("train", "eval")}
+    with replacing(*files.values()) as writers:
+        quarantine = None
         for _, result in iter_parsed(path, cfg):
             counts["rows"] += 1
             if isinstance(result, Problem):
                 counts["invalid"] += 1
                 if quarantine is None:
-                    quarantine = open(out_dir / "quarantine.jsonl", "w", encoding="utf-8")
+                    quarantine = AtomicWriter(out_dir / "quarantine.jsonl")
+                    writers.append(quarantine)
                 quarantine.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
                 continue
             for record in result:
                 name = "eval" if eval_share(text_of(record.prompt), cfg.salt) < cfg.eval_fraction else "train"
                 counts[name] += 1
                 files[name].write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-    finally:
-        for f in files.values():
-            f.close()
-        if quarantine is not None:
-            quarantine.close()
     return dict(counts)

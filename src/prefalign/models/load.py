@@ -14,8 +14,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from .. import faults
 from ..data.chat import set_chat_template
 from ..errors import ConfigError, ModelError
+from ..storage import commit, disk_full, remove, tmp_name
 from .hub import adapter_base, base_reference, resolve_model
 
 # LoRA targets per architecture: attention and MLP projections for Transformers. Mamba mixers: only
@@ -313,6 +315,21 @@ def save_model(model, tokenizer, out: str | Path, base: str | Path | None = None
         name, revision = base_reference(base)  # a Hub base: its id and the commit it was loaded at
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path, peft_cfg.revision = name, revision
-    model.save_pretrained(str(out), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    # written whole under a temporary name, then renamed: a full disk or a kill never leaves a final/ that
+    # loads with half its files; a full disk is a StorageError naming final/ and its size
+    tmp = tmp_name(out)
+    remove(tmp)  # what a save killed half-way left
+    with disk_full(out, lambda: _weights_bytes(model, state_dict), tmp):
+        model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        faults.point("final.write", tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        commit(tmp, out)
+
+
+def _weights_bytes(model, state_dict=None) -> int:
+    """What save_model writes, near enough for a disk-full message: the tensors of the weights it saves."""
+    if state_dict is None:
+        state_dict = {n: p for n, p in model.named_parameters() if p.requires_grad} if is_peft(model) \
+            else model.state_dict()
+    return sum(t.numel() * t.element_size() for t in state_dict.values())

@@ -29,6 +29,7 @@ from ..errors import TrainingError
 from ..runtime.device import cpu_model, describe
 from ..runtime.distributed import World
 from ..runtime.memory import doing, peak_memory_bytes
+from ..storage import whole_append
 from .checkpoint import WholeTensors, resume, save_checkpoint, sharded_format
 from .config import RunConfig
 from .trackers import Trackers
@@ -98,6 +99,23 @@ def build_optimizer(cfg: RunConfig, model) -> tuple[list, torch.optim.Optimizer,
     return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
+def _rows(path: Path, log: Callable[[str], None]) -> list[tuple[str, dict[str, Any]]]:
+    """metrics.jsonl's lines and rows; a line that does not parse (the last, cut short when a process
+    died mid-write, or a full disk from an older prefalign) is dropped with a note, never a failed resume."""
+    rows, bad = [], []
+    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line) if line else None
+        except ValueError:
+            bad.append(i)
+            continue
+        if isinstance(row, dict):
+            rows.append((line, row))
+    if bad:
+        log(f"note: {path}: dropped {len(bad)} line(s) that do not parse (line {bad[0]}: a write cut short)")
+    return rows
+
+
 class RunLog:
     """metrics.jsonl + the trackers of `report_to` (train/trackers.py: TensorBoard by default). On resume,
     what was logged after the checkpoint is dropped so no step appears twice; a fresh run starts a fresh file."""
@@ -112,23 +130,24 @@ class RunLog:
         path = out / "metrics.jsonl"
         logged_until = None  # the last step the interrupted attempt logged: the trackers already have it
         if resumed_step is not None and path.exists():
-            rows = [x for x in path.read_text().splitlines() if x]
-            kept = [x for x in rows if json.loads(x).get("step", 0) <= resumed_step]
-            logged_until = max([json.loads(x).get("step", 0) for x in rows] + [resumed_step])
+            rows = _rows(path, log)
+            kept = [x for x, row in rows if row.get("step", 0) <= resumed_step]
+            logged_until = max([row.get("step", 0) for _, row in rows] + [resumed_step])
             path.write_text("".join(x + "\n" for x in kept))
             self.last = json.loads(kept[-1]) if kept else {}
         elif path.exists():
             path.unlink()
         self.trackers = Trackers(cfg.trackers if cfg else ["tensorboard"], cfg.model_dump(mode="json") if cfg else {},
                                  out, cfg.tracker_project if cfg else None, resumed_step, logged_until, log)
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = open(path, "ab", buffering=0)  # each row one write, whole or (a full disk) not at all
 
     def write(self, row: dict[str, Any], scalars: bool = True) -> None:
         if not self.enabled:
             return
-        faults.point("metrics.write", self.file.name)
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        line = (json.dumps(row) + "\n").encode()
+        with whole_append(self.file, len(line)) as write:
+            faults.point("metrics.write", self.file.name)
+            write(line)
         if scalars:
             self.trackers.write(row)
 

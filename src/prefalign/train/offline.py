@@ -246,7 +246,6 @@ def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult
         state = deepspeed.final_state(model, keep=world.main, only_trainable=lora)
     doing("while writing final/")
     if world.main:
-        faults.point("final.write", out / "final")
         save_model(model, tokenizer, out / "final", base=base, state_dict=state)
         write_summary(out, result, method=cfg.method, reference=strategy, lora=lora,
                       model_copies=1 + (strategy == "copy") + (initial is not None), processes=world.size,

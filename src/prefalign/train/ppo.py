@@ -259,7 +259,6 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
                         world=world)
     doing("while writing final/")
     if world.main:
-        faults.point("final.write", out / "final")
         save_model(policy, tokenizer, out / "final", base=cfg.model)
         write_summary(out, result, method=cfg.method, reference=strategy, lora=is_peft(policy), model_copies=copies,
                       reward=judge.kind, processes=world.size, data_sources=[u.to_json() for u in uses])
