@@ -225,6 +225,4 @@ def test_clipping_reports_one_bad_gradient_entry(action):
     a.grad, b.grad = torch.ones(5), torch.ones(3)
     a.grad[2] = float(action)
     norm = torch.nn.utils.clip_grad_norm_([a, b], 1.0)
-    tally(KIND, survived=not torch.isfinite(norm), lost=int(bool(torch.isfinite(norm))),
-          detail=f"{action} in one gradient entry: clip_grad_norm_")
-    assert not torch.isfinite(norm)
+    assert not torch.isfinite(norm)  # a check of torch's clipping, no fault injected into prefalign: not tallied
