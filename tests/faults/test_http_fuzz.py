@@ -5,7 +5,9 @@ answer: no 5xx, only the status codes and content types the schema lists, bodies
 server-sent event of a stream) of the shapes it gives, and on a route that wants the key, the same
 request without it or with a wrong one refused. Then raw bytes as JSON bodies, which must be a 4xx too.
 `make test` draws a few cases per route and mode (derandomised: the same ones each run), `make faults`
-many. Every case is tallied as a "malformed HTTP request" (benchmarks/faults.py's table)."""
+many, and checks that each route and mode got at least MIN_FULL of them (hypothesis stops early, without
+a word, when a strategy runs dry). Each malformed case (schemathesis's negative ones and the raw bodies) is
+tallied as a "malformed HTTP request" (benchmarks/faults.py's table); the valid ones are not faults."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ KEY = "fuzz-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 EXAMPLES = 150 if FULL else 8  # per route and mode
 RAW = 100 if FULL else 10  # raw byte bodies per POST route
+MIN_FULL = 50  # cases per route and mode a `make faults` run must have sent (of EXAMPLES asked for)
 SHIPPED = str(Path(__file__).resolve().parents[2] / "src" / "prefalign" / "assets" / "imdb-lm")
 
 
@@ -39,7 +42,7 @@ def _checks() -> list:
     from schemathesis.specs.openapi import checks
 
     return [not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
-            checks.response_schema_conformance, checks.ignored_auth]
+            checks.response_schema_conformance, checks.ignored_auth, checks.negative_data_rejection]
 
 
 @contextmanager
@@ -65,53 +68,64 @@ def on_loopback(app):
         sock.close()
 
 
-def fuzz(url: str, examples: int) -> tuple[int, list[str]]:
-    """Every route of the server's schema, valid and invalid cases: (cases sent, what failed)."""
+class Seen:
+    """What a fuzz run sent and what failed, kept as it goes so a run that errors half way is still tallied."""
+
+    def __init__(self):
+        self.malformed, self.valid, self.failures, self.per = 0, 0, [], {}
+
+
+def fuzz(url: str, examples: int, seen: Seen) -> None:
+    """Every route of the server's schema, valid and invalid cases, into `seen`."""
     from schemathesis import GenerationMode
 
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json", headers=AUTH)
-    sent, failures = 0, []
     for result in schema.get_all_operations():
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            n, failed = _cases(result.ok(), mode, url, examples)
-            sent, failures = sent + n, failures + failed
-    return sent, failures
+            _cases(result.ok(), mode, url, examples, seen)
 
 
-def _cases(operation, mode, url: str, examples: int) -> tuple[int, list[str]]:
+def takes_input(operation) -> bool:
+    raw = operation.definition.raw
+    return bool(raw.get("parameters") or raw.get("requestBody"))
+
+
+def _cases(operation, mode, url: str, examples: int, seen: Seen) -> None:
+    from schemathesis import GenerationMode
     from schemathesis.core.failures import FailureGroup
 
-    sent, failures, checks = 0, [], _checks()
+    checks, key, negative = _checks(), f"{operation.label} ({mode.value})", mode == GenerationMode.NEGATIVE
+    seen.per[key] = [0, takes_input(operation)]
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     def one(case):
-        nonlocal sent
-        sent += 1
+        seen.per[key][0] += 1
+        if negative:
+            seen.malformed += 1
+        else:
+            seen.valid += 1
         try:
             case.call_and_validate(base_url=url, headers=AUTH, checks=checks)
         except (Exception, FailureGroup) as e:  # a check's failure, or the server gone: each one counted
-            failures.append(f"{operation.label} ({mode.value}): {e}"[:3000])
+            seen.failures.append((negative, f"{key}: {e}"[:3000]))
 
     try:
         one()
-    except Unsatisfiable:  # no invalid request exists for a route that takes nothing (GET /health)
-        pass
-    return sent, failures
+    except Unsatisfiable:  # no invalid request exists for a route that takes nothing (GET /health) ...
+        if takes_input(operation) or not negative:  # ... and only for such a route
+            raise
 
 
-def raw_bodies(url: str, paths: list[str], examples: int) -> tuple[int, list[str]]:
+def raw_bodies(url: str, paths: list[str], examples: int, seen: Seen) -> None:
     """Bytes that are not the JSON a route wants (not UTF-8, cut short, out-of-range numbers, another
     type): a 4xx each."""
     import httpx
 
-    sent, failures = 0, []
     with httpx.Client(headers={**AUTH, "Content-Type": "application/json"}, timeout=30) as client:
         for path in paths:
-            n, failed = _junk(client, url + path, examples)
-            sent, failures = sent + n, failures + failed
-    return sent, failures
+            _junk(client, url + path, examples, seen)
 
 
 # sent every run, before the drawn ones: each once answered 500 by one server or the other
@@ -121,34 +135,47 @@ JUNK = st.one_of(st.binary(max_size=200), st.text(max_size=50).map(str.encode),
                  st.sampled_from([b"[]", b"null", b'{"a": ' * 50, b'{"prompt": "x", "max_tokens": -1e999}']))
 
 
-def _junk(client, url: str, examples: int) -> tuple[int, list[str]]:
+def _junk(client, url: str, examples: int, seen: Seen) -> None:
     import httpx
-
-    sent, failures = 0, []
 
     @given(body=JUNK)
     @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     def one(body):
-        nonlocal sent
-        sent += 1
+        seen.malformed += 1
         try:
             status = client.post(url, content=body).status_code
         except httpx.HTTPError as e:
             status = repr(e)
         if not (isinstance(status, int) and 400 <= status < 500):
-            failures.append(f"POST {url} {body[:80]!r}: {status}")
+            seen.failures.append((True, f"POST {url} {body[:80]!r}: {status}"))
 
     for edge in EDGES:
         one = example(body=edge)(one)
     one()
-    return sent, failures
 
 
-def record(sent: int, failures: list[str]) -> None:
-    tally(KIND, True, count=sent - len(failures))
-    if failures:
-        tally(KIND, False, count=len(failures), detail=failures[0][:500])
+def record(seen: Seen, error: BaseException | None = None) -> None:
+    """The malformed cases sent, each survived or lost; a run that broke off before its end is one more
+    lost (whatever it was sending then was never judged)."""
+    lost = sum(negative for negative, _ in seen.failures)
+    if seen.malformed - lost:
+        tally(KIND, True, count=seen.malformed - lost)
+    if lost:
+        tally(KIND, False, lost=lost, count=lost, detail=next(f for negative, f in seen.failures if negative)[:500])
+    if error is not None:
+        tally(KIND, False, lost=1, detail=f"the fuzz run broke off: {error!r}"[:500])
+
+
+def check(seen: Seen, server: str) -> None:
+    failures = [f for _, f in seen.failures]
+    assert not failures, "\n\n".join(failures)
+    assert seen.valid >= 4 * EXAMPLES and seen.malformed >= 4 * EXAMPLES, (seen.valid, seen.malformed)
+    # every route and mode got its share (a route that takes nothing has one request to send, and no
+    # malformed one); a `make test` run asks for so few that hypothesis's early stop shows less
+    least = MIN_FULL if FULL else 2
+    short = {k: n for k, (n, inputs) in seen.per.items() if n < (least if inputs else int(k.endswith("(positive)")))}
+    assert not short, f"{server}: routes and modes that got fewer than {least} cases: {short}"
 
 
 def test_serve_answers_every_request_its_schema_allows_or_breaks_without_a_5xx():
@@ -161,18 +188,22 @@ def test_serve_answers_every_request_its_schema_allows_or_breaks_without_a_5xx()
     # small requests on one thread (OpenMP spin-waits on a busy machine made each one take seconds)
     app, engine = build([SHIPPED], limits=Limits(max_tokens=8, max_prompts=4), max_batch=4, api_key=KEY,
                         chat_template="chatml", threads=1)
+    seen = Seen()
     try:
         with on_loopback(app) as url:
-            sent, failures = fuzz(url, EXAMPLES)
-            raw = raw_bodies(url, ["/v1/completions", "/v1/chat/completions"], RAW)
+            fuzz(url, EXAMPLES, seen)
+            raw_bodies(url, ["/v1/completions", "/v1/chat/completions"], RAW, seen)
             stats = json.loads(_get(url + "/stats"))
             pages = [_status(url + page) for page in ("/docs", "/redoc")]
+    except BaseException as e:  # tallied, then raised
+        record(seen, e)
+        raise
     finally:
         engine.stop()
         torch.set_num_threads(threads)
-    record(sent + raw[0], failures + raw[1])
-    assert not failures + raw[1], "\n\n".join(failures + raw[1])
-    assert sent >= 8 * EXAMPLES and stats["requests"] >= EXAMPLES  # the valid cases reached the model
+    record(seen)
+    check(seen, "serve")
+    assert stats["requests"] >= EXAMPLES  # the valid cases reached the model
     assert pages == [404, 404]  # FastAPI's docs pages load a CDN's script: not served
 
 
@@ -184,12 +215,16 @@ def test_review_answers_every_request_its_schema_allows_or_breaks_without_a_5xx(
     store = Store(tmp_path / "labels.sqlite")
     store.create([Item(f"prompt {i}", f"first {i}", f"second {i}", "chosen", "rejected", f"pairs.jsonl:{i}")
                   for i in range(1, 4)], {"mode": "pairs", "file": "pairs.jsonl"}, 2)
-    with on_loopback(guarded(store, KEY)) as url:
-        sent, failures = fuzz(url, EXAMPLES)
-        raw = raw_bodies(url, ["/api/judge", "/api/undo"], RAW)
-    record(sent + raw[0], failures + raw[1])
-    assert not failures + raw[1], "\n\n".join(failures + raw[1])
-    assert sent >= 8 * EXAMPLES
+    seen = Seen()
+    try:
+        with on_loopback(guarded(store, KEY)) as url:
+            fuzz(url, EXAMPLES, seen)
+            raw_bodies(url, ["/api/judge", "/api/undo"], RAW, seen)
+    except BaseException as e:  # tallied, then raised
+        record(seen, e)
+        raise
+    record(seen)
+    check(seen, "review")
 
 
 def test_a_blank_key_is_no_key(tmp_path):

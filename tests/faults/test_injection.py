@@ -42,16 +42,20 @@ def test_a_data_file_cannot_name_the_code_that_scores_it(tmp_path):
     (tmp_path / "good.py").write_text(GOOD)
     spec = f"{tmp_path / 'evil.py'}:boom"
     fields = ("judge", "reward", "reward_fn", "scorer")
-    samples = write_jsonl(tmp_path / "samples.jsonl", [
-        {"prompt": spec, "completions": ["short", "a longer one"], **dict.fromkeys(fields, spec)},
-        {"prompt": "os:system", "completions": ["os:system", "subprocess:getoutput ls"], "judge": "os:system"}])
+    rows = [{"prompt": spec, "completions": ["short", "a longer one"], **dict.fromkeys(fields, spec)},
+            {"prompt": "os:system", "completions": ["os:system", "subprocess:getoutput ls"], "judge": "os:system"}]
+    samples = write_jsonl(tmp_path / "samples.jsonl", rows)
+    code_like = {spec, "os:system", "subprocess:getoutput ls"}
+    injected = sum(v in code_like for row in rows for value in row.values()
+                   for v in (value if isinstance(value, list) else [value]))  # 9: each a module:function
     try:
         summary, error = label(LabelConfig(samples=str(samples), judge=f"{tmp_path / 'good.py'}:score",
                                            output=str(tmp_path / "pairs.jsonl")), log=lambda _: None), None
     except Exception as e:  # noqa: BLE001  (os.system called with two lists, say): tallied, then raised
         summary, error = None, e
     ran = (tmp_path / "RAN").exists()
-    tally(KIND, not ran and error is None, count=len(fields) + 3, detail="module:function in a data file")
+    ok = not ran and error is None
+    tally(KIND, ok, lost=0 if ok else injected, count=injected, detail="module:function in a data file")
     if error is not None:
         raise error
     assert not ran and summary["judge"] == "callable"
@@ -160,28 +164,48 @@ def test_text_that_would_break_a_query_is_stored_and_read_back_exactly(review):
 
     server, db = review
     assert listening(int(server.url.rsplit(":", 1)[1])) == {"127.0.0.1"}  # loopback when no --host is given
-    who = quote(SQL["annotator"])
-    item = call(f"{server.url}/api/next?annotator={who}")["item"]["id"]
-    judged = {"annotator": SQL["annotator"], "item": item, "verdict": "a", "comment": SQL["comment"],
-              "better": SQL["better"]}
-    call(f"{server.url}/api/judge", judged)
-    undone = call(f"{server.url}/api/undo", {"annotator": SQL["annotator"]})["undone"]
-    call(f"{server.url}/api/judge", judged)
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        rows = con.execute("SELECT annotator, comment, better FROM judgements").fetchall()
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        items = con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-    finally:
-        con.close()
+        who = quote(SQL["annotator"])
+        item = call(f"{server.url}/api/next?annotator={who}")["item"]["id"]
+        judged = {"annotator": SQL["annotator"], "item": item, "verdict": "a", "comment": SQL["comment"],
+                  "better": SQL["better"]}
+        call(f"{server.url}/api/judge", judged)
+        undone = call(f"{server.url}/api/undo", {"annotator": SQL["annotator"]})["undone"]
+        call(f"{server.url}/api/judge", judged)
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            rows = con.execute("SELECT annotator, comment, better FROM judgements").fetchall()
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            items = con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        finally:
+            con.close()
+    except Exception:  # the server failed the text: every payload counted as lost, then raised
+        tally(KIND, False, lost=len(SQL), count=len(SQL), detail="SQL in a judgement's text")
+        raise
     intact = rows == [tuple(SQL.values())] and {"items", "judgements", "meta"} <= tables and items == 2
-    tally(KIND, intact and undone["comment"] == SQL["comment"], count=len(SQL), detail="SQL in a judgement's text")
+    ok = intact and (undone["comment"], undone["better"]) == (SQL["comment"], SQL["better"])
+    tally(KIND, ok, lost=0 if ok else len(SQL), count=len(SQL), detail="SQL in a judgement's text")
     assert (undone["comment"], undone["better"]) == (SQL["comment"], SQL["better"])
     assert intact, (rows, tables, items)
 
 
 def test_the_review_page_shows_markup_as_text_and_runs_none_of_it(review, tmp_path):
     server, _ = review
+    try:
+        shown, texts, status, comment, summary, pwned, blocked = _page(server, tmp_path)
+    except Exception:  # the page broke before it could be judged: every payload counted as lost, then raised
+        tally(KIND, False, lost=len(XSS) + 3, count=len(XSS) + 3, detail="HTML/JS on the review page")
+        raise
+    literal = (texts[0] == XSS["prompt"] and {texts[1], texts[2]} == {XSS["chosen"], XSS["rejected"]}
+               and texts[3] == f"annotator: {NAME}" and FILE in status and comment == COMMENT and NAME in summary)
+    ok = shown and pwned is None and not blocked and literal
+    tally(KIND, ok, lost=0 if ok else len(XSS) + 3, count=len(XSS) + 3, detail="HTML/JS on the review page")
+    assert shown and pwned is None and not blocked, (pwned, blocked)
+    assert literal, (texts, status, comment, summary)
+
+
+def _page(server, tmp_path) -> tuple:
+    """The review page driven in a real Chromium with the payloads: what it showed and whether any ran."""
     browser = headless_chromium(tmp_path / "profile")
     try:
         browser.get(f"{server.url}/?annotator={quote(NAME)}")
@@ -204,11 +228,7 @@ def test_the_review_page_shows_markup_as_text_and_runs_none_of_it(review, tmp_pa
         blocked = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
     finally:
         browser.quit()
-    literal = (texts[0] == XSS["prompt"] and {texts[1], texts[2]} == {XSS["chosen"], XSS["rejected"]}
-               and texts[3] == f"annotator: {NAME}" and FILE in status and comment == COMMENT and NAME in summary)
-    tally(KIND, pwned is None and not blocked and literal, count=len(XSS) + 3, detail="HTML/JS on the review page")
-    assert shown and pwned is None and not blocked, (pwned, blocked)
-    assert literal, (texts, status, comment, summary)
+    return shown, texts, status, comment, summary, pwned, blocked
 
 
 def _wait(browser, script: str, timeout: float = 15) -> bool:

@@ -59,7 +59,11 @@ def test_real_rlimit_as_at_a_big_step_is_one_clear_error(tiny_models, tmp_path):
     cmd = [sys.executable, str(HERE / "under_rlimit.py"), "256", str(warm), "train", "--method", "sft",
            "--model", str(tiny_models["llama"]), "--data", str(data), "-o", str(out), "--no-progress",
            "batch_size=128", "max_length=2048", "max_steps=2", "device=cpu", "report_to=none", "kl_every=0"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:  # tallied as lost, then raised
+        tally(KIND, survived=False, lost=1, detail="RLIMIT_AS: the run hung")
+        raise
     error = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     said = _said(error[0].removeprefix("error: ")) if len(error) == 1 else {}
     left = sorted(p.name for p in out.iterdir()) if out.exists() else []
@@ -125,8 +129,12 @@ def test_the_cli_prints_one_line(method, fault, where, tiny_models, pair_file, t
                  "samples_per_prompt=2", "max_new_tokens=4", "ppo_epochs=1"]
     monkeypatch.setattr(sys, "argv", args)
     monkeypatch.setenv(faults.ENV, fault)
-    with pytest.raises(SystemExit) as exited:
-        main()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main()
+    except BaseException:  # not the one clear error: tallied as lost, then raised
+        tally(KIND, survived=False, lost=1, detail=f"{fault} {method} (CLI)")
+        raise
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     tips = _said(lines[0].removeprefix("error: "))["tips"] if lines else []

@@ -187,15 +187,17 @@ class Optimization:
 
     tensors = WholeTensors()
 
-    def __init__(self, params: list, optimizer, max_grad_norm: float, guard: BadSteps, scheduler=None):
+    def __init__(self, params: list, optimizer, max_grad_norm: float, guard: BadSteps, scheduler=None,
+                 world: World = World()):
         self.params, self.optimizer, self.max_grad_norm, self.guard = params, optimizer, max_grad_norm, guard
-        self.scheduler, self.skipped = scheduler, 0
+        self.scheduler, self.skipped, self.world = scheduler, 0, world
 
     @classmethod
-    def build(cls, cfg: RunConfig, model, log: Callable[[str], None]) -> Optimization:
-        """AdamW over `model`'s trainable parameters as they are now (FSDP2: after sharding)."""
+    def build(cls, cfg: RunConfig, model, log: Callable[[str], None], world: World = World()) -> Optimization:
+        """AdamW over `model`'s trainable parameters as they are now (FSDP2: after sharding); `world`:
+        the processes that step together (each skips a step only if all do)."""
         params, optimizer, scheduler = build_optimizer(cfg, model)
-        return cls(params, optimizer, cfg.max_grad_norm, BadSteps(cfg.max_bad_steps, log), scheduler)
+        return cls(params, optimizer, cfg.max_grad_norm, BadSteps(cfg.max_bad_steps, log), scheduler, world)
 
     def backward(self, loss: Tensor, micro_batches: int, finite: bool) -> None:
         """One of a step's `micro_batches`: its share of the step's gradient. A non-finite loss (here
@@ -207,12 +209,15 @@ class Optimization:
     def apply(self, step: int, what: str = "step") -> float:
         faults.poison_grads("grad", self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        if torch.isfinite(grad_norm):
+        here = bool(torch.isfinite(grad_norm))
+        # DDP's all-reduced gradients agree, but one rank's may go bad after it (a kernel's overflow,
+        # the `grad` fail point): every rank skips together, or the replicas drift apart for good
+        if self.world.all_true(here):
             faults.point("optimizer.step")
             self.optimizer.step()
             self.guard.good()
         else:
-            self.skip(step, f"non-finite gradient; {what} skipped")
+            self.skip(step, f"non-finite gradient{'' if not here else ' in another process'}; {what} skipped")
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
@@ -232,7 +237,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
     Several processes (`world`): each step's metrics are averaged and its tokens summed over the
     ranks; rank 0 logs, measures the KL and writes; every rank loads a checkpoint to resume.
     `opt`: the optimizer a strategy built (DeepSpeed's engine); by default AdamW over `model`."""
-    opt = opt or Optimization.build(cfg, model, log)
+    opt = opt or Optimization.build(cfg, model, log, world)
     guard, state = opt.guard, _resume(cfg, model, update, opt, log, world)
     step = state.get("step", 0)
     runlog = RunLog(Path(cfg.output), step if state else None, enabled=world.main, cfg=cfg, log=log)

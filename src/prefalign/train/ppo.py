@@ -368,15 +368,16 @@ class Iteration(Update):
             with self.autocast():
                 fwd = ac.forward_rows(all_rows, roll.n_prompt, cfg, entropy=True)
             old, entropy = fwd["logps"], fwd["entropy"]
-            old_values = fwd["values"].float() * mask if "values" in fwd else None
+            old_values = faults.poison("values", fwd["values"].float() * mask) if "values" in fwd else None
             ref, ref_states = self.reference_pass(all_rows, roll.n_prompt)
             ref = faults.poison("ref_logps", ref)
-            bad = [name for name, t in (("policy", old), ("reference", ref)) if not bool(torch.isfinite(t).all())]
+            passes = (("policy log-probs", old), ("reference log-probs", ref), ("values", old_values))
+            bad = [name for name, t in passes if t is not None and not bool(torch.isfinite(t).all())]
             if not self.world.all_true(not bad):
                 # skipped here, as one bad step: left to the loss, each of the ppo_epochs x num_minibatches
                 # updates would count as one (a single bad pass could reach max_bad_steps), and a NaN KL
                 # would poison the adaptive kl_coef for the rest of the run
-                what = f"{' and '.join(bad)} log-probs" if bad else "log-probs in another process"
+                what = " and ".join(bad) if bad else "log-probs or values in another process"
                 opt.skip(step, f"non-finite {what}; rollout skipped")
                 return {}, 0
             k1, k3 = ppo_losses.kl_k1(old, ref) * mask, ppo_losses.kl_k3(old, ref) * mask
