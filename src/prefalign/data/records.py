@@ -103,5 +103,23 @@ def text_of(value: Text) -> str:
                         else "") for m in value)
 
 
+def json_line(obj: Any) -> str:
+    """One JSONL line of a problem or a set-aside record, whatever the input held: text with an unpaired
+    surrogate (a JSON \\ud800 escape read back) is written \\u-escaped, which reads back the same, and a
+    value JSON has no type for (Parquet bytes, dates) as text."""
+    text = json.dumps(obj, ensure_ascii=False, default=_as_text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, default=_as_text)
+    return text
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
+
+
 def dumps(record: Record) -> str:
     return json.dumps(record.to_json(), ensure_ascii=False)
