@@ -16,10 +16,11 @@ Shapes:
 from __future__ import annotations
 
 import math
-import reprlib
+import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
+from ..config import shown
 from ..errors import ConfigError
 from .readers import Row
 from .records import Location, Message, PreferencePair, Problem, Record, Text, UnpairedExample
@@ -31,8 +32,6 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 RANKED_MODES = ("best_vs_rest", "best_vs_worst", "all")
 MAX_DEPTH = 64  # levels of free-form JSON (tool call arguments) a kept record may hold
-_SHOWN = reprlib.Repr()  # keyword settings only from Python 3.12
-_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlist, _SHOWN.maxdict = 3, 60, 60, 6, 6
 
 
 class Bad(Exception):
@@ -83,14 +82,18 @@ def _string(row: dict, key: str, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise Bad(key, f"expected text, got {type(value).__name__}", "type")
     _check_unicode(value, key)
-    if not allow_empty and not value.strip():
+    if not allow_empty and blank(value):
         raise Bad(key, "is empty", "empty")
     return value
 
 
-def shown(value: Any) -> str:
-    """A value as a problem message quotes it: cut short, however large or deeply nested it is."""
-    return _SHOWN.repr(value)
+def blank(text: str) -> bool:
+    """Nothing a reader sees: whitespace and format characters only (zero-width space and joiners, BOM,
+    direction marks), so an answer of "\u200b" is as empty as one of " "."""
+    s = text.strip()
+    # most texts start with a visible character: the per-character scan runs only for the rest
+    return not s or (unicodedata.category(s[0]) == "Cf" and all(c.isspace() or unicodedata.category(c) == "Cf"
+                                                               for c in s))
 
 
 def _check_unicode(value: str, field: str) -> None:
@@ -129,7 +132,7 @@ def _messages(value: Any, field: str, *, from_key: str = "role", text_key: str =
             raise Bad(f"{where}.{text_key}", "missing" if content is None else
                       f"expected text, got {type(content).__name__}", kind)
         _check_unicode(content, f"{where}.{text_key}")
-        if not content.strip() and not calls:
+        if blank(content) and not calls:
             raise Bad(f"{where}.{text_key}", "is empty", "empty")
         out.append(_with_calls({"role": role, "content": content}, m, where))
     if not out:
@@ -275,7 +278,7 @@ def parse_hh(row: dict, where: Location, **_: Any) -> list[Record]:
     if prompt != prompt_r:
         raise Bad("rejected", "the transcripts differ before the last Assistant turn", "prompt")
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
-        if not answer.strip():
+        if blank(answer):
             raise Bad(name, "the last Assistant turn is empty", "empty")
     _not_tie(chosen, rejected)
     return [PreferencePair(prompt, chosen, rejected, where)]
@@ -348,7 +351,7 @@ def _ranked_answer(r: Any, i: int) -> Text:
     if not isinstance(r, str):
         return _messages(r, f"responses[{i}]")
     _check_unicode(r, f"responses[{i}]")
-    if not r.strip():
+    if blank(r):
         raise Bad(f"responses[{i}]", "is empty", "empty")
     return r
 
