@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # test processes: one per core (pytest-xdist; tests/conftest.py gives each one thread)
 TEST_WORKERS ?= auto
 
-.PHONY: setup demo test lint docs bench-data
+.PHONY: setup demo test lint docs bench-data fuzz
 
 $(VENV)/.installed: pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
@@ -27,3 +27,10 @@ demo: setup
 
 bench-data: setup
 	$(PY) benchmarks/data_scale.py
+
+# coverage-guided fuzzing of the JSONL/JSON/CSV readers (atheris, one worker) for FUZZ_SECONDS; a crash's
+# input lands in runs/fuzz/ (docs/reliability.md, "Fuzzed inputs")
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	mkdir -p runs/fuzz
+	$(PY) scripts/fuzz_readers.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=runs/fuzz/ runs/fuzz/corpus
