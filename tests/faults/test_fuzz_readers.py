@@ -17,6 +17,7 @@ import gzip
 import io
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -258,8 +259,9 @@ def jsonl_oracle(data: bytes) -> tuple[list[int], list[bytes]]:
 
 
 def new_dir(tmp_path: Path) -> Path:
-    n = len(list(tmp_path.iterdir()))
-    folder = tmp_path / f"ex{n}"
+    """An empty folder for one example (the same one each time: thousands of examples leave no litter)."""
+    folder = tmp_path / "example"
+    shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
     return folder
 
