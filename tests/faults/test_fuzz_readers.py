@@ -194,9 +194,14 @@ def read_lines(path: Path) -> list[dict]:
     return rows
 
 
+def within(file: str, path: Path) -> bool:
+    """The file a row came from is the input, or one of its files (a datasets folder's Arrow files)."""
+    return file == str(path) or file.startswith(f"{path}/")
+
+
 def source_line(record: dict, path: Path) -> int:
     file, _, where = record["source"].rpartition(":")
-    assert file == str(path), record["source"]
+    assert within(file, path), record["source"]
     return int(where.removeprefix("row "))
 
 
@@ -234,7 +239,7 @@ def check(path: Path, opts: dict, *, starts: list[int] | None = None, lines: lis
         assert (len(read_lines(file)) if file.exists() else 0) == counts.get(name, 0)
     # each line traceable to its source; each source row to exactly one outcome
     for q in problems:
-        assert q["file"] == str(path) and (q.get("line") or q.get("row")) >= 1
+        assert within(q["file"], path) and (q.get("line") or q.get("row")) >= 1
     valid = {source_line(r, path) for r in kept} | {source_line(q["raw"], path) for q in aside}
     invalid = [q.get("line") or q.get("row") for q in problems]
     if starts is None:
@@ -329,6 +334,33 @@ def test_truncated_files(tmp_path, kind, gz):
             path.write_bytes(data[:int(len(data) * cut)])
             starts, lines = jsonl_oracle(path.read_bytes()) if kind == "jsonl" and not gz else (None, None)
             runs.lost += check(path, {}, starts=starts, lines=lines)
+
+    runs.run(prop)
+
+
+STATE = st.one_of(
+    st.just({"_data_files": [{"filename": "data.arrow"}]}),
+    st.fixed_dictionaries({"_data_files": st.one_of(ANY, st.lists(st.fixed_dictionaries({"filename": ANY})))}), ANY)
+
+
+def test_datasets_folders(tmp_path):
+    """save_to_disk folders whose state.json or dataset_dict.json hold anything (or are not JSON): read, or a
+    DataError naming the folder's file."""
+    runs = Runs(KIND)
+
+    @fuzz_settings(15, 400)
+    @given(ROWS, st.one_of(STATE.map(encode).map(lambda t: t.encode("utf-8", "surrogatepass")), st.binary(max_size=40)),
+           st.one_of(st.none(), ANY.map(lambda v: {"splits": v}), st.just({"splits": ["train"]})))
+    def prop(rows, state, splits):
+        with runs.example():
+            folder = new_dir(tmp_path) / "ds"
+            data = folder / "train" if splits else folder
+            data.mkdir(parents=True)
+            _arrow(rows, "arrow", data / "data.arrow")
+            (data / "state.json").write_bytes(state)
+            if splits is not None:
+                (folder / "dataset_dict.json").write_text(encode(splits))
+            runs.lost += check(folder, {})
 
     runs.run(prop)
 

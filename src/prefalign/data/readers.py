@@ -412,7 +412,7 @@ def read_arrow_dir(path: Path, split: str | None = None) -> Iterator[Row | Probl
         files = [path]
     else:
         if (path / "dataset_dict.json").exists():
-            splits = _listing(path / "dataset_dict.json", "splits")
+            splits = _listing(path / "dataset_dict.json", "splits", str)
             chosen = split or ("train" if "train" in splits else splits[0])
             if chosen not in splits:
                 raise DataError(f"{path}: no split {chosen!r}; it has {', '.join(splits)}")
@@ -420,8 +420,8 @@ def read_arrow_dir(path: Path, split: str | None = None) -> Iterator[Row | Probl
         state = path / "state.json"
         if not state.exists():
             raise DataError(f"{path}: not a datasets.save_to_disk folder (no state.json)")
-        entries = _listing(state, "_data_files")
-        if not all(isinstance(f, dict) and isinstance(f.get("filename"), str) for f in entries):
+        entries = _listing(state, "_data_files", dict)
+        if not all(isinstance(f.get("filename"), str) for f in entries):
             raise DataError(f"{state}: _data_files: expected a list of {{\"filename\": ...}}")
         files = [path / f["filename"] for f in entries]
     row = 0
@@ -442,13 +442,13 @@ def read_arrow_dir(path: Path, split: str | None = None) -> Iterator[Row | Probl
             raise _Unreadable(f"{file}: not a readable Arrow file: {e}") from None
 
 
-def _listing(path: Path, key: str) -> list:
-    """The non-empty list under `key` of a datasets JSON file (dataset_dict.json, state.json)."""
+def _listing(path: Path, key: str, kind: type) -> list:
+    """The non-empty list of `kind` under `key` of a datasets JSON file (dataset_dict.json, state.json)."""
     try:
         value = json.loads(path.read_text(encoding="utf-8")).get(key)
     except (ValueError, AttributeError, RecursionError):  # not JSON, not UTF-8, not an object
         value = None
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list) or not value or not all(isinstance(v, kind) for v in value):
         raise DataError(f"{path}: not a datasets file: expected an object with a non-empty list {key!r}")
     return value
 
