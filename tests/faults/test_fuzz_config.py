@@ -16,6 +16,7 @@ import sys
 import hypothesis.strategies as st
 import pytest
 import yaml
+from faultkit import tally
 from fuzzkit import Runs, fuzz_settings
 from hypothesis import given
 
@@ -189,13 +190,27 @@ def test_found_crashes_are_one_line_errors(tmp_path, text, says, monkeypatch, ca
     path = tmp_path / "c.yaml"
     path.write_text(text)
     monkeypatch.setattr(sys, "argv", ["prefalign", "train", str(path)])
-    with pytest.raises(SystemExit) as e:
+    code = None
+    try:
         main()
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith(f"error: {path}") and says in err and "Traceback" not in err
+    except SystemExit as e:
+        code = e.code
+    finally:
+        err = capsys.readouterr().err
+        tally(KIND, survived=code == 2 and says in err, detail=text[:60])
+    assert code == 2 and err.startswith(f"error: {path}") and says in err and "Traceback" not in err
 
 
 def test_not_utf8_billion_laughs_and_recipe_shapes(tmp_path):
+    held = False
+    try:
+        pinned_files(tmp_path)
+        held = True
+    finally:
+        tally(KIND, survived=held, count=3 * 4 + 4, detail="not UTF-8, UTF-16, billion laughs; recipe shapes")
+
+
+def pinned_files(tmp_path):
     for data, says in ((b"model: caf\xe9\n", "not UTF-8 text (byte 0xe9"), (b"\xff\xfem\x00", "not UTF-8"),
                        (laughs(9, "report_to").encode(), "report_to[0]")):
         path = tmp_path / "c.yaml"

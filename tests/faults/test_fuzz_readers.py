@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -126,7 +127,7 @@ def cell(v) -> str:
     return v if isinstance(v, str) else "" if v is None else encode(v)
 
 
-def write(rows: list, kind: str, path: Path, blanks: list[bool]) -> list[int]:
+def write(rows: list, kind: str, path: Path, blanks: list[bool], typed: str | None = None) -> list[int]:
     """`rows` as a `kind` file; the line each non-blank row starts on (where a reader must place it)."""
     if kind == "jsonl":  # encode() writes ASCII on one line: \n, \r, U+2028 inside strings are escaped
         lines, starts = [], []
@@ -143,7 +144,7 @@ def write(rows: list, kind: str, path: Path, blanks: list[bool]) -> list[int]:
     elif kind in ("csv", "tsv"):
         data, starts = _csv(rows, "\t" if kind == "tsv" else ",")
     else:
-        _arrow(rows, kind, path)
+        _arrow(rows, kind, path, typed)
         return list(range(1, 1 + sum(isinstance(r, dict) for r in rows)))
     path.write_bytes(data.encode("utf-8", errors="surrogatepass"))
     return starts
@@ -168,14 +169,24 @@ def _csv(rows: list, delimiter: str) -> tuple[str, list[int]]:
     return buf.getvalue(), starts
 
 
-def _arrow(rows: list, kind: str, path: Path) -> None:
-    """Parquet/Arrow hold valid UTF-8 only (an unpaired surrogate is replaced); every column text."""
+# Parquet/Arrow columns JSON has no type for: a problem's `raw` must still be written (it was a TypeError)
+TYPED = {"binary": (pa.binary(), b"\xff\x00"), "timestamp": (pa.timestamp("s"), 1), "date": (pa.date32(), 1),
+         "decimal": (pa.decimal128(5, 2), Decimal("1.50")), "list": (pa.list_(pa.int8()), [1]),
+         "struct": (pa.struct([("a", pa.string())]), {"a": "x"})}
+
+
+def _arrow(rows: list, kind: str, path: Path, typed: str | None = None) -> None:
+    """Parquet/Arrow hold valid UTF-8 only (an unpaired surrogate is replaced); every column text, and one
+    `typed` column of another type."""
     def utf8(text: str) -> str:
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
     dicts = [{utf8(str(k)): v for k, v in r.items()} for r in rows if isinstance(r, dict)]
     header = sorted({k for r in dicts for k in r}) or ["prompt"]
     table = pa.table({k: [utf8(cell(r[k])) if k in r else None for r in dicts] for k in header})
+    if typed:
+        kind_, value = TYPED[typed]
+        table = table.append_column(typed, pa.array([value] * len(dicts), kind_))
     if kind == "parquet":
         pq.write_table(table, path)
     else:
@@ -283,11 +294,11 @@ def test_structured_rows_every_reader_and_shape(tmp_path, kind):
 
     @fuzz_settings(20, 500)
     @given(ROWS, SHAPE_OPTS, st.lists(st.booleans(), max_size=6), st.sampled_from(["drop", "keep_first", "keep"]),
-           st.booleans())
-    def prop(rows, shape, blanks, conflicts, dedup):
+           st.booleans(), st.sampled_from([None, None, *TYPED]))
+    def prop(rows, shape, blanks, conflicts, dedup, typed):
         with runs.example():
             path = new_dir(tmp_path) / f"data.{kind}"
-            starts = write(rows, kind, path, blanks)
+            starts = write(rows, kind, path, blanks, typed)
             lines = path.read_bytes().split(b"\n") if kind == "jsonl" else None
             runs.lost += check(path, {"format": shape}, starts=starts, lines=lines, conflicts=conflicts, dedup=dedup)
 

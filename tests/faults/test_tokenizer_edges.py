@@ -12,6 +12,7 @@ is read as those tokens; the only other refusal is a template that renders no as
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import math
@@ -118,51 +119,57 @@ def test_edge_text_keeps_one_answer_token_and_loses_no_character(tokenizers):
     runs.run(prop)
 
 
-def test_documented_edges(tokenizers, tokenizer):
-    """Each behaviour the module docstring states, case by case."""
-    tok = tokenizers["tiny+bos"]
-    cases = 0
-    # a prompt far over max_length: BOS + the prompt's last tokens + the answer's first
+def long_prompt(toks):  # far over max_length: BOS + the prompt's last tokens + the answer's first
+    tok = toks["tiny+bos"]
     t = tokenize(tok, "the movie was " * 40, " good", max_length=8, max_prompt_length=6)
     assert t.truncated and t.input_ids[0] == tok.bos_token_id and t.prompt_len == 6 and len(t.input_ids) == 8
-    cases += 1
-    # max_prompt_length >= max_length still leaves one answer token
-    t = tokenize(tok, "the movie was " * 40, " good", max_length=4, max_prompt_length=100)
+    t = tokenize(tok, "the movie was " * 40, " good", max_length=4, max_prompt_length=100)  # mpl >= max_length
     assert t.prompt_len == 3 and t.completion_len == 1
-    cases += 1
-    # an empty prompt: the whole answer is scored; an empty answer: EOS alone, or refused without it
-    t = tokenize(tokenizer, "", "yes")
-    assert t.prompt_len == 0 and tokenizer.decode(t.input_ids) == "yes" + tokenizer.eos_token
-    assert tokenize(tokenizer, "hi", "").input_ids[-1] == tokenizer.eos_token_id
+
+
+def empty_prompt_or_answer(toks):  # the whole answer scored; EOS alone, or refused without it
+    tok = toks["tiny"]
+    t = tokenize(tok, "", "yes")
+    assert t.prompt_len == 0 and tok.decode(t.input_ids) == "yes" + tok.eos_token
+    assert tokenize(tok, "hi", "").input_ids[-1] == tok.eos_token_id
     with pytest.raises(TokenizationError, match="no tokens"):
-        tokenize(tokenizer, "hi", "", add_eos=False)
-    cases += 3
-    # an answer that is the EOS text: read as EOS, not doubled; a pad-token answer trains that token
-    t = tokenize(tokenizer, "hi", tokenizer.eos_token)
-    assert t.input_ids[t.prompt_len:] == [tokenizer.eos_token_id]
-    assert tokenizer.pad_token_id in tokenize(tokenizer, "hi", "<pad>").input_ids[1:]
-    cases += 2
-    # a template that trims and drops the system turn: the trimmed answer and end of turn are what is scored
-    strip = tokenizers["strip"]
+        tokenize(tok, "hi", "", add_eos=False)
+
+
+def special_token_answers(toks):  # the EOS text is read as EOS, not doubled; a pad-token answer trains that token
+    tok = toks["tiny"]
+    t = tokenize(tok, "hi", tok.eos_token)
+    assert t.input_ids[t.prompt_len:] == [tok.eos_token_id]
+    assert tok.pad_token_id in tokenize(tok, "hi", "<pad>").input_ids[1:]
+
+
+def trimming_template(toks):  # trims and drops the system turn: the trimmed answer and end of turn are scored
+    strip = toks["strip"]
     msgs = [{"role": "system", "content": "SECRET"}, {"role": "user", "content": "  hi  "}]
     t = tokenize(strip, msgs, [{"role": "assistant", "content": "  \U0001f600 ok \u200b "}])
     assert "SECRET" not in strip.decode(t.input_ids)
     assert strip.decode(t.input_ids[t.prompt_len:]) == "\U0001f600 ok \u200b<|im_end|>\n"
-    cases += 1
-    # a template that writes no assistant text: refused with the reason (training lists it as a problem)
-    silent = load_tokenizer_copy(strip, SILENT)
+
+
+def silent_template(toks):  # writes no assistant text: refused with the reason (training lists it as a problem)
+    silent = copy.deepcopy(toks["strip"])
+    silent.chat_template = SILENT
     with pytest.raises(TokenizationError, match="produced no tokens"):
-        tokenize(silent, msgs[1:], [{"role": "assistant", "content": "ok"}])
-    cases += 1
-    tally(KIND, survived=True, count=cases)  # reached only when every case held
+        tokenize(silent, [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "ok"}])
 
 
-def load_tokenizer_copy(tok, template: str):
-    import copy
+EDGES = [long_prompt, empty_prompt_or_answer, special_token_answers, trimming_template, silent_template]
 
-    other = copy.deepcopy(tok)
-    other.chat_template = template
-    return other
+
+@pytest.mark.parametrize("edge", EDGES, ids=[f.__name__ for f in EDGES])
+def test_documented_edge(edge, tokenizers):
+    """Each behaviour the module docstring states."""
+    held = False
+    try:
+        edge(tokenizers)
+        held = True
+    finally:
+        tally(KIND, survived=held, detail=edge.__name__)
 
 
 EDGE_ROWS = [  # (row, trained?) for DPO at max_length 24, max_prompt_length 8
