@@ -59,10 +59,9 @@ def tokenizers(tokenizer, bos_tokenizer, smol_folder):
     """name -> tokenizer: the byte-level test tokenizers (ChatML with {% generation %}-free prefix masks),
     SmolLM2's own template, the shipped chatml (generation blocks) and the trimming template, on SmolLM2."""
     out = {"tiny": tokenizer, "tiny+bos": bos_tokenizer, "smollm2": load_tokenizer(smol_folder)}
-    for name, template in (("chatml", "chatml"), ("strip", STRIP)):
-        tok = load_tokenizer(smol_folder)
-        tok.chat_template = resolve_chat_template(template) if template == "chatml" else template
-        out[name] = tok
+    for name, template in (("chatml", resolve_chat_template("chatml")), ("strip", STRIP)):
+        out[name] = copy.deepcopy(out["smollm2"])
+        out[name].chat_template = template
     return out
 
 
