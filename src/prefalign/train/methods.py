@@ -261,8 +261,7 @@ def get_method(name: str) -> Method:
     if not isinstance(name, str) or name not in METHODS:  # a list or mapping is no name (nor hashable)
         close = difflib.get_close_matches(name, METHODS, n=1) if isinstance(name, str) else []
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        shown_name = f"'{name}'" if isinstance(name, str) else shown(name)
-        raise ConfigError(f"unknown method {shown_name} (choose one of {', '.join(METHODS)}){hint}")
+        raise ConfigError(f"unknown method {shown(name)} (choose one of {', '.join(METHODS)}){hint}")
     return METHODS[name]
 
 
