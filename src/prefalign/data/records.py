@@ -31,7 +31,7 @@ class Problem:
     where: Location
     field: str  # "" when the whole record is at fault (bad JSON, not an object)
     message: str
-    kind: str  # short machine-readable category: json, type, missing, empty, tie, utf8, roles, ...
+    kind: str  # short machine-readable category: json, type, missing, empty, tie, utf8, roles, corrupt, ...
     raw: Any = None  # the record as it was read, verbatim where the format allows
 
     def __str__(self) -> str:
