@@ -231,8 +231,8 @@ def read_yaml(path: str | Path, what: str = "config") -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save the "
                           f"{what} as UTF-8") from None
-    try:
-        return yaml.safe_load(text)
+    try:  # a UTF-8 BOM (Notepad's) would show in the text an error quotes, and shift its columns
+        return yaml.safe_load(text.removeprefix("\ufeff"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     except RecursionError:  # PyYAML composes nested collections recursively

@@ -74,9 +74,11 @@ def check(tok, prompt, completion, max_length, max_prompt_length, add_eos):
     if max_length is None or len(full.input_ids) <= max_length:
         assert (t.input_ids, t.prompt_len, t.truncated) == (full.input_ids, full.prompt_len, False)
         return full
-    assert t.truncated and len(t.input_ids) == max_length
+    # a prompt that must be cut keeps max_prompt_length tokens (default max_length // 2), at most max_length - 1,
+    # as TRL does: the sequence may end up shorter than max_length when the answer is short
     keep = min(max_prompt_length or max_length // 2, max_length - 1)
-    assert t.prompt_len <= max(keep, 1)
+    assert t.truncated and t.prompt_len == min(keep, full.prompt_len)
+    assert len(t.input_ids) == t.prompt_len + min(len(full.input_ids) - full.prompt_len, max_length - t.prompt_len)
     # the end of the prompt (after a kept BOS) and the start of the answer, token for token
     lead = 1 if tok.bos_token_id is not None and t.input_ids[0] == tok.bos_token_id == full.input_ids[0] \
         and t.prompt_len > 1 else 0
