@@ -216,9 +216,9 @@ def source_line(record: dict, path: Path) -> int:
     return int(where.removeprefix("row "))
 
 
-def check(path: Path, opts: dict, *, starts: list[int] | None = None, lines: list[bytes] | None = None,
-          conflicts: str = "drop", dedup: bool = True) -> int:
-    """The property (module docstring); returns the input rows lost (0, or the assertions fail first)."""
+def check(path: Path, opts: dict, runs: Runs, *, starts: list[int] | None = None, lines: list[bytes] | None = None,
+          conflicts: str = "drop", dedup: bool = True) -> None:
+    """The property (module docstring); the input rows it finds lost are added to `runs` before it asserts."""
     out = path.parent / "out"
     try:
         stats = compute_stats(path, ReadOptions(**opts))
@@ -232,7 +232,7 @@ def check(path: Path, opts: dict, *, starts: list[int] | None = None, lines: lis
                 assert str(again) == str(e)
             else:
                 raise AssertionError("stats refused the file, another command read it")
-        return 0
+        return
     res = curate(path, out / "k.jsonl", out / "q.jsonl", CurateConfig(**opts, conflicts=conflicts, dedup=dedup))
     kept, quarantined = read_lines(out / "k.jsonl"), read_lines(out / "q.jsonl")
     aside = [q for q in quarantined if q["kind"] in SET_ASIDE]  # good records not kept (no problem kind is one)
@@ -254,8 +254,8 @@ def check(path: Path, opts: dict, *, starts: list[int] | None = None, lines: lis
     valid = {source_line(r, path) for r in kept} | {source_line(q["raw"], path) for q in aside}
     invalid = [q.get("line") or q.get("row") for q in problems]
     if starts is None:
-        return 0
-    lost = len(set(starts) - valid - set(invalid))
+        return
+    runs.lost += len(set(starts) - valid - set(invalid))
     assert not valid & set(invalid), "a row both kept and quarantined"
     assert Counter(valid) + Counter(invalid) == Counter(starts), (starts, valid, invalid)
     assert res.rows == len(starts) and res.rows - res.rows_invalid == len(valid)
@@ -263,7 +263,6 @@ def check(path: Path, opts: dict, *, starts: list[int] | None = None, lines: lis
         for q in problems:
             raw = base64.b64decode(q["raw_base64"]) if "raw_base64" in q else q["raw"].encode("utf-8", "surrogatepass")
             assert raw == lines[q["line"] - 1].strip()
-    return lost
 
 
 def jsonl_oracle(data: bytes) -> tuple[list[int], list[bytes]]:
@@ -300,7 +299,7 @@ def test_structured_rows_every_reader_and_shape(tmp_path, kind):
             path = new_dir(tmp_path) / f"data.{kind}"
             starts = write(rows, kind, path, blanks, typed)
             lines = path.read_bytes().split(b"\n") if kind == "jsonl" else None
-            runs.lost += check(path, {"format": shape}, starts=starts, lines=lines, conflicts=conflicts, dedup=dedup)
+            check(path, {"format": shape}, runs, starts=starts, lines=lines, conflicts=conflicts, dedup=dedup)
 
     runs.run(prop)
 
@@ -320,7 +319,7 @@ def test_arbitrary_bytes(tmp_path, name):
             path.write_bytes(data)
             plain_jsonl = name == "x.jsonl" and not data.startswith((b"\xff\xfe", b"\xfe\xff"))
             starts, lines = jsonl_oracle(data.removeprefix(b"\xef\xbb\xbf")) if plain_jsonl else (None, None)
-            runs.lost += check(path, {}, starts=starts, lines=lines)
+            check(path, {}, runs, starts=starts, lines=lines)
 
     runs.run(prop)
 
@@ -344,7 +343,7 @@ def test_truncated_files(tmp_path, kind, gz):
             path = folder / (f"data.{kind}" + (".gz" if gz else ""))
             path.write_bytes(data[:int(len(data) * cut)])
             starts, lines = jsonl_oracle(path.read_bytes()) if kind == "jsonl" and not gz else (None, None)
-            runs.lost += check(path, {}, starts=starts, lines=lines)
+            check(path, {}, runs, starts=starts, lines=lines)
 
     runs.run(prop)
 
@@ -371,7 +370,7 @@ def test_datasets_folders(tmp_path):
             (data / "state.json").write_bytes(state)
             if splits is not None:
                 (folder / "dataset_dict.json").write_text(encode(splits))
-            runs.lost += check(folder, {})
+            check(folder, {}, runs)
 
     runs.run(prop)
 
@@ -407,7 +406,7 @@ def test_wrong_encodings(tmp_path, encoding):
                     assert str(path) in str(e) and encoding.upper() in str(e)
                 else:
                     raise AssertionError(f"a {encoding} file was read")
-            runs.lost += check(path, {})
+            check(path, {}, runs)
             if encoding == "utf-8-sig":  # the BOM read past: the same counts as without it
                 assert (compute_stats(path, ReadOptions()).to_json() ==
                         {**compute_stats(ref, ReadOptions()).to_json()})
@@ -443,7 +442,7 @@ def test_csv_quoting(tmp_path):
                 if any(c.strip() for c in r):
                     starts.append(line)
             path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + buf.getvalue().encode("utf-8"))
-            runs.lost += check(path, {}, starts=starts, conflicts="keep", dedup=False)
+            check(path, {}, runs, starts=starts, conflicts="keep", dedup=False)
             written = dict(zip(starts, [r for r in cleaned if any(c.strip() for c in r)], strict=True))
             for k in read_lines(path.parent / "out" / "k.jsonl"):
                 assert (k["prompt"], k["chosen"], k["rejected"]) == written[source_line(k, path)]
