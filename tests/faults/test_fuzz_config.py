@@ -189,6 +189,7 @@ def test_found_crashes_are_one_line_errors(tmp_path, text, says, monkeypatch, ca
 
     path = tmp_path / "c.yaml"
     path.write_text(text)
+    monkeypatch.chdir(tmp_path)  # should a config pass after all, the run it starts writes here, not in the checkout
     monkeypatch.setattr(sys, "argv", ["prefalign", "train", str(path)])
     code = None
     try:
