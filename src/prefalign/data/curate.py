@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..storage import AtomicWriter, replacing
 from .hub import resolve_model
 from .readers import read_rows
-from .records import PreferencePair, Problem, Record, UnpairedExample, text_of
+from .records import PreferencePair, Problem, Record, UnpairedExample, json_line, text_of
 from .shapes import norm, parse_rows
 
 RESERVOIR = 100_000
@@ -261,9 +261,9 @@ def _filter_reason(record: Record, cfg: CurateConfig, tok) -> str | None:
 
 def _set_aside_line(record: Record, kind: str, message: str) -> str:
     where = record.where
-    return json.dumps({"file": where.file if where else None, where.unit if where else "line":
-                       where.line if where else None, "field": "", "kind": kind, "problem": message,
-                       "raw": record.to_json()}, ensure_ascii=False)
+    return json_line({"file": where.file if where else None, where.unit if where else "line":
+                      where.line if where else None, "field": "", "kind": kind, "problem": message,
+                      "raw": record.to_json()})
 
 
 def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: CurateConfig) -> CurateResult:
@@ -290,7 +290,7 @@ def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: Curat
             res.rows += 1
             if isinstance(result, Problem):
                 res.rows_invalid += 1
-                bad.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+                bad.write(json_line(result.to_json()) + "\n")
                 continue
             for record in result:
                 verdict, first, key = dups.check(record)
@@ -335,7 +335,7 @@ def split(path: str | Path, out_dir: str | Path, cfg: SplitConfig) -> dict[str, 
                 if quarantine is None:
                     quarantine = AtomicWriter(out_dir / "quarantine.jsonl")
                     writers.append(quarantine)
-                quarantine.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+                quarantine.write(json_line(result.to_json()) + "\n")
                 continue
             for record in result:
                 name = "eval" if eval_share(text_of(record.prompt), cfg.salt) < cfg.eval_fraction else "train"
