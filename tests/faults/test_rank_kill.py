@@ -32,6 +32,9 @@ STOP_BOUND_S = 60  # from the death of a rank to the launcher's exit; the proces
 # sums each micro-batch's examples in one pass where two each took half, then averaged: the last bit differs
 # (log-prob sums of about 30 by one float32 ulp, 1.9e-6). Relative to the value, at least 1.
 TOLERANCE = {2: 0.0, 1: 1e-6}
+# RL on one process samples other completions (each process seeds its draws from (seed, rollout, rank),
+# docs/scaling.md): a 1-process resume is checked to complete every step and write final/, not for values
+RL_TOLERANCE = {2: 0.0, 1: None}
 # 6 steps of 2 micro-batches, a checkpoint every 2 (the newest 2 kept), an evaluation every 2 (and step
 # 0's baseline), the reference precomputed by the two ranks in halves
 BASE = ("max_steps=6", "save_every=2", "batch_size=4", "grad_accum=2", "learning_rate=1e-3", "lr_schedule=constant",
@@ -39,9 +42,13 @@ BASE = ("max_steps=6", "save_every=2", "batch_size=4", "grad_accum=2", "learning
 # the KL monitor at steps 3 and 6, made slow enough (about a second) that a kill lands inside it
 KL_STEP = 3
 SLOW_KL = (f"kl_every={KL_STEP}", "kl_prompts=32", "kl_max_new_tokens=48")
+# GRPO: 4 rollouts of 4 prompts, a checkpoint every 2
+RL = ("max_steps=4", "save_every=2", "batch_size=4", "max_new_tokens=8", "kl_every=0", "lr_schedule=constant", "seed=3")
 # make test resumes on 1 process only (the cheapest run: the suite's slowest tests are these), make faults on both
 RESUME_ON = (2, 1) if FULL else (1,)
-TIMING = ("step_seconds", "tokens_per_s", "peak_memory_bytes")  # the only keys that may differ
+# the only keys that may differ: wall times, rates and shares of the step's time (docs/metrics.md), memory
+TIMING = ("step_seconds", "tokens_per_s", "peak_memory_bytes", "ppo/rollout_seconds", "ppo/update_seconds",
+          "ppo/generation_tokens_per_s", "ppo/rollout_share", "ppo/generation_share")
 
 
 @dataclass(frozen=True)
@@ -51,10 +58,12 @@ class Case:
     newest: int | None  # the checkpoint the launcher must name: 0 for none; None: whichever is newest (outside)
     strategy: str = "ddp"
     extra: tuple[str, ...] = field(default=())
+    method: str = "dpo"
 
     @property
     def id(self) -> str:
-        return f"{self.strategy}-rank{self.rank}-{self.moment}" + ("-kl" if self.extra else "")
+        rl = f"{self.method}-" if self.method != "dpo" else ""
+        return f"{rl}{self.strategy}-rank{self.rank}-{self.moment}" + ("-kl" if self.extra else "")
 
 
 CASES = [
@@ -76,13 +85,18 @@ CASES = [
     Case(1, f"kl.monitor#{KL_STEP}", 2, extra=SLOW_KL),
     Case(1, "step#4", 2, "fsdp"),  # sharded checkpoints: every rank writes its own shards
     Case(0, "checkpoint.commit#2", 2, "fsdp"),  # both ranks' step-4 shards written, not committed
+    Case(1, "rollout#3", 2, method="grpo"),  # the 3rd rollout's sampling
 ]
 
 
-def _command(out: Path, model, data, eval_data, case: Case, *more: str, nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "prefalign", "train", "--method", "dpo", "--model", str(model), "--data", str(data),
-            "-o", str(out), "--no-progress", *BASE, f"eval_data={eval_data}", f"distributed={case.strategy}",
-            *case.extra, *more] + (["--nproc", str(nproc)] if nproc > 1 else [])
+def _command(out: Path, files: dict, case: Case, *more: str, nproc: int = 2) -> list[str]:
+    cmd = [sys.executable, "-m", "prefalign", "train", "--method", case.method, "--model", str(files["model"]),
+           "-o", str(out), "--no-progress", f"distributed={case.strategy}", *case.extra, *more]
+    if case.method == "dpo":
+        cmd += ["--data", str(files["pairs"]), *BASE, f"eval_data={files['eval']}"]
+    else:
+        cmd += ["--prompts", str(files["prompts"]), "--reward", "prefalign.judges.sentiment:positive", *RL]
+    return cmd + (["--nproc", str(nproc)] if nproc > 1 else [])
 
 
 def _env(**more: str) -> dict[str, str]:
@@ -95,13 +109,16 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def _differences(run: Path, whole: Path, tol: float) -> list[tuple[int | None, str]]:
+def _differences(run: Path, whole: Path, tol: float | None) -> list[tuple[int | None, str]]:
     """What differs (by more than `tol` times the value, at least 1) between the metrics and final/ of
-    `run` and those of the uninterrupted `whole`: (the step, or None for final/; what)."""
+    `run` and those of the uninterrupted `whole`: (the step, or None for final/; what). `tol` None: only
+    which steps are logged and that final/ is written."""
     got, want = _rows(run), _rows(whole)
     if [r["step"] for r in got] != [r["step"] for r in want]:  # a step lost, or logged twice
         steps = {r["step"] for r in got} ^ {r["step"] for r in want} or {r["step"] for r in want}
         return [(s, f"steps logged {[r['step'] for r in got]}, not {[r['step'] for r in want]}") for s in steps]
+    if tol is None:
+        return [] if (run / "final" / "model.safetensors").exists() else [(None, "no final/model.safetensors")]
     out = []
     for a, b in zip(got, want, strict=True):
         for k in sorted((set(a) | set(b)) - set(TIMING)):
@@ -174,9 +191,11 @@ def _run_and_kill(cmd: list[str], out: Path, env: dict[str, str], outside: int |
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_models, pair_file):
+def files(tmp_path_factory, tiny_models, pair_file) -> dict:
     folder = tmp_path_factory.mktemp("data")
-    return tiny_models["llama"], pair_file, write_jsonl(folder / "eval.jsonl", held_out_pairs(learnable_pairs(), 8))
+    prompts = [{"prompt": f"I watched film {i} and"} for i in range(16)]
+    return {"model": tiny_models["llama"], "pairs": pair_file, "prompts": write_jsonl(folder / "rl.jsonl", prompts),
+            "eval": write_jsonl(folder / "eval.jsonl", held_out_pairs(learnable_pairs(), 8))}
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +204,10 @@ def uninterrupted(tmp_path_factory, files):
     made: dict[tuple, Path] = {}
 
     def run(case: Case) -> Path:
-        key = (case.strategy, case.extra)
+        key = (case.method, case.strategy, case.extra)
         if key not in made:
             out = tmp_path_factory.mktemp("whole") / "run"
-            r = subprocess.run(_command(out, *files, case), capture_output=True, text=True, timeout=300, env=_env())
+            r = subprocess.run(_command(out, files, case), capture_output=True, text=True, timeout=300, env=_env())
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
             made[key] = out
         return made[key]
@@ -196,7 +215,7 @@ def uninterrupted(tmp_path_factory, files):
 
 
 def _resume(out: Path, files, case: Case, nproc: int) -> tuple[str, list[str]]:
-    r = subprocess.run(_command(out, *files, case, "resume=true", nproc=nproc), capture_output=True, text=True,
+    r = subprocess.run(_command(out, files, case, "resume=true", nproc=nproc), capture_output=True, text=True,
                        timeout=300, env=_env())
     text = r.stdout + r.stderr
     return text, [] if r.returncode == 0 else [f"resume on {nproc} exited {r.returncode}: {text[-1500:]}"]
@@ -207,7 +226,7 @@ def test_a_killed_rank_stops_the_run_and_resumes_exactly(case: Case, files, unin
     whole = uninterrupted(case)
     out = tmp_path / "run"
     fault = {} if case.moment == "outside" else {ENV: f"kill@{case.moment}@rank{case.rank}"}
-    stopped = _run_and_kill(_command(out, *files, case), out, _env(**fault),
+    stopped = _run_and_kill(_command(out, files, case), out, _env(**fault),
                             case.rank if case.moment == "outside" else None)
     newest = max(list_checkpoints(out), default=0)
     named = (f"the newest checkpoint is {out / 'checkpoints' / f'step-{newest}'}: resume with resume=true" if newest
@@ -227,7 +246,7 @@ def test_a_killed_rank_stops_the_run_and_resumes_exactly(case: Case, files, unin
         resumed = f"resumed from checkpoints/step-{newest}"
         if (resumed in text) != bool(newest):
             failed.append(f"on {nproc}: {resumed!r} {'not ' * bool(newest)}in its log")
-        differ = _differences(run, whole, TOLERANCE[nproc])
+        differ = _differences(run, whole, (TOLERANCE if case.method == "dpo" else RL_TOLERANCE)[nproc])
         lost |= {step for step, _ in differ}
         problems += failed + [f"resumed on {nproc}: {what}" for _, what in differ]
     tally(KIND, survived=not problems, lost=len(lost), detail=f"{case.id}: stopped in {stopped.stop_s:.2f} s")
