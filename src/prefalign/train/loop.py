@@ -264,6 +264,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             if eval_fn is not None and getattr(cfg, "eval_every", 0) and step % cfg.eval_every == 0:
                 row.update({f"eval/{k}": v for k, v in eval_fn().items()})
                 model.train()
+            faults.point("kl.monitor")  # every rank, each step: rank 0 measures here when due, the others wait
             measured = monitor is not None and world.main and monitor.due(step, cfg.max_steps)
             if measured:
                 row.update(monitor.measure())

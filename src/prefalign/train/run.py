@@ -84,7 +84,11 @@ def launch_processes(cfg: RunConfig, nproc: int, argv: list[str], log: Callable[
     if code == 0:
         return
     steps = list_checkpoints(Path(cfg.output))
-    where = (f"the newest checkpoint is {Path(cfg.output) / 'checkpoints' / f'step-{steps[-1]}'}: resume with "
-             "resume=true, on any number of processes" if steps else "no checkpoint was saved (set save_every)")
+    where = "no checkpoint was saved (set save_every)"
+    if steps:
+        where = (f"the newest checkpoint is {Path(cfg.output) / 'checkpoints' / f'step-{steps[-1]}'}: resume with "
+                 "resume=true, on any number of processes")
+    elif cfg.save_every:  # it died before its first save
+        where = f"no checkpoint was saved yet (the first is due at step {cfg.save_every}): resume=true starts over"
     raise TrainingError(f"a training process failed (exit code {code}; its error is above) and torchrun "
                         f"stopped the others; {where}")
