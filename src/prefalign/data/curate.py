@@ -1,7 +1,8 @@
 """Streaming statistics, curation and splitting of preference data, in bounded memory.
 
 Memory grows only with the number of distinct records through one 64-bit hash per record (for
-duplicate and conflict detection) and a fixed-size reservoir of lengths for the percentiles.
+duplicate and conflict detection, in a flat table of 12-byte slots: ~200 MB at 10M records, where a
+dict held 1.2 GB) and a fixed-size reservoir of lengths for the percentiles.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Literal
 from ..config import StrictModel
 from ..errors import ConfigError
 from ..storage import AtomicWriter, replacing
+from .hashtable import U64Table
 from .hub import resolve_model
 from .readers import read_rows
 from .records import PreferencePair, Problem, Record, UnpairedExample, json_line, text_of
@@ -74,15 +76,14 @@ def identity(record: Record) -> tuple[int, bool]:
 
 class DuplicateTracker:
     def __init__(self) -> None:
-        self.seen: dict[int, int] = {}  # key -> first line * 2 + orientation
+        self.seen = U64Table()  # key -> first line * 2 + orientation
 
     def check(self, record: Record) -> tuple[str, int, int]:
         """('new' | 'duplicate' | 'conflict', the line of the first record with this key, the key)."""
         key, orient = identity(record)
         line = record.where.line if record.where else 0
-        first = self.seen.get(key)
+        first = self.seen.setdefault(key, line * 2 + int(orient))
         if first is None:
-            self.seen[key] = line * 2 + int(orient)
             return "new", line, key
         return ("duplicate" if first % 2 == int(orient) else "conflict"), first // 2, key
 
@@ -272,7 +273,7 @@ def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: Curat
     if cfg.max_tokens is not None and cfg.tokenizer is None:
         raise ConfigError("max_tokens needs a tokenizer (--tokenizer DIR)")
     tok = _load_tokenizer(cfg.tokenizer)
-    conflicted: set[int] = set()
+    conflicted = U64Table()  # keys with contradicting preferences (a set: values unused)
     if cfg.conflicts == "drop":
         # First pass: which prompts carry contradicting preferences, so that *all* their copies go.
         tracker = DuplicateTracker()
