@@ -28,6 +28,7 @@ from conftest import learnable_pairs, unpaired_from, write_jsonl
 from prefalign import faults
 from prefalign.api import train
 from prefalign.errors import TrainingError
+from prefalign.train.checkpoint_state import read_state
 from prefalign.train.methods import METHODS
 
 KIND = "NaN/Inf injected"
@@ -102,7 +103,7 @@ def _rows(out: Path) -> list[dict]:
 def _checkpoint(out: Path, step: int) -> tuple[dict, dict]:
     """(trainable weights, AdamW state by parameter) of checkpoints/step-N, loaded as a resume would."""
     folder = out / "checkpoints" / f"step-{step}"
-    state = torch.load(folder / "state.pt", weights_only=True)
+    state = read_state(folder, json.loads((folder / "state.json").read_text()))
     return load_file(str(folder / "trainable.safetensors")), state["optimizer"]["state"]
 
 
