@@ -66,7 +66,8 @@ TRAINERS = {  # trainer -> (its data files' flags, its settings)
     "rloo": (["--prompts={prompts}"], RL + ["samples_per_prompt=2"]),
 }
 COMMON = ["step", "optimizer.step", "metrics.write", "checkpoint.write", "checkpoint.commit", "final.write", "outside",
-          "twice"]  # twice: killed at one of the others, then the resume killed too
+          "twice", "metrics.rewrite"]  # twice: killed at one of the others, then the resume killed too;
+# metrics.rewrite: killed at a step after the first checkpoint, then the resume killed as it cuts metrics.jsonl
 MOMENTS = {"dpo": COMMON + ["backward", "eval", "reference.precompute", "reference.cache.write"],
            "sft": COMMON + ["backward", "eval"], "reward": COMMON + ["backward", "eval"],
            "ppo": COMMON + ["rollout"], "rloo": COMMON + ["rollout"]}
@@ -339,21 +340,25 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(trainer, variant, moment,
     base, hits = baselines(trainer, variant)
     out, rng = tmp_path / "run", random.Random(f"{trainer}/{variant}/{moment}")
     argv, killed = command(trainer, variant, tiny_models["llama"], files, out), tmp_path / "killed.log"
-    point = rng.choice([m for m in MOMENTS[trainer] if m not in ("outside", "twice")]) if moment == "twice" else moment
+    point = rng.choice([m for m in MOMENTS[trainer] if m not in ("outside", "twice", "metrics.rewrite")]) \
+        if moment == "twice" else "step" if moment == "metrics.rewrite" else moment
     if point == "outside":
         rc, where = kill_outside(server, argv, out, killed, rng)
     else:
         assert hits.get(point, 0) >= 1, f"an uninterrupted {trainer} run never reaches {point}: {hits}"
         # a save's kill: one after the first, so that there is a checkpoint before it to keep and take
-        hit = rng.randint(2 if point in SAVES else 1, hits[point])
+        # metrics.rewrite: after the first checkpoint (step 2), so that the resume has a metrics.jsonl to cut
+        hit = rng.randint(3 if moment == "metrics.rewrite" else 2 if point in SAVES else 1, hits[point])
         rc, where = kill_at(server, argv, killed, point, hit, hits[point])
     assert rc == -signal.SIGKILL, f"{where}: exit status {rc}, not SIGKILL\n" + killed.read_text()
     problems = aftermath(base, out, point, hit) if point != "outside" else []
     kills = 1
-    if moment == "twice":  # the resume is killed too, at a step it has left (or in final/), then resumed
+    if moment in ("twice", "metrics.rewrite"):  # the resume is killed too, then resumed
         left = (committed(out) or [0])[-1]
         steps = int(next(a for a in argv if a.startswith("max_steps=")).split("=")[1]) - left
-        second = ("step", rng.randint(1, steps), steps) if steps else ("final.write", 1, 1)
+        # at a step it has left (or in final/); or as it cuts metrics.jsonl back to its checkpoint
+        second = ("metrics.rewrite", 1, 1) if moment == "metrics.rewrite" else \
+            ("step", rng.randint(1, steps), steps) if steps else ("final.write", 1, 1)
         rc, again = kill_at(server, argv + ["resume=true"], tmp_path / "killed-again.log", *second)
         assert rc == -signal.SIGKILL, f"{again}: exit status {rc}, not SIGKILL"
         where, kills = f"{where}, then the resume at {again}", 2
