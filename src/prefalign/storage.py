@@ -99,13 +99,46 @@ def tmp_name(path: str | Path) -> Path:
     return p.with_name(f".{p.name}.tmp")
 
 
+def aside_name(path: str | Path) -> Path:
+    """Where a folder being replaced waits while its successor is renamed in (replace_folder)."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.old")
+
+
+def restore_aside(path: str | Path) -> None:
+    """A replace killed between its two renames left the old folder aside and none at `path`: it goes
+    back (the new one, if it got in, wins and the old is removed). Call before a save and a resume."""
+    p, old = Path(path), aside_name(path)
+    if not old.is_dir():
+        return
+    if p.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(old, p)
+        fsync(p.parent)
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """`tmp` becomes `path`, a folder of that name renamed aside first and removed only once the new one is
+    in: a kill at any moment leaves a complete folder, at `path` or aside (restore_aside puts it back),
+    where removing the old one first would leave none."""
+    restore_aside(path)
+    if path.is_dir():
+        os.replace(path, aside_name(path))
+        faults.point("folder.replace", path)
+    os.replace(tmp, path)
+    fsync(path.parent)
+    shutil.rmtree(aside_name(path), ignore_errors=True)
+
+
 def commit(tmp: Path, path: Path) -> None:
     """`tmp`, written whole, becomes `path` (a folder replaces a folder of that name), each file fsynced."""
     for f in [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []:
         fsync(f)
     fsync(tmp)
-    if tmp.is_dir() and path.is_dir():
-        shutil.rmtree(path)
+    if tmp.is_dir():
+        replace_folder(tmp, path)
+        return
     os.replace(tmp, path)
     fsync(path.parent)
 

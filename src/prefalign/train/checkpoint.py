@@ -61,6 +61,8 @@ from ..storage import (
     file_entry,
     fsync,
     remove,
+    replace_folder,
+    restore_aside,
     storage_error,
     verify_checksums,
     write_checksums,
@@ -320,6 +322,9 @@ def remove_stale_saves(out: Path) -> None:
     """step-N.tmp folders of saves killed half-way (a full AdamW state each): no resume reads them."""
     for tmp in (out / "checkpoints").glob("step-*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
+    for aside in (out / "checkpoints").glob(".step-*.old"):  # a same-step save killed between its renames
+        restore_aside(aside.with_name(aside.name[1:-4]))
+    restore_aside(out / "final")
 
 
 def _nbytes(weights: dict[str, Tensor] | None, state: dict[str, Any]) -> int:
@@ -375,9 +380,7 @@ def save_checkpoint(out: Path, step: int, position: int, model, optimizer, sched
     if world.main and not failed:
         # the rename is the commit point: a folder named step-N is always complete
         faults.point("checkpoint.commit", tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync(ckpts)  # the rename itself
+        replace_folder(tmp, final)  # the same step saved again (a resume): the old one aside until it is in
         for old in sorted(list_checkpoints(out))[:-keep] if keep > 0 else []:
             shutil.rmtree(ckpts / f"step-{old}", ignore_errors=True)
     world.barrier()  # no rank goes on before the checkpoint exists
