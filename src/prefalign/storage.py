@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import faults
-from .errors import StorageError
+from .errors import StorageError, TrainingError
 
 # what "the disk cannot take this write" looks like to a process
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -181,8 +181,15 @@ def write_checksums(folder: Path, known: dict[str, dict] | None = None) -> Path:
     return path
 
 
+def _unread(path: Path, e: OSError) -> TrainingError:
+    return TrainingError(f"{path}: could not read it ({e.strerror or e}); nothing was moved: retry once it reads "
+                         "(a read error is not a checksum mismatch, so the checkpoint is not taken for corrupt)")
+
+
 def verify_checksums(folder: Path) -> str | None:
-    """What is wrong with `folder` against its checksums.json (the first problem found), or None."""
+    """What is wrong with `folder` against its checksums.json (the first problem found), or None. Only
+    what the files hold (missing, unparsable, the wrong size or hash) is a problem; an error reading them
+    (EIO, too many open files) is a TrainingError, so a good checkpoint is never quarantined for it."""
     try:
         manifest = json.loads((folder / CHECKSUMS).read_text())
         files = manifest["checksums"]
@@ -191,7 +198,9 @@ def verify_checksums(folder: Path) -> str | None:
         expected = {name: (int(e["bytes"]), str(e["sha256"])) for name, e in files.items()}
     except FileNotFoundError:
         return f"{CHECKSUMS} is missing"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except OSError as e:  # not what the folder holds but reading it (EIO, EMFILE...): no verdict
+        raise _unread(folder / CHECKSUMS, e) from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{CHECKSUMS} is unreadable ({type(e).__name__}: {str(e)[:120]})"
     extra = sorted(set(_files(folder)) - expected.keys())
     if extra:
@@ -204,7 +213,13 @@ def verify_checksums(folder: Path) -> str | None:
         if actual != size:
             what = "empty" if actual == 0 else ("truncated" if actual < size else "longer than written")
             return f"{name} is {what} ({actual:,} bytes, {size:,} written)"
-        if sha256_file(path) != digest:
+        try:
+            actual_sum = sha256_file(path)
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as e:
+            raise _unread(path, e) from e
+        if actual_sum != digest:
             return f"{name} does not match its sha256 (a bit flip, or a write that did not finish)"
     return None
 

@@ -474,7 +474,15 @@ def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], Non
                             "filesystem every process shares")
     if latest < 0:
         return None
-    chosen, failed = _newest_good(out, log) if world.main else (-1, [])
+    chosen, failed, error = -1, [], None
+    if world.main:
+        try:
+            chosen, failed = _newest_good(out, log)
+        except TrainingError as e:  # a read error: nothing moved; every rank stops with it, none waits
+            error = e
+    if world.any_true(error is not None):
+        raise error or TrainingError(f"rank 0 could not read the checkpoints in {out} (its error says which file); "
+                                     "nothing was moved: retry")
     chosen = int(world.max(chosen))  # rank 0's choice, on every rank (the others give -1)
     if chosen < 0:  # never a silent fresh start over checkpoints that exist
         raise TrainingError(f"no checkpoint in {out / 'checkpoints'} passes its checksum ("
