@@ -175,16 +175,31 @@ def metric_problems(base: Path, run: Path) -> list[str]:
     steps_a, steps_b = [r["step"] for r in rows_a], [r["step"] for r in rows_b]
     if steps_b != steps_a:
         return [f"metrics.jsonl steps {steps_b} != the uninterrupted run's {steps_a}"]
-    out = []
-    for a, b in zip(rows_a, rows_b, strict=True):
-        if set(a) != set(b):
-            out.append(f"step {a['step']}: keys differ: {sorted(set(a) ^ set(b))}")
-        for k in sorted((set(a) & set(b)) - MACHINE_KEYS):
-            x, y = a[k], b[k]
-            same = (abs(x - y) <= TOL or (x != x and y != y)) if isinstance(x, float | int) else x == y
-            if not same:
-                out.append(f"step {a['step']}: {k} {y} != {x}")
+    return [p for a, b in zip(rows_a, rows_b, strict=True) for p in row_problems(a, b, f"step {a['step']}")]
+
+
+def row_problems(a: dict, b: dict, what: str) -> list[str]:
+    """`b` has `a`'s keys and, but for MACHINE_KEYS, its values (numbers to TOL)."""
+    out = [f"{what}: keys differ: {sorted(set(a) ^ set(b))}"] if set(a) != set(b) else []
+    for k in sorted((set(a) & set(b)) - MACHINE_KEYS):
+        x, y = a[k], b[k]
+        numbers = isinstance(x, float | int) and isinstance(y, float | int)
+        same = (abs(x - y) <= TOL or (x != x and y != y)) if numbers else x == y
+        if not same:
+            out.append(f"{what}: {k} {y} != {x}")
     return out
+
+
+def summary_problems(base: Path, run: Path) -> list[str]:
+    """run.json counts the run, not its last attempt: its steps, tokens, skipped steps and last row are
+    the uninterrupted run's."""
+    try:
+        a, b = json.loads((base / "run.json").read_text()), json.loads((run / "run.json").read_text())
+    except (OSError, ValueError) as e:
+        return [f"run.json: {e}"]
+    keys = ("steps", "tokens", "skipped_steps")
+    out = [f"run.json {k} {b.get(k)} != {a.get(k)}" for k in keys if b.get(k) != a.get(k)]
+    return out + row_problems(a.get("final") or {}, b.get("final") or {}, "run.json final")
 
 
 def tracker_problems(run: Path) -> list[str]:
@@ -329,8 +344,8 @@ def resume_problems(server: Server, argv: list[str], base: Path, out: Path, log:
         problems.append(f"resumed from {said}, the newest committed checkpoint was {left[-1:] or 'none'}")
     if any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir()):
         problems.append("a half-written save is still there after the resume")
-    return problems + metric_problems(base, out) + folder_problems(base / "final", out / "final", "final") \
-        + tracker_problems(out)
+    return problems + metric_problems(base, out) + summary_problems(base, out) \
+        + folder_problems(base / "final", out / "final", "final") + tracker_problems(out)
 
 
 @pytest.mark.parametrize(("trainer", "variant", "moment"), CASES if FULL else _picked(),

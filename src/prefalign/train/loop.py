@@ -375,7 +375,11 @@ def write_summary(out: Path, result: LoopResult, **fields: Any) -> dict[str, Any
                "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,
                "peak_memory_bytes": result.last.get("peak_memory_bytes"), "device": result.device,
                "versions": versions(), "final": result.last}
-    (out / "run.json").write_text(json.dumps(summary, indent=2))
+    path = out / "run.json"
+    text = json.dumps(summary, indent=2)  # whole under a temporary name, then renamed: never half a run.json
+    with disk_full(path, len(text), tmp_name(path)):
+        tmp_name(path).write_text(text)
+        commit(tmp_name(path), path)
     return summary
 
 
