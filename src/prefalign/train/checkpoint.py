@@ -374,9 +374,9 @@ def save_checkpoint(out: Path, step: int, position: int, model, optimizer, sched
         try:
             with disk_full(final, lambda: _nbytes(weights, state), tmp):  # named as the checkpoint it was to be
                 _write_files(tmp, weights, state, {"step": step, "position": position, **extra, **files}, sums)
-        except StorageError as e:
+        except Exception as e:  # any failure, not only a full disk: the other ranks wait on this answer
             error = e
-    failed = world.any_true(error is not None)  # every rank learns of rank 0's full disk; none waits for it
+    failed = world.any_true(error is not None)  # every rank learns of rank 0's failure; none waits for it
     if world.main and not failed:
         # the rename is the commit point: a folder named step-N is always complete
         faults.point("checkpoint.commit", tmp)
@@ -385,8 +385,12 @@ def save_checkpoint(out: Path, step: int, position: int, model, optimizer, sched
             shutil.rmtree(ckpts / f"step-{old}", ignore_errors=True)
     world.barrier()  # no rank goes on before the checkpoint exists
     if failed:
-        raise error or StorageError(f"{tmp}: rank 0 could not write the checkpoint (the disk is full: its error "
-                                    "says more)")
+        full = world.any_true(isinstance(error, StorageError))  # what the others say: rank 0's kind of failure
+        if error is not None:
+            raise error
+        if full:
+            raise StorageError(f"{tmp}: rank 0 could not write the checkpoint (the disk is full: its error says more)")
+        raise TrainingError(f"{tmp}: rank 0 could not write the checkpoint (its error says why)")
     return final
 
 
