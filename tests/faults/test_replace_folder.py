@@ -33,6 +33,7 @@ save_model(model, tok, sys.argv[2])  # killed at folder.replace
 """
 FOLDERS = """
 import sys
+from pathlib import Path
 from prefalign.storage import replace_folder
 out = Path(sys.argv[1]) / "checkpoints"
 tmp = out / "step-4.tmp"
