@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import faults
-from .errors import StorageError
+from .errors import StorageError, TrainingError
 
 # what "the disk cannot take this write" looks like to a process
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -99,13 +99,46 @@ def tmp_name(path: str | Path) -> Path:
     return p.with_name(f".{p.name}.tmp")
 
 
+def aside_name(path: str | Path) -> Path:
+    """Where a folder being replaced waits while its successor is renamed in (replace_folder)."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.old")
+
+
+def restore_aside(path: str | Path) -> None:
+    """A replace killed between its two renames left the old folder aside and none at `path`: it goes
+    back (the new one, if it got in, wins and the old is removed). Call before a save and a resume."""
+    p, old = Path(path), aside_name(path)
+    if not old.is_dir():
+        return
+    if p.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(old, p)
+        fsync(p.parent)
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """`tmp` becomes `path`, a folder of that name renamed aside first and removed only once the new one is
+    in: a kill at any moment leaves a complete folder, at `path` or aside (restore_aside puts it back),
+    where removing the old one first would leave none."""
+    restore_aside(path)
+    if path.is_dir():
+        os.replace(path, aside_name(path))
+        faults.point("folder.replace", path)
+    os.replace(tmp, path)
+    fsync(path.parent)
+    shutil.rmtree(aside_name(path), ignore_errors=True)
+
+
 def commit(tmp: Path, path: Path) -> None:
     """`tmp`, written whole, becomes `path` (a folder replaces a folder of that name), each file fsynced."""
     for f in [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []:
         fsync(f)
     fsync(tmp)
-    if tmp.is_dir() and path.is_dir():
-        shutil.rmtree(path)
+    if tmp.is_dir():
+        replace_folder(tmp, path)
+        return
     os.replace(tmp, path)
     fsync(path.parent)
 
@@ -148,8 +181,15 @@ def write_checksums(folder: Path, known: dict[str, dict] | None = None) -> Path:
     return path
 
 
+def _unread(path: Path, e: OSError) -> TrainingError:
+    return TrainingError(f"{path}: could not read it ({e.strerror or e}); nothing was moved: retry once it reads "
+                         "(a read error is not a checksum mismatch, so the checkpoint is not taken for corrupt)")
+
+
 def verify_checksums(folder: Path) -> str | None:
-    """What is wrong with `folder` against its checksums.json (the first problem found), or None."""
+    """What is wrong with `folder` against its checksums.json (the first problem found), or None. Only
+    what the files hold (missing, unparsable, the wrong size or hash) is a problem; an error reading them
+    (EIO, too many open files) is a TrainingError, so a good checkpoint is never quarantined for it."""
     try:
         manifest = json.loads((folder / CHECKSUMS).read_text())
         files = manifest["checksums"]
@@ -158,7 +198,9 @@ def verify_checksums(folder: Path) -> str | None:
         expected = {name: (int(e["bytes"]), str(e["sha256"])) for name, e in files.items()}
     except FileNotFoundError:
         return f"{CHECKSUMS} is missing"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except OSError as e:  # not what the folder holds but reading it (EIO, EMFILE...): no verdict
+        raise _unread(folder / CHECKSUMS, e) from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{CHECKSUMS} is unreadable ({type(e).__name__}: {str(e)[:120]})"
     extra = sorted(set(_files(folder)) - expected.keys())
     if extra:
@@ -171,7 +213,13 @@ def verify_checksums(folder: Path) -> str | None:
         if actual != size:
             what = "empty" if actual == 0 else ("truncated" if actual < size else "longer than written")
             return f"{name} is {what} ({actual:,} bytes, {size:,} written)"
-        if sha256_file(path) != digest:
+        try:
+            actual_sum = sha256_file(path)
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as e:
+            raise _unread(path, e) from e
+        if actual_sum != digest:
             return f"{name} does not match its sha256 (a bit flip, or a write that did not finish)"
     return None
 

@@ -66,7 +66,8 @@ TRAINERS = {  # trainer -> (its data files' flags, its settings)
     "rloo": (["--prompts={prompts}"], RL + ["samples_per_prompt=2"]),
 }
 COMMON = ["step", "optimizer.step", "metrics.write", "checkpoint.write", "checkpoint.commit", "final.write", "outside",
-          "twice"]  # twice: killed at one of the others, then the resume killed too
+          "twice", "metrics.rewrite"]  # twice: killed at one of the others, then the resume killed too;
+# metrics.rewrite: killed at a step after the first checkpoint, then the resume killed as it cuts metrics.jsonl
 MOMENTS = {"dpo": COMMON + ["backward", "eval", "reference.precompute", "reference.cache.write"],
            "sft": COMMON + ["backward", "eval"], "reward": COMMON + ["backward", "eval"],
            "ppo": COMMON + ["rollout"], "rloo": COMMON + ["rollout"]}
@@ -174,16 +175,31 @@ def metric_problems(base: Path, run: Path) -> list[str]:
     steps_a, steps_b = [r["step"] for r in rows_a], [r["step"] for r in rows_b]
     if steps_b != steps_a:
         return [f"metrics.jsonl steps {steps_b} != the uninterrupted run's {steps_a}"]
-    out = []
-    for a, b in zip(rows_a, rows_b, strict=True):
-        if set(a) != set(b):
-            out.append(f"step {a['step']}: keys differ: {sorted(set(a) ^ set(b))}")
-        for k in sorted((set(a) & set(b)) - MACHINE_KEYS):
-            x, y = a[k], b[k]
-            same = (abs(x - y) <= TOL or (x != x and y != y)) if isinstance(x, float | int) else x == y
-            if not same:
-                out.append(f"step {a['step']}: {k} {y} != {x}")
+    return [p for a, b in zip(rows_a, rows_b, strict=True) for p in row_problems(a, b, f"step {a['step']}")]
+
+
+def row_problems(a: dict, b: dict, what: str) -> list[str]:
+    """`b` has `a`'s keys and, but for MACHINE_KEYS, its values (numbers to TOL)."""
+    out = [f"{what}: keys differ: {sorted(set(a) ^ set(b))}"] if set(a) != set(b) else []
+    for k in sorted((set(a) & set(b)) - MACHINE_KEYS):
+        x, y = a[k], b[k]
+        numbers = isinstance(x, float | int) and isinstance(y, float | int)
+        same = (abs(x - y) <= TOL or (x != x and y != y)) if numbers else x == y
+        if not same:
+            out.append(f"{what}: {k} {y} != {x}")
     return out
+
+
+def summary_problems(base: Path, run: Path) -> list[str]:
+    """run.json counts the run, not its last attempt: its steps, tokens, skipped steps and last row are
+    the uninterrupted run's."""
+    try:
+        a, b = json.loads((base / "run.json").read_text()), json.loads((run / "run.json").read_text())
+    except (OSError, ValueError) as e:
+        return [f"run.json: {e}"]
+    keys = ("steps", "tokens", "skipped_steps")
+    out = [f"run.json {k} {b.get(k)} != {a.get(k)}" for k in keys if b.get(k) != a.get(k)]
+    return out + row_problems(a.get("final") or {}, b.get("final") or {}, "run.json final")
 
 
 def tracker_problems(run: Path) -> list[str]:
@@ -231,9 +247,13 @@ def folder_problems(a: Path, b: Path, what: str, times: bool = False) -> list[st
     for name in names_a:
         fa, fb = a / name, b / name
         if name.endswith(".safetensors"):
-            ta, tb = load_file(str(fa)), load_file(str(fb))
-            with safe_open(str(fa), "pt") as ha, safe_open(str(fb), "pt") as hb:
-                meta_same = ha.metadata() == hb.metadata()
+            try:  # a damaged file does not even open: a problem, never an error before the tally
+                ta, tb = load_file(str(fa)), load_file(str(fb))
+                with safe_open(str(fa), "pt") as ha, safe_open(str(fb), "pt") as hb:
+                    meta_same = ha.metadata() == hb.metadata()
+            except Exception as e:
+                out.append(f"{what}/{name} does not load: {e}")
+                continue
             if ta.keys() != tb.keys() or not all(torch.equal(ta[k], tb[k]) for k in ta) or not meta_same:
                 out.append(f"{what}/{name}: tensors differ")
         elif name.endswith(".json"):
@@ -328,8 +348,8 @@ def resume_problems(server: Server, argv: list[str], base: Path, out: Path, log:
         problems.append(f"resumed from {said}, the newest committed checkpoint was {left[-1:] or 'none'}")
     if any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir()):
         problems.append("a half-written save is still there after the resume")
-    return problems + metric_problems(base, out) + folder_problems(base / "final", out / "final", "final") \
-        + tracker_problems(out)
+    return problems + metric_problems(base, out) + summary_problems(base, out) \
+        + folder_problems(base / "final", out / "final", "final") + tracker_problems(out)
 
 
 @pytest.mark.parametrize(("trainer", "variant", "moment"), CASES if FULL else _picked(),
@@ -339,24 +359,33 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(trainer, variant, moment,
     base, hits = baselines(trainer, variant)
     out, rng = tmp_path / "run", random.Random(f"{trainer}/{variant}/{moment}")
     argv, killed = command(trainer, variant, tiny_models["llama"], files, out), tmp_path / "killed.log"
-    point = rng.choice([m for m in MOMENTS[trainer] if m not in ("outside", "twice")]) if moment == "twice" else moment
+    point = rng.choice([m for m in MOMENTS[trainer] if m not in ("outside", "twice", "metrics.rewrite")]) \
+        if moment == "twice" else "step" if moment == "metrics.rewrite" else moment
     if point == "outside":
         rc, where = kill_outside(server, argv, out, killed, rng)
     else:
         assert hits.get(point, 0) >= 1, f"an uninterrupted {trainer} run never reaches {point}: {hits}"
         # a save's kill: one after the first, so that there is a checkpoint before it to keep and take
-        hit = rng.randint(2 if point in SAVES else 1, hits[point])
+        # metrics.rewrite: after the first checkpoint (step 2), so that the resume has a metrics.jsonl to cut
+        hit = rng.randint(3 if moment == "metrics.rewrite" else 2 if point in SAVES else 1, hits[point])
         rc, where = kill_at(server, argv, killed, point, hit, hits[point])
-    assert rc == -signal.SIGKILL, f"{where}: exit status {rc}, not SIGKILL\n" + killed.read_text()
-    problems = aftermath(base, out, point, hit) if point != "outside" else []
+    # every check is a problem, none an assertion, until the kill is tallied
+    problems = [] if rc == -signal.SIGKILL else [
+        f"{where}: exit status {rc}, not SIGKILL\n" + killed.read_text()[-2000:]]
+    problems += aftermath(base, out, point, hit) if point != "outside" else []
     kills = 1
-    if moment == "twice":  # the resume is killed too, at a step it has left (or in final/), then resumed
+    if moment in ("twice", "metrics.rewrite"):  # the resume is killed too, then resumed
         left = (committed(out) or [0])[-1]
         steps = int(next(a for a in argv if a.startswith("max_steps=")).split("=")[1]) - left
-        second = ("step", rng.randint(1, steps), steps) if steps else ("final.write", 1, 1)
+        # at a step it has left (or in final/); or as it cuts metrics.jsonl back to its checkpoint
+        second = ("metrics.rewrite", 1, 1) if moment == "metrics.rewrite" else \
+            ("step", rng.randint(1, steps), steps) if steps else ("final.write", 1, 1)
         rc, again = kill_at(server, argv + ["resume=true"], tmp_path / "killed-again.log", *second)
-        assert rc == -signal.SIGKILL, f"{again}: exit status {rc}, not SIGKILL"
+        problems += [] if rc == -signal.SIGKILL else [f"{again}: exit status {rc}, not SIGKILL"]
         where, kills = f"{where}, then the resume at {again}", 2
-    problems += resume_problems(server, argv, base, out, tmp_path / "resumed.log")
+    try:
+        problems += resume_problems(server, argv, base, out, tmp_path / "resumed.log")
+    except Exception as e:  # whatever the check trips on (a file not there, not JSON) is a loss, tallied first
+        problems.append(f"checking the resume failed: {type(e).__name__}: {e}")
     tally(KIND, survived=not problems, lost=int(bool(problems)), detail=f"{trainer} {variant} {where}", count=kills)
     assert not problems, f"{trainer} {variant}, killed at {where}:\n" + "\n".join(problems[:20])

@@ -17,7 +17,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, Bi
 from .. import faults
 from ..data.chat import set_chat_template
 from ..errors import ConfigError, ModelError
-from ..storage import commit, disk_full, remove, tmp_name
+from ..storage import commit, disk_full, remove, restore_aside, tmp_name
 from .hub import adapter_base, base_reference, resolve_model
 
 # LoRA targets per architecture: attention and MLP projections for Transformers. Mamba mixers: only
@@ -318,6 +318,7 @@ def save_model(model, tokenizer, out: str | Path, base: str | Path | None = None
     # written whole under a temporary name, then renamed: a full disk or a kill never leaves a final/ that
     # loads with half its files; a full disk is a StorageError naming final/ and its size
     tmp = tmp_name(out)
+    restore_aside(out)  # a final/ a save killed between its renames left aside
     remove(tmp)  # what a save killed half-way left
     with disk_full(out, lambda: _weights_bytes(model, state_dict), tmp):
         model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))

@@ -61,6 +61,8 @@ from ..storage import (
     file_entry,
     fsync,
     remove,
+    replace_folder,
+    restore_aside,
     storage_error,
     verify_checksums,
     write_checksums,
@@ -320,6 +322,9 @@ def remove_stale_saves(out: Path) -> None:
     """step-N.tmp folders of saves killed half-way (a full AdamW state each): no resume reads them."""
     for tmp in (out / "checkpoints").glob("step-*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
+    for aside in (out / "checkpoints").glob(".step-*.old"):  # a same-step save killed between its renames
+        restore_aside(aside.with_name(aside.name[1:-4]))
+    restore_aside(out / "final")
 
 
 def _nbytes(weights: dict[str, Tensor] | None, state: dict[str, Any]) -> int:
@@ -369,21 +374,23 @@ def save_checkpoint(out: Path, step: int, position: int, model, optimizer, sched
         try:
             with disk_full(final, lambda: _nbytes(weights, state), tmp):  # named as the checkpoint it was to be
                 _write_files(tmp, weights, state, {"step": step, "position": position, **extra, **files}, sums)
-        except StorageError as e:
+        except Exception as e:  # any failure, not only a full disk: the other ranks wait on this answer
             error = e
-    failed = world.any_true(error is not None)  # every rank learns of rank 0's full disk; none waits for it
+    failed = world.any_true(error is not None)  # every rank learns of rank 0's failure; none waits for it
     if world.main and not failed:
         # the rename is the commit point: a folder named step-N is always complete
         faults.point("checkpoint.commit", tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync(ckpts)  # the rename itself
+        replace_folder(tmp, final)  # the same step saved again (a resume): the old one aside until it is in
         for old in sorted(list_checkpoints(out))[:-keep] if keep > 0 else []:
             shutil.rmtree(ckpts / f"step-{old}", ignore_errors=True)
     world.barrier()  # no rank goes on before the checkpoint exists
     if failed:
-        raise error or StorageError(f"{tmp}: rank 0 could not write the checkpoint (the disk is full: its error "
-                                    "says more)")
+        full = world.any_true(isinstance(error, StorageError))  # what the others say: rank 0's kind of failure
+        if error is not None:
+            raise error
+        if full:
+            raise StorageError(f"{tmp}: rank 0 could not write the checkpoint (the disk is full: its error says more)")
+        raise TrainingError(f"{tmp}: rank 0 could not write the checkpoint (its error says why)")
     return final
 
 
@@ -471,7 +478,15 @@ def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], Non
                             "filesystem every process shares")
     if latest < 0:
         return None
-    chosen, failed = _newest_good(out, log) if world.main else (-1, [])
+    chosen, failed, error = -1, [], None
+    if world.main:
+        try:
+            chosen, failed = _newest_good(out, log)
+        except TrainingError as e:  # a read error: nothing moved; every rank stops with it, none waits
+            error = e
+    if world.any_true(error is not None):
+        raise error or TrainingError(f"rank 0 could not read the checkpoints in {out} (its error says which file); "
+                                     "nothing was moved: retry")
     chosen = int(world.max(chosen))  # rank 0's choice, on every rank (the others give -1)
     if chosen < 0:  # never a silent fresh start over checkpoints that exist
         raise TrainingError(f"no checkpoint in {out / 'checkpoints'} passes its checksum ("

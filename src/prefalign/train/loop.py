@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ..errors import TrainingError
 from ..runtime.device import cpu_model, describe
 from ..runtime.distributed import World
 from ..runtime.memory import doing, peak_memory_bytes
-from ..storage import whole_append
+from ..storage import commit, disk_full, tmp_name, whole_append
 from .checkpoint import WholeTensors, resume, save_checkpoint, sharded_format
 from .config import RunConfig
 from .trackers import Trackers
@@ -99,21 +100,49 @@ def build_optimizer(cfg: RunConfig, model) -> tuple[list, torch.optim.Optimizer,
     return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
-def _rows(path: Path, log: Callable[[str], None]) -> list[tuple[str, dict[str, Any]]]:
-    """metrics.jsonl's lines and rows; a line that does not parse (the last, cut short when a process
-    died mid-write, or a full disk from an older prefalign) is dropped with a note, never a failed resume."""
-    rows, bad = [], []
-    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+def _rows(path: Path, log: Callable[[str], None]) -> list[tuple[int, bytes, dict[str, Any] | None]]:
+    """metrics.jsonl's lines: (byte offset, line, row or None). A line that does not parse (the last, cut
+    short when a process died mid-write, or a full disk from an older prefalign) has None and is dropped
+    with a note, never a failed resume."""
+    rows, bad, offset = [], [], 0
+    for i, line in enumerate(path.read_bytes().splitlines(keepends=True), 1):
         try:
-            row = json.loads(line) if line else None
+            row = json.loads(line) if line.strip() else None
         except ValueError:
             bad.append(i)
-            continue
-        if isinstance(row, dict):
-            rows.append((line, row))
+            row = None
+        rows.append((offset, line, row if isinstance(row, dict) else None))
+        offset += len(line)
     if bad:
         log(f"note: {path}: dropped {len(bad)} line(s) that do not parse (line {bad[0]}: a write cut short)")
     return rows
+
+
+def _cut_after(path: Path, step: int, log: Callable[[str], None]) -> tuple[dict[str, Any], int]:
+    """metrics.jsonl without what was logged after checkpoint `step`, never rewritten in place (a kill or
+    a full disk half-way would lose the rows before it too): steps only increase, so the rows kept are a
+    prefix and the file is cut at the first one dropped (one truncate, atomic); a file where they are not
+    (a cut line in the middle, from an older prefalign) is written whole under a temporary name and
+    renamed. Returns (the last row kept, the last step the interrupted attempt logged)."""
+    rows = _rows(path, log)
+    keep = [r is not None and r.get("step", 0) <= step for _, _, r in rows]
+    kept = [(line, r) for (_, line, r), k in zip(rows, keep, strict=True) if k]
+    logged_until = max([r.get("step", 0) for _, _, r in rows if r is not None] + [step])
+    first = keep.index(False) if False in keep else len(keep)
+    faults.point("metrics.rewrite", path)
+    if not any(keep[first:]):
+        end = rows[first][0] if first < len(rows) else path.stat().st_size
+        if end != path.stat().st_size:
+            os.truncate(path, end)
+        if kept and not kept[-1][0].endswith(b"\n"):  # a last row whole but for its newline
+            with open(path, "ab") as f:
+                f.write(b"\n")
+    else:
+        tmp = tmp_name(path)
+        with disk_full(path, lambda: sum(len(x) + 1 for x, _ in kept), tmp):
+            tmp.write_bytes(b"".join(x.rstrip(b"\r\n") + b"\n" for x, _ in kept))
+            commit(tmp, path)
+    return (kept[-1][1] if kept else {}), logged_until
 
 
 class RunLog:
@@ -130,11 +159,7 @@ class RunLog:
         path = out / "metrics.jsonl"
         logged_until = None  # the last step the interrupted attempt logged: the trackers already have it
         if resumed_step is not None and path.exists():
-            rows = _rows(path, log)
-            kept = [x for x, row in rows if row.get("step", 0) <= resumed_step]
-            logged_until = max([row.get("step", 0) for _, row in rows] + [resumed_step])
-            path.write_text("".join(x + "\n" for x in kept))
-            self.last = json.loads(kept[-1]) if kept else {}
+            self.last, logged_until = _cut_after(path, resumed_step, log)
         elif path.exists():
             path.unlink()
         self.trackers = Trackers(cfg.trackers if cfg else ["tensorboard"], cfg.model_dump(mode="json") if cfg else {},
@@ -351,7 +376,11 @@ def write_summary(out: Path, result: LoopResult, **fields: Any) -> dict[str, Any
                "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,
                "peak_memory_bytes": result.last.get("peak_memory_bytes"), "device": result.device,
                "versions": versions(), "final": result.last}
-    (out / "run.json").write_text(json.dumps(summary, indent=2))
+    path = out / "run.json"
+    text = json.dumps(summary, indent=2)  # whole under a temporary name, then renamed: never half a run.json
+    with disk_full(path, len(text), tmp_name(path)):
+        tmp_name(path).write_text(text)
+        commit(tmp_name(path), path)
     return summary
 
 
