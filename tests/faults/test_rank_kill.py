@@ -211,7 +211,7 @@ def _describe(p: psutil.Process) -> str:
 def _stop_problems(case: Case, stopped: Stopped, out: Path, newest: int) -> list[str]:
     """How the stop broke its promises (docs/reliability.md): none when it kept them."""
     named = (f"the newest checkpoint is {out / 'checkpoints' / f'step-{newest}'}: resume with resume=true" if newest
-             else "no checkpoint was saved")
+             else "no checkpoint was saved yet (the first is due at step 2): resume=true starts over")
     problems = [] if stopped.code != 0 else ["the launcher exited 0"]
     problems += [] if stopped.stop_s < STOP_BOUND_S else [f"stopped {stopped.stop_s:.1f} s after the death"]
     problems += [] if named in stopped.text else [f"the message does not say {named!r}: {stopped.text[-1500:]}"]
