@@ -42,7 +42,8 @@ def main() -> None:
         r["case"], r["stop_s"] = (m.group(1), float(m.group(2))) if m else (r["detail"], None)
     result = {"command": f"PREFALIGN_FAULTS_FULL=1 python -m pytest -q {TEST}", "pytest_exit": run.returncode,
               "load_average_before": load, "wall_s": round(time.time() - t0, 1), "cpus": os.cpu_count(),
-              "machine": platform.machine(), "python": platform.python_version(), "cases": rows}
+              "machine": platform.machine(), "python": platform.python_version(), "cases": rows,
+              **({"pytest_tail": run.stdout[-6000:]} if run.returncode else {})}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     times = sorted(r["stop_s"] for r in rows if r["stop_s"] is not None)
