@@ -23,9 +23,11 @@ from safetensors.torch import load_file
 from conftest import WORDS, learnable_pairs, write_jsonl
 from prefalign import faults
 from prefalign.api import train
-from prefalign.errors import OutOfMemoryError, TrainingError
+from prefalign.errors import ModelError, OutOfMemoryError, TrainingError
+from prefalign.runtime import memory
 from prefalign.runtime.memory import out_of_memory
-from prefalign.train.methods import load_train_config
+from prefalign.train.methods import load_train_config, train_config
+from prefalign.train.oom import out_of_memory_advice, smaller_batch
 
 KIND = "out of memory"
 HERE = Path(__file__).parent
@@ -112,21 +114,46 @@ def test_out_of_memory_at_a_step_keeps_the_committed_checkpoints(tiny_models, pa
     assert outcome == expected
 
 
-@pytest.mark.parametrize(("method", "fault", "where"), [
-    ("sft", "oom@model.load#1", "out of memory while loading the model"),
-    ("dpo", "oom@reference.precompute#1", "out of memory in the reference precompute"),
-    ("grpo", "oom@rollout#2", "out of memory at step 2"),
+LOAD = ("a full fine-tune keeps its weights in fp32: with lora: true the base can load in dtype: bf16 or 4-bit "
+        "(quantize_4bit: true, CUDA)", "a smaller model")
+PRECOMPUTE = ("a smaller batch_size (the precompute's batch) with a larger grad_accum, the same 2 examples a step "
+              "(batch_size: 1, grad_accum: 2)", "a smaller max_length (now 512)")
+COPY_STEP = ("gradient_checkpointing: true (activations recomputed in the backward)",
+             "a smaller batch_size with a larger grad_accum, the same 2 examples a step (batch_size: 1, grad_accum: 2)",
+             "lora: true (no gradients nor AdamW state for the base weights)",
+             "reference: precompute (its log-probs computed once, before training: no second model)")
+RL_STEP = ("gradient_checkpointing: true (activations recomputed in the backward)",
+           "num_minibatches: 2 (the same rollout, updated in smaller pieces)",
+           "a smaller batch_size (prompts per rollout) or max_new_tokens",
+           "lora: true (no gradients nor AdamW state for the base weights)",
+           "lora: true with reference: adapter (the base with its adapters off is the reference: no second model)")
+
+
+def _tips(text: str) -> list[str]:
+    """The advice after `prefalign plan`'s, one tip each (they are joined by "; ")."""
+    return text.split("To need less: ", 1)[1].rsplit(". ", 1)[0].split("; ")[1:]
+
+
+@pytest.mark.parametrize(("method", "fault", "where", "tips"), [
+    ("sft", "oom@model.load#1", "out of memory while loading the model", LOAD),
+    ("dpo", "oom@reference.precompute#1", "out of memory in the reference precompute", PRECOMPUTE),
+    ("dpo", "oom@step#2", "out of memory at step 2", COPY_STEP),
+    ("grpo", "oom@rollout#2", "out of memory at step 2", RL_STEP),
 ])
-def test_the_cli_prints_one_line(method, fault, where, tiny_models, pair_file, tmp_path, monkeypatch, capsys):
+def test_the_cli_prints_one_line(method, fault, where, tips, tiny_models, pair_file, tmp_path, monkeypatch, capsys):
+    """One line, advice for where it ran out: loading needs smaller weights (not LoRA's or a batch's
+    savings), the precompute (no backward) smaller batches, a step every lever, and `reference:
+    precompute` (offline) or adapters (RL) when a frozen copy of the model is the reference."""
     from prefalign.cli import main
 
     args = ["prefalign", "train", "--method", method, "--model", str(tiny_models["llama"]), "-o", str(tmp_path / "run"),
             "--no-progress", "max_steps=3", "batch_size=2", "kl_every=0", "report_to=none"]
     if method != "grpo":
-        args += ["--data", str(pair_file)] + (["reference=precompute"] if method == "dpo" else [])
+        reference = "precompute" if "precompute" in fault else "copy"
+        args += ["--data", str(pair_file)] + ([f"reference={reference}"] if method == "dpo" else [])
     else:
         args += ["--prompts", str(pair_file), "--reward", f"{HERE.parent / 'fixtures' / 'rewards.py'}:length",
-                 "samples_per_prompt=2", "max_new_tokens=4", "ppo_epochs=1"]
+                 "samples_per_prompt=2", "max_new_tokens=4", "ppo_epochs=1", "reference=copy"]
     monkeypatch.setattr(sys, "argv", args)
     monkeypatch.setenv(faults.ENV, fault)
     try:
@@ -137,15 +164,53 @@ def test_the_cli_prints_one_line(method, fault, where, tiny_models, pair_file, t
         raise
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("error:")]
-    tips = _said(lines[0].removeprefix("error: "))["tips"] if lines else []
+    said = _tips(lines[0]) if lines else []
     ok = exited.value.code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {where} (fault injected")
-    ok = ok and "Traceback" not in err and tips == list(TIPS) and not (tmp_path / "run" / "final").exists()
+    ok = ok and "Traceback" not in err and said == list(tips) and not (tmp_path / "run" / "final").exists()
     tally(KIND, survived=ok, lost=0 if ok else 1, detail=f"{fault} {method} (CLI)")
     assert exited.value.code == 1 and "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith(f"error: {where} (fault injected"), err
-    assert tips == list(TIPS) and not (tmp_path / "run" / "final").exists()
-    if method == "grpo":  # RL has no grad_accum: its own ways to smaller steps
-        assert "a smaller batch_size (prompts per rollout), max_new_tokens or a larger num_minibatches" in lines[0]
+    assert "`prefalign plan " in lines[0] and said == list(tips), lines[0]
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def _advice(method: str, where: str, **settings) -> list[str]:
+    memory.begin()  # a fresh run's state (a run above may have held a reference copy)
+    cfg = train_config(dict(method=method, model="m", data="d.jsonl", output="/nonexistent/run", **settings))
+    return _tips(out_of_memory_advice(cfg, where, MemoryError("x")))
+
+
+def test_the_advice_fits_the_phase(monkeypatch):
+    """Phases no run above reaches through a fail point (reading the data, copying the model), the
+    LoRA variant of loading, and already-set settings left out."""
+    assert _advice("dpo", "while reading the data", max_length=300) == [
+        "a smaller max_length (now 300): the tokenized examples are held in memory", "a smaller data file"]
+    assert _advice("dpo", "while loading the model", lora=True) == [
+        "dtype: bf16 (the frozen base in half the memory)", "a smaller model"]
+    assert _advice("dpo", "while loading the model", lora=True, dtype="bf16") == ["a smaller model"]
+    assert _advice("dpo", "while copying the model for the reference", lora=True, dtype="bf16") == [
+        "reference: precompute (its log-probs computed once, before training: no second model)", "a smaller model"]
+    assert _advice("sft", "at step 4", gradient_checkpointing=True, lora=True, batch_size=1, max_length=64) == [
+        "a smaller max_length (now 64)"]
+
+
+@pytest.mark.parametrize(("batch", "accum", "processes", "suggested"), [
+    (8, 1, 1, (4, 2)), (12, 2, 4, (4, 6)), (6, 1, 2, (2, 3)), (16, 3, 8, (8, 6)), (4, 1, 4, None)])
+def test_a_smaller_batch_keeps_the_step_and_divides_over_the_processes(batch, accum, processes, suggested, monkeypatch):
+    """batch_size is the micro-batch of all processes together (each takes batch_size / processes): the
+    suggestion keeps batch_size x grad_accum examples a step and stays a multiple of WORLD_SIZE; with one
+    example a process there is none to suggest, and the advice falls back to max_length."""
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    assert smaller_batch(batch, accum, processes) == suggested
+    tips = _advice("sft", "at step 1", batch_size=batch, grad_accum=accum, gradient_checkpointing=True, lora=True)
+    if suggested is None:
+        assert tips == ["a smaller max_length (now 512)"]
+        return
+    b, a = suggested
+    assert b * a == batch * accum and b % processes == 0 and b < batch
+    over = f", over {processes} processes" if processes > 1 else ""
+    assert tips == [f"a smaller batch_size with a larger grad_accum, the same {batch * accum} examples a step{over} "
+                    f"(batch_size: {b}, grad_accum: {a})"]
 
 
 def test_what_counts_as_out_of_memory():
@@ -161,3 +226,39 @@ def test_what_counts_as_out_of_memory():
           OutOfMemoryError("out of memory at step 1")]
     assert [out_of_memory(e) for e in yes] == [True] * len(yes), cpu
     assert [out_of_memory(e) for e in no] == [False] * len(no)
+
+
+def _raised(make):
+    try:
+        make()
+    except Exception as e:
+        return e
+
+
+def _wrapped_enomem():
+    try:  # models/load.py's shape: transformers' OSError turned into a ModelError, `from None`
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+    except OSError as e:
+        raise ModelError(f"m: cannot load a model: {e}") from None
+
+
+def _caused_by_memory_error():
+    try:
+        bytearray(2**62)  # Python's own MemoryError, for real
+    except MemoryError as e:
+        raise RuntimeError("tokenizing failed") from e
+
+
+def test_an_out_of_memory_wrapped_by_another_error_is_one():
+    """The exception chain (`__cause__`, `__context__`) is walked: a ModelError over OSError(ENOMEM),
+    a RuntimeError raised from a MemoryError; an error only raised near an unrelated one is not."""
+    yes = [_raised(_wrapped_enomem), _raised(_caused_by_memory_error),
+           OSError("safetensors: Cannot allocate memory (os error 12)")]
+    no = [_raised(lambda: _raise_from(ModelError("m: no config.json"), OSError(errno.ENOENT, "missing"))),
+          _raised(lambda: _raise_from(OutOfMemoryError("out of memory at step 1"), MemoryError()))]
+    assert [out_of_memory(e) for e in yes] == [True] * len(yes)
+    assert [out_of_memory(e) for e in no] == [False] * len(no)
+
+
+def _raise_from(e: BaseException, cause: BaseException):
+    raise e from cause

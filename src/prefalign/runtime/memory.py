@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from ..errors import PrefalignError
+from ..errors import OutOfMemoryError
 
 
 def _libc():
@@ -61,12 +61,21 @@ def peak_memory_bytes(device: torch.device) -> int:
     return peak_rss_bytes()
 
 
-# what a run is doing now, in words an out-of-memory error can end with: "at step 3"
+# what a run is doing now, in words an out-of-memory error can end with ("at step 3"), and whether it
+# holds a frozen copy of the model for the reference (what `reference: precompute` or adapters would save)
 _doing = ["while starting the run"]
+_held = {"reference_copy": False}
 # what allocators say when they fail: torch's CPU allocator raises a plain RuntimeError (torch 2.13:
 # "DefaultCPUAllocator: can't allocate memory ... Error code 12 (Cannot allocate memory)"), CUDA, MPS
-# and cuBLAS their own words; torch.OutOfMemoryError exists from torch 2.5
-_OOM_TEXT = ("can't allocate memory", "Cannot allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+# and cuBLAS their own words; torch.OutOfMemoryError exists from torch 2.5; Rust libraries (safetensors,
+# tokenizers) put the OS error in their message only
+_OOM_TEXT = ("can't allocate memory", "Cannot allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+             "(os error 12)")
+
+
+def begin() -> None:
+    """A run starts: nothing done nor held yet."""
+    _doing[0], _held["reference_copy"] = "while starting the run", False
 
 
 def doing(what: str) -> None:
@@ -79,13 +88,42 @@ def where() -> str:
     return _doing[0]
 
 
-def out_of_memory(e: BaseException) -> bool:
-    """Whether `e` is running out of memory: Python's MemoryError, torch's OutOfMemoryError (CUDA,
-    MPS), an allocator's RuntimeError, or ENOMEM from the OS (an mmap, a new thread)."""
-    if isinstance(e, PrefalignError):  # already explained
-        return False
+def holding_reference_copy() -> None:
+    """The run now holds a frozen copy of the model as its reference (train/oom.py advises against it)."""
+    _held["reference_copy"] = True
+
+
+def holds_reference_copy() -> bool:
+    return _held["reference_copy"]
+
+
+def _chain(e: BaseException):
+    """`e`, then what it was raised from or while handling (`__cause__`, `__context__`), each once: an
+    OOM that another error wraps (a loader turning OSError(ENOMEM) into its own error) is still one."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [x.__cause__, x.__context__]
+
+
+def _oom_itself(e: BaseException) -> bool:
     if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
         return True
-    if isinstance(e, OSError):
-        return e.errno == errno.ENOMEM
-    return isinstance(e, RuntimeError) and any(s in str(e) for s in _OOM_TEXT)
+    if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+        return True
+    return isinstance(e, (RuntimeError, OSError)) and any(s in str(e) for s in _OOM_TEXT)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is running out of memory: Python's MemoryError, torch's OutOfMemoryError (CUDA,
+    MPS), an allocator's RuntimeError, or ENOMEM from the OS (an mmap, a new thread), raised as such
+    or under another error (its `__cause__`/`__context__` chain). An error prefalign already explained
+    as out of memory (prefalign.errors.OutOfMemoryError) is not one again."""
+    chain = list(_chain(e))
+    if any(isinstance(x, OutOfMemoryError) for x in chain):
+        return False
+    return any(_oom_itself(x) for x in chain)

@@ -51,7 +51,7 @@ from ..models.scalar import token_scores as critic_token_scores
 from ..runtime.determinism import disable_dropout
 from ..runtime.device import describe
 from ..runtime.distributed import World, shut_down
-from ..runtime.memory import doing
+from ..runtime.memory import doing, holding_reference_copy
 from ..runtime.precision import weights_dtype
 from .config import RLConfig
 from .kl_monitor import build_monitor
@@ -227,6 +227,8 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     strategy, ref_model = _reference(cfg, policy)
+    if ref_model is not None:
+        holding_reference_copy()  # an out-of-memory error then advises reference: adapter
     # a vLLM engine starts from the weights before adapters; a LoRA run then pushes adapters only
     generator = make_generator(cfg.generation_backend, policy, tokenizer, device, autocast, seed=cfg.seed,
                                max_length=cfg.max_prompt_length + cfg.max_new_tokens,
