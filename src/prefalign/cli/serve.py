@@ -33,12 +33,14 @@ def serve_cmd(
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         fail(f"prefalign serve needs {' and '.join(missing)}: pip install 'prefalign[serve]'")
+    from ..runtime.http import listen
     from ..serve.host import check_host
 
     check_host(host, api_key)  # before torch and the models load
+    sock = listen(host, port, api_key)  # the address actually bound checked too, before they load
     from ..serve.api import Limits
     from ..serve.server import serve
 
     limits = Limits(max_tokens=max_tokens, max_body_bytes=max_body, max_prompts=max_prompts)
-    serve(models, host=host, port=port, api_key=api_key, log=_log, max_batch=max_batch, device=device, dtype=dtype,
-          chat_template=chat_template, threads=threads, limits=limits)
+    serve(models, host=host, port=port, api_key=api_key, sock=sock, log=_log, max_batch=max_batch, device=device,
+          dtype=dtype, chat_template=chat_template, threads=threads, limits=limits)

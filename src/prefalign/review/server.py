@@ -30,7 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
-from ..runtime.http import Guard, detail_body, is_loopback
+from ..runtime.http import Guard, check_api_key, detail_body, is_loopback, listen
 from .store import Conflict, Store
 from .summary import summarise
 
@@ -249,6 +249,7 @@ def _bearer(app) -> None:
 
 
 def check_host(host: str, api_key: str | None) -> None:
+    check_api_key(api_key)
     if not is_loopback(host) and not api_key:
         raise ConfigError(f"--host {host} is not a loopback address: anyone who can reach it could label and read "
                           "the answers; give --api-key KEY (or PREFALIGN_REVIEW_KEY) and open the page with &key=KEY")
@@ -260,13 +261,9 @@ def serve(store: Store, host: str = "127.0.0.1", port: int = 8008, log: Callable
     answers at once, then serve until interrupted."""
     check_host(host, api_key)
     _, uvicorn = _fastapi()
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)  # connections made from now on wait in the backlog until uvicorn accepts them
+    sock = listen(host, port, api_key)  # connections made from now on wait in its backlog until uvicorn accepts them
     bound = sock.getsockname()[1]
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    shown = f"[{host.strip('[]')}]" if sock.family == socket.AF_INET6 else host
     key = "&key=YOUR_KEY" if api_key else ""
     log(f"review: http://{shown}:{bound}/?annotator=YOUR_NAME{key}  ({store.path}; Ctrl+C stops, nothing is lost)")
     config = uvicorn.Config(guarded(store, api_key), log_level="warning", access_log=False)

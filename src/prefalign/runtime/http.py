@@ -8,9 +8,17 @@ refuse an address before anything heavy loads.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
-import secrets
+import re
+import socket
 from collections.abc import Callable, Collection
+
+from ..errors import ConfigError
+
+# what a header can carry through every client: browsers' fetch and httpx (the OpenAI SDK) refuse other
+# characters, and servers strip a value's leading and trailing spaces
+_SENDABLE_KEY = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 
 def is_loopback(host: str) -> bool:
@@ -21,6 +29,34 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def check_api_key(key: str | None) -> None:
+    """Refuse, at start, a key no client could send: it would lock everyone out of a running server."""
+    if key and not _SENDABLE_KEY.fullmatch(key):
+        raise ConfigError("the API key must be printable ASCII (letters, digits, punctuation; no leading or trailing "
+                          "space): browsers and most HTTP clients (httpx, the OpenAI SDK) cannot send other characters "
+                          "in the Authorization header")
+
+
+def listen(host: str, port: int, api_key: str | None) -> socket.socket:
+    """A socket bound to (host, port) and listening (port 0: any free one). Without a key the address
+    actually bound must be loopback: `localhost` is taken for loopback by name, and a resolver
+    (/etc/hosts, NSS) that maps it elsewhere must not expose a server that checks no key."""
+    host = host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        bound = sock.getsockname()[0]
+        if not api_key and not ipaddress.ip_address(bound.split("%")[0]).is_loopback:
+            raise ConfigError(f"--host {host} resolved to {bound}, which is not a loopback address: serving it needs "
+                              "an API key; to stay on this machine only, give --host 127.0.0.1 (or ::1)")
+        sock.listen(128)  # connections made from now on wait in the backlog until the server accepts them
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def detail_body(status: int, message: str, code: str | None = None) -> dict:
@@ -46,8 +82,10 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if self.api_key is not None and scope["path"] not in self.open_paths:
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            # the header's bytes against the key's UTF-8, in constant time: decoding the header as latin-1 and
+            # encoding it as UTF-8 changed every byte over 127, so a non-ASCII key never matched
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode("utf-8")):
                 return await self._answer(401, "invalid or missing API key (Authorization: Bearer KEY)",
                                           "invalid_api_key")(scope, receive, send)
         length = headers.get(b"content-length")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 import uvicorn
 
 from ..data.chat import resolve_chat_template
 from ..errors import ConfigError
 from ..runtime.device import pick_device
+from ..runtime.http import listen
 from .api import Limits, create_app, guard
 from .engine import Engine
 from .host import check_host
@@ -36,12 +39,21 @@ def build(models: list[str], *, device: str = "auto", dtype: str = "fp32", max_b
 
 
 def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          log=print, **options) -> None:
+          log=print, sock: socket.socket | None = None, **options) -> None:
+    """Serve until interrupted; `sock`: already bound by runtime/http.py's `listen` (the CLI binds before
+    torch loads), else bound here."""
     check_host(host, api_key)  # before any model is loaded
-    app, engine = build(models, api_key=api_key, **options)
-    log(f"serving {', '.join(models)} on http://{host}:{port}/v1 (max batch {engine.max_batch} rows, "
+    # bound first: the address actually bound is checked (runtime/http.py) before the models load, and
+    # requests sent meanwhile wait in the backlog
+    sock = sock if sock is not None else listen(host, port, api_key)
+    try:
+        app, engine = build(models, api_key=api_key, **options)
+    except BaseException:
+        sock.close()
+        raise
+    log(f"serving {', '.join(models)} on http://{host}:{sock.getsockname()[1]}/v1 (max batch {engine.max_batch} rows, "
         f"{engine.device.type}){'; API key required' if api_key else ''}")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         engine.stop()
