@@ -490,8 +490,8 @@ def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], Non
     chosen = int(world.max(chosen))  # rank 0's choice, on every rank (the others give -1)
     if chosen < 0:  # never a silent fresh start over checkpoints that exist
         raise TrainingError(f"no checkpoint in {out / 'checkpoints'} passes its checksum ("
-                            f"{'; '.join(failed) or 'rank 0 says why'}): restore them, or start afresh with "
-                            "resume: false or another output folder")
+                            f"{'; '.join(failed) or 'rank 0 says why'}): restore them, or move them away and start "
+                            "afresh (resume: false), or use another output folder")
     state = load_checkpoint(out / "checkpoints" / f"step-{chosen}", model, optimizer, scheduler, world, tensors)
     log(f"resumed from checkpoints/step-{chosen}" + (f" ({'; '.join(failed)})" if failed else ""))
     return state

@@ -33,6 +33,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = T
     # last act, after its model card: api.finish_run, one layer up
     memory.begin()
     with run_lock(Path(cfg.output), log, main=int(os.environ.get("RANK", "0")) == 0):
+        check_fresh_start(cfg)  # inside the lock: a run still training there is named by the lock first
         try:
             return TRAINERS[METHODS[cfg.method].trainer](cfg, log=log, progress=progress)
         except Exception as e:
@@ -41,6 +42,20 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = T
             if not memory.out_of_memory(e):
                 raise
             raise OutOfMemoryError(out_of_memory_advice(cfg, memory.where(), e, _on_cuda(cfg))) from e
+
+
+def check_fresh_start(cfg: RunConfig) -> None:
+    """A fresh start (resume: false) is refused in a folder that holds an earlier run's committed
+    checkpoints: left in place they would mix with the new run's (a later resume could take the old
+    run's newest step, and keep_checkpoints would delete the new run's first), and moved aside they would
+    outlive the metrics.jsonl and final/ the new run overwrites. Nothing is touched; the user decides."""
+    steps = [] if cfg.resume else list_checkpoints(Path(cfg.output))
+    if steps:
+        ckpts = Path(cfg.output) / "checkpoints"
+        held = f"step-{steps[0]}" + (f" to step-{steps[-1]}" if len(steps) > 1 else "")
+        raise ConfigError(f"{ckpts} holds an earlier run's checkpoints ({held}) and this run starts afresh "
+                          f"(resume: false): resume: true continues that run; to start over, move them away "
+                          f"(mv {ckpts} {ckpts}.old) or give another output folder")
 
 
 def _on_cuda(cfg: RunConfig) -> bool:
@@ -54,6 +69,7 @@ def launch_processes(cfg: RunConfig, nproc: int, argv: list[str], log: Callable[
     if launched():
         raise ConfigError("--nproc starts the processes itself: under torchrun or accelerate launch, leave it out")
     check_installed(cfg.trackers)
+    check_fresh_start(cfg)
     (check_world if METHODS[cfg.method].trainer == "offline" else check_rl_world)(cfg, World(0, nproc))
     if cfg.push_to_hub:
         check_push(cfg.hub_repo_id)
