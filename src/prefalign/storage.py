@@ -92,6 +92,17 @@ def fsync(path: str | Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str | Path) -> Path:
+    """`path` and its missing parents, each new folder's entry fsynced in its parent: after a power loss
+    a folder made here must still be there, or every file later committed into it is lost with it."""
+    p = Path(path)
+    missing = [q for q in (p, *p.parents) if not q.exists()][::-1]  # outermost first
+    p.mkdir(parents=True, exist_ok=True)
+    for q in missing:
+        fsync(q.parent)
+    return p
+
+
 def tmp_name(path: str | Path) -> Path:
     """The temporary name `path` is written under: in its own folder (a rename there is atomic) and hidden.
     One name per file, so the next write replaces what a killed one left (one writer per run folder: its lock)."""

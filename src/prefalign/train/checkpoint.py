@@ -60,6 +60,7 @@ from ..storage import (
     disk_full_errno,
     file_entry,
     fsync,
+    make_dirs,
     remove,
     replace_folder,
     restore_aside,
@@ -241,6 +242,8 @@ def _save_sharded(tmp: Path, model, optimizer, world: World, state: dict[str, An
     except CheckpointException as e:  # every rank gets every rank's failures: all stop alike
         _disk_full_in(e, tmp, world, sum(t.numel() * t.element_size() for t in tensors.values()))
         raise
+    if world.main:  # DCP fsyncs its files, not shards/ itself: their entries there (every rank's, one folder)
+        fsync(tmp / SHARDS)
     mine = sorted({r.storage_data.relative_path for w in written for r in w.value()})
     sums = {f"{SHARDS}/{f}": file_entry(tmp / SHARDS / f) for f in mine if (tmp / SHARDS / f).is_file()}
     every = [(mine, sums)]
@@ -359,7 +362,8 @@ def save_checkpoint(out: Path, step: int, position: int, model, optimizer, sched
     final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
     if world.main:
         remove_stale_saves(out)  # saves that died half-way before this one
-        tmp.mkdir(parents=True)
+        make_dirs(ckpts)  # a new checkpoints/ durable in the run folder (step-N.tmp's own entry: at its rename)
+        tmp.mkdir()
     world.barrier()  # the folder exists before any rank writes into it
     state: dict[str, Any] = {"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():  # sampling on a GPU draws from its generators: resume needs them too

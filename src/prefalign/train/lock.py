@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 
 from ..errors import ConfigError
+from ..storage import make_dirs
 
 LOCK = "run.lock"
 
@@ -46,7 +47,7 @@ def run_lock(out: Path, log: Callable[[str], None] = print, main: bool = True) -
     if not main:
         yield
         return
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)  # a new run folder's entry fsynced: a power cut must not lose it with its checkpoints
     path, host = out / LOCK, socket.gethostname()
     me = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     while True:
