@@ -7,7 +7,8 @@ point (prefalign/faults.py: a step, a backward, an optimizer step, an eval batch
 batch, the reference cache's write, a checkpoint's files or its commit, a metrics row, final/, an RL
 rollout) at a seeded hit among those an uninterrupted run reaches, or a SIGKILL sent from outside at a
 seeded delay after the first checkpoint appears (a fail point is only where we thought to put one), or
-twice: at a fail point, then the resume killed too at one of the steps it had left.
+twice: at a fail point, then the resume killed too at one of the steps it had left, once a checkpoint
+is committed (a first kill before any leaves the resume a fresh start: its kill comes after its first save).
 A kill inside a checkpoint save must leave that save uncommitted and the previous checkpoint intact
 and chosen; a kill in the reference precompute leaves its cache absent or whole.
 
@@ -352,6 +353,19 @@ def resume_problems(server: Server, argv: list[str], base: Path, out: Path, log:
         + folder_problems(base / "final", out / "final", "final") + tracker_problems(out)
 
 
+def _setting(argv: list[str], key: str) -> int:
+    return int(next(a for a in argv if a.startswith(f"{key}=")).split("=")[1])
+
+
+def second_kill(rng: random.Random, argv: list[str], left: int) -> tuple[str, int, int]:
+    """The resume's kill in a `twice` case: the `step` fail point's hit (before the resume's k-th step,
+    step left + k) drawn, seeded, among those that come after a committed checkpoint: any when the first
+    kill left one, else those after the resume's own first save; in final/ when no such step is left."""
+    steps, every = _setting(argv, "max_steps") - left, _setting(argv, "save_every")
+    after = [k for k in range(1, steps + 1) if left or left + k - 1 >= every]
+    return ("step", rng.choice(after), steps) if after else ("final.write", 1, 1)
+
+
 @pytest.mark.parametrize(("trainer", "variant", "moment"), CASES if FULL else _picked(),
                          ids=lambda x: str(x))
 def test_a_killed_run_resumes_to_the_uninterrupted_run(trainer, variant, moment, server, baselines, files,
@@ -376,12 +390,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run(trainer, variant, moment,
     kills = 1
     if moment in ("twice", "metrics.rewrite"):  # the resume is killed too, then resumed
         left = (committed(out) or [0])[-1]
-        steps = int(next(a for a in argv if a.startswith("max_steps=")).split("=")[1]) - left
-        # at a step it has left (or in final/); or as it cuts metrics.jsonl back to its checkpoint
-        second = ("metrics.rewrite", 1, 1) if moment == "metrics.rewrite" else \
-            ("step", rng.randint(1, steps), steps) if steps else ("final.write", 1, 1)
+        # at a step it has left once a checkpoint exists (or in final/); or as it cuts metrics.jsonl back
+        second = ("metrics.rewrite", 1, 1) if moment == "metrics.rewrite" else second_kill(rng, argv, left)
         rc, again = kill_at(server, argv + ["resume=true"], tmp_path / "killed-again.log", *second)
         problems += [] if rc == -signal.SIGKILL else [f"{again}: exit status {rc}, not SIGKILL"]
+        if not committed(out):  # what the case claims to test: a resume of a resume, from a checkpoint
+            problems.append(f"{again}: the second kill came before any checkpoint was committed")
         where, kills = f"{where}, then the resume at {again}", 2
     try:
         problems += resume_problems(server, argv, base, out, tmp_path / "resumed.log")
