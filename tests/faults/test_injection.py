@@ -196,8 +196,12 @@ def test_the_review_page_shows_markup_as_text_and_runs_none_of_it(review, tmp_pa
     except Exception:  # the page broke before it could be judged: every payload counted as lost, then raised
         tally(KIND, False, lost=len(XSS) + 3, count=len(XSS) + 3, detail="HTML/JS on the review page")
         raise
+    # the summary lists each annotator in its `annotators` row, a JSON object shown as text: the name as JSON
+    # writes it (its quotes escaped). The name bare is only in the Cohen's kappa row, which exists only when a
+    # second annotator judged the same item: the SQL test's, when it ran first (the page test alone failed)
     literal = (texts[0] == XSS["prompt"] and {texts[1], texts[2]} == {XSS["chosen"], XSS["rejected"]}
-               and texts[3] == f"annotator: {NAME}" and FILE in status and comment == COMMENT and NAME in summary)
+               and texts[3] == f"annotator: {NAME}" and FILE in status and comment == COMMENT
+               and f"{json.dumps(NAME)}:1" in summary)
     ok = shown and pwned is None and not blocked and literal
     tally(KIND, ok, lost=0 if ok else len(XSS) + 3, count=len(XSS) + 3, detail="HTML/JS on the review page")
     assert shown and pwned is None and not blocked, (pwned, blocked)
