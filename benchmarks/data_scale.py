@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _rss  # benchmarks/_rss.py: this script's folder is on sys.path
+
 WORDS = "the a movie film plot actor good bad great awful story scene end love hate why how what".split()
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,17 +46,6 @@ def generate(path: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def vm_rss(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def run(args: list[str], workdir: Path) -> dict:
     """Run `python -m prefalign ARGS` in its own process: seconds, peak RSS (bytes), RSS samples, stdout."""
     out_path = workdir / "stdout.txt"
@@ -62,21 +53,12 @@ def run(args: list[str], workdir: Path) -> dict:
     t0 = time.perf_counter()
     with open(out_path, "w") as out, open(workdir / "stderr.txt", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "prefalign", *args], stdout=out, stderr=err)
-        samples: list[tuple[float, int]] = []
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            rss = vm_rss(proc.pid)
-            if rss:
-                samples.append((round(time.perf_counter() - t0, 1), rss))
-            time.sleep(0.5)
+        samples, code, peak = _rss.sample(proc, 0.5, t0)
     seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"prefalign {' '.join(args)} exited with {proc.returncode}:\n"
+    if code:
+        raise SystemExit(f"prefalign {' '.join(args)} exited with {code}:\n"
                          f"{(workdir / 'stderr.txt').read_text()[-2000:]}")
-    return {"seconds": round(seconds, 1), "peak_rss": usage.ru_maxrss * 1024, "rss_samples": samples,
+    return {"seconds": round(seconds, 1), "peak_rss": peak, "rss_samples": samples,
             "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()], "stdout": out_path.read_text()}
 

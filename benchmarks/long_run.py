@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _rss  # benchmarks/_rss.py: this script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "src" / "prefalign" / "assets" / "imdb-lm"
 KEEP = 2  # RunConfig's keep_checkpoints default: the run below leaves it as it is
@@ -70,17 +72,6 @@ def train_command(model: Path, train: Path, held: Path, out: Path, steps: int, s
             "kl_prompts=8", "kl_max_new_tokens=16", "reference=precompute", f"threads={threads}", *extra]
 
 
-def vm_rss(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 class StepTail:
     """The last step metrics.jsonl has logged, read incrementally (complete lines only)."""
 
@@ -108,19 +99,9 @@ def watch(cmd: list[str], out: Path, interval: float = 0.5, env: dict | None = N
     log = open(out.parent / f"{out.name}.log", "w")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    tail, samples = StepTail(out / "metrics.jsonl"), []
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        rss = vm_rss(proc.pid)
-        if rss:
-            samples.append((round(time.perf_counter() - t0, 2), rss, tail.read()))
-        time.sleep(interval)
+    samples, code, peak = _rss.sample(proc, interval, t0, also=StepTail(out / "metrics.jsonl").read, digits=2)
     log.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss": usage.ru_maxrss * 1024, "samples": samples,
+    return {"returncode": code, "seconds": round(time.perf_counter() - t0, 1), "peak_rss": peak, "samples": samples,
             "log_tail": (out.parent / f"{out.name}.log").read_text()[-3000:]}
 
 
