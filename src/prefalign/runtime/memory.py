@@ -78,10 +78,13 @@ def begin() -> None:
     _doing[0], _held["reference_copy"] = "while starting the run", False
 
 
-def doing(what: str) -> None:
+def doing(what: str, reference_copy: bool = False) -> None:
     """Record what the run does now ("while loading the model", "at step 3"): the phrase an
-    out-of-memory error names (train/run.py). One process trains one run at a time."""
+    out-of-memory error names (train/run.py). `reference_copy`: from now on the run holds a frozen copy
+    of the model as its reference. One process trains one run at a time."""
     _doing[0] = what
+    if reference_copy:
+        holding_reference_copy()
 
 
 def where() -> str:

@@ -34,7 +34,7 @@ from ..models.scalar import load_scalar_model
 from ..runtime.determinism import disable_dropout
 from ..runtime.device import describe, set_up
 from ..runtime.distributed import World, init_world, shut_down
-from ..runtime.memory import doing, holding_reference_copy, set_malloc_mmap_threshold
+from ..runtime.memory import doing, set_malloc_mmap_threshold
 from ..runtime.precision import autocast_for, bf16_wanted, weights_dtype
 from . import deepspeed
 from .config import OfflineConfig, RunConfig
@@ -182,9 +182,8 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     strategy = choose_reference(cfg, method, len(data), world)
     reference = None
     if strategy == "copy":
-        doing("while copying the model for the reference")
+        doing("while copying the model for the reference", reference_copy=True)  # OOM advice: train/oom.py
         reference = CopyReference(model, autocast, cfg.logits_chunk_mb)  # before LoRA and before any update
-        holding_reference_copy()  # an out-of-memory error then advises reference: precompute
     watch, initial = _watch(cfg, method, strategy, model, log, world)
     if cfg.lora_settings is not None:
         model = add_lora(model, cfg.lora_settings, "SEQ_CLS" if method.inputs == "scores" else "CAUSAL_LM")

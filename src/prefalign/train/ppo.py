@@ -121,6 +121,7 @@ def _reference(cfg: RLConfig, policy):
     if strategy == "adapter":
         return strategy, None
     ref = copy.deepcopy(policy).requires_grad_(False).eval()  # before LoRA and before any update
+    holding_reference_copy()  # an out-of-memory error then advises reference: adapter (train/oom.py)
     return strategy, ref
 
 
@@ -227,8 +228,6 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     strategy, ref_model = _reference(cfg, policy)
-    if ref_model is not None:
-        holding_reference_copy()  # an out-of-memory error then advises reference: adapter
     # a vLLM engine starts from the weights before adapters; a LoRA run then pushes adapters only
     generator = make_generator(cfg.generation_backend, policy, tokenizer, device, autocast, seed=cfg.seed,
                                max_length=cfg.max_prompt_length + cfg.max_new_tokens,
