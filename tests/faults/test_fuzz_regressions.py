@@ -176,3 +176,22 @@ def test_the_atheris_target_runs(tmp_path):
     assert run.returncode == 0 and done and int(done.group(1)) > 10, run.stderr[-3000:]
     assert not list(tmp_path.glob("crash-*"))
     assert len(list((tmp_path / "corpus").iterdir())) >= 7  # seeded, then grown
+
+
+def test_serve_schema_bounds_are_the_bounds_it_accepts():
+    """make faults' schemathesis run found `top_k: -1` (vLLM's "off") accepted while the schema said
+    minimum 0: a client generated from the schema could not send it, and a fuzzer's "invalid" request
+    got a 200. Every integer bound the schema states is the edge of what the body accepts."""
+    pytest.importorskip("fastapi")
+    from pydantic import ValidationError
+
+    from prefalign.serve.schemas import ChatBody, CompletionBody
+    bodies = {CompletionBody: {"model": "m", "prompt": "a"},
+              ChatBody: {"model": "m", "messages": [{"role": "user", "content": "a"}]}}
+    for cls, base in bodies.items():
+        for name, prop in cls.model_json_schema()["properties"].items():
+            if prop.get("type") != "integer" or "minimum" not in prop:
+                continue
+            cls.model_validate({**base, name: prop["minimum"]})
+            with pytest.raises(ValidationError):
+                cls.model_validate({**base, name: prop["minimum"] - 1})

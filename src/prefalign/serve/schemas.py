@@ -26,7 +26,7 @@ class Body(BaseModel):
     n: int = Field(1, ge=1, description="completions per prompt")
     temperature: float = Field(1.0, ge=0, le=2, description="softmax temperature; 0: greedy")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass; 1: off")
-    top_k: int = Field(0, ge=0, description="(vLLM's extension) keep the k most likely tokens; 0 (or -1): off")
+    top_k: int = Field(0, ge=-1, description="(vLLM's extension) keep the k most likely tokens; 0 or -1: off")
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end a completion (not returned)")
     seed: int | None = Field(None, ge=-2**63, lt=2**63, description="the draw is reproducible: same seed, prompt and "
                              "settings, same text (a 64-bit signed integer, as OpenAI and vLLM take it)")
