@@ -1,5 +1,7 @@
 """Prompt+completion tokenized together; the loss mask from the seam; BOS/EOS never doubled or missing."""
 
+import pytest
+
 from prefalign.data.records import PreferencePair
 from prefalign.data.tokenize import Tokenized, tokenize, tokenize_pair, truncate
 
@@ -76,3 +78,18 @@ def test_batches_are_truncated_then_padded_to_their_longest(tokenizer):
     assert longest <= 24 and padded["input_ids"].shape[1] == longest  # never a global max_length
     shared = collate_shared_prompt(examples, [0, 1], tokenizer.pad_token_id)
     assert shared["input_ids"].shape[1] < 2 * longest
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "bos_tokenizer"])
+def test_bos_written_in_the_data_is_kept(name, request):
+    """make faults found `<s><s>` in the data losing one `<s>` (the tokenizer adds none: `tokenizer`), and an
+    empty prompt before an answer `<s>` giving a prompt length of -1. Only a BOS the tokenizer added is dropped,
+    and only in front of a prompt that already starts with one."""
+    tok = request.getfixturevalue(name)
+    for prompt, answer in (("", "<s><s>"), ("<s><s>", "y"), ("", "<s>"), ("<s>", "<s>")):
+        t = tokenize(tok, prompt, answer, add_eos=False)
+        added = tok.bos_token if name == "bos_tokenizer" and not prompt.startswith("<s>") else ""
+        assert tok.decode(t.input_ids) == added + prompt + answer
+        assert 0 <= t.prompt_len < len(t.input_ids) and tok.decode(t.input_ids[t.prompt_len:]) == answer
+    t = tokenize(tok, "<s>the movie", " was good")
+    assert t.input_ids.count(tok.bos_token_id) == 1

@@ -56,7 +56,7 @@ def tokenize(tokenizer, prompt: Text, completion: Text, *, max_length: int | Non
     """One sequence and its scored tokens. Plain text: the completion. Messages (either side a list):
     the completion's assistant turns; with all_turns, every assistant turn of prompt + completion."""
     if isinstance(prompt, str) and isinstance(completion, str):
-        ids, prompt_len = _plain(tokenizer, prompt, completion)
+        ids, prompt_len, added = _plain(tokenizer, prompt, completion)
         mask = None
     else:
         p_msgs, c_msgs = _messages(prompt, "user"), _messages(completion, "assistant")
@@ -68,8 +68,11 @@ def tokenize(tokenizer, prompt: Text, completion: Text, *, max_length: int | Non
         ids, scored = ids[:end], scored[:end]
         prompt_len = scored.index(True)
         mask = scored if not all(scored[prompt_len:]) else None
+        added = False  # the template wrote every token; a BOS in it is the template's or the data's
     bos = tokenizer.bos_token_id
-    if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+    # A prompt already rendered with its BOS, and the tokenizer adds one more: drop the added one. Only
+    # that one: a BOS written in the data is text like any other (make faults found `<s><s>` losing one).
+    if added and prompt_len > 1 and ids[1] == bos:
         ids, prompt_len, mask = ids[1:], prompt_len - 1, mask[1:] if mask is not None else None
     eos = tokenizer.eos_token_id
     if add_eos and eos is not None:
@@ -82,7 +85,8 @@ def tokenize(tokenizer, prompt: Text, completion: Text, *, max_length: int | Non
     return truncate(Tokenized(ids, prompt_len, mask=mask), max_length, max_prompt_length, bos)
 
 
-def _plain(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
+def _plain(tokenizer, prompt: str, completion: str) -> tuple[list[int], int, bool]:
+    """The ids, the prompt's length and whether the tokenizer added a BOS of its own in front."""
     enc = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     boundary = len(prompt)
@@ -91,7 +95,9 @@ def _plain(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
     # (offset (0, 0)) after it stay in the completion.
     while prompt_len < len(ids) and offsets[prompt_len][1] <= boundary:
         prompt_len += 1
-    return ids, prompt_len
+    bos = tokenizer.bos_token_id
+    added = bool(ids) and bos is not None and ids[0] == bos and tuple(offsets[0]) == (0, 0)
+    return ids, prompt_len, added
 
 
 def truncate(t: Tokenized, max_length: int | None, max_prompt_length: int | None,
