@@ -7,6 +7,7 @@ to the same decisions."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import corpus, held_out_pairs, learnable_pairs, write_jsonl
 from prefalign.errors import OutOfMemoryError
+from prefalign.eval.evaluate import EvalConfig, evaluate
 from prefalign.train.config import Guards
 from prefalign.train.guards import broken_rules, frontier, last_good
 from prefalign.train.methods import make_config
@@ -69,9 +71,16 @@ def test_guards_config_errors():
 def files(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("guards")
     train_pairs = learnable_pairs(32)
+    # a suite the untrained tiny model passes (its greedy answer repeats the prompt's last word) and training
+    # makes it forget: retention that drops
+    write_jsonl(root / "words.jsonl", [{"question": q, "answer": q.split()[-1]} for q in
+                                       ["I loved the movie", "I hated the plot", "the film", "what", "why", "hello"]])
+    (root / "words.yaml").write_text("name: words\ndata: words.jsonl\nprompt: '{question}'\nchat: false\n"
+                                     "scorer: contains\nlimit: 2\nmax_new_tokens: 6\n")
     return {"model": str(tiny_models["llama"]), "data": str(write_jsonl(root / "pairs.jsonl", train_pairs)),
             "eval_data": str(write_jsonl(root / "held.jsonl", held_out_pairs(train_pairs, 12))),
-            "text": str(write_jsonl(root / "text.jsonl", [{"text": t} for t in corpus(6, seed=5)])), "root": root}
+            "text": str(write_jsonl(root / "text.jsonl", [{"text": t} for t in corpus(6, seed=5)])), "root": root,
+            "suite": str(root / "words.yaml")}
 
 
 def _run(files, name, guards=None, select="last", **kw):
@@ -94,7 +103,8 @@ def _once(files, name, guards):
 @pytest.fixture(scope="module")
 def figures(files):
     """A run with every measurement and no rule: the per-step figures the other runs are checked against."""
-    return _run(files, "figures", {"suites": ["arithmetic"], "suite_limit": 2, "text": files["text"]}, "frontier")
+    return _run(files, "figures", {"suites": ["arithmetic", files["suite"]], "suite_limit": 2, "text": files["text"]},
+                "frontier")
 
 
 def _weights_equal(final, checkpoint):
@@ -109,7 +119,8 @@ def test_figures_are_recorded_and_documented(figures, files):
     assert history[-1]["kl"] > 4 * history[0]["kl"] > 0  # over-trained: the KL climbs
     assert all(h["perplexity_increase"] == pytest.approx(h["perplexity"] / g["reference"]["perplexity"] - 1)
                for h in history)
-    assert all(h["retention_drop"] == g["reference"]["suites/arithmetic"] - h["suites"]["arithmetic"] for h in history)
+    assert all(h["retention_drop"] == max(g["reference"][f"suites/{n}"] - h["suites"][n] for n in h["suites"])
+               for h in history) and set(history[0]["suites"]) == {"arithmetic", "words"}
     rows = [json.loads(x) for x in (files["root"] / "figures" / "metrics.jsonl").read_text().splitlines()]
     guarded = [r for r in rows if "guard/kl" in r]
     assert [r["guard/kl"] for r in guarded] == [h["kl"] for h in history]
@@ -128,10 +139,19 @@ def test_frontier_picks_the_best_heldout_within_the_limits(figures, files):
     assert figures["stopped"] == "max_steps" and f"step {best['step']}" in g["reason"]
     assert _weights_equal(files["root"] / "figures" / "final", files["root"] / "figures" / "checkpoints" /
                           f"step-{best['step']}")
-    # the same run with kl_max under that step's KL (action: continue): it is out, the next best is in
-    limit = (best["kl"] + max([h["kl"] for h in history if h["kl"] < best["kl"]], default=0.0)) / 2
-    inside = [h for h in history if h["kl"] <= limit]
-    second = _run(files, "frontier-kl", {"kl_max": limit, "action": "continue"}, "frontier")["guard"]
+    # the same run with kl_max under that step's KL and a retention limit (action: continue, the run goes on):
+    # each step breaks exactly the rules its recorded figures are over, and the best of the rest is picked
+    kl_max = (best["kl"] + max([h["kl"] for h in history if h["kl"] < best["kl"]], default=0.0)) / 2
+    drop_max = 0.75
+    ref = g["reference"]["suites/words"]
+    broke = {h["step"]: {r for r, over in (("kl_max", h["kl"] > kl_max),
+                                           ("retention_drop_max", ref - h["suites"]["words"] > drop_max)) if over}
+             for h in history}
+    inside = [h for h in history if not broke[h["step"]]]
+    assert 0 < len(inside) < len(history) - 1, broke  # both rules take steps out, and some stay
+    second = _run(files, "frontier-kl", {"kl_max": kl_max, "retention_drop_max": drop_max, "action": "continue",
+                                         "suites": [files["suite"]]}, "frontier")["guard"]
+    assert {h["step"]: {b["rule"] for b in h["broken"]} for h in second["history"]} == broke
     expected = max(inside, key=lambda h: (h["heldout_accuracy"], -h["kl"], -h["step"]))
     assert second["candidates"] == [h["step"] for h in inside] and second["final_step"] == expected["step"]
     assert _weights_equal(files["root"] / "frontier-kl" / "final", files["root"] / "frontier-kl" / "checkpoints" /
@@ -174,3 +194,31 @@ def test_a_killed_guarded_run_resumes_to_the_same_decisions(figures, files, monk
     whole = _once(files, "rollback", guards)["guard"]
     assert resumed["history"] == whole["history"] and resumed["final_step"] == whole["final_step"] == \
         fire["step"] - EVERY
+
+
+def test_rl_runs_are_guarded_too(files, tmp_path):
+    """rloo with a kl_max any update breaks: the run ends at the first guard step, final/ the model there."""
+    rewards = f"{Path(__file__).parent / 'fixtures' / 'rewards.py'}:length"
+    cfg = make_config(method="rloo", model=files["model"], prompts=files["data"], reward=rewards,
+                      output=str(tmp_path / "rl"), max_steps=4, batch_size=2, max_new_tokens=4, learning_rate=1e-2,
+                      kl_prompts=2, kl_max_new_tokens=4, guard_every=2, guards={"kl_max": 1e-9})
+    train(cfg, log=lambda _: None, progress=False)
+    run = json.loads((tmp_path / "rl" / "run.json").read_text())
+    assert run["stopped"] == "guard" and run["steps"] == 2 and run["guard"]["final_step"] == 2
+    assert run["guard"]["fired"]["broken"][0]["rule"] == "kl_max" and run["guard"]["history"][0]["kl"] > 1e-9
+
+
+def test_the_figures_are_evals_on_the_same_model(figures, files):
+    """The last guard step's figures are what `prefalign eval` measures on final/ (the frontier's pick is the
+    last step here) against the starting model: the same KL, perplexity and suite scores, by the same code."""
+    assert figures["guard"]["final_step"] == STEPS
+    last = figures["guard"]["history"][-1]
+    ev = evaluate(EvalConfig(model=str(files["root"] / "figures" / "final"), reference=files["model"],
+                             prompts=files["eval_data"], text=files["text"], suites=[files["suite"]], max_prompts=3,
+                             max_new_tokens=6, seed=0, batch_size=16, output=str(files["root"] / "eval")),
+                  log=lambda _: None, progress=False)
+    assert last["kl"] == pytest.approx(ev["kl_per_token"], rel=1e-4)
+    assert last["perplexity"] == pytest.approx(ev["perplexity"], rel=1e-5)
+    assert figures["guard"]["reference"]["perplexity"] == pytest.approx(ev["perplexity_reference"], rel=1e-5)
+    assert last["suites"]["words"] == ev["suites/words/score"]
+    assert figures["guard"]["reference"]["suites/words"] == ev["suites/words/score_reference"]

@@ -84,7 +84,8 @@ def describe(broken: list[dict[str, Any]]) -> str:
 
 
 def text_pieces(path: str) -> list[tuple[str, str]]:
-    """guards.text's rows as (prompt, completion): {text} or {prompt, completion}, as `prefalign eval --text`."""
+    """guards.text's rows as (prompt, completion): {text} or {prompt, completion}, as `prefalign eval --text`,
+    or a preference pair's {prompt, chosen} (eval's default text: the chosen answers of held-out pairs)."""
     pieces = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -93,9 +94,10 @@ def text_pieces(path: str) -> list[tuple[str, str]]:
             row = json.loads(line)
         except ValueError as e:
             raise ConfigError(f"{path}:{n}: not JSON: {e}") from None
-        if not isinstance(row, dict) or not ("text" in row or {"prompt", "completion"} <= set(row)):
-            raise ConfigError(f"{path}:{n}: expected an object with `text`, or `prompt` and `completion`")
-        pieces.append(("", row["text"]) if "text" in row else (row["prompt"], row["completion"]))
+        answer = next((k for k in ("completion", "chosen") if isinstance(row, dict) and k in row), None)
+        if not isinstance(row, dict) or not ("text" in row or ("prompt" in row and answer)):
+            raise ConfigError(f"{path}:{n}: expected an object with `text`, or `prompt` and `completion` (or `chosen`)")
+        pieces.append(("", row["text"]) if "text" in row else (row["prompt"], row[answer]))
     if not pieces:
         raise ConfigError(f"{path}: guards.text has no rows")
     return pieces
@@ -249,7 +251,8 @@ class Guard:
             best = frontier(self.history)
             if best is None:
                 raise TrainingError(f"select: frontier: no guard step kept every rule ({fired}steps checked: "
-                                    f"{[h['step'] for h in self.history]}); metrics.jsonl's guard/* rows have the figures")
+                                    f"{[h['step'] for h in self.history]}); metrics.jsonl's guard/* rows have the "
+                                    "figures")
             return best, (f"{fired}frontier: step {best['step']} has the best held-out accuracy "
                           f"({best['heldout_accuracy']:.4g}, kl {best['kl']:.4g}) of the "
                           f"{sum(not h['broken'] for h in self.history)} guard steps within every rule")
