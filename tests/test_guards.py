@@ -18,6 +18,7 @@ from prefalign.errors import OutOfMemoryError
 from prefalign.eval.evaluate import EvalConfig, evaluate
 from prefalign.train.config import Guards
 from prefalign.train.guards import broken_rules, frontier, last_good
+from prefalign.train.help import config_help
 from prefalign.train.methods import make_config
 from prefalign.train.run import train
 from test_metric_docs import documented, undocumented
@@ -50,6 +51,12 @@ def test_frontier_and_rollback_pick_by_hand():
     assert frontier(h)["step"] == 6
     assert last_good(h)["step"] == 10 and last_good(h[:4])["step"] == 6
     assert frontier(h[3:4]) is None and last_good(h[3:4]) is None
+
+
+def test_guards_keys_have_help():
+    text = config_help("dpo")
+    for key, field in Guards.model_fields.items():
+        assert f"guards.{key}" in text and field.description in text
 
 
 def test_guards_config_errors():

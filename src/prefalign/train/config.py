@@ -47,8 +47,8 @@ class Guards(StrictModel):
     suites: list[str] = Field([], description="retention suites (shipped names or suite YAML files, as prefalign "
                                               "eval --suite), scored greedily at every guard step")
     suite_limit: int | None = Field(None, ge=1, description="the first N items of each suite only")
-    text: str | None = Field(None, description="JSONL of held-out text ({text} or {prompt, completion} rows) for "
-                                               "perplexity, as prefalign eval --text")
+    text: str | None = Field(None, description="JSONL of held-out text for perplexity: {text} or {prompt, completion} "
+                                               "rows (as prefalign eval --text), or pairs' {prompt, chosen}")
 
 
 class RunConfig(Runtime):
@@ -109,8 +109,7 @@ class RunConfig(Runtime):
                                       "CPU memory/time trade; 0: glibc's default")
 
     guard_every: int = Field(0, ge=0, description="steps between guard checks (KL, retention, held-out accuracy: "
-                                               "docs/guardrails.md), and at the last step; each saves a checkpoint; "
-                                               "0: none")
+                                               "docs/guardrails.md), and at the last step; 0: none")
     guards: Guards = Field(default_factory=Guards, description="the rules of guard_every's checks")
     select: Literal["last", "frontier"] = Field(
         "last", description="final/: the last step's model, or frontier: the guard checkpoint with the best held-out "

@@ -305,8 +305,8 @@ def build_guard(cfg: RunConfig, monitor, eval_fn, tokenizer, device, autocast, l
         raise ConfigError("guard_every runs on one process for now (its measurements are rank 0's, its rollback "
                           "every rank's): train without --nproc / torchrun, or leave guards out")
     if monitor is None:
-        raise ConfigError(f"guard_every measures the KL with the KL monitor, which a {cfg.method} run does not "
-                          "run (a reward model samples nothing; kl_every: 0 turns it off)")
+        raise ConfigError(f"guard_every measures the KL with the KL monitor, which a {cfg.method} run does not have "
+                          "(a reward model samples nothing): leave guard_every out")
     heldout = cfg.guards.min_heldout_accuracy is not None or cfg.select == "frontier"
     if heldout and not paired:
         raise ConfigError(f"guards.min_heldout_accuracy and select: frontier need a held-out preference accuracy, "
