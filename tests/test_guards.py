@@ -201,6 +201,17 @@ def test_a_killed_guarded_run_resumes_to_the_same_decisions(figures, files, monk
     whole = _once(files, "rollback", guards)["guard"]
     assert resumed["history"] == whole["history"] and resumed["final_step"] == whole["final_step"] == \
         fire["step"] - EVERY
+    # dies writing final/, after the guard ended the run: the resumed run trains no further, it rolls back
+    monkeypatch.setenv("PREFALIGN_FAULTS", "oom@final.write#1")
+    with pytest.raises(OutOfMemoryError):
+        _run(files, "killed-late", guards)
+    monkeypatch.delenv("PREFALIGN_FAULTS")
+    late = _run(files, "killed-late", guards, resume=True)
+    assert late["steps"] == fire["step"] and late["stopped"] == "guard" and late["guard"]["history"] == whole["history"]
+    rows = [json.loads(x) for x in (files["root"] / "killed-late" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == fire["step"]
+    assert _weights_equal(files["root"] / "killed-late" / "final", files["root"] / "rollback" / "checkpoints" /
+                          f"step-{fire['step'] - EVERY}")
 
 
 def test_rl_runs_are_guarded_too(files, tmp_path):

@@ -176,6 +176,28 @@ def heldout_of(evaluated: dict[str, float]) -> float | None:
 # ------------------------------------------------------------------ the run's guard
 
 
+class NoGuard:
+    """The guard of a run without guard_every (train_loop's default): never due, never fired."""
+
+    fired = None
+    needs_checkpoints = False
+
+    def due(self, step: int) -> bool:
+        return False
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        pass
+
+    def protected(self) -> set[int]:
+        return set()
+
+    def finish(self, step: int, model, opt, world: World = World()) -> None:
+        return None
+
+
 class Guard:
     """The guard of one run: `check` at each guard step (True: the run must end), `state`/`restore` for
     checkpoints, `protected` for checkpoint pruning, `finish` loads the checkpoint final/ is to hold."""
@@ -198,7 +220,9 @@ class Guard:
 
     def check(self, step: int, row: dict[str, Any]) -> bool:
         """Measure step `step` (what the row lacks of the KL and eval_data's metrics is measured here and
-        added to it), add the guard/* figures to the row, keep them; True when a rule broke."""
+        added to it), add the guard/* figures to the row, keep them; True when a rule ended the run."""
+        policy = self.monitor.policy
+        was_training = policy.training  # as the loop left it: eval_fn and the measurements switch it off
         if "kl/policy_ref_token" not in row:
             row.update(self.monitor.measure())
         heldout = None
@@ -206,11 +230,9 @@ class Guard:
             if not any(k.startswith("eval/") for k in row):
                 row.update({f"eval/{k}": v for k, v in self.eval_fn().items()})
             heldout = heldout_of({k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")})
-        policy = self.monitor.policy
         if self.reference is None:
             with self.monitor.reference_ctx():
                 self.reference = self.retention.measure(self.monitor.reference)
-        was_training = policy.training
         policy.eval()
         mine = self.retention.measure(policy)
         policy.train(was_training)

@@ -33,6 +33,7 @@ from ..runtime.memory import doing, peak_memory_bytes
 from ..storage import commit, disk_full, tmp_name, whole_append
 from .checkpoint import WholeTensors, resume, save_checkpoint, sharded_format
 from .config import RunConfig
+from .guards import NoGuard
 from .trackers import Trackers
 
 
@@ -264,7 +265,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
     ranks; rank 0 logs, measures the KL and writes; every rank loads a checkpoint to resume.
     `opt`: the optimizer a strategy built (DeepSpeed's engine); by default AdamW over `model`. `guard`
     (train/guards.py) checks its rules every guard_every steps and picks the checkpoint final/ holds."""
-    opt = opt or Optimization.build(cfg, model, log, world)
+    opt, guard = opt or Optimization.build(cfg, model, log, world), guard or NoGuard()
     bad, state = opt.guard, _resume(cfg, model, update, opt, log, world, guard)
     step = state.get("step", 0)
     runlog = RunLog(Path(cfg.output), step if state else None, enabled=world.main, cfg=cfg, log=log)
@@ -281,7 +282,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             runlog.write({"step": 0, **{f"eval/{k}": v for k, v in eval_fn().items()}})
             model.train()
         # a run whose guard ended it (killed before final/) resumes to its end, not to more training
-        while step < cfg.max_steps and not (guard is not None and guard.fired):
+        while step < cfg.max_steps and not guard.fired:
             skipped_before = opt.skipped
             step += 1
             row, metrics, tokens = _one_step(update, step, opt, opt.scheduler, device, world)
@@ -289,18 +290,10 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             if bad.exceeded:
                 runlog.write(row)  # the last skipped step is on record before the run stops
                 raise TrainingError(bad.exceeded)
-            if eval_fn is not None and getattr(cfg, "eval_every", 0) and step % cfg.eval_every == 0:
-                row.update({f"eval/{k}": v for k, v in eval_fn().items()})
-                model.train()
-            faults.point("kl.monitor")  # every rank, each step: rank 0 measures here when due, the others wait
-            measured = monitor is not None and world.main and monitor.due(step, cfg.max_steps)
-            if measured:
-                row.update(monitor.measure())
-                model.train()
-            checked = guard is not None and guard.due(step)
+            measured = _measure(cfg, step, row, model, eval_fn, monitor, world)
+            checked = guard.due(step)
             if checked and guard.check(step, row):
                 stopped = "guard"
-            model.train()
             skipped = opt.skipped > skipped_before  # on record whatever log_every (not: no metrics; offline has some)
             if step % cfg.log_every == 0 or step == cfg.max_steps or measured or skipped or checked:
                 runlog.write(row)
@@ -311,31 +304,42 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                 stopped = "kl_budget"
             if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
                                   "tokens": total_tokens, "wall_seconds": time.perf_counter() - t_start,
-                                  **update.state(), **(guard.state() if guard else {})}, stopped, log, world,
-                                  checked and guard.needs_checkpoints, guard.protected() if guard else set()):
+                                  **update.state(), **guard.state()}, stopped, log, world,
+                                  checked and guard.needs_checkpoints, guard.protected()):
                 break
-        summary = guard.finish(step, model, opt, world) if guard is not None else None
+        summary = guard.finish(step, model, opt, world)
+        stopped = "guard" if guard.fired else stopped  # also for a run resumed after its guard ended it
         ok = True
     finally:
         if bar is not None:
             bar[0].stop()
         runlog.close(ok)
-    if guard is not None and guard.fired:
-        stopped = "guard"  # also for a run resumed after its guard ended it
     return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last,
                       hardware(device), summary)
 
 
+def _measure(cfg: RunConfig, step: int, row: dict[str, Any], model, eval_fn, monitor, world: World) -> bool:
+    """eval_data's metrics and the KL monitor's, into step `step`'s row when due; whether the monitor measured."""
+    if eval_fn is not None and getattr(cfg, "eval_every", 0) and step % cfg.eval_every == 0:
+        row.update({f"eval/{k}": v for k, v in eval_fn().items()})
+        model.train()
+    faults.point("kl.monitor")  # every rank, each step: rank 0 measures here when due, the others wait
+    measured = monitor is not None and world.main and monitor.due(step, cfg.max_steps)
+    if measured:
+        row.update(monitor.measure())
+        model.train()
+    return measured
+
+
 def _resume(cfg: RunConfig, model, update: Update, opt: Optimization, log: Callable[[str], None],
-            world: World, guard=None) -> dict[str, Any]:
+            world: World, guard) -> dict[str, Any]:
     """The newest checkpoint's state, restored into the model, optimizer, update and RNG; {} for a fresh run."""
     state = resume(cfg, model, opt.optimizer, opt.scheduler, log, world, opt.tensors)
     if state is None:
         return {}
     update.position, opt.skipped = state["position"], state.get("skipped_steps", 0)
     update.restore(state)
-    if guard is not None:
-        guard.restore(state)
+    guard.restore(state)
     return state
 
 

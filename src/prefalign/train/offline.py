@@ -179,7 +179,6 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     doing("while reading the data")
     data, uses = load_examples(cfg.data, "data", cfg, tokenizer, method.unit, out, "data", log, world)
     eval_sets = load_eval_sets(cfg, tokenizer, method.unit, out, log, world)  # {None: set} for a plain path
-
     strategy = choose_reference(cfg, method, len(data), world)
     reference = None
     if strategy == "copy":
@@ -227,9 +226,9 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
         steps = {name: make_step(forward, cfg, eval_references[name], autocast, world) for name in eval_sets}
         eval_fn = _evaluator(model, cfg, device, collate_pad, {name: (d, steps[name]) for name, d in eval_sets.items()})
     update = OfflineUpdate(cfg, make_batch, step_fn, len(data), device, world, forward)
-    guard = build_guard(cfg, monitor, eval_fn, tokenizer, device, autocast, log, world, method.paired)
     result = train_loop(cfg, model, update, device, eval_fn=eval_fn, monitor=monitor, log=log, progress=progress,
-                        world=world, opt=opt, guard=guard)
+                        world=world, opt=opt, guard=build_guard(cfg, monitor, eval_fn, tokenizer, device, autocast,
+                                                                log, world, method.paired))
     _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log, uses)
     return result
 
