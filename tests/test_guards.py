@@ -215,11 +215,12 @@ def test_a_killed_guarded_run_resumes_to_the_same_decisions(figures, files, monk
 
 
 def test_rl_runs_are_guarded_too(files, tmp_path):
-    """rloo with a kl_max any update breaks: the run ends at the first guard step, final/ the model there."""
+    """rloo with a kl_max any update breaks: the run ends at the first guard step, final/ the model there; the
+    KL monitor is not due there (kl_every 3), so the guard measures it itself."""
     rewards = f"{Path(__file__).parent / 'fixtures' / 'rewards.py'}:length"
     cfg = make_config(method="rloo", model=files["model"], prompts=files["data"], reward=rewards,
                       output=str(tmp_path / "rl"), max_steps=4, batch_size=2, max_new_tokens=4, learning_rate=1e-2,
-                      kl_prompts=2, kl_max_new_tokens=4, guard_every=2, guards={"kl_max": 1e-9})
+                      kl_every=3, kl_prompts=2, kl_max_new_tokens=4, guard_every=2, guards={"kl_max": 1e-9})
     train(cfg, log=lambda _: None, progress=False)
     run = json.loads((tmp_path / "rl" / "run.json").read_text())
     assert run["stopped"] == "guard" and run["steps"] == 2 and run["guard"]["final_step"] == 2
