@@ -31,6 +31,8 @@ def test_every_example_yaml_trains_a_tiny_model(example, tiny_models, tmp_path):
                   "max_new_tokens=4", "batch_size=2"]
     else:
         inputs = [f"data={data}", "batch_size=4"]
+    if "guards" in yaml.safe_load(example.read_text()):  # held-out pairs and text, and few suite items
+        inputs += [f"eval_data={data}", f"guards.text={data}", "guards.suite_limit=2"]
     run = cli("train", example, f"model={tiny_models['llama']}", *inputs, f"output={tmp_path / 'run'}",
               "max_steps=2", "save_every=1", "--no-progress")
     assert run.returncode == 0, run.stderr

@@ -43,6 +43,7 @@ from ..data.records import PreferencePair, UnpairedExample, text_of
 from ..data.tokenize import TokenizationError, tokenize
 from ..errors import ConfigError
 from ..judges import PairwiseJudge, make_judge
+from ..judges.suites import load_suite, score_suite, suite_prompts
 from ..models.backends import check_backend, make_generator
 from ..models.generate import encode_prompt
 from ..models.hub import adapter_base, resolve_model
@@ -53,7 +54,6 @@ from ..models.scalar import is_reward_model, load_scalar_model, sequence_scores
 from ..runtime.device import set_up
 from ..runtime.precision import autocast_for
 from . import harness, metrics
-from .suites import load_suite, score_suite, suite_prompts
 
 
 class EvalConfig(Runtime, Sampling):

@@ -354,10 +354,12 @@ def _write_files(tmp: Path, weights: dict[str, Tensor] | None, state: dict[str, 
 
 
 def save_checkpoint(out: Path, step: int, position: int, model, optimizer, scheduler, extra: dict, keep: int,
-                    world: World = World(), shards: bool = False, tensors: WholeTensors = WholeTensors()) -> Path:
+                    world: World = World(), shards: bool = False, tensors: WholeTensors = WholeTensors(),
+                    protect: set[int] = frozenset()) -> Path:
     """checkpoints/step-N/ in either format (module docstring); every rank takes part (an FSDP2
     shard is gathered, or written by its own rank), rank 0 writes the rest and commits. A full disk:
-    a StorageError on every rank, the .tmp removed, the checkpoints before this one untouched."""
+    a StorageError on every rank, the .tmp removed, the checkpoints before this one untouched. Pruning
+    keeps the newest `keep` and the steps in `protect` (the checkpoints a run's guard may return to)."""
     ckpts = out / "checkpoints"
     final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
     if world.main:
@@ -385,7 +387,7 @@ def save_checkpoint(out: Path, step: int, position: int, model, optimizer, sched
         # the rename is the commit point: a folder named step-N is always complete
         faults.point("checkpoint.commit", tmp)
         replace_folder(tmp, final)  # the same step saved again (a resume): the old one aside until it is in
-        for old in sorted(list_checkpoints(out))[:-keep] if keep > 0 else []:
+        for old in [s for s in sorted(list_checkpoints(out))[:-keep] if s not in protect] if keep > 0 else []:
             shutil.rmtree(ckpts / f"step-{old}", ignore_errors=True)
     world.barrier()  # no rank goes on before the checkpoint exists
     if failed:

@@ -26,6 +26,31 @@ class LoraSettings(StrictModel):
         None, description="module names to adapt; default: per architecture (models/load.py)")
 
 
+class Guards(StrictModel):
+    """Rules checked every `guard_every` steps (docs/guardrails.md); a rule left unset is not checked."""
+
+    kl_max: float | None = Field(None, gt=0, description="most kl/policy_ref_token (nats per token, the KL monitor's "
+                                                         "exact KL) a checkpoint may have")
+    retention_drop_max: float | None = Field(
+        None, ge=0, le=1, description="most a suite's score (share right, greedy) may fall below the reference's, "
+                                      "absolute: 0.05 = 5 points; needs suites")
+    perplexity_increase_max: float | None = Field(
+        None, ge=0, description="most perplexity on `text` may rise over the reference's, relative: 0.1 = +10%; "
+                                "needs text")
+    min_heldout_accuracy: float | None = Field(
+        None, ge=0, le=1, description="least held-out preference accuracy (eval_data's rewards/accuracy; reward "
+                                      "models: reward_model/accuracy); needs eval_data")
+    action: Literal["stop", "rollback", "continue"] = Field(
+        "stop", description="when a rule breaks: stop (final/ is the model as it is), rollback (the run ends and "
+                            "final/ is the last guard checkpoint that kept every rule), or continue (the run goes on; "
+                            "that step is no candidate for select: frontier)")
+    suites: list[str] = Field([], description="retention suites (shipped names or suite YAML files, as prefalign "
+                                              "eval --suite), scored greedily at every guard step")
+    suite_limit: int | None = Field(None, ge=1, description="the first N items of each suite only")
+    text: str | None = Field(None, description="JSONL of held-out text for perplexity: {text} or {prompt, completion} "
+                                               "rows (as prefalign eval --text), or pairs' {prompt, chosen}")
+
+
 class RunConfig(Runtime):
     """What every training run has: a model, an output folder, the optimizer and the machinery.
 
@@ -83,6 +108,12 @@ class RunConfig(Runtime):
         0.0, ge=0, le=32, description="glibc (Linux): freed blocks of at least this many MB go back to the OS, a "
                                       "CPU memory/time trade; 0: glibc's default")
 
+    guard_every: int = Field(0, ge=0, description="steps between guard checks (KL, retention, held-out accuracy: "
+                                               "docs/guardrails.md), and at the last step; 0: none")
+    guards: Guards = Field(default_factory=Guards, description="the rules of guard_every's checks")
+    select: Literal["last", "frontier"] = Field(
+        "last", description="final/: the last step's model, or frontier: the guard checkpoint with the best held-out "
+                            "accuracy among those within every rule")
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0: only the final model")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
     # auto: sharded where FSDP2 shards (as accelerate's FSDP default, SHARDED_STATE_DICT): gathering a
@@ -137,6 +168,7 @@ class RunConfig(Runtime):
                              "writes whole checkpoints: use whole (or auto)")
         if self.kl_budget is not None and self.kl_every == 0:
             raise ValueError("kl_budget is checked against the KL monitor: it needs kl_every > 0 (or unset)")
+        check_guards(self)
         if not self.push_to_hub and (self.hub_model_id is not None or self.hub_private):
             raise ValueError("hub_model_id and hub_private are for push_to_hub: true")
         if self.push_to_hub:
@@ -190,6 +222,23 @@ class RunConfig(Runtime):
             return None
         settings = LoraSettings() if self.lora is True else self.lora
         return {k: v for k, v in settings.model_dump().items() if v is not None}
+
+
+def check_guards(cfg: RunConfig) -> None:
+    """What guard_every, guards and select need of each other (docs/guardrails.md)."""
+    g = cfg.guards
+    if cfg.guard_every == 0 and (g != Guards() or cfg.select != "last"):
+        raise ValueError("guards and select: frontier are checked every guard_every steps: set guard_every > 0")
+    if cfg.guard_every and cfg.kl_every == 0:
+        raise ValueError("guard_every measures the KL with the KL monitor: it needs kl_every > 0 (or unset)")
+    if g.retention_drop_max is not None and not g.suites:
+        raise ValueError("guards.retention_drop_max compares suite scores: name guards.suites")
+    if g.perplexity_increase_max is not None and g.text is None:
+        raise ValueError("guards.perplexity_increase_max needs guards.text (the held-out text)")
+    heldout = g.min_heldout_accuracy is not None or cfg.select == "frontier"
+    if heldout and getattr(cfg, "eval_data", None) is None:
+        raise ValueError("guards.min_heldout_accuracy and select: frontier need held-out preference pairs: eval_data "
+                         "(an offline method's)")
 
 
 class OfflineConfig(RunConfig):

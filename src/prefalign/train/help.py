@@ -20,13 +20,21 @@ def _type(annotation) -> str:
     return text
 
 
-def key_rows(cls: type[BaseModel], keys: list[str]) -> list[tuple[str, str, str, str]]:
-    """(key, type, default, description) for each key of `cls`."""
+def key_rows(cls: type[BaseModel], keys: list[str], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) for each key of `cls`; a key that is a settings block of its own
+    (guards) is followed by its keys, `guards.kl_max`, ..."""
     rows = []
     for key in keys:
         field = cls.model_fields[key]
-        default = "(required)" if field.default is PydanticUndefined else repr(field.default)
-        rows.append((key, _type(field.annotation), default, field.description or ""))
+        block = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) \
+            else None
+        if field.default is PydanticUndefined and field.default_factory is None:
+            default = "(required)"
+        else:
+            default = "{}" if block else repr(field.get_default(call_default_factory=True))
+        rows.append((prefix + key, _type(field.annotation), default, field.description or ""))
+        if block is not None:
+            rows += key_rows(block, list(block.model_fields), f"{prefix}{key}.")
     return rows
 
 

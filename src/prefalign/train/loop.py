@@ -33,6 +33,7 @@ from ..runtime.memory import doing, peak_memory_bytes
 from ..storage import commit, disk_full, tmp_name, whole_append
 from .checkpoint import WholeTensors, resume, save_checkpoint, sharded_format
 from .config import RunConfig
+from .guards import NoGuard
 from .trackers import Trackers
 
 
@@ -71,12 +72,13 @@ def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
 @dataclass
 class LoopResult:
     steps: int
-    stopped: str  # "max_steps", "kl_budget"
+    stopped: str  # "max_steps", "kl_budget", "guard"
     skipped_steps: int
     wall_seconds: float
     tokens: int
     last: dict[str, float] = field(default_factory=dict)
     device: str = ""  # where it ran (run.json's `device`): the costs are this hardware's
+    guard: dict[str, Any] | None = None  # run.json's `guard` (train/guards.py), when guard_every is set
 
 
 def mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
@@ -255,15 +257,16 @@ class Optimization:
 def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                eval_fn: Callable[[], dict[str, float]] | None = None, monitor=None,
                log: Callable[[str], None] = print, progress: bool = True, label: str = "training",
-               world: World = World(), opt: Optimization | None = None) -> LoopResult:
+               world: World = World(), opt: Optimization | None = None, guard=None) -> LoopResult:
     """The one loop of every method: `update` runs each step; logging, the NaN/Inf policy,
     checkpoints and resume, the KL budget, TensorBoard and the run's last row are here, once.
     `monitor` (train/kl_monitor.py) measures the exact KL to the reference on sampled completions.
     Several processes (`world`): each step's metrics are averaged and its tokens summed over the
     ranks; rank 0 logs, measures the KL and writes; every rank loads a checkpoint to resume.
-    `opt`: the optimizer a strategy built (DeepSpeed's engine); by default AdamW over `model`."""
-    opt = opt or Optimization.build(cfg, model, log, world)
-    guard, state = opt.guard, _resume(cfg, model, update, opt, log, world)
+    `opt`: the optimizer a strategy built (DeepSpeed's engine); by default AdamW over `model`. `guard`
+    (train/guards.py) checks its rules every guard_every steps and picks the checkpoint final/ holds."""
+    opt, guard = opt or Optimization.build(cfg, model, log, world), guard or NoGuard()
+    bad, state = opt.guard, _resume(cfg, model, update, opt, log, world, guard)
     step = state.get("step", 0)
     runlog = RunLog(Path(cfg.output), step if state else None, enabled=world.main, cfg=cfg, log=log)
     budget = KLBudget(cfg, log)
@@ -278,51 +281,65 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             # the baseline: what the untrained model scores, logged as step 0
             runlog.write({"step": 0, **{f"eval/{k}": v for k, v in eval_fn().items()}})
             model.train()
-        while step < cfg.max_steps:
+        # a run whose guard ended it (killed before final/) resumes to its end, not to more training
+        while step < cfg.max_steps and not guard.fired:
             skipped_before = opt.skipped
             step += 1
             row, metrics, tokens = _one_step(update, step, opt, opt.scheduler, device, world)
             total_tokens += tokens
-            if guard.exceeded:
+            if bad.exceeded:
                 runlog.write(row)  # the last skipped step is on record before the run stops
-                raise TrainingError(guard.exceeded)
-            if eval_fn is not None and getattr(cfg, "eval_every", 0) and step % cfg.eval_every == 0:
-                row.update({f"eval/{k}": v for k, v in eval_fn().items()})
-                model.train()
-            faults.point("kl.monitor")  # every rank, each step: rank 0 measures here when due, the others wait
-            measured = monitor is not None and world.main and monitor.due(step, cfg.max_steps)
-            if measured:
-                row.update(monitor.measure())
-                model.train()
+                raise TrainingError(bad.exceeded)
+            measured = _measure(cfg, step, row, model, eval_fn, monitor, world)
+            checked = guard.due(step)
+            if checked and guard.check(step, row):
+                stopped = "guard"
             skipped = opt.skipped > skipped_before  # on record whatever log_every (not: no metrics; offline has some)
-            if step % cfg.log_every == 0 or step == cfg.max_steps or measured or skipped:
+            if step % cfg.log_every == 0 or step == cfg.max_steps or measured or skipped or checked:
                 runlog.write(row)
             last = row
             update_bar(bar, step, _bar_text(row))
             over = "kl/policy_ref_token" in row and budget.over(row["kl/policy_ref_token"], step)
-            if world.any_true(over):  # rank 0 measured it; every rank stops with it
+            if world.any_true(over) and stopped == "max_steps":  # rank 0 measured it; every rank stops with it
                 stopped = "kl_budget"
             if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
                                   "tokens": total_tokens, "wall_seconds": time.perf_counter() - t_start,
-                                  **update.state()}, stopped, log, world):
+                                  **update.state(), **guard.state()}, stopped, log, world,
+                                  checked and guard.needs_checkpoints, guard.protected()):
                 break
+        summary = guard.finish(step, model, opt, world)
+        stopped = "guard" if guard.fired else stopped  # also for a run resumed after its guard ended it
         ok = True
     finally:
         if bar is not None:
             bar[0].stop()
         runlog.close(ok)
     return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last,
-                      hardware(device))
+                      hardware(device), summary)
+
+
+def _measure(cfg: RunConfig, step: int, row: dict[str, Any], model, eval_fn, monitor, world: World) -> bool:
+    """eval_data's metrics and the KL monitor's, into step `step`'s row when due; whether the monitor measured."""
+    if eval_fn is not None and getattr(cfg, "eval_every", 0) and step % cfg.eval_every == 0:
+        row.update({f"eval/{k}": v for k, v in eval_fn().items()})
+        model.train()
+    faults.point("kl.monitor")  # every rank, each step: rank 0 measures here when due, the others wait
+    measured = monitor is not None and world.main and monitor.due(step, cfg.max_steps)
+    if measured:
+        row.update(monitor.measure())
+        model.train()
+    return measured
 
 
 def _resume(cfg: RunConfig, model, update: Update, opt: Optimization, log: Callable[[str], None],
-            world: World) -> dict[str, Any]:
+            world: World, guard) -> dict[str, Any]:
     """The newest checkpoint's state, restored into the model, optimizer, update and RNG; {} for a fresh run."""
     state = resume(cfg, model, opt.optimizer, opt.scheduler, log, world, opt.tensors)
     if state is None:
         return {}
     update.position, opt.skipped = state["position"], state.get("skipped_steps", 0)
     update.restore(state)
+    guard.restore(state)
     return state
 
 
@@ -375,7 +392,7 @@ def write_summary(out: Path, result: LoopResult, **fields: Any) -> dict[str, Any
                "wall_seconds": result.wall_seconds, "tokens": result.tokens,
                "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,
                "peak_memory_bytes": result.last.get("peak_memory_bytes"), "device": result.device,
-               "versions": versions(), "final": result.last}
+               "versions": versions(), "final": result.last, **({"guard": result.guard} if result.guard else {})}
     path = out / "run.json"
     text = json.dumps(summary, indent=2)  # whole under a temporary name, then renamed: never half a run.json
     with disk_full(path, len(text), tmp_name(path)):
@@ -420,12 +437,14 @@ class BadSteps:
 
 
 def checkpoint_or_stop(cfg: RunConfig, step: int, position: int, model, opt: Optimization, extra: dict,
-                       stopped: str, log: Callable[[str], None], world: World = World()) -> bool:
-    """Save a checkpoint when one is due or the run stops early; True when the run must stop."""
-    if (cfg.save_every and step % cfg.save_every == 0) or stopped != "max_steps":
+                       stopped: str, log: Callable[[str], None], world: World = World(), save: bool = False,
+                       protect: set[int] = frozenset()) -> bool:
+    """Save a checkpoint when one is due (`save`: a guard step's) or the run stops early; True when the run
+    must stop. `protect`: checkpoints pruning keeps whatever keep_checkpoints says (the guard's picks)."""
+    if (cfg.save_every and step % cfg.save_every == 0) or stopped != "max_steps" or save:
         save_checkpoint(Path(cfg.output), step, position, model, opt.optimizer, opt.scheduler, extra,
-                        cfg.keep_checkpoints, world, sharded_format(cfg, world), opt.tensors)
-    if stopped != "max_steps":
+                        cfg.keep_checkpoints, world, sharded_format(cfg, world), opt.tensors, protect)
+    if stopped == "kl_budget":
         log(f"stopping at step {step}: kl/policy_ref_token is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
     return stopped != "max_steps"
 

@@ -38,6 +38,7 @@ from ..runtime.memory import doing, set_malloc_mmap_threshold
 from ..runtime.precision import autocast_for, bf16_wanted, weights_dtype
 from . import deepspeed
 from .config import OfflineConfig, RunConfig
+from .guards import build_guard
 from .kl_monitor import auto_every, build_monitor
 from .loop import LoopResult, Optimization, Update, batch_indices, mean_metrics, train_loop, write_summary
 from .methods import METHODS, Method
@@ -178,7 +179,6 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     doing("while reading the data")
     data, uses = load_examples(cfg.data, "data", cfg, tokenizer, method.unit, out, "data", log, world)
     eval_sets = load_eval_sets(cfg, tokenizer, method.unit, out, log, world)  # {None: set} for a plain path
-
     strategy = choose_reference(cfg, method, len(data), world)
     reference = None
     if strategy == "copy":
@@ -227,7 +227,8 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
         eval_fn = _evaluator(model, cfg, device, collate_pad, {name: (d, steps[name]) for name, d in eval_sets.items()})
     update = OfflineUpdate(cfg, make_batch, step_fn, len(data), device, world, forward)
     result = train_loop(cfg, model, update, device, eval_fn=eval_fn, monitor=monitor, log=log, progress=progress,
-                        world=world, opt=opt)
+                        world=world, opt=opt, guard=build_guard(cfg, monitor, eval_fn, tokenizer, device, autocast,
+                                                                log, world, method.paired))
     _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log, uses)
     return result
 
@@ -308,7 +309,7 @@ def _watch(cfg: OfflineConfig, method: Method, strategy: str | None, model, log,
         return watch, None
     # a full fine-tune with no reference model in memory: the monitor needs the starting weights, a
     # second copy; held only when asked for (kl_every or kl_budget set), so costs stay honest
-    if cfg.kl_every is None and cfg.kl_budget is None:
+    if cfg.kl_every is None and cfg.kl_budget is None and not cfg.guard_every:
         log("KL monitor off: a full fine-tune without a reference copy would hold one for it "
             "(set kl_every to turn it on)")
         return False, None

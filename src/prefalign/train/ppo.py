@@ -54,6 +54,7 @@ from ..runtime.distributed import World, shut_down
 from ..runtime.memory import doing, holding_reference_copy
 from ..runtime.precision import weights_dtype
 from .config import RLConfig
+from .guards import build_guard
 from .kl_monitor import build_monitor
 from .loop import LoopResult, Optimization, Update, batch_indices, train_loop, write_summary
 from .methods import METHODS
@@ -256,8 +257,9 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
         monitor = build_monitor(cfg, policy, ref_model if ref_model is not None else policy,
                                 nullcontext if ref_model is not None else policy.disable_adapter, tokenizer,
                                 prompts, device, autocast, log)
+    guard = build_guard(cfg, monitor, None, tokenizer, device, autocast, log, world, paired=False)
     result = train_loop(cfg, ac, iteration, device, monitor=monitor, log=log, progress=progress, label=cfg.method,
-                        world=world)
+                        world=world, guard=guard)
     doing("while writing final/")
     if world.main:
         save_model(policy, tokenizer, out / "final", base=cfg.model)

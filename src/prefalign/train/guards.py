@@ -1,0 +1,343 @@
+"""Guardrails that pick the checkpoint (docs/guardrails.md): every `guard_every` steps (and at the last)
+the run measures its exact KL to the reference (the KL monitor), what it kept of the reference's skills
+(suite scores and perplexity on held-out text, reference minus policy) and its held-out preference
+accuracy; `guards`' rules then end the run (`action: stop`) or end it on the last checkpoint that kept
+every rule (`rollback`), and `select: frontier` makes final/ the checkpoint with the best held-out
+accuracy among those within every rule.
+
+The rules and the choice of checkpoint are pure functions of the figures (`broken_rules`, `last_good`,
+`frontier`); `Guard` measures, keeps the history (in every checkpoint's state.json, so a resumed run
+decides what the uninterrupted one would) and loads the chosen checkpoint at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Sampling
+from ..data.batches import pad
+from ..data.tokenize import TokenizationError, tokenize
+from ..errors import ConfigError, TrainingError
+from ..judges.suites import load_suite, score_suite, suite_prompts
+from ..models.generate import encode_prompt, generate
+from ..models.logps import sequence_logps
+from ..runtime.distributed import World
+from .checkpoint import load_checkpoint
+from .config import Guards, RunConfig
+
+# rule -> (the figure it limits, True when the figure must stay at or below the limit)
+RULES = {"kl_max": ("kl", True), "retention_drop_max": ("retention_drop", True),
+         "perplexity_increase_max": ("perplexity_increase", True), "min_heldout_accuracy": ("heldout_accuracy", False)}
+# the held-out figure, by what the method logs on eval_data (docs/metrics.md), first found wins
+HELDOUT = ("rewards/accuracy", "reward_model/accuracy")
+
+
+# ------------------------------------------------------------------ the rules: pure functions of the figures
+
+
+def broken_rules(rules: Guards, figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rules of `rules` that `figures` break, each {rule, value, limit}. A rule whose figure is
+    missing or not finite is broken (value None): a checkpoint nobody could measure is vouched for by none."""
+    out = []
+    for rule, (key, at_most) in RULES.items():
+        limit = getattr(rules, rule)
+        if limit is None:
+            continue
+        value = figures.get(key)
+        if value is None or not math.isfinite(value):
+            out.append({"rule": rule, "value": None, "limit": limit})
+        elif (value > limit) if at_most else (value < limit):
+            out.append({"rule": rule, "value": value, "limit": limit})
+    return out
+
+
+def last_good(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The latest guard step that broke no rule (what `action: rollback` returns to), or None."""
+    good = [h for h in history if not h["broken"]]
+    return good[-1] if good else None
+
+
+def frontier(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """`select: frontier`'s pick among the guard steps that broke no rule: the highest held-out accuracy;
+    among equals the lowest KL (the least moved from the reference), then the earliest step."""
+    good = [h for h in history if not h["broken"] and h.get("heldout_accuracy") is not None]
+    if not good:
+        return None
+    return min(good, key=lambda h: (-h["heldout_accuracy"], h["kl"] if h.get("kl") is not None else math.inf,
+                                    h["step"]))
+
+
+def describe(broken: list[dict[str, Any]]) -> str:
+    """`kl_max: 0.91 > 0.5; ...` for the log and run.json's reason."""
+    sign = {r: "<" if not at_most else ">" for r, (_, at_most) in RULES.items()}
+    return "; ".join(f"{b['rule']}: {'not measured' if b['value'] is None else format(b['value'], '.4g')} "
+                     f"{sign[b['rule']]} {b['limit']}" for b in broken)
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def text_pieces(path: str) -> list[tuple[str, str]]:
+    """guards.text's rows as (prompt, completion): {text} or {prompt, completion}, as `prefalign eval --text`,
+    or a preference pair's {prompt, chosen} (eval's default text: the chosen answers of held-out pairs)."""
+    pieces = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"{path}:{n}: not JSON: {e}") from None
+        answer = next((k for k in ("completion", "chosen") if isinstance(row, dict) and k in row), None)
+        if not isinstance(row, dict) or not ("text" in row or ("prompt" in row and answer)):
+            raise ConfigError(f"{path}:{n}: expected an object with `text`, or `prompt` and `completion` (or `chosen`)")
+        pieces.append(("", row["text"]) if "text" in row else (row["prompt"], row[answer]))
+    if not pieces:
+        raise ConfigError(f"{path}: guards.text has no rows")
+    return pieces
+
+
+class Retention:
+    """Suite scores (greedy answers, judges/suites.py's scorers) and perplexity on held-out text of
+    a model, measured as `prefalign eval` measures them; the reference's once, the policy's at each check."""
+
+    def __init__(self, cfg: RunConfig, tokenizer, device, autocast, batch_size: int = 16):
+        self.tokenizer, self.device, self.autocast, self.batch_size = tokenizer, device, autocast, batch_size
+        self.chunk_mb, g = cfg.logits_chunk_mb, cfg.guards
+        self.suites = []
+        for spec in g.suites:
+            suite, items = load_suite(spec)
+            items = items[:g.suite_limit] if g.suite_limit else items
+            ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in suite_prompts(suite, items, tokenizer)]
+            self.suites.append((suite, items, ids))
+        self.seqs = []
+        for prompt, completion in (text_pieces(g.text) if g.text else []):
+            try:
+                self.seqs.append(tokenize(tokenizer, prompt, completion, max_length=getattr(cfg, "max_length", 512),
+                                          max_prompt_length=cfg.max_prompt_length))
+            except TokenizationError:
+                continue
+        if g.text and not self.seqs:
+            raise ConfigError(f"{g.text}: no row of guards.text tokenizes")
+
+    @torch.no_grad()
+    def measure(self, model) -> dict[str, float]:
+        """{suites/<name>: score, perplexity: exp(mean NLL)} of `model` (eval mode, no gradient)."""
+        out = {}
+        greedy = dict(temperature=0.0)
+        for suite, items, ids in self.suites:
+            sampling = Sampling(max_new_tokens=suite.max_new_tokens, **greedy)
+            answers = [t for i in range(0, len(ids), self.batch_size)
+                       for t in generate(model, self.tokenizer, ids[i:i + self.batch_size], sampling, seed=0,
+                                         device=self.device, autocast=self.autocast).completion_texts]
+            out[f"suites/{suite.name}"] = score_suite(suite, items, answers)["score"]
+        if self.seqs:
+            nll, tokens = 0.0, 0
+            for i in range(0, len(self.seqs), self.batch_size):
+                batch = {k: v.to(self.device) for k, v in pad(self.seqs[i:i + self.batch_size],
+                                                              self.tokenizer.pad_token_id).items()}
+                mask = batch["loss_mask"].clone()
+                mask[:, 0] = False  # the first token has no context to be predicted from
+                tokens += int(mask.sum())
+                with self.autocast():
+                    nll -= float(sequence_logps(model, batch["input_ids"], batch["attention_mask"], mask,
+                                                chunk_mb=self.chunk_mb).sum())
+            out["perplexity"] = math.exp(nll / tokens) if tokens else float("nan")
+        return out
+
+
+def figures(kl: float | None, heldout: float | None, mine: dict[str, float], ref: dict[str, float]) -> dict[str, Any]:
+    """One guard step's figures from the measurements: the drops are reference minus policy (suites,
+    absolute), and policy over reference minus 1 (perplexity, relative)."""
+    drops = {k: ref[k] - v for k, v in mine.items() if k.startswith("suites/")}
+    out: dict[str, Any] = {"kl": kl, "heldout_accuracy": heldout, "suites": {k[len("suites/"):]: v for k, v in
+                                                                            mine.items() if k.startswith("suites/")}}
+    out["retention_drop"] = max(drops.values()) if drops else None
+    if "perplexity" in mine:
+        out["perplexity"] = mine["perplexity"]
+        out["perplexity_increase"] = mine["perplexity"] / ref["perplexity"] - 1
+    return out
+
+
+def heldout_of(evaluated: dict[str, float]) -> float | None:
+    """The held-out accuracy among an eval pass's metrics (a named set's `<set>/<metric>`: the first set's)."""
+    for key, value in evaluated.items():
+        if key.split("/", 1)[-1] in HELDOUT or key in HELDOUT:
+            return value
+    return None
+
+
+# ------------------------------------------------------------------ the run's guard
+
+
+class NoGuard:
+    """The guard of a run without guard_every (train_loop's default): never due, never fired."""
+
+    fired = None
+    needs_checkpoints = False
+
+    def due(self, step: int) -> bool:
+        return False
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        pass
+
+    def protected(self) -> set[int]:
+        return set()
+
+    def finish(self, step: int, model, opt, world: World = World()) -> None:
+        return None
+
+
+class Guard:
+    """The guard of one run: `check` at each guard step (True: the run must end), `state`/`restore` for
+    checkpoints, `protected` for checkpoint pruning, `finish` loads the checkpoint final/ is to hold."""
+
+    def __init__(self, cfg: RunConfig, monitor, eval_fn: Callable[[], dict[str, float]] | None,
+                 retention: Retention, log: Callable[[str], None]):
+        self.cfg, self.rules, self.monitor, self.eval_fn, self.retention, self.log = \
+            cfg, cfg.guards, monitor, eval_fn, retention, log
+        self.history: list[dict[str, Any]] = []
+        self.fired: dict[str, Any] | None = None  # the step whose check ended the run, and what it broke
+        self.reference: dict[str, float] | None = None  # the reference's retention figures, measured once
+
+    @property
+    def needs_checkpoints(self) -> bool:
+        """Whether each guard step saves a checkpoint: rollback and frontier return to one."""
+        return self.rules.action == "rollback" or self.cfg.select == "frontier"
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.guard_every == 0 or step == self.cfg.max_steps
+
+    def check(self, step: int, row: dict[str, Any]) -> bool:
+        """Measure step `step` (what the row lacks of the KL and eval_data's metrics is measured here and
+        added to it), add the guard/* figures to the row, keep them; True when a rule ended the run."""
+        policy = self.monitor.policy
+        was_training = policy.training  # as the loop left it: eval_fn and the measurements switch it off
+        if "kl/policy_ref_token" not in row:
+            row.update(self.monitor.measure())
+        heldout = None
+        if self.eval_fn is not None:
+            if not any(k.startswith("eval/") for k in row):
+                row.update({f"eval/{k}": v for k, v in self.eval_fn().items()})
+            heldout = heldout_of({k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")})
+        if self.reference is None:
+            with self.monitor.reference_ctx():
+                self.reference = self.retention.measure(self.monitor.reference)
+        policy.eval()
+        mine = self.retention.measure(policy)
+        policy.train(was_training)
+        entry = {"step": step, **figures(row["kl/policy_ref_token"], heldout, mine, self.reference)}
+        entry["broken"] = broken_rules(self.rules, entry)
+        self.history.append(entry)
+        row.update(guard_row(entry, self.reference))
+        if entry["broken"]:
+            then = {"stop": "stopping", "rollback": "rolling back and stopping",
+                    "continue": "going on (it is no candidate for select: frontier)"}[self.rules.action]
+            self.log(f"guard: step {step} breaks {describe(entry['broken'])}: {then}")
+        if entry["broken"] and self.rules.action != "continue":
+            self.fired = {"step": step, "broken": entry["broken"]}
+        return self.fired is not None
+
+    def protected(self) -> set[int]:
+        """Guard steps whose checkpoints pruning must keep: rollback's target and frontier's pick so far."""
+        keep = set()
+        if self.rules.action == "rollback" and (good := last_good(self.history)) is not None:
+            keep.add(good["step"])
+        if self.cfg.select == "frontier" and (best := frontier(self.history)) is not None:
+            keep.add(best["step"])
+        return keep
+
+    def state(self) -> dict[str, Any]:
+        return {"guard": {"history": self.history, "fired": self.fired, "reference": self.reference}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        saved = state.get("guard") or {}
+        self.history, self.fired = saved.get("history", []), saved.get("fired")
+        self.reference = saved.get("reference")
+
+    def choose(self, step: int) -> tuple[dict[str, Any] | None, str]:
+        """(the guard step final/ is to hold, or None for the model as it is at `step`; why), by the rules
+        of docs/guardrails.md: frontier whenever asked for; else rollback's last good step after a rule broke."""
+        fired = f"step {self.fired['step']} broke {describe(self.fired['broken'])}; " if self.fired else ""
+        if self.cfg.select == "frontier":
+            best = frontier(self.history)
+            if best is None:
+                raise TrainingError(f"select: frontier: no guard step kept every rule ({fired}steps checked: "
+                                    f"{[h['step'] for h in self.history]}); metrics.jsonl's guard/* rows have the "
+                                    "figures")
+            return best, (f"{fired}frontier: step {best['step']} has the best held-out accuracy "
+                          f"({best['heldout_accuracy']:.4g}, kl {best['kl']:.4g}) of the "
+                          f"{sum(not h['broken'] for h in self.history)} guard steps within every rule")
+        if self.fired and self.rules.action == "rollback":
+            good = last_good(self.history)
+            if good is None:
+                raise TrainingError(f"guards: {fired}no earlier guard step kept every rule, so there is nothing to "
+                                    "roll back to (final/ not written; the checkpoints and metrics.jsonl are kept)")
+            return good, f"{fired}rolled back to step {good['step']}, the last guard step within every rule"
+        if self.fired:
+            return None, f"{fired}stopped there (action: stop)"
+        broke = [h["step"] for h in self.history if h["broken"]]
+        return None, (f"guard steps {broke} broke rules (action: continue)" if broke else
+                      "every guard step kept every rule") + f"; final/ is step {step}, the last"
+
+    def finish(self, step: int, model, opt, world: World = World()) -> dict[str, Any]:
+        """Load the chosen checkpoint into `model` (when it is not `step`'s own weights) and return run.json's
+        `guard` section."""
+        chosen, reason = self.choose(step)
+        final_step = step if chosen is None else chosen["step"]
+        if final_step != step:
+            path = Path(self.cfg.output) / "checkpoints" / f"step-{final_step}"
+            load_checkpoint(path, model, opt.optimizer, opt.scheduler, world, opt.tensors)
+        self.log(f"guard: {reason}")
+        return {"every": self.cfg.guard_every, "rules": self.rules.model_dump(mode="json"), "select": self.cfg.select,
+                "fired": self.fired, "final_step": final_step, "reason": reason, "reference": self.reference,
+                "candidates": [h["step"] for h in self.history if not h["broken"]], "history": self.history}
+
+
+def guard_row(entry: dict[str, Any], reference: dict[str, float]) -> dict[str, float]:
+    """A guard step's metrics.jsonl keys (docs/metrics.md)."""
+    row = {"guard/kl": entry["kl"], "guard/passed": float(not entry["broken"])}
+    for name, score in entry["suites"].items():
+        row[f"guard/suites/{name}/score"] = score
+        row[f"guard/suites/{name}/score_reference"] = reference[f"suites/{name}"]
+    for key in ("retention_drop", "perplexity", "perplexity_increase", "heldout_accuracy"):
+        if entry.get(key) is not None:
+            row[f"guard/{key}"] = entry[key]
+    if "perplexity" in reference:
+        row["guard/perplexity_reference"] = reference["perplexity"]
+    return row
+
+
+def build_guard(cfg: RunConfig, monitor, eval_fn, tokenizer, device, autocast, log: Callable[[str], None],
+                world: World = World(), paired: bool = True) -> Guard | None:
+    """The run's guard, or None without guard_every. `paired`: the method logs a held-out accuracy."""
+    if not cfg.guard_every:
+        return None
+    if world.active:
+        raise ConfigError("guard_every runs on one process for now (its measurements are rank 0's, its rollback "
+                          "every rank's): train without --nproc / torchrun, or leave guards out")
+    if monitor is None:
+        raise ConfigError(f"guard_every measures the KL with the KL monitor, which a {cfg.method} run does not have "
+                          "(a reward model samples nothing): leave guard_every out")
+    heldout = cfg.guards.min_heldout_accuracy is not None or cfg.select == "frontier"
+    if heldout and not paired:
+        raise ConfigError(f"guards.min_heldout_accuracy and select: frontier need a held-out preference accuracy, "
+                          f"which {cfg.method} does not log (only the DPO family and reward models do)")
+    log(f"guards every {cfg.guard_every} steps: {describe_rules(cfg)}")
+    return Guard(cfg, monitor, eval_fn, Retention(cfg, tokenizer, device, autocast), log)
+
+
+def describe_rules(cfg: RunConfig) -> str:
+    g = cfg.guards
+    rules = [f"{r} {getattr(g, r)}" for r in RULES if getattr(g, r) is not None] or ["no rule (figures only)"]
+    return f"{', '.join(rules)}; action {g.action}; select {cfg.select}"

@@ -1,0 +1,243 @@
+"""Guardrails that pick the checkpoint (train/guards.py, docs/guardrails.md): the rules as pure functions,
+then deliberately over-trained DPO runs on a tiny model (a learning rate far too high) whose exact KL
+climbs: kl_max stops the run or rolls it back to the right step, select: frontier picks the step the
+recorded figures say it must, final/ holds that checkpoint's weights, and a run killed part-way resumes
+to the same decisions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import corpus, held_out_pairs, learnable_pairs, write_jsonl
+from prefalign.errors import OutOfMemoryError
+from prefalign.eval.evaluate import EvalConfig, evaluate
+from prefalign.train.config import Guards
+from prefalign.train.guards import broken_rules, frontier, last_good
+from prefalign.train.help import config_help
+from prefalign.train.methods import make_config
+from prefalign.train.run import train
+from test_metric_docs import documented, undocumented
+
+STEPS, EVERY = 10, 2
+
+
+# ------------------------------------------------------------------ the rules, by hand
+
+
+def test_each_rule_breaks_on_its_side_of_the_limit():
+    rules = Guards(kl_max=0.5, retention_drop_max=0.1, perplexity_increase_max=0.2, min_heldout_accuracy=0.6)
+    ok = {"kl": 0.5, "retention_drop": 0.1, "perplexity_increase": 0.2, "heldout_accuracy": 0.6}  # at the limits
+    assert broken_rules(rules, ok) == []
+    for key, bad, rule in [("kl", 0.51, "kl_max"), ("retention_drop", 0.11, "retention_drop_max"),
+                           ("perplexity_increase", 0.21, "perplexity_increase_max"),
+                           ("heldout_accuracy", 0.59, "min_heldout_accuracy")]:
+        assert broken_rules(rules, {**ok, key: bad}) == [{"rule": rule, "value": bad, "limit": getattr(rules, rule)}]
+    # a figure nobody measured (or NaN) vouches for nothing; an unset rule checks nothing
+    assert broken_rules(rules, {**ok, "kl": float("nan")}) == [{"rule": "kl_max", "value": None, "limit": 0.5}]
+    assert broken_rules(Guards(), {"kl": 99.0}) == []
+
+
+def test_frontier_and_rollback_pick_by_hand():
+    h = [{"step": 2, "kl": 0.1, "heldout_accuracy": 0.5, "broken": []},
+         {"step": 4, "kl": 0.3, "heldout_accuracy": 0.75, "broken": []},
+         {"step": 6, "kl": 0.2, "heldout_accuracy": 0.75, "broken": []},  # as accurate as 4, less KL: the pick
+         {"step": 8, "kl": 0.9, "heldout_accuracy": 0.9, "broken": [{"rule": "kl_max"}]},  # best, out of bounds
+         {"step": 10, "kl": 0.2, "heldout_accuracy": 0.75, "broken": []}]  # ties 6 exactly: the earlier wins
+    assert frontier(h)["step"] == 6
+    assert last_good(h)["step"] == 10 and last_good(h[:4])["step"] == 6
+    assert frontier(h[3:4]) is None and last_good(h[3:4]) is None
+
+
+def test_guards_keys_have_help():
+    text = config_help("dpo")
+    for key, field in Guards.model_fields.items():
+        assert f"guards.{key}" in text and field.description in text
+
+
+def test_guards_config_errors():
+    base = dict(model="m", data="d.jsonl", output="o")
+    with pytest.raises(Exception, match="kl_maxx"):
+        make_config(**base, guard_every=2, guards={"kl_maxx": 1.0})
+    with pytest.raises(Exception, match="guard_every"):
+        make_config(**base, guards={"kl_max": 1.0})
+    with pytest.raises(Exception, match="eval_data"):
+        make_config(**base, guard_every=2, select="frontier")
+    with pytest.raises(Exception, match="guards.suites"):
+        make_config(**base, guard_every=2, guards={"retention_drop_max": 0.1})
+
+
+# ------------------------------------------------------------------ over-trained runs
+
+
+@pytest.fixture(scope="module")
+def files(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("guards")
+    train_pairs = learnable_pairs(32)
+    # a suite the untrained tiny model passes (its greedy answer repeats the prompt's last word) and training
+    # makes it forget: retention that drops
+    write_jsonl(root / "words.jsonl", [{"question": q, "answer": q.split()[-1]} for q in
+                                       ["I loved the movie", "I hated the plot", "the film", "what", "why", "hello"]])
+    (root / "words.yaml").write_text("name: words\ndata: words.jsonl\nprompt: '{question}'\nchat: false\n"
+                                     "scorer: contains\nlimit: 2\nmax_new_tokens: 6\n")
+    return {"model": str(tiny_models["llama"]), "data": str(write_jsonl(root / "pairs.jsonl", train_pairs)),
+            "eval_data": str(write_jsonl(root / "held.jsonl", held_out_pairs(train_pairs, 12))),
+            "text": str(write_jsonl(root / "text.jsonl", [{"text": t} for t in corpus(6, seed=5)])), "root": root,
+            "suite": str(root / "words.yaml")}
+
+
+def _run(files, name, guards=None, select="last", **kw):
+    # lr 5e-3, constant, on a 32-wide model: a thousand times a usual DPO rate, so the policy runs away from its
+    # reference within steps (its exact KL climbs every guard step) while its held-out accuracy still moves
+    cfg = make_config(model=files["model"], data=files["data"], eval_data=files["eval_data"],
+                      output=str(files["root"] / name), max_steps=STEPS, batch_size=8, learning_rate=5e-3,
+                      lr_schedule="constant", kl_prompts=3, kl_max_new_tokens=6,
+                      guard_every=EVERY, guards=guards or {}, select=select, keep_checkpoints=1, seed=0, **kw)
+    train(cfg, log=lambda _: None, progress=False)
+    return json.loads((files["root"] / name / "run.json").read_text())
+
+
+def _once(files, name, guards):
+    """A run another test may have made already (the same config, the same figures: training is deterministic)."""
+    done = files["root"] / name / "run.json"
+    return json.loads(done.read_text()) if done.exists() else _run(files, name, guards)
+
+
+@pytest.fixture(scope="module")
+def figures(files):
+    """A run with every measurement and no rule: the per-step figures the other runs are checked against."""
+    return _run(files, "figures", {"suites": ["arithmetic", files["suite"]], "suite_limit": 2, "text": files["text"]},
+                "frontier")
+
+
+def _weights_equal(final, checkpoint):
+    mine, theirs = load_file(str(final / "model.safetensors")), load_file(str(checkpoint / "trainable.safetensors"))
+    return all(torch.equal(mine[k], theirs[k]) for k in theirs if k in mine) and len(set(mine) & set(theirs)) > 5
+
+
+def test_figures_are_recorded_and_documented(figures, files):
+    g = figures["guard"]
+    history = g["history"]
+    assert [h["step"] for h in history] == list(range(EVERY, STEPS + 1, EVERY))
+    assert history[-1]["kl"] > 4 * history[0]["kl"] > 0  # over-trained: the KL climbs
+    assert all(h["perplexity_increase"] == pytest.approx(h["perplexity"] / g["reference"]["perplexity"] - 1)
+               for h in history)
+    assert all(h["retention_drop"] == max(g["reference"][f"suites/{n}"] - h["suites"][n] for n in h["suites"])
+               for h in history) and set(history[0]["suites"]) == {"arithmetic", "words"}
+    rows = [json.loads(x) for x in (files["root"] / "figures" / "metrics.jsonl").read_text().splitlines()]
+    guarded = [r for r in rows if "guard/kl" in r]
+    assert [r["guard/kl"] for r in guarded] == [h["kl"] for h in history]
+    assert [r["guard/heldout_accuracy"] for r in guarded] == [h["heldout_accuracy"] for h in history]
+    assert [r["kl/policy_ref_token"] for r in guarded] == [h["kl"] for h in history]
+    keys = {k for r in rows for k in r} | set(figures)
+    assert {"guard/perplexity_increase", "guard/suites/arithmetic/score", "guard/passed", "guard"} <= keys
+    assert undocumented(keys, documented()) == set()
+
+
+def test_frontier_picks_the_best_heldout_within_the_limits(figures, files):
+    history = figures["guard"]["history"]
+    best = max(history, key=lambda h: (h["heldout_accuracy"], -h["kl"], -h["step"]))
+    g = figures["guard"]
+    assert g["final_step"] == best["step"] and g["candidates"] == [h["step"] for h in history]
+    assert figures["stopped"] == "max_steps" and f"step {best['step']}" in g["reason"]
+    assert _weights_equal(files["root"] / "figures" / "final", files["root"] / "figures" / "checkpoints" /
+                          f"step-{best['step']}")
+    # the same run with kl_max under that step's KL and a retention limit (action: continue, the run goes on):
+    # each step breaks exactly the rules its recorded figures are over, and the best of the rest is picked
+    kl_max = (best["kl"] + max([h["kl"] for h in history if h["kl"] < best["kl"]], default=0.0)) / 2
+    drop_max = 0.75
+    ref = g["reference"]["suites/words"]
+    broke = {h["step"]: {r for r, over in (("kl_max", h["kl"] > kl_max),
+                                           ("retention_drop_max", ref - h["suites"]["words"] > drop_max)) if over}
+             for h in history}
+    inside = [h for h in history if not broke[h["step"]]]
+    assert 0 < len(inside) < len(history) - 1, broke  # both rules take steps out, and some stay
+    second = _run(files, "frontier-kl", {"kl_max": kl_max, "retention_drop_max": drop_max, "action": "continue",
+                                         "suites": [files["suite"]]}, "frontier")["guard"]
+    assert {h["step"]: {b["rule"] for b in h["broken"]} for h in second["history"]} == broke
+    expected = max(inside, key=lambda h: (h["heldout_accuracy"], -h["kl"], -h["step"]))
+    assert second["candidates"] == [h["step"] for h in inside] and second["final_step"] == expected["step"]
+    assert _weights_equal(files["root"] / "frontier-kl" / "final", files["root"] / "frontier-kl" / "checkpoints" /
+                          f"step-{expected['step']}")
+
+
+def _climb(history):
+    """The first guard step after the second whose KL is above every earlier one, and a kl_max between them:
+    rollback must return to the later of two good steps."""
+    for i, h in enumerate(history[2:], 2):
+        before = max(x["kl"] for x in history[:i])
+        if h["kl"] > before * 1.05:
+            return h, (h["kl"] + before) / 2
+    pytest.fail(f"the KL never climbed: {[h['kl'] for h in history]}")
+
+
+@pytest.mark.parametrize("action", ["rollback", "stop"])
+def test_kl_max_stops_or_rolls_back_to_the_right_step(figures, files, action):
+    fire, limit = _climb(figures["guard"]["history"])
+    run = _once(files, action, {"kl_max": limit, "action": action})
+    g = run["guard"]
+    assert run["stopped"] == "guard" and run["steps"] == fire["step"]  # no step after the one that broke
+    assert g["fired"] == {"step": fire["step"], "broken": [{"rule": "kl_max", "value": fire["kl"], "limit": limit}]}
+    expected = fire["step"] - EVERY if action == "rollback" else fire["step"]
+    assert g["final_step"] == expected and "kl_max" in g["reason"]
+    assert _weights_equal(files["root"] / action / "final", files["root"] / action / "checkpoints" / f"step-{expected}")
+    if action == "rollback":  # the step it returned to survived pruning (keep_checkpoints: 1)
+        assert (files["root"] / action / "checkpoints" / f"step-{expected}").is_dir()
+
+
+def test_a_killed_guarded_run_resumes_to_the_same_decisions(figures, files, monkeypatch):
+    fire, limit = _climb(figures["guard"]["history"])
+    guards = {"kl_max": limit, "action": "rollback"}
+    # dies at the step after the first guard checkpoint (in-process: the checkpoints are what a kill leaves)
+    monkeypatch.setenv("PREFALIGN_FAULTS", f"oom@step#{fire['step'] - 1}")
+    with pytest.raises(OutOfMemoryError):
+        _run(files, "killed", guards)
+    monkeypatch.delenv("PREFALIGN_FAULTS")
+    resumed = _run(files, "killed", guards, resume=True)["guard"]
+    whole = _once(files, "rollback", guards)["guard"]
+    assert resumed["history"] == whole["history"] and resumed["final_step"] == whole["final_step"] == \
+        fire["step"] - EVERY
+    # dies writing final/, after the guard ended the run: the resumed run trains no further, it rolls back
+    monkeypatch.setenv("PREFALIGN_FAULTS", "oom@final.write#1")
+    with pytest.raises(OutOfMemoryError):
+        _run(files, "killed-late", guards)
+    monkeypatch.delenv("PREFALIGN_FAULTS")
+    late = _run(files, "killed-late", guards, resume=True)
+    assert late["steps"] == fire["step"] and late["stopped"] == "guard" and late["guard"]["history"] == whole["history"]
+    rows = [json.loads(x) for x in (files["root"] / "killed-late" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == fire["step"]
+    assert _weights_equal(files["root"] / "killed-late" / "final", files["root"] / "rollback" / "checkpoints" /
+                          f"step-{fire['step'] - EVERY}")
+
+
+def test_rl_runs_are_guarded_too(files, tmp_path):
+    """rloo with a kl_max any update breaks: the run ends at the first guard step, final/ the model there; the
+    KL monitor is not due there (kl_every 3), so the guard measures it itself."""
+    rewards = f"{Path(__file__).parent / 'fixtures' / 'rewards.py'}:length"
+    cfg = make_config(method="rloo", model=files["model"], prompts=files["data"], reward=rewards,
+                      output=str(tmp_path / "rl"), max_steps=4, batch_size=2, max_new_tokens=4, learning_rate=1e-2,
+                      kl_every=3, kl_prompts=2, kl_max_new_tokens=4, guard_every=2, guards={"kl_max": 1e-9})
+    train(cfg, log=lambda _: None, progress=False)
+    run = json.loads((tmp_path / "rl" / "run.json").read_text())
+    assert run["stopped"] == "guard" and run["steps"] == 2 and run["guard"]["final_step"] == 2
+    assert run["guard"]["fired"]["broken"][0]["rule"] == "kl_max" and run["guard"]["history"][0]["kl"] > 1e-9
+
+
+def test_the_figures_are_evals_on_the_same_model(figures, files):
+    """The last guard step's figures are what `prefalign eval` measures on final/ (the frontier's pick is the
+    last step here) against the starting model: the same KL, perplexity and suite scores, by the same code."""
+    assert figures["guard"]["final_step"] == STEPS
+    last = figures["guard"]["history"][-1]
+    ev = evaluate(EvalConfig(model=str(files["root"] / "figures" / "final"), reference=files["model"],
+                             prompts=files["eval_data"], text=files["text"], suites=[files["suite"]], max_prompts=3,
+                             max_new_tokens=6, seed=0, batch_size=16, output=str(files["root"] / "eval")),
+                  log=lambda _: None, progress=False)
+    assert last["kl"] == pytest.approx(ev["kl_per_token"], rel=1e-4)
+    assert last["perplexity"] == pytest.approx(ev["perplexity"], rel=1e-5)
+    assert figures["guard"]["reference"]["perplexity"] == pytest.approx(ev["perplexity_reference"], rel=1e-5)
+    assert last["suites"]["words"] == ev["suites/words/score"]
+    assert figures["guard"]["reference"]["suites/words"] == ev["suites/words/score_reference"]
