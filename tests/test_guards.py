@@ -7,6 +7,7 @@ to the same decisions."""
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,8 @@ def test_guards_config_errors():
         make_config(**base, guards={"kl_max": 1.0})
     with pytest.raises(Exception, match="eval_data"):
         make_config(**base, guard_every=2, select="frontier")
+    with pytest.raises(Exception, match="eval_data"):
+        make_config(**base, guard_every=2, guards={"min_heldout_accuracy": 0.5})
     with pytest.raises(Exception, match="guards.suites"):
         make_config(**base, guard_every=2, guards={"retention_drop_max": 0.1})
 
@@ -114,8 +117,10 @@ def figures(files):
                 "frontier")
 
 
-def _weights_equal(final, checkpoint):
+def _weights_equal(final, checkpoint, prefix=""):
+    """`prefix`: what the checkpoint's names add (RL's actor-critic holds the policy as `policy.`)."""
     mine, theirs = load_file(str(final / "model.safetensors")), load_file(str(checkpoint / "trainable.safetensors"))
+    theirs = {k[len(prefix):]: v for k, v in theirs.items() if k.startswith(prefix)}
     return all(torch.equal(mine[k], theirs[k]) for k in theirs if k in mine) and len(set(mine) & set(theirs)) > 5
 
 
@@ -225,6 +230,58 @@ def test_rl_runs_are_guarded_too(files, tmp_path):
     run = json.loads((tmp_path / "rl" / "run.json").read_text())
     assert run["stopped"] == "guard" and run["steps"] == 2 and run["guard"]["final_step"] == 2
     assert run["guard"]["fired"]["broken"][0]["rule"] == "kl_max" and run["guard"]["history"][0]["kl"] > 1e-9
+
+
+def test_rl_frontier_picks_the_best_heldout_reward_within_kl_max(files, tmp_path):
+    """rloo paid for short answers, held-out reward on eval_prompts at every step, kl_max in the middle of the
+    KL's climb (action: continue): final/ is the step with the best recorded held-out reward among the steps
+    within kl_max, and that step's figure is what its weights score."""
+    from prefalign.judges import make_judge
+    from prefalign.models.load import load_model, load_tokenizer
+    from prefalign.train.guards import HeldoutReward, heldout_prompts
+
+    kl_max = 0.05
+    held = str(write_jsonl(tmp_path / "held.jsonl", held_out_pairs(learnable_pairs(32), 8)))
+    cfg = make_config(method="rloo", model=files["model"], prompts=files["data"], eval_prompts=held,
+                      reward=f"{Path(__file__).parent / 'fixtures' / 'rewards.py'}:short", output=str(tmp_path / "rl"),
+                      max_steps=5, batch_size=2, max_new_tokens=6, learning_rate=2e-2, ppo_epochs=1, kl_prompts=2,
+                      kl_max_new_tokens=4, guard_every=1, guards={"kl_max": kl_max, "action": "continue"},
+                      select="frontier", keep_checkpoints=1, seed=0)
+    train(cfg, log=lambda _: None, progress=False)
+    run = json.loads((tmp_path / "rl" / "run.json").read_text())
+    g, history = run["guard"], run["guard"]["history"]
+    inside = [h for h in history if h["kl"] <= kl_max]
+    best = max(history, key=lambda h: (h["heldout_reward"], -h["kl"], -h["step"]))
+    expected = max(inside, key=lambda h: (h["heldout_reward"], -h["kl"], -h["step"]))
+    # the fixture discriminates: kl_max takes steps out, among them the best overall, and the pick is not
+    # simply the last step within kl_max
+    assert 0 < len(inside) < len(history) and best not in inside and expected != inside[-1], \
+        [(h["kl"], h["heldout_reward"]) for h in history]
+    assert run["stopped"] == "max_steps" and g["candidates"] == [h["step"] for h in inside]
+    assert g["final_step"] == expected["step"] and "held-out reward" in g["reason"]
+    assert all(h["heldout_reward_stderr"] > 0 for h in history)
+    rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["guard/heldout_reward"] for r in rows if "guard/kl" in r] == [h["heldout_reward"] for h in history]
+    assert _weights_equal(tmp_path / "rl" / "final", tmp_path / "rl" / "checkpoints" / f"step-{expected['step']}",
+                          "policy.")
+    # the figure is the final model's: the same prompts, seed and judge on final/'s weights
+    tok = load_tokenizer(files["model"])
+    again = HeldoutReward(cfg, heldout_prompts(held), make_judge(cfg.reward, "cpu"), False, tok, "cpu",
+                          nullcontext).measure(load_model(str(tmp_path / "rl" / "final")).eval())
+    assert again["heldout_reward"] == pytest.approx(expected["heldout_reward"])
+
+
+def test_rl_heldout_reward_config_errors(files):
+    rl = dict(method="rloo", model="m", prompts="p.jsonl", reward="r.py:f", output="o", guard_every=2)
+    with pytest.raises(Exception, match="eval_prompts"):
+        make_config(**rl, guards={"min_heldout_reward": 1.0})
+    with pytest.raises(Exception, match="eval_prompts"):
+        make_config(**rl, select="frontier")
+    with pytest.raises(Exception, match="eval_data"):
+        make_config(**rl, eval_prompts="e.jsonl", guards={"min_heldout_accuracy": 0.5})
+    with pytest.raises(Exception, match="eval_prompts"):
+        make_config(model="m", data="d.jsonl", eval_data="e.jsonl", output="o", guard_every=2,
+                    guards={"min_heldout_reward": 1.0})
 
 
 def test_the_figures_are_evals_on_the_same_model(figures, files):

@@ -40,6 +40,9 @@ class Guards(StrictModel):
     min_heldout_accuracy: float | None = Field(
         None, ge=0, le=1, description="least held-out preference accuracy (eval_data's rewards/accuracy; reward "
                                       "models: reward_model/accuracy); needs eval_data")
+    min_heldout_reward: float | None = Field(
+        None, description="RL: least held-out reward (the mean raw score of `reward` on completions sampled for "
+                          "eval_prompts with a fixed seed); needs eval_prompts")
     action: Literal["stop", "rollback", "continue"] = Field(
         "stop", description="when a rule breaks: stop (final/ is the model as it is), rollback (the run ends and "
                             "final/ is the last guard checkpoint that kept every rule), or continue (the run goes on; "
@@ -113,7 +116,7 @@ class RunConfig(Runtime):
     guards: Guards = Field(default_factory=Guards, description="the rules of guard_every's checks")
     select: Literal["last", "frontier"] = Field(
         "last", description="final/: the last step's model, or frontier: the guard checkpoint with the best held-out "
-                            "accuracy among those within every rule")
+                            "accuracy (RL: held-out reward) among those within every rule")
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0: only the final model")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
     # auto: sharded where FSDP2 shards (as accelerate's FSDP default, SHARDED_STATE_DICT): gathering a
@@ -235,10 +238,14 @@ def check_guards(cfg: RunConfig) -> None:
         raise ValueError("guards.retention_drop_max compares suite scores: name guards.suites")
     if g.perplexity_increase_max is not None and g.text is None:
         raise ValueError("guards.perplexity_increase_max needs guards.text (the held-out text)")
-    heldout = g.min_heldout_accuracy is not None or cfg.select == "frontier"
-    if heldout and getattr(cfg, "eval_data", None) is None:
-        raise ValueError("guards.min_heldout_accuracy and select: frontier need held-out preference pairs: eval_data "
-                         "(an offline method's)")
+    pairs, prompts = getattr(cfg, "eval_data", None) is not None, getattr(cfg, "eval_prompts", None) is not None
+    if g.min_heldout_accuracy is not None and not pairs:
+        raise ValueError("guards.min_heldout_accuracy needs held-out preference pairs: eval_data (an offline method's)")
+    if g.min_heldout_reward is not None and not prompts:
+        raise ValueError("guards.min_heldout_reward needs held-out prompts: eval_prompts (an RL method's)")
+    if cfg.select == "frontier" and not (pairs or prompts):
+        raise ValueError("select: frontier ranks by a held-out figure: eval_data (offline methods: held-out accuracy) "
+                         "or eval_prompts (RL: held-out reward)")
 
 
 class OfflineConfig(RunConfig):
@@ -292,6 +299,9 @@ class RLConfig(RunConfig, Sampling):
         ..., description="prompt file (or any preference file: its prompts), a Hub dataset id, or a list of sources "
                          "mixed as `data` is (docs/data-mixtures.md)")
     reward: str = Field(..., description="MODULE:FUNCTION, FILE.py:FUNCTION, or a reward-model folder or Hub id")
+    eval_prompts: str | None = Field(
+        None, description="held-out prompt file (as prompts): at guard steps the policy samples one completion per "
+                          "prompt with a fixed seed and `reward` scores it (guard/heldout_reward, docs/guardrails.md)")
     format: str = Field("auto", description="data shape of `prompts`")
     samples_per_prompt: int = Field(1, ge=1, description="completions sampled per prompt (k)")
 

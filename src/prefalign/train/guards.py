@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from ..config import Sampling
+from ..data import load_prompts
 from ..data.batches import pad
 from ..data.tokenize import TokenizationError, tokenize
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, DataError, TrainingError
 from ..judges.suites import load_suite, score_suite, suite_prompts
 from ..models.generate import encode_prompt, generate
 from ..models.logps import sequence_logps
@@ -33,7 +34,8 @@ from .config import Guards, RunConfig
 
 # rule -> (the figure it limits, True when the figure must stay at or below the limit)
 RULES = {"kl_max": ("kl", True), "retention_drop_max": ("retention_drop", True),
-         "perplexity_increase_max": ("perplexity_increase", True), "min_heldout_accuracy": ("heldout_accuracy", False)}
+         "perplexity_increase_max": ("perplexity_increase", True), "min_heldout_accuracy": ("heldout_accuracy", False),
+         "min_heldout_reward": ("heldout_reward", False)}
 # the held-out figure, by what the method logs on eval_data (docs/metrics.md), first found wins
 HELDOUT = ("rewards/accuracy", "reward_model/accuracy")
 
@@ -63,14 +65,14 @@ def last_good(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     return good[-1] if good else None
 
 
-def frontier(history: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """`select: frontier`'s pick among the guard steps that broke no rule: the highest held-out accuracy;
-    among equals the lowest KL (the least moved from the reference), then the earliest step."""
-    good = [h for h in history if not h["broken"] and h.get("heldout_accuracy") is not None]
+def frontier(history: list[dict[str, Any]], by: str = "heldout_accuracy") -> dict[str, Any] | None:
+    """`select: frontier`'s pick among the guard steps that broke no rule: the highest held-out figure `by`
+    (offline: heldout_accuracy; RL: heldout_reward); among equals the lowest KL (the least moved from the
+    reference), then the earliest step."""
+    good = [h for h in history if not h["broken"] and h.get(by) is not None and math.isfinite(h[by])]
     if not good:
         return None
-    return min(good, key=lambda h: (-h["heldout_accuracy"], h["kl"] if h.get("kl") is not None else math.inf,
-                                    h["step"]))
+    return min(good, key=lambda h: (-h[by], h["kl"] if h.get("kl") is not None else math.inf, h["step"]))
 
 
 def describe(broken: list[dict[str, Any]]) -> str:
@@ -152,6 +154,46 @@ class Retention:
         return out
 
 
+def heldout_prompts(path: str) -> list:
+    """eval_prompts' prompts (a prompt or preference file, as `prompts`); a bad row is an error naming it."""
+    try:
+        prompts, problems = load_prompts(path)
+    except OSError as e:
+        raise ConfigError(f"eval_prompts: {path}: {e}") from None
+    if problems:
+        raise DataError(f"eval_prompts: {problems[0]} ({len(problems)} bad rows)")
+    if not prompts:
+        raise DataError(f"eval_prompts: {path}: no prompts")
+    return prompts
+
+
+class HeldoutReward:
+    """RL's held-out figure: one completion per `eval_prompts` prompt, sampled by the policy with the run's
+    sampling settings (temperature, max_new_tokens) and the same seed at every guard step (so two steps'
+    figures differ by the policy, not the draw), scored by the run's judge as the rollouts are (raw scores:
+    no KL penalty, EOS penalties or normalisation); the mean and its standard error (std / sqrt(n))."""
+
+    def __init__(self, cfg, prompts: list, judge, feed_ids: bool, tokenizer, device, autocast, batch_size: int = 16):
+        self.prompts, self.judge, self.feed_ids, self.tokenizer = prompts, judge, feed_ids, tokenizer
+        self.ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
+        self.sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+        self.seed, self.device, self.autocast, self.batch_size = cfg.seed, device, autocast, batch_size
+
+    @torch.no_grad()
+    def measure(self, model) -> dict[str, float]:
+        scores: list[float] = []
+        for b, i in enumerate(range(0, len(self.ids), self.batch_size)):
+            roll = generate(model, self.tokenizer, self.ids[i:i + self.batch_size], self.sampling,
+                            seed=self.seed * 1_000_003 + b, device=self.device, autocast=self.autocast)
+            if self.feed_ids:
+                scores += self.judge.score_ids(roll.input_ids, roll.attention_mask).float().tolist()
+            else:
+                scores += self.judge.score(self.prompts[i:i + self.batch_size], roll.completion_texts)
+        t = torch.tensor(scores, dtype=torch.float64)
+        stderr = float(t.std() / math.sqrt(len(t))) if len(t) > 1 else float("nan")
+        return {"heldout_reward": float(t.mean()), "heldout_reward_stderr": stderr}
+
+
 def figures(kl: float | None, heldout: float | None, mine: dict[str, float], ref: dict[str, float]) -> dict[str, Any]:
     """One guard step's figures from the measurements: the drops are reference minus policy (suites,
     absolute), and policy over reference minus 1 (perplexity, relative)."""
@@ -203,9 +245,12 @@ class Guard:
     checkpoints, `protected` for checkpoint pruning, `finish` loads the checkpoint final/ is to hold."""
 
     def __init__(self, cfg: RunConfig, monitor, eval_fn: Callable[[], dict[str, float]] | None,
-                 retention: Retention, log: Callable[[str], None]):
+                 retention: Retention, log: Callable[[str], None], heldout_reward: HeldoutReward | None = None):
         self.cfg, self.rules, self.monitor, self.eval_fn, self.retention, self.log = \
             cfg, cfg.guards, monitor, eval_fn, retention, log
+        self.heldout_reward = heldout_reward
+        # what select: frontier ranks by: RL's held-out reward, else the held-out preference accuracy
+        self.by = "heldout_reward" if heldout_reward is not None else "heldout_accuracy"
         self.history: list[dict[str, Any]] = []
         self.fired: dict[str, Any] | None = None  # the step whose check ended the run, and what it broke
         self.reference: dict[str, float] | None = None  # the reference's retention figures, measured once
@@ -235,8 +280,9 @@ class Guard:
                 self.reference = self.retention.measure(self.monitor.reference)
         policy.eval()
         mine = self.retention.measure(policy)
+        rewards = self.heldout_reward.measure(policy) if self.heldout_reward is not None else {}
         policy.train(was_training)
-        entry = {"step": step, **figures(row["kl/policy_ref_token"], heldout, mine, self.reference)}
+        entry = {"step": step, **figures(row["kl/policy_ref_token"], heldout, mine, self.reference), **rewards}
         entry["broken"] = broken_rules(self.rules, entry)
         self.history.append(entry)
         row.update(guard_row(entry, self.reference))
@@ -253,7 +299,7 @@ class Guard:
         keep = set()
         if self.rules.action == "rollback" and (good := last_good(self.history)) is not None:
             keep.add(good["step"])
-        if self.cfg.select == "frontier" and (best := frontier(self.history)) is not None:
+        if self.cfg.select == "frontier" and (best := frontier(self.history, self.by)) is not None:
             keep.add(best["step"])
         return keep
 
@@ -270,13 +316,13 @@ class Guard:
         of docs/guardrails.md: frontier whenever asked for; else rollback's last good step after a rule broke."""
         fired = f"step {self.fired['step']} broke {describe(self.fired['broken'])}; " if self.fired else ""
         if self.cfg.select == "frontier":
-            best = frontier(self.history)
+            best = frontier(self.history, self.by)
             if best is None:
                 raise TrainingError(f"select: frontier: no guard step kept every rule ({fired}steps checked: "
                                     f"{[h['step'] for h in self.history]}); metrics.jsonl's guard/* rows have the "
                                     "figures")
-            return best, (f"{fired}frontier: step {best['step']} has the best held-out accuracy "
-                          f"({best['heldout_accuracy']:.4g}, kl {best['kl']:.4g}) of the "
+            return best, (f"{fired}frontier: step {best['step']} has the best held-out {self.by[8:]} "
+                          f"({best[self.by]:.4g}, kl {best['kl']:.4g}) of the "
                           f"{sum(not h['broken'] for h in self.history)} guard steps within every rule")
         if self.fired and self.rules.action == "rollback":
             good = last_good(self.history)
@@ -310,7 +356,8 @@ def guard_row(entry: dict[str, Any], reference: dict[str, float]) -> dict[str, f
     for name, score in entry["suites"].items():
         row[f"guard/suites/{name}/score"] = score
         row[f"guard/suites/{name}/score_reference"] = reference[f"suites/{name}"]
-    for key in ("retention_drop", "perplexity", "perplexity_increase", "heldout_accuracy"):
+    for key in ("retention_drop", "perplexity", "perplexity_increase", "heldout_accuracy", "heldout_reward",
+                "heldout_reward_stderr"):
         if entry.get(key) is not None:
             row[f"guard/{key}"] = entry[key]
     if "perplexity" in reference:
@@ -319,8 +366,10 @@ def guard_row(entry: dict[str, Any], reference: dict[str, float]) -> dict[str, f
 
 
 def build_guard(cfg: RunConfig, monitor, eval_fn, tokenizer, device, autocast, log: Callable[[str], None],
-                world: World = World(), paired: bool = True) -> Guard | None:
-    """The run's guard, or None without guard_every. `paired`: the method logs a held-out accuracy."""
+                world: World = World(), paired: bool = True,
+                heldout_reward: HeldoutReward | None = None) -> Guard | None:
+    """The run's guard, or None without guard_every. `paired`: the method logs a held-out accuracy;
+    `heldout_reward`: RL's held-out figure (eval_prompts)."""
     if not cfg.guard_every:
         return None
     if world.active:
@@ -329,12 +378,13 @@ def build_guard(cfg: RunConfig, monitor, eval_fn, tokenizer, device, autocast, l
     if monitor is None:
         raise ConfigError(f"guard_every measures the KL with the KL monitor, which a {cfg.method} run does not have "
                           "(a reward model samples nothing): leave guard_every out")
-    heldout = cfg.guards.min_heldout_accuracy is not None or cfg.select == "frontier"
+    heldout = cfg.guards.min_heldout_accuracy is not None or (cfg.select == "frontier" and heldout_reward is None)
     if heldout and not paired:
         raise ConfigError(f"guards.min_heldout_accuracy and select: frontier need a held-out preference accuracy, "
-                          f"which {cfg.method} does not log (only the DPO family and reward models do)")
+                          f"which {cfg.method} does not log (only the DPO family and reward models do; RL ranks "
+                          "by held-out reward: eval_prompts)")
     log(f"guards every {cfg.guard_every} steps: {describe_rules(cfg)}")
-    return Guard(cfg, monitor, eval_fn, Retention(cfg, tokenizer, device, autocast), log)
+    return Guard(cfg, monitor, eval_fn, Retention(cfg, tokenizer, device, autocast), log, heldout_reward)
 
 
 def describe_rules(cfg: RunConfig) -> str:

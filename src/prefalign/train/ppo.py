@@ -54,7 +54,7 @@ from ..runtime.distributed import World, shut_down
 from ..runtime.memory import doing, holding_reference_copy
 from ..runtime.precision import weights_dtype
 from .config import RLConfig
-from .guards import build_guard
+from .guards import HeldoutReward, build_guard, heldout_prompts
 from .kl_monitor import build_monitor
 from .loop import LoopResult, Optimization, Update, batch_indices, train_loop, write_summary
 from .methods import METHODS
@@ -257,7 +257,10 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
         monitor = build_monitor(cfg, policy, ref_model if ref_model is not None else policy,
                                 nullcontext if ref_model is not None else policy.disable_adapter, tokenizer,
                                 prompts, device, autocast, log)
-    guard = build_guard(cfg, monitor, None, tokenizer, device, autocast, log, world, paired=False)
+    heldout = None if cfg.eval_prompts is None or not cfg.guard_every else \
+        HeldoutReward(cfg, heldout_prompts(cfg.eval_prompts), judge, feed_ids, tokenizer, device, autocast)
+    guard = build_guard(cfg, monitor, None, tokenizer, device, autocast, log, world, paired=False,
+                        heldout_reward=heldout)
     result = train_loop(cfg, ac, iteration, device, monitor=monitor, log=log, progress=progress, label=cfg.method,
                         world=world, guard=guard)
     doing("while writing final/")
