@@ -95,6 +95,14 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
+    def share(self, obj):
+        """Rank 0's `obj` (any picklable value) on every rank: what rank 0 alone measured or decided."""
+        if not self.active:
+            return obj
+        box = [obj if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _device(self) -> torch.device:
         # NCCL reduces only CUDA tensors; gloo only CPU ones
         return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")

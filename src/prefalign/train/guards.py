@@ -245,10 +245,13 @@ class Guard:
     checkpoints, `protected` for checkpoint pruning, `finish` loads the checkpoint final/ is to hold."""
 
     def __init__(self, cfg: RunConfig, monitor, eval_fn: Callable[[], dict[str, float]] | None,
-                 retention: Retention, log: Callable[[str], None], heldout_reward: HeldoutReward | None = None):
+                 retention: Retention, log: Callable[[str], None], heldout_reward: HeldoutReward | None = None,
+                 world: World = World()):
         self.cfg, self.rules, self.monitor, self.eval_fn, self.retention, self.log = \
             cfg, cfg.guards, monitor, eval_fn, retention, log
-        self.heldout_reward = heldout_reward
+        # several processes: rank 0 (the one with the KL monitor) measures, every rank gets its figures
+        # and so takes the same decisions (stop, rollback, the frontier's pick) from the same history
+        self.heldout_reward, self.world = heldout_reward, world
         # what select: frontier ranks by: RL's held-out reward, else the held-out preference accuracy
         self.by = "heldout_reward" if heldout_reward is not None else "heldout_accuracy"
         self.history: list[dict[str, Any]] = []
@@ -265,15 +268,30 @@ class Guard:
 
     def check(self, step: int, row: dict[str, Any]) -> bool:
         """Measure step `step` (what the row lacks of the KL and eval_data's metrics is measured here and
-        added to it), add the guard/* figures to the row, keep them; True when a rule ended the run."""
+        added to it), add the guard/* figures to the row, keep them; True when a rule ended the run.
+        Several processes: every rank calls it (eval_data's pass is shared), rank 0 measures the rest."""
+        if self.eval_fn is not None and not any(k.startswith("eval/") for k in row):
+            row.update({f"eval/{k}": v for k, v in self.eval_fn().items()})
+        entry = self._measure(step, row) if self.world.main else None
+        entry, self.reference = self.world.share((entry, self.reference))
+        self.history.append(entry)
+        row.update(guard_row(entry, self.reference))
+        if entry["broken"]:
+            then = {"stop": "stopping", "rollback": "rolling back and stopping",
+                    "continue": "going on (it is no candidate for select: frontier)"}[self.rules.action]
+            self.log(f"guard: step {step} breaks {describe(entry['broken'])}: {then}")
+        if entry["broken"] and self.rules.action != "continue":
+            self.fired = {"step": step, "broken": entry["broken"]}
+        return self.fired is not None
+
+    def _measure(self, step: int, row: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0's part of `check`: the KL (when the monitor was not due), retention, held-out figures."""
         policy = self.monitor.policy
-        was_training = policy.training  # as the loop left it: eval_fn and the measurements switch it off
+        was_training = policy.training  # the measurements switch it off (the loop puts eval_fn's model back)
         if "kl/policy_ref_token" not in row:
             row.update(self.monitor.measure())
         heldout = None
         if self.eval_fn is not None:
-            if not any(k.startswith("eval/") for k in row):
-                row.update({f"eval/{k}": v for k, v in self.eval_fn().items()})
             heldout = heldout_of({k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")})
         if self.reference is None:
             with self.monitor.reference_ctx():
@@ -284,15 +302,7 @@ class Guard:
         policy.train(was_training)
         entry = {"step": step, **figures(row["kl/policy_ref_token"], heldout, mine, self.reference), **rewards}
         entry["broken"] = broken_rules(self.rules, entry)
-        self.history.append(entry)
-        row.update(guard_row(entry, self.reference))
-        if entry["broken"]:
-            then = {"stop": "stopping", "rollback": "rolling back and stopping",
-                    "continue": "going on (it is no candidate for select: frontier)"}[self.rules.action]
-            self.log(f"guard: step {step} breaks {describe(entry['broken'])}: {then}")
-        if entry["broken"] and self.rules.action != "continue":
-            self.fired = {"step": step, "broken": entry["broken"]}
-        return self.fired is not None
+        return entry
 
     def protected(self) -> set[int]:
         """Guard steps whose checkpoints pruning must keep: rollback's target and frontier's pick so far."""
@@ -372,10 +382,11 @@ def build_guard(cfg: RunConfig, monitor, eval_fn, tokenizer, device, autocast, l
     `heldout_reward`: RL's held-out figure (eval_prompts)."""
     if not cfg.guard_every:
         return None
-    if world.active:
-        raise ConfigError("guard_every runs on one process for now (its measurements are rank 0's, its rollback "
-                          "every rank's): train without --nproc / torchrun, or leave guards out")
-    if monitor is None:
+    if world.active and cfg.distributed != "ddp":
+        raise ConfigError(f"guard_every on several processes needs distributed: ddp (rank 0 samples and measures "
+                          f"with the whole model, which distributed: {cfg.distributed} does not keep on one process)")
+    # several processes: only rank 0 holds the monitor; every rank must agree before any raises
+    if not world.all_true(monitor is not None or not world.main):
         raise ConfigError(f"guard_every measures the KL with the KL monitor, which a {cfg.method} run does not have "
                           "(a reward model samples nothing): leave guard_every out")
     heldout = cfg.guards.min_heldout_accuracy is not None or (cfg.select == "frontier" and heldout_reward is None)
@@ -384,7 +395,7 @@ def build_guard(cfg: RunConfig, monitor, eval_fn, tokenizer, device, autocast, l
                           f"which {cfg.method} does not log (only the DPO family and reward models do; RL ranks "
                           "by held-out reward: eval_prompts)")
     log(f"guards every {cfg.guard_every} steps: {describe_rules(cfg)}")
-    return Guard(cfg, monitor, eval_fn, Retention(cfg, tokenizer, device, autocast), log, heldout_reward)
+    return Guard(cfg, monitor, eval_fn, Retention(cfg, tokenizer, device, autocast), log, heldout_reward, world)
 
 
 def describe_rules(cfg: RunConfig) -> str:

@@ -1,0 +1,44 @@
+"""Guardrails on several processes (train/guards.py): two processes under torchrun on gloo, the real CLI.
+Rank 0 measures, every rank gets its figures and takes the same decision: the guard fires at the same step on
+both (a rank that trained on would wait in DDP's all-reduce for the other until the timeout), and final/ is
+the checkpoint the rollback chose."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from safetensors.torch import load_file
+
+from conftest import learnable_pairs, write_jsonl
+
+# the exact KL of this tiny DPO run (lr 5e-3, recorded on 2 processes: 0.0024 at step 1, 0.0053 at step 2,
+# then higher): a limit between them keeps step 1 and breaks step 2
+KL_MAX = 0.004
+
+
+def test_two_processes_roll_back_together(tiny_models, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(32))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "prefalign", "train", "--method", "dpo", "--model", str(tiny_models["llama"]),
+           "--data", str(data), "-o", str(out), "--no-progress", "max_steps=4", "batch_size=4",
+           "learning_rate=5e-3", "lr_schedule=constant", "kl_prompts=2", "kl_max_new_tokens=4", "seed=0",
+           "keep_checkpoints=1", "guard_every=1", f"guards.kl_max={KL_MAX}", "guards.action=rollback", "--nproc", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads((out / "run.json").read_text())
+    g = summary["guard"]
+    assert summary["processes"] == 2 and summary["stopped"] == "guard" and summary["steps"] == 2
+    assert [h["step"] for h in g["history"]] == [1, 2], g["history"]
+    assert g["history"][0]["kl"] <= KL_MAX < g["history"][1]["kl"]  # the recorded figures say step 2 breaks
+    assert g["fired"]["step"] == 2 and g["final_step"] == 1
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and [r["guard/passed"] for r in rows if "guard/kl" in r] == [1.0, 0.0]
+    final, chosen = load_file(str(out / "final" / "model.safetensors")), \
+        load_file(str(out / "checkpoints" / "step-1" / "trainable.safetensors"))
+    assert chosen.keys() <= final.keys() and all((final[k] == chosen[k]).all() for k in chosen)
+    # the weights moved between the checkpoints, so the equality above tells step 1 from step 2
+    later = load_file(str(out / "checkpoints" / "step-2" / "trainable.safetensors"))
+    assert any(not (later[k] == chosen[k]).all() for k in chosen)
