@@ -266,12 +266,15 @@ class Guard:
     def due(self, step: int) -> bool:
         return step % self.cfg.guard_every == 0 or step == self.cfg.max_steps
 
-    def check(self, step: int, row: dict[str, Any]) -> bool:
+    def check(self, step: int, row: dict[str, Any], model=None) -> bool:
         """Measure step `step` (what the row lacks of the KL and eval_data's metrics is measured here and
         added to it), add the guard/* figures to the row, keep them; True when a rule ended the run.
-        Several processes: every rank calls it (eval_data's pass is shared), rank 0 measures the rest."""
+        Several processes: every rank calls it (eval_data's pass is shared), rank 0 measures the rest.
+        `model`: the loop's, put back in training mode after an eval_data pass run here (on every rank)."""
         if self.eval_fn is not None and not any(k.startswith("eval/") for k in row):
             row.update({f"eval/{k}": v for k, v in self.eval_fn().items()})
+            if model is not None:
+                model.train()
         entry = self._measure(step, row) if self.world.main else None
         entry, self.reference = self.world.share((entry, self.reference))
         self.history.append(entry)

@@ -292,10 +292,8 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                 raise TrainingError(bad.exceeded)
             measured = _measure(cfg, step, row, model, eval_fn, monitor, world)
             checked = guard.due(step)
-            if checked and guard.check(step, row):
+            if checked and guard.check(step, row, model):
                 stopped = "guard"
-            if checked:
-                model.train()  # an eval_data pass the guard ran left it in eval mode (on every rank)
             skipped = opt.skipped > skipped_before  # on record whatever log_every (not: no metrics; offline has some)
             if step % cfg.log_every == 0 or step == cfg.max_steps or measured or skipped or checked:
                 runlog.write(row)
