@@ -54,7 +54,8 @@ JUNK = b"\xc3\x28\xff"  # a lead byte without its continuation, and a byte UTF-8
                                 "before the ']'"])
 def test_stray_bytes_outside_strings_cost_at_most_one_element(tmp_path, monkeypatch, chunk, at):
     monkeypatch.setattr(readers, "CHUNK_BYTES", chunk)
-    r = [b'{"prompt": "p0", "n": 12, "e": "\\u00e9\\n", "chosen": "a", "rejected": "b"}'] + [json.dumps(x).encode() for x in PAIRS[1:]]
+    r = [b'{"prompt": "p0", "n": 12, "e": "\\u00e9\\n", "chosen": "a", "rejected": "b"}']
+    r += [json.dumps(x).encode() for x in PAIRS[1:]]
     data = array(r)
     where = {"before the '['": 0, "before the first": data.index(b"{"), "inside a \\u escape": data.index(b"u00") + 2,
              "after a '\\'": data.index(b"\\n") + 1, "inside a key": data.index(b"prompt") + 2,

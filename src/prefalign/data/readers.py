@@ -280,7 +280,8 @@ class _TextWindow:
                     raise
             else:
                 # where a broken stream ends, only a value that closes itself is known to be whole
-                if len(self.buf) - end >= _LOOKAHEAD or self.eof and (self.broken is None or self.buf[end - 1] in '"]}'):
+                whole = self.broken is None or self.buf[end - 1] in '"]}'
+                if len(self.buf) - end >= _LOOKAHEAD or self.eof and whole:
                     return value, end
                 if self.eof:
                     self.end()
