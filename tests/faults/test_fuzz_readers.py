@@ -291,9 +291,8 @@ def check(path: Path, opts: dict, runs: Runs, *, starts: list[int] | None = None
 
 
 def rows_oracle(ref: Path, data: bytes, kind: str, junk: bool) -> dict:
-    """What check() can be told of `data`, `ref` with characters re-encoded or bytes inserted (`junk`): every
-    JSONL line's outcome; every JSON element's when the array still parses; else how many rows at least
-    (the element or CSV row a few inserted bytes land in may merge with a neighbour)."""
+    """What check() is told of `data`, `ref` re-encoded or with bytes inserted (`junk`: the row they land in
+    may merge with a neighbour): each JSONL line's or JSON element's outcome, else how many rows at least."""
     if kind == "jsonl":
         starts, lines = jsonl_oracle(data.removeprefix(b"\xef\xbb\xbf"))
         return {"starts": starts, "lines": lines}
@@ -458,8 +457,10 @@ def test_wrong_encodings(tmp_path, encoding):
     runs.run(prop)
 
 
-CSV_CELL = st.lists(st.sampled_from(['"', ",", "\t", "\n", "\r", "\r\n", " ", "a", "b", "\ufeff", "''", '""', "\\",
-                                     "x y", "\u200b", "\U0001f600"]), max_size=5).map("".join)
+CSV_CELL = st.one_of(
+    st.lists(st.sampled_from(['"', ",", "\t", "\n", "\r", "\r\n", " ", "a", "b", "\ufeff", "''", '""', "\\",
+                              "x y", "\u200b", "\U0001f600"]), max_size=5).map("".join),
+    st.sampled_from(["true", "False", "null", "1", "0.5", "[1, 2]", '{"a": 1}', "[]", '["x"]']))  # text, not JSON
 
 
 def test_csv_quoting(tmp_path):
@@ -491,6 +492,8 @@ def test_csv_quoting(tmp_path):
             written = dict(zip(starts, [r for r in cleaned if any(c.strip() for c in r)], strict=True))
             for k in read_lines(path.parent / "out" / "k.jsonl"):
                 assert (k["prompt"], k["chosen"], k["rejected"]) == written[source_line(k, path)]
+            quarantined = read_lines(path.parent / "out" / "q.jsonl")
+            assert not [q for q in quarantined if q["kind"] == "type"], "a text cell read as another type"
             if bom:  # Excel's BOM before the header is read past: the same records as without it
                 plain = path.with_name(f"plain.{kind}")
                 plain.write_bytes(path.read_bytes()[3:])

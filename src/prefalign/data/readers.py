@@ -388,17 +388,36 @@ def _trailing(w: _TextWindow, path: Path) -> Problem:
     return Problem(where, "", "text after the array's closing ']'", "json", raw=rest)
 
 
-def _maybe_json(value: str) -> Any:
-    """CSV cells that hold JSON lists/objects (message lists, score lists) are decoded."""
+# CSV holds only text. A cell is decoded only for a field whose value is not text in any shape
+# (data/shapes.py), so a pair whose text is "true" or "[1, 2]" stays the text it is.
+_JSON_FIELDS = {"messages", "conversations", "responses", "scores", "tool_calls"}  # lists or objects
+_MESSAGE_FIELDS = {"prompt", "chosen", "rejected"}  # text, or messages (conversation, sharegpt shapes)
+
+
+def _cell(field: str, value: str) -> Any:
     s = value.strip()
-    if s[:1] in ("[", "{"):
+    if field == "label":  # kto: true/false (or 0/1), in any case
+        return {"true": True, "false": False, "1": 1, "0": 0}.get(s.lower(), value)
+    if field == "margin" or field in _JSON_FIELDS or field in _MESSAGE_FIELDS and s[:1] in ("[", "{"):
         try:
-            return json.loads(s)
+            decoded = json.loads(s)
         except (json.JSONDecodeError, RecursionError):
             return value
-    if s.lower() in ("true", "false"):
-        return s.lower() == "true"
+        if field == "margin":
+            return decoded if isinstance(decoded, int | float) and not isinstance(decoded, bool) else value
+        if field in _MESSAGE_FIELDS and not _messages_like(decoded):
+            return value
+        return decoded
     return value
+
+
+def _messages_like(value: Any) -> bool:
+    """A message list, or one message (a sharegpt answer): what a prompt/chosen/rejected cell that is
+    not text holds."""
+    def message(m: Any) -> bool:
+        return isinstance(m, dict) and ("role" in m or "from" in m)
+
+    return message(value) or isinstance(value, list) and bool(value) and all(message(m) for m in value)
 
 
 # csv's default cap on one cell is 128 KiB: a longer answer is data like any other (JSONL reads any line),
@@ -437,7 +456,7 @@ def read_csv(path: Path) -> Iterator[Row | Problem]:
                 yield Problem(where, "", f"has {len(cells)} cells, the header has {len(header)}", "csv",
                               raw=joined)
                 continue
-            yield Row(where, {h: _maybe_json(c) for h, c in zip(header, cells, strict=False)},
+            yield Row(where, {h: _cell(h, c) for h, c in zip(header, cells, strict=False)},
                       dict(zip(header, cells, strict=False)))
 
 
