@@ -57,6 +57,13 @@ FOUND = {
     "UTF-16 file (a utf8 problem per line)": ("x.jsonl", (PAIR.decode() + "\n").encode("utf-16"), "error: UTF-16"),
     "random bytes as Parquet (ArrowInvalid)": ("x.parquet", b"PAR1\x00\x01", "error: not a readable Parquet"),
     "random bytes as Arrow (OSError)": ("x.arrow", b"\xff\xff\xff\xff\x10\x00", "error: not a readable Arrow"),
+    # Python refuses to convert an integer of over 4300 digits (ValueError, not a JSONDecodeError)
+    "JSONL integer of 5000 digits (ValueError)": ("x.jsonl", b'{"n": ' + b"1" * 5000 + b"}\n" + PAIR + b"\n",
+                                                  ([(1, "json")], 1)),
+    "JSON array integer of 5000 digits (ValueError)": ("x.json", b"[\n" + b"1" * 5000 + b",\n" + PAIR + b"\n]",
+                                                       ([(2, "json")], 1)),
+    "CSV score of 5000 digits (ValueError)": ("x.csv", b"prompt,responses,scores\np,\"[\"\"a\"\", \"\"b\"\"]\",\"[1, "
+                                              + b"1" * 5000 + b']"\n', ([(2, "type")], 0)),
 }
 
 

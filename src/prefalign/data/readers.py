@@ -111,10 +111,17 @@ def read_jsonl(path: Path) -> Iterator[Row | Problem]:
             except json.JSONDecodeError as e:
                 yield Problem(where, "", f"broken JSON: {e.msg} at column {e.colno}", "json", raw=text)
                 continue
+            except ValueError as e:  # valid JSON Python will not convert: an integer of over 4300 digits
+                yield Problem(where, "", _undecodable(e), "json", raw=text)
+                continue
             except RecursionError:
                 yield Problem(where, "", TOO_DEEP, "json", raw=text)
                 continue
             yield Row(where, value, text)
+
+
+def _undecodable(e: ValueError) -> str:
+    return f"cannot be decoded: {str(e).split(';')[0]}"
 
 
 # json's decoder recurses once per level: a value nested about a thousand deep exhausts Python's stack
@@ -341,6 +348,12 @@ def _array_elements(w: _TextWindow, path: Path) -> Iterator[Row | Problem]:
                               "the rest of the array cannot be read", "json", raw=_raw(w.buf[w.pos:]))
                 return False
             yield _utf8_error(where, w.buf[w.pos:end])
+        except ValueError as e:  # valid JSON Python will not convert (an integer of over 4300 digits): skipped
+            end = w.element_end()
+            yield Problem(where, "", _undecodable(e) if end else f"{_undecodable(e)}; the rest of the array cannot "
+                          "be read", "json", raw=_raw(w.buf[w.pos:end]))
+            if end is None:
+                return False
         except RecursionError:  # valid JSON perhaps, too deep to decode: skipped to its end, the array read on
             end = w.value_end()
             yield Problem(where, "", TOO_DEEP if end else f"{TOO_DEEP}; the rest of the array cannot be read",
@@ -401,7 +414,7 @@ def _cell(field: str, value: str) -> Any:
     if field == "margin" or field in _JSON_FIELDS or field in _MESSAGE_FIELDS and s[:1] in ("[", "{"):
         try:
             decoded = json.loads(s)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # not JSON, an integer of over 4300 digits, too deep
             return value
         if field == "margin":
             return decoded if isinstance(decoded, int | float) and not isinstance(decoded, bool) else value
