@@ -296,8 +296,7 @@ def rows_oracle(ref: Path, data: bytes, kind: str, junk: bool) -> dict:
     if kind == "jsonl":
         starts, lines = jsonl_oracle(data.removeprefix(b"\xef\xbb\xbf"))
         return {"starts": starts, "lines": lines}
-    starts = json_lines(data) if kind == "json" else None
-    if starts is not None:
+    if kind == "json" and (starts := json_lines(data)) is not None:
         return {"starts": starts}
     try:
         reference = compute_stats(ref, ReadOptions()).records
@@ -385,12 +384,10 @@ def test_truncated_files(tmp_path, kind, gz):
     runs.run(prop)
 
 
+VALID_STATE = encode({"_data_files": [{"filename": "data.arrow"}]}).encode()
 STATE = st.one_of(
     st.just({"_data_files": [{"filename": "data.arrow"}]}),
     st.fixed_dictionaries({"_data_files": st.one_of(ANY, st.lists(st.fixed_dictionaries({"filename": ANY})))}), ANY)
-
-
-VALID_STATE = encode({"_data_files": [{"filename": "data.arrow"}]}).encode()
 
 
 def test_datasets_folders(tmp_path):

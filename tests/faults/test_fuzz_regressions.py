@@ -202,3 +202,19 @@ def test_the_atheris_target_runs(tmp_path):
         held = True
     finally:
         tally(KIND, survived=held, detail=f"atheris, 3 s, {done.group(1) if done else '?'} inputs")
+
+
+def test_the_atheris_check_counts_the_rows(tmp_path):
+    """The target's oracle, counted without the readers: a JSON array whose one latin-1 byte hid its other
+    records (one `utf8` problem, 1 row of 3) failed it; each record is a row of its own now."""
+    fz = fuzz_script()
+    array = b'[\n{"prompt": "p1", "chosen": "a", "rejected": "b"},\n{"prompt": "caf\xe9", "chosen": "a", ' \
+            b'"rejected": "b"},\n{"prompt": "p3", "chosen": "a", "rejected": "b"}\n]\n'
+    path = tmp_path / "input.json"
+    path.write_bytes(array)
+    assert fz.expected_rows(path) == (3, False)
+    fz.check(path, "auto", tmp_path / "out")
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + PAIR + b"\n \t\n\xff\n" + PAIR.replace(b'"a"', b'"c"'))
+    assert fz.expected_rows(path) == (3, True)
+    fz.check(path, "auto", tmp_path / "out")
