@@ -57,10 +57,23 @@ def iter_parsed(path: str | Path, opts: ReadOptions) -> Iterator[tuple[Any, list
 
 
 def _hash(*parts: str) -> int:
+    """The split's hash (eval_share): parts joined by NULs, kept as it was so a split never moves."""
     h = hashlib.blake2b(digest_size=8)
     for p in parts:
         h.update(p.encode("utf-8", errors="surrogatepass"))
         h.update(b"\x00")
+    return int.from_bytes(h.digest(), "little")
+
+
+def _key(*parts: str) -> int:
+    """A record's identity: each part after its length, so no text (a NUL in it, say) can make two
+    different records' parts the same bytes. 64 bits: a false duplicate among n distinct records has
+    probability about n**2 / 2**65 (docs/reliability.md, "Under load")."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        data = p.encode("utf-8", errors="surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
     return int.from_bytes(h.digest(), "little")
 
 
@@ -69,9 +82,9 @@ def identity(record: Record) -> tuple[int, bool]:
     orientation is a duplicate; with the opposite orientation, a conflicting preference."""
     prompt = norm(text_of(record.prompt))
     if isinstance(record, UnpairedExample):
-        return _hash("u", prompt, norm(text_of(record.completion))), record.label
+        return _key("u", prompt, norm(text_of(record.completion))), record.label
     a, b = norm(text_of(record.chosen)), norm(text_of(record.rejected))
-    return _hash("p", prompt, min(a, b), max(a, b)), a < b
+    return _key("p", prompt, min(a, b), max(a, b)), a < b
 
 
 class DuplicateTracker:
