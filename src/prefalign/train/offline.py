@@ -41,6 +41,7 @@ from .config import OfflineConfig, RunConfig
 from .kl_monitor import auto_every, build_monitor
 from .loop import LoopResult, Optimization, Update, batch_indices, mean_metrics, train_loop, write_summary
 from .methods import METHODS, Method
+from .noise import resolve_label_smoothing
 from .parallel import Forward, accumulating, full_state, parallelize
 from .sources import load_eval_sets, load_examples, monitor_prompts
 
@@ -171,6 +172,7 @@ def run_offline(cfg: OfflineConfig, log: Callable[[str], None] = print, progress
 def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, log, progress: bool) -> LoopResult:
     method = METHODS[cfg.method]
     check_world(cfg, world)
+    cfg, label_noise = resolve_label_smoothing(cfg, log)  # `auto`: eps from the data's own label noise
     if world.active and cfg.distributed == "deepspeed":
         deepspeed.check_precision(bf16_wanted(cfg.precision, device), device)
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code, cfg.chat_template)
@@ -228,12 +230,12 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     update = OfflineUpdate(cfg, make_batch, step_fn, len(data), device, world, forward)
     result = train_loop(cfg, model, update, device, eval_fn=eval_fn, monitor=monitor, log=log, progress=progress,
                         world=world, opt=opt)
-    _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log, uses)
+    _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log, uses, label_noise)
     return result
 
 
 def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult, strategy, initial, world: World,
-            log, uses=()) -> None:
+            log, uses=(), label_noise=None) -> None:
     """final/ and run.json, written by rank 0 (under FSDP2 every rank first gathers its shards)."""
     lora, base = is_peft(model), cfg.model
     if method.inputs == "scores" and lora:
@@ -249,7 +251,8 @@ def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult
         save_model(model, tokenizer, out / "final", base=base, state_dict=state)
         write_summary(out, result, method=cfg.method, reference=strategy, lora=lora,
                       model_copies=1 + (strategy == "copy") + (initial is not None), processes=world.size,
-                      data_sources=[u.to_json() for u in uses])
+                      data_sources=[u.to_json() for u in uses],
+                      **({"label_noise": label_noise} if label_noise else {}))
     world.barrier()
     log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
 
