@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..storage import AtomicWriter, replacing
 from .hashtable import U64Table
 from .hub import resolve_model
-from .noise import DuplicateComparisons, combine, readiness
+from .noise import DuplicateComparisons, Estimate, combine, readiness
 from .readers import read_rows
 from .records import PreferencePair, Problem, Record, UnpairedExample, json_line, text_of
 from .shapes import norm, parse_rows
@@ -141,7 +141,8 @@ class Stats:
     def length(self, name: str, value: float) -> None:
         self.lengths.setdefault(name, Percentiles()).add(value)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, estimates: list[Estimate] | tuple = ()) -> dict[str, Any]:
+        """The counts; `noise` combines the duplicates' estimate with `estimates` from models (judges/noise.py)."""
         out: dict[str, Any] = {
             "records": self.records, "valid": self.valid, "invalid": self.invalid,
             "pairs": self.pairs, "unpaired": self.unpaired,
@@ -150,7 +151,7 @@ class Stats:
             "problems": dict(self.problems),
         }
         out.update({name: p.summary() for name, p in self.lengths.items()})
-        out["noise"] = combine([self.repeats.estimate()])
+        out["noise"] = combine([self.repeats.estimate(), *estimates])
         out["readiness"] = readiness(out)
         return out
 

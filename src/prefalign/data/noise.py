@@ -189,7 +189,34 @@ def readiness(stats: dict[str, Any]) -> dict[str, Any]:
         "length_bias": share,  # 0.5 is none: the chosen answer longer as often as not
         "duplicates": stats.get("duplicates", 0), "conflicts": stats.get("conflicts", 0),
         "noise": None if noise is None else {k: noise[k] for k in ("flip_rate", "low", "high", "source")},
-        "noise_note": ("no source could estimate the label noise (no repeated prompt + answer pair)" if noise is None
-                       else f"label-flip rate {noise['flip_rate']:.3f} [{noise['low']:.3f}, {noise['high']:.3f}] "
-                            f"from {noise['source']}"),
     }
+
+
+def describe_noise(noise: dict[str, Any] | None) -> str:
+    """One line for `data stats`' table: the estimate used, then every source's."""
+    if noise is None:
+        return "not estimated: no source could (no repeated prompt + answer pair; no judge or reward model given)"
+
+    def one(e: dict[str, Any]) -> str:
+        upper = "<= " if e["bound"] == "upper" else ""
+        return f"{e['source']} {upper}{e['flip_rate']:.3f} [{e['low']:.3f}, {e['high']:.3f}] ({e['comparisons']} cmp)"
+
+    return (f"label-flip rate {noise['flip_rate']:.3f}, 95% [{noise['low']:.3f}, {noise['high']:.3f}], from "
+            f"{noise['source']}; sources: " + "; ".join(one(e) for e in noise["sources"]))
+
+
+def describe_readiness(r: dict[str, Any]) -> str:
+    bias = "-" if r["length_bias"] is None else f"{r['length_bias']:.2f}"
+    return (f"{r['pairs']} pairs: {r['size']} (~{r['enough_pairs']}); {r['ties']} ties; chosen longer in {bias} "
+            f"of pairs (0.5: no length bias); {r['duplicates']} duplicates, {r['conflicts']} conflicting")
+
+
+def from_judge_order(agreements: Iterable[bool]) -> Estimate | None:
+    """eps of a pairwise judge's single-order verdicts from whether each pair's two orders agreed.
+    Under the symmetric model the both-orders label `prefalign label` writes has the same eps: both orders
+    wrong (eps^2) plus half the disagreements (eps (1 - eps)) is eps."""
+    flags = [bool(a) for a in agreements]
+    if not flags:
+        return None
+    return from_disagreements(flags.count(False), len(flags), "judge_order",
+                              note="the judge's A/B vs B/A disagreement; position bias counts as noise")
