@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .hashtable import U64Table
-from .records import PreferencePair, Record
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: two-sided 95%
 # the largest eps training uses: robust DPO's loss is divided by 1 - 2 eps, which has no bound as eps -> 1/2
@@ -110,19 +109,14 @@ def from_reward_model(disagreements: int, pairs: int, accuracy: float | None = N
 
 @dataclass
 class DuplicateComparisons:
-    """Streams records; for each prompt + answer pair seen more than once, compares its labels two at a
-    time (1-2, 3-4, ...): `comparisons` independent comparisons, `disagreements` of them conflicting."""
+    """Streams labels (curate.identity of each pair: its key and which answer it prefers); for each prompt +
+    answer pair seen more than once, compares its labels two at a time (1-2, 3-4, ...): `comparisons`
+    independent comparisons, `disagreements` of them conflicting."""
 
     comparisons: int = 0
     disagreements: int = 0
     repeated: int = 0  # records whose prompt + answers were seen before
     waiting: U64Table = field(default_factory=U64Table)  # key -> 1 + orientation of a label awaiting its partner
-
-    def add(self, record: Record) -> None:
-        from .curate import identity  # here, not at the top: curate imports this module for its stats
-
-        if isinstance(record, PreferencePair):
-            self.observe(*identity(record))
 
     def observe(self, key: int, orient: bool) -> None:
         """One label of the pair `key` (curate.identity): `orient` says which answer it prefers."""
@@ -142,14 +136,6 @@ class DuplicateComparisons:
             return None
         return from_disagreements(self.disagreements, self.comparisons, "duplicates",
                                   note="assumes repeated labels were given independently")
-
-
-def from_duplicates(records: Iterable[Record]) -> Estimate | None:
-    """The duplicate estimate of a set of records; None when no prompt + answer pair repeats."""
-    tracker = DuplicateComparisons()
-    for r in records:
-        tracker.add(r)
-    return tracker.estimate()
 
 
 def combine(estimates: Iterable[Estimate | None]) -> dict[str, Any] | None:

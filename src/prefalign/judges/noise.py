@@ -9,6 +9,7 @@ from ..data import ReadOptions, load_records
 from ..data.noise import Estimate, from_judge_order, from_reward_model
 from ..data.records import PreferencePair, text_of
 from ..errors import ConfigError
+from . import make_judge
 
 BATCH = 64
 
@@ -48,8 +49,6 @@ def model_estimates(path: str | Path, opts: ReadOptions, judge: str | None = Non
                     accuracy: float | None = None, accuracy_pairs: int | None = None,
                     device: str = "cpu") -> list[Estimate]:
     """The estimates the models asked for give on the pairs of `path` (each model loaded once)."""
-    from . import make_judge  # here: `prefalign data stats` without a model imports no torch model code
-
     if accuracy is not None and reward_model is None:
         raise ConfigError("--reward-model-accuracy needs --reward-model")
     if not judge and not reward_model:

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..data import ReadOptions, load_records
+from ..data.curate import identity
 from ..data.mixture import sources_of
 from ..data.noise import EPS_CAP, DuplicateComparisons, combine
+from ..data.records import PreferencePair
 from ..errors import ConfigError
 
 
@@ -24,7 +26,8 @@ def estimate_training_noise(cfg) -> dict[str, Any] | None:
     for source in sources_of(cfg.data, cfg.format):
         records, _ = load_records(source.path, ReadOptions(format=source.format, split=source.split))
         for record in records:
-            tracker.add(record)
+            if isinstance(record, PreferencePair):
+                tracker.observe(*identity(record))
     return combine([tracker.estimate()])
 
 

@@ -163,16 +163,17 @@ def start_run(cfg: RunConfig) -> tuple[Path, torch.device, Callable, World]:
 
 def run_offline(cfg: OfflineConfig, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
     out, device, autocast, world = start_run(cfg)
+    log = log if world.main else (lambda _: None)
     try:
-        return _run_offline(cfg, out, device, autocast, world, log if world.main else (lambda _: None), progress)
+        cfg, label_noise = resolve_label_smoothing(cfg, log)  # `auto`: eps from the data's own label noise
+        return _run_offline(cfg, out, device, autocast, world, log, progress, label_noise)
     finally:
         shut_down(world)
 
 
-def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, log, progress: bool) -> LoopResult:
+def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, log, progress, noise) -> LoopResult:
     method = METHODS[cfg.method]
     check_world(cfg, world)
-    cfg, label_noise = resolve_label_smoothing(cfg, log)  # `auto`: eps from the data's own label noise
     if world.active and cfg.distributed == "deepspeed":
         deepspeed.check_precision(bf16_wanted(cfg.precision, device), device)
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code, cfg.chat_template)
@@ -230,7 +231,7 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     update = OfflineUpdate(cfg, make_batch, step_fn, len(data), device, world, forward)
     result = train_loop(cfg, model, update, device, eval_fn=eval_fn, monitor=monitor, log=log, progress=progress,
                         world=world, opt=opt)
-    _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log, uses, label_noise)
+    _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log, uses, noise)
     return result
 
 
