@@ -21,6 +21,7 @@ from prefalign.data.noise import (
     wilson,
 )
 from prefalign.errors import ConfigError
+from prefalign.train.help import config_help
 from prefalign.train.methods import make_config
 from prefalign.train.noise import resolve_label_smoothing
 
@@ -130,6 +131,7 @@ def test_auto_without_repeats_is_a_clear_error_and_a_number_is_untouched(tmp_pat
     assert resolve_label_smoothing(cfg, log=lambda _: None) == (cfg, None)
     with pytest.raises(ConfigError, match="label_smoothing"):
         _cfg(tmp_path, data, "dpo")  # auto is cdpo's and robust's
+    assert "label_smoothing  float | auto  0.1" in config_help("robust")
 
 
 def test_auto_is_capped_where_robust_dpo_would_divide_by_almost_zero(tmp_path):

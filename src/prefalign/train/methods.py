@@ -53,16 +53,17 @@ class CDPO(DPO):
     """Conservative DPO (Mitchell 2023): DPO that assumes a share of the labels are flipped."""
 
     method: Literal["cdpo"] = "cdpo"
-    label_smoothing: FlipRate = Field(0.1, description="assumed label-flip rate eps, or auto: estimated from the "
-                                                       "training data's conflicting duplicates (docs/noise.md)")
+    label_smoothing: FlipRate = Field(0.1, description="assumed label-flip rate eps in [0, 0.5), or auto: estimated "
+                                                       "from the training data's duplicates (docs/noise.md)")
 
 
 class Robust(DPO):
     """Robust DPO (Chowdhury et al. 2024): unbiased under label-flip rate eps < 1/2."""
 
     method: Literal["robust"] = "robust"
-    label_smoothing: FlipRate = Field(0.1, description="label-flip rate eps of the data, or auto: estimated from "
-                                                       "the training data's conflicting duplicates (docs/noise.md)")
+    label_smoothing: FlipRate = Field(0.1, description="label-flip rate eps of the data in [0, 0.5), or auto: "
+                                                       "estimated from the training data's conflicting duplicates "
+                                                       "(docs/noise.md)")
 
 
 class IPO(ReferenceConfig, Rpo):
