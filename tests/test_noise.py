@@ -157,3 +157,37 @@ def test_auto_trains_robust_with_the_estimate_and_records_it(tiny_models, tmp_pa
     assert noise["sources"][0]["comparisons"] == 48
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(x["loss"]) for x in lines if "loss" in x)
+
+
+def test_data_stats_with_a_reward_model_and_a_pairwise_judge(tiny_models, tmp_path, capsys, monkeypatch):
+    """`data stats --reward-model` (a scorer that knows the truth) counts exactly the flipped labels; with its
+    accuracy (1.0) the bound becomes the estimate; `--judge` (a tiny causal LM) asks every pair in both orders."""
+    from prefalign.cli import main
+
+    rows = noisy(distinct_pairs(60, seed=2), 0.2, 1, seed=5)
+    flipped = sum(r["chosen"].startswith(" wrong") for r in rows)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "truth.py").write_text("def score(prompts, completions):\n"
+                                       "    return [float('right' in c) for c in completions]\n")
+
+    def stats(*extra):
+        monkeypatch.setattr("sys.argv", ["prefalign", "data", "stats", str(data), "--json", *extra])
+        try:
+            main()
+        except SystemExit as e:  # typer exits 0 after a command
+            assert not e.code, capsys.readouterr()
+        return json.loads(capsys.readouterr().out)["noise"]
+
+    bound = stats("--reward-model", f"{tmp_path / 'truth.py'}:score")
+    assert bound["bound"] == "upper" and bound["sources"][0]["disagreements"] == flipped
+    assert bound["flip_rate"] == pytest.approx(flipped / 60, abs=1e-5)
+    exact = stats("--reward-model", f"{tmp_path / 'truth.py'}:score", "--reward-model-accuracy", "1.0",
+                  "--judge", str(tiny_models["llama"]))
+    by_source = {s["source"]: s for s in exact["sources"]}
+    assert by_source["reward_model"]["bound"] == "estimate"
+    assert by_source["reward_model"]["flip_rate"] == pytest.approx(flipped / 60, abs=1e-5)
+    assert by_source["judge_order"]["comparisons"] == 60
+    # the estimate used is the narrower interval of the two (the untrained judge's, pinned near 1/2)
+    narrowest = min(exact["sources"], key=lambda e: e["high"] - e["low"])
+    assert exact["source"] == narrowest["source"] and exact["flip_rate"] == narrowest["flip_rate"]
+
