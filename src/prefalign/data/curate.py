@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..storage import AtomicWriter, replacing
 from .hashtable import U64Table
 from .hub import resolve_model
+from .noise import DuplicateComparisons, Estimate, combine, readiness
 from .readers import read_rows
 from .records import PreferencePair, Problem, Record, UnpairedExample, json_line, text_of
 from .shapes import norm, parse_rows
@@ -93,7 +94,9 @@ class DuplicateTracker:
 
     def check(self, record: Record) -> tuple[str, int, int]:
         """('new' | 'duplicate' | 'conflict', the line of the first record with this key, the key)."""
-        key, orient = identity(record)
+        return self.check_key(record, *identity(record))
+
+    def check_key(self, record: Record, key: int, orient: bool) -> tuple[str, int, int]:
         line = record.where.line if record.where else 0
         first = self.seen.setdefault(key, line * 2 + int(orient))
         if first is None:
@@ -146,11 +149,13 @@ class Stats:
     chosen_longer: int = 0
     problems: Counter = field(default_factory=Counter)
     lengths: dict[str, Percentiles] = field(default_factory=dict)
+    repeats: DuplicateComparisons = field(default_factory=DuplicateComparisons)  # the label-noise estimate
 
     def length(self, name: str, value: float) -> None:
         self.lengths.setdefault(name, Percentiles()).add(value)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, estimates: list[Estimate] | tuple = ()) -> dict[str, Any]:
+        """The counts; `noise` combines the duplicates' estimate with `estimates` from models (judges/noise.py)."""
         out: dict[str, Any] = {
             "records": self.records, "valid": self.valid, "invalid": self.invalid,
             "pairs": self.pairs, "unpaired": self.unpaired,
@@ -159,6 +164,8 @@ class Stats:
             "problems": dict(self.problems),
         }
         out.update({name: p.summary() for name, p in self.lengths.items()})
+        out["noise"] = combine([self.repeats.estimate(), *estimates])
+        out["readiness"] = readiness(out)
         return out
 
 
@@ -213,7 +220,10 @@ def compute_stats(path: str | Path, opts: ReadOptions, tokenizer: str | None = N
             continue
         stats.valid += 1
         for record in result:
-            verdict, _, _ = dups.check(record)
+            key, orient = identity(record)
+            verdict, _, _ = dups.check_key(record, key, orient)
+            if isinstance(record, PreferencePair):
+                stats.repeats.observe(key, orient)
             stats.duplicates += verdict == "duplicate"
             stats.conflicts += verdict == "conflict"
             stats.length("prompt_chars", len(text_of(record.prompt)))

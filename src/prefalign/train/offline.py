@@ -42,6 +42,7 @@ from .guards import build_guard
 from .kl_monitor import auto_every, build_monitor
 from .loop import LoopResult, Optimization, Update, batch_indices, mean_metrics, train_loop, write_summary
 from .methods import METHODS, Method
+from .noise import resolve_label_smoothing
 from .parallel import Forward, accumulating, full_state, parallelize
 from .sources import load_eval_sets, load_examples, monitor_prompts
 
@@ -163,13 +164,15 @@ def start_run(cfg: RunConfig) -> tuple[Path, torch.device, Callable, World]:
 
 def run_offline(cfg: OfflineConfig, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
     out, device, autocast, world = start_run(cfg)
+    log = log if world.main else (lambda _: None)
     try:
-        return _run_offline(cfg, out, device, autocast, world, log if world.main else (lambda _: None), progress)
+        cfg, label_noise = resolve_label_smoothing(cfg, log)  # `auto`: eps from the data's own label noise
+        return _run_offline(cfg, out, device, autocast, world, log, progress, label_noise)
     finally:
         shut_down(world)
 
 
-def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, log, progress: bool) -> LoopResult:
+def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, log, progress, noise) -> LoopResult:
     method = METHODS[cfg.method]
     check_world(cfg, world)
     if world.active and cfg.distributed == "deepspeed":
@@ -229,12 +232,12 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     result = train_loop(cfg, model, update, device, eval_fn=eval_fn, monitor=monitor, log=log, progress=progress,
                         world=world, opt=opt, guard=build_guard(cfg, monitor, eval_fn, tokenizer, device, autocast,
                                                                 log, world, method.paired))
-    _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log, uses)
+    _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log, uses, noise)
     return result
 
 
 def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult, strategy, initial, world: World,
-            log, uses=()) -> None:
+            log, uses=(), label_noise=None) -> None:
     """final/ and run.json, written by rank 0 (under FSDP2 every rank first gathers its shards)."""
     lora, base = is_peft(model), cfg.model
     if method.inputs == "scores" and lora:
@@ -250,7 +253,8 @@ def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult
         save_model(model, tokenizer, out / "final", base=base, state_dict=state)
         write_summary(out, result, method=cfg.method, reference=strategy, lora=lora,
                       model_copies=1 + (strategy == "copy") + (initial is not None), processes=world.size,
-                      data_sources=[u.to_json() for u in uses])
+                      data_sources=[u.to_json() for u in uses],
+                      **({"label_noise": label_noise} if label_noise else {}))
     world.barrier()
     log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
 
