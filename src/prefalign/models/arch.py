@@ -37,12 +37,17 @@ def _sliding_window(config) -> int | None:
     return int(window)
 
 
+def model_type(model) -> str:
+    """The config's model_type ("llama", "mamba", ...), or the class name where a config has none."""
+    return getattr(unwrap(model).config, "model_type", "") or type(unwrap(model)).__name__
+
+
 def block_mask_problem(model, max_length: int | None = None) -> str | None:
     """Why the shared-prompt / packed layouts would give wrong log-probs on this model; None if they
     are exact. max_length: the longest sequence, checked against sliding windows, which transformers
     does not apply to a custom 4D mask (it takes the mask as given)."""
     config = unwrap(model).config
-    kind = getattr(config, "model_type", "") or type(unwrap(model)).__name__
+    kind = model_type(model)
     if kind not in PURE_ATTENTION:
         if "mamba" in kind or any(hasattr(config, f) for f in _SSM_FIELDS):
             return (f"{kind} has Mamba/SSM layers: they carry a recurrent state along the whole row and "
