@@ -18,8 +18,8 @@ from prefalign.train.methods import METHODS, make_config
 from prefalign.train.offline import choose_layout
 from prefalign.train.run import train
 
-# prompts of 1 to 9 tokens (a 1-token prompt leaves its row all padding: nothing runs before the answer)
-# and answers of 1 to 9 tokens, so every row of both passes is padded somewhere
+# prompts of 1 to 13 tokens (a 1-token prompt leaves its row all padding: nothing runs before the answer)
+# and answers of 2 to 13 tokens, so most rows of both passes are padded
 PAIRS = [PreferencePair("the movie was", " good and great fun.", " bad."),
          PreferencePair("I hated the plot of the film because it was", " awful.", " fine and good, why?"),
          PreferencePair("Answer: ", "yes", "no"),

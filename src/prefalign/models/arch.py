@@ -4,7 +4,8 @@ independent sequences (the shared-prompt and packed layouts), and which projecti
 The row layouts are only correct if EVERY token-mixing layer reads the mask. Mamba and Mamba-2
 mixers (and the Mamba layers of Jamba, Bamba, Falcon-H1, Nemotron-H, Granite-4-H) run a recurrent
 state along the whole row and never see the 4D mask, so a rejected answer laid after the chosen
-one is read in the chosen one's state: wrong log-probs, silently (tiny Jamba: 6e-4 nats off).
+one is read in the chosen one's state: wrong log-probs, silently (tiny Jamba: 6e-4 nats off). Those
+models share the prompt another way: prompt-once rows (models/prompt_once.py).
 
 Why an allow-list of model types rather than a scan for SSM modules: a scan can only deny what it
 knows (Mamba, Mamba-2, gated DeltaNet, short convolutions, RG-LRU, RWKV, ... and whatever comes

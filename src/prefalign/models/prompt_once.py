@@ -143,8 +143,10 @@ def _scan(mixer, u: Tensor, dt: Tensor, b: Tensor, c: Tensor, gate: Tensor, ssm:
     decay = torch.exp(a[None, :, None, :] * dt[:, :, :, None])  # (N, I, T, S)
     inputs = dt[:, :, :, None] * b[:, None, :, :].float() * u[:, :, :, None].float()  # (N, I, T, S)
     ys = []
-    for t in range(u.shape[-1]):
-        ssm = decay[:, :, t] * ssm + inputs[:, :, t]
-        ys.append(torch.matmul(ssm.to(u.dtype), c[:, t, :, None])[:, :, 0])  # (N, I)
+    # unbind, not decay[:, :, t]: each indexing's backward writes a zero tensor of the whole (N, I, T, S),
+    # which made transformers' loop O(T^2) in backward; unbind's backward is one stack (same values)
+    for decay_t, input_t, c_t in zip(decay.unbind(2), inputs.unbind(2), c.unbind(1), strict=True):
+        ssm = decay_t * ssm + input_t
+        ys.append(torch.matmul(ssm.to(u.dtype), c_t[:, :, None])[:, :, 0])  # (N, I)
     y = torch.stack(ys, dim=-1) + u * mixer.D.float()[None, :, None]
     return y * F.silu(gate), ssm
