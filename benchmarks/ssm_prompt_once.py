@@ -210,7 +210,7 @@ def markdown(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="mamba-130m", choices=[s for s in SHAPES if SHAPES[s]["arch"] == "mamba"])
+    ap.add_argument("--shape", default="mamba-130m", choices=[s for s in SHAPES if "mamba" in SHAPES[s]["arch"]])
     ap.add_argument("--layers", type=int, default=0, help="keep the shape's first N layers (0: all)")
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=256)
@@ -225,6 +225,8 @@ def main() -> None:
         return memory_of(args)
     if any(k not in LAYOUTS for k in args.layouts.split(",")):
         ap.error(f"--layouts: choose from {', '.join(LAYOUTS)}")
+    if "padded-layers" in args.layouts and SHAPES[args.shape]["arch"] != "mamba":
+        ap.error("--layouts: padded-layers runs Mamba-1 layers; Mamba-2 continues transformers' own forward")
     res = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(res, indent=2))
