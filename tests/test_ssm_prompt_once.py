@@ -12,7 +12,7 @@ from prefalign.data.batches import Example, collate, collate_prompt_once
 from prefalign.data.records import PreferencePair
 from prefalign.data.tokenize import tokenize_pair
 from prefalign.models.logps import batch_logps
-from prefalign.models.prompt_once import ROUTES, prompt_once_problem
+from prefalign.models.prompt_once import FASTER, ROUTES, prompt_once_problem
 from prefalign.models.tiny import build_model
 from prefalign.train.methods import METHODS, make_config
 from prefalign.train.offline import choose_layout
@@ -70,15 +70,17 @@ def test_prompt_once_equals_padded_logps_and_gradients(arch, tokenizer):
 
 def test_choose_layout_picks_prompt_once_where_exact(tokenizer):
     dpo, cfg = METHODS["dpo"], lambda **kw: make_config(model="-", data="-", output="-", **kw)
+    assert FASTER == {"mamba"}  # measured faster: benchmarks/results/ssm-prompt-once-cpu-2core.md
     for arch in ROUTES:
         model = build_model(arch, tokenizer, hidden=32)
-        assert choose_layout(cfg(), model, dpo) == "prompt_once", arch
+        assert choose_layout(cfg(), model, dpo) == ("prompt_once" if arch in FASTER else "padded"), arch
         assert choose_layout(cfg(share_prompt=True), model, dpo) == "prompt_once", arch
         assert choose_layout(cfg(share_prompt=False), model, dpo) == "padded", arch  # the user can force padded
     mamba = build_model("mamba", tokenizer, hidden=32)
     assert choose_layout(cfg(method="sft"), mamba, METHODS["sft"]) == "padded"  # one sequence: no prompt to share
     assert choose_layout(cfg(distributed="fsdp"), mamba, dpo) == "padded"  # FSDP2 gathers in block hooks
-    assert choose_layout(cfg(distributed="fsdp"), build_model("mamba2", tokenizer, hidden=32), dpo) == "prompt_once"
+    mamba2 = build_model("mamba2", tokenizer, hidden=32)
+    assert choose_layout(cfg(distributed="fsdp", share_prompt=True), mamba2, dpo) == "prompt_once"
     refused = {
         "jamba": (build_model("jamba", tokenizer, hidden=32), "restart their scan from a zero state"),
         "biased in_proj": (build_model("mamba2", tokenizer, hidden=32, use_bias=True), "in_proj has a bias"),

@@ -45,6 +45,10 @@ from .load import position_kwargs, trunk_of, unwrap
 # model_type -> route; each entry is proven equal to padded rows by tests/test_ssm_prompt_once.py
 ROUTES = {"mamba": "layers", "mamba2": "cache", "bamba": "cache", "falcon_h1": "cache", "nemotron_h": "cache",
           "granitemoehybrid": "cache"}
+# where `share_prompt: auto` picks them: measured faster than padded rows (benchmarks/ssm_prompt_once.py); the
+# others take them when asked (`share_prompt: true`): a chunked Mamba-2 scan pads each pass to whole chunks,
+# so two passes can cost more chunks than one on short rows
+FASTER = frozenset({"mamba"})
 _UNSUPPORTED = {
     "jamba": "Jamba's Mamba-1 layers restart their scan from a zero state when continuing several tokens from a "
              "cache (transformers' torch path), so its answers would not see the prompt's SSM state",

@@ -29,7 +29,7 @@ from ..models.load import (
     save_model,
     weight_dtypes,
 )
-from ..models.prompt_once import ROUTES, prompt_once_problem
+from ..models.prompt_once import FASTER, ROUTES, prompt_once_problem
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
 from ..models.scalar import load_scalar_model
 from ..runtime.determinism import disable_dropout
@@ -76,7 +76,8 @@ def choose_layout(cfg: OfflineConfig, model, method: Method) -> str:
     (state-space models: the prompt once, both answers continued from its state) or "padded".
     Shared-prompt and packed rows need a model whose every layer honours the 4D mask: not Mamba, nor
     hybrids with Mamba layers (Jamba, Bamba, ...), whatever attention heads they have; those get
-    prompt-once rows where models/prompt_once.py proves them exact. `share_prompt: false` forces padded rows."""
+    prompt-once rows where models/prompt_once.py proves them exact: by default where they were also measured
+    faster (FASTER), on `share_prompt: true` wherever exact. `share_prompt: false` forces padded rows."""
     problem = block_mask_problem(model, cfg.max_length)
     if cfg.packing:
         if problem or method.inputs != "logps":
@@ -99,7 +100,7 @@ def choose_layout(cfg: OfflineConfig, model, method: Method) -> str:
         # FSDP2 and ZeRO-3 gather a block's weights in hooks on its call; the Mamba-1 route calls its parts
         once = f"distributed: {cfg.distributed} gathers weights in hooks on each layer's call, which the Mamba-1 " \
                "route bypasses"
-    if once is None:
+    if once is None and (cfg.share_prompt is True or model_type(model) in FASTER):
         return "prompt_once"
     if cfg.share_prompt is True:
         raise ConfigError(f"share_prompt: true needs a model whose every layer honours the mask ({problem}) or "
