@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # test processes: one per core (pytest-xdist; tests/conftest.py gives each one thread)
 TEST_WORKERS ?= auto
 
-.PHONY: setup demo test lint docs bench-data faults
+.PHONY: setup demo test lint docs bench-data faults fuzz
 
 $(VENV)/.installed: pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
@@ -31,3 +31,10 @@ bench-data: setup
 # every case of the fault-injection suite (tests/faults/); writes the README's reliability table
 faults: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/faults.py
+
+# coverage-guided fuzzing of the JSONL/JSON/CSV readers (atheris, one worker) for FUZZ_SECONDS; a crash's
+# input lands in runs/fuzz/ (docs/reliability.md, "Fuzzed inputs")
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	mkdir -p runs/fuzz
+	$(PY) scripts/fuzz_readers.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=runs/fuzz/ runs/fuzz/corpus

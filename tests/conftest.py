@@ -13,6 +13,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
 
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fail_points():
+    """Every test counts fail-point hits from 1 (prefalign/faults.py): a test that sets the same
+    PREFALIGN_FAULTS value as the one before it in this process would otherwise go on from its counts."""
+    from prefalign import faults
+
+    faults.reset()
+
+
 WORDS = ("the movie was great good bad awful fine plot actor story answer yes no question what why "
          "because I you we it is are love hate film scene end begin human assistant hello thanks").split()
 
@@ -136,3 +147,26 @@ def headless_chromium(profile, *flags):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def listening(port: int) -> set[str]:
+    """The local addresses a socket listens on at `port`, from Linux's /proc/net/tcp and tcp6 (what a
+    server bound, not what it printed); skipped where there is no /proc."""
+    import ipaddress
+    import sys
+    from pathlib import Path
+
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not tables[0].exists():
+        pytest.skip("no /proc/net/tcp on this machine")
+    found = set()
+    for table in (t for t in tables if t.exists()):
+        for line in table.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # the address in 32-bit words of the host's byte order
+                words = b"".join(raw[i:i + 4][::-1] if sys.byteorder == "little" else raw[i:i + 4]
+                                 for i in range(0, len(raw), 4))
+                found.add(str(ipaddress.ip_address(words)))
+    return found

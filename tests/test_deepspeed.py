@@ -160,7 +160,8 @@ def test_zero_checkpoints_resume_on_one_process_and_back(model, pair_file, tmp_p
     log the losses of the run never interrupted."""
     one = _one_process(model, pair_file, tmp_path_factory)
     zero3_step2 = _zero(3, model, pair_file, tmp_path_factory) / "checkpoints" / "step-2"
-    assert sorted(p.name for p in zero3_step2.iterdir()) == ["state.json", "state.pt", "trainable.safetensors"]
+    assert sorted(p.name for p in zero3_step2.iterdir()) == ["checksums.json", "state.json", "state.safetensors",
+                                                             "trainable.safetensors"]
 
     to_one, to_zero = tmp_path / "to_one", tmp_path / "to_zero"
     for src, dst in ((zero3_step2, to_one), (one / "checkpoints" / "step-2", to_zero)):

@@ -1,7 +1,7 @@
 """Several processes on PyTorch's own engines (DDP, FSDP2), on this CPU with the gloo backend: the
 same config gives the same optimisation whatever the process count (losses and final weights to
-1e-5), checkpoints resume on another count, and a process that dies stops the run with a message
-and a checkpoint to resume from. Every run is the real CLI in its own processes (torchrun)."""
+1e-5), checkpoints resume on another count (a process that dies: tests/faults/test_rank_kill.py). Every run
+is the real CLI in its own processes (torchrun)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -176,47 +174,3 @@ def test_nproc_checks_the_config_before_starting_processes(model, pair_file, tmp
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "batch_size 3 is the global micro-batch" in run.stderr, run.stderr[-2000:]
     assert "starting 2 processes" not in run.stdout + run.stderr
-
-
-def _rank(launcher: subprocess.Popen, rank: str) -> psutil.Process | None:
-    for p in psutil.Process(launcher.pid).children(recursive=True):
-        try:
-            if p.environ().get("RANK") == rank and p.environ().get("LOCAL_RANK") is not None:
-                return p
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return None
-
-
-def _saved(out) -> list[int]:
-    ckpts = out / "checkpoints"
-    return [int(p.name[5:]) for p in ckpts.iterdir() if p.name[5:].isdigit()] if ckpts.exists() else []
-
-
-def test_a_dying_rank_stops_the_run_with_a_resumable_checkpoint(model, pair_file, tmp_path):
-    """Rank 1 is killed (SIGKILL, as the OOM killer would) mid-run: torchrun stops rank 0 instead of
-    leaving it blocked in a collective, the command exits non-zero naming the checkpoint, and one
-    process resumes from it to the end."""
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "prefalign", "train", "--method", "dpo", "--model", str(model), "--data",
-           str(pair_file), "-o", str(out), "--no-progress", *BASE, "max_steps=1000000", "save_every=5",
-           "reference=precompute", "--nproc", "2"]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.time() + 180
-        while not _saved(out):
-            assert launcher.poll() is None and time.time() < deadline, "the run ended or stalled before a checkpoint"
-            time.sleep(0.2)
-        victim = _rank(launcher, "1")
-        assert victim is not None
-        victim.kill()
-        text, _ = launcher.communicate(timeout=120)  # no hang: a stuck collective would time out here
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-    assert launcher.returncode != 0
-    assert "a training process failed" in text and "resume with resume=true" in text, text[-2000:]
-    saved = max(_saved(out))
-    _train(out, model, pair_file, "reference=precompute", "resume=true", f"max_steps={saved + 2}")
-    assert sorted(_losses(out))[-1] == saved + 2

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,26 @@ def test_a_known_architecture_with_an_auto_map_loads_without_its_code(tiny_model
 
     folder = _with_code(tiny_models["llama"], tmp_path / "mapped", "llama")
     assert type(load_model(folder)).__name__ == "LlamaForCausalLM" and not (folder / "RAN").exists()
+
+
+def test_a_lora_adapter_saved_as_a_pickle_is_refused_not_unpickled(tmp_path):
+    """PEFT falls back to adapter_model.bin (torch.load) where a folder has no safetensors: refused before
+    any weights load, by every path that attaches adapters (load_model merges them, serve attaches them)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from prefalign.errors import ModelError
+    from prefalign.models.load import add_lora, load_model, load_tokenizer, save_model
+    from prefalign.models.scalar import load_scalar_model
+    from prefalign.serve.models import load_served
+
+    shipped = Path(__file__).resolve().parent.parent / "src" / "prefalign" / "assets" / "imdb-lm"
+    final = tmp_path / "final"
+    save_model(add_lora(load_model(shipped), {"r": 2}), load_tokenizer(shipped), final, base=str(shipped))
+    torch.save(load_file(final / "adapter_model.safetensors"), final / "adapter_model.bin")  # what PEFT would read
+    (final / "adapter_model.safetensors").unlink()
+    # a reward model's folder too; a stray *.safetensors beside the .bin must not let it through
+    save_file({"x": torch.zeros(1)}, str(final / "stray.safetensors"))
+    for load in (load_model, lambda f: load_served([str(f)], torch.device("cpu")), load_scalar_model):
+        with pytest.raises(ModelError, match="no adapter_model.safetensors; prefalign never unpickles"):
+            load(final)

@@ -18,6 +18,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx2")
 
+from conftest import listening  # noqa: E402
 from test_metric_docs import documented, undocumented  # noqa: E402
 
 SHIPPED = str(Path(__file__).resolve().parent.parent / "src" / "prefalign" / "assets" / "imdb-lm")
@@ -321,6 +322,10 @@ def near_tie(prompt: str, seed: int, alone: list[int], other: list[int]) -> tupl
         best = torch.topk(score, 2).values
         assert t == step or int(score.argmax()) == alone[t], f"the draw here does not reproduce token {t}"
     return step, float((best[0] - best[1]) / best[0])
+
+
+def test_it_binds_loopback_when_no_host_is_given(server):
+    assert listening(int(server.rsplit(":", 1)[1])) == {"127.0.0.1"}  # what is bound, not what was printed
 
 
 def test_non_loopback_without_key_refused():

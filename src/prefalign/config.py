@@ -7,14 +7,16 @@ be silently ignored.
 from __future__ import annotations
 
 import difflib
+import math
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -34,6 +36,24 @@ class _Checked(type(BaseModel)):  # pydantic's metaclass
 
 class StrictModel(BaseModel, metaclass=_Checked):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _not_nan(cls, value: Any) -> Any:
+        # YAML's .nan passes every bound (NaN compares false) and would train silently on NaN; no setting means it
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError("NaN is no value for a setting")
+        return value
+
+
+_SHOWN = reprlib.Repr()  # keyword settings only from Python 3.12
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlist, _SHOWN.maxdict = 2, 60, 60, 4, 4
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: cut short however large, deep or aliased (a YAML 'billion
+    laughs' of anchors is small to load and astronomically long to print in full)."""
+    return _SHOWN.repr(value)
 
 
 class Runtime(StrictModel):
@@ -103,7 +123,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # not YAML (or too deep to be): the text as written
         value = raw
     return key.split("."), value
 
@@ -197,20 +217,33 @@ def explain(error: ValidationError, model: type[BaseModel], source: str) -> str:
         elif item["type"] == "missing":  # its input is the whole mapping, which says nothing
             lines.append(f"{source}: {key}: Field required")
         else:
-            lines.append(f"{source}: {key}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {key}: {message} (got {shown(item.get('input'))})")
     return "\n".join(dict.fromkeys(lines))
+
+
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """What a YAML file holds; every way it cannot be read is a ConfigError naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save the "
+                          f"{what} as UTF-8") from None
+    try:  # a UTF-8 BOM (Notepad's) would show in the text an error quotes, and shift its columns
+        return yaml.safe_load(text.removeprefix("\ufeff"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: not readable YAML: nested too deeply") from None
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file that must hold a mapping of keys to values."""
-    try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    loaded = read_yaml(path) or {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values, not {type(loaded).__name__}")
     return loaded
 
 

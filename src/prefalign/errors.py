@@ -46,3 +46,14 @@ class ScorerMissing(PrefalignError, ImportError):
 
 class TrainingError(PrefalignError, RuntimeError):
     """A run that had to stop (non-finite steps, ...); its last checkpoint is kept."""
+
+
+class OutOfMemoryError(TrainingError, MemoryError):
+    """A run that ran out of host or GPU memory: says where (loading the model, the reference
+    precompute, step N) and which settings need less. A MemoryError too, as what it replaces was one
+    (or torch's OutOfMemoryError, a RuntimeError)."""
+
+
+class StorageError(PrefalignError, OSError):
+    """A write the disk could not take (full, over quota, over a file-size limit): names the file, the bytes it
+    needed and those free. Nothing half-written is left where a good file would be read (prefalign/storage.py)."""

@@ -69,6 +69,14 @@ def _rules() -> list[Rule]:
     return _parsed[1]
 
 
+def reset() -> None:
+    """Count hits from 1 again and reread PREFALIGN_FAULTS: for a test that sets the same rule as the
+    test before it in the same process (the same value is not a change, so the counts would go on)."""
+    global _parsed
+    _parsed = ("", [])
+    _hits.clear()
+
+
 def _fires(name: str) -> str | None:
     """The action of the first rule that fires at this hit of `name` (counted whether or not one does)."""
     rules = _rules()

@@ -72,7 +72,7 @@ def tokenize_records(tokenizer, records: list[Record], *, max_length: int, max_p
             else:
                 continue
         except TokenizationError as e:
-            problems.append(Problem(r.where, "", str(e), "tokenize"))
+            problems.append(Problem(r.where, "", str(e), "tokenize", raw=r.to_json()))  # the record, not lost
             continue
         truncated += any(s.truncated for s in seqs)
         examples.append(Example(seqs, label, margin))

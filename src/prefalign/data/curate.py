@@ -1,7 +1,8 @@
 """Streaming statistics, curation and splitting of preference data, in bounded memory.
 
 Memory grows only with the number of distinct records through one 64-bit hash per record (for
-duplicate and conflict detection) and a fixed-size reservoir of lengths for the percentiles.
+duplicate and conflict detection, in a flat table of 12-byte slots: ~200 MB at 10M records, where a
+dict held 1.2 GB) and a fixed-size reservoir of lengths for the percentiles.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .. import faults
 from ..config import StrictModel
 from ..errors import ConfigError
+from ..storage import AtomicWriter, replacing
+from .hashtable import U64Table
 from .hub import resolve_model
 from .readers import read_rows
-from .records import PreferencePair, Problem, Record, UnpairedExample, text_of
+from .records import PreferencePair, Problem, Record, UnpairedExample, json_line, text_of
 from .shapes import norm, parse_rows
 
 RESERVOIR = 100_000
@@ -74,15 +76,14 @@ def identity(record: Record) -> tuple[int, bool]:
 
 class DuplicateTracker:
     def __init__(self) -> None:
-        self.seen: dict[int, int] = {}  # key -> first line * 2 + orientation
+        self.seen = U64Table()  # key -> first line * 2 + orientation
 
     def check(self, record: Record) -> tuple[str, int, int]:
         """('new' | 'duplicate' | 'conflict', the line of the first record with this key, the key)."""
         key, orient = identity(record)
         line = record.where.line if record.where else 0
-        first = self.seen.get(key)
+        first = self.seen.setdefault(key, line * 2 + int(orient))
         if first is None:
-            self.seen[key] = line * 2 + int(orient)
             return "new", line, key
         return ("duplicate" if first % 2 == int(orient) else "conflict"), first // 2, key
 
@@ -261,9 +262,9 @@ def _filter_reason(record: Record, cfg: CurateConfig, tok) -> str | None:
 
 def _set_aside_line(record: Record, kind: str, message: str) -> str:
     where = record.where
-    return json.dumps({"file": where.file if where else None, where.unit if where else "line":
-                       where.line if where else None, "field": "", "kind": kind, "problem": message,
-                       "raw": record.to_json()}, ensure_ascii=False)
+    return json_line({"file": where.file if where else None, where.unit if where else "line":
+                      where.line if where else None, "field": "", "kind": kind, "problem": message,
+                      "raw": record.to_json()})
 
 
 def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: CurateConfig) -> CurateResult:
@@ -272,7 +273,7 @@ def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: Curat
     if cfg.max_tokens is not None and cfg.tokenizer is None:
         raise ConfigError("max_tokens needs a tokenizer (--tokenizer DIR)")
     tok = _load_tokenizer(cfg.tokenizer)
-    conflicted: set[int] = set()
+    conflicted = U64Table()  # keys with contradicting preferences (a set: values unused)
     if cfg.conflicts == "drop":
         # First pass: which prompts carry contradicting preferences, so that *all* their copies go.
         tracker = DuplicateTracker()
@@ -284,14 +285,13 @@ def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: Curat
                         conflicted.add(key)
         del tracker
     res, dups = CurateResult(), DuplicateTracker()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(quarantine).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as good, open(quarantine, "w", encoding="utf-8") as bad:
+    # both written under temporary names and renamed once whole: never a half-written output (a full disk)
+    with replacing(AtomicWriter(out, "curate.write"), AtomicWriter(quarantine)) as (good, bad):
         for _, result in iter_parsed(path, cfg):
             res.rows += 1
             if isinstance(result, Problem):
                 res.rows_invalid += 1
-                bad.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+                bad.write(json_line(result.to_json()) + "\n")
                 continue
             for record in result:
                 verdict, first, key = dups.check(record)
@@ -311,7 +311,6 @@ def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: Curat
                     bad.write(_set_aside_line(record, *reason) + "\n")
                 else:
                     res.kept += 1
-                    faults.point("curate.write", out)
                     good.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
     return res
 
@@ -325,26 +324,22 @@ def split(path: str | Path, out_dir: str | Path, cfg: SplitConfig) -> dict[str, 
     if not 0.0 <= cfg.eval_fraction <= 1.0:
         raise ConfigError(f"eval_fraction must be within [0, 1], got {cfg.eval_fraction}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     counts = Counter()
-    files = {name: open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") for name in ("train", "eval")}
-    quarantine = None
-    try:
+    # written under temporary names and renamed together once whole: never a half-written split (a full disk)
+    files = {name: AtomicWriter(out_dir / f"{name}.jsonl", "curate.write") for name in ("train", "eval")}
+    with replacing(*files.values()) as writers:
+        quarantine = None
         for _, result in iter_parsed(path, cfg):
             counts["rows"] += 1
             if isinstance(result, Problem):
                 counts["invalid"] += 1
                 if quarantine is None:
-                    quarantine = open(out_dir / "quarantine.jsonl", "w", encoding="utf-8")
-                quarantine.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+                    quarantine = AtomicWriter(out_dir / "quarantine.jsonl")
+                    writers.append(quarantine)
+                quarantine.write(json_line(result.to_json()) + "\n")
                 continue
             for record in result:
                 name = "eval" if eval_share(text_of(record.prompt), cfg.salt) < cfg.eval_fraction else "train"
                 counts[name] += 1
                 files[name].write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-    finally:
-        for f in files.values():
-            f.close()
-        if quarantine is not None:
-            quarantine.close()
     return dict(counts)

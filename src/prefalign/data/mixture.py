@@ -39,9 +39,10 @@ class DataSource(StrictModel):
 
     path: str = Field(..., description="data file (JSONL, JSON, CSV, Parquet), datasets.save_to_disk folder or Hub "
                                        "dataset id")
-    weight: float | None = Field(
-        None, gt=0, description="share of the mixed set relative to the other sources' weights (the mixed set has "
-                                "as many rows as the sources together; a larger share repeats rows)")
+    weight: float | None = Field(  # .inf: a share of nothing (and no Fraction to compute it)
+        None, gt=0, allow_inf_nan=False, description="share of the mixed set relative to the other sources' weights "
+                                                     "(the mixed set has as many rows as the sources together; a "
+                                                     "larger share repeats rows)")
     fraction: float | None = Field(None, gt=0, le=1, description="share of this source's rows taken (a seeded "
                                                                  "subset); default: every row")
     split: str | None = Field(None, description="split of a saved DatasetDict folder (dataset_dict.json; default: "

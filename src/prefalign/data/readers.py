@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +55,36 @@ def detect_file_type(path: Path) -> str:
                      f"({', '.join(FILE_TYPES)})")
 
 
+# A byte-order mark at the start says the file is UTF-16 or UTF-32 (UTF-32-LE's starts with UTF-16-LE's,
+# so it is looked for first). prefalign reads UTF-8: such a file is refused whole, before any row.
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
+              (codecs.BOM_UTF16_BE, "UTF-16"))
+# What a damaged .gz (and a damaged Parquet/Arrow file, as _Unreadable) raises while it is read
+_BROKEN = (OSError, EOFError, zlib.error)
+
+
+class _Unreadable(Exception):
+    """A Parquet or Arrow file pyarrow cannot read on (its own error, made one for _guarded)."""
+
+
 def _open_binary(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
+    """The file's bytes, decompressed (.gz), from after a UTF-8 byte-order mark (Excel writes one before
+    a CSV's header; json.loads refuses it). A file that cannot be decompressed at all, or that is UTF-16
+    or UTF-32, is a DataError naming it: none of its rows could be read."""
+    gz = path.name.endswith(".gz")
+    f = gzip.open(path, "rb") if gz else open(path, "rb")
+    try:
+        head = f.read(4)
+    except _BROKEN as e:
+        f.close()
+        raise DataError(f"{path}: cannot be decompressed (its name ends in .gz): {e}") from None
+    for bom, name in _WIDE_BOMS:
+        if head.startswith(bom):
+            f.close()
+            raise DataError(f"{path}: the file is {name} (it starts with a {name} byte-order mark); prefalign "
+                            f"reads UTF-8: convert it, e.g. iconv -f {name} -t UTF-8")
+    f.seek(len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0)
+    return f
 
 
 def _decode(data: bytes, where: Location) -> str | Problem:
@@ -84,8 +111,14 @@ def read_jsonl(path: Path) -> Iterator[Row | Problem]:
             except json.JSONDecodeError as e:
                 yield Problem(where, "", f"broken JSON: {e.msg} at column {e.colno}", "json", raw=text)
                 continue
+            except RecursionError:
+                yield Problem(where, "", TOO_DEEP, "json", raw=text)
+                continue
             yield Row(where, value, text)
 
+
+# json's decoder recurses once per level: a value nested about a thousand deep exhausts Python's stack
+TOO_DEEP = "nested too deeply to decode (JSON arrays/objects inside each other about 1000 levels deep)"
 
 # How many bytes each read takes from the file. Module-level so tests can shrink it to push records
 # and multi-byte characters across chunk edges.
@@ -94,6 +127,7 @@ CHUNK_BYTES = 1 << 20
 # a number cut at a chunk edge, like '1.' of '1.5' or '1e' of '1e+5', still decodes, just wrongly.
 _LOOKAHEAD = 3
 _NOT_WS = re.compile(r"[^ \t\r\n]")
+_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)  # a whole JSON string, or one bracket
 
 
 class _TextWindow:
@@ -167,12 +201,26 @@ class _TextWindow:
                 return ""
             self.grow()
 
+    def value_end(self) -> int | None:
+        """The buf index after the array or object at pos, found without recursion (decode ran out of
+        stack on it: the whole rest of the file is in the window); None when it never closes."""
+        depth = 0
+        for m in _BRACKETS.finditer(self.buf, self.pos):
+            if m.group()[0] != '"':  # brackets inside a string do not count
+                depth += 1 if m.group() in "[{" else -1
+                if depth == 0:
+                    return m.end()
+        return None
+
     def decode(self, decoder: json.JSONDecoder) -> tuple[Any, int]:
         """The JSON value at pos and the buf index after it; raises JSONDecodeError only once the
         whole rest of the file is in the window, so the error is the one the full text gives."""
         while True:
             try:
                 value, end = decoder.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                self.fill(float("inf"))  # the record's problem carries the rest of the file, as a broken one does
+                raise
             except json.JSONDecodeError:
                 if self.eof:
                     raise
@@ -251,7 +299,14 @@ def _array_elements(w: _TextWindow, path: Path) -> Iterator[Row | Problem]:
             yield Problem(where, "", f"broken JSON: {e.msg} (line {line}, column {col}); "
                           "the rest of the array cannot be read", "json", raw=w.buf[w.pos:])
             return
-        yield Row(where, value, w.buf[w.pos:end])
+        except RecursionError:  # valid JSON perhaps, too deep to decode: skipped to its end, the array read on
+            end = w.value_end()
+            yield Problem(where, "", TOO_DEEP if end else f"{TOO_DEEP}; the rest of the array cannot be read",
+                          "json", raw=w.buf[w.pos:end])
+            if end is None:
+                return
+        else:
+            yield Row(where, value, w.buf[w.pos:end])
         w.pos = end
         after = w.skip_ws()
         if after == ",":
@@ -271,14 +326,21 @@ def _maybe_json(value: str) -> Any:
     if s[:1] in ("[", "{"):
         try:
             return json.loads(s)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
     if s.lower() in ("true", "false"):
         return s.lower() == "true"
     return value
 
 
+# csv's default cap on one cell is 128 KiB: a longer answer is data like any other (JSONL reads any line),
+# and an unclosed quote is reported with the rest of the file, as a broken JSON array is
+_CELL_LIMIT = 2**31 - 1
+
+
 def read_csv(path: Path) -> Iterator[Row | Problem]:
+    if csv.field_size_limit() < _CELL_LIMIT:
+        csv.field_size_limit(_CELL_LIMIT)
     with _open_binary(path) as fb:
         # surrogateescape keeps invalid bytes so each row can be checked on its own
         f = io.TextIOWrapper(fb, encoding="utf-8", errors="surrogateescape", newline="")
@@ -288,6 +350,7 @@ def read_csv(path: Path) -> Iterator[Row | Problem]:
             header = next(reader)
         except StopIteration:
             return
+        bad_header = not _utf8(delimiter.join(header))
         start = reader.line_num + 1
         for cells in reader:
             where = Location(str(path), start)
@@ -295,11 +358,12 @@ def read_csv(path: Path) -> Iterator[Row | Problem]:
             if not any(c.strip() for c in cells):
                 continue
             joined = delimiter.join(cells)
-            try:
-                joined.encode("utf-8")
-            except UnicodeEncodeError:
+            if not _utf8(joined):
                 yield Problem(where, "", "not valid UTF-8", "utf8",
                               raw=joined.encode("utf-8", errors="surrogateescape"))
+                continue
+            if bad_header:  # a header that is not UTF-8 names no field: every row is reported with it
+                yield Problem(where, "", "the header (line 1) is not valid UTF-8", "utf8", raw=joined)
                 continue
             if len(cells) != len(header):
                 yield Problem(where, "", f"has {len(cells)} cells, the header has {len(header)}", "csv",
@@ -307,6 +371,14 @@ def read_csv(path: Path) -> Iterator[Row | Problem]:
                 continue
             yield Row(where, {h: _maybe_json(c) for h, c in zip(header, cells, strict=False)},
                       dict(zip(header, cells, strict=False)))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a byte surrogateescape kept
+        return False
+    return True
 
 
 def _arrow_rows(batches, path: Path, offset: int = 0) -> Iterator[Row]:
@@ -318,9 +390,13 @@ def _arrow_rows(batches, path: Path, offset: int = 0) -> Iterator[Row]:
 
 
 def read_parquet(path: Path) -> Iterator[Row | Problem]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    yield from _arrow_rows(pq.ParquetFile(path).iter_batches(batch_size=1024), path)
+    try:
+        yield from _arrow_rows(pq.ParquetFile(path).iter_batches(batch_size=1024), path)
+    except pa.ArrowException as e:  # not Parquet, truncated, a damaged page
+        raise _Unreadable(f"not a readable Parquet file: {e}") from None
 
 
 def read_arrow_dir(path: Path, split: str | None = None) -> Iterator[Row | Problem]:
@@ -336,7 +412,7 @@ def read_arrow_dir(path: Path, split: str | None = None) -> Iterator[Row | Probl
         files = [path]
     else:
         if (path / "dataset_dict.json").exists():
-            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+            splits = _listing(path / "dataset_dict.json", "splits", str)
             chosen = split or ("train" if "train" in splits else splits[0])
             if chosen not in splits:
                 raise DataError(f"{path}: no split {chosen!r}; it has {', '.join(splits)}")
@@ -344,20 +420,37 @@ def read_arrow_dir(path: Path, split: str | None = None) -> Iterator[Row | Probl
         state = path / "state.json"
         if not state.exists():
             raise DataError(f"{path}: not a datasets.save_to_disk folder (no state.json)")
-        files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+        entries = _listing(state, "_data_files", dict)
+        if not all(isinstance(f.get("filename"), str) for f in entries):
+            raise DataError(f"{state}: _data_files: expected a list of {{\"filename\": ...}}")
+        files = [path / f["filename"] for f in entries]
     row = 0
     for file in files:
-        with pa.memory_map(str(file)) as source:
-            try:
-                reader = pa.ipc.open_stream(source)
-            except pa.ArrowInvalid:
-                reader = pa.ipc.open_file(source)
-                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            else:
-                batches = iter(reader)
-            for item in _arrow_rows(batches, file, row):
-                row = item.where.line
-                yield item
+        try:
+            with pa.memory_map(str(file)) as source:
+                try:
+                    reader = pa.ipc.open_stream(source)
+                except pa.ArrowInvalid:
+                    reader = pa.ipc.open_file(source)
+                    batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                else:
+                    batches = iter(reader)
+                for item in _arrow_rows(batches, file, row):
+                    row = item.where.line
+                    yield item
+        except pa.ArrowException as e:  # not Arrow IPC, truncated
+            raise _Unreadable(f"{file}: not a readable Arrow file: {e}") from None
+
+
+def _listing(path: Path, key: str, kind: type) -> list:
+    """The non-empty list of `kind` under `key` of a datasets JSON file (dataset_dict.json, state.json)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (ValueError, AttributeError, RecursionError):  # not JSON, not UTF-8, not an object
+        value = None
+    if not isinstance(value, list) or not value or not all(isinstance(v, kind) for v in value):
+        raise DataError(f"{path}: not a datasets file: expected an object with a non-empty list {key!r}")
+    return value
 
 
 def read_rows(path: str | Path, file_type: str = "auto", split: str | None = None) -> Iterator[Row | Problem]:
@@ -373,14 +466,24 @@ def _read_file(path: Path, file_type: str, split: str | None) -> Iterator[Row | 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     kind = detect_file_type(path) if file_type == "auto" else file_type
-    if kind == "jsonl":
-        return read_jsonl(path)
-    if kind == "json":
-        return read_json_array(path)
-    if kind == "csv":
-        return read_csv(path)
-    if kind == "parquet":
-        return read_parquet(path)
-    if kind == "arrow":
-        return read_arrow_dir(path, split)
-    raise ConfigError(f"unknown reader {kind!r}; choose one of: auto, {', '.join(FILE_TYPES)}")
+    readers = {"jsonl": read_jsonl, "json": read_json_array, "csv": read_csv, "parquet": read_parquet,
+               "arrow": lambda p: read_arrow_dir(p, split)}
+    if kind not in readers:
+        raise ConfigError(f"unknown reader {kind!r}; choose one of: auto, {', '.join(FILE_TYPES)}")
+    return _guarded(readers[kind](path), path)
+
+
+def _guarded(rows: Iterator[Row | Problem], path: Path) -> Iterator[Row | Problem]:
+    """A file that breaks off (a truncated .gz, a damaged Parquet page): the rows before the break as
+    read, then one problem saying the rest cannot be read (as a broken JSON array's). Broken before its
+    first row, nothing of it can be read: a DataError naming the file."""
+    last = None
+    try:
+        for item in rows:
+            last = item.where
+            yield item
+    except (*_BROKEN, _Unreadable) as e:
+        if last is None:
+            raise DataError(f"{path}: cannot be read: {e}") from None
+        yield Problem(Location(last.file, last.line + 1, last.unit), "", f"the file breaks off after {last.unit} "
+                      f"{last.line} ({e}); the rest cannot be read", "corrupt", raw="")

@@ -31,7 +31,7 @@ class Problem:
     where: Location
     field: str  # "" when the whole record is at fault (bad JSON, not an object)
     message: str
-    kind: str  # short machine-readable category: json, type, missing, empty, tie, utf8, roles, ...
+    kind: str  # short machine-readable category: json, type, missing, empty, tie, utf8, roles, corrupt, ...
     raw: Any = None  # the record as it was read, verbatim where the format allows
 
     def __str__(self) -> str:
@@ -101,6 +101,24 @@ def text_of(value: Text) -> str:
     return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}"
                      + (f" {json.dumps(m['tool_calls'], ensure_ascii=False, sort_keys=True)}" if m.get("tool_calls")
                         else "") for m in value)
+
+
+def json_line(obj: Any) -> str:
+    """One JSONL line of a problem or a set-aside record, whatever the input held: text with an unpaired
+    surrogate (a JSON \\ud800 escape read back) is written \\u-escaped, which reads back the same, and a
+    value JSON has no type for (Parquet bytes, dates) as text."""
+    text = json.dumps(obj, ensure_ascii=False, default=_as_text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, default=_as_text)
+    return text
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
 
 
 def dumps(record: Record) -> str:

@@ -16,9 +16,11 @@ Shapes:
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
+from ..config import shown
 from ..errors import ConfigError
 from .readers import Row
 from .records import Location, Message, PreferencePair, Problem, Record, Text, UnpairedExample
@@ -29,6 +31,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "observation": "tool", "function_call": "assistant"}
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 RANKED_MODES = ("best_vs_rest", "best_vs_worst", "all")
+MAX_DEPTH = 64  # levels of free-form JSON (tool call arguments) a kept record may hold
 
 
 class Bad(Exception):
@@ -79,9 +82,18 @@ def _string(row: dict, key: str, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise Bad(key, f"expected text, got {type(value).__name__}", "type")
     _check_unicode(value, key)
-    if not allow_empty and not value.strip():
+    if not allow_empty and blank(value):
         raise Bad(key, "is empty", "empty")
     return value
+
+
+def blank(text: str) -> bool:
+    """Nothing a reader sees: whitespace and format characters only (zero-width space and joiners, BOM,
+    direction marks), so an answer of "\u200b" is as empty as one of " "."""
+    s = text.strip()
+    # most texts start with a visible character: the per-character scan runs only for the rest
+    return not s or (unicodedata.category(s[0]) == "Cf" and all(c.isspace() or unicodedata.category(c) == "Cf"
+                                                               for c in s))
 
 
 def _check_unicode(value: str, field: str) -> None:
@@ -104,12 +116,12 @@ def _messages(value: Any, field: str, *, from_key: str = "role", text_key: str =
             raise Bad(where, f"expected a message object, got {type(m).__name__}", "type")
         role = m.get(from_key)
         if role_map is not None:
-            if role not in role_map:
-                raise Bad(f"{where}.{from_key}", f"unknown speaker {role!r} (expected one of "
+            if not isinstance(role, str) or role not in role_map:  # a list or object is no speaker (nor hashable)
+                raise Bad(f"{where}.{from_key}", f"unknown speaker {shown(role)} (expected one of "
                           f"{', '.join(role_map)})", "roles")
             role = role_map[role]
         elif role not in ROLES:
-            raise Bad(f"{where}.{from_key}", f"unknown role {role!r} (expected one of {', '.join(ROLES)})",
+            raise Bad(f"{where}.{from_key}", f"unknown role {shown(role)} (expected one of {', '.join(ROLES)})",
                       "roles")
         content, calls = m.get(text_key), m.get("tool_calls")
         if calls is not None:
@@ -120,19 +132,24 @@ def _messages(value: Any, field: str, *, from_key: str = "role", text_key: str =
             raise Bad(f"{where}.{text_key}", "missing" if content is None else
                       f"expected text, got {type(content).__name__}", kind)
         _check_unicode(content, f"{where}.{text_key}")
-        if not content.strip() and not calls:
+        if blank(content) and not calls:
             raise Bad(f"{where}.{text_key}", "is empty", "empty")
-        message = {"role": role, "content": content}
-        # tool calls and the ids/names tying tool results to them reach the chat template as given
-        for key in ("tool_calls", "tool_call_id", "name"):
-            if m.get(key) is not None:
-                if key != "tool_calls" and not isinstance(m[key], str):
-                    raise Bad(f"{where}.{key}", f"expected text, got {type(m[key]).__name__}", "type")
-                message[key] = m[key]
-        out.append(message)
+        out.append(_with_calls({"role": role, "content": content}, m, where))
     if not out:
         raise Bad(field, "has no messages", "empty")
     return out
+
+
+def _with_calls(message: Message, m: dict, where: str) -> Message:
+    """Tool calls and the ids/names tying tool results to them reach the chat template as given."""
+    for key in ("tool_calls", "tool_call_id", "name"):
+        if m.get(key) is not None:
+            if key != "tool_calls":
+                if not isinstance(m[key], str):
+                    raise Bad(f"{where}.{key}", f"expected text, got {type(m[key]).__name__}", "type")
+                _check_unicode(m[key], f"{where}.{key}")
+            message[key] = m[key]
+    return message
 
 
 def _tool_calls(calls: Any, role: str, field: str) -> None:
@@ -148,6 +165,25 @@ def _tool_calls(calls: Any, role: str, field: str) -> None:
             raise Bad(f"{field}[{i}]", "expected {\"function\": {\"name\": ..., \"arguments\": ...}}", "type")
         if not isinstance(fn.get("arguments", {}), (dict, str)):
             raise Bad(f"{field}[{i}].function.arguments", "expected an object or a JSON string", "type")
+        _check_nested(call, f"{field}[{i}]")
+
+
+def _check_nested(value: Any, field: str) -> None:
+    """Free-form JSON that reaches a kept record (a tool call's arguments): every text valid UTF-8 (keys
+    too), and no deeper than MAX_DEPTH, since writing, hashing and rendering it each recurse per level."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise Bad(field, f"nested deeper than {MAX_DEPTH} levels", "type")
+        if isinstance(item, str):
+            _check_unicode(item, field)
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                _check_unicode(str(k), field)
+                stack.append((v, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
 
 
 def check_turns(messages: list[Message], field: str, *, last: str | None = None) -> None:
@@ -192,7 +228,7 @@ def _margin(row: dict) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise Bad("margin", f"expected a finite number, got {value!r}", "type")
+        raise Bad("margin", f"expected a finite number, got {shown(value)}", "type")
     return float(value)
 
 
@@ -242,7 +278,7 @@ def parse_hh(row: dict, where: Location, **_: Any) -> list[Record]:
     if prompt != prompt_r:
         raise Bad("rejected", "the transcripts differ before the last Assistant turn", "prompt")
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
-        if not answer.strip():
+        if blank(answer):
             raise Bad(name, "the last Assistant turn is empty", "empty")
     _not_tie(chosen, rejected)
     return [PreferencePair(prompt, chosen, rejected, where)]
@@ -257,6 +293,7 @@ def parse_sharegpt(row: dict, where: Location, **_: Any) -> list[Record]:
     if system:
         if not isinstance(system, str):
             raise Bad("system", f"expected text, got {type(system).__name__}", "type")
+        _check_unicode(system, "system")
         prompt = [{"role": "system", "content": system}] + prompt
     if row.get("chosen") is None and row.get("rejected") is None:
         # LLaMA-Factory's SFT shape: a whole conversation (function_call/observation turns included),
@@ -283,7 +320,7 @@ def _label(row: dict) -> bool:
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    raise Bad("label", f"expected true or false, got {value!r}", "type")
+    raise Bad("label", f"expected true or false, got {shown(value)}", "type")
 
 
 def parse_kto(row: dict, where: Location, *, label: bool | None = None, **_: Any) -> list[Record]:
@@ -314,7 +351,7 @@ def _ranked_answer(r: Any, i: int) -> Text:
     if not isinstance(r, str):
         return _messages(r, f"responses[{i}]")
     _check_unicode(r, f"responses[{i}]")
-    if not r.strip():
+    if blank(r):
         raise Bad(f"responses[{i}]", "is empty", "empty")
     return r
 
@@ -336,7 +373,7 @@ def parse_ranked(row: dict, where: Location, *, ranked: str = "best_vs_rest", **
     answers = [_ranked_answer(r, i) for i, r in enumerate(responses)]
     for i, s in enumerate(scores):
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise Bad(f"scores[{i}]", f"expected a finite number, got {s!r}", "type")
+            raise Bad(f"scores[{i}]", f"expected a finite number, got {shown(s)}", "type")
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     best, worst = order[0], order[-1]
     if ranked == "best_vs_worst":
@@ -395,9 +432,9 @@ def parse_rows(rows: Iterator[Row | Problem], shape: str = "auto", *, ranked: st
             continue
         current = fixed or detect_shape(row.value)
         if current is None:
-            yield row, Problem(row.where, "", "cannot tell the record's shape from its keys "
-                               f"({', '.join(sorted(row.value)) or 'none'}); pass --format", "shape",
-                               raw=row.raw)
+            keys = ", ".join(sorted(str(k).encode("utf-8", "backslashreplace").decode() for k in row.value))
+            yield row, Problem(row.where, "", f"cannot tell the record's shape from its keys ({keys or 'none'}); "
+                               "pass --format", "shape", raw=row.raw)
             continue
         if fixed is None and shape == "auto":
             fixed = current

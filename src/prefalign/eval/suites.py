@@ -27,10 +27,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import ValidationError
 
-from ..config import ConfigError, StrictModel, explain
+from ..config import ConfigError, StrictModel, explain, read_yaml, shown
 from .reasoning import is_right
 from .refusal import is_refusal
 
@@ -61,28 +60,38 @@ def load_suite(name_or_file: str) -> tuple[Suite, list[dict]]:
             raise ConfigError(f"unknown suite {name_or_file!r}; shipped: {', '.join(shipped_suites())}, "
                               "or give a suite YAML file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        suite = Suite.model_validate(raw)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read suite: {e.strerror}") from None
+        suite = Suite.model_validate(read_yaml(path, "suite") or {})
     except ValidationError as e:
         raise ConfigError(explain(e, Suite, str(path))) from None
     data = (path.parent / suite.data) if not Path(suite.data).is_absolute() else Path(suite.data)
+    try:
+        lines = data.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as e:  # missing, a folder, not UTF-8, a NUL in the name
+        raise ConfigError(f"{path}: data: {data}: cannot read it as UTF-8 text: {e}") from None
     items = []
-    for n, line in enumerate(data.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(f"{data}:{n}: not JSON: {e}") from None
+        if not isinstance(item, dict):
+            raise ConfigError(f"{data}:{n}: expected a JSON object, got {type(item).__name__}")
+        try:
             suite.prompt.format(**item)
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ConfigError(f"{data}:{n}: {'not JSON' if isinstance(e, json.JSONDecodeError) else f'no field {e}'} "
-                              f"for the prompt template") from None
+        except KeyError as e:
+            raise ConfigError(f"{data}:{n}: no field {e} for the prompt template") from None
+        except (ValueError, IndexError, AttributeError) as e:  # '{', '{0}', '{a.b}' in the template
+            raise ConfigError(f"{path}: prompt: not a template this item fills ({e}); fields are {{name}}, "
+                              "a literal brace is {{ or }}") from None
         field = "expect" if suite.scorer == "refusal" else suite.answer_field
         if field not in item:
             raise ConfigError(f"{data}:{n}: {field}: missing")
-        if suite.scorer in ("exact_number", "final_number") and not NUMBER.fullmatch(str(item[field]).strip()):
-            raise ConfigError(f"{data}:{n}: {field}: {item[field]!r} is not a number (scorer {suite.scorer})")
+        value = item[field]
+        if suite.scorer in ("exact_number", "final_number") and not (
+                isinstance(value, (str, int, float)) and NUMBER.fullmatch(str(value).strip())):
+            raise ConfigError(f"{data}:{n}: {field}: {shown(value)} is not a number (scorer {suite.scorer})")
         items.append(item)
     return suite, items[:suite.limit] if suite.limit else items
 

@@ -14,8 +14,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from .. import faults
 from ..data.chat import set_chat_template
 from ..errors import ConfigError, ModelError
+from ..storage import commit, disk_full, remove, restore_aside, tmp_name
 from .hub import adapter_base, base_reference, resolve_model
 
 # LoRA targets per architecture: attention and MLP projections for Transformers. Mamba mixers: only
@@ -70,6 +72,15 @@ def refuse_code(path: Path) -> None:
         raise ModelError(f"{file}: model_type {config.get('model_type')!r} is the repo's own Python code (auto_map), "
                          "which would run when it loads; prefalign runs no such code unless you set "
                          "trust_remote_code: true (read that code first)")
+
+
+def refuse_pickled_adapter(path: Path) -> Path:
+    """PATH, an adapter folder, when its weights are safetensors. PEFT would fall back to
+    adapter_model.bin and unpickle it (torch.load); prefalign never does."""
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ModelError(f"{path}: no adapter_model.safetensors; prefalign never unpickles .bin/.pt files "
+                         "(convert the adapter to safetensors first)")
+    return path
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -170,6 +181,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, trust_re
 
 
 def _merged_adapter(adapter: Path, dtype: torch.dtype, trust_remote_code: bool, attention: dict[str, Any]):
+    refuse_pickled_adapter(adapter)  # before the base loads
     base = adapter_base(adapter)  # a local folder or a Hub id (at the commit the adapter was trained on)
     model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code,
                        attn_implementation=attention.get("attn_implementation", "auto"))
@@ -303,6 +315,22 @@ def save_model(model, tokenizer, out: str | Path, base: str | Path | None = None
         name, revision = base_reference(base)  # a Hub base: its id and the commit it was loaded at
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path, peft_cfg.revision = name, revision
-    model.save_pretrained(str(out), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    # written whole under a temporary name, then renamed: a full disk or a kill never leaves a final/ that
+    # loads with half its files; a full disk is a StorageError naming final/ and its size
+    tmp = tmp_name(out)
+    restore_aside(out)  # a final/ a save killed between its renames left aside
+    remove(tmp)  # what a save killed half-way left
+    with disk_full(out, lambda: _weights_bytes(model, state_dict), tmp):
+        model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        faults.point("final.write", tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        commit(tmp, out)
+
+
+def _weights_bytes(model, state_dict=None) -> int:
+    """What save_model writes, near enough for a disk-full message: the tensors of the weights it saves."""
+    if state_dict is None:
+        state_dict = {n: p for n, p in model.named_parameters() if p.requires_grad} if is_peft(model) \
+            else model.state_dict()
+    return sum(t.numel() * t.element_size() for t in state_dict.values())

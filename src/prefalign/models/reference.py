@@ -1,7 +1,9 @@
 """The reference model, three ways. All give the same log-probs (tested to 1e-5):
 - `precompute`: one pass over the data before training, cached on disk next to the run with a
   fingerprint of model weights + tokenized data + precision, so training holds one model and runs
-  no reference forward. A stale cache (other model, data or tokenizer settings) is recomputed.
+  no reference forward. A stale cache (other model, data or tokenizer settings) is recomputed, and
+  so is a corrupt one: the table's sha256 is stored beside the fingerprint, and a cache that does
+  not open, or whose table does not match it (a bit flip, a truncated or empty file), is never used.
 - `adapter`: with LoRA, the same model with adapters disabled (no second copy).
 - `copy`: a frozen copy of the model.
 """
@@ -16,11 +18,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .. import faults
 from ..errors import ConfigError
+from ..storage import commit, disk_full, tmp_name
 from .load import is_peft, unwrap
 from .logps import batch_logps
 
@@ -89,11 +92,44 @@ def fingerprint(model, examples, extra: str = "") -> str:
     return h.hexdigest()
 
 
-def cached_fingerprint(cache: Path) -> str | None:
+def cache_sha256(fp: str, table: Tensor) -> str:
+    """The cache's checksum: its fingerprint and its table's bytes, so a flip in either is caught."""
+    return hashlib.sha256(fp.encode() + table.contiguous().numpy().tobytes()).hexdigest()
+
+
+def read_cache(cache: Path, fp: str, log: Callable[[str], None] = print) -> Tensor | None:
+    """The cached table when `cache` is whole (its sha256 matches) and this data's (fingerprint `fp`);
+    else None, with what was wrong logged (nothing, when there is no cache yet)."""
     if not cache.exists():
         return None
-    with safe_open(str(cache), "pt") as f:
-        return (f.metadata() or {}).get("fingerprint")
+    why = None
+    try:
+        with safe_open(str(cache), "pt") as f:
+            meta, table = f.metadata() or {}, f.get_tensor("logps")
+    except Exception as e:  # a truncated, empty or flipped header: safetensors' own error, whichever it is
+        why = f"corrupt ({type(e).__name__}: {str(e)[:120]})"
+    else:
+        if "sha256" not in meta:
+            why = "without a checksum (an older prefalign wrote it)"
+        elif meta["sha256"] != cache_sha256(meta.get("fingerprint", ""), table):
+            why = "corrupt (it does not match the sha256 written with it: a bit flip, or a write cut short)"
+        elif meta.get("fingerprint") != fp:
+            why = "stale (model, data or tokenizer settings changed)"
+    if why is not None:
+        log(f"reference log-probs: cache {cache.name} is {why}; recomputing")
+        return None
+    return table
+
+
+def write_cache(cache: Path, table: Tensor, fp: str) -> None:
+    """The table and its fingerprint and sha256, under a temporary name renamed once whole; a full disk
+    is a StorageError naming the cache, the partial file removed."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(cache)
+    with disk_full(cache, table.numel() * table.element_size(), tmp):
+        save_file({"logps": table}, str(tmp), metadata={"fingerprint": fp, "sha256": cache_sha256(fp, table)})
+        faults.point("reference.cache.write", tmp)
+        commit(tmp, cache)
 
 
 def precompute(model, batches: Iterator[dict[str, Tensor]], n_examples: int, slots: int, cache: Path,
@@ -104,13 +140,10 @@ def precompute(model, batches: Iterator[dict[str, Tensor]], n_examples: int, slo
     over its own share of the examples, `gather` sums the tables (zeros where another rank wrote),
     only the process told to `write` saves the cache, and the cache is used only if every process
     finds it fresh (`agree`), since otherwise some would wait in `gather` for the others."""
-    if agree(cached_fingerprint(cache) == fp):
+    table = read_cache(cache, fp, log)
+    if agree(table is not None):
         log(f"reference log-probs: cached ({cache.name}, fingerprint {fp[:12]})")
-        return PrecomputedReference(load_file(str(cache))["logps"])
-    if cache.exists():
-        log(
-            f"reference log-probs: cache {cache.name} is stale (model, data or tokenizer settings changed); recomputing"
-        )
+        return PrecomputedReference(table)
     table, filled = torch.zeros(n_examples, slots), torch.zeros(n_examples)
     ctx = model.disable_adapter() if is_peft(model) else nullcontext()
     was_training = model.training
@@ -127,10 +160,6 @@ def precompute(model, batches: Iterator[dict[str, Tensor]], n_examples: int, slo
     if not bool((filled == 1).all()):
         raise RuntimeError("reference precompute missed (or repeated) some examples")
     if write:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        save_file({"logps": table}, str(tmp), metadata={"fingerprint": fp})
-        faults.point("reference.cache.write", tmp)
-        tmp.replace(cache)
+        write_cache(cache, table, fp)
     log(f"reference log-probs: computed for {n_examples} examples -> {cache.name}")
     return PrecomputedReference(table)

@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification
 from ..errors import PrefalignError
 from ..losses.ppo import last_token_index
 from .hub import resolve_model
-from .load import ModelError, _attention_kwargs, _from_pretrained, _local, hidden_states, unwrap
+from .load import ModelError, _attention_kwargs, _from_pretrained, _local, hidden_states, refuse_pickled_adapter, unwrap
 
 
 def is_reward_model(path: str | Path) -> bool:
@@ -40,6 +40,8 @@ def load_scalar_model(path: str | Path, *, pad_token_id: int | None = None, dtyp
     and training as in `load_model`."""
 
     path = _local(path, code=trust_remote_code)
+    if (path / "adapter_config.json").exists():  # transformers would hand an adapter folder to PEFT
+        refuse_pickled_adapter(path)
     if not any(path.glob("*.safetensors")):
         raise ModelError(f"{path}: no *.safetensors weights; prefalign never unpickles .bin/.pt files")
     fresh = not is_reward_model(path)

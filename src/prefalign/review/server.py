@@ -53,10 +53,66 @@ class AnnotatorRequest(BaseModel):
 
 
 class JudgeRequest(AnnotatorRequest):
-    item: int
+    item: int = Field(..., ge=1, lt=2**63)  # an item's id (SQLite's INTEGER; a larger one was a 500)
     verdict: Literal["a", "b", "tie", "both_bad"]
     comment: str = Field("", max_length=10_000)
     better: str = Field("", max_length=100_000)
+
+
+class View(BaseModel):
+    id: int
+    prompt: str
+    a: str
+    b: str
+
+
+class Progress(BaseModel):
+    done: int
+    total: int
+    items: int
+    items_complete: int
+    per_item: int
+
+
+class Next(BaseModel):
+    """What /api/next answers (and /api/judge and /api/undo with it): the item to show, or null when
+    nothing is left for this annotator, and their progress."""
+
+    item: View | None
+    progress: Progress
+
+
+class Saved(BaseModel):
+    item: int
+    verdict: Literal["a", "b", "tie", "both_bad"]
+    a_name: str
+    b_name: str
+
+
+class Judged(Next):
+    saved: Saved
+
+
+class Undone(BaseModel):
+    item: int
+    verdict: Literal["a", "b", "tie", "both_bad"]
+    comment: str
+    better: str
+
+
+class Undid(Next):
+    undone: Undone | None
+
+
+class Detail(BaseModel):
+    detail: str
+
+
+# the answers the page's API gives besides 200 and FastAPI's 422 (a field that does not validate)
+REFUSALS = {400: "a body that cannot be parsed (not UTF-8 JSON)",
+            401: "no key or a wrong key (a server started with --api-key)",
+            409: "an item not shown to this annotator, or judged by them already",
+            413: f"a body over {MAX_BODY} bytes"}
 
 
 def _fastapi():
@@ -72,20 +128,22 @@ def _fastapi():
 def make_app(store: Store):
     fastapi, _ = _fastapi()
     from fastapi import HTTPException, Query
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response
 
     app = fastapi.FastAPI(title="prefalign review", docs_url=None, redoc_url=None)  # the docs page loads a CDN's script
     pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in FILES.items()}
 
     app.add_middleware(SecurityHeaders)
+    app.add_exception_handler(RequestValidationError, _invalid)
     for route, (body, kind) in pages.items():
         app.get(route, include_in_schema=False)(_static(body, kind))
 
-    @app.get("/api/next")
+    @app.get("/api/next", response_model=None, responses=_answers(Next))
     def next_item(annotator: str = Query(..., min_length=1, max_length=64, pattern=NAME)) -> dict:
         return store.next_for(annotator)
 
-    @app.post("/api/judge")
+    @app.post("/api/judge", response_model=None, responses=_answers(Judged, 400, 409))
     def judge(req: JudgeRequest) -> dict:
         try:
             saved = store.judge(req.annotator, req.item, req.verdict, req.comment, req.better)
@@ -93,12 +151,12 @@ def make_app(store: Store):
             raise HTTPException(409, str(e)) from None
         return {"saved": saved, **store.next_for(req.annotator)}
 
-    @app.post("/api/undo")
+    @app.post("/api/undo", response_model=None, responses=_answers(Undid, 400))
     def undo(req: AnnotatorRequest) -> dict:
         undone = store.undo(req.annotator)
         return {"undone": undone, **store.next_for(req.annotator)}
 
-    @app.get("/api/summary")
+    @app.get("/api/summary", responses=_answers(None))
     def summary() -> dict:
         items, meta = store.items_with_judgements(), store.meta()
         complete = all(len(it["judgements"]) >= meta["per_item"] for it in items)
@@ -113,6 +171,15 @@ def make_app(store: Store):
         return {"ok": True}
 
     return app
+
+
+async def _invalid(_, e):
+    """FastAPI's 422, without the input it echoes: a body of `{"item": 1e999}` (or NaN) echoed back is
+    not JSON, and the answer was a 500."""
+    from fastapi.responses import JSONResponse
+
+    detail = [{"loc": list(x.get("loc", ())), "msg": x.get("msg", ""), "type": x.get("type", "")} for x in e.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 class SecurityHeaders:
@@ -138,6 +205,15 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
+def _answers(model: type[BaseModel] | None, *codes: int) -> dict:
+    """An /api route's documented answers: its 200 (when `model`), the codes it gives itself, and the
+    guard's 401 and 413 (which come before any route)."""
+    out: dict = {code: {"model": Detail, "description": REFUSALS[code]} for code in (*codes, 401, 413)}
+    if model is not None:
+        out[200] = {"model": model}
+    return out
+
+
 def _static(body: bytes, kind: str):
     from fastapi.responses import Response
 
@@ -149,7 +225,27 @@ def _static(body: bytes, kind: str):
 
 def guarded(store: Store, api_key: str | None = None):
     """The app behind the key check (/api routes) and the body-size limit."""
-    return Guard(make_app(store), api_key, MAX_BODY, detail_body, open_paths={*FILES, "/favicon.ico", "/health"})
+    app = make_app(store)
+    if api_key:
+        _bearer(app)
+    return Guard(app, api_key, MAX_BODY, detail_body, open_paths={*FILES, "/favicon.ico", "/health"})
+
+
+def _bearer(app) -> None:
+    """/openapi.json says what the guard does: the bearer token on every /api route."""
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = plain()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, methods in schema["paths"].items():
+                for operation in methods.values():
+                    if path.startswith("/api/"):
+                        operation["security"] = [{"bearer": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def check_host(host: str, api_key: str | None) -> None:

@@ -36,7 +36,10 @@ class Guard:
 
     def __init__(self, app, api_key: str | None, max_body: int, error: Callable[[int, str, str | None], dict],
                  open_paths: Collection[str] = ("/health",)):
-        self.app, self.api_key, self.max_body, self.error, self.open_paths = app, api_key, max_body, error, open_paths
+        # an empty key (PREFALIGN_API_KEY= set but blank) is no key, as check_host takes it; it used to
+        # demand the header "Bearer " with nothing after it
+        self.app, self.api_key, self.max_body, self.error = app, api_key or None, max_body, error
+        self.open_paths = open_paths
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -10,10 +10,13 @@ heap and the resident set grows over steps well beyond what is live (config.py,
 from __future__ import annotations
 
 import ctypes
+import errno
 import resource
 import sys
 
 import torch
+
+from ..errors import PrefalignError
 
 
 def _libc():
@@ -56,3 +59,33 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return peak_rss_bytes()
+
+
+# what a run is doing now, in words an out-of-memory error can end with: "at step 3"
+_doing = ["while starting the run"]
+# what allocators say when they fail: torch's CPU allocator raises a plain RuntimeError (torch 2.13:
+# "DefaultCPUAllocator: can't allocate memory ... Error code 12 (Cannot allocate memory)"), CUDA, MPS
+# and cuBLAS their own words; torch.OutOfMemoryError exists from torch 2.5
+_OOM_TEXT = ("can't allocate memory", "Cannot allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def doing(what: str) -> None:
+    """Record what the run does now ("while loading the model", "at step 3"): the phrase an
+    out-of-memory error names (train/run.py). One process trains one run at a time."""
+    _doing[0] = what
+
+
+def where() -> str:
+    return _doing[0]
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is running out of memory: Python's MemoryError, torch's OutOfMemoryError (CUDA,
+    MPS), an allocator's RuntimeError, or ENOMEM from the OS (an mmap, a new thread)."""
+    if isinstance(e, PrefalignError):  # already explained
+        return False
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOMEM
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in _OOM_TEXT)

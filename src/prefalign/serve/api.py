@@ -23,6 +23,7 @@ from ..models.generate import encode_prompt
 from ..runtime.http import Guard
 from .engine import Engine
 from .jobs import Job, Settings, sendable
+from .openapi import document
 from .responses import Reply, Tokens, error_body
 from .schemas import Body, ChatBody, CompletionBody
 
@@ -56,9 +57,10 @@ def guard(app, api_key: str | None, max_body: int) -> Guard:
 
 
 def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="prefalign serve", version="1",
+    app = FastAPI(title="prefalign serve", version="1", docs_url=None, redoc_url=None,  # pages that load a CDN's script
                   description="OpenAI-compatible completions and chat completions from local models, batched.")
     _handlers(app)
+    document(app, engine, limits, api_key)
 
     @app.get("/health", summary="liveness (no key needed)")
     async def health() -> dict:
@@ -82,7 +84,7 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> Fa
             raise APIError(400, f"{len(body.prompts())} prompts: this server takes at most {limits.max_prompts} per "
                            "request (--max-prompts)", "prompt")
         prompts = [_prompt_ids(served, p, i) for i, p in enumerate(body.prompts())]
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        max_tokens = min(16, limits.max_tokens) if body.max_tokens is None else body.max_tokens
         if max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens: 0 only with echo (scoring the prompt)", "max_tokens")
         settings = _settings(body, served, prompts, max_tokens, limits, body.logprobs, body.echo, engine.max_batch)

@@ -20,7 +20,7 @@ from peft import PeftModel
 from ..errors import ModelError
 from ..models.generate import eos_ids
 from ..models.hub import adapter_base, resolve_model
-from ..models.load import load_model, load_tokenizer, load_tokenizer_for
+from ..models.load import load_model, load_tokenizer, load_tokenizer_for, refuse_pickled_adapter
 
 
 @dataclass
@@ -80,15 +80,15 @@ def load_served(paths: list[str], device: torch.device, dtype: torch.dtype = tor
     served = {}
     for i, name in enumerate(paths):
         base_path = _adapter_base(name)
+        folder = str(refuse_pickled_adapter(resolve_model(name))) if base_path is not None else None
         base = base_of(base_path if base_path is not None else name)
         adapter = None
-        if base_path is not None:
+        if folder is not None:
             adapter = f"adapter{i}"
             if isinstance(base.model, PeftModel):
-                base.model.load_adapter(str(resolve_model(name)), adapter_name=adapter)
+                base.model.load_adapter(folder, adapter_name=adapter)
             else:
-                base.model = PeftModel.from_pretrained(base.model, str(resolve_model(name)),
-                                                       adapter_name=adapter).eval()
+                base.model = PeftModel.from_pretrained(base.model, folder, adapter_name=adapter).eval()
             base.model.requires_grad_(False)
         tokenizer = load_tokenizer_for(name) if base_path is not None else load_tokenizer(name)
         if chat_template is not None and not getattr(tokenizer, "chat_template", None):

@@ -63,7 +63,8 @@ class CompletionBody(Body):
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         ..., description="text, texts, token ids, or lists of token ids (one completion set per prompt)")
-    max_tokens: int | None = Field(16, ge=0, description="tokens generated per completion at most")
+    max_tokens: int | None = Field(None, ge=0, description="tokens generated per completion at most (default: "
+                                                           "OpenAI's 16, or the server's --max-tokens if lower)")
     logprobs: int | None = Field(None, ge=0, le=20, description="log-probs of the sampled and the N most likely tokens")
     echo: bool = Field(False, description="the prompt is returned before the completion (with logprobs: scored)")
     best_of: int | None = None

@@ -2,21 +2,27 @@
 
 Two formats; a run resumes from either, whatever its own strategy and process count:
 
-- whole (`trainable.safetensors` + `state.pt`): rank 0 gathers every trainable tensor and its AdamW
+- whole (`trainable.safetensors` + `state.safetensors`): rank 0 gathers every trainable tensor and its AdamW
   state and writes the files of a one-process run, the optimizer state keyed by parameter name.
   Simple, but rank 0 must hold the trainable weights and their optimizer state in host memory.
 - sharded (`shards/`, FSDP2): every rank writes only its own shards with torch.distributed.checkpoint
   (DCP), in safetensors files (torch's Hugging Face storage layout: one file per rank, each tensor
   piece with its offsets in the file's metadata); nothing is gathered. On load DCP reads, on each
   rank, the pieces of the checkpoint that cover that rank's own shards: it reshards, so 2 processes
-  resume on 1 (or 4) and a plain or DDP run resumes from an FSDP2 one. `state.pt` holds what is not
-  sharded: the optimizer's parameter groups (by name), the schedule, the RNG.
+  resume on 1 (or 4) and a plain or DDP run resumes from an FSDP2 one. `state.safetensors` holds
+  the RNG states, which are not sharded.
 
-Both: `state.json` (step, data position, what an update adds), and the same commit point: every
-file goes into `step-N.tmp/`, which rank 0 renames to `step-N/` once all are written, so a folder
-named step-N is always complete and a save killed half-way leaves only a `.tmp` no resume reads
-(the next save, or a resume, removes it). Rank 0 fsyncs what it writes, the folder, and after the
-rename `checkpoints/`. A sharded checkpoint's state.json names every rank's file, checked on load.
+Both: `state.json` (step, data position, what an update adds, and the untensored state: the schedule,
+the optimizer's parameter groups by name), `checksums.json` (sha256 and size of every file, shards
+too, written last), and the same commit point: every file goes into `step-N.tmp/`, which rank 0
+renames to `step-N/` once all are written, so a folder named step-N is always complete and a save
+killed half-way leaves only a `.tmp` no resume reads (the next save, or a resume, removes it). Rank 0
+fsyncs what it writes, the folder, and after the rename `checkpoints/`. A sharded checkpoint's
+state.json names every rank's file, checked on load. Nothing is pickled: a checkpoint is safetensors
+and JSON (a checkpoint of an older prefalign, with `state.pt`, is still read: checkpoint_state.py).
+A resume verifies checksums.json newest checkpoint first and falls back to the newest one that
+verifies (a bit flip, a truncated or a lost file); a save that runs out of disk is a StorageError,
+its `.tmp` removed, the checkpoints before it untouched.
 """
 
 from __future__ import annotations
@@ -46,8 +52,22 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .. import faults
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, StorageError, TrainingError
 from ..runtime.distributed import World
+from ..storage import (
+    CHECKSUMS,
+    disk_full,
+    disk_full_errno,
+    file_entry,
+    fsync,
+    remove,
+    replace_folder,
+    restore_aside,
+    storage_error,
+    verify_checksums,
+    write_checksums,
+)
+from .checkpoint_state import read_state, write_state
 from .config import RunConfig
 from .parallel import full, shard_like, sharded
 
@@ -156,9 +176,8 @@ class WholeTensors:
         load_optimizer_state(model, optimizer, optim)
 
 
-def _load_whole(path: Path, model, optimizer, tensors: WholeTensors) -> dict[str, Any]:
-    # weights_only: the state file holds tensors and plain containers, never arbitrary objects
-    state = torch.load(path / "state.pt", weights_only=True)
+def _load_whole(path: Path, info: dict[str, Any], model, optimizer, tensors: WholeTensors) -> dict[str, Any]:
+    state = read_state(path, info)
     optim = state["optimizer"]
     optim["param_groups"] = _drop_empty_groups(optim["param_groups"], state["scheduler"])
     tensors.scatter(model, optimizer, load_file(str(path / "trainable.safetensors")), optim)
@@ -199,9 +218,10 @@ def _dcp_tensors(model, optimizer, with_optimizer: bool = True) -> tuple[dict[st
     return out, optim["param_groups"]
 
 
-def _save_sharded(tmp: Path, model, optimizer, world: World, state: dict[str, Any]) -> list[str]:
+def _save_sharded(tmp: Path, model, optimizer, world: World, state: dict[str, Any]) -> tuple[list[str], dict]:
     """Every rank writes its own shards into tmp/shards/: no rank gathers anything. The files DCP
-    says the ranks wrote (its metadata gathers them) must all be in rank 0's view of the folder."""
+    says the ranks wrote (its metadata gathers them) must all be in rank 0's view of the folder.
+    Returns them and their checksums.json entries, each file hashed by the rank that wrote it."""
     writer, _ = _hf_storage()
     # every step before the first save skipped (the NaN guard): no AdamW state, and none made up
     state["optimizer_state"] = world.any_true(len(optimizer.state) > 0)
@@ -216,18 +236,32 @@ def _save_sharded(tmp: Path, model, optimizer, world: World, state: dict[str, An
         return written[-1]
 
     storage.write_data = record
-    dcp.save(tensors, storage_writer=storage, no_dist=not world.active)
+    try:
+        dcp.save(tensors, storage_writer=storage, no_dist=not world.active)
+    except CheckpointException as e:  # every rank gets every rank's failures: all stop alike
+        _disk_full_in(e, tmp, world, sum(t.numel() * t.element_size() for t in tensors.values()))
+        raise
     mine = sorted({r.storage_data.relative_path for w in written for r in w.value()})
-    every = [mine]
+    sums = {f"{SHARDS}/{f}": file_entry(tmp / SHARDS / f) for f in mine if (tmp / SHARDS / f).is_file()}
+    every = [(mine, sums)]
     if world.active:
         every = [None] * world.size
-        dist.all_gather_object(every, mine)
-    files = sorted({f for names in every for f in names})
+        dist.all_gather_object(every, (mine, sums))
+    files = sorted({f for names, _ in every for f in names})
     missing = [f for f in files if not (tmp / SHARDS / f).exists()] if world.main else []
     if world.any_true(bool(missing)):  # every rank stops, none waits in the next collective
         raise TrainingError(f"{tmp / SHARDS} lacks {', '.join(missing) or 'files other processes wrote'}: sharded "
                             "checkpoints need an output folder every node shares (or checkpoint_format: whole)")
-    return files
+    return files, {k: v for _, s in every for k, v in s.items()}
+
+
+def _disk_full_in(e: CheckpointException, tmp: Path, world: World, needed: int) -> None:
+    """A StorageError (rank 0 removing the .tmp) when a rank's DCP write failed for a full disk."""
+    for exc, _ in e.failures.values():
+        if disk_full_errno(exc) is not None:
+            if world.main:
+                remove(tmp)
+            raise storage_error(tmp.with_name(tmp.name.removesuffix(".tmp")), needed, exc) from e  # step-N
 
 
 def _check_shards(path: Path, recorded: list[str] | None) -> None:
@@ -262,8 +296,8 @@ def _optim_from(tensors: dict[str, Tensor], state: dict[str, Any]) -> dict[str, 
     return optim
 
 
-def _load_sharded(path: Path, model, optimizer, world: World) -> dict[str, Any]:
-    state = torch.load(path / "state.pt", weights_only=True)
+def _load_sharded(path: Path, info: dict[str, Any], model, optimizer, world: World) -> dict[str, Any]:
+    state = read_state(path, info)
     with_optim = state.get("optimizer_state", True)
     tensors, _ = _dcp_tensors(model, optimizer, with_optim)
     try:  # in place: each rank reads the pieces that cover its own shards
@@ -284,26 +318,43 @@ def _load_sharded(path: Path, model, optimizer, world: World) -> dict[str, Any]:
 # ------------------------------------------------------------------ the folders
 
 
-def _fsync(path: Path) -> None:
-    """To the disk, not only to the page cache: after a power loss a renamed step-N must hold its
-    files' bytes (a folder's fsync makes its entries, a rename's among them, durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def remove_stale_saves(out: Path) -> None:
     """step-N.tmp folders of saves killed half-way (a full AdamW state each): no resume reads them."""
     for tmp in (out / "checkpoints").glob("step-*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
+    for aside in (out / "checkpoints").glob(".step-*.old"):  # a same-step save killed between its renames
+        restore_aside(aside.with_name(aside.name[1:-4]))
+    restore_aside(out / "final")
+
+
+def _nbytes(weights: dict[str, Tensor] | None, state: dict[str, Any]) -> int:
+    """What a whole save writes, near enough for a disk-full message: its tensors' bytes."""
+    tensors = list((weights or {}).values()) + [state["torch_rng"]]
+    tensors += [v for s in state.get("optimizer", {}).get("state", {}).values() for v in s.values()
+                if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _write_files(tmp: Path, weights: dict[str, Tensor] | None, state: dict[str, Any], info: dict[str, Any],
+                 sums: dict[str, dict]) -> None:
+    """Rank 0's files, each fsynced, checksums.json last (its entries read back from the disk)."""
+    if weights is not None:
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        fsync(tmp / "trainable.safetensors")
+    faults.point("checkpoint.write", tmp / "state.safetensors")
+    info.update(write_state(tmp, state))
+    (tmp / "state.json").write_text(json.dumps(info))
+    for p in (tmp / "state.safetensors", tmp / "state.json"):
+        fsync(p)
+    write_checksums(tmp, sums)
+    fsync(tmp)
 
 
 def save_checkpoint(out: Path, step: int, position: int, model, optimizer, scheduler, extra: dict, keep: int,
                     world: World = World(), shards: bool = False, tensors: WholeTensors = WholeTensors()) -> Path:
     """checkpoints/step-N/ in either format (module docstring); every rank takes part (an FSDP2
-    shard is gathered, or written by its own rank), rank 0 writes the rest and commits."""
+    shard is gathered, or written by its own rank), rank 0 writes the rest and commits. A full disk:
+    a StorageError on every rank, the .tmp removed, the checkpoints before this one untouched."""
     ckpts = out / "checkpoints"
     final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
     if world.main:
@@ -313,28 +364,33 @@ def save_checkpoint(out: Path, step: int, position: int, model, optimizer, sched
     state: dict[str, Any] = {"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():  # sampling on a GPU draws from its generators: resume needs them too
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    files = {}
+    files, sums, weights = {}, {}, None
     if shards:  # DCP fsyncs its files (FileSystemWriter's sync_files)
-        files = {"shard_files": _save_sharded(tmp, model, optimizer, world, state)}  # once every rank wrote
+        files["shard_files"], sums = _save_sharded(tmp, model, optimizer, world, state)  # once every rank wrote
     elif world.main or tensors.everyone(model):  # DDP's other ranks hold the same tensors: nothing to gather
         weights, state["optimizer"] = tensors.gather(model, optimizer, world.main)
-        if world.main:
-            save_file(weights, str(tmp / "trainable.safetensors"))
-            _fsync(tmp / "trainable.safetensors")
+    error = None
     if world.main:
-        faults.point("checkpoint.write", tmp / "state.pt")
-        torch.save(state, tmp / "state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "position": position, **extra, **files}))
-        for p in (tmp / "state.pt", tmp / "state.json", tmp):
-            _fsync(p)
+        try:
+            with disk_full(final, lambda: _nbytes(weights, state), tmp):  # named as the checkpoint it was to be
+                _write_files(tmp, weights, state, {"step": step, "position": position, **extra, **files}, sums)
+        except Exception as e:  # any failure, not only a full disk: the other ranks wait on this answer
+            error = e
+    failed = world.any_true(error is not None)  # every rank learns of rank 0's failure; none waits for it
+    if world.main and not failed:
         # the rename is the commit point: a folder named step-N is always complete
         faults.point("checkpoint.commit", tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync(ckpts)  # the rename itself
+        replace_folder(tmp, final)  # the same step saved again (a resume): the old one aside until it is in
         for old in sorted(list_checkpoints(out))[:-keep] if keep > 0 else []:
             shutil.rmtree(ckpts / f"step-{old}", ignore_errors=True)
     world.barrier()  # no rank goes on before the checkpoint exists
+    if failed:
+        full = world.any_true(isinstance(error, StorageError))  # what the others say: rank 0's kind of failure
+        if error is not None:
+            raise error
+        if full:
+            raise StorageError(f"{tmp}: rank 0 could not write the checkpoint (the disk is full: its error says more)")
+        raise TrainingError(f"{tmp}: rank 0 could not write the checkpoint (its error says why)")
     return final
 
 
@@ -346,14 +402,14 @@ def list_checkpoints(out: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit())
 
 
-def _read_sharded_whole(path: Path, tensors: WholeTensors, model, optimizer) -> dict[str, Any]:
+def _read_sharded_whole(path: Path, info: dict[str, Any], tensors: WholeTensors, model, optimizer) -> dict[str, Any]:
     """A sharded checkpoint read whole on every rank and handed to `tensors` as the whole format's
     (a DeepSpeed run, whose ZeRO partitions torch's state_dict API does not reach)."""
     reader = _hf_storage()[1]
     meta = reader(str(path / SHARDS)).read_metadata().state_dict_metadata
     whole = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()}
     dcp.load(whole, storage_reader=reader(str(path / SHARDS)), no_dist=True)
-    state = torch.load(path / "state.pt", weights_only=True)
+    state = read_state(path, info)
     optim = _optim_from(whole, state)
     tensors.scatter(model, optimizer, whole, optim)
     return state
@@ -364,13 +420,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, world: World = Worl
     """Weights, optimizer, schedule and RNG from either format, into a model of any strategy."""
     info = json.loads((path / "state.json").read_text())
     if (path / "trainable.safetensors").exists():
-        state = _load_whole(path, model, optimizer, tensors)
+        state = _load_whole(path, info, model, optimizer, tensors)
     elif (path / SHARDS).is_dir() and not tensors.in_place:
         _check_shards(path, info.get("shard_files"))
-        state = _read_sharded_whole(path, tensors, model, optimizer)
+        state = _read_sharded_whole(path, info, tensors, model, optimizer)
     elif (path / SHARDS).is_dir():
         _check_shards(path, info.get("shard_files"))
-        state = _load_sharded(path, model, optimizer, world)
+        state = _load_sharded(path, info, model, optimizer, world)
     else:
         raise TrainingError(f"{path} holds neither trainable.safetensors nor {SHARDS}/: not a checkpoint")
     scheduler.load_state_dict(state["scheduler"])
@@ -380,10 +436,38 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, world: World = Worl
     return info
 
 
+def _verify(path: Path, log: Callable[[str], None]) -> str | None:
+    """What is wrong with checkpoint `path` against its checksums.json, or None when it verifies (one
+    of an older prefalign, with state.pt and no checksums.json, is taken with a note)."""
+    if not (path / CHECKSUMS).exists() and (path / "state.pt").exists():
+        log(f"note: checkpoints/{path.name} has no {CHECKSUMS} (an older prefalign wrote it): loaded unverified")
+        return None
+    return verify_checksums(path)
+
+
+def _newest_good(out: Path, log: Callable[[str], None]) -> tuple[int, list[str]]:
+    """The newest checkpoint that verifies (-1: none does) and what is wrong with each newer one. Those
+    are moved aside to step-N.corrupt once a good one is found, so no later resume or save counts them;
+    when none verifies, all stay where they are, for whoever restores them."""
+    failed: list[tuple[Path, str]] = []
+    for step in reversed(list_checkpoints(out)):
+        path = out / "checkpoints" / f"step-{step}"
+        problem = _verify(path, log)
+        if problem is None:
+            for bad, why in failed:
+                remove(bad.with_name(bad.name + ".corrupt"))
+                os.replace(bad, bad.with_name(bad.name + ".corrupt"))
+                log(f"warning: checkpoints/{bad.name} failed its checksum ({why}): moved aside to {bad.name}.corrupt")
+            return step, [f"{bad.name} failed its checksum: {why}" for bad, why in failed]
+        failed.append((path, problem))
+    return -1, [f"{bad.name}: {why}" for bad, why in failed]
+
+
 def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], None],
            world: World = World(), tensors: WholeTensors = WholeTensors()) -> dict[str, Any] | None:
-    """The newest checkpoint's state (weights, optimizer, schedule and RNG restored), or None. Every
-    process must see the same newest one (the run folder on a filesystem they all share)."""
+    """The newest checkpoint that verifies (weights, optimizer, schedule and RNG restored), or None when
+    there is none to resume. Every process must see the same checkpoints (the run folder on a
+    filesystem they all share); rank 0 verifies them and every rank loads the one it chose."""
     out = Path(cfg.output)
     sharded_format(cfg, world)  # sharded on a torch without it: the ConfigError now, not at the first save
     if world.main:
@@ -394,6 +478,20 @@ def resume(cfg: RunConfig, model, optimizer, scheduler, log: Callable[[str], Non
                             "filesystem every process shares")
     if latest < 0:
         return None
-    state = load_checkpoint(out / "checkpoints" / f"step-{latest}", model, optimizer, scheduler, world, tensors)
-    log(f"resumed from checkpoints/step-{latest}")
+    chosen, failed, error = -1, [], None
+    if world.main:
+        try:
+            chosen, failed = _newest_good(out, log)
+        except TrainingError as e:  # a read error: nothing moved; every rank stops with it, none waits
+            error = e
+    if world.any_true(error is not None):
+        raise error or TrainingError(f"rank 0 could not read the checkpoints in {out} (its error says which file); "
+                                     "nothing was moved: retry")
+    chosen = int(world.max(chosen))  # rank 0's choice, on every rank (the others give -1)
+    if chosen < 0:  # never a silent fresh start over checkpoints that exist
+        raise TrainingError(f"no checkpoint in {out / 'checkpoints'} passes its checksum ("
+                            f"{'; '.join(failed) or 'rank 0 says why'}): restore them, or start afresh with "
+                            "resume: false or another output folder")
+    state = load_checkpoint(out / "checkpoints" / f"step-{chosen}", model, optimizer, scheduler, world, tensors)
+    log(f"resumed from checkpoints/step-{chosen}" + (f" ({'; '.join(failed)})" if failed else ""))
     return state

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ from .. import faults
 from ..errors import TrainingError
 from ..runtime.device import cpu_model, describe
 from ..runtime.distributed import World
-from ..runtime.memory import peak_memory_bytes
+from ..runtime.memory import doing, peak_memory_bytes
+from ..storage import commit, disk_full, tmp_name, whole_append
 from .checkpoint import WholeTensors, resume, save_checkpoint, sharded_format
 from .config import RunConfig
 from .trackers import Trackers
@@ -98,6 +100,51 @@ def build_optimizer(cfg: RunConfig, model) -> tuple[list, torch.optim.Optimizer,
     return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
+def _rows(path: Path, log: Callable[[str], None]) -> list[tuple[int, bytes, dict[str, Any] | None]]:
+    """metrics.jsonl's lines: (byte offset, line, row or None). A line that does not parse (the last, cut
+    short when a process died mid-write, or a full disk from an older prefalign) has None and is dropped
+    with a note, never a failed resume."""
+    rows, bad, offset = [], [], 0
+    for i, line in enumerate(path.read_bytes().splitlines(keepends=True), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            bad.append(i)
+            row = None
+        rows.append((offset, line, row if isinstance(row, dict) else None))
+        offset += len(line)
+    if bad:
+        log(f"note: {path}: dropped {len(bad)} line(s) that do not parse (line {bad[0]}: a write cut short)")
+    return rows
+
+
+def _cut_after(path: Path, step: int, log: Callable[[str], None]) -> tuple[dict[str, Any], int]:
+    """metrics.jsonl without what was logged after checkpoint `step`, never rewritten in place (a kill or
+    a full disk half-way would lose the rows before it too): steps only increase, so the rows kept are a
+    prefix and the file is cut at the first one dropped (one truncate, atomic); a file where they are not
+    (a cut line in the middle, from an older prefalign) is written whole under a temporary name and
+    renamed. Returns (the last row kept, the last step the interrupted attempt logged)."""
+    rows = _rows(path, log)
+    keep = [r is not None and r.get("step", 0) <= step for _, _, r in rows]
+    kept = [(line, r) for (_, line, r), k in zip(rows, keep, strict=True) if k]
+    logged_until = max([r.get("step", 0) for _, _, r in rows if r is not None] + [step])
+    first = keep.index(False) if False in keep else len(keep)
+    faults.point("metrics.rewrite", path)
+    if not any(keep[first:]):
+        end = rows[first][0] if first < len(rows) else path.stat().st_size
+        if end != path.stat().st_size:
+            os.truncate(path, end)
+        if kept and not kept[-1][0].endswith(b"\n"):  # a last row whole but for its newline
+            with open(path, "ab") as f:
+                f.write(b"\n")
+    else:
+        tmp = tmp_name(path)
+        with disk_full(path, lambda: sum(len(x) + 1 for x, _ in kept), tmp):
+            tmp.write_bytes(b"".join(x.rstrip(b"\r\n") + b"\n" for x, _ in kept))
+            commit(tmp, path)
+    return (kept[-1][1] if kept else {}), logged_until
+
+
 class RunLog:
     """metrics.jsonl + the trackers of `report_to` (train/trackers.py: TensorBoard by default). On resume,
     what was logged after the checkpoint is dropped so no step appears twice; a fresh run starts a fresh file."""
@@ -105,28 +152,27 @@ class RunLog:
     def __init__(self, out: Path, resumed_step: int | None, enabled: bool = True, cfg: RunConfig | None = None,
                  log: Callable[[str], None] = print):
         self.enabled = enabled  # rank 0 of a multi-process run writes; the others only compute
+        self.last: dict[str, Any] = {}  # on resume, the last row kept
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
         path = out / "metrics.jsonl"
         logged_until = None  # the last step the interrupted attempt logged: the trackers already have it
         if resumed_step is not None and path.exists():
-            rows = [x for x in path.read_text().splitlines() if x]
-            kept = [x for x in rows if json.loads(x).get("step", 0) <= resumed_step]
-            logged_until = max([json.loads(x).get("step", 0) for x in rows] + [resumed_step])
-            path.write_text("".join(x + "\n" for x in kept))
+            self.last, logged_until = _cut_after(path, resumed_step, log)
         elif path.exists():
             path.unlink()
         self.trackers = Trackers(cfg.trackers if cfg else ["tensorboard"], cfg.model_dump(mode="json") if cfg else {},
                                  out, cfg.tracker_project if cfg else None, resumed_step, logged_until, log)
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = open(path, "ab", buffering=0)  # each row one write, whole or (a full disk) not at all
 
     def write(self, row: dict[str, Any], scalars: bool = True) -> None:
         if not self.enabled:
             return
-        faults.point("metrics.write", self.file.name)
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        line = (json.dumps(row) + "\n").encode()
+        with whole_append(self.file, len(line)) as write:
+            faults.point("metrics.write", self.file.name)
+            write(line)
         if scalars:
             self.trackers.write(row)
 
@@ -166,15 +212,17 @@ class Optimization:
 
     tensors = WholeTensors()
 
-    def __init__(self, params: list, optimizer, max_grad_norm: float, guard: BadSteps, scheduler=None):
+    def __init__(self, params: list, optimizer, max_grad_norm: float, guard: BadSteps, scheduler=None,
+                 world: World = World()):
         self.params, self.optimizer, self.max_grad_norm, self.guard = params, optimizer, max_grad_norm, guard
-        self.scheduler, self.skipped = scheduler, 0
+        self.scheduler, self.skipped, self.world = scheduler, 0, world
 
     @classmethod
-    def build(cls, cfg: RunConfig, model, log: Callable[[str], None]) -> Optimization:
-        """AdamW over `model`'s trainable parameters as they are now (FSDP2: after sharding)."""
+    def build(cls, cfg: RunConfig, model, log: Callable[[str], None], world: World = World()) -> Optimization:
+        """AdamW over `model`'s trainable parameters as they are now (FSDP2: after sharding); `world`:
+        the processes that step together (each skips a step only if all do)."""
         params, optimizer, scheduler = build_optimizer(cfg, model)
-        return cls(params, optimizer, cfg.max_grad_norm, BadSteps(cfg.max_bad_steps, log), scheduler)
+        return cls(params, optimizer, cfg.max_grad_norm, BadSteps(cfg.max_bad_steps, log), scheduler, world)
 
     def backward(self, loss: Tensor, micro_batches: int, finite: bool) -> None:
         """One of a step's `micro_batches`: its share of the step's gradient. A non-finite loss (here
@@ -186,12 +234,15 @@ class Optimization:
     def apply(self, step: int, what: str = "step") -> float:
         faults.poison_grads("grad", self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        if torch.isfinite(grad_norm):
+        here = bool(torch.isfinite(grad_norm))
+        # DDP's all-reduced gradients agree, but one rank's may go bad after it (a kernel's overflow,
+        # the `grad` fail point): every rank skips together, or the replicas drift apart for good
+        if self.world.all_true(here):
             faults.point("optimizer.step")
             self.optimizer.step()
             self.guard.good()
         else:
-            self.skip(step, f"non-finite gradient; {what} skipped")
+            self.skip(step, f"non-finite gradient{'' if not here else ' in another process'}; {what} skipped")
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
@@ -211,16 +262,15 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
     Several processes (`world`): each step's metrics are averaged and its tokens summed over the
     ranks; rank 0 logs, measures the KL and writes; every rank loads a checkpoint to resume.
     `opt`: the optimizer a strategy built (DeepSpeed's engine); by default AdamW over `model`."""
-    opt = opt or Optimization.build(cfg, model, log)
-    guard, step = opt.guard, 0
-    state = resume(cfg, model, opt.optimizer, opt.scheduler, log, world, opt.tensors)
-    if state is not None:
-        step, update.position, opt.skipped = state["step"], state["position"], state.get("skipped_steps", 0)
-        update.restore(state)
-    runlog = RunLog(Path(cfg.output), step if state is not None else None, enabled=world.main, cfg=cfg, log=log)
+    opt = opt or Optimization.build(cfg, model, log, world)
+    guard, state = opt.guard, _resume(cfg, model, update, opt, log, world)
+    step = state.get("step", 0)
+    runlog = RunLog(Path(cfg.output), step if state else None, enabled=world.main, cfg=cfg, log=log)
     budget = KLBudget(cfg, log)
-    stopped, total_tokens, last = "max_steps", 0, {}
-    t_start, ok = time.perf_counter(), False
+    # run.json counts the run, not its last attempt: a resumed run's tokens and seconds go on from its
+    # checkpoint's, and its last row is the last one logged, also when no step is left (killed in final/)
+    stopped, total_tokens, last = "max_steps", state.get("tokens", 0), runlog.last
+    t_start, ok = time.perf_counter() - state.get("wall_seconds", 0.0), False
     bar = progress_bar(cfg.max_steps, step, progress and world.main, label)
     model.train()
     try:
@@ -231,7 +281,6 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
         while step < cfg.max_steps:
             skipped_before = opt.skipped
             step += 1
-            faults.point("step")
             row, metrics, tokens = _one_step(update, step, opt, opt.scheduler, device, world)
             total_tokens += tokens
             if guard.exceeded:
@@ -240,11 +289,12 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             if eval_fn is not None and getattr(cfg, "eval_every", 0) and step % cfg.eval_every == 0:
                 row.update({f"eval/{k}": v for k, v in eval_fn().items()})
                 model.train()
+            faults.point("kl.monitor")  # every rank, each step: rank 0 measures here when due, the others wait
             measured = monitor is not None and world.main and monitor.due(step, cfg.max_steps)
             if measured:
                 row.update(monitor.measure())
                 model.train()
-            skipped = opt.skipped > skipped_before and not metrics  # the whole step was skipped: on record
+            skipped = opt.skipped > skipped_before  # on record whatever log_every (not: no metrics; offline has some)
             if step % cfg.log_every == 0 or step == cfg.max_steps or measured or skipped:
                 runlog.write(row)
             last = row
@@ -253,6 +303,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             if world.any_true(over):  # rank 0 measured it; every rank stops with it
                 stopped = "kl_budget"
             if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
+                                  "tokens": total_tokens, "wall_seconds": time.perf_counter() - t_start,
                                   **update.state()}, stopped, log, world):
                 break
         ok = True
@@ -262,6 +313,17 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
         runlog.close(ok)
     return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last,
                       hardware(device))
+
+
+def _resume(cfg: RunConfig, model, update: Update, opt: Optimization, log: Callable[[str], None],
+            world: World) -> dict[str, Any]:
+    """The newest checkpoint's state, restored into the model, optimizer, update and RNG; {} for a fresh run."""
+    state = resume(cfg, model, opt.optimizer, opt.scheduler, log, world, opt.tensors)
+    if state is None:
+        return {}
+    update.position, opt.skipped = state["position"], state.get("skipped_steps", 0)
+    update.restore(state)
+    return state
 
 
 def hardware(device: torch.device) -> str:
@@ -285,6 +347,8 @@ def _one_step(update: Update, step: int, opt: Optimization, scheduler, device: t
               world: World) -> tuple[dict[str, Any], dict[str, float], int]:
     """Step `step` run by `update`: (its metrics.jsonl row, the update's metrics, its tokens), every
     process's metrics averaged and tokens summed."""
+    doing(f"at step {step}")  # what an out-of-memory error names (train/run.py)
+    faults.point("step")
     t0 = time.perf_counter()
     metrics, tokens = update(step, opt)
     metrics, tokens = world.mean_metrics(metrics), int(world.sum(tokens))
@@ -312,7 +376,11 @@ def write_summary(out: Path, result: LoopResult, **fields: Any) -> dict[str, Any
                "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,
                "peak_memory_bytes": result.last.get("peak_memory_bytes"), "device": result.device,
                "versions": versions(), "final": result.last}
-    (out / "run.json").write_text(json.dumps(summary, indent=2))
+    path = out / "run.json"
+    text = json.dumps(summary, indent=2)  # whole under a temporary name, then renamed: never half a run.json
+    with disk_full(path, len(text), tmp_name(path)):
+        tmp_name(path).write_text(text)
+        commit(tmp_name(path), path)
     return summary
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import ConfigError, apply_overrides, load_config, read_mapping
+from ..config import ConfigError, apply_overrides, load_config, read_mapping, shown
 from ..losses import ppo as ppo_losses
 from ..losses import preference as pref
 from . import citations as cite
@@ -258,10 +258,10 @@ def citations(config: dict[str, Any]) -> list[str]:
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
-        close = difflib.get_close_matches(str(name), METHODS, n=1)
+    if not isinstance(name, str) or name not in METHODS:  # a list or mapping is no name (nor hashable)
+        close = difflib.get_close_matches(name, METHODS, n=1) if isinstance(name, str) else []
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown method '{name}' (choose one of {', '.join(METHODS)}){hint}")
+        raise ConfigError(f"unknown method {shown(name)} (choose one of {', '.join(METHODS)}){hint}")
     return METHODS[name]
 
 
@@ -290,7 +290,7 @@ def _foreign_keys(name: str, data: dict[str, Any], source: str) -> None:
         elif owners:
             problems.append(f"'{key}' is a key of {', '.join(owners)}, not of {name}")
         else:
-            close = difflib.get_close_matches(key, list(cls.model_fields), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(str(key), list(cls.model_fields), n=1, cutoff=0.6)  # YAML's 1: too
             problems.append(f"unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else ""))
     if problems:
         own = ", ".join(own_keys(cls)) or "none"
@@ -301,7 +301,10 @@ def _foreign_keys(name: str, data: dict[str, Any], source: str) -> None:
 def train_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a train config (a mapping with `method`, default dpo) into its method's config class."""
     name = data.get("method", "dpo")
-    spec = get_method(name)
+    try:
+        spec = get_method(name)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     _foreign_keys(name, data, source)
     return load_config(spec.config, base={**data, "method": name}, source=source)
 

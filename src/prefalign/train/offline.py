@@ -35,7 +35,7 @@ from ..models.scalar import load_scalar_model
 from ..runtime.determinism import disable_dropout
 from ..runtime.device import describe, set_up
 from ..runtime.distributed import World, init_world, shut_down
-from ..runtime.memory import set_malloc_mmap_threshold
+from ..runtime.memory import doing, set_malloc_mmap_threshold
 from ..runtime.precision import autocast_for, bf16_wanted, weights_dtype
 from . import deepspeed
 from .config import OfflineConfig, RunConfig
@@ -194,12 +194,14 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
         deepspeed.check_precision(bf16_wanted(cfg.precision, device), device)
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     model = _load(cfg, method, tokenizer, device)
+    doing("while reading the data")
     data, uses = load_examples(cfg.data, "data", cfg, tokenizer, method.unit, out, "data", log, world)
     eval_sets = load_eval_sets(cfg, tokenizer, method.unit, out, log, world)  # {None: set} for a plain path
 
     strategy = choose_reference(cfg, method, len(data), world)
     reference = None
     if strategy == "copy":
+        doing("while copying the model for the reference")
         reference = CopyReference(model, autocast, cfg.logits_chunk_mb)  # before LoRA and before any update
     watch, initial = _watch(cfg, method, strategy, model, log, world)
     if cfg.lora_settings is not None:
@@ -215,14 +217,13 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     if strategy == "adapter":
         reference = AdapterReference(model, autocast, cfg.logits_chunk_mb)
     elif strategy == "precompute":
-        t0 = time.perf_counter()
         reference = _precompute(model, cfg, data, collate_pad, device, autocast, "ref_logps", log, world)
-        log(f"reference pass: {time.perf_counter() - t0:.1f} s")
     eval_references = {name: reference for name in eval_sets}
     if strategy == "precompute":
         # eval examples have their own table, computed once with the model as it is now (untrained)
         eval_references = {name: _precompute(model, cfg, d, collate_pad, device, autocast, "ref_logps_eval" + (
             f"_{name}" if name else ""), lambda _: None, world) for name, d in eval_sets.items()}
+    doing("while setting up training")
     log(f"method {cfg.method}, reference {strategy or 'none (reference-free)'}, "
         f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {describe(device)}, "
         f"{layout.replace('_', '-')} rows, attention {attn_implementation_of(model)}, {weight_dtypes(model)}"
@@ -263,8 +264,8 @@ def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult
         state = full_state(model, keep=world.main, only_trainable=lora)
     elif world.active and cfg.distributed == "deepspeed":
         state = deepspeed.final_state(model, keep=world.main, only_trainable=lora)
+    doing("while writing final/")
     if world.main:
-        faults.point("final.write", out / "final")
         save_model(model, tokenizer, out / "final", base=base, state_dict=state)
         write_summary(out, result, method=cfg.method, reference=strategy, lora=lora,
                       model_copies=1 + (strategy == "copy") + (initial is not None), processes=world.size,
@@ -295,6 +296,8 @@ def forward_of(model, cfg: OfflineConfig) -> Forward:
 
 def _load(cfg: OfflineConfig, method: Method, tokenizer, device: torch.device):
     """The model to train: a scalar head for reward models, else the causal LM; dropout off."""
+    doing("while loading the model")  # what an out-of-memory error names (train/run.py)
+    faults.point("model.load")
     if method.inputs == "scores":
         model = load_scalar_model(cfg.model, pad_token_id=tokenizer.pad_token_id,
                                   trust_remote_code=cfg.trust_remote_code, device=device,
@@ -383,6 +386,8 @@ def in_order(data: TokenizedData, batch_size: int, collate_fn, device: torch.dev
 
 def _precompute(model, cfg, data, collate_fn, device, autocast, name: str, log, world: World = World()):
     """The reference table; several processes each take every world.size-th batch and share them."""
+    doing("in the reference precompute")
+    t0 = time.perf_counter()
     fp = fingerprint(model, data.examples, f"{cfg.precision}|{cfg.dtype}|{device.type}")
     batches = (batch for i, (_, batch) in enumerate(in_order(data, cfg.batch_size, collate_fn, device))
                if i % world.size == world.rank)
@@ -391,6 +396,7 @@ def _precompute(model, cfg, data, collate_fn, device, autocast, name: str, log, 
                        fp, autocast, cfg.logits_chunk_mb, log, gather=world.reduce,
                        write=world.main, agree=world.all_true)
     world.barrier()
+    log(f"reference pass: {time.perf_counter() - t0:.1f} s")
     return table
 
 

@@ -15,8 +15,8 @@ One step of `max_steps`:
   5. update: `ppo_epochs` passes over the rollout in `num_minibatches` shuffled minibatches; clipped
      surrogate (+ clipped value loss for ppo, + kl_coef * the loss_k3 / loss_full penalty, whose
      expected gradient is that of the sequence KL: losses/ppo.py); gradient clipping. A non-finite
-     reward skips the rollout, a non-finite loss or gradient skips the update; `max_bad_steps` of them
-     in a row stop the run.
+     reward or log-prob (policy, reference) skips the rollout, a non-finite loss or gradient skips the
+     update; `max_bad_steps` of them in a row stop the run.
   6. the KL coefficient adapts towards `kl_target` (Ziegler et al. 2019) when one is set.
 Checkpoints hold the trainable weights (policy adapters or weights, and the critic), the optimizer,
 the schedule, the RNG, the prompt position, the KL coefficient and the running reward statistics, so
@@ -51,6 +51,7 @@ from ..models.scalar import token_scores as critic_token_scores
 from ..runtime.determinism import disable_dropout
 from ..runtime.device import describe
 from ..runtime.distributed import World, shut_down
+from ..runtime.memory import doing
 from ..runtime.precision import weights_dtype
 from .config import RLConfig
 from .kl_monitor import build_monitor
@@ -216,6 +217,8 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
                           "fixed served model (use it for sample, label and eval); use hf or vllm")
     check_backend(cfg.generation_backend, device)  # before any model is loaded
 
+    doing("while loading the models")  # the policy, reference, judge and critic; what an OOM error names
+    faults.point("model.load")
     tokenizer = load_tokenizer_for(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, device=device,
                         quantize_4bit=cfg.quantize_4bit, dtype=weights_dtype(cfg.dtype, device, bool(cfg.lora)),
@@ -235,6 +238,7 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
     judge = make_judge(cfg.reward, device)
     ac = ActorCritic(policy, *_critic(cfg, policy, judge, tokenizer, device))
 
+    doing("while reading the prompts")
     prompts, uses = load_prompt_mix(cfg, out, log, world)
     feed_ids = isinstance(judge, RewardModelJudge) and judge.shares_vocab(tokenizer)
     copies = 1 + (ref_model is not None) + (ac.critic_model is not None) + (judge.kind == "reward_model")
@@ -253,6 +257,7 @@ def _run_rl(cfg: RLConfig, out: Path, device, autocast, world: World, log, progr
                                 prompts, device, autocast, log)
     result = train_loop(cfg, ac, iteration, device, monitor=monitor, log=log, progress=progress, label=cfg.method,
                         world=world)
+    doing("while writing final/")
     if world.main:
         save_model(policy, tokenizer, out / "final", base=cfg.model)
         write_summary(out, result, method=cfg.method, reference=strategy, lora=is_peft(policy), model_copies=copies,
@@ -356,7 +361,6 @@ class Iteration(Update):
             where = " (here, or in another process)" if self.world.active else ""
             opt.skip(step, f"{int((~torch.isfinite(raw)).sum())} non-finite rewards{where}; rollout skipped")
             return {}, 0
-        scores = shape_scores(cfg, raw, roll.ended.to(device), mask.sum(-1), self.moments, self.reduce)
 
         # ---- 3. the no-grad pass: old log-probs, entropy, values; reference log-probs
         with torch.no_grad():
@@ -364,12 +368,23 @@ class Iteration(Update):
             with self.autocast():
                 fwd = ac.forward_rows(all_rows, roll.n_prompt, cfg, entropy=True)
             old, entropy = fwd["logps"], fwd["entropy"]
-            old_values = fwd["values"].float() * mask if "values" in fwd else None
+            old_values = faults.poison("values", fwd["values"].float() * mask) if "values" in fwd else None
             ref, ref_states = self.reference_pass(all_rows, roll.n_prompt)
             ref = faults.poison("ref_logps", ref)
+            passes = (("policy log-probs", old), ("reference log-probs", ref), ("values", old_values))
+            bad = [name for name, t in passes if t is not None and not bool(torch.isfinite(t).all())]
+            if not self.world.all_true(not bad):
+                # skipped here, as one bad step: left to the loss, each of the ppo_epochs x num_minibatches
+                # updates would count as one (a single bad pass could reach max_bad_steps), and a NaN KL
+                # would poison the adaptive kl_coef for the rest of the run
+                what = " and ".join(bad) if bad else "log-probs or values in another process"
+                opt.skip(step, f"non-finite {what}; rollout skipped")
+                return {}, 0
             k1, k3 = ppo_losses.kl_k1(old, ref) * mask, ppo_losses.kl_k3(old, ref) * mask
 
-            # ---- 4. advantages
+            # ---- 4. advantages (the scores shaped only now: a rollout skipped above leaves the running
+            # reward statistics as they were)
+            scores = shape_scores(cfg, raw, roll.ended.to(device), mask.sum(-1), self.moments, self.reduce)
             adv, returns = advantages(cfg, scores, old, ref, old_values, mask, self.kl_ctl.value, self.reduce)
         rollout_seconds = time.perf_counter() - t0
 

@@ -16,9 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import ConfigError, apply_overrides
+from ..config import ConfigError, apply_overrides, read_yaml, shown
 from .methods import train_config
 from .run import train
 
@@ -36,19 +34,21 @@ def _resolve(value: Any, finals: dict[str, str], stage: str) -> Any:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Path, list[tuple[str, Any]]]:
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read recipe: {e}") from None
+    raw = read_yaml(path, "recipe") or {}
+    shape = f"{path}: a recipe is {{output: DIR, stages: {{name: train config, ...}}}}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{shape}, not {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
     unknown = set(raw) - {"output", "stages"}
-    if unknown or not isinstance(raw.get("stages"), dict) or not raw.get("output"):
-        raise ConfigError(f"{path}: a recipe is {{output: DIR, stages: {{name: train config, ...}}}}"
-                          + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
+    if unknown or not isinstance(raw.get("stages"), dict) or not isinstance(raw.get("output"), str) \
+            or not raw["output"]:
+        raise ConfigError(shape + (f"; unknown keys {sorted(map(str, unknown))}" if unknown else ""))
     out = Path(raw["output"])
     finals: dict[str, str] = {}
     stages = []
     for name, stage in raw["stages"].items():
+        if not isinstance(name, str):  # it names the stage's folder
+            raise ConfigError(f"{path}: stage {shown(name)}: a stage's name is text (quote it: '{name}':)")
         if not isinstance(stage, dict):
             raise ConfigError(f"{path}: stage {name}: expected a mapping of train config keys")
         data = {k: _resolve(v, finals, name) for k, v in stage.items()}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, OutOfMemoryError, TrainingError
 from ..models.hub import check_push
+from ..runtime import memory
 from ..runtime.distributed import World, launch, launched
 from .checkpoint import list_checkpoints
 from .config import RunConfig
@@ -27,8 +29,44 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, progress: bool = T
         check_push(cfg.hub_repo_id)  # offline or without a token: an error now, not after hours of training
     # one run per output folder (rank 0 holds the lock for all processes); the upload is the run's very
     # last act, after its model card: api.finish_run, one layer up
+    memory.doing("while starting the run")
     with run_lock(Path(cfg.output), log, main=int(os.environ.get("RANK", "0")) == 0):
-        return TRAINERS[METHODS[cfg.method].trainer](cfg, log=log, progress=progress)
+        try:
+            return TRAINERS[METHODS[cfg.method].trainer](cfg, log=log, progress=progress)
+        except Exception as e:
+            # running out of memory is a setting to change, not a bug: one clear error (the CLI prints it
+            # without a traceback), raised once the trainer's `finally`s have closed its files
+            if not memory.out_of_memory(e):
+                raise
+            raise OutOfMemoryError(out_of_memory_advice(cfg, memory.where(), e)) from e
+
+
+def out_of_memory_advice(cfg: RunConfig, where: str, e: BaseException) -> str:
+    """What ran out and where, the settings of this config that need less memory, and what was kept."""
+    said = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    said = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", said)  # c10's prefix: not for users
+    config = Path(cfg.output) / "config.yaml"  # the resolved config, written when the run starts
+    tips = [f"`prefalign plan {config if config.exists() else 'CONFIG.yaml'}` estimates the peak memory term by "
+            "term and which settings fit this device"]
+    if not cfg.gradient_checkpointing:
+        tips.append("gradient_checkpointing: true (activations recomputed in the backward)")
+    accum = getattr(cfg, "grad_accum", None)  # offline methods; RL splits its updates with num_minibatches
+    if cfg.batch_size > 1 and accum is not None:
+        smaller = max(d for d in range(1, cfg.batch_size) if cfg.batch_size % d == 0)
+        tips.append(f"a smaller batch_size with a larger grad_accum, the same {cfg.batch_size * accum} examples a "
+                    f"step (batch_size: {smaller}, grad_accum: {accum * cfg.batch_size // smaller})")
+    elif accum is not None:
+        tips.append(f"a smaller max_length (now {cfg.max_length})")
+    else:
+        tips.append("a smaller batch_size (prompts per rollout), max_new_tokens or a larger num_minibatches")
+    if not cfg.lora:
+        tips.append("lora: true (no gradients nor AdamW state for the base weights)")
+    if "copying the model" in where:
+        tips.append("reference: precompute (its log-probs computed once, before training: no second model)")
+    steps = list_checkpoints(Path(cfg.output))
+    kept = (f"checkpoints up to step {steps[-1]} are intact (resume: true continues from it)" if steps
+            else "no checkpoint was written")
+    return f"out of memory {where} ({said[:300]}). To need less: {'; '.join(tips)}. {kept[0].upper()}{kept[1:]}."
 
 
 def launch_processes(cfg: RunConfig, nproc: int, argv: list[str], log: Callable[[str], None] = print) -> None:
@@ -46,7 +84,11 @@ def launch_processes(cfg: RunConfig, nproc: int, argv: list[str], log: Callable[
     if code == 0:
         return
     steps = list_checkpoints(Path(cfg.output))
-    where = (f"the newest checkpoint is {Path(cfg.output) / 'checkpoints' / f'step-{steps[-1]}'}: resume with "
-             "resume=true, on any number of processes" if steps else "no checkpoint was saved (set save_every)")
+    where = "no checkpoint was saved (set save_every)"
+    if steps:
+        where = (f"the newest checkpoint is {Path(cfg.output) / 'checkpoints' / f'step-{steps[-1]}'}: resume with "
+                 "resume=true, on any number of processes")
+    elif cfg.save_every:  # it died before its first save
+        where = f"no checkpoint was saved yet (the first is due at step {cfg.save_every}): resume=true starts over"
     raise TrainingError(f"a training process failed (exit code {code}; its error is above) and torchrun "
                         f"stopped the others; {where}")

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 from ..data import ReadOptions, load_prompts, load_records
 from ..data.batches import TokenizedData, tokenize_records
 from ..data.mixture import DataSource, SourceUse, check_readable, label_of, mix, sources_of
-from ..data.records import Problem, Text
+from ..data.records import Problem, Text, json_line
 from ..errors import ConfigError, DataError
 from ..runtime.distributed import World
 
@@ -54,7 +53,7 @@ def load_examples(value, field: str, cfg, tokenizer, unit: str, out: Path, name:
     if problems:
         path = out / f"{name}_problems.jsonl"
         if world.main:
-            path.write_text("".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in problems))
+            path.write_text("".join(json_line(p.to_json()) + "\n" for p in problems), encoding="utf-8")
         log(f"{value if plain else field}: {len(problems)} bad records set aside (first: {problems[0]}); all listed "
             f"in {path}")
     if not plain:
@@ -100,7 +99,8 @@ def load_prompt_mix(cfg, out: Path, log: Callable[[str], None],
         labels.append(label)
     if problems:
         if world.main:
-            (out / "prompts_problems.jsonl").write_text("".join(json.dumps(p.to_json()) + "\n" for p in problems))
+            (out / "prompts_problems.jsonl").write_text("".join(json_line(p.to_json()) + "\n" for p in problems),
+                                                        encoding="utf-8")
         log(f"{cfg.prompts if plain else 'prompts'}: {len(problems)} bad rows set aside (first: {problems[0]})")
     prompts, uses = mix(parts, sources, cfg.seed, labels)
     if not plain:

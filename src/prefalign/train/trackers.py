@@ -120,8 +120,10 @@ class TensorBoard(Tracker):
         require("tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: TensorBoard hides the events an interrupted attempt wrote after the checkpoint
-        self.writer = SummaryWriter(str(out), purge_step=None if resumed_step is None else resumed_step + 1)
+        # purge_step: TensorBoard hides the events an interrupted attempt wrote after the checkpoint; a
+        # fresh start (no checkpoint yet, or resume off) hides all of an earlier attempt's, whose event
+        # files are still in the folder: else its steps showed twice, beside the new run's
+        self.writer = SummaryWriter(str(out), purge_step=0 if resumed_step is None else resumed_step + 1)
         self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```",
                              global_step=resumed_step or 0)
         return {"dir": str(out.resolve())}
