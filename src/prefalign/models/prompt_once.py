@@ -45,11 +45,11 @@ from .load import position_kwargs, trunk_of, unwrap
 # model_type -> route; each entry is proven equal to padded rows by tests/test_ssm_prompt_once.py
 ROUTES = {"mamba": "layers", "mamba2": "cache", "bamba": "cache", "falcon_h1": "cache", "nemotron_h": "cache",
           "granitemoehybrid": "cache"}
-# where `share_prompt: auto` picks them: measured faster than padded rows (benchmarks/ssm_prompt_once.py); the
-# others take them when asked (`share_prompt: true`): a chunked Mamba-2 scan pads each pass to whole chunks,
-# so two passes can cost more chunks than one on short rows
-FASTER = frozenset({"mamba"})
-_UNSUPPORTED = {
+# where `share_prompt: auto` picks them: (model_type, device type) measured faster than padded rows
+# (benchmarks/ssm_prompt_once.py, results in benchmarks/results/ssm-prompt-once-*); elsewhere they are taken
+# when asked (`share_prompt: true`), `not_faster` says why
+FASTER = frozenset({("mamba", "cpu")})
+UNSUPPORTED = {
     "jamba": "Jamba's Mamba-1 layers restart their scan from a zero state when continuing several tokens from a "
              "cache (transformers' torch path), so its answers would not see the prompt's SSM state",
 }
@@ -59,7 +59,7 @@ def prompt_once_problem(model) -> str | None:
     """Why prompt-once rows would be wrong (or untested) for this model; None when they are exact."""
     hf, kind = unwrap(model), model_type(model)
     if kind not in ROUTES:
-        return _UNSUPPORTED.get(kind, f"{kind} is not a state-space model checked for prompt-once rows "
+        return UNSUPPORTED.get(kind, f"{kind} is not a state-space model checked for prompt-once rows "
                                       "(prefalign.models.prompt_once.ROUTES)")
     if ROUTES[kind] == "cache" and int(transformers.__version__.split(".")[0]) < 5:
         return f"{kind}'s prompt-once rows continue transformers 5's cache; transformers {transformers.__version__}"
@@ -77,6 +77,20 @@ def prompt_once_problem(model) -> str | None:
     return None
 
 
+def not_faster(model) -> str | None:
+    """Why `share_prompt: auto` leaves this model on padded rows although prompt-once rows are exact; None
+    where they were measured faster (FASTER)."""
+    kind, device = model_type(model), next(unwrap(model).parameters()).device.type
+    if (kind, device) in FASTER:
+        return None
+    if kind == "mamba":
+        return (f"prompt-once rows are exact but measured faster only on CPU, not on {device} "
+                "(benchmarks/results/ssm-prompt-once-cpu-2core.md); share_prompt: true takes them")
+    return (f"prompt-once rows are exact on {kind} but not faster on short rows: transformers' chunked Mamba-2 "
+            "scan pads each pass to whole chunks (benchmarks/results/ssm-prompt-once-mamba2-cpu-2core.md); "
+            "share_prompt: true takes them")
+
+
 def prompt_once_hidden_states(model, batch: dict[str, Tensor]) -> Tensor:
     """(S*B, C, H) last hidden states of the continuation rows of a `collate_prompt_once` batch."""
     route = ROUTES.get(model_type(model))
@@ -92,6 +106,11 @@ def prompt_once_hidden_states(model, batch: dict[str, Tensor]) -> Tensor:
         return _mamba_layers(trunk, ids, mask, states)[0]
     if not p_ids.shape[1]:  # no prompt token before any continuation: nothing to carry
         return trunk(input_ids=ids, attention_mask=mask).last_hidden_state
+    if p_ids.shape[1] == 1 and not bool(p_mask.all()):
+        # transformers drops the 2D mask of a one-column forward (a decode step, never padding: masking_utils
+        # create_recurrent_attention_mask), so a pad would enter the state (mamba2: 0.19 nats off); one more
+        # left pad column keeps the mask
+        p_ids, p_mask = torch.cat([p_ids[:, :1], p_ids], 1), torch.cat([torch.zeros_like(p_mask[:, :1]), p_mask], 1)
     cache = trunk(input_ids=p_ids, attention_mask=p_mask, use_cache=True, **position_kwargs(trunk, p_mask)).cache
     if cache is None:
         raise ModelError(f"{type(trunk).__name__} returned no cache for prompt-once rows")

@@ -29,7 +29,7 @@ from ..models.load import (
     save_model,
     weight_dtypes,
 )
-from ..models.prompt_once import FASTER, ROUTES, prompt_once_problem
+from ..models.prompt_once import ROUTES, UNSUPPORTED, not_faster, prompt_once_problem
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
 from ..models.scalar import load_scalar_model
 from ..runtime.determinism import disable_dropout
@@ -73,7 +73,12 @@ def choose_reference(cfg: OfflineConfig, method: Method, n_examples: int, world:
 
 def choose_layout(cfg: OfflineConfig, model, method: Method) -> str:
     """"packed" (padding-free rows, asked for), "shared_prompt" (one row per pair), "prompt_once"
-    (state-space models: the prompt once, both answers continued from its state) or "padded".
+    (state-space models: the prompt once, both answers continued from its state) or "padded"."""
+    return layout_and_reason(cfg, model, method)[0]
+
+
+def layout_and_reason(cfg: OfflineConfig, model, method: Method) -> tuple[str, str | None]:
+    """choose_layout's layout, and why a paired log-prob method got padded rows (None otherwise).
     Shared-prompt and packed rows need a model whose every layer honours the 4D mask: not Mamba, nor
     hybrids with Mamba layers (Jamba, Bamba, ...), whatever attention heads they have; those get
     prompt-once rows where models/prompt_once.py proves them exact: by default where they were also measured
@@ -83,29 +88,33 @@ def choose_layout(cfg: OfflineConfig, model, method: Method) -> str:
         if problem or method.inputs != "logps":
             raise ConfigError(f"packing needs a log-prob method (not reward) and a mask-honouring model: "
                              f"{problem or cfg.method + ' scores sequences'}; use packing: false")
-        return "packed"
-    if cfg.share_prompt is False:
-        return "padded"
+        return "packed", None
     if not (method.paired and method.inputs == "logps"):
         if cfg.share_prompt is True:
             raise ConfigError(f"share_prompt: true needs paired log-prob data: {cfg.method} is not a paired "
                               "log-prob method; use share_prompt: auto")
-        return "padded"
+        return "padded", None
+    if cfg.share_prompt is False:
+        return "padded", "share_prompt: false"
     problem = problem or shared_prompt_problem(model)  # flash_attention_2 has no mask to share a prompt with
     if problem is None:
-        return "shared_prompt"
+        return "shared_prompt", None
     once = prompt_once_problem(model)
     sharded = cfg.distributed == "fsdp" or (cfg.distributed == "deepspeed" and cfg.zero_stage == 3)
     if once is None and sharded and ROUTES.get(model_type(model)) == "layers":
         # FSDP2 and ZeRO-3 gather a block's weights in hooks on its call; the Mamba-1 route calls its parts
         once = f"distributed: {cfg.distributed} gathers weights in hooks on each layer's call, which the Mamba-1 " \
                "route bypasses"
-    if once is None and (cfg.share_prompt is True or model_type(model) in FASTER):
-        return "prompt_once"
+    if once is None and cfg.share_prompt is True:
+        return "prompt_once", None
     if cfg.share_prompt is True:
         raise ConfigError(f"share_prompt: true needs a model whose every layer honours the mask ({problem}) or "
                           f"prompt-once rows ({once}); use share_prompt: auto")
-    return "padded"
+    if once is None:
+        slower = not_faster(model)
+        return ("padded", slower) if slower else ("prompt_once", None)
+    ssm = model_type(model) in ROUTES or model_type(model) in UNSUPPORTED
+    return "padded", f"prompt-once rows: {once}" if ssm else problem
 
 
 def make_step(forward, cfg: OfflineConfig, reference, autocast: Callable, world: World = World()):
@@ -208,7 +217,7 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
         model = add_lora(model, cfg.lora_settings, "SEQ_CLS" if method.inputs == "scores" else "CAUSAL_LM")
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
-    layout = choose_layout(cfg, model, method)
+    layout, why = layout_and_reason(cfg, model, method)
     collate_fn = {"packed": collate_packed, "shared_prompt": collate_shared_prompt, "prompt_once": collate_prompt_once,
                   "padded": collate}[layout]
     collate_pad = partial(collate_fn, pad_id=tokenizer.pad_token_id)
@@ -226,7 +235,8 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     doing("while setting up training")
     log(f"method {cfg.method}, reference {strategy or 'none (reference-free)'}, "
         f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {describe(device)}, "
-        f"{layout.replace('_', '-')} rows, attention {attn_implementation_of(model)}, {weight_dtypes(model)}"
+        f"{layout.replace('_', '-')} rows{f' ({why})' if why else ''}, attention {attn_implementation_of(model)}, "
+        f"{weight_dtypes(model)}"
         + (f", {world.size} processes ({cfg.distributed})" if world.active else ""))
     monitor = None
     if watch:
