@@ -80,7 +80,7 @@ def setup(args):
     shape = dict(SHAPES[args.shape], **({"layers": args.layers} if args.layers else {}))
     model = build(shape, None, dev).train()
     batches = batches_of(examples(model.config.vocab_size, args.pairs, args.prompt, tuple(args.answers)), dev)
-    cfg = METHODS["dpo"].config(model="-", data="-", output="-", precision="fp32",
+    cfg = METHODS["dpo"].config(model="-", data="-", output="-", precision="fp32", share_prompt=True,
                                 max_length=args.prompt + args.answers[1])
     with torch.no_grad():  # the reference: this policy's own log-probs (precomputed, as the trainer's default)
         ref = batch_logps(model.eval(), batches["prompt-once"]).cpu().view(2, args.pairs).T
