@@ -71,6 +71,10 @@ def choose_reference(cfg: OfflineConfig, method: Method, n_examples: int, world:
     return "adapter" if cfg.lora else "copy"
 
 
+COLLATE = {"packed": collate_packed, "shared_prompt": collate_shared_prompt, "prompt_once": collate_prompt_once,
+           "padded": collate}  # choose_layout's layouts
+
+
 def choose_layout(cfg: OfflineConfig, model, method: Method) -> str:
     """"packed" (padding-free rows, asked for), "shared_prompt" (one row per pair), "prompt_once"
     (state-space models: the prompt once, both answers continued from its state) or "padded"."""
@@ -218,9 +222,7 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     layout, why = layout_and_reason(cfg, model, method)
-    collate_fn = {"packed": collate_packed, "shared_prompt": collate_shared_prompt, "prompt_once": collate_prompt_once,
-                  "padded": collate}[layout]
-    collate_pad = partial(collate_fn, pad_id=tokenizer.pad_token_id)
+    collate_pad = partial(COLLATE[layout], pad_id=tokenizer.pad_token_id)
     make_batch = partial(lambda d, idx: collate_pad([d.examples[i] for i in idx], idx), data)
     # every reference pass happens before the model is wrapped (an FSDP2 model is only whole in its forward)
     if strategy == "adapter":
@@ -236,8 +238,7 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     log(f"method {cfg.method}, reference {strategy or 'none (reference-free)'}, "
         f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {describe(device)}, "
         f"{layout.replace('_', '-')} rows{f' ({why})' if why else ''}, attention {attn_implementation_of(model)}, "
-        f"{weight_dtypes(model)}"
-        + (f", {world.size} processes ({cfg.distributed})" if world.active else ""))
+        f"{weight_dtypes(model)}" + (f", {world.size} processes ({cfg.distributed})" if world.active else ""))
     monitor = None
     if watch:
         ref_model = reference.model if strategy == "copy" else initial if initial is not None else model
