@@ -209,7 +209,8 @@ class OfflineConfig(RunConfig):
     share_prompt: bool | Literal["auto"] = Field(
         "auto", description="compute each pair's prompt once: one row per pair (models whose every layer honours "
                             "the mask) or, for Mamba, Mamba-2 and their hybrids, both answers continued from the "
-                            "prompt's recurrent state; false: padded rows")
+                            "prompt's recurrent state (auto: Mamba-1 on CPU, where measured faster; true: wherever "
+                            "exact); false: padded rows")
     packing: bool = Field(False, description="padding-free rows: sequences end to end, block-diagonal mask")
 
     @field_validator("data", mode="before")
