@@ -328,7 +328,8 @@ app.add_typer(bench_app, name="bench")
 def bench_cmd(
     ctx: typer.Context,
     model: str | None = typer.Option(None, help="a local model folder"),
-    shape: str = typer.Option("llama-30m", help="a shipped shape (random init): tiny, llama-30m, llama-1b, mamba-130m"),
+    shape: str = typer.Option("llama-30m", help="a shipped shape (random init): tiny, llama-30m, llama-1b, "
+                                                "mamba-130m, mamba2-130m"),
     workloads: str = typer.Option("dpo,sft,reward,ppo,generate", help="comma-separated"),
     output: str = typer.Option("bench-results.json", "-o", "--output"),
     batch: int = typer.Option(4, help="pairs / sequences / prompts per step"),
