@@ -292,6 +292,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             faults.point("kl.monitor")  # every rank, each step: rank 0 measures here when due, the others wait
             measured = monitor is not None and world.main and monitor.due(step, cfg.max_steps)
             if measured:
+                faults.point("kl.measure")  # rank 0, as it starts a measurement
                 row.update(monitor.measure())
                 model.train()
             skipped = opt.skipped > skipped_before  # on record whatever log_every (not: no metrics; offline has some)
