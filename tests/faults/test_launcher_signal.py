@@ -84,6 +84,6 @@ def test_a_stopped_launcher_stops_every_process(name, moment, tiny_models, pair_
     elif sig != signal.SIGKILL:  # the stop is reported as one, with the shell's code for it
         problems += [] if code == 128 + sig else [f"the launcher exited {code}, not {128 + sig}"]
         problems += [] if f"stopped by {name}" in text else [f"no 'stopped by {name}' in: {text[-1500:]}"]
-    tally(KIND, survived=not problems, detail=f"{name} while {moment}: stopped in {stop_s:.2f} s")
+    tally(KIND, survived=not problems, detail=f"launcher-{name}-{moment}: stopped in {stop_s:.2f} s")
     print(f"{name} while {moment}: stopped {stop_s:.2f} s after the signal")
     assert not problems, "\n".join(problems)
