@@ -31,8 +31,8 @@ from prefalign.faults import ENV, TRACE
 from prefalign.train.checkpoint import list_checkpoints
 
 KIND = "rank killed (2 processes)"
-# a run of these (the slowest, a 2-process run with its reference precompute, takes 40 to 70 s on this loaded
-# 2-core machine): one that has not ended by then is hung, and is killed with every process it started
+# a run of these that has not ended by then is hung, and is killed with every process it started: the slowest
+# (the kl case's 2-process runs) took 50 to 72 s each at a load average of 13 on this 2-core machine
 RUN_TIMEOUT_S = 180
 # by the fewer processes of the two runs compared: a resume on 2 processes is bit-for-bit the uninterrupted
 # 2-process run (the same sums in the same order); one process sums each micro-batch's examples in one pass
