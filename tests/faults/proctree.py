@@ -16,10 +16,9 @@ from pathlib import Path
 import psutil
 
 # From a process's death (a rank's, or the launcher's) to the exit of every process of a 2-process run, on this
-# 2-core machine: 2.4 to 4.5 s at a load average of 8 to 9.5 (benchmarks/results/rank-kill-cpu-2core.md), and
-# 6 to 10 s at 12 to 14 in this change's own runs (not in a results file). Under torchrun's 30 s from SIGTERM to
-# SIGKILL, so that a rank stopped only by SIGKILL fails it too. How each rank ended is checked apart from it,
-# whatever the load.
+# 2-core machine: 3.3 to 9.9 s at a load average of 14 falling to 5 (benchmarks/results/rank-kill-cpu-2core.md,
+# docs/reliability.md). Twice the slowest, and under torchrun's 30 s from SIGTERM to SIGKILL, so that a rank
+# stopped only by SIGKILL fails it too. How each rank ended is checked apart from it, whatever the load.
 STOP_BOUND_S = 20
 
 
