@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "faults-cpu-2core"
 # the table's rows, in this order; a kind a test records that is not here is appended after them
-KINDS = ["kill (SIGKILL)", "rank killed (2 processes)", "disk full", "corrupt checkpoint", "corrupt reference cache",
-         "read error (EIO)", "out of memory", "NaN/Inf injected", "fuzzed data file", "fuzzed config",
-         "tokenizer edge case", "malformed HTTP request", "injection attempt"]
+KINDS = ["kill (SIGKILL)", "rank killed (2 processes)", "launcher stopped (2 processes)", "disk full",
+         "corrupt checkpoint", "corrupt reference cache", "read error (EIO)", "out of memory", "NaN/Inf injected",
+         "fuzzed data file", "fuzzed config", "tokenizer edge case", "malformed HTTP request", "injection attempt"]
 BEGIN, END = "<!-- faults:begin -->", "<!-- faults:end -->"
 
 

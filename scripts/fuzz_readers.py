@@ -5,8 +5,10 @@ commands use: `data stats` (compute_stats), `data curate` (curate) and `data spl
 
 Each input is one file: its first byte picks the file type (JSONL, JSON, CSV, TSV, or a JSONL gzip cut short)
 and the record shape, the rest is the file's bytes. A crash is any exception but a DataError naming the file,
-or counts that do not add up: rows = valid + invalid, the output files' lines equal the counts, and the three
-commands agree. libFuzzer writes the input of a crash to `-artifact_prefix` (make fuzz: runs/fuzz/); turn it
+or counts that do not add up: rows = valid + invalid, the output files' lines equal the counts, the three
+commands agree, and the rows are as many as the file has, counted without the readers (a JSONL file: one a
+non-blank line; a JSON array that json.loads reads, its bytes that are not UTF-8 replaced: at least one an
+element). libFuzzer writes the input of a crash to `-artifact_prefix` (make fuzz: runs/fuzz/); turn it
 into a test in tests/faults/test_fuzz_regressions.py. A corpus folder given but empty is seeded first.
 """
 
@@ -83,6 +85,10 @@ def check(path: Path, fmt: str, out: Path) -> None:
             raise AssertionError(f"a whole-file error that does not name the file: {e}") from None
         return
     res = curate(path, out / "k.jsonl", out / "q.jsonl", CurateConfig(**opts, conflicts="keep_first"))
+    expected = expected_rows(path)
+    if expected is not None:
+        rows, exact = expected
+        assert res.rows == rows if exact else res.rows >= rows, f"{res.rows} rows read, the file has {rows}"
     counts = split(path, out / "split", SplitConfig(**opts))
     quarantined = [json.loads(x) for x in (out / "q.jsonl").read_text(encoding="utf-8").splitlines()]
     assert lines(out / "k.jsonl") == res.kept and len(quarantined) == res.rows_invalid + sum(res.set_aside.values())
@@ -92,6 +98,20 @@ def check(path: Path, fmt: str, out: Path) -> None:
     for name in ("train", "eval"):
         assert lines(out / "split" / f"{name}.jsonl") == counts.get(name, 0)
     assert lines(out / "split" / "quarantine.jsonl") == counts.get("invalid", 0)
+
+
+def expected_rows(path: Path) -> tuple[int, bool] | None:
+    """ORACLE, without the readers: (rows, exactly so) of a plain JSONL file or JSON array; None when unknown."""
+    body = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    if path.name.endswith(".jsonl"):
+        return sum(1 for line in body.split(b"\n") if line.strip()), True
+    if path.name.endswith(".json"):
+        try:
+            value = json.loads(body.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            return None
+        return (len(value), False) if isinstance(value, list) else None
+    return None
 
 
 def dict_entry(word: bytes) -> str:

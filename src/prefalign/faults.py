@@ -13,6 +13,10 @@ Actions: `kill` (SIGKILL: no handler, no cleanup, as a power cut or the OOM kill
 poisons the gradients), `oom` (MemoryError, as an allocator that cannot serve the request), `nospace` (OSError
 ENOSPC, for a write the real small filesystem of a test cannot aim at). Hits are counted per process
 and per point, from 1. The points' names are listed in docs/reliability.md.
+
+With rules set, PREFALIGN_FAULTS_TRACE=FILE appends a line `POINT#N rankR` to FILE at every hit of every
+point, before the point acts: a test's proof that a process got somewhere (rank 0 started a KL
+measurement) before something stopped it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import signal
 from dataclasses import dataclass
 
 ENV = "PREFALIGN_FAULTS"
+TRACE = "PREFALIGN_FAULTS_TRACE"
 ACTIONS = ("kill", "nan", "inf", "oom", "nospace")
 
 
@@ -84,6 +89,9 @@ def _fires(name: str) -> str | None:
         return None
     _hits[name] = n = _hits.get(name, 0) + 1
     rank = int(os.environ.get("RANK", "0"))
+    if trace := os.environ.get(TRACE):
+        with open(trace, "a", encoding="utf-8") as f:  # closed (in the kernel's hands) before any kill below
+            f.write(f"{name}#{n} rank{rank}\n")
     for r in rules:
         if r.point == name and (r.rank is None or r.rank == rank) and (n == r.first or (r.onward and n > r.first)):
             return r.action

@@ -1,10 +1,10 @@
 """What every fault test shares: the tally benchmarks/faults.py turns into the README's reliability table,
 and the split between `make test` (a seeded sample of each matrix) and `make faults` (all of it).
 
-A test records every fault it injects with `tally(kind, survived, lost)` *before* it asserts, so a
-failure is counted in the table too: `survived` when the tool did what docs/reliability.md promises
-(a clear error, or a resume equal to an uninterrupted run), `lost` the records, steps or files lost or
-taken for good when they were not (must be 0)."""
+A test records every fault it injects with `tally(kind, survived, lost)` once its checks have decided, in
+a `finally` so that a failure is counted in the table too: `survived` when the tool did what
+docs/reliability.md promises (a clear error, or a resume equal to an uninterrupted run), `lost` the
+records, steps or files lost or taken for good when they were not (must be 0)."""
 
 from __future__ import annotations
 

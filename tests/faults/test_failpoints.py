@@ -52,11 +52,13 @@ def test_poison_keeps_the_graph(monkeypatch):
     assert faults.poison("other", 1.5) == 1.5
 
 
-def test_kill_is_sigkill():
-    code = "from prefalign import faults\nfaults.point('x')\nfaults.point('x')\nprint('survived')"
-    r = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, faults.ENV: "kill@x#2"},
-                       capture_output=True, text=True, timeout=60)
+def test_kill_is_sigkill(tmp_path):
+    code = "from prefalign import faults\nfaults.point('x')\nfaults.point('y')\nfaults.point('x')\nprint('survived')"
+    trace = tmp_path / "hits.txt"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**__import__("os").environ, faults.ENV: "kill@x#2", faults.TRACE: str(trace)})
     assert r.returncode == -signal.SIGKILL and "survived" not in r.stdout
+    assert trace.read_text() == "x#1 rank0\ny#1 rank0\nx#2 rank0\n"  # the hit that killed it is on record
 
 
 @pytest.mark.parametrize("bad", ["boom@x", "kill", "kill@#1", "kill@x#0", "kill@x#a", "kill@x@rankz"])

@@ -18,6 +18,7 @@ import io
 import json
 import re
 import shutil
+import zlib
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
@@ -26,7 +27,7 @@ import hypothesis.strategies as st
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fuzzkit import Runs, fuzz_settings
+from fuzzkit import Runs, fuzz_settings, json_lines, json_whole, jsonl_oracle, jsonl_whole
 from hypothesis import given
 
 from prefalign.data.curate import CurateConfig, ReadOptions, SplitConfig, compute_stats, curate, split
@@ -53,14 +54,18 @@ class Deep:
         self.depth = depth
 
 
-def encode(v) -> str:
+def encode(v, utf8: bool = False) -> str:
+    """JSON text on one line: ASCII (json.dumps's default), or with `utf8` non-ASCII characters written
+    as themselves, as most real files have them (an unpaired surrogate, which UTF-8 cannot hold, still
+    as a \\u escape)."""
     if isinstance(v, Deep):
         return "[" * v.depth + "1" + "]" * v.depth
     if isinstance(v, dict):
-        return "{" + ", ".join(json.dumps(str(k)) + ": " + encode(x) for k, x in v.items()) + "}"
+        return "{" + ", ".join(encode(str(k), utf8) + ": " + encode(x, utf8) for k, x in v.items()) + "}"
     if isinstance(v, list):
-        return "[" + ", ".join(encode(x) for x in v) + "]"
-    return json.dumps(v)  # NaN/Infinity as Python's json writes (and reads) them
+        return "[" + ", ".join(encode(x, utf8) for x in v) + "]"
+    text = json.dumps(v, ensure_ascii=not utf8)  # NaN/Infinity as Python's json writes (and reads) them
+    return re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text) if utf8 else text
 
 
 SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-2, 2), st.floats(), TEXT,
@@ -97,11 +102,15 @@ SHAPED = {
 assert set(SHAPED) == set(SHAPES)
 
 
+class Mutated(dict):
+    """A row a mutation broke (or may have): what makes an example a malformed input, an injected fault."""
+
+
 @st.composite
 def mutated(draw, row):
     """A row with a key dropped, a value swapped for anything (deep, huge, wrong type) or a key added."""
-    row = dict(row)
     how = draw(st.sampled_from(["keep", "keep", "drop", "swap", "add"]))
+    row = dict(row) if how == "keep" else Mutated(row)
     if how == "drop" and row:
         row.pop(draw(st.sampled_from(sorted(row))))
     elif how == "swap" and row:
@@ -118,31 +127,39 @@ class Text:
         self.text = text
 
 
-ROW = st.one_of(st.sampled_from(sorted(SHAPED)).flatmap(lambda s: SHAPED[s]).flatmap(mutated), ANY,
+ROW = st.one_of(st.sampled_from(sorted(SHAPED)).flatmap(lambda s: SHAPED[s]).flatmap(mutated),
+                ANY.map(lambda v: Mutated(v) if isinstance(v, dict) else v),  # anything: no shape's record
                 st.sampled_from(['{"prompt": "p", "chosen": ', "not json", "{}", "[]", '{"a": 1,}']).map(Text))
 ROWS = st.lists(ROW, max_size=6)  # shapes mixed in one file
 
 
-def cell(v) -> str:
-    return v if isinstance(v, str) else "" if v is None else encode(v)
+def malformed(rows: list) -> bool:
+    """A row that is not a shape's record as generated: broken text, a mutation, a value not an object."""
+    return any(isinstance(r, (Text, Mutated)) or not isinstance(r, dict) for r in rows)
 
 
-def write(rows: list, kind: str, path: Path, blanks: list[bool], typed: str | None = None) -> list[int]:
-    """`rows` as a `kind` file; the line each non-blank row starts on (where a reader must place it)."""
-    if kind == "jsonl":  # encode() writes ASCII on one line: \n, \r, U+2028 inside strings are escaped
+def cell(v, utf8: bool = False) -> str:
+    return v if isinstance(v, str) else "" if v is None else encode(v, utf8)
+
+
+def write(rows: list, kind: str, path: Path, blanks: list[bool], typed: str | None = None,
+          utf8: bool = False) -> list[int]:
+    """`rows` as a `kind` file; the line each non-blank row starts on (where a reader must place it).
+    JSON is written ASCII-escaped, or with `utf8` its non-ASCII characters as UTF-8 bytes."""
+    if kind == "jsonl":  # encode() writes one line: \n and \r inside strings are escaped (U+2028 may be raw)
         lines, starts = [], []
         for r, blank in zip(rows, blanks + [False] * len(rows), strict=False):
             if blank:
                 lines.append("   ")
-            lines.append(r.text if isinstance(r, Text) else encode(r))
+            lines.append(r.text if isinstance(r, Text) else encode(r, utf8))
             starts.append(len(lines))
         data = "\n".join(lines) + "\n"
     elif kind == "json":
         items = [r for r in rows if not isinstance(r, Text)]
-        data = "[\n" + ",\n".join(encode(r) for r in items) + "\n]\n"
+        data = "[\n" + ",\n".join(encode(r, utf8) for r in items) + "\n]\n"
         starts = list(range(2, 2 + len(items)))
     elif kind in ("csv", "tsv"):
-        data, starts = _csv(rows, "\t" if kind == "tsv" else ",")
+        data, starts = _csv(rows, "\t" if kind == "tsv" else ",", utf8)
     else:
         _arrow(rows, kind, path, typed)
         return list(range(1, 1 + sum(isinstance(r, dict) for r in rows)))
@@ -150,7 +167,7 @@ def write(rows: list, kind: str, path: Path, blanks: list[bool], typed: str | No
     return starts
 
 
-def _csv(rows: list, delimiter: str) -> tuple[str, list[int]]:
+def _csv(rows: list, delimiter: str, utf8: bool = False) -> tuple[str, list[int]]:
     dicts = [r for r in rows if isinstance(r, dict)]
     header = sorted({str(k) for r in dicts for k in r}) or ["prompt"]
     buf = io.StringIO()
@@ -162,7 +179,7 @@ def _csv(rows: list, delimiter: str) -> tuple[str, list[int]]:
     for r in dicts:
         # a reader counts lines as the file iterates them: \r, \n and \r\n each end one
         line = 1 + len(re.findall(r"\r\n|\r|\n", buf.getvalue()))
-        cells = [cell(r.get(k)) for k in header]
+        cells = [cell(r.get(k), utf8) for k in header]
         w.writerow(cells)
         if any(c.strip() for c in cells):  # a row of empty cells is a blank line: no record
             starts.append(line)
@@ -217,12 +234,17 @@ def source_line(record: dict, path: Path) -> int:
 
 
 def check(path: Path, opts: dict, runs: Runs, *, starts: list[int] | None = None, lines: list[bytes] | None = None,
-          conflicts: str = "drop", dedup: bool = True) -> None:
-    """The property (module docstring); the input rows it finds lost are added to `runs` before it asserts."""
+          conflicts: str = "drop", dedup: bool = True, whole: set[int] = frozenset(), rows: int = 0) -> None:
+    """The property (module docstring); the input rows it finds lost are added to `runs` before it asserts.
+
+    `starts`: the line of every row, when the test knows them all; `whole`: lines of rows that are whole
+    in the file (before a cut, say) and must each have an outcome; `rows`: how many rows at least."""
     out = path.parent / "out"
     try:
         stats = compute_stats(path, ReadOptions(**opts))
     except DataError as e:
+        runs.example_lost += max(len(whole), rows)
+        assert not whole and not rows, f"refused whole, though {max(len(whole), rows)} rows are readable: {e}"
         assert str(path) in str(e), f"a whole-file error must name the file: {e}"
         for command in (lambda: curate(path, out / "k.jsonl", out / "q.jsonl", CurateConfig(**opts)),
                         lambda: split(path, out / "split", SplitConfig(**opts))):
@@ -253,9 +275,12 @@ def check(path: Path, opts: dict, runs: Runs, *, starts: list[int] | None = None
         assert within(q["file"], path) and (q.get("line") or q.get("row")) >= 1
     valid = {source_line(r, path) for r in kept} | {source_line(q["raw"], path) for q in aside}
     invalid = [q.get("line") or q.get("row") for q in problems]
+    missing = set(whole) - valid - set(invalid)
+    runs.example_lost += max(len(missing), rows - res.rows)
+    assert not missing and res.rows >= rows, (sorted(missing), res.rows, rows)
     if starts is None:
         return
-    runs.lost += len(set(starts) - valid - set(invalid))
+    runs.example_lost += len(set(starts) - valid - set(invalid))
     assert not valid & set(invalid), "a row both kept and quarantined"
     assert Counter(valid) + Counter(invalid) == Counter(starts), (starts, valid, invalid)
     assert res.rows == len(starts) and res.rows - res.rows_invalid == len(valid)
@@ -265,12 +290,19 @@ def check(path: Path, opts: dict, runs: Runs, *, starts: list[int] | None = None
             assert raw == lines[q["line"] - 1].strip()
 
 
-def jsonl_oracle(data: bytes) -> tuple[list[int], list[bytes]]:
-    """Where a JSONL reader must find rows: every line (split at \\n only) with a non-blank byte."""
-    lines = data.split(b"\n")
-    if data.endswith(b"\n"):
-        lines.pop()
-    return [i for i, line in enumerate(lines, 1) if line.strip()], lines
+def rows_oracle(ref: Path, data: bytes, kind: str, junk: bool) -> dict:
+    """What check() is told of `data`, `ref` re-encoded or with bytes inserted (`junk`: the row they land in
+    may merge with a neighbour): each JSONL line's or JSON element's outcome, else how many rows at least."""
+    if kind == "jsonl":
+        starts, lines = jsonl_oracle(data.removeprefix(b"\xef\xbb\xbf"))
+        return {"starts": starts, "lines": lines}
+    if kind == "json" and (starts := json_lines(data)) is not None:
+        return {"starts": starts}
+    try:
+        reference = compute_stats(ref, ReadOptions()).records
+    except DataError:
+        return {}
+    return {"rows": reference - 1 if junk else reference}
 
 
 def new_dir(tmp_path: Path) -> Path:
@@ -293,11 +325,11 @@ def test_structured_rows_every_reader_and_shape(tmp_path, kind):
 
     @fuzz_settings(20, 500)
     @given(ROWS, SHAPE_OPTS, st.lists(st.booleans(), max_size=6), st.sampled_from(["drop", "keep_first", "keep"]),
-           st.booleans(), st.sampled_from([None, None, *TYPED]))
-    def prop(rows, shape, blanks, conflicts, dedup, typed):
-        with runs.example():
+           st.booleans(), st.sampled_from([None, None, *TYPED]), st.booleans())
+    def prop(rows, shape, blanks, conflicts, dedup, typed, utf8):
+        with runs.example(malformed(rows) or typed is not None):
             path = new_dir(tmp_path) / f"data.{kind}"
-            starts = write(rows, kind, path, blanks, typed)
+            starts = write(rows, kind, path, blanks, typed, utf8)
             lines = path.read_bytes().split(b"\n") if kind == "jsonl" else None
             check(path, {"format": shape}, runs, starts=starts, lines=lines, conflicts=conflicts, dedup=dedup)
 
@@ -314,7 +346,7 @@ def test_arbitrary_bytes(tmp_path, name):
         [b"{", b"}", b"[", b"]", b'"', b",", b":", b"\n", b"\r", b" ", b"\\", b'"prompt"', b'"chosen"', b'"a"',
          b"\xff", b"\xe9", b"\xf0\x9f", b"\x00", b"\xef\xbb\xbf", b"\xff\xfe", b"1e5"]), max_size=40).map(b"".join)))
     def prop(data):
-        with runs.example():
+        with runs.example(bool(data)):  # any bytes but none (an empty file) are a malformed file
             path = new_dir(tmp_path) / name
             path.write_bytes(data)
             plain_jsonl = name == "x.jsonl" and not data.startswith((b"\xff\xfe", b"\xfe\xff"))
@@ -331,23 +363,28 @@ def test_truncated_files(tmp_path, kind, gz):
     runs = Runs(KIND)
 
     @fuzz_settings(10, 300)
-    @given(ROWS.filter(len), st.floats(0, 1))
-    def prop(rows, cut):
+    @given(ROWS.filter(len), st.floats(0, 1), st.booleans())
+    def prop(rows, cut, utf8):
         with runs.example():
             folder = new_dir(tmp_path)
             whole = folder / f"whole.{kind}"
-            write(rows, kind, whole, [])
+            write(rows, kind, whole, [], utf8=utf8)
             data = whole.read_bytes()
             if gz:
                 data = gzip.compress(data)
             path = folder / (f"data.{kind}" + (".gz" if gz else ""))
             path.write_bytes(data[:int(len(data) * cut)])
-            starts, lines = jsonl_oracle(path.read_bytes()) if kind == "jsonl" and not gz else (None, None)
-            check(path, {}, runs, starts=starts, lines=lines)
+            runs.malformed = int(len(data) * cut) < len(data)
+            # what can be read before the cut, found without the readers
+            prefix = zlib.decompressobj(31).decompress(path.read_bytes()) if gz else path.read_bytes()
+            starts, lines = jsonl_oracle(prefix) if kind == "jsonl" and not gz else (None, None)
+            whole_rows = {"json": json_whole, "jsonl": jsonl_whole}.get(kind, lambda _: set())(prefix)
+            check(path, {}, runs, starts=starts, lines=lines, whole=whole_rows)
 
     runs.run(prop)
 
 
+VALID_STATE = encode({"_data_files": [{"filename": "data.arrow"}]}).encode()
 STATE = st.one_of(
     st.just({"_data_files": [{"filename": "data.arrow"}]}),
     st.fixed_dictionaries({"_data_files": st.one_of(ANY, st.lists(st.fixed_dictionaries({"filename": ANY})))}), ANY)
@@ -362,7 +399,7 @@ def test_datasets_folders(tmp_path):
     @given(ROWS, st.one_of(STATE.map(encode).map(lambda t: t.encode("utf-8", "surrogatepass")), st.binary(max_size=40)),
            st.one_of(st.none(), ANY.map(lambda v: {"splits": v}), st.just({"splits": ["train"]})))
     def prop(rows, state, splits):
-        with runs.example():
+        with runs.example(state != VALID_STATE or splits not in (None, {"splits": ["train"]})):
             folder = new_dir(tmp_path) / "ds"
             data = folder / "train" if splits else folder
             data.mkdir(parents=True)
@@ -385,18 +422,19 @@ def test_wrong_encodings(tmp_path, encoding):
     runs = Runs(KIND)
 
     @fuzz_settings(10, 300)
-    @given(ROWS, st.sampled_from(["jsonl", "json", "csv"]), st.integers(0, 10**6))
-    def prop(rows, kind, at):
+    @given(ROWS, st.sampled_from(["jsonl", "json", "csv"]), st.integers(0, 10**6), st.booleans())
+    def prop(rows, kind, at, utf8):
         with runs.example():
             folder = new_dir(tmp_path)
             ref = folder / f"ref.{kind}"
-            write(rows, kind, ref, [])
+            write(rows, kind, ref, [], utf8=utf8)
             text = ref.read_bytes().decode("utf-8", "surrogatepass")
             if encoding == "utf-8+junk":
                 data = ref.read_bytes()
                 data = data[:at % (len(data) + 1)] + b"\xc3\x28\xff" + data[at % (len(data) + 1):]
             else:
                 data = text.encode(encoding, errors="replace" if encoding[0] in "lc" else "surrogatepass")
+            runs.malformed = data != ref.read_bytes()
             path = folder / f"data.{kind}"
             path.write_bytes(data)
             if encoding in ("utf-16", "utf-32"):
@@ -406,7 +444,9 @@ def test_wrong_encodings(tmp_path, encoding):
                     assert str(path) in str(e) and encoding.upper() in str(e)
                 else:
                     raise AssertionError(f"a {encoding} file was read")
-            check(path, {}, runs)
+                check(path, {}, runs)
+                return
+            check(path, {}, runs, **rows_oracle(ref, data, kind, junk=encoding == "utf-8+junk"))
             if encoding == "utf-8-sig":  # the BOM read past: the same counts as without it
                 assert (compute_stats(path, ReadOptions()).to_json() ==
                         {**compute_stats(ref, ReadOptions()).to_json()})
@@ -414,8 +454,10 @@ def test_wrong_encodings(tmp_path, encoding):
     runs.run(prop)
 
 
-CSV_CELL = st.lists(st.sampled_from(['"', ",", "\t", "\n", "\r", "\r\n", " ", "a", "b", "\ufeff", "''", '""', "\\",
-                                     "x y", "\u200b", "\U0001f600"]), max_size=5).map("".join)
+CSV_CELL = st.one_of(
+    st.lists(st.sampled_from(['"', ",", "\t", "\n", "\r", "\r\n", " ", "a", "b", "\ufeff", "''", '""', "\\",
+                              "x y", "\u200b", "\U0001f600"]), max_size=5).map("".join),
+    st.sampled_from(["true", "False", "null", "1", "0.5", "[1, 2]", '{"a": 1}', "[]", '["x"]']))  # text, not JSON
 
 
 def test_csv_quoting(tmp_path):
@@ -428,7 +470,8 @@ def test_csv_quoting(tmp_path):
            st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC]), st.booleans(),
            st.sampled_from(["\n", "\r\n"]))
     def prop(rows, kind, quoting, bom, end):
-        with runs.example():
+        # the faults injected: cells holding a quote, delimiter or line break, a BOM (else plain CSV)
+        with runs.example(bom or any(c in cell for r in rows for cell in r for c in '"\r\n,\t')):
             path = new_dir(tmp_path) / f"pairs.{kind}"
             buf = io.StringIO()
             w = csv.writer(buf, delimiter="\t" if kind == "tsv" else ",", quoting=quoting, lineterminator=end)
@@ -446,6 +489,8 @@ def test_csv_quoting(tmp_path):
             written = dict(zip(starts, [r for r in cleaned if any(c.strip() for c in r)], strict=True))
             for k in read_lines(path.parent / "out" / "k.jsonl"):
                 assert (k["prompt"], k["chosen"], k["rejected"]) == written[source_line(k, path)]
+            quarantined = read_lines(path.parent / "out" / "q.jsonl")
+            assert not [q for q in quarantined if q["kind"] == "type"], "a text cell read as another type"
             if bom:  # Excel's BOM before the header is read past: the same records as without it
                 plain = path.with_name(f"plain.{kind}")
                 plain.write_bytes(path.read_bytes()[3:])

@@ -57,6 +57,13 @@ FOUND = {
     "UTF-16 file (a utf8 problem per line)": ("x.jsonl", (PAIR.decode() + "\n").encode("utf-16"), "error: UTF-16"),
     "random bytes as Parquet (ArrowInvalid)": ("x.parquet", b"PAR1\x00\x01", "error: not a readable Parquet"),
     "random bytes as Arrow (OSError)": ("x.arrow", b"\xff\xff\xff\xff\x10\x00", "error: not a readable Arrow"),
+    # Python refuses to convert an integer of over 4300 digits (ValueError, not a JSONDecodeError)
+    "JSONL integer of 5000 digits (ValueError)": ("x.jsonl", b'{"n": ' + b"1" * 5000 + b"}\n" + PAIR + b"\n",
+                                                  ([(1, "json")], 1)),
+    "JSON array integer of 5000 digits (ValueError)": ("x.json", b"[\n" + b"1" * 5000 + b",\n" + PAIR + b"\n]",
+                                                       ([(2, "json")], 1)),
+    "CSV score of 5000 digits (ValueError)": ("x.csv", b"prompt,responses,scores\np,\"[\"\"a\"\", \"\"b\"\"]\",\"[1, "
+                                              + b"1" * 5000 + b']"\n', ([(2, "type")], 0)),
 }
 
 
@@ -89,10 +96,14 @@ def test_parquet_columns_json_cannot_hold(tmp_path):
 
     path = tmp_path / "x.parquet"
     pq.write_table(pa.table({"blob": [b"\xff\x00"], "when": pa.array([1], pa.timestamp("s"))}), path)
-    res = curate(path, tmp_path / "k.jsonl", tmp_path / "q.jsonl", CurateConfig())
-    q = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text(encoding="utf-8").splitlines()]
-    tally(KIND, survived=len(q) == 1, detail="Parquet bytes and timestamp columns")
-    assert res.rows_invalid == 1 and q[0]["raw"] == {"blob": "/wA=", "when": "1970-01-01 00:00:01"}
+    held, q = False, []
+    try:  # tallied once the checks have decided
+        res = curate(path, tmp_path / "k.jsonl", tmp_path / "q.jsonl", CurateConfig())
+        q = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert res.rows_invalid == 1 and q[0]["raw"] == {"blob": "/wA=", "when": "1970-01-01 00:00:01"}
+        held = True
+    finally:
+        tally(KIND, survived=held, lost=int(not q), detail="Parquet bytes and timestamp columns")
 
 
 def test_a_quarantine_line_keeps_an_unpaired_surrogate():
@@ -155,13 +166,25 @@ def test_bom_and_deep_values_read_as_without_them(tmp_path):
     plain, bom = tmp_path / "a.csv", tmp_path / "b.csv"
     plain.write_bytes(b"prompt,chosen,rejected\np,a,b\n")
     bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
-    assert [r.to_json()["prompt"] for r in load_records(bom)[0]] == ["p"]
-    assert compute_stats(bom, ReadOptions()).to_json() == compute_stats(plain, ReadOptions()).to_json()
     arr = tmp_path / "c.json"
     arr.write_bytes(b'[{"prompt": "' + b"]" * 10 + b'", "x": ' + deep(3000) + b"},\n" + PAIR + b"]")
-    records, problems = load_records(arr)
-    tally(KIND, survived=len(records) == 1, count=2, detail="BOM; a deep element with brackets in a string")
-    assert [p.where.line for p in problems] == [1] and len(records) == 1 and problems[0].raw.endswith("]}")
+
+    def bom_read_past():
+        assert [r.to_json()["prompt"] for r in load_records(bom)[0]] == ["p"]
+        assert compute_stats(bom, ReadOptions()).to_json() == compute_stats(plain, ReadOptions()).to_json()
+
+    def deep_skipped():
+        records, problems = load_records(arr)
+        assert [p.where.line for p in problems] == [1] and len(records) == 1 and problems[0].raw.endswith("]}")
+
+    for name, checks in (("a UTF-8 BOM before a CSV header", bom_read_past),
+                         ("a deep JSON element with brackets in a string", deep_skipped)):
+        held = False
+        try:  # each file tallied once its checks have decided
+            checks()
+            held = True
+        finally:
+            tally(KIND, survived=held, detail=name)
 
 
 def test_the_atheris_target_runs(tmp_path):
@@ -171,11 +194,30 @@ def test_the_atheris_target_runs(tmp_path):
                           f"-artifact_prefix={tmp_path}/", str(tmp_path / "corpus")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     done = re.search(r"Done (\d+) runs", run.stderr)
-    tally(KIND, survived=run.returncode == 0 and done is not None, count=int(done.group(1)) if done else 1,
-          detail="atheris, 3 s")
-    assert run.returncode == 0 and done and int(done.group(1)) > 10, run.stderr[-3000:]
-    assert not list(tmp_path.glob("crash-*"))
-    assert len(list((tmp_path / "corpus").iterdir())) >= 7  # seeded, then grown
+    held = False
+    try:  # one fuzzing run, tallied once the checks have decided (its inputs are mostly valid files)
+        assert run.returncode == 0 and done and int(done.group(1)) > 10, run.stderr[-3000:]
+        assert not list(tmp_path.glob("crash-*"))
+        assert len(list((tmp_path / "corpus").iterdir())) > len(fuzz_script().SEEDS)  # seeded, then grown
+        held = True
+    finally:
+        tally(KIND, survived=held, detail=f"atheris, 3 s, {done.group(1) if done else '?'} inputs")
+
+
+def test_the_atheris_check_counts_the_rows(tmp_path):
+    """The target's oracle, counted without the readers: a JSON array whose one latin-1 byte hid its other
+    records (one `utf8` problem, 1 row of 3) failed it; each record is a row of its own now."""
+    fz = fuzz_script()
+    array = b'[\n{"prompt": "p1", "chosen": "a", "rejected": "b"},\n{"prompt": "caf\xe9", "chosen": "a", ' \
+            b'"rejected": "b"},\n{"prompt": "p3", "chosen": "a", "rejected": "b"}\n]\n'
+    path = tmp_path / "input.json"
+    path.write_bytes(array)
+    assert fz.expected_rows(path) == (3, False)
+    fz.check(path, "auto", tmp_path / "out")
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + PAIR + b"\n \t\n\xff\n" + PAIR.replace(b'"a"', b'"c"'))
+    assert fz.expected_rows(path) == (3, True)
+    fz.check(path, "auto", tmp_path / "out")
 
 
 def test_serve_schema_bounds_are_the_bounds_it_accepts():

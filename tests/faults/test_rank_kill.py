@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,17 +19,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import proctree
 import psutil
 import pytest
 from faultkit import FULL, sample, tally
+from proctree import STOP_BOUND_S, Tree, alive
 from safetensors.torch import load_file
 
 from conftest import held_out_pairs, learnable_pairs, write_jsonl
-from prefalign.faults import ENV
+from prefalign.faults import ENV, TRACE
 from prefalign.train.checkpoint import list_checkpoints
 
 KIND = "rank killed (2 processes)"
-STOP_BOUND_S = 60  # from the death of a rank to the launcher's exit; the process group's timeout is 30 min
+# a run of these that has not ended by then is hung, and is killed with every process it started: the slowest
+# (the kl case's 2-process runs) took 50 to 72 s each at a load average of 13 on this 2-core machine
+RUN_TIMEOUT_S = 180
 # by the fewer processes of the two runs compared: a resume on 2 processes is bit-for-bit the uninterrupted
 # 2-process run (the same sums in the same order); one process sums each micro-batch's examples in one pass
 # where two each took half, then averaged: the last bit differs (log-prob sums of about 30 by one float32
@@ -108,7 +113,7 @@ def _command(out: Path, files: dict, case: Case, *more: str, nproc: int = 2) -> 
 
 
 def _env(**more: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (ENV, TRACE)}
     return {**env, "OMP_NUM_THREADS": "1", **more}
 
 
@@ -151,16 +156,9 @@ def _rank_of(p: psutil.Process) -> int | None:
     return int(env["RANK"]) if "LOCAL_RANK" in env and "RANK" in env else None
 
 
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @dataclass
 class Stopped:
-    code: int
+    code: int | None  # None: it had not stopped after RUN_TIMEOUT_S, and was killed
     text: str
     stop_s: float  # from the first rank seen dead to the launcher's exit
     left: list[str]  # processes of the run still alive after the launcher exited
@@ -168,37 +166,33 @@ class Stopped:
 
 def _run_and_kill(cmd: list[str], out: Path, env: dict[str, str], outside: int | None) -> Stopped:
     """Run the launcher, watching every process under it (50 ms apart); `outside`: SIGKILL that rank
-    once a checkpoint is committed. A run that neither ends nor stops in 300 s is killed (its whole
-    session) and reported as stopping in infinite time."""
+    once a checkpoint is committed. A run that neither ends nor stops in RUN_TIMEOUT_S is killed (every
+    process recorded under it) and reported as stopping in infinite time."""
     log = out.parent / f"{out.name}.log"
     with log.open("w") as f:
-        launcher = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    seen: dict[int, psutil.Process] = {}
+        tree = Tree(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True))
     ranks: dict[int, psutil.Process] = {}  # rank -> its process, as soon as it has started
-    died, deadline = None, time.monotonic() + 300
+    died, deadline = None, time.monotonic() + RUN_TIMEOUT_S
     try:
-        while launcher.poll() is None and time.monotonic() < deadline:
-            for p in psutil.Process(launcher.pid).children(recursive=True):
-                seen.setdefault(p.pid, p)
+        while tree.launcher.poll() is None and time.monotonic() < deadline:
+            for p in tree.record():
                 if p not in ranks.values() and (r := _rank_of(p)) is not None:
                     ranks.setdefault(r, p)
             if outside is not None and outside in ranks and list_checkpoints(out):
                 with contextlib.suppress(psutil.NoSuchProcess):
                     ranks[outside].kill()
                 outside = None
-            if died is None and any(not _alive(p) for p in ranks.values()):
+            if died is None and any(not alive(p) for p in ranks.values()):
                 died = time.monotonic()
             time.sleep(0.05)
-    except psutil.NoSuchProcess:  # the launcher itself exited between poll() and children()
-        pass
     finally:
-        hung = launcher.poll() is None
-        if hung:  # end what this test started; the test then fails on it
-            os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.wait()
-    exited = float("inf") if hung else time.monotonic()
-    left = [_describe(p) for p in seen.values() if _alive(p)]
-    return Stopped(launcher.returncode, log.read_text(), exited - died if died else float("nan"), left)
+        hung = tree.launcher.poll() is None
+        exited = float("inf") if hung else time.monotonic()
+        left = [_describe(p) for p in tree.left()]
+        if hung or left:  # end what this test started; the test then fails on it
+            tree.kill()
+    return Stopped(tree.launcher.returncode if not hung else None, log.read_text(),
+                   exited - died if died else float("nan"), left)
 
 
 def _describe(p: psutil.Process) -> str:
@@ -213,14 +207,38 @@ def _stop_problems(case: Case, stopped: Stopped, out: Path, newest: int) -> list
     named = (f"the newest checkpoint is {out / 'checkpoints' / f'step-{newest}'}: resume with resume=true" if newest
              else "no checkpoint was saved yet (the first is due at step 2): resume=true starts over")
     problems = [] if stopped.code != 0 else ["the launcher exited 0"]
-    problems += [] if stopped.stop_s < STOP_BOUND_S else [f"stopped {stopped.stop_s:.1f} s after the death"]
+    problems += [] if stopped.stop_s < STOP_BOUND_S else [f"stopped {stopped.stop_s:.1f} s after the death, over "
+                                                          f"the bound of {STOP_BOUND_S} s"]
     problems += [] if named in stopped.text else [f"the message does not say {named!r}: {stopped.text[-1500:]}"]
     problems += [f"left behind: {p}" for p in stopped.left]
     if case.newest is not None and newest != case.newest:
         problems.append(f"newest checkpoint step-{newest}, expected step-{case.newest}")
-    if case.extra and KL_STEP in [r["step"] for r in _rows(out)]:
-        problems.append(f"rank 0 finished step {KL_STEP}'s KL measurement, which it was to be stopped in")
+    # how each rank ended, by torchrun's failure summary: the killed one by SIGKILL, the other by torchrun's
+    # SIGTERM (not by an error of its own, nor by the SIGKILL torchrun sends 30 s after a SIGTERM ignored)
+    ends = _ends(stopped.text)
+    for rank in range(2):
+        want = -signal.SIGKILL if rank == case.rank else -signal.SIGTERM
+        if ends.get(rank) != want:
+            problems.append(f"rank {rank} ended with exit code {ends.get(rank)} in torchrun's summary, not {want}")
+    if case.extra:  # stopped inside the measurement: it had started it, and not finished it
+        if "kl.measure#1 rank0" not in _hits(out):
+            problems.append(f"rank 0 never started step {KL_STEP}'s KL measurement (no kl.measure#1 hit)")
+        if KL_STEP in [r["step"] for r in _rows(out)]:
+            problems.append(f"rank 0 finished step {KL_STEP}'s KL measurement, which it was to be stopped in")
     return problems
+
+
+def _ends(text: str) -> dict[int, int]:
+    """rank -> its exit code, from the failure summary torchrun prints (`rank : 0 (local_rank: 0)`, then
+    `exitcode : -15 (pid: ...)`; a signal's is minus its number)."""
+    found = re.findall(r"^\s*rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", text, re.M)
+    return {int(r): int(c) for r, c in found}
+
+
+def _hits(out: Path) -> list[str]:
+    """The fail points the killed run's processes reached (PREFALIGN_FAULTS_TRACE), in order."""
+    path = out.parent / "hits.txt"
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def _resume_problems(case: Case, out: Path, whole: Path, files: dict, newest: int) -> tuple[list[str], set]:
@@ -229,12 +247,10 @@ def _resume_problems(case: Case, out: Path, whole: Path, files: dict, newest: in
     problems, lost = [], set()
     for nproc in RESUME_ON:
         run = shutil.copytree(out, out.parent / f"resumed-on-{nproc}")
-        try:
-            r = subprocess.run(_command(run, files, case, "resume=true", nproc=nproc), capture_output=True,
-                               text=True, timeout=600, env=_env())
-            text, code = r.stdout + r.stderr, r.returncode
-        except subprocess.TimeoutExpired:
-            text, code = "", "nothing: it did not end in 600 s"
+        code, text = proctree.run(_command(run, files, case, "resume=true", nproc=nproc),
+                                  out.parent / f"resumed-on-{nproc}.log", _env(), RUN_TIMEOUT_S)
+        if code is None:
+            code = f"nothing: it did not end in {RUN_TIMEOUT_S} s"
         if code != 0:
             problems.append(f"resume on {nproc} exited {code}: {text[-1500:]}")
         resumed = f"resumed from checkpoints/step-{newest}"
@@ -268,9 +284,9 @@ def uninterrupted(tmp_path_factory, files):
         key = (case.method, case.strategy, case.extra)
         if key not in made:
             out = tmp_path_factory.mktemp("whole") / "run"
-            r = subprocess.run(_command(out, files, case, nproc=REFERENCE), capture_output=True, text=True,
-                               timeout=300, env=_env())
-            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            code, text = proctree.run(_command(out, files, case, nproc=REFERENCE), out.parent / "run.log", _env(),
+                                      RUN_TIMEOUT_S)
+            assert code == 0, text[-6000:]
             made[key] = out
         return made[key]
     return run
@@ -280,7 +296,8 @@ def uninterrupted(tmp_path_factory, files):
 def test_a_killed_rank_stops_the_run_and_resumes_exactly(case: Case, files, uninterrupted, tmp_path):
     whole = uninterrupted(case)
     out = tmp_path / "run"
-    fault = {} if case.moment == "outside" else {ENV: f"kill@{case.moment}@rank{case.rank}"}
+    fault = {} if case.moment == "outside" else {ENV: f"kill@{case.moment}@rank{case.rank}",
+                                                 TRACE: str(out.parent / "hits.txt")}
     stopped = _run_and_kill(_command(out, files, case), out, _env(**fault),
                             case.rank if case.moment == "outside" else None)
     newest = max(list_checkpoints(out), default=0)

@@ -28,6 +28,8 @@ def test_aggregate_counts_examples_survivors_and_losses():
 def test_readme_table_is_the_last_full_run():
     result = json.loads((ROOT / "benchmarks" / "results" / "faults-cpu-2core.json").read_text())
     assert result["full"] and result["pytest_exit"] == 0
+    # every kind has its row: a test that skipped (an importorskip, a missing tool) would drop one silently
+    assert {k["kind"] for k in result["kinds"]} == set(bench.KINDS)
     expected = bench.table(result["kinds"], result["command"], result["date"])
     readme = (ROOT / "README.md").read_text()
     shown = re.search(re.escape(bench.BEGIN) + r"\n(.*?)\n" + re.escape(bench.END), readme, re.S).group(1)

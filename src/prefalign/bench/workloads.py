@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..data.batches import Example, collate, collate_shared_prompt
+from ..data.batches import Example, collate, collate_prompt_once, collate_shared_prompt
 from ..data.tokenize import Tokenized
 from ..models.load import add_lora
 from ..models.reference import AdapterReference, CopyReference, PrecomputedReference
@@ -26,7 +26,7 @@ from ..runtime.device import default_dtype, pick_device, sync
 from ..runtime.memory import peak_memory_bytes, peak_rss_bytes
 from ..runtime.precision import autocast_for
 from ..train.methods import METHODS
-from ..train.offline import forward_of, make_step
+from ..train.offline import choose_layout, forward_of, make_step
 from .flops import head_params, matmul_params, step_flops
 from .rl import ppo_workload
 from .shapes import build
@@ -126,17 +126,20 @@ def run_workload(spec: dict) -> dict:
 
     slots = 2 if method.paired else 1
     examples = synthetic_examples(vocab, b, seq, slots)
-    shared = method.paired and not scalar and not _is_mamba(model)  # the trainer's default layout for pairs
-    batch = (collate_shared_prompt if shared else collate)(examples, list(range(b)), pad_id=0)
+    # the method's own config at its defaults: the step and the layout are the trainer's own (train/offline.py)
+    cfg = METHODS[name].config(model="-", data="-", output="-", precision=precision, logits_chunk_mb=chunk_mb,
+                               max_length=max(seq, 2))
+    layout = choose_layout(cfg, model, method)
+    collate_fn = {"shared_prompt": collate_shared_prompt, "prompt_once": collate_prompt_once}.get(layout, collate)
+    batch = collate_fn(examples, list(range(b)), pad_id=0)
     batch = {k: v.to(dev) for k, v in batch.items()}
     if referenced and strategy == "precompute":
         reference = PrecomputedReference(torch.randn(b, 2) - 50)
+    # what the model really computes (shared-prompt and prompt-once rows: fewer positions than padded rows)
+    positions = int(batch["input_ids"].numel()) + (int(batch["prompt_ids"].numel()) if "prompt_ids" in batch else 0)
     if reference is not None and strategy != "precompute":
-        ref_tokens = int(batch["input_ids"].numel())  # the reference forward computes the same positions
-    # the method's own config at its defaults: the step is the trainer's own (train/offline.py)
-    cfg = METHODS[name].config(model="-", data="-", output="-", precision=precision, logits_chunk_mb=chunk_mb)
+        ref_tokens = positions  # the reference forward computes the same positions
     step = _training_step(model, make_step(forward_of(model, cfg), cfg, reference, autocast), batch)
-    positions = int(batch["input_ids"].numel())  # what the model really computes (shared-prompt rows: fewer)
     real = int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
     scored = int(batch["lengths"].sum())  # the head runs here only
     head, train = head_params(model), "lora" if lora else "full"
@@ -144,7 +147,7 @@ def run_workload(spec: dict) -> dict:
              + step_flops(head, scored, train=train, reference_tokens=scored if ref_tokens else 0))
     times = _time(step, steps, warmup, dev)
     out.update(_summary(times, real, flops, spec["peak_flops"], dev, base_rss))
-    out.update({"strategy": strategy if referenced else None, "positions_per_step": positions,
+    out.update({"strategy": strategy if referenced else None, "layout": layout, "positions_per_step": positions,
                 "scored_per_step": scored})
     return out
 

@@ -60,20 +60,39 @@ def data_stats(
     reader: str = typer.Option("auto", help=READER_HELP),
     split: str | None = typer.Option(None, help="split of a saved DatasetDict or a Hub dataset (default train)"),
     ranked: str = typer.Option("best_vs_rest", help="ranked data: best_vs_rest, best_vs_worst, all"),
+    judge: str | None = typer.Option(None, help="pairwise judge (causal LM): its A/B vs B/A disagreement "
+                                                "estimates label noise (docs/noise.md)"),
+    reward_model: str | None = typer.Option(None, help="reference reward model or MODULE:FUNCTION scorer: its "
+                                                       "disagreement with the labels bounds the noise"),
+    reward_model_accuracy: float | None = typer.Option(None, help="its accuracy measured on clean pairs: "
+                                                                  "turns the bound into an estimate"),
+    reward_model_accuracy_pairs: int | None = typer.Option(None, help="how many pairs that accuracy was "
+                                                                      "measured on (its interval enters)"),
 ) -> None:
-    """Counts, duplicates, ties, length bias and length percentiles, streamed in bounded memory."""
+    """Counts, duplicates, ties, length bias, length percentiles, estimated label noise and a readiness
+    summary, streamed in bounded memory (the models, when given, read the pairs once more)."""
     from ..data.curate import ReadOptions, compute_stats
 
     opts = build(ReadOptions, _read_options(format, reader, split, ranked), None)
-    stats = compute_stats(path, opts, tokenizer=tokenizer).to_json()
+    estimates = []
+    if judge or reward_model or reward_model_accuracy is not None:
+        from ..judges.noise import model_estimates
+
+        estimates = model_estimates(path, opts, judge, reward_model, reward_model_accuracy,
+                                    reward_model_accuracy_pairs)
+    stats = compute_stats(path, opts, tokenizer=tokenizer).to_json(estimates)
     if as_json:
         print(json.dumps(stats))
         return
     from rich.table import Table
 
+    from ..data.noise import describe_noise, describe_readiness
+
     table = Table(title=str(path), show_header=False)
     for key, value in stats.items():
-        if isinstance(value, dict):
+        if key in ("noise", "readiness"):
+            value = describe_noise(value) if key == "noise" else describe_readiness(value)
+        elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
         table.add_row(key, str(value))
     out.print(table)
@@ -309,7 +328,8 @@ app.add_typer(bench_app, name="bench")
 def bench_cmd(
     ctx: typer.Context,
     model: str | None = typer.Option(None, help="a local model folder"),
-    shape: str = typer.Option("llama-30m", help="a shipped shape (random init): tiny, llama-30m, llama-1b, mamba-130m"),
+    shape: str = typer.Option("llama-30m", help="a shipped shape (random init): tiny, llama-30m, llama-1b, "
+                                                "mamba-130m, mamba2-130m"),
     workloads: str = typer.Option("dpo,sft,reward,ppo,generate", help="comma-separated"),
     output: str = typer.Option("bench-results.json", "-o", "--output"),
     batch: int = typer.Option(4, help="pairs / sequences / prompts per step"),

@@ -117,16 +117,12 @@ def collate_shared_prompt(examples: list[Example], indices: list[int], pad_id: i
     tokens through the model. Who sees whom travels as two (B, T) vectors, `segment_ids` (the pair,
     -1 on padding) and `branch_ids` (0 prompt, 1 chosen, 2 rejected), read by `attends`; the model
     side builds from them the mask its attention takes (models/attention.py). Only for models with
-    attention; Mamba uses `collate`.
+    attention; state-space models use `collate_prompt_once`.
     """
     rows = []
     for e in examples:
         c, r = e.seqs
-        limit = min(c.prompt_len, r.prompt_len)
-        shared = 0
-        while shared < limit and c.input_ids[shared] == r.input_ids[shared]:
-            shared += 1
-        rows.append((c, r, shared))
+        rows.append((c, r, _shared_len(c, r)))
     longest = max(len(c.input_ids) + len(r.input_ids) - p for c, r, p in rows)
     b = len(rows)
     ids = torch.full((b, longest), pad_id, dtype=torch.long)
@@ -155,6 +151,47 @@ def collate_shared_prompt(examples: list[Example], indices: list[int], pad_id: i
             "index": torch.tensor(indices), "lengths": lengths,
             # what the padded layout would have processed: the throughput every trainer reports
             "tokens": torch.tensor(sum(len(c.input_ids) + len(r.input_ids) for c, r, _ in rows))}
+
+
+def _shared_len(c: Tokenized, r: Tokenized) -> int:
+    """How many leading prompt tokens the chosen and rejected sequences have in common."""
+    limit, shared = min(c.prompt_len, r.prompt_len), 0
+    while shared < limit and c.input_ids[shared] == r.input_ids[shared]:
+        shared += 1
+    return shared
+
+
+def collate_prompt_once(examples: list[Example], indices: list[int], pad_id: int) -> dict[str, Tensor]:
+    """Prompt-once rows, for state-space models (models/prompt_once.py): each pair's shared prompt as
+    one row of `prompt_ids` (B, P), computed once, and chosen then rejected as `input_ids` (2B, C)
+    rows that continue from its recurrent state (slot-major, as `collate` orders them).
+
+    The prompt rows are LEFT-padded, so that every row's state at the last column is its state at its
+    own last prompt token (pads leave the state exactly zero: models/prompt_once.py says why). The
+    prompt pass stops one token short of the prompt: its last token is each continuation's first
+    column, whose hidden state predicts the first answer token, so every scored token is read from
+    the continuation. `loss_mask` marks the scored tokens in continuation columns."""
+    b, cuts = len(examples), []
+    for e in examples:
+        c, r = e.seqs
+        first = min([*c.scored, *r.scored, len(c.input_ids), len(r.input_ids)])  # the first scored token
+        cuts.append(max(0, min(_shared_len(c, r), first) - 1))
+    width = max(cuts)
+    prompt_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((b, width), dtype=torch.long)
+    for i, (e, n) in enumerate(zip(examples, cuts, strict=True)):
+        prompt_ids[i, width - n:] = torch.tensor(e.seqs[0].input_ids[:n], dtype=torch.long)
+        prompt_mask[i, width - n:] = 1
+    rest = [Tokenized(s.input_ids[n:], 0, mask=s.loss_mask[n:]) for k in range(2)
+            for s, n in zip((e.seqs[k] for e in examples), cuts, strict=True)]
+    batch = pad(rest, pad_id)  # (2B, C) continuations, right-padded
+    batch.update(prompt_ids=prompt_ids, prompt_mask=prompt_mask, index=torch.tensor(indices),
+                 lengths=batch["loss_mask"].sum(-1).float(),
+                 # what the padded layout would have processed: the throughput every trainer reports
+                 tokens=torch.tensor(sum(len(s.input_ids) for e in examples for s in e.seqs)))
+    if any(e.margin is not None for e in examples):
+        batch["margins"] = torch.tensor([e.margin or 0.0 for e in examples], dtype=torch.float32)
+    return batch
 
 
 def collate_packed(examples: list[Example], indices: list[int], pad_id: int) -> dict[str, Tensor]:

@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..storage import AtomicWriter, replacing
 from .hashtable import U64Table
 from .hub import resolve_model
+from .noise import DuplicateComparisons, Estimate, combine, readiness
 from .readers import read_rows
 from .records import PreferencePair, Problem, Record, UnpairedExample, json_line, text_of
 from .shapes import norm, parse_rows
@@ -57,10 +58,23 @@ def iter_parsed(path: str | Path, opts: ReadOptions) -> Iterator[tuple[Any, list
 
 
 def _hash(*parts: str) -> int:
+    """The split's hash (eval_share): parts joined by NULs, kept as it was so a split never moves."""
     h = hashlib.blake2b(digest_size=8)
     for p in parts:
         h.update(p.encode("utf-8", errors="surrogatepass"))
         h.update(b"\x00")
+    return int.from_bytes(h.digest(), "little")
+
+
+def _key(*parts: str) -> int:
+    """A record's identity: each part after its length, so no text (a NUL in it, say) can make two
+    different records' parts the same bytes. 64 bits: a false duplicate among n distinct records has
+    probability about n**2 / 2**65 (docs/reliability.md, "Under load")."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        data = p.encode("utf-8", errors="surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
     return int.from_bytes(h.digest(), "little")
 
 
@@ -69,9 +83,9 @@ def identity(record: Record) -> tuple[int, bool]:
     orientation is a duplicate; with the opposite orientation, a conflicting preference."""
     prompt = norm(text_of(record.prompt))
     if isinstance(record, UnpairedExample):
-        return _hash("u", prompt, norm(text_of(record.completion))), record.label
+        return _key("u", prompt, norm(text_of(record.completion))), record.label
     a, b = norm(text_of(record.chosen)), norm(text_of(record.rejected))
-    return _hash("p", prompt, min(a, b), max(a, b)), a < b
+    return _key("p", prompt, min(a, b), max(a, b)), a < b
 
 
 class DuplicateTracker:
@@ -80,7 +94,9 @@ class DuplicateTracker:
 
     def check(self, record: Record) -> tuple[str, int, int]:
         """('new' | 'duplicate' | 'conflict', the line of the first record with this key, the key)."""
-        key, orient = identity(record)
+        return self.check_key(record, *identity(record))
+
+    def check_key(self, record: Record, key: int, orient: bool) -> tuple[str, int, int]:
         line = record.where.line if record.where else 0
         first = self.seen.setdefault(key, line * 2 + int(orient))
         if first is None:
@@ -133,11 +149,13 @@ class Stats:
     chosen_longer: int = 0
     problems: Counter = field(default_factory=Counter)
     lengths: dict[str, Percentiles] = field(default_factory=dict)
+    repeats: DuplicateComparisons = field(default_factory=DuplicateComparisons)  # the label-noise estimate
 
     def length(self, name: str, value: float) -> None:
         self.lengths.setdefault(name, Percentiles()).add(value)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, estimates: list[Estimate] | tuple = ()) -> dict[str, Any]:
+        """The counts; `noise` combines the duplicates' estimate with `estimates` from models (judges/noise.py)."""
         out: dict[str, Any] = {
             "records": self.records, "valid": self.valid, "invalid": self.invalid,
             "pairs": self.pairs, "unpaired": self.unpaired,
@@ -146,6 +164,8 @@ class Stats:
             "problems": dict(self.problems),
         }
         out.update({name: p.summary() for name, p in self.lengths.items()})
+        out["noise"] = combine([self.repeats.estimate(), *estimates])
+        out["readiness"] = readiness(out)
         return out
 
 
@@ -200,7 +220,10 @@ def compute_stats(path: str | Path, opts: ReadOptions, tokenizer: str | None = N
             continue
         stats.valid += 1
         for record in result:
-            verdict, _, _ = dups.check(record)
+            key, orient = identity(record)
+            verdict, _, _ = dups.check_key(record, key, orient)
+            if isinstance(record, PreferencePair):
+                stats.repeats.observe(key, orient)
             stats.duplicates += verdict == "duplicate"
             stats.conflicts += verdict == "conflict"
             stats.length("prompt_chars", len(text_of(record.prompt)))

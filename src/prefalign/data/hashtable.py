@@ -72,6 +72,11 @@ class U64Table:
     def add(self, key: int) -> None:
         self.setdefault(key, 0)
 
+    def set(self, key: int, value: int) -> None:
+        """Store `value` for `key`, new or not."""
+        if self.setdefault(key, value) is not None:
+            self.values[self._slot(key or 1)] = value
+
     def _grow(self) -> None:
         keys, values = self.keys, self.values
         self._allocate(2 * len(keys), values.typecode)

@@ -111,10 +111,17 @@ def read_jsonl(path: Path) -> Iterator[Row | Problem]:
             except json.JSONDecodeError as e:
                 yield Problem(where, "", f"broken JSON: {e.msg} at column {e.colno}", "json", raw=text)
                 continue
+            except ValueError as e:  # valid JSON Python will not convert: an integer of over 4300 digits
+                yield Problem(where, "", _undecodable(e), "json", raw=text)
+                continue
             except RecursionError:
                 yield Problem(where, "", TOO_DEEP, "json", raw=text)
                 continue
             yield Row(where, value, text)
+
+
+def _undecodable(e: ValueError) -> str:
+    return f"cannot be decoded: {str(e).split(';')[0]}"
 
 
 # json's decoder recurses once per level: a value nested about a thousand deep exhausts Python's stack
@@ -128,6 +135,26 @@ CHUNK_BYTES = 1 << 20
 _LOOKAHEAD = 3
 _NOT_WS = re.compile(r"[^ \t\r\n]")
 _BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)  # a whole JSON string, or one bracket
+_SEPARATORS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]', re.S)  # ... or a comma
+_ARRAY_START = re.compile(r"[\[{]")  # within the first 200 characters (the head), or not looked for
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # a byte surrogateescape kept
+_ESCAPE = 6  # the longest JSON escape, \uXXXX: a decode error at a '\\' may be about the 5 characters after it
+
+
+def _bad_byte(text: str, i: int) -> bool:
+    return i < len(text) and "\udc80" <= text[i] <= "\udcff"
+
+
+def _raw(text: str) -> str | bytes:
+    """What a problem quotes: the text, or its exact bytes when it holds bytes that are not UTF-8."""
+    return text if _utf8(text) else text.encode("utf-8", errors="surrogateescape")
+
+
+def _utf8_error(where: Location, text: str) -> Problem:
+    bad = _NOT_UTF8.search(text)
+    offset = len(text[:bad.start()].encode("utf-8", errors="surrogateescape"))
+    return Problem(where, "", f"not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at offset {offset})",
+                   "utf8", raw=text.encode("utf-8", errors="surrogateescape"))
 
 
 class _TextWindow:
@@ -140,11 +167,13 @@ class _TextWindow:
     def __init__(self, f, chunk_bytes: int):
         self._f = f
         self._chunk = chunk_bytes
-        # incremental, so a multi-byte character split between two reads decodes whole
-        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        # incremental, so a multi-byte character split between two reads decodes whole; surrogateescape
+        # keeps a byte that is not UTF-8 as U+DC80..U+DCFF, so only the record holding it is a problem
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
         self.buf = ""
         self.pos = 0
         self.eof = False
+        self.broken: Exception | None = None  # a .gz that breaks off: the data ends there, then this is raised
         self._mark = 0  # buf index that `_line`/`_col` describe; never past pos
         self._line = 1
         self._col = 0  # characters between the last newline and _mark
@@ -176,7 +205,10 @@ class _TextWindow:
         self._sync()
         pieces, want, got = [self.buf[self.pos:]], max(self._chunk, len(self.buf) - self.pos), 0
         while got < want and not self.eof:
-            data = self._f.read(self._chunk)
+            try:  # read1: what a .gz gave before it breaks off is kept (read() would lose the whole chunk)
+                data = self._f.read1(self._chunk)
+            except _BROKEN as e:
+                data, self.broken = b"", e
             self.eof = not data
             text = self._decoder.decode(data, final=self.eof)
             pieces.append(text)
@@ -198,7 +230,31 @@ class _TextWindow:
                 return self.buf[self.pos]
             self.pos = len(self.buf)
             if self.eof:
+                self.end()
                 return ""
+            self.grow()
+
+    def end(self) -> None:
+        """At the end of the data: a stream that broke off raises its error here (_guarded reports it)."""
+        if self.broken is not None:
+            raise self.broken
+
+    def element_end(self) -> int | None:
+        """The buf index of the ',' or ']' that ends the element at pos (brackets and strings skipped),
+        reading on as needed; None when the data ends first."""
+        while True:
+            depth = 0
+            for m in _SEPARATORS.finditer(self.buf, self.pos):
+                c = m.group()[0]
+                if c in "[{":
+                    depth += 1
+                elif c in "]}" and depth:
+                    depth -= 1
+                elif c in ",]" and not depth:
+                    return m.start()
+            if self.eof:
+                self.end()
+                return None
             self.grow()
 
     def value_end(self) -> int | None:
@@ -221,43 +277,22 @@ class _TextWindow:
             except RecursionError:
                 self.fill(float("inf"))  # the record's problem carries the rest of the file, as a broken one does
                 raise
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as e:
                 if self.eof:
+                    self.end()
+                    raise
+                # a bad byte where JSON wants a value or a separator, or in a '\\' escape ('\\u' and 4 hex
+                # digits): no text that follows can make it valid
+                if _NOT_UTF8.search(self.buf, e.pos, e.pos + _ESCAPE):
                     raise
             else:
-                if self.eof or len(self.buf) - end >= _LOOKAHEAD:
+                # where a broken stream ends, only a value that closes itself is known to be whole
+                whole = self.broken is None or self.buf[end - 1] in '"]}'
+                if len(self.buf) - end >= _LOOKAHEAD or self.eof and whole:
                     return value, end
+                if self.eof:
+                    self.end()
             self.grow()
-
-
-def _utf8_problem(path: Path) -> Problem | None:
-    """The first line that is not valid UTF-8, as a Problem; None when the whole file decodes.
-
-    Checked before any record comes out because a file with bad bytes anywhere has always been
-    reported as that one problem and nothing else; a streaming decode alone would find it too late.
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    with _open_binary(path) as f:
-        try:
-            while data := f.read(CHUNK_BYTES):
-                decoder.decode(data)
-            decoder.decode(b"", final=True)
-            return None
-        except UnicodeDecodeError:
-            pass
-    with _open_binary(path) as f:
-        number = 0
-        # bytes.splitlines() of each '\n'-ended piece numbers lines as splitlines() of the whole file
-        # (which also breaks at a lone '\r'), without holding more than one line
-        for piece in f:
-            for line in piece.splitlines():
-                number += 1
-                bad = _decode(line, Location(str(path), number))
-                if isinstance(bad, Problem):
-                    return bad
-    # Line breaks are ASCII and never inside a multi-byte character, so the line holding the first
-    # bad byte fails to decode on its own: this is reached only if the file changed in between.
-    return Problem(Location(str(path), 1), "", "not valid UTF-8", "utf8", raw=b"")
 
 
 def read_json_array(path: Path) -> Iterator[Row | Problem]:
@@ -265,29 +300,39 @@ def read_json_array(path: Path) -> Iterator[Row | Problem]:
 
     The file is read in CHUNK_BYTES pieces; memory holds one chunk plus the largest record (the whole
     rest of the file only when a record is broken, since the problem carries that text verbatim).
+    An element holding bytes that are not UTF-8 is a `utf8` problem with those bytes, and the array is
+    read on, as a JSONL file is past such a line.
     """
-    problem = _utf8_problem(path)
-    if problem is not None:
-        yield problem
-        return
     with _open_binary(path) as f:
         w = _TextWindow(f, CHUNK_BYTES)
         w.fill(200)
         head = w.buf[:200]
         first = w.skip_ws()
+        if _bad_byte(w.buf, w.pos):  # stray bytes before the array: a problem of their own, then the array
+            start = _ARRAY_START.search(w.buf, w.pos)
+            if start and start.group() == "[":
+                yield _utf8_error(Location(str(path), w.line()), w.buf[w.pos:start.start()])
+                w.pos = start.start()
+                first = "["
+            elif start:
+                first = "{"
         if first != "[":
             if first == "{":
                 yield from read_jsonl(path)  # one object per line, despite the .json name
                 return
             yield Problem(Location(str(path), w.line()), "", "expected a JSON array of records", "json",
-                          raw=head)
+                          raw=_raw(head))
             return
         w.pos += 1
-        if w.skip_ws() != "]":
-            yield from _array_elements(w, path)
+        closed = w.skip_ws() == "]" or (yield from _array_elements(w, path))
+        if closed:
+            w.pos += 1
+            if w.skip_ws():  # text after the closing ']': quarantined, not silently ignored
+                yield _trailing(w, path)
 
 
 def _array_elements(w: _TextWindow, path: Path) -> Iterator[Row | Problem]:
+    """The elements, up to the array's closing ']' (returns True, w.pos on it) or a problem that ends it."""
     decoder = json.JSONDecoder()
     # The end of the file right after a ',' ends the array quietly, as it always has.
     while w.skip_ws():
@@ -296,41 +341,96 @@ def _array_elements(w: _TextWindow, path: Path) -> Iterator[Row | Problem]:
             value, end = w.decode(decoder)
         except json.JSONDecodeError as e:
             line, col = w.line_col(e.pos)
-            yield Problem(where, "", f"broken JSON: {e.msg} (line {line}, column {col}); "
-                          "the rest of the array cannot be read", "json", raw=w.buf[w.pos:])
-            return
+            # bad bytes made it unreadable: the element holding them is the problem, the array read on
+            end = w.element_end() if _NOT_UTF8.search(w.buf, w.pos, e.pos + _ESCAPE) else None
+            if end is None or _utf8(w.buf[w.pos:end]):
+                yield Problem(where, "", f"broken JSON: {e.msg} (line {line}, column {col}); "
+                              "the rest of the array cannot be read", "json", raw=_raw(w.buf[w.pos:]))
+                return False
+            yield _utf8_error(where, w.buf[w.pos:end])
+        except ValueError as e:  # valid JSON Python will not convert (an integer of over 4300 digits): skipped
+            end = w.element_end()
+            yield Problem(where, "", _undecodable(e) if end else f"{_undecodable(e)}; the rest of the array cannot "
+                          "be read", "json", raw=_raw(w.buf[w.pos:end]))
+            if end is None:
+                return False
         except RecursionError:  # valid JSON perhaps, too deep to decode: skipped to its end, the array read on
             end = w.value_end()
             yield Problem(where, "", TOO_DEEP if end else f"{TOO_DEEP}; the rest of the array cannot be read",
-                          "json", raw=w.buf[w.pos:end])
+                          "json", raw=_raw(w.buf[w.pos:end]))
             if end is None:
-                return
+                return False
         else:
-            yield Row(where, value, w.buf[w.pos:end])
+            raw = w.buf[w.pos:end]
+            yield Row(where, value, raw) if _utf8(raw) else _utf8_error(where, raw)
         w.pos = end
-        after = w.skip_ws()
-        if after == ",":
-            w.pos += 1
-        elif after == "]":
-            return
-        else:
-            w.fill(200)
-            yield Problem(Location(str(path), w.line()), "", "expected ',' or ']' between records",
-                          "json", raw=w.buf[w.pos:w.pos + 200])
-            return
+        bad = _between(w, path)
+        if bad is not None:
+            yield bad
+            if bad.kind != "utf8":
+                return False
+        if w.buf[w.pos] == "]":
+            return True
+        w.pos += 1  # the ','
+    return False
 
 
-def _maybe_json(value: str) -> Any:
-    """CSV cells that hold JSON lists/objects (message lists, score lists) are decoded."""
+def _between(w: _TextWindow, path: Path) -> Problem | None:
+    """After an element: None with w.pos at the ',' or ']' that follows; else the problem of what stands
+    there instead: bytes that are not UTF-8 (w.pos then at the ',' or ']' after them), or anything else."""
+    after = w.skip_ws()
+    if after in (",", "]"):
+        return None
+    where = Location(str(path), w.line())
+    if after and _bad_byte(w.buf, w.pos):
+        end = w.element_end()
+        if end is not None:
+            problem = _utf8_error(where, w.buf[w.pos:end])
+            w.pos = end
+            return problem
+    w.fill(200)
+    return Problem(where, "", "expected ',' or ']' between records", "json", raw=_raw(w.buf[w.pos:w.pos + 200]))
+
+
+def _trailing(w: _TextWindow, path: Path) -> Problem:
+    where = Location(str(path), w.line())
+    w.fill(float("inf"))
+    rest = w.buf[w.pos:]
+    if not _utf8(rest):
+        return _utf8_error(where, rest)
+    return Problem(where, "", "text after the array's closing ']'", "json", raw=rest)
+
+
+# CSV holds only text. A cell is decoded only for a field whose value is not text in any shape
+# (data/shapes.py), so a pair whose text is "true" or "[1, 2]" stays the text it is.
+_JSON_FIELDS = {"messages", "conversations", "responses", "scores", "tool_calls"}  # lists or objects
+_MESSAGE_FIELDS = {"prompt", "chosen", "rejected"}  # text, or messages (conversation, sharegpt shapes)
+
+
+def _cell(field: str, value: str) -> Any:
     s = value.strip()
-    if s[:1] in ("[", "{"):
+    if field == "label":  # kto: true/false (or 0/1), in any case
+        return {"true": True, "false": False, "1": 1, "0": 0}.get(s.lower(), value)
+    if field == "margin" or field in _JSON_FIELDS or field in _MESSAGE_FIELDS and s[:1] in ("[", "{"):
         try:
-            return json.loads(s)
-        except (json.JSONDecodeError, RecursionError):
+            decoded = json.loads(s)
+        except (ValueError, RecursionError):  # not JSON, an integer of over 4300 digits, too deep
             return value
-    if s.lower() in ("true", "false"):
-        return s.lower() == "true"
+        if field == "margin":
+            return decoded if isinstance(decoded, int | float) and not isinstance(decoded, bool) else value
+        if field in _MESSAGE_FIELDS and not _messages_like(decoded):
+            return value
+        return decoded
     return value
+
+
+def _messages_like(value: Any) -> bool:
+    """A message list, or one message (a sharegpt answer): what a prompt/chosen/rejected cell that is
+    not text holds."""
+    def message(m: Any) -> bool:
+        return isinstance(m, dict) and ("role" in m or "from" in m)
+
+    return message(value) or isinstance(value, list) and bool(value) and all(message(m) for m in value)
 
 
 # csv's default cap on one cell is 128 KiB: a longer answer is data like any other (JSONL reads any line),
@@ -369,7 +469,7 @@ def read_csv(path: Path) -> Iterator[Row | Problem]:
                 yield Problem(where, "", f"has {len(cells)} cells, the header has {len(header)}", "csv",
                               raw=joined)
                 continue
-            yield Row(where, {h: _maybe_json(c) for h, c in zip(header, cells, strict=False)},
+            yield Row(where, {h: _cell(h, c) for h, c in zip(header, cells, strict=False)},
                       dict(zip(header, cells, strict=False)))
 
 

@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 
 from ..config import Remote
+from ..data.noise import from_disagreements
 from ..data.readers import read_rows
 from ..data.records import Problem
 from ..judges import make_judge
@@ -117,7 +118,10 @@ def label(cfg: LabelConfig, log=print, judge=None) -> dict:
     summary = {"prompts": len(items), "written": written, "ties_or_too_few": ties, "problems": len(problems),
                "judge": judge.kind, "mean_score": sum(all_scores) / len(all_scores) if all_scores else None,
                "mean_score_gap": sum(gaps) / len(gaps) if gaps else None,
-               "agreement_rate": agree / compared if compared else None}
+               "agreement_rate": agree / compared if compared else None,
+               # the judge's A/B vs B/A disagreement as a label-flip rate (data/noise.py, docs/noise.md)
+               "label_noise": from_disagreements(compared - agree, compared, "judge_order").to_json()
+               if compared else None}
     log(f"{written} {'SFT examples' if cfg.mode == 'best' else 'pairs'} -> {out}; {ties} prompts/pairs without a "
         f"preference" + (f"; judge order agreement {summary['agreement_rate']:.2f}" if compared else ""))
     return summary

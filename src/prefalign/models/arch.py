@@ -4,7 +4,8 @@ independent sequences (the shared-prompt and packed layouts), and which projecti
 The row layouts are only correct if EVERY token-mixing layer reads the mask. Mamba and Mamba-2
 mixers (and the Mamba layers of Jamba, Bamba, Falcon-H1, Nemotron-H, Granite-4-H) run a recurrent
 state along the whole row and never see the 4D mask, so a rejected answer laid after the chosen
-one is read in the chosen one's state: wrong log-probs, silently (tiny Jamba: 6e-4 nats off).
+one is read in the chosen one's state: wrong log-probs, silently (tiny Jamba: 6e-4 nats off). Those
+models share the prompt another way: prompt-once rows (models/prompt_once.py).
 
 Why an allow-list of model types rather than a scan for SSM modules: a scan can only deny what it
 knows (Mamba, Mamba-2, gated DeltaNet, short convolutions, RG-LRU, RWKV, ... and whatever comes
@@ -37,12 +38,17 @@ def _sliding_window(config) -> int | None:
     return int(window)
 
 
+def model_type(model) -> str:
+    """The config's model_type ("llama", "mamba", ...), or the class name where a config has none."""
+    return getattr(unwrap(model).config, "model_type", "") or type(unwrap(model)).__name__
+
+
 def block_mask_problem(model, max_length: int | None = None) -> str | None:
     """Why the shared-prompt / packed layouts would give wrong log-probs on this model; None if they
     are exact. max_length: the longest sequence, checked against sliding windows, which transformers
     does not apply to a custom 4D mask (it takes the mask as given)."""
     config = unwrap(model).config
-    kind = getattr(config, "model_type", "") or type(unwrap(model)).__name__
+    kind = model_type(model)
     if kind not in PURE_ATTENTION:
         if "mamba" in kind or any(hasattr(config, f) for f in _SSM_FIELDS):
             return (f"{kind} has Mamba/SSM layers: they carry a recurrent state along the whole row and "

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import row_hidden_states
 from .load import backbone_and_head, hidden_states, unwrap
+from .prompt_once import prompt_once_hidden_states
 
 
 def _chunk_logits(hidden: Tensor, head: torch.nn.Module, softcap: float | None, temperature: float) -> Tensor:
@@ -104,6 +105,11 @@ def token_logps(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: Ten
     """
     trunk = backbone_and_head(model)[0]
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    return _row_logps(model, hidden, input_ids, loss_mask, chunk_mb)
+
+
+def _row_logps(model, hidden: Tensor, input_ids: Tensor, loss_mask: Tensor, chunk_mb: float) -> Tensor:
+    """(B, T) log-probs of the scored tokens of rows whose hidden states are `hidden` (B, T, H)."""
     rows, cols = loss_mask[:, 1:].bool().nonzero(as_tuple=True)  # token cols+1 is scored
     flat = _scored_logps(model, hidden[rows, cols], input_ids[rows, cols + 1], chunk_mb)  # (N,)
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
@@ -118,7 +124,11 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, loss_mask: 
 def batch_logps(model, batch: dict[str, Tensor], chunk_mb: float = 128.0) -> Tensor:
     """Summed completion log-probs of every sequence of a collated batch, in its slot-major order,
     from either layout: padded rows (`collate`) or rows (`collate_shared_prompt`, `collate_packed`),
-    whose mask is built for the model's attention implementation (models/attention.py)."""
+    whose mask is built for the model's attention implementation (models/attention.py), or prompt-once
+    rows (`collate_prompt_once`: continuations of a state, models/prompt_once.py)."""
+    if "prompt_ids" in batch:
+        hidden = prompt_once_hidden_states(model, batch)  # (S*B, C, H)
+        return _row_logps(model, hidden, batch["input_ids"], batch["loss_mask"], chunk_mb).sum(-1)
     if "pred_rows" not in batch:
         return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
                               chunk_mb=chunk_mb)

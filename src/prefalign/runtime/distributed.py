@@ -10,11 +10,14 @@ reference table from shards.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -133,10 +136,71 @@ def shut_down(world: World) -> None:
         dist.destroy_process_group()
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+# the stops the launcher passes on to torchrun: `kill`, a job scheduler, Ctrl-C, a closed terminal
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@dataclass(frozen=True)
+class Launched:
+    code: int  # torchrun's exit code: 0, or that of the first process that failed
+    stopped_by: int | None = None  # the stop signal the launcher received and passed on to torchrun
+
+
+def launch(nproc: int, argv: list[str]) -> Launched:
     """`prefalign ARGV` in `nproc` processes on this machine under torchrun (PyTorch's launcher:
     rendezvous, environment, and when one process dies it stops the others, so nothing hangs).
-    The exit code of the run: 0, or that of the first process that failed."""
+
+    torchrun starts each process in a session of its own, so a signal to this launcher (or to its
+    process group: Ctrl-C) reaches none of them. The first SIGTERM, SIGINT or SIGHUP is passed on to
+    torchrun as SIGTERM, once: torchrun sends the processes the signal it got (SIGKILL 30 s later), and
+    SIGTERM ends them at once, where SIGINT would unwind each through its `finally`s, one possibly blocked
+    in a collective its peer has left; a second signal would cut torchrun's shutdown short. torchrun runs
+    in its own session too, so that a Ctrl-C reaches it only this way. On Linux torchrun is also told to
+    receive SIGTERM when this launcher dies (PR_SET_PDEATHSIG): a SIGKILLed launcher stops the run the
+    same way instead of leaving it training unobserved."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "prefalign", *argv]
-    return subprocess.run(cmd, check=False).returncode
+    got: list[int] = []  # the signals received; the first is passed on
+    procs: list[subprocess.Popen] = []
+    token = [True]  # popped by whoever passes the signal on: list.pop is atomic, a handler cannot cut it in two
+
+    def pass_on() -> None:
+        if got and procs:
+            try:
+                token.pop()
+            except IndexError:  # already passed on
+                return
+            procs[0].send_signal(signal.SIGTERM)
+
+    def forward(signum: int, _frame) -> None:
+        got.append(signum)
+        pass_on()  # nothing yet if it came while torchrun was being started: then just after
+
+    # signal handlers belong to the main thread; from another (a notebook's worker) torchrun still dies with it
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, forward) for s in FORWARDED} if main else {}
+    try:
+        procs.append(subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent()))
+        pass_on()
+        code = procs[0].wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return Launched(code, got[0] if got else None)
+
+
+def _die_with_parent():
+    """A function for Popen to run in the child before exec: SIGTERM to it when this thread exits
+    (PR_SET_PDEATHSIG, Linux; None elsewhere). libc's prctl is looked up here, in the parent, so the
+    child (forked from a process that may have threads) only makes the system call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def child() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before the call: nothing would signal it now
+            os.kill(os.getpid(), signal.SIGTERM)
+    return child

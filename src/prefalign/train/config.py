@@ -263,7 +263,10 @@ class OfflineConfig(RunConfig):
     eval_every: int = Field(0, ge=0, description="steps between eval_data passes; 0: none")
     max_length: int = Field(512, ge=2, description="prompt + answer tokens kept")
     share_prompt: bool | Literal["auto"] = Field(
-        "auto", description="one row per pair, prompt computed once (models whose every layer honours the mask)")
+        "auto", description="compute each pair's prompt once: one row per pair (models whose every layer honours "
+                            "the mask) or, for Mamba, Mamba-2 and their hybrids, both answers continued from the "
+                            "prompt's recurrent state (auto: Mamba-1 on CPU, where measured faster; true: wherever "
+                            "exact); false: padded rows")
     packing: bool = Field(False, description="padding-free rows: sequences end to end, block-diagonal mask")
 
     @field_validator("data", mode="before")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import types
 import typing
 
 from pydantic import BaseModel
@@ -12,6 +13,11 @@ from .methods import METHODS, get_method, own_keys
 
 
 def _type(annotation) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # a constrained type: its base (the constraints are in the description)
+        return _type(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType) and any(typing.get_origin(a) for a in typing.get_args(annotation)):
+        return " | ".join(_type(a) for a in typing.get_args(annotation))
     text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
     for noise in ("typing.", "prefalign.train.config.", "prefalign.data.mixture.", "<class '", "'>"):
         text = text.replace(noise, "")

@@ -326,6 +326,7 @@ def _measure(cfg: RunConfig, step: int, row: dict[str, Any], model, eval_fn, mon
     faults.point("kl.monitor")  # every rank, each step: rank 0 measures here when due, the others wait
     measured = monitor is not None and world.main and monitor.due(step, cfg.max_steps)
     if measured:
+        faults.point("kl.measure")  # rank 0, as it starts a measurement
         row.update(monitor.measure())
         model.train()
     return measured

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -44,18 +44,26 @@ class DPO(ReferenceConfig, Rpo):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed label-flip rate eps (cDPO)")
 
 
+# cdpo's and robust's eps: a number, or `auto`: estimated from the training data when the run starts
+# (train/noise.py, docs/noise.md), the value used recorded in run.json
+FlipRate = Annotated[float, Field(ge=0, lt=0.5)] | Literal["auto"]
+
+
 class CDPO(DPO):
     """Conservative DPO (Mitchell 2023): DPO that assumes a share of the labels are flipped."""
 
     method: Literal["cdpo"] = "cdpo"
-    label_smoothing: float = Field(0.1, ge=0, lt=0.5, description="assumed label-flip rate eps")
+    label_smoothing: FlipRate = Field(0.1, description="assumed label-flip rate eps in [0, 0.5), or auto: estimated "
+                                                       "from the training data's duplicates (docs/noise.md)")
 
 
 class Robust(DPO):
     """Robust DPO (Chowdhury et al. 2024): unbiased under label-flip rate eps < 1/2."""
 
     method: Literal["robust"] = "robust"
-    label_smoothing: float = Field(0.1, ge=0, lt=0.5, description="label-flip rate eps of the data")
+    label_smoothing: FlipRate = Field(0.1, description="label-flip rate eps of the data in [0, 0.5), or auto: "
+                                                       "estimated from the training data's conflicting duplicates "
+                                                       "(docs/noise.md)")
 
 
 class IPO(ReferenceConfig, Rpo):

@@ -15,10 +15,10 @@ from torch import Tensor
 
 from .. import faults
 from ..config import dump_config
-from ..data.batches import TokenizedData, collate, collate_packed, collate_shared_prompt
+from ..data.batches import TokenizedData, collate, collate_packed, collate_prompt_once, collate_shared_prompt
 from ..errors import ConfigError
 from ..losses.preference import rpo_nll
-from ..models.arch import block_mask_problem
+from ..models.arch import block_mask_problem, model_type
 from ..models.attention import attn_implementation_of, shared_prompt_problem
 from ..models.load import (
     add_lora,
@@ -29,6 +29,7 @@ from ..models.load import (
     save_model,
     weight_dtypes,
 )
+from ..models.prompt_once import ROUTES, UNSUPPORTED, not_faster, prompt_once_problem
 from ..models.reference import AdapterReference, CopyReference, fingerprint, precompute
 from ..models.scalar import load_scalar_model
 from ..runtime.determinism import disable_dropout
@@ -42,6 +43,7 @@ from .guards import build_guard
 from .kl_monitor import auto_every, build_monitor
 from .loop import LoopResult, Optimization, Update, batch_indices, mean_metrics, train_loop, write_summary
 from .methods import METHODS, Method
+from .noise import resolve_label_smoothing
 from .parallel import Forward, accumulating, full_state, parallelize
 from .sources import load_eval_sets, load_examples, monitor_prompts
 
@@ -71,23 +73,54 @@ def choose_reference(cfg: OfflineConfig, method: Method, n_examples: int, world:
     return "adapter" if cfg.lora else "copy"
 
 
+COLLATE = {"packed": collate_packed, "shared_prompt": collate_shared_prompt, "prompt_once": collate_prompt_once,
+           "padded": collate}  # choose_layout's layouts
+
+
 def choose_layout(cfg: OfflineConfig, model, method: Method) -> str:
-    """"packed" (padding-free rows, asked for), "shared_prompt" (one row per pair) or "padded".
-    Both row layouts need log-prob inputs and a model whose every layer honours the 4D mask: not
-    Mamba, nor hybrids with Mamba layers (Jamba, Bamba, ...), whatever attention heads they have."""
+    """"packed" (padding-free rows, asked for), "shared_prompt" (one row per pair), "prompt_once"
+    (state-space models: the prompt once, both answers continued from its state) or "padded"."""
+    return layout_and_reason(cfg, model, method)[0]
+
+
+def layout_and_reason(cfg: OfflineConfig, model, method: Method) -> tuple[str, str | None]:
+    """choose_layout's layout, and why a paired log-prob method got padded rows (None otherwise).
+    Shared-prompt and packed rows need a model whose every layer honours the 4D mask: not Mamba, nor
+    hybrids with Mamba layers (Jamba, Bamba, ...), whatever attention heads they have; those get
+    prompt-once rows where models/prompt_once.py proves them exact: by default where they were also measured
+    faster (FASTER), on `share_prompt: true` wherever exact. `share_prompt: false` forces padded rows."""
     problem = block_mask_problem(model, cfg.max_length)
     if cfg.packing:
         if problem or method.inputs != "logps":
             raise ConfigError(f"packing needs a log-prob method (not reward) and a mask-honouring model: "
                              f"{problem or cfg.method + ' scores sequences'}; use packing: false")
-        return "packed"
+        return "packed", None
+    if not (method.paired and method.inputs == "logps"):
+        if cfg.share_prompt is True:
+            raise ConfigError(f"share_prompt: true needs paired log-prob data: {cfg.method} is not a paired "
+                              "log-prob method; use share_prompt: auto")
+        return "padded", None
+    if cfg.share_prompt is False:
+        return "padded", "share_prompt: false"
     problem = problem or shared_prompt_problem(model)  # flash_attention_2 has no mask to share a prompt with
-    possible = method.paired and method.inputs == "logps" and problem is None
-    if cfg.share_prompt is True and not possible:
-        raise ConfigError(f"share_prompt: true needs paired log-prob data and a mask-honouring model: "
-                         f"{problem or cfg.method + ' is not a paired log-prob method'}; use share_prompt: auto")
-    share = possible if cfg.share_prompt == "auto" else bool(cfg.share_prompt)
-    return "shared_prompt" if share else "padded"
+    if problem is None:
+        return "shared_prompt", None
+    once = prompt_once_problem(model)
+    sharded = cfg.distributed == "fsdp" or (cfg.distributed == "deepspeed" and cfg.zero_stage == 3)
+    if once is None and sharded and ROUTES.get(model_type(model)) == "layers":
+        # FSDP2 and ZeRO-3 gather a block's weights in hooks on its call; the Mamba-1 route calls its parts
+        once = f"distributed: {cfg.distributed} gathers weights in hooks on each layer's call, which the Mamba-1 " \
+               "route bypasses"
+    if once is None and cfg.share_prompt is True:
+        return "prompt_once", None
+    if cfg.share_prompt is True:
+        raise ConfigError(f"share_prompt: true needs a model whose every layer honours the mask ({problem}) or "
+                          f"prompt-once rows ({once}); use share_prompt: auto")
+    if once is None:
+        slower = not_faster(model)
+        return ("padded", slower) if slower else ("prompt_once", None)
+    ssm = model_type(model) in ROUTES or model_type(model) in UNSUPPORTED
+    return "padded", f"prompt-once rows: {once}" if ssm else problem
 
 
 def make_step(forward, cfg: OfflineConfig, reference, autocast: Callable, world: World = World()):
@@ -163,13 +196,15 @@ def start_run(cfg: RunConfig) -> tuple[Path, torch.device, Callable, World]:
 
 def run_offline(cfg: OfflineConfig, log: Callable[[str], None] = print, progress: bool = True) -> LoopResult:
     out, device, autocast, world = start_run(cfg)
+    log = log if world.main else (lambda _: None)
     try:
-        return _run_offline(cfg, out, device, autocast, world, log if world.main else (lambda _: None), progress)
+        cfg, label_noise = resolve_label_smoothing(cfg, log)  # `auto`: eps from the data's own label noise
+        return _run_offline(cfg, out, device, autocast, world, log, progress, label_noise)
     finally:
         shut_down(world)
 
 
-def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, log, progress: bool) -> LoopResult:
+def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, log, progress, noise) -> LoopResult:
     method = METHODS[cfg.method]
     check_world(cfg, world)
     if world.active and cfg.distributed == "deepspeed":
@@ -189,9 +224,8 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
         model = add_lora(model, cfg.lora_settings, "SEQ_CLS" if method.inputs == "scores" else "CAUSAL_LM")
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
-    layout = choose_layout(cfg, model, method)
-    collate_fn = {"packed": collate_packed, "shared_prompt": collate_shared_prompt, "padded": collate}[layout]
-    collate_pad = partial(collate_fn, pad_id=tokenizer.pad_token_id)
+    layout, why = layout_and_reason(cfg, model, method)
+    collate_pad = partial(COLLATE[layout], pad_id=tokenizer.pad_token_id)
     make_batch = partial(lambda d, idx: collate_pad([d.examples[i] for i in idx], idx), data)
     # every reference pass happens before the model is wrapped (an FSDP2 model is only whole in its forward)
     if strategy == "adapter":
@@ -206,8 +240,8 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     doing("while setting up training")
     log(f"method {cfg.method}, reference {strategy or 'none (reference-free)'}, "
         f"{'LoRA' if is_peft(model) else 'full fine-tune'}, device {describe(device)}, "
-        f"{layout.replace('_', '-')} rows, attention {attn_implementation_of(model)}, {weight_dtypes(model)}"
-        + (f", {world.size} processes ({cfg.distributed})" if world.active else ""))
+        f"{layout.replace('_', '-')} rows{f' ({why})' if why else ''}, attention {attn_implementation_of(model)}, "
+        f"{weight_dtypes(model)}" + (f", {world.size} processes ({cfg.distributed})" if world.active else ""))
     monitor = None
     if watch:
         ref_model = reference.model if strategy == "copy" else initial if initial is not None else model
@@ -229,12 +263,12 @@ def _run_offline(cfg: OfflineConfig, out: Path, device, autocast, world: World, 
     result = train_loop(cfg, model, update, device, eval_fn=eval_fn, monitor=monitor, log=log, progress=progress,
                         world=world, opt=opt, guard=build_guard(cfg, monitor, eval_fn, tokenizer, device, autocast,
                                                                 log, world, method.paired))
-    _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log, uses)
+    _finish(cfg, method, model, tokenizer, out, result, strategy, initial, world, log, uses, noise)
     return result
 
 
 def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult, strategy, initial, world: World,
-            log, uses=()) -> None:
+            log, uses=(), label_noise=None) -> None:
     """final/ and run.json, written by rank 0 (under FSDP2 every rank first gathers its shards)."""
     lora, base = is_peft(model), cfg.model
     if method.inputs == "scores" and lora:
@@ -250,7 +284,8 @@ def _finish(cfg, method: Method, model, tokenizer, out: Path, result: LoopResult
         save_model(model, tokenizer, out / "final", base=base, state_dict=state)
         write_summary(out, result, method=cfg.method, reference=strategy, lora=lora,
                       model_copies=1 + (strategy == "copy") + (initial is not None), processes=world.size,
-                      data_sources=[u.to_json() for u in uses])
+                      data_sources=[u.to_json() for u in uses],
+                      **({"label_noise": label_noise} if label_noise else {}))
     world.barrier()
     log(f"saved {out / 'final'} ({result.steps} steps, {result.wall_seconds:.1f} s)")
 

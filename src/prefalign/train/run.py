@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,8 +75,8 @@ def launch_processes(cfg: RunConfig, nproc: int, argv: list[str], log: Callable[
     if cfg.push_to_hub:
         check_push(cfg.hub_repo_id)
     log(f"starting {nproc} processes (torchrun, distributed: {cfg.distributed})")
-    code = launch(nproc, argv)
-    if code == 0:
+    run = launch(nproc, argv)
+    if run.code == 0:
         return
     steps = list_checkpoints(Path(cfg.output))
     where = "no checkpoint was saved (set save_every)"
@@ -84,5 +85,10 @@ def launch_processes(cfg: RunConfig, nproc: int, argv: list[str], log: Callable[
                  "resume=true, on any number of processes")
     elif cfg.save_every:  # it died before its first save
         where = f"no checkpoint was saved yet (the first is due at step {cfg.save_every}): resume=true starts over"
-    raise TrainingError(f"a training process failed (exit code {code}; its error is above) and torchrun "
+    if run.stopped_by is not None:  # exit as a shell reports a command a signal ended: 128 + its number
+        error = TrainingError(f"stopped by {signal.Signals(run.stopped_by).name}: torchrun stopped the {nproc} "
+                              f"processes; {where}")
+        error.exit_code = 128 + run.stopped_by
+        raise error
+    raise TrainingError(f"a training process failed (exit code {run.code}; its error is above) and torchrun "
                         f"stopped the others; {where}")
