@@ -83,8 +83,10 @@ def test_choose_on_validation_by_hand():
 
 
 def _rows(reward, hours, peak, kl=1.0):
+    """Per-seed test rows of one arm (no energy measured)."""
     return {s: {"reward_mean": r, "win_rate": 0.5, "kl_per_sequence": kl, "device_hours": h, "peak_memory_bytes": p,
-                "usd": h * 2.0, "energy_joules": None} for s, (r, h, p) in enumerate(zip(reward, hours, peak))}
+                "usd": h * 2.0, "energy_joules": None}
+            for s, (r, h, p) in enumerate(zip(reward, hours, peak, strict=True))}
 
 
 def _numbers(text: str) -> list[float]:

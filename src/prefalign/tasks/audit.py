@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import Field, model_validator
 
@@ -30,6 +31,7 @@ from ..eval.evaluate import EvalConfig
 from ..eval.evaluate import evaluate as run_eval
 from ..runtime.energy import EnergyMeter, load_average
 from . import sentiment as task
+from .audit_report import write_reports
 from .audit_verdict import choose, compare, figures, verdict
 from .seeds import mean_ci
 from .stages import portable, run_stage
@@ -140,8 +142,6 @@ def load_prices(prices: str | dict | None) -> dict[str, dict]:
 
 def hardware(cfg: AuditConfig) -> dict:
     """What one device-hour is here, and its price (None, with the reason, when the table has none)."""
-    import torch
-
     table = load_prices(cfg.prices)
     if cfg.device.startswith("cuda") and torch.cuda.is_available():
         name, devices, unit = torch.cuda.get_device_name(), 1, "gpu-hour"
@@ -328,8 +328,6 @@ def run_audit(cfg: AuditConfig, log=print, progress: bool = True) -> dict:
     summary = summarise(cfg, a, sweep, chosen, test, base_test)
     summary.update({"seconds": time.perf_counter() - t0, "load_average_start": load0,
                     "load_average_end": load_average()})
-    from .audit_report import write_reports
-
     write_reports(summary, a.out)
     log("\n".join(summary["verdict"]["sentences"]))
     log(f"audit: {summary['seconds']:.0f} s; {a.out / 'audit.md'}, {a.out / 'audit.html'}, {a.out / 'audit.json'}")
