@@ -147,7 +147,9 @@ def hardware(cfg: AuditConfig) -> dict:
         name, devices, unit = torch.cuda.get_device_name(), 1, "gpu-hour"
     else:
         name, unit = "cpu", "cpu-core-hour"
-        devices = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        # the cores a stage computes on: torch's threads (OMP_NUM_THREADS), at most the cores it may use
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        devices = min(torch.get_num_threads(), cores)
     key = cfg.hardware
     if key == "auto":
         key = "cpu" if name == "cpu" else next((k for k in table if re.search(rf"\b{re.escape(k)}\b", name)), None)
