@@ -387,11 +387,11 @@ def _energy_status(stages: list[dict]) -> dict:
 # The sentiment task (tasks/sentiment.py): IMDb prefixes, VADER as the reward and the judge. DEMO is
 # sized for <= 10 minutes on 2 CPU cores (docs/audit.md gives the measured time); QUICK is the test
 # suite's shrunk audit: every stage a few steps on a few prompts, so it checks the plumbing, not a verdict.
-DEMO = {"eval_prompts": 32, "train_prompts": 96, "samples": 4, "max_new_tokens": 16, "seeds": [0, 1, 2],
-        "sweep": {"dpo_beta": [0.1, 0.5], "ppo_kl_coef": [0.05, 0.2], "rloo_kl_coef": [0.05]},
-        "train": {"dpo": {"learning_rate": 3e-3, "max_steps": 16, "batch_size": 8},
-                  "ppo": {"learning_rate": 1e-3, "max_steps": 8, "batch_size": 16},
-                  "rloo": {"learning_rate": 1e-3, "max_steps": 8, "batch_size": 8, "samples_per_prompt": 2}}}
+DEMO = {"eval_prompts": 64, "train_prompts": 128, "samples": 6, "max_new_tokens": 20, "seeds": [0, 1, 2],
+        "sweep": {"dpo_beta": [0.1, 0.5], "ppo_kl_coef": [0.03, 0.1], "rloo_kl_coef": [0.03, 0.1]},
+        "train": {"dpo": {"learning_rate": 2e-3, "max_steps": 32, "batch_size": 8},
+                  "ppo": {"learning_rate": 1e-3, "max_steps": 12, "batch_size": 16},
+                  "rloo": {"learning_rate": 1e-3, "max_steps": 12, "batch_size": 8, "samples_per_prompt": 2}}}
 QUICK = {"eval_prompts": 4, "train_prompts": 8, "samples": 2, "max_new_tokens": 4, "seeds": [0, 1],
          "arms": ["dpo", "ppo"], "sweep": {"dpo_beta": [0.1, 0.5], "ppo_kl_coef": [0.1]},
          "train": {"dpo": {"learning_rate": 2e-3, "max_steps": 2, "batch_size": 4},

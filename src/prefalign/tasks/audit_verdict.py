@@ -8,8 +8,9 @@ smallest KL at which every arm has a setting (the largest of the arms' smallest 
 Comparing (`paired`): on the test prefixes, seed by seed. For a ratio A/B (DPO's device-hours over
 PPO's, say) each seed gives one ratio (A and B of that seed share its pairs, prompts and sampling
 draws); the figure is their mean with a 95% Student-t interval over seeds (tasks/seeds.py). A
-reward ratio is given only where B's reward is above 0 in every seed (VADER's scale has 0 in the
-middle: a ratio of a negative reward means nothing); the reward difference is always given.
+reward ratio is given only where B's reward is above 0 in every seed and its t-interval over seeds
+excludes 0 (VADER's scale has 0 in the middle: a ratio to a reward near or below 0 swings without
+bound); the reward difference is always given.
 
 The verdict (`verdict`) is built only from `figures`, a flat dict of rounded numbers that audit.json
 keeps under `verdict.figures`: every number in the text is one of them (tests/test_audit.py checks).
@@ -58,7 +59,10 @@ def paired(a: dict[int, float], b: dict[int, float], kind: str) -> dict | None:
     if not seeds or any(a[s] is None or b[s] is None for s in seeds):
         return None
     if kind == "ratio":
-        if any(b[s] <= 0 for s in seeds):
+        # a ratio to a value whose interval over seeds reaches 0 (a reward on a scale centred on 0; a
+        # reward barely above it) swings without bound: then only the difference is given
+        floor = mean_ci([b[s] for s in seeds])[1]
+        if any(b[s] <= 0 for s in seeds) or (floor is not None and floor[0] <= 0):
             return None
         values = [a[s] / b[s] for s in seeds]
     else:
