@@ -136,7 +136,7 @@ def verdict(f: dict) -> list[str]:
     elif f.get("reward_difference") is not None:
         out.append(f"{a}'s reward minus {b}'s best was {f['reward_difference']}{_ci(f['reward_difference_ci95'])}"
                    f"{at} (test prefixes, {n} seeds, {c}% t-intervals over seeds; no ratio: {b}'s reward is not "
-                   "above 0 in every seed).")
+                   "clearly above 0 over the seeds).")
     if f.get("matched_direction") is None:
         out.append(f"At matched KL <= {f['matched_kl']}: no comparison (an arm had no setting within it on "
                    "the validation prefixes).")
