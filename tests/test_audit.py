@@ -66,8 +66,9 @@ def test_paired_ratio_and_difference_by_hand():
     assert paired({0: 1.0, 1: 1.0}, {0: 0.5, 1: -0.1}, "ratio") is None  # a ratio to a reward <= 0 means nothing
     # rewards 0.05 and 0.5: mean 0.275, sd 0.318198, half 12.706 * 0.318198 / sqrt(2) = 2.8589: the interval
     # reaches 0, so a ratio (20 and 2) would swing without bound: none is given
-    assert paired({0: 1.0, 1: 1.0}, {0: 0.05, 1: 0.5}, "ratio") is None
-    assert paired({0: 1.0, 1: 1.0}, {0: 0.5, 1: 0.52}, "ratio")["per_seed"] == [2.0, 1.0 / 0.52]
+    assert paired({0: 1.0, 1: 1.0}, {0: 0.05, 1: 0.5}, "ratio", centred=True) is None
+    assert paired({0: 1.0, 1: 1.0}, {0: 0.05, 1: 0.5}, "ratio")["per_seed"] == [20.0, 2.0]  # a cost: always
+    assert paired({0: 1.0, 1: 1.0}, {0: 0.5, 1: 0.52}, "ratio", centred=True)["per_seed"] == [2.0, 1.0 / 0.52]
     assert paired({0: 1.0}, {1: 1.0}, "ratio") is None  # no seed in common
 
 

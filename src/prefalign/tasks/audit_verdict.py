@@ -53,8 +53,10 @@ def choose(sweep: list[dict], matched_kl: float | None = None) -> dict:
     return {"matched_kl": k, "arms": out}
 
 
-def paired(a: dict[int, float], b: dict[int, float], kind: str) -> dict | None:
-    """A against B over the seeds both have: kind "ratio" (A/B) or "difference" (A − B); mean, 95% t-interval."""
+def paired(a: dict[int, float], b: dict[int, float], kind: str, centred: bool = False) -> dict | None:
+    """A against B over the seeds both have: kind "ratio" (A/B) or "difference" (A − B); mean, 95% t-interval.
+    `centred`: B is on a scale with 0 inside it (a reward), so a ratio needs B clearly above 0; a cost
+    (seconds, bytes, joules) is positive in every seed, so its ratio is always defined."""
     seeds = sorted(set(a) & set(b))
     if not seeds or any(a[s] is None or b[s] is None for s in seeds):
         return None
@@ -62,7 +64,7 @@ def paired(a: dict[int, float], b: dict[int, float], kind: str) -> dict | None:
         # a ratio to a value whose interval over seeds reaches 0 (a reward on a scale centred on 0; a
         # reward barely above it) swings without bound: then only the difference is given
         floor = mean_ci([b[s] for s in seeds])[1]
-        if any(b[s] <= 0 for s in seeds) or (floor is not None and floor[0] <= 0):
+        if any(b[s] <= 0 for s in seeds) or (centred and floor is not None and floor[0] <= 0):
             return None
         values = [a[s] / b[s] for s in seeds]
     else:
@@ -78,7 +80,7 @@ def compare(a: dict[int, dict], b: dict[int, dict]) -> dict:
     """Two arms' test rows by seed (same choice): reward ratio and difference, win-rate and KL difference,
     and the ratio of each end-to-end cost."""
     get = lambda rows, key: {s: r.get(key) for s, r in rows.items()}  # noqa: E731
-    out = {"reward_ratio": paired(get(a, "reward_mean"), get(b, "reward_mean"), "ratio"),
+    out = {"reward_ratio": paired(get(a, "reward_mean"), get(b, "reward_mean"), "ratio", centred=True),
            "reward_difference": paired(get(a, "reward_mean"), get(b, "reward_mean"), "difference"),
            "win_rate_difference": paired(get(a, "win_rate"), get(b, "win_rate"), "difference"),
            "kl_difference": paired(get(a, "kl_per_sequence"), get(b, "kl_per_sequence"), "difference")}
