@@ -29,6 +29,7 @@ LAZY = ("vaderSentiment", "bitsandbytes", "matplotlib", "pyarrow", "transformers
         "uvicorn", "starlette", "eval.metrics", "gguf", "deepspeed", "torch.distributed.checkpoint", "wandb", "mlflow",
         "trackio", "torch.utils.tensorboard", "huggingface_hub", "methods")
 LAZY += ("lm_eval",)  # the optional lm-evaluation-harness (extra lmeval): only `eval --lm-eval` pays its import
+LAZY += ("pynvml", "amdsmi")  # the GPU vendors' energy counters (runtime/energy.py): optional, tried when read
 
 
 def test_import_every_module():

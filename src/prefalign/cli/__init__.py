@@ -13,7 +13,7 @@ import sys
 from rich.markup import escape
 
 from ..errors import PrefalignError
-from . import card, commands, export, review, serve, version  # noqa: F401  (register their commands on `app`)
+from . import audit, card, commands, export, review, serve, version  # noqa: F401  (register their commands on `app`)
 from .base import app, console, out
 
 

@@ -91,15 +91,15 @@ def split_prefixes(out: Path, sizes: Sizes, split: Split = "test", prefixes: Pat
 
 
 def make_pairs(out: Path, base: Path, train_prompts: Path, sizes: Sizes, log: Callable[[str], None],
-               judge: str = REWARD) -> tuple[Path, dict]:
+               judge: str = REWARD, device: str = "cpu") -> tuple[Path, dict]:
     """Sample `samples` continuations per prefix from the base, label best-vs-worst by JUDGE, curate."""
 
     s = sample(SampleConfig(model=str(base), prompts=str(train_prompts), output=str(out / "samples.jsonl"),
-                            n=sizes.samples, max_new_tokens=sizes.max_new_tokens, seed=sizes.seed, device="cpu"), log)
+                            n=sizes.samples, max_new_tokens=sizes.max_new_tokens, seed=sizes.seed, device=device), log)
     lab = label(LabelConfig(samples=str(out / "samples.jsonl"), judge=judge, output=str(out / "pairs_raw.jsonl")), log)
     cur = curate(out / "pairs_raw.jsonl", out / "pairs.jsonl", out / "pairs.quarantine.jsonl", CurateConfig())
     log(f"pairs: {cur.kept} kept after curation, set aside {dict(cur.set_aside)}; "
-        f"mean VADER gap chosen - rejected {lab['mean_score_gap']:.3f}")
+        f"mean score gap chosen - rejected {lab['mean_score_gap']:.3f}")
     return out / "pairs.jsonl", {"sample": s, "label": lab, "curate": cur.to_json()}
 
 

@@ -1,0 +1,412 @@
+"""`prefalign audit CONFIG.yaml -o OUT`: should this team move from PPO to DPO, on its own data and hardware?
+
+Arms, each stage in its own process (tasks/stages.py): DPO (offline, on the user's pairs, or on pairs
+made by sampling `samples` continuations per train prompt from the model and letting the reward pick
+best and worst), and the RLHF arm: a reward-model stage when there is data but no reward, then PPO
+(value head) and RLOO (critic-free). Every setting of `sweep` trains with the first seed and is
+evaluated on the validation prompts; `choose` (tasks/audit_verdict.py) picks each arm's settings
+there; the chosen settings then train with every seed and are evaluated on the test prompts, which
+played no part in choosing. The first seed's sweep runs are reused for the test (training never sees
+a held-out prompt). Per stage: wall clock, device-hours, peak memory, model copies, tokens, energy
+(runtime/energy.py: measured, or "not measurable on this machine" with the reason) and money from
+the price table. Everything lands in OUT/audit.json; OUT/audit.md and OUT/audit.html read it
+(tasks/audit_report.py). Keys: docs/audit.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import Field, model_validator
+
+from ..config import ConfigError, StrictModel
+from ..eval.evaluate import EvalConfig
+from ..eval.evaluate import evaluate as run_eval
+from ..runtime.energy import EnergyMeter, load_average
+from . import sentiment as task
+from .audit_report import write_reports
+from .audit_verdict import choose, compare, figures, verdict
+from .seeds import mean_ci
+from .stages import portable, run_stage
+
+PRICES = task.ASSETS / "prices.yaml"
+ARMS = ("dpo", "ppo", "rloo")
+SETTING = {"dpo": "beta", "ppo": "kl_coef", "rloo": "kl_coef"}
+METHOD = {"dpo": "dpo", "ppo": "ppo", "rloo": "rloo"}
+
+
+class Sweep(StrictModel):
+    dpo_beta: list[float] = Field([0.1, 0.5], min_length=1, description="DPO's beta values tried on validation")
+    ppo_kl_coef: list[float] = Field([0.03, 0.1], min_length=1, description="PPO's kl_coef values tried")
+    rloo_kl_coef: list[float] = Field([0.03, 0.1], min_length=1, description="RLOO's kl_coef values tried")
+
+
+class Budget(StrictModel):
+    steps: int | None = Field(None, ge=1, description="max_steps of every training run (overrides `train`)")
+
+
+class AuditConfig(StrictModel):
+    """`prefalign audit`: DPO against PPO and RLOO on your prompts, reward, model and hardware."""
+
+    output: str = Field(..., description="folder for audit.json, audit.md, audit.html and every run")
+    model: str = Field(..., description="the base model (a folder): every arm starts from it, every KL is to it")
+    prompts: str = Field(..., description="JSONL of {prompt}: train prompts (and the held-out ones when "
+                                          "validation_prompts / test_prompts are not given)")
+    validation_prompts: str | None = Field(None, description="held-out prompts where settings are chosen")
+    test_prompts: str | None = Field(None, description="held-out prompts the reported figures come from")
+    eval_prompts: int = Field(64, ge=2, description="held-out prompts per split")
+    train_prompts: int | None = Field(None, ge=1, description="train prompts used at most (default: all)")
+    data: str | None = Field(None, description="preference pairs: DPO trains on them offline (no pair making); "
+                                               "without `reward`, a reward model is trained on them for PPO/RLOO")
+    reward: str | None = Field(None, description="MODULE:FUNCTION, FILE.py:FUNCTION or a reward-model folder: "
+                                                 "labels the pairs made from samples and is PPO/RLOO's reward")
+    judge: str | None = Field(None, description="what scores held-out completions (default: `reward`)")
+    retention_text: str | None = Field(None, description="JSONL of {text}: perplexity (retention); default: the "
+                                                         "test prompts")
+    suites: list[str] = Field([], description="retention suites (eval/suites), scored on every evaluated model")
+    samples: int = Field(4, ge=2, description="continuations sampled per prompt to make pairs")
+    max_new_tokens: int = Field(32, ge=1, description="tokens sampled per completion (pairs, rollouts, eval)")
+    seeds: list[int] = Field([0, 1, 2], min_length=2, description="seeds of the test runs (the first: the sweep)")
+    arms: list[Literal["dpo", "ppo", "rloo"]] = Field(list(ARMS), description="arms to run; dpo and one more")
+    sweep: Sweep = Field(default_factory=Sweep)
+    matched_kl: float | None = Field(None, gt=0, description="KL per sequence for the matched comparison (default: "
+                                                             "the smallest at which every arm has a setting)")
+    budget: Budget = Field(default_factory=Budget)
+    train: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"dpo": {"learning_rate": 1e-3, "max_steps": 48, "batch_size": 8},
+                                 "ppo": {"learning_rate": 5e-4, "max_steps": 16, "batch_size": 16},
+                                 "rloo": {"learning_rate": 5e-4, "max_steps": 16, "batch_size": 8,
+                                          "samples_per_prompt": 2},
+                                 "reward_model": {"learning_rate": 1e-3, "max_steps": 48, "batch_size": 8}},
+        description="each arm's training settings (dpo, ppo, rloo, reward_model), as `prefalign train` takes them")
+    lora: dict[str, Any] | None = Field({"r": 16, "lora_alpha": 32}, description="LoRA of every run (null: full)")
+    device: str = Field("cpu", description="torch device of every stage (cpu, cuda, ...)")
+    hardware: str = Field("auto", description="price-table key (auto: from the device's name; cpu: core-hours)")
+    prices: str | dict[str, dict[str, Any]] | None = Field(None, description="price table: a YAML path or inline "
+                                                                              "(default: the shipped prices.yaml)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if "dpo" not in self.arms or len(self.arms) < 2:
+            raise ValueError(f"arms {self.arms}: the audit compares dpo with ppo and/or rloo")
+        if self.reward is None and self.data is None:
+            raise ValueError("give `reward` (to make pairs and for PPO/RLOO) or `data` (pairs), or both")
+        if self.judge is None and self.reward is None:
+            raise ValueError("held-out completions need a judge: give `judge` (or `reward`)")
+        unknown = set(self.train) - {"dpo", "ppo", "rloo", "reward_model"}
+        if unknown:
+            raise ValueError(f"train: unknown arm(s) {sorted(unknown)} (dpo, ppo, rloo, reward_model)")
+        stand_in = Path(self.output)
+        for arm in self.arms:
+            for value in getattr(self.sweep, f"{arm}_{SETTING[arm]}"):
+                try:  # every run's settings validated now, not an hour into the audit
+                    task.train_settings(stand_in, Path(self.model), METHOD[arm], stand_in, stand_in,
+                                        sizes(self, self.seeds[0]), **run_settings(self, arm, value, "x"))
+                except ConfigError as e:
+                    raise ValueError(f"{arm} ({SETTING[arm]} {value}): {e}") from None
+        return self
+
+
+def sizes(cfg: AuditConfig, seed: int) -> task.Sizes:
+    return task.Sizes(train_prompts=0, eval_prompts=cfg.eval_prompts, samples=cfg.samples,
+                      max_new_tokens=cfg.max_new_tokens, seed=seed, lora=cfg.lora)
+
+
+def run_settings(cfg: AuditConfig, arm: str, value: float, reward: str | None) -> dict[str, Any]:
+    s = {**cfg.train.get(arm, {}), SETTING[arm]: value, "device": cfg.device, "kl_every": 0}
+    if cfg.budget.steps:
+        s["max_steps"] = cfg.budget.steps
+    if arm != "dpo":
+        s["reward"] = reward
+    return s
+
+
+# ---------------------------------------------------------------- hardware, prices
+def load_prices(prices: str | dict | None) -> dict[str, dict]:
+    if isinstance(prices, dict):
+        return prices
+    path = Path(prices) if prices else PRICES
+    table = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for key, row in table.items():
+        if not isinstance(row, dict) or not isinstance(row.get("usd_per_hour"), int | float):
+            raise ConfigError(f"{path}: price {key!r} needs usd_per_hour (a number), unit, source, date")
+    return table
+
+
+def hardware(cfg: AuditConfig) -> dict:
+    """What one device-hour is here, and its price (None, with the reason, when the table has none)."""
+    table = load_prices(cfg.prices)
+    if cfg.device.startswith("cuda") and torch.cuda.is_available():
+        name, devices, unit = torch.cuda.get_device_name(), 1, "gpu-hour"
+    else:
+        name, unit = "cpu", "cpu-core-hour"
+        # the cores a stage computes on: torch's threads (OMP_NUM_THREADS), at most the cores it may use
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        devices = min(torch.get_num_threads(), cores)
+    key = cfg.hardware
+    if key == "auto":
+        key = "cpu" if name == "cpu" else next((k for k in table if re.search(rf"\b{re.escape(k)}\b", name)), None)
+    row = table.get(key) if key else None
+    return {"device": cfg.device, "device_name": name, "devices": devices, "unit": unit, "price_key": key,
+            "usd_per_device_hour": row["usd_per_hour"] if row else None, "price": row,
+            "price_missing": None if row else f"no price for {name!r} in the price table"}
+
+
+# ---------------------------------------------------------------- the stages
+def evaluate_models(models: list[tuple[str, Path]], base: str, prompts: Path, text: Path, cfg: AuditConfig,
+                    seed: int, log, progress: bool) -> list[dict]:
+    """Held-out reward, win-rate vs the base, exact KL to the base and perplexity, per (model, out)."""
+    results = []
+    for model, out in models:
+        ec = EvalConfig(model=str(model), reference=base, prompts=str(prompts), text=str(text),
+                        judge=cfg.judge or cfg.reward, output=str(out), max_new_tokens=cfg.max_new_tokens,
+                        seed=seed + 1, device=cfg.device, max_prompts=None, suites=cfg.suites)
+        results.append(run_eval(ec, log=log, progress=progress))
+    return results
+
+
+def _write_prompts(cfg: AuditConfig, out: Path) -> dict[str, Path]:
+    def rows(path: str) -> list[str]:
+        got = [json.loads(x)["prompt"] for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+        return got
+
+    train = rows(cfg.prompts)
+    n = cfg.eval_prompts
+    test = rows(cfg.test_prompts)[:n] if cfg.test_prompts else train[:n]
+    if not cfg.test_prompts:
+        train = train[n:]
+    val = rows(cfg.validation_prompts)[:n] if cfg.validation_prompts else train[:n]
+    if not cfg.validation_prompts:
+        train = train[n:]
+    train = train[:cfg.train_prompts] if cfg.train_prompts else train
+    sets = {"train": train, "validation": val, "test": test}
+    for name, texts in sets.items():
+        if len(texts) < (1 if name == "train" else 2):
+            raise ConfigError(f"{cfg.prompts}: too few prompts for the {name} set ({len(texts)})")
+    task.check_disjoint(sets)  # a held-out prompt seen in training would flatter every arm
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"{k}_prompts.jsonl" for k in sets}
+    for k, texts in sets.items():
+        paths[k].write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts), encoding="utf-8")
+    paths["text"] = Path(cfg.retention_text) if cfg.retention_text else out / "retention_text.jsonl"
+    if not cfg.retention_text:
+        paths["text"].write_text("".join(json.dumps({"text": t}) + "\n" for t in test), encoding="utf-8")
+    return paths
+
+
+class Audit:
+    def __init__(self, cfg: AuditConfig, log, progress: bool):
+        self.cfg, self.log, self.progress = cfg, log, progress
+        self.child_log = portable(log)
+        self.out = Path(cfg.output)
+        self.hw = hardware(cfg)
+        self.stages: list[dict] = []
+
+    def stage(self, name: str, arm: str | None, seed: int, fn, *args, **kwargs):
+        meter = EnergyMeter().start()
+        result, cost = run_stage(fn, *args, **kwargs)
+        energy = meter.stop()
+        hours = cost["seconds"] * self.hw["devices"] / 3600
+        price = self.hw["usd_per_device_hour"]
+        row = {"stage": name, "arm": arm, "seed": seed, "seconds": cost["seconds"], "device_hours": hours,
+               "peak_rss_bytes": cost["peak_rss_bytes"], "peak_cuda_bytes": cost["peak_cuda_bytes"],
+               "peak_memory_bytes": cost["peak_cuda_bytes"] or cost["peak_rss_bytes"],
+               "usd": hours * price if price is not None else None,
+               "energy_joules": energy["joules"], "energy": energy["status"], "model_copies": None, "tokens": None}
+        if isinstance(result, dict) and "model_copies" in result:  # a training run's run.json
+            row["model_copies"], row["tokens"] = result.get("model_copies"), result.get("tokens")
+        elif isinstance(result, tuple) and isinstance(result[1], dict) and "sample" in result[1]:
+            row["tokens"] = result[1]["sample"].get("new_tokens")  # pair making: the tokens it sampled
+        self.stages.append(row)
+        joules = energy["status"] if energy["joules"] is None else f"{energy['joules']:.0f} J"
+        self.log(f"audit: {name} (seed {seed}) {cost['seconds']:.0f} s, peak {row['peak_memory_bytes'] / 2**20:.0f} "
+                 f"MiB, energy {joules}")
+        return result, row
+
+    def inputs(self, seed: int, prompts: dict[str, Path]) -> tuple[Path | None, dict | None, str, dict | None]:
+        """(pairs, their stage, the RL reward, the reward-model stage) for one seed."""
+        cfg, d = self.cfg, self.out / f"seed{seed}"
+        pairs, pair_stage = (Path(cfg.data), None) if cfg.data else (None, None)
+        if pairs is None:
+            (pairs, _), pair_stage = self.stage("pairs", "dpo", seed, task.make_pairs, d / "pairs", Path(cfg.model),
+                                                prompts["train"], sizes(cfg, seed), self.child_log, cfg.reward,
+                                                cfg.device)
+        reward, rm_stage = cfg.reward, None
+        if reward is None:
+            settings = {**cfg.train.get("reward_model", {}), "device": cfg.device}
+            if cfg.budget.steps:
+                settings["max_steps"] = cfg.budget.steps
+            _, rm_stage = self.stage("reward-model", "rlhf", seed, task.train, d / "reward-model", Path(cfg.model),
+                                     "reward", pairs, None, sizes(cfg, seed), self.child_log, self.progress,
+                                     **settings)
+            reward = str(d / "reward-model" / "final")
+        return pairs, pair_stage, reward, rm_stage
+
+    def train_arm(self, arm: str, value: float, seed: int, inputs, prompts) -> tuple[Path, dict]:
+        pairs, _, reward, _ = inputs
+        run = self.out / f"seed{seed}" / f"{arm}-{SETTING[arm]}{value}"
+        if (run / "final").exists() and any(s["stage"] == f"train {arm} {SETTING[arm]}={value}" and s["seed"] == seed
+                                            for s in self.stages):
+            return run, next(s for s in self.stages if s["stage"] == f"train {arm} {SETTING[arm]}={value}"
+                             and s["seed"] == seed)
+        rl = arm != "dpo"
+        _, row = self.stage(f"train {arm} {SETTING[arm]}={value}", arm, seed, task.train, run, Path(self.cfg.model),
+                            METHOD[arm], None if rl else pairs, prompts["train"] if rl else None,
+                            sizes(self.cfg, seed), self.child_log, self.progress,
+                            **run_settings(self.cfg, arm, value, reward))
+        return run, row
+
+    def evaluate(self, seed: int, split: str, runs: list[tuple[str, Path]], prompts) -> list[dict]:
+        base = self.cfg.model
+        d = self.out / f"seed{seed}" / f"eval-{split}"
+        models = [(base, d / "base")] + [(str(run / "final"), d / name) for name, run in runs]
+        evals, _ = self.stage(f"evaluate {split}", None, seed, evaluate_models, models, base, prompts[split],
+                              prompts["text"], self.cfg, seed, self.child_log, self.progress)
+        return evals
+
+
+def _quality(ev: dict) -> dict:
+    keys = ("reward_mean", "reward_ci95", "win_rate", "win_rate_ci95", "kl_per_sequence", "kl_per_token",
+            "perplexity", "perplexity_reference", "mean_length")
+    q = {k: ev.get(k) for k in keys}
+    q.update({k: v for k, v in ev.items() if k.startswith("suites/")})
+    return q
+
+
+def end_to_end(rows: list[dict | None]) -> dict:
+    """Stages one after another (docs/benchmarks.md, "How costs are counted"): sums, and the largest peak;
+    energy only when every stage's was measured; tokens and model copies of the training stage."""
+    rows = [r for r in rows if r]
+    energy = [r["energy_joules"] for r in rows]
+    usd = [r["usd"] for r in rows]
+    return {"seconds": sum(r["seconds"] for r in rows), "device_hours": sum(r["device_hours"] for r in rows),
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rows),
+            "usd": None if None in usd else sum(usd), "energy_joules": None if None in energy else sum(energy),
+            "tokens": sum(r["tokens"] or 0 for r in rows), "model_copies": rows[-1]["model_copies"],
+            "stages": [r["stage"] for r in rows]}
+
+
+def run_audit(cfg: AuditConfig, log=print, progress: bool = True) -> dict:
+    t0, load0 = time.perf_counter(), load_average()
+    a = Audit(cfg, log, progress)
+    prompts = _write_prompts(cfg, a.out / "prompts")
+    first = cfg.seeds[0]
+    log(f"audit: sweep on the validation prompts (seed {first}); arms {', '.join(cfg.arms)}")
+    inputs = {first: a.inputs(first, prompts)}
+    sweep_runs = [(arm, v, *a.train_arm(arm, v, first, inputs[first], prompts))
+                  for arm in cfg.arms for v in getattr(cfg.sweep, f"{arm}_{SETTING[arm]}")]
+    evals = a.evaluate(first, "validation", [(run.name, run) for _, _, run, _ in sweep_runs], prompts)
+    sweep = [{"arm": arm, "setting_name": SETTING[arm], "setting": v, "seed": first, **_quality(ev)}
+             for (arm, v, _, _), ev in zip(sweep_runs, evals[1:], strict=True)]
+    chosen = choose(sweep, cfg.matched_kl)
+    log(f"audit: chosen on validation (matched KL <= {chosen['matched_kl']:.2f}): " + "; ".join(
+        f"{arm}: best {c['best']}, matched {c['matched']}" for arm, c in chosen["arms"].items()))
+
+    test, base_test = [], []
+    for seed in cfg.seeds:
+        log(f"audit: test runs, seed {seed}")
+        if seed not in inputs:
+            inputs[seed] = a.inputs(seed, prompts)
+        pairs_row, rm_row = inputs[seed][1], inputs[seed][3]
+        plan = []
+        for arm, c in chosen["arms"].items():
+            for value in dict.fromkeys(v for v in (c["best"], c["matched"]) if v is not None):
+                run, row = a.train_arm(arm, value, seed, inputs[seed], prompts)
+                before = [pairs_row] if arm == "dpo" else [pairs_row, rm_row] if rm_row else []
+                plan.append((arm, value, run, end_to_end(before + [row])))
+        evs = a.evaluate(seed, "test", [(f"{arm}-{SETTING[arm]}{v}", run) for arm, v, run, _ in plan], prompts)
+        base_test.append({"seed": seed, **_quality(evs[0])})
+        for (arm, value, _, e2e), ev in zip(plan, evs[1:], strict=True):
+            c = chosen["arms"][arm]
+            test.append({"arm": arm, "setting_name": SETTING[arm], "setting": value, "seed": seed,
+                         "best": value == c["best"], "matched": value == c["matched"], **_quality(ev), **e2e})
+    summary = summarise(cfg, a, sweep, chosen, test, base_test)
+    summary.update({"seconds": time.perf_counter() - t0, "load_average_start": load0,
+                    "load_average_end": load_average()})
+    write_reports(summary, a.out)
+    log("\n".join(summary["verdict"]["sentences"]))
+    log(f"audit: {summary['seconds']:.0f} s; {a.out / 'audit.md'}, {a.out / 'audit.html'}, {a.out / 'audit.json'}")
+    return summary
+
+
+def arm_summary(rows: list[dict]) -> dict:
+    """Mean and 95% t-interval over seeds of each quality and cost figure of one arm's test rows."""
+    out = {"setting": rows[0]["setting"], "seeds": [r["seed"] for r in rows]}
+    for key in ("reward_mean", "win_rate", "kl_per_sequence", "perplexity", "seconds", "device_hours",
+                "peak_memory_bytes", "usd", "energy_joules", "tokens"):
+        vals = [r.get(key) for r in rows]
+        out[key], out[key + "_ci95"] = (None, None) if None in vals else mean_ci(vals)
+    out["model_copies"] = rows[0]["model_copies"]
+    return out
+
+
+def summarise(cfg: AuditConfig, a: Audit, sweep: list, chosen: dict, test: list, base_test: list) -> dict:
+    arms = {}
+    for arm in cfg.arms:
+        for kind in ("best", "matched"):
+            rows = [r for r in test if r["arm"] == arm and r[kind]]
+            if rows:
+                arms.setdefault(arm, {})[kind] = arm_summary(rows)
+    by_seed = lambda arm, kind: {r["seed"]: r for r in test if r["arm"] == arm and r[kind]}  # noqa: E731
+    comparisons, sentences, figs = {}, [], {}
+    for other in [x for x in cfg.arms if x != "dpo"]:
+        best = compare(by_seed("dpo", "best"), by_seed(other, "best"))
+        m_a, m_b = by_seed("dpo", "matched"), by_seed(other, "matched")
+        matched = compare(m_a, m_b) if m_a and m_b else None
+        kls = {"a": arms["dpo"]["matched"]["kl_per_sequence"], "b": arms[other]["matched"]["kl_per_sequence"]} \
+            if matched else None
+        f = figures("DPO", other.upper(), best, matched, chosen["matched_kl"], kls, len(cfg.seeds))
+        comparisons[f"dpo vs {other}"] = {"best": best, "matched": matched}
+        figs[f"dpo vs {other}"] = f
+        sentences += verdict(f)
+    base = {k: mean_ci([r[k] for r in base_test]) for k in ("reward_mean", "perplexity")}
+    return {"audit": 1, "config": cfg.model_dump(mode="json"), "hardware": a.hw,
+            "energy": _energy_status(a.stages), "stages": a.stages, "sweep": sweep, "chosen": chosen,
+            "test": test, "base": {"rows": base_test, **{k: v[0] for k, v in base.items()},
+                                   **{k + "_ci95": v[1] for k, v in base.items()}},
+            "arms": arms, "comparisons": comparisons,
+            "verdict": {"text": " ".join(sentences), "sentences": sentences, "figures": figs}}
+
+
+def _energy_status(stages: list[dict]) -> dict:
+    measured = [s for s in stages if s["energy_joules"] is not None]
+    if len(measured) == len(stages):
+        return {"measured": True, "status": "measured", "joules": sum(s["energy_joules"] for s in stages)}
+    return {"measured": False, "status": next(s["energy"] for s in stages if s["energy_joules"] is None),
+            "joules": None}
+
+
+# ---------------------------------------------------------------- --demo: the shipped model and task
+# The sentiment task (tasks/sentiment.py): IMDb prefixes, VADER as the reward and the judge. DEMO is
+# sized for <= 10 minutes on 2 CPU cores (docs/audit.md gives the measured time); QUICK is the test
+# suite's shrunk audit: every stage a few steps on a few prompts, so it checks the plumbing, not a verdict.
+DEMO = {"eval_prompts": 64, "train_prompts": 128, "samples": 6, "max_new_tokens": 20, "seeds": [0, 1, 2],
+        "sweep": {"dpo_beta": [0.1, 0.5], "ppo_kl_coef": [0.03, 0.1], "rloo_kl_coef": [0.03, 0.1]},
+        "train": {"dpo": {"learning_rate": 2e-3, "max_steps": 32, "batch_size": 8},
+                  "ppo": {"learning_rate": 1e-3, "max_steps": 12, "batch_size": 16},
+                  "rloo": {"learning_rate": 1e-3, "max_steps": 12, "batch_size": 8, "samples_per_prompt": 2}}}
+QUICK = {"eval_prompts": 4, "train_prompts": 8, "samples": 2, "max_new_tokens": 4, "seeds": [0, 1],
+         "arms": ["dpo", "ppo"], "sweep": {"dpo_beta": [0.1, 0.5], "ppo_kl_coef": [0.1]},
+         "train": {"dpo": {"learning_rate": 2e-3, "max_steps": 2, "batch_size": 4},
+                   "ppo": {"learning_rate": 1e-3, "max_steps": 1, "batch_size": 4, "ppo_epochs": 1}}}
+
+
+def demo_config(output: str, quick: bool = False, **overrides: Any) -> dict[str, Any]:
+    """The demo's config (a dict, so that a YAML file or key=value overrides can still change it):
+    the shipped model, its train prefixes, and the package's validation and test prefixes."""
+    sizes_ = dict(QUICK if quick else DEMO)
+    n = sizes_["eval_prompts"]
+    prompts = Path(output) / "prompts" / "shipped"
+    train, test = task.split_prefixes(prompts / "test", task.Sizes(train_prompts=sizes_["train_prompts"],
+                                                                    eval_prompts=n), "test")
+    _, val = task.split_prefixes(prompts / "validation", task.Sizes(train_prompts=sizes_["train_prompts"],
+                                                                     eval_prompts=n), "validation")
+    return {"output": output, "model": str(task.BASE_MODEL), "prompts": str(train), "validation_prompts": str(val),
+            "test_prompts": str(test), "reward": task.REWARD, **sizes_, **overrides}

@@ -1,0 +1,152 @@
+"""The audit's arithmetic and its verdict: pure functions of the per-seed figures `tasks/audit.py` collects.
+
+Choosing (`choose`): on the validation prefixes only. An arm's *best* setting is the one with the
+highest validation reward; its *matched* setting the one with the highest validation reward among
+those whose validation KL is at most K, where K is the config's `matched_kl` or, by default, the
+smallest KL at which every arm has a setting (the largest of the arms' smallest KLs).
+
+Comparing (`paired`): on the test prefixes, seed by seed. For a ratio A/B (DPO's device-hours over
+PPO's, say) each seed gives one ratio (A and B of that seed share its pairs, prompts and sampling
+draws); the figure is their mean with a 95% Student-t interval over seeds (tasks/seeds.py). A
+reward ratio is given only where B's reward is above 0 in every seed and its t-interval over seeds
+excludes 0 (VADER's scale has 0 in the middle: a ratio to a reward near or below 0 swings without
+bound); the reward difference is always given.
+
+The verdict (`verdict`) is built only from `figures`, a flat dict of rounded numbers that audit.json
+keeps under `verdict.figures`: every number in the text is one of them (tests/test_audit.py checks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .seeds import mean_ci
+
+CONFIDENCE = 95
+
+
+def _r(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
+def _rci(ci: Sequence[float] | None, digits: int) -> list[float] | None:
+    return None if ci is None else [round(float(c), digits) for c in ci]
+
+
+def choose(sweep: list[dict], matched_kl: float | None = None) -> dict:
+    """sweep: rows {arm, setting, reward_mean, kl_per_sequence} on the validation prefixes (one seed).
+    Returns {"matched_kl": K, "arms": {arm: {"best": setting, "matched": setting | None, "reason": str}}}."""
+    arms = list(dict.fromkeys(r["arm"] for r in sweep))
+    k = matched_kl if matched_kl is not None else max(min(r["kl_per_sequence"] for r in sweep if r["arm"] == a)
+                                                      for a in arms)
+    out = {}
+    for arm in arms:
+        rows = [r for r in sweep if r["arm"] == arm]
+        best = max(rows, key=lambda r: r["reward_mean"])
+        within = [r for r in rows if r["kl_per_sequence"] <= k]
+        matched = max(within, key=lambda r: r["reward_mean"]) if within else None
+        reason = (f"best: highest validation reward {best['reward_mean']:.3f} (KL {best['kl_per_sequence']:.2f}) "
+                  f"of {len(rows)} settings; matched: ")
+        reason += (f"highest validation reward {matched['reward_mean']:.3f} among the {len(within)} with validation "
+                   f"KL <= {k:.2f}" if matched else f"none of its settings had validation KL <= {k:.2f}")
+        out[arm] = {"best": best["setting"], "matched": matched["setting"] if matched else None, "reason": reason}
+    return {"matched_kl": k, "arms": out}
+
+
+def paired(a: dict[int, float], b: dict[int, float], kind: str, centred: bool = False) -> dict | None:
+    """A against B over the seeds both have: kind "ratio" (A/B) or "difference" (A − B); mean, 95% t-interval.
+    `centred`: B is on a scale with 0 inside it (a reward), so a ratio needs B clearly above 0; a cost
+    (seconds, bytes, joules) is positive in every seed, so its ratio is always defined."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds or any(a[s] is None or b[s] is None for s in seeds):
+        return None
+    if kind == "ratio":
+        # a ratio to a value whose interval over seeds reaches 0 (a reward on a scale centred on 0; a
+        # reward barely above it) swings without bound: then only the difference is given
+        floor = mean_ci([b[s] for s in seeds])[1]
+        if any(b[s] <= 0 for s in seeds) or (centred and floor is not None and floor[0] <= 0):
+            return None
+        values = [a[s] / b[s] for s in seeds]
+    else:
+        values = [a[s] - b[s] for s in seeds]
+    mean, ci = mean_ci(values)
+    return {"mean": mean, "ci95": ci, "per_seed": values, "seeds": seeds}
+
+
+COST_KEYS = ("device_hours", "peak_memory_bytes", "usd", "energy_joules")
+
+
+def compare(a: dict[int, dict], b: dict[int, dict]) -> dict:
+    """Two arms' test rows by seed (same choice): reward ratio and difference, win-rate and KL difference,
+    and the ratio of each end-to-end cost."""
+    get = lambda rows, key: {s: r.get(key) for s, r in rows.items()}  # noqa: E731
+    out = {"reward_ratio": paired(get(a, "reward_mean"), get(b, "reward_mean"), "ratio", centred=True),
+           "reward_difference": paired(get(a, "reward_mean"), get(b, "reward_mean"), "difference"),
+           "win_rate_difference": paired(get(a, "win_rate"), get(b, "win_rate"), "difference"),
+           "kl_difference": paired(get(a, "kl_per_sequence"), get(b, "kl_per_sequence"), "difference")}
+    for key in COST_KEYS:
+        out[f"{key}_ratio"] = paired(get(a, key), get(b, key), "ratio")
+    return out
+
+
+def _direction(ci: list[float] | None, mean: float) -> str:
+    if ci is None:
+        return "higher" if mean > 0 else "lower" if mean < 0 else "equal"
+    return "higher" if ci[0] > 0 else "lower" if ci[1] < 0 else "not detectably different"
+
+
+def figures(a: str, b: str, best: dict, matched: dict | None, k: float, kls: dict | None, n_seeds: int) -> dict:
+    """The verdict's numbers, rounded as printed: best/matched are `compare` results of arm A against B."""
+    f: dict = {"a": a, "b": b, "seeds": n_seeds, "confidence": CONFIDENCE}
+    pct = lambda c: None if c is None else (_r(100 * c["mean"], 1), _rci([100 * x for x in c["ci95"]], 1)  # noqa: E731
+                                            if c["ci95"] else None)
+    for key, name in (("reward_ratio", "reward_pct"), ("device_hours_ratio", "device_hours_pct"),
+                      ("peak_memory_bytes_ratio", "peak_memory_pct"), ("usd_ratio", "usd_pct"),
+                      ("energy_joules_ratio", "energy_pct")):
+        p = pct(best.get(key))
+        f[name], f[name + "_ci95"] = (None, None) if p is None else p
+    d = best.get("reward_difference")
+    f["reward_difference"] = _r(d["mean"], 3) if d else None
+    f["reward_difference_ci95"] = _rci(d["ci95"], 3) if d else None
+    f["matched_kl"] = _r(k, 2)
+    m = matched.get("reward_difference") if matched else None
+    if m is not None:
+        f["matched_direction"] = _direction(m["ci95"], m["mean"])
+        f["matched_gap"] = _r(abs(m["mean"]), 3)
+        f["matched_difference_ci95"] = _rci(m["ci95"], 3)
+        f["matched_kl_a"], f["matched_kl_b"] = _r(kls["a"], 2), _r(kls["b"], 2)
+    return f
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]}, {ci[1]}]"
+
+
+def verdict(f: dict) -> list[str]:
+    """The verdict's sentences, from `figures` only (swap A and B's figures and the words follow)."""
+    a, b, n, c = f["a"], f["b"], f["seeds"], f["confidence"]
+    out = []
+    costs = []
+    for key, words in (("device_hours_pct", "of its device-hours"), ("peak_memory_pct", "of its peak memory"),
+                       ("usd_pct", "of its cost in money"), ("energy_pct", "of its measured energy")):
+        if f.get(key) is not None:
+            costs.append(f"{f[key]}%{_ci(f[key + '_ci95'])} {words}")
+    at = (" at " + ", ".join(costs)) if costs else ""
+    if f.get("reward_pct") is not None:
+        out.append(f"{a} reached {f['reward_pct']}%{_ci(f['reward_pct_ci95'])} of {b}'s best reward{at} "
+                   f"(test prefixes, {n} seeds, {c}% t-intervals over seeds).")
+    elif f.get("reward_difference") is not None:
+        out.append(f"{a}'s reward minus {b}'s best was {f['reward_difference']}{_ci(f['reward_difference_ci95'])}"
+                   f"{at} (test prefixes, {n} seeds, {c}% t-intervals over seeds; no ratio: {b}'s reward is not "
+                   "clearly above 0 over the seeds).")
+    if f.get("matched_direction") is None:
+        out.append(f"At matched KL <= {f['matched_kl']}: no comparison (an arm had no setting within it on "
+                   "the validation prefixes).")
+    else:
+        d = f["matched_direction"]
+        how = (f"{a}'s reward was {d} than {b}'s by {f['matched_gap']}" if d in ("higher", "lower")
+               else f"{a}'s reward was not detectably different from {b}'s (gap {f['matched_gap']})")
+        out.append(f"At matched KL <= {f['matched_kl']} (settings chosen on the validation prefixes), {how} "
+                   f"(difference{_ci(f['matched_difference_ci95'])}; test KL {f['matched_kl_a']} vs "
+                   f"{f['matched_kl_b']}).")
+    return out

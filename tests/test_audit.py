@@ -1,0 +1,219 @@
+"""`prefalign audit`: its config, its arithmetic against hand-worked values, the energy reader on a
+fake powercap tree, and the shrunk demo end to end (the three files, their documented keys, a verdict
+whose every number is in audit.json, the page in a real browser)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import headless_chromium
+from prefalign.config import ConfigError, load_config
+from prefalign.runtime.energy import NOT_MEASURABLE, EnergyMeter, read_counters
+from prefalign.tasks.audit import AuditConfig, demo_config, load_prices, run_audit
+from prefalign.tasks.audit_verdict import choose, compare, figures, paired, verdict
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "audit.md"
+
+
+# ---------------------------------------------------------------- config
+def test_unknown_key_names_the_file(tmp_path):
+    path = tmp_path / "audit.yaml"
+    path.write_text("output: out\nmodel: m\nprompts: p.jsonl\nreward: a:b\nsweeep: {}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(AuditConfig, path)
+    assert str(path) in str(e.value) and "sweeep" in str(e.value)
+
+
+def test_config_refusals(tmp_path):
+    base = {"output": "out", "model": "m", "prompts": "p.jsonl"}
+    with pytest.raises(ConfigError, match="give `reward`"):
+        load_config(AuditConfig, base=base)
+    with pytest.raises(ConfigError, match="need a judge"):
+        load_config(AuditConfig, base={**base, "data": "pairs.jsonl"})
+    with pytest.raises(ConfigError, match="compares dpo"):
+        load_config(AuditConfig, base={**base, "reward": "a:b", "arms": ["ppo", "rloo"]})
+    # a setting the method's own config refuses is caught before anything runs
+    with pytest.raises(ConfigError, match="ppo"):
+        load_config(AuditConfig, base={**base, "reward": "a:b", "train": {"ppo": {"clip_rang": 0.1}}})
+    ok = load_config(AuditConfig, base={**base, "data": "pairs.jsonl", "judge": "a:b"})
+    assert ok.reward is None and ok.seeds == [0, 1, 2]
+
+
+def test_price_table(tmp_path):
+    table = load_prices(None)
+    for key in ("H100", "A100", "L4", "cpu"):
+        assert table[key]["usd_per_hour"] > 0 and table[key]["source"].startswith("https://") and table[key]["date"]
+    bad = tmp_path / "prices.yaml"
+    bad.write_text("H100: {unit: gpu-hour}\n")
+    with pytest.raises(ConfigError, match="usd_per_hour"):
+        load_prices(str(bad))
+
+
+# ---------------------------------------------------------------- arithmetic, by hand
+def test_paired_ratio_and_difference_by_hand():
+    # ratios 1/2 = 0.5 and 2/2 = 1.0: mean 0.75, sd = 0.5/sqrt(2) = 0.353553, t(0.975, 1) = 12.706,
+    # half-width = 12.706 * 0.353553 / sqrt(2) = 3.17650
+    r = paired({0: 1.0, 1: 2.0}, {0: 2.0, 1: 2.0}, "ratio")
+    assert r["per_seed"] == [0.5, 1.0] and r["mean"] == pytest.approx(0.75, abs=1e-12)
+    assert r["ci95"] == pytest.approx([0.75 - 3.17650, 0.75 + 3.17650], abs=1e-5)
+    # differences -1, 0, 1: mean 0, sd 1, t(0.975, 2) = 4.303, half = 4.303 / sqrt(3) = 2.484338
+    d = paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 2.0, 1: 2.0, 2: 2.0}, "difference")
+    assert d["mean"] == 0 and d["ci95"] == pytest.approx([-2.484338, 2.484338], abs=1e-6)
+    assert paired({0: 1.0, 1: 1.0}, {0: 0.5, 1: -0.1}, "ratio") is None  # a ratio to a reward <= 0 means nothing
+    # rewards 0.05 and 0.5: mean 0.275, sd 0.318198, half 12.706 * 0.318198 / sqrt(2) = 2.8589: the interval
+    # reaches 0, so a ratio (20 and 2) would swing without bound: none is given
+    assert paired({0: 1.0, 1: 1.0}, {0: 0.05, 1: 0.5}, "ratio", centred=True) is None
+    assert paired({0: 1.0, 1: 1.0}, {0: 0.05, 1: 0.5}, "ratio")["per_seed"] == [20.0, 2.0]  # a cost: always
+    assert paired({0: 1.0, 1: 1.0}, {0: 0.5, 1: 0.52}, "ratio", centred=True)["per_seed"] == [2.0, 1.0 / 0.52]
+    assert paired({0: 1.0}, {1: 1.0}, "ratio") is None  # no seed in common
+
+
+def test_choose_on_validation_by_hand():
+    sweep = [{"arm": "dpo", "setting": 0.1, "reward_mean": 0.5, "kl_per_sequence": 9.0},
+             {"arm": "dpo", "setting": 0.5, "reward_mean": 0.3, "kl_per_sequence": 2.0},
+             {"arm": "ppo", "setting": 0.03, "reward_mean": 0.4, "kl_per_sequence": 4.0},
+             {"arm": "ppo", "setting": 0.1, "reward_mean": 0.2, "kl_per_sequence": 1.0}]
+    c = choose(sweep)
+    # default K: the largest of the arms' smallest KLs = max(2.0, 1.0) = 2.0
+    assert c["matched_kl"] == 2.0
+    assert c["arms"]["dpo"] == {**c["arms"]["dpo"], "best": 0.1, "matched": 0.5}
+    assert c["arms"]["ppo"]["best"] == 0.03 and c["arms"]["ppo"]["matched"] == 0.1
+    c = choose(sweep, matched_kl=4.0)
+    assert c["arms"]["ppo"]["matched"] == 0.03 and c["arms"]["dpo"]["matched"] == 0.5
+    assert choose(sweep, matched_kl=0.5)["arms"]["ppo"]["matched"] is None
+
+
+def _rows(reward, hours, peak, kl=1.0):
+    """Per-seed test rows of one arm (no energy measured)."""
+    return {s: {"reward_mean": r, "win_rate": 0.5, "kl_per_sequence": kl, "device_hours": h, "peak_memory_bytes": p,
+                "usd": h * 2.0, "energy_joules": None}
+            for s, (r, h, p) in enumerate(zip(reward, hours, peak, strict=True))}
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", text)]
+
+
+def _leaves(obj) -> set[float]:
+    if isinstance(obj, dict):
+        return set().union(*map(_leaves, obj.values())) if obj else set()
+    if isinstance(obj, list):
+        return set().union(*map(_leaves, obj)) if obj else set()
+    return {float(obj)} if isinstance(obj, int | float) and not isinstance(obj, bool) else set()
+
+
+def test_verdict_numbers_by_hand_and_traceable():
+    dpo = _rows([0.40, 0.44, 0.42], [1.0, 1.0, 1.0], [100, 100, 100], kl=3.0)
+    ppo = _rows([0.50, 0.55, 0.60], [2.0, 4.0, 4.0], [200, 200, 100], kl=2.0)
+    f = figures("DPO", "PPO", compare(dpo, ppo), compare(dpo, ppo), 2.5, {"a": 3.0, "b": 2.0}, 3)
+    # reward ratios .8, .8, .7 -> 76.7%; device-hours 1/2, 1/4, 1/4 -> 33.3%; peak .5, .5, 1 -> 66.7%
+    assert (f["reward_pct"], f["device_hours_pct"], f["peak_memory_pct"], f["usd_pct"]) == (76.7, 33.3, 66.7, 33.3)
+    assert f["energy_pct"] is None  # not measured: no ratio, no sentence
+    # matched differences -.10, -.11, -.18: mean -0.13, sd 0.043589, half 4.303 * 0.043589 / sqrt(3) = 0.108288
+    assert f["matched_gap"] == 0.13 and f["matched_difference_ci95"] == [-0.238, -0.022]
+    text = " ".join(verdict(f))
+    assert "DPO reached 76.7% [" in text and "33.3% [" in text and "of its peak memory" in text
+    assert "DPO's reward was lower than PPO's by 0.13" in text and "energy" not in text
+    assert set(_numbers(text)) <= _leaves(f), set(_numbers(text)) - _leaves(f)
+    # the figures flipped, the words flip
+    g = figures("PPO", "DPO", compare(ppo, dpo), compare(ppo, dpo), 2.5, {"a": 2.0, "b": 3.0}, 3)
+    flipped = " ".join(verdict(g))
+    assert "PPO's reward was higher than DPO's by 0.13" in flipped and g["reward_pct"] > 100
+    assert set(_numbers(flipped)) <= _leaves(g)
+    # an interval across 0: no side is named
+    h = figures("DPO", "PPO", compare(dpo, ppo), compare(_rows([0.5, 0.3, 0.6], [1] * 3, [1] * 3), ppo), 2.5,
+                {"a": 1.0, "b": 2.0}, 3)
+    assert "not detectably different" in " ".join(verdict(h))
+
+
+# ---------------------------------------------------------------- energy
+def _rapl(root: Path, name: str, uj: int, wrap: int = 262143328850) -> None:
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "energy_uj").write_text(f"{uj}\n")
+    (d / "max_energy_range_uj").write_text(f"{wrap}\n")
+
+
+def test_rapl_from_a_fake_powercap_tree(tmp_path):
+    _rapl(tmp_path, "intel-rapl:0", 5_000_000)
+    _rapl(tmp_path, "intel-rapl:0:0", 1_000_000)  # a core subdomain: inside package 0, not added again
+    _rapl(tmp_path, "intel-rapl:1", 262143328850 - 1_000_000)  # about to wrap
+    meter = EnergyMeter(tmp_path, gpus=False).start()
+    _rapl(tmp_path, "intel-rapl:0", 17_000_000)  # +12 J
+    _rapl(tmp_path, "intel-rapl:0:0", 9_000_000)
+    _rapl(tmp_path, "intel-rapl:1", 2_500_000)  # wrapped: +1 J to the top, +2.5 J after
+    got = meter.stop()
+    assert got["status"] == "measured" and got["sources"] == ["rapl"]
+    assert got["counters"] == ["rapl:intel-rapl:0", "rapl:intel-rapl:1"]
+    assert got["joules"] == pytest.approx(12.0 + 3.5, abs=1e-9)
+
+
+def test_energy_not_measurable_says_why(tmp_path):
+    got = EnergyMeter(tmp_path / "none", gpus=False).start().stop()
+    assert got["joules"] is None and got["status"].startswith(NOT_MEASURABLE) and "does not exist" in got["status"]
+    (tmp_path / "intel-rapl:0" / "energy_uj").mkdir(parents=True)  # unreadable as a number
+    r = read_counters(tmp_path, gpus=False)
+    assert r.joules == {} and "energy_uj" in r.reasons[0]
+
+
+# ---------------------------------------------------------------- the shrunk demo, end to end
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit") / "out"
+    cfg = load_config(AuditConfig, base=demo_config(str(out), quick=True))
+    run_audit(cfg, log=lambda m: None, progress=False)
+    return out
+
+
+def documented() -> set[str]:
+    keys = set()
+    for line in DOC.read_text().splitlines():
+        if line.startswith("| `"):
+            keys |= set(re.findall(r"`([^`]+)`", line.split("|")[1]))
+    return keys
+
+
+def test_audit_writes_the_three_files_with_documented_keys(audit):
+    s = json.loads((audit / "audit.json").read_text())
+    keys = documented()
+    used = set(s) | {f"hardware.{k}" for k in s["hardware"]} | {f"stages[].{k}" for k in s["stages"][0]}
+    used |= {f"sweep[].{k}" for k in s["sweep"][0]} | {f"test[].{k}" for k in s["test"][0]}
+    used |= {f"arms.<arm>.<choice>.{k}" for k in s["arms"]["dpo"]["best"]} | {f"energy.{k}" for k in s["energy"]}
+    used |= {f"verdict.figures.<pair>.{k}" for k in s["verdict"]["figures"]["dpo vs ppo"]}
+    used |= {f"comparisons.<pair>.<choice>.{k}" for k in s["comparisons"]["dpo vs ppo"]["best"]}
+    assert used - keys == set()
+    # both seeds of each chosen setting on the test split; every stage costed
+    assert {r["seed"] for r in s["test"]} == {0, 1} and {r["arm"] for r in s["test"]} == {"dpo", "ppo"}
+    stages = {st["stage"] for st in s["stages"]}
+    assert {"pairs", "evaluate validation", "evaluate test", "train ppo kl_coef=0.1"} <= stages
+    assert all(st["seconds"] > 0 and st["peak_memory_bytes"] > 0 for st in s["stages"])
+    assert all(st["energy_joules"] is not None or st["energy"].startswith(NOT_MEASURABLE) for st in s["stages"])
+    assert s["hardware"]["price_key"] == "cpu" and s["test"][0]["usd"] > 0
+    # the verdict: every number in it is a figure audit.json keeps
+    text = s["verdict"]["text"]
+    assert text and set(_numbers(text)) <= _leaves(s["verdict"]["figures"])
+    md = (audit / "audit.md").read_text()
+    assert text.split(" (")[0] in md and "![reward vs KL](frontier.png)" in md
+    assert "not measurable on this machine" in md or "measured" in md
+
+
+def test_audit_html_is_self_contained_and_opens(audit, tmp_path):
+    page = (audit / "audit.html").read_text()
+    s = json.loads((audit / "audit.json").read_text())
+    assert "data:image/png;base64," in page and "src='http" not in page and "<script" not in page
+    assert s["verdict"]["sentences"][0].split(" (")[0].replace("'", "&#x27;") in page
+    browser = headless_chromium(tmp_path / "profile")
+    try:
+        browser.get((audit / "audit.html").resolve().as_uri())
+        images = browser.execute_script(
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);")
+        assert images and all(ok and w > 100 for _, ok, w in images), images
+        tables = browser.execute_script("return document.querySelectorAll('table').length;")
+        assert tables == 5
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    finally:
+        browser.quit()
