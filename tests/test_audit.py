@@ -217,3 +217,13 @@ def test_audit_html_is_self_contained_and_opens(audit, tmp_path):
         assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
     finally:
         browser.quit()
+
+
+def test_readme_quotes_the_committed_demo_verdict():
+    """The README's audit quote is the committed demo's first two verdict sentences (DPO vs PPO), word for word."""
+    root = Path(__file__).resolve().parents[1]
+    verdict = json.loads((root / "benchmarks/results/audit-demo-cpu-2core/audit.json").read_text())["verdict"]
+    readme = (root / "README.md").read_text()
+    quoted = re.search(r"<!-- audit:begin -->\n> (.*?)\n<!-- audit:end -->", readme, re.S).group(1)
+    assert quoted == " ".join(verdict["sentences"][:2])
+    assert quoted in verdict["text"]
