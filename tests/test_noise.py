@@ -199,6 +199,11 @@ def test_auto_refuses_an_estimate_with_too_little_evidence(tmp_path):
     # every repeat disagrees: no information beyond chance, refused rather than capped
     _refused(tmp_path, rows + [dict(r, chosen=r["rejected"], rejected=r["chosen"]) for r in rows],
              "300 of 300 comparisons .* no information beyond chance")
+    # 530 of 1000 disagree: a narrow interval [0.478, 0.5] whose low end is above the cap (0.45): refused too
+    rows = distinct_pairs(1000)
+    _refused(tmp_path, rows + [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if i < 530 else r
+                               for i, r in enumerate(rows)], r"530 of 1000 comparisons .*\[0\.478, 0\.500\], low "
+             r"end >= 0\.45\): the labels carry no information beyond chance")
 
 
 def test_auto_is_capped_where_robust_dpo_would_divide_by_almost_zero(tmp_path):
@@ -287,4 +292,4 @@ def test_data_stats_with_a_reward_model_and_a_pairwise_judge(tiny_models, tmp_pa
                                                                       code=2)
     assert "--reward-model-accuracy 1.2" in stats(*scorer, "--reward-model-accuracy", "1.2", code=2)
     assert "--reward-model-accuracy-pairs needs --reward-model-accuracy" in stats(
-        *scorer, "--reward-model-accuracy-pairs", "100", code=2)
+        "--reward-model-accuracy-pairs", "100", code=2)
