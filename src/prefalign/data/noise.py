@@ -1,7 +1,8 @@
 """How noisy are a preference set's labels? The label-flip rate eps estimated from what the data shows.
 
 The model (the one cDPO and robust DPO assume, Mitchell 2023; Chowdhury et al. 2024): every stored label
-is the true preference flipped with probability eps, independently. Three sources see eps:
+is the true preference flipped with probability eps, independently. Two sources see eps, and a
+judge's order inconsistency is reported beside them as a diagnostic:
 
 - duplicates: the same prompt and the same two answers labelled more than once. Two independent labels of
   one pair disagree with probability q = 2 eps (1 - eps) (one flipped, the other not), so the share of

@@ -53,6 +53,9 @@ def resolve_label_smoothing(cfg, log: Callable[[str], None] = print):
         raise ConfigError(refuse + f"is at chance: {seen} (flip rate interval [{dup['low']:.3f}, {dup['high']:.3f}]"
                           f", low end >= {EPS_CAP}): the labels carry no information beyond chance. Check the "
                           "labels (swapped chosen/rejected?) rather than train on them")
+    if noise.get("conflict"):  # only one source (duplicates) today; a second would have to agree with it
+        raise ConfigError(refuse + f"is contradictory: its sources disagree ({noise['sources']}); give "
+                          "label_smoothing a number")
     width = noise["high"] - noise["low"]
     if width > MAX_WIDTH:
         raise ConfigError(
