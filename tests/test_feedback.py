@@ -138,10 +138,11 @@ def test_pairwise_llm_judge_prefers_the_better_answer(tokenizer, tmp_path):
     )
     pair = json.loads((tmp_path / "p.jsonl").read_text())
     assert res["judge"] == "pairwise" and res["agreement_rate"] is not None
-    # the order agreement as a label-flip rate: 1 - agreement = 2 eps (1 - eps)
-    eps = res["label_noise"]["flip_rate"]
-    assert res["label_noise"]["source"] == "judge_order"
-    assert abs(2 * eps * (1 - eps) - (1 - res["agreement_rate"])) < 1e-4, res
+    # the order inconsistency: the share of disagreeing orders, a diagnostic, not the labels' flip rate
+    assert "label_noise" not in res  # one name, one meaning: label_noise is run.json's eps under auto
+    inconsistency = res["order_inconsistency"]
+    assert (inconsistency["source"], inconsistency["bound"]) == ("order_inconsistency", "diagnostic")
+    assert abs(inconsistency["share"] - (1 - res["agreement_rate"])) < 1e-4, res
     assert pair["chosen"] == "it was great."
     assert pair["margin"] > 0
 

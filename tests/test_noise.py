@@ -7,17 +7,21 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import learnable_pairs, write_jsonl
 from prefalign.data import ReadOptions
 from prefalign.data.curate import compute_stats
 from prefalign.data.noise import (
+    Z975,
     DuplicateComparisons,
     combine,
+    describe_noise,
     flip_from_disagreement,
     from_disagreements,
     from_judge_order,
     from_reward_model,
+    readiness,
     wilson,
 )
 from prefalign.errors import ConfigError
@@ -72,27 +76,72 @@ def test_duplicates_are_compared_two_at_a_time():
     assert (t.comparisons, t.disagreements, t.repeated) == (2, 1, 4)
 
 
-def test_reward_model_is_a_bound_alone_and_an_estimate_with_its_accuracy():
+def test_reward_model_is_a_bound_alone_and_an_estimate_with_its_measured_accuracy():
     bound = from_reward_model(30, 100)
     assert bound.bound == "upper" and bound.flip_rate == pytest.approx(0.3)
     # d = eps + delta - 2 eps delta with delta = 0.1: eps = (0.3 - 0.1) / (1 - 0.2) = 0.25
-    est = from_reward_model(30, 100, accuracy=0.9)
-    assert est.bound == "estimate" and est.flip_rate == pytest.approx(0.25, abs=1e-12)
+    point = from_reward_model(30, 100, accuracy=0.9)
+    assert point.bound == "point" and point.flip_rate == pytest.approx(0.25, abs=1e-12)  # accuracy taken as exact
     d_lo, d_hi = wilson(30, 100)
-    assert (est.low, est.high) == pytest.approx(((d_lo - 0.1) / 0.8, (d_hi - 0.1) / 0.8), abs=1e-12)
-    # an accuracy measured on 200 pairs widens the interval: delta's own Wilson interval enters
-    measured = from_reward_model(30, 100, accuracy=0.9, accuracy_pairs=200)
-    assert measured.low < est.low and measured.high > est.high and measured.flip_rate == est.flip_rate
+    assert (point.low, point.high) == pytest.approx(((d_lo - 0.1) / 0.8, (d_hi - 0.1) / 0.8), abs=1e-12)
+    # measured on 200 pairs (180 right): both intervals at 97.5% (Bonferroni, jointly >= 95%), delta's enters
+    assert Z975 == pytest.approx(2.241403, abs=1e-6)
+    est = from_reward_model(30, 100, accuracy=0.9, accuracy_pairs=200)
+    (d_lo, d_hi), (a_lo, a_hi) = wilson(30, 100, Z975), wilson(180, 200, Z975)
+    assert est.bound == "estimate" and est.flip_rate == point.flip_rate
+    assert est.low == pytest.approx((d_lo - (1 - a_lo)) / (1 - 2 * (1 - a_lo)), abs=1e-12)
+    assert est.high == pytest.approx((d_hi - (1 - a_hi)) / (1 - 2 * (1 - a_hi)), abs=1e-12)
 
 
-def test_combine_takes_the_narrowest_estimate_and_a_bound_only_alone():
-    wide, narrow = from_disagreements(10, 40, "duplicates"), from_judge_order([True] * 900 + [False] * 100)
-    bound = from_reward_model(5, 10_000)  # the narrowest interval of all, but a bound
-    c = combine([wide, None, bound, narrow])
-    assert c["source"] == "judge_order" and len(c["sources"]) == 3
-    assert c["flip_rate"] == pytest.approx(flip_from_disagreement(0.1), abs=1e-5)
-    assert combine([bound])["bound"] == "upper"
+def test_judge_order_inconsistency_is_a_diagnostic_share():
+    e = from_judge_order([True] * 900 + [False] * 100)
+    assert (e.source, e.bound, e.flip_rate) == ("order_inconsistency", "diagnostic", 0.1)  # the share, no transform
+    assert (e.low, e.high) == pytest.approx(wilson(100, 1000))
+
+
+def test_combine_chooses_by_provenance_not_the_narrowest_interval():
+    dup = from_disagreements(20, 100, "duplicates")
+    pinned = from_judge_order([True] * 2000 + [False] * 3000)  # a position-biased judge: narrow, near 1/2
+    rm_point = from_reward_model(1100, 10_000, accuracy=0.9)  # narrow, but its accuracy's error is left out
+    c = combine([dup, None, pinned, rm_point])
+    assert (c["source"], c["flip_rate"], c["conflict"]) == ("duplicates", round(dup.flip_rate, 5), False)
+    assert [x["source"] for x in c["excluded"]] == ["order_inconsistency", "reward_model"] and len(c["sources"]) == 3
+    # a reward model with a measured accuracy is used when there are no duplicates; the judge never is
+    rm = from_reward_model(1100, 10_000, accuracy=0.9, accuracy_pairs=5000)
+    assert combine([pinned, rm])["source"] == "reward_model"
+    only_diag = combine([pinned])
+    assert only_diag["flip_rate"] is None and only_diag["excluded"][0]["source"] == "order_inconsistency"
+    assert "not estimated" in describe_noise(only_diag)
     assert combine([None]) is None
+
+
+def test_combine_excludes_a_source_beyond_chance():
+    beyond = from_disagreements(60, 100, "duplicates")  # Wilson's low end of q is above 1/2: low = 1/2
+    assert beyond.low == 0.5
+    rm = from_reward_model(1100, 10_000, accuracy=0.9, accuracy_pairs=5000)
+    c = combine([beyond, rm])
+    assert c["source"] == "reward_model" and c["excluded"][0]["source"] == "duplicates"
+    assert "beyond chance" in c["excluded"][0]["why"]
+
+
+def test_upper_bounds_clip_and_flag_conflicts():
+    dup = from_disagreements(20, 100, "duplicates")  # eps 0.113 [0.072, 0.175]
+    loose, tight = from_reward_model(140, 1000), from_reward_model(12, 1000)
+    clipped = combine([dup, loose])
+    assert loose.high < dup.high and clipped["high"] == round(loose.high, 5) and not clipped["conflict"]
+    assert clipped["low"] == round(dup.low, 5) and clipped["bound"] == "estimate"
+    assert tight.high < dup.low and combine([dup, tight])["conflict"]  # the estimate sits above the bound
+    # two proper intervals that do not overlap: conflict, and the interval is their union
+    copies = from_disagreements(0, 2000, "duplicates")  # a file concatenated twice: agreeing copies
+    rm = from_reward_model(2000, 10_000, accuracy=0.9, accuracy_pairs=5000)  # eps 0.125
+    c = combine([copies, rm])
+    assert c["conflict"] and (c["low"], c["high"]) == (round(copies.low, 5), round(rm.high, 5))
+    assert "CONFLICT" in describe_noise(c)
+    # only a bound: the tightest, reported as one, with a "≤" in the headline and in the readiness summary
+    alone = combine([loose, tight])
+    assert (alone["bound"], alone["flip_rate"]) == ("upper", round(tight.flip_rate, 5))
+    assert describe_noise(alone).startswith(f"label-flip rate ≤ {tight.flip_rate:.3f}")
+    assert readiness({"pairs": 10, "noise": alone})["noise"]["bound"] == "upper"
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.2, 0.35])
@@ -134,34 +183,73 @@ def test_auto_without_repeats_is_a_clear_error_and_a_number_is_untouched(tmp_pat
     assert "label_smoothing  float | auto  0.1" in config_help("robust")
 
 
+def _refused(tmp_path, rows, match):
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(ConfigError, match=match):
+        resolve_label_smoothing(_cfg(tmp_path, data), log=lambda _: None)
+
+
+def test_auto_refuses_an_estimate_with_too_little_evidence(tmp_path):
+    rows = distinct_pairs(300)
+    swapped = dict(rows[0], chosen=rows[0]["rejected"], rejected=rows[0]["chosen"])
+    # 300 clean pairs and one conflicting repeat: not eps = 0.45, but an interval of [0.11, 0.5] from 1 comparison
+    _refused(tmp_path, [*rows, swapped], r"1 of 1 comparisons .* interval \[0\.\d+, 0\.500\], 0\.\d+ wide "
+             r"\(auto needs <= 0\.15\)\. About \d+ comparisons would do")
+    _refused(tmp_path, [*rows, rows[0]], r"0 of 1 comparisons .* \[0\.000, 0\.500\]")  # one agreeing repeat
+    # every repeat disagrees: no information beyond chance, refused rather than capped
+    _refused(tmp_path, rows + [dict(r, chosen=r["rejected"], rejected=r["chosen"]) for r in rows],
+             "300 of 300 comparisons .* no information beyond chance")
+    # 530 of 1000 disagree: a narrow interval [0.478, 0.5] whose low end is above the cap (0.45): refused too
+    rows = distinct_pairs(1000)
+    _refused(tmp_path, rows + [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if i < 530 else r
+                               for i, r in enumerate(rows)], r"530 of 1000 comparisons .*\[0\.478, 0\.500\], low "
+             r"end >= 0\.45\): the labels carry no information beyond chance")
+
+
 def test_auto_is_capped_where_robust_dpo_would_divide_by_almost_zero(tmp_path):
-    rows = distinct_pairs(200)
-    flipped = [dict(r, chosen=r["rejected"], rejected=r["chosen"]) for r in rows]
-    data = write_jsonl(tmp_path / "d.jsonl", rows + flipped)  # every repeat disagrees: eps = 1/2
+    rows = distinct_pairs(1000)
+    # 497 of 1000 repeats disagree: eps 0.461 in [0.37, 0.5], narrow enough, its point above the cap
+    flipped = [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if i < 497 else r for i, r in enumerate(rows)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows + flipped)
     cfg, info = resolve_label_smoothing(_cfg(tmp_path, data), log=lambda _: None)
-    assert cfg.label_smoothing == 0.45 and info["capped"] and info["flip_rate"] == 0.5
+    assert cfg.label_smoothing == 0.45 and info["capped"] and info["flip_rate"] == round(flip_from_disagreement(
+        0.497), 5) > 0.45
 
 
 def test_auto_trains_robust_with_the_estimate_and_records_it(tiny_models, tmp_path):
+    from prefalign.losses.preference import robust
     from prefalign.train.run import train
 
-    data = write_jsonl(tmp_path / "d.jsonl", noisy(learnable_pairs(48), 0.2, 2, seed=3))
+    # 160 pairs labelled twice: enough comparisons for an interval auto accepts (<= 0.15 wide)
+    data = write_jsonl(tmp_path / "d.jsonl", noisy(learnable_pairs(160), 0.2, 2, seed=3))
     expected = compute_stats(data, ReadOptions()).to_json()["noise"]
     cfg = make_config(method="robust", label_smoothing="auto", model=str(tiny_models["llama"]), data=str(data),
-                      output=str(tmp_path / "run"), max_steps=2, batch_size=4, kl_every=0, seed=0)
+                      output=str(tmp_path / "run"), max_steps=2, batch_size=1, kl_every=0, seed=0, learning_rate=1e-3)
     train(cfg, log=lambda _: None, progress=False)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     noise = run["label_noise"]
-    assert noise["label_smoothing"] == expected["flip_rate"] and not noise["capped"]
+    eps = noise["label_smoothing"]
+    assert eps == expected["flip_rate"] and not noise["capped"] and noise["high"] - noise["low"] <= 0.15
     assert (noise["low"], noise["high"], noise["source"]) == (expected["low"], expected["high"], "duplicates")
-    assert noise["sources"][0]["comparisons"] == 48
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(x["loss"]) for x in lines if "loss" in x)
+    assert noise["sources"][0]["comparisons"] == expected["sources"][0]["comparisons"] >= 150
+    # the loss used eps: at step 2 (policy != reference) one pair's logged loss is robust DPO's at its logged
+    # margin beta*h with the recorded eps (at step 1 h = 0 and every eps gives log 2)
+    step = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if "loss" in x and json.loads(x).get("step") == 2][0]
+    margin = torch.tensor([step["rewards/margins"]])
+    beta = cfg.beta
+    zero = torch.zeros(1)
+    loss, _ = robust(margin / beta, zero, zero, zero, beta=beta, label_smoothing=eps)
+    assert abs(step["rewards/margins"]) > 1e-4 and step["loss"] == pytest.approx(float(loss), rel=1e-4)
+    for other in (0.0, eps - 0.05, eps + 0.05):  # a different eps gives a different loss at this margin
+        assert step["loss"] != pytest.approx(float(robust(margin / beta, zero, zero, zero, beta=beta,
+                                                          label_smoothing=other)[0]), rel=1e-4)
 
 
 def test_data_stats_with_a_reward_model_and_a_pairwise_judge(tiny_models, tmp_path, capsys, monkeypatch):
     """`data stats --reward-model` (a scorer that knows the truth) counts exactly the flipped labels; with its
-    accuracy (1.0) the bound becomes the estimate; `--judge` (a tiny causal LM) asks every pair in both orders."""
+    accuracy (1.0) measured on stated pairs the bound becomes the estimate used, and the judge's order
+    inconsistency (`--judge`, a tiny untrained causal LM asked in both orders) is listed but never used."""
     from prefalign.cli import main
 
     rows = noisy(distinct_pairs(60, seed=2), 0.2, 1, seed=5)
@@ -169,25 +257,39 @@ def test_data_stats_with_a_reward_model_and_a_pairwise_judge(tiny_models, tmp_pa
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     (tmp_path / "truth.py").write_text("def score(prompts, completions):\n"
                                        "    return [float('right' in c) for c in completions]\n")
+    scorer = ("--reward-model", f"{tmp_path / 'truth.py'}:score")
 
-    def stats(*extra):
+    def stats(*extra, code=0):
         monkeypatch.setattr("sys.argv", ["prefalign", "data", "stats", str(data), "--json", *extra])
         try:
             main()
+            exit_code = 0
         except SystemExit as e:  # typer exits 0 after a command
-            assert not e.code, capsys.readouterr()
-        return json.loads(capsys.readouterr().out)["noise"]
+            exit_code = e.code or 0
+        out = capsys.readouterr()
+        assert exit_code == code, out
+        if code:
+            return out.err + out.out
+        return json.loads(out.out)["noise"]
 
-    bound = stats("--reward-model", f"{tmp_path / 'truth.py'}:score")
+    bound = stats(*scorer)
     assert bound["bound"] == "upper" and bound["sources"][0]["disagreements"] == flipped
     assert bound["flip_rate"] == pytest.approx(flipped / 60, abs=1e-5)
-    exact = stats("--reward-model", f"{tmp_path / 'truth.py'}:score", "--reward-model-accuracy", "1.0",
+    # an accuracy without the pairs it was measured on: reported as a point, not used; the bound is
+    point = stats(*scorer, "--reward-model-accuracy", "1.0")
+    assert point["sources"][0]["bound"] == "point" and point["flip_rate"] is None
+    assert point["excluded"][0]["source"] == "reward_model"
+    exact = stats(*scorer, "--reward-model-accuracy", "1.0", "--reward-model-accuracy-pairs", "60",
                   "--judge", str(tiny_models["llama"]))
     by_source = {s["source"]: s for s in exact["sources"]}
-    assert by_source["reward_model"]["bound"] == "estimate"
-    assert by_source["reward_model"]["flip_rate"] == pytest.approx(flipped / 60, abs=1e-5)
-    assert by_source["judge_order"]["comparisons"] == 60
-    # the estimate used is the narrower interval of the two (the untrained judge's, pinned near 1/2)
-    narrowest = min(exact["sources"], key=lambda e: e["high"] - e["low"])
-    assert exact["source"] == narrowest["source"] and exact["flip_rate"] == narrowest["flip_rate"]
-
+    judged = by_source["order_inconsistency"]
+    assert judged["bound"] == "diagnostic" and "flip_rate" not in judged and "share" in judged
+    assert by_source["order_inconsistency"]["comparisons"] == 60
+    assert (exact["source"], exact["bound"]) == ("reward_model", "estimate")
+    assert exact["flip_rate"] == pytest.approx(flipped / 60, abs=1e-5) and exact["low"] <= flipped / 60
+    # bad accuracies are errors naming the flag, not tracebacks or silently ignored
+    assert "--reward-model-accuracy 0.4: must be in (0.5, 1]" in stats(*scorer, "--reward-model-accuracy", "0.4",
+                                                                      code=2)
+    assert "--reward-model-accuracy 1.2" in stats(*scorer, "--reward-model-accuracy", "1.2", code=2)
+    assert "--reward-model-accuracy-pairs needs --reward-model-accuracy" in stats(
+        "--reward-model-accuracy-pairs", "100", code=2)

@@ -60,8 +60,8 @@ def data_stats(
     reader: str = typer.Option("auto", help=READER_HELP),
     split: str | None = typer.Option(None, help="split of a saved DatasetDict or a Hub dataset (default train)"),
     ranked: str = typer.Option("best_vs_rest", help="ranked data: best_vs_rest, best_vs_worst, all"),
-    judge: str | None = typer.Option(None, help="pairwise judge (causal LM): its A/B vs B/A disagreement "
-                                                "estimates label noise (docs/noise.md)"),
+    judge: str | None = typer.Option(None, help="pairwise judge (causal LM): its A/B vs B/A inconsistency, "
+                                                "a diagnostic, not a flip rate (docs/noise.md)"),
     reward_model: str | None = typer.Option(None, help="reference reward model or MODULE:FUNCTION scorer: its "
                                                        "disagreement with the labels bounds the noise"),
     reward_model_accuracy: float | None = typer.Option(None, help="its accuracy measured on clean pairs: "
@@ -75,7 +75,7 @@ def data_stats(
 
     opts = build(ReadOptions, _read_options(format, reader, split, ranked), None)
     estimates = []
-    if judge or reward_model or reward_model_accuracy is not None:
+    if judge or reward_model or reward_model_accuracy is not None or reward_model_accuracy_pairs is not None:
         from ..judges.noise import model_estimates
 
         estimates = model_estimates(path, opts, judge, reward_model, reward_model_accuracy,

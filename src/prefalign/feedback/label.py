@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 
 from ..config import Remote
-from ..data.noise import from_disagreements
+from ..data.noise import order_inconsistency
 from ..data.readers import read_rows
 from ..data.records import Problem
 from ..judges import make_judge
@@ -119,8 +119,8 @@ def label(cfg: LabelConfig, log=print, judge=None) -> dict:
                "judge": judge.kind, "mean_score": sum(all_scores) / len(all_scores) if all_scores else None,
                "mean_score_gap": sum(gaps) / len(gaps) if gaps else None,
                "agreement_rate": agree / compared if compared else None,
-               # the judge's A/B vs B/A disagreement as a label-flip rate (data/noise.py, docs/noise.md)
-               "label_noise": from_disagreements(compared - agree, compared, "judge_order").to_json()
+               # the judge's A/B vs B/A disagreement: a diagnostic, not the written labels' flip rate (docs/noise.md)
+               "order_inconsistency": order_inconsistency(compared - agree, compared).to_json()
                if compared else None}
     log(f"{written} {'SFT examples' if cfg.mode == 'best' else 'pairs'} -> {out}; {ties} prompts/pairs without a "
         f"preference" + (f"; judge order agreement {summary['agreement_rate']:.2f}" if compared else ""))

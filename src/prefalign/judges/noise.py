@@ -1,5 +1,6 @@
-"""The label-noise sources that need a model: a pairwise judge asked in both orders, a reference reward
-model's agreement with the labels (data/noise.py has the estimators; `prefalign data stats --judge/--reward-model`)."""
+"""The label-noise sources that need a model: a pairwise judge asked in both orders (its order
+inconsistency: a diagnostic, not an estimate), a reference reward model's agreement with the labels
+(data/noise.py has the estimators; `prefalign data stats --judge/--reward-model`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ BATCH = 64
 
 
 def judge_order_estimate(judge, pairs: list[PreferencePair]) -> Estimate | None:
-    """A pairwise judge (`judge.compare`) on every pair in both orders."""
+    """A pairwise judge (`judge.compare`) on every pair in both orders: its order inconsistency (a diagnostic)."""
     agreements: list[bool] = []
     for i in range(0, len(pairs), BATCH):
         part = pairs[i:i + BATCH]
@@ -51,6 +52,14 @@ def model_estimates(path: str | Path, opts: ReadOptions, judge: str | None = Non
     """The estimates the models asked for give on the pairs of `path` (each model loaded once)."""
     if accuracy is not None and reward_model is None:
         raise ConfigError("--reward-model-accuracy needs --reward-model")
+    if accuracy is not None and not 0.5 < accuracy <= 1:
+        raise ConfigError(f"--reward-model-accuracy {accuracy:g}: must be in (0.5, 1] (a model at or below chance "
+                          "tells nothing about the labels; a share, not a percentage)")
+    if accuracy_pairs is not None and accuracy is None:
+        raise ConfigError("--reward-model-accuracy-pairs needs --reward-model-accuracy (the accuracy it was "
+                          "measured with)")
+    if accuracy_pairs is not None and accuracy_pairs < 1:
+        raise ConfigError(f"--reward-model-accuracy-pairs {accuracy_pairs}: must be a positive number of pairs")
     if not judge and not reward_model:
         return []
     pairs = [r for r in load_records(path, opts)[0] if isinstance(r, PreferencePair)]

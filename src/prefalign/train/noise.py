@@ -1,10 +1,12 @@
 """`label_smoothing: auto` (cdpo, robust): eps set from the training data's own label noise when the run starts.
 
 The estimate is data/noise.py's, over every record of every training source as read (before a mixture's
-weights and fractions: a repeat that the mixture drops still tells how often labels disagree). The point
-estimate is used, capped at EPS_CAP: robust DPO divides by 1 - 2 eps. When no source can estimate (no
-prompt + answer pair repeats) the run stops with a ConfigError before any model is loaded: a silent
-fallback to some default eps would claim a measurement that was not made.
+weights and fractions: a repeat that the mixture drops still tells how often labels disagree). It is used
+only when it says something: its 95% interval at most MAX_WIDTH wide, and its low end under EPS_CAP
+(robust DPO divides by 1 - 2 eps); the point estimate is then used, capped at EPS_CAP. Otherwise (no
+repeats, too few comparisons, disagreement at chance, conflicting sources) the run stops with a
+ConfigError before any model is loaded: a silent fallback, or one conflicting repeat read as eps = 0.45,
+would claim a measurement that was not made.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from typing import Any
 from ..data import ReadOptions, load_records
 from ..data.curate import identity
 from ..data.mixture import sources_of
-from ..data.noise import EPS_CAP, DuplicateComparisons, combine
+from ..data.noise import EPS_CAP, DuplicateComparisons, combine, from_disagreements
 from ..data.records import PreferencePair
 from ..errors import ConfigError
+
+MAX_WIDTH = 0.15  # the widest 95% interval of eps `auto` uses: wider says too little to set the loss by
 
 
 def estimate_training_noise(cfg) -> dict[str, Any] | None:
@@ -37,14 +41,44 @@ def resolve_label_smoothing(cfg, log: Callable[[str], None] = print):
     if getattr(cfg, "label_smoothing", None) != "auto":
         return cfg, None
     noise = estimate_training_noise(cfg)
+    refuse = f"label_smoothing: auto: the label noise of {cfg.data!r} "
     if noise is None:
         raise ConfigError(
             f"label_smoothing: auto: no source could estimate the label noise of {cfg.data!r}: no prompt + answer "
             "pair appears more than once, so no two labels of one pair can be compared. Give label_smoothing a "
             "number (the flip rate you assume), or add repeated labels (docs/noise.md)")
+    dup = next(s for s in noise["sources"] if s["source"] == "duplicates")
+    seen = f"{dup['disagreements']} of {dup['comparisons']} comparisons of repeated labels disagree"
+    if noise["flip_rate"] is None or noise["low"] >= EPS_CAP:
+        raise ConfigError(refuse + f"is at chance: {seen} (flip rate interval [{dup['low']:.3f}, {dup['high']:.3f}]"
+                          f", low end >= {EPS_CAP}): the labels carry no information beyond chance. Check the "
+                          "labels (swapped chosen/rejected?) rather than train on them")
+    if noise.get("conflict"):  # only one source (duplicates) today; a second would have to agree with it
+        raise ConfigError(refuse + f"is contradictory: its sources disagree ({noise['sources']}); give "
+                          "label_smoothing a number")
+    width = noise["high"] - noise["low"]
+    if width > MAX_WIDTH:
+        raise ConfigError(
+            refuse + f"is not measured well enough: {seen}, flip rate {noise['flip_rate']:.3f} with 95% interval "
+            f"[{noise['low']:.3f}, {noise['high']:.3f}], {width:.3f} wide (auto needs <= {MAX_WIDTH}). About "
+            f"{comparisons_needed(noise['flip_rate'])} comparisons would do at this rate; or give label_smoothing "
+            "a number (docs/noise.md)")
     eps = min(noise["flip_rate"], EPS_CAP)
     info = {"label_smoothing": eps, "capped": noise["flip_rate"] > EPS_CAP, **noise}
     log(f"label_smoothing: auto -> {eps:.4f} (label-flip rate {noise['flip_rate']:.4f}, 95% interval "
-        f"[{noise['low']:.4f}, {noise['high']:.4f}], from {noise['source']}"
+        f"[{noise['low']:.4f}, {noise['high']:.4f}], from {noise['source']}, {seen}"
         + (f"; capped at {EPS_CAP}" if info["capped"] else "") + ")")
     return cfg.model_copy(update={"label_smoothing": eps}), info
+
+
+def comparisons_needed(eps: float) -> int:
+    """The fewest comparisons (rounded up to 2 significant figures) whose interval is at most MAX_WIDTH wide when the
+    disagreement share is the one eps implies: what to ask for when the interval is too wide."""
+    q, n = 2 * eps * (1 - eps), 8
+    while n < 10_000_000:
+        e = from_disagreements(round(q * n), n, "duplicates")
+        if e.high - e.low <= MAX_WIDTH:
+            step = 10 ** max(0, len(str(n)) - 2)  # rounded up, so that the figure given is enough
+            return -(-n // step) * step
+        n = int(n * 1.1) + 1
+    return n
