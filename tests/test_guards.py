@@ -7,6 +7,7 @@ to the same decisions."""
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -93,14 +94,14 @@ def files(tiny_models, tmp_path_factory):
             "suite": str(root / "words.yaml")}
 
 
-def _run(files, name, guards=None, select="last", **kw):
+def _run(files, name, guards=None, select="last", log=lambda _: None, **kw):
     # lr 5e-3, constant, on a 32-wide model: a thousand times a usual DPO rate, so the policy runs away from its
     # reference within steps (its exact KL climbs every guard step) while its held-out accuracy still moves
     cfg = make_config(model=files["model"], data=files["data"], eval_data=files["eval_data"],
                       output=str(files["root"] / name), max_steps=STEPS, batch_size=8, learning_rate=5e-3,
                       lr_schedule="constant", kl_prompts=3, kl_max_new_tokens=6,
                       guard_every=EVERY, guards=guards or {}, select=select, keep_checkpoints=1, seed=0, **kw)
-    train(cfg, log=lambda _: None, progress=False)
+    train(cfg, log=log, progress=False)
     return json.loads((files["root"] / name / "run.json").read_text())
 
 
@@ -217,6 +218,22 @@ def test_a_killed_guarded_run_resumes_to_the_same_decisions(figures, files, monk
     assert rows[-1]["step"] == fire["step"]
     assert _weights_equal(files["root"] / "killed-late" / "final", files["root"] / "rollback" / "checkpoints" /
                           f"step-{fire['step'] - EVERY}")
+
+
+def test_a_run_resumed_with_a_loosened_rule_trains_on(figures, files):
+    """The rollback run, resumed with kl_max loosened past every recorded KL: the checkpoint's figures are
+    judged under the new rule, nothing fired, so it trains to max_steps and final/ is the last step."""
+    fire, limit = _climb(figures["guard"]["history"])
+    _once(files, "rollback", {"kl_max": limit, "action": "rollback"})
+    shutil.copytree(files["root"] / "rollback", files["root"] / "loosened")
+    logged = []
+    run = _run(files, "loosened", {"kl_max": 1e6, "action": "rollback"}, log=logged.append, resume=True)
+    g = run["guard"]
+    assert run["steps"] == STEPS and run["stopped"] == "max_steps" and g["fired"] is None
+    assert g["final_step"] == STEPS and g["rules"]["kl_max"] == 1e6 and "kl_max" not in g["reason"]
+    assert [h["step"] for h in g["history"]] == list(range(EVERY, STEPS + 1, EVERY)) and g["candidates"] == \
+        [h["step"] for h in g["history"]]
+    assert any("rules changed" in line for line in logged), logged
 
 
 def test_rl_runs_are_guarded_too(files, tmp_path):

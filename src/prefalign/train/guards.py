@@ -317,12 +317,25 @@ class Guard:
         return keep
 
     def state(self) -> dict[str, Any]:
-        return {"guard": {"history": self.history, "fired": self.fired, "reference": self.reference}}
+        return {"guard": {"history": self.history, "fired": self.fired, "reference": self.reference,
+                          "rules": self.rules.model_dump(mode="json"), "select": self.cfg.select}}
 
     def restore(self, state: dict[str, Any]) -> None:
+        """The checkpoint's history, judged again under this run's rules: a run resumed with changed rules
+        (a limit loosened after a stop) decides by the new ones, from the figures the checkpoint recorded."""
         saved = state.get("guard") or {}
-        self.history, self.fired = saved.get("history", []), saved.get("fired")
-        self.reference = saved.get("reference")
+        self.history, self.reference = saved.get("history", []), saved.get("reference")
+        for h in self.history:
+            h["broken"] = broken_rules(self.rules, h)
+        first = next((h for h in self.history if h["broken"]), None)
+        self.fired = {"step": first["step"], "broken": first["broken"]} \
+            if first is not None and self.rules.action != "continue" else None
+        if saved.get("rules") is not None and (saved["rules"], saved.get("select")) != (self.rules.model_dump(mode="json"),
+                                                                   self.cfg.select):
+            then = f"step {self.fired['step']} broke them" if self.fired else "no guard step broke them"
+            self.log(f"guard: the rules changed since the checkpoint (were {saved.get('rules')}, select "
+                     f"{saved.get('select')}; now {describe_rules(self.cfg)}): the recorded guard steps were judged "
+                     f"again, {then}")
 
     def choose(self, step: int) -> tuple[dict[str, Any] | None, str]:
         """(the guard step final/ is to hold, or None for the model as it is at `step`; why), by the rules
@@ -338,7 +351,8 @@ class Guard:
                           f"({best[self.by]:.4g}, kl {best['kl']:.4g}) of the "
                           f"{sum(not h['broken'] for h in self.history)} guard steps within every rule")
         if self.fired and self.rules.action == "rollback":
-            good = last_good(self.history)
+            # before the step that fired (after rules tightened on resume, later steps may be within them)
+            good = last_good([h for h in self.history if h["step"] < self.fired["step"]])
             if good is None:
                 raise TrainingError(f"guards: {fired}no earlier guard step kept every rule, so there is nothing to "
                                     "roll back to (final/ not written; the checkpoints and metrics.jsonl are kept)")
