@@ -330,8 +330,8 @@ class Guard:
         first = next((h for h in self.history if h["broken"]), None)
         self.fired = {"step": first["step"], "broken": first["broken"]} \
             if first is not None and self.rules.action != "continue" else None
-        if saved.get("rules") is not None and (saved["rules"], saved.get("select")) != (self.rules.model_dump(mode="json"),
-                                                                   self.cfg.select):
+        now = (self.rules.model_dump(mode="json"), self.cfg.select)
+        if saved.get("rules") is not None and (saved["rules"], saved.get("select")) != now:
             then = f"step {self.fired['step']} broke them" if self.fired else "no guard step broke them"
             self.log(f"guard: the rules changed since the checkpoint (were {saved.get('rules')}, select "
                      f"{saved.get('select')}; now {describe_rules(self.cfg)}): the recorded guard steps were judged "
