@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from conftest import corpus, held_out_pairs, learnable_pairs, write_jsonl
 from prefalign.errors import OutOfMemoryError
 from prefalign.eval.evaluate import EvalConfig, evaluate
+from prefalign.report.card_body import num, training_metrics
+from prefalign.report.card_sources import Sources
 from prefalign.train.config import Guards
 from prefalign.train.guards import broken_rules, frontier, last_good
 from prefalign.train.help import config_help
@@ -193,6 +195,14 @@ def test_kl_max_stops_or_rolls_back_to_the_right_step(figures, files, action):
     assert _weights_equal(files["root"] / action / "final", files["root"] / action / "checkpoints" / f"step-{expected}")
     if action == "rollback":  # the step it returned to survived pruning (keep_checkpoints: 1)
         assert (files["root"] / action / "checkpoints" / f"step-{expected}").is_dir()
+    # run.json's `final` is the row of the step final/ holds (its guard figures those recorded for it), `last`
+    # the step that broke the rule; the card's "During training" shows final/'s step
+    chosen = next(h for h in figures["guard"]["history"] if h["step"] == expected)
+    assert run["final_step"] == expected and run["final"]["step"] == expected
+    assert run["final"]["guard/kl"] == chosen["kl"] and run["final"]["guard/passed"] == float(action == "rollback")
+    assert run.get("last", {}).get("step") == (fire["step"] if action == "rollback" else None)
+    card = training_metrics(Sources(run=files["root"] / action, config={}, summary=run, stats={}))
+    assert f"| `guard/kl` | {num(chosen['kl'])} |" in card and (f"Step {expected}," in card) == (action == "rollback")
 
 
 def test_a_killed_guarded_run_resumes_to_the_same_decisions(figures, files, monkeypatch):

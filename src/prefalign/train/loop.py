@@ -79,6 +79,7 @@ class LoopResult:
     last: dict[str, float] = field(default_factory=dict)
     device: str = ""  # where it ran (run.json's `device`): the costs are this hardware's
     guard: dict[str, Any] | None = None  # run.json's `guard` (train/guards.py), when guard_every is set
+    chosen: dict[str, Any] | None = None  # the row of the step final/ holds, when a guard chose an earlier one
 
 
 def mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
@@ -314,8 +315,17 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
         if bar is not None:
             bar[0].stop()
         runlog.close(ok)
+    chosen = None
+    if summary and summary["final_step"] != step and world.main:
+        chosen = _logged_row(Path(cfg.output) / "metrics.jsonl", summary["final_step"])
     return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last,
-                      hardware(device), summary)
+                      hardware(device), summary, chosen)
+
+
+def _logged_row(path: Path, step: int) -> dict[str, Any] | None:
+    """metrics.jsonl's row of `step` (a guard step's: always logged), or None."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return next((r for r in reversed(rows) if r.get("step") == step), None)
 
 
 def _measure(cfg: RunConfig, step: int, row: dict[str, Any], model, eval_fn, monitor, world: World) -> bool:
@@ -393,7 +403,10 @@ def write_summary(out: Path, result: LoopResult, **fields: Any) -> dict[str, Any
                "wall_seconds": result.wall_seconds, "tokens": result.tokens,
                "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,
                "peak_memory_bytes": result.last.get("peak_memory_bytes"), "device": result.device,
-               "versions": versions(), "final": result.last, **({"guard": result.guard} if result.guard else {})}
+               "versions": versions(), "final_step": result.guard["final_step"] if result.guard else result.steps,
+               # `final` describes final/: a guard's pick when it chose an earlier step (then `last` is the last row)
+               "final": result.chosen or result.last, **({"last": result.last} if result.chosen else {}),
+               **({"guard": result.guard} if result.guard else {})}
     path = out / "run.json"
     text = json.dumps(summary, indent=2)  # whole under a temporary name, then renamed: never half a run.json
     with disk_full(path, len(text), tmp_name(path)):
