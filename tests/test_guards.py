@@ -22,6 +22,7 @@ from prefalign.report.card_body import num, training_metrics
 from prefalign.report.card_sources import Sources
 from prefalign.train.config import Guards
 from prefalign.train.guards import broken_rules, frontier, last_good
+from prefalign.train.guards import figures as figures_of
 from prefalign.train.help import config_help
 from prefalign.train.methods import make_config
 from prefalign.train.run import train
@@ -55,6 +56,20 @@ def test_frontier_and_rollback_pick_by_hand():
     assert frontier(h)["step"] == 6
     assert last_good(h)["step"] == 10 and last_good(h[:4])["step"] == 6
     assert frontier(h[3:4]) is None and last_good(h[3:4]) is None
+
+
+def test_non_finite_figures_are_unmeasured_and_null():
+    nan = float("nan")
+    h = [{"step": 2, "kl": nan, "heldout_accuracy": 0.5, "broken": []},  # ties 4's accuracy; its KL unknown
+         {"step": 4, "kl": 0.3, "heldout_accuracy": 0.5, "broken": []},
+         {"step": 6, "kl": 0.1, "heldout_accuracy": nan, "broken": []}]  # no held-out figure: no candidate
+    assert frontier(h)["step"] == 4 and frontier(h[2:]) is None
+    entry = figures_of(nan, nan, {"suites/a": 1.0, "perplexity": nan}, {"suites/a": 1.0, "perplexity": 2.0})
+    assert entry["kl"] is entry["heldout_accuracy"] is entry["perplexity"] is entry["perplexity_increase"] is None
+    json.dumps(entry, allow_nan=False)  # valid JSON in state.json and run.json
+    assert broken_rules(Guards(kl_max=1.0, perplexity_increase_max=0.1), entry) == [
+        {"rule": "kl_max", "value": None, "limit": 1.0}, {"rule": "perplexity_increase_max", "value": None,
+                                                          "limit": 0.1}]
 
 
 def test_guards_keys_have_help():

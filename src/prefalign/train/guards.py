@@ -69,10 +69,17 @@ def frontier(history: list[dict[str, Any]], by: str = "heldout_accuracy") -> dic
     """`select: frontier`'s pick among the guard steps that broke no rule: the highest held-out figure `by`
     (offline: heldout_accuracy; RL: heldout_reward); among equals the lowest KL (the least moved from the
     reference), then the earliest step."""
-    good = [h for h in history if not h["broken"] and h.get(by) is not None and math.isfinite(h[by])]
+    good = [h for h in history if not h["broken"] and finite(h.get(by)) is not None]
     if not good:
         return None
-    return min(good, key=lambda h: (-h[by], h["kl"] if h.get("kl") is not None else math.inf, h["step"]))
+    # an unmeasured (or NaN) KL ranks as the farthest from the reference, never as a tie-winner
+    return min(good, key=lambda h: (-h[by], math.inf if finite(h.get("kl")) is None else h["kl"], h["step"]))
+
+
+def finite(value: float | None) -> float | None:
+    """`value`, or None when it is missing or not finite: state.json and run.json hold null, never a bare
+    NaN (invalid JSON), and a rule or the frontier treats it as not measured."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def describe(broken: list[dict[str, Any]]) -> str:
@@ -198,12 +205,13 @@ def figures(kl: float | None, heldout: float | None, mine: dict[str, float], ref
     """One guard step's figures from the measurements: the drops are reference minus policy (suites,
     absolute), and policy over reference minus 1 (perplexity, relative)."""
     drops = {k: ref[k] - v for k, v in mine.items() if k.startswith("suites/")}
-    out: dict[str, Any] = {"kl": kl, "heldout_accuracy": heldout, "suites": {k[len("suites/"):]: v for k, v in
-                                                                            mine.items() if k.startswith("suites/")}}
+    out: dict[str, Any] = {"kl": finite(kl), "heldout_accuracy": finite(heldout),
+                           "suites": {k[len("suites/"):]: v for k, v in mine.items() if k.startswith("suites/")}}
     out["retention_drop"] = max(drops.values()) if drops else None
     if "perplexity" in mine:
-        out["perplexity"] = mine["perplexity"]
-        out["perplexity_increase"] = mine["perplexity"] / ref["perplexity"] - 1
+        mine_ppl, ref_ppl = finite(mine["perplexity"]), finite(ref.get("perplexity"))
+        out["perplexity"] = mine_ppl
+        out["perplexity_increase"] = None if mine_ppl is None or not ref_ppl else mine_ppl / ref_ppl - 1
     return out
 
 
@@ -298,10 +306,11 @@ class Guard:
             heldout = heldout_of({k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")})
         if self.reference is None:
             with self.monitor.reference_ctx():
-                self.reference = self.retention.measure(self.monitor.reference)
+                self.reference = {k: finite(v) for k, v in self.retention.measure(self.monitor.reference).items()}
         policy.eval()
         mine = self.retention.measure(policy)
-        rewards = self.heldout_reward.measure(policy) if self.heldout_reward is not None else {}
+        rewards = {k: finite(v) for k, v in self.heldout_reward.measure(policy).items()} \
+            if self.heldout_reward is not None else {}
         policy.train(was_training)
         entry = {"step": step, **figures(row["kl/policy_ref_token"], heldout, mine, self.reference), **rewards}
         entry["broken"] = broken_rules(self.rules, entry)
@@ -347,8 +356,9 @@ class Guard:
                 raise TrainingError(f"select: frontier: no guard step kept every rule ({fired}steps checked: "
                                     f"{[h['step'] for h in self.history]}); metrics.jsonl's guard/* rows have the "
                                     "figures")
+            kl = "not measured" if best["kl"] is None else format(best["kl"], ".4g")
             return best, (f"{fired}frontier: step {best['step']} has the best held-out {self.by[8:]} "
-                          f"({best[self.by]:.4g}, kl {best['kl']:.4g}) of the "
+                          f"({best[self.by]:.4g}, kl {kl}) of the "
                           f"{sum(not h['broken'] for h in self.history)} guard steps within every rule")
         if self.fired and self.rules.action == "rollback":
             # before the step that fired (after rules tightened on resume, later steps may be within them)
@@ -379,7 +389,7 @@ class Guard:
 
 def guard_row(entry: dict[str, Any], reference: dict[str, float]) -> dict[str, float]:
     """A guard step's metrics.jsonl keys (docs/metrics.md)."""
-    row = {"guard/kl": entry["kl"], "guard/passed": float(not entry["broken"])}
+    row = {"guard/passed": float(not entry["broken"]), **({"guard/kl": entry["kl"]} if entry["kl"] is not None else {})}
     for name, score in entry["suites"].items():
         row[f"guard/suites/{name}/score"] = score
         row[f"guard/suites/{name}/score_reference"] = reference[f"suites/{name}"]
@@ -387,7 +397,7 @@ def guard_row(entry: dict[str, Any], reference: dict[str, float]) -> dict[str, f
                 "heldout_reward_stderr"):
         if entry.get(key) is not None:
             row[f"guard/{key}"] = entry[key]
-    if "perplexity" in reference:
+    if reference.get("perplexity") is not None:
         row["guard/perplexity_reference"] = reference["perplexity"]
     return row
 
