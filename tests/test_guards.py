@@ -261,6 +261,18 @@ def test_a_run_resumed_with_a_loosened_rule_trains_on(figures, files):
     assert any("rules changed" in line for line in logged), logged
 
 
+def test_kl_budget_sees_only_the_monitors_measurements(files, tmp_path):
+    """kl_every 4, guard_every 2, a budget every KL is over: the guard's KL at step 2 does not stop the run,
+    the monitor's at step 4 does (as in the same run unguarded)."""
+    cfg = make_config(model=files["model"], data=files["data"], output=str(tmp_path / "b"), max_steps=6, batch_size=8,
+                      learning_rate=5e-3, kl_prompts=2, kl_max_new_tokens=4, kl_every=4, kl_budget=1e-12,
+                      stop_on_kl_budget=True, guard_every=2, seed=0)
+    train(cfg, log=lambda _: None, progress=False)
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["stopped"] == "kl_budget" and run["steps"] == 4 and [h["step"] for h in run["guard"]["history"]] == \
+        [2, 4]
+
+
 def test_rl_runs_are_guarded_too(files, tmp_path):
     """rloo with a kl_max any update breaks: the run ends at the first guard step, final/ the model there; the
     KL monitor is not due there (kl_every 3), so the guard measures it itself."""

@@ -304,10 +304,10 @@ class Guard:
         heldout = None
         if self.eval_fn is not None:
             heldout = heldout_of({k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")})
+        policy.eval()  # first: an adapter reference is the policy with its adapters off (no dropout either)
         if self.reference is None:
             with self.monitor.reference_ctx():
                 self.reference = {k: finite(v) for k, v in self.retention.measure(self.monitor.reference).items()}
-        policy.eval()
         mine = self.retention.measure(policy)
         rewards = {k: finite(v) for k, v in self.heldout_reward.measure(policy).items()} \
             if self.heldout_reward is not None else {}

@@ -300,7 +300,8 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                 runlog.write(row)
             last = row
             update_bar(bar, step, _bar_text(row))
-            over = "kl/policy_ref_token" in row and budget.over(row["kl/policy_ref_token"], step)
+            # the monitor's own measurements only: a guard's extra ones must not stop a run an unguarded one continues
+            over = measured and budget.over(row["kl/policy_ref_token"], step)
             if world.any_true(over) and stopped == "max_steps":  # rank 0 measured it; every rank stops with it
                 stopped = "kl_budget"
             if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
