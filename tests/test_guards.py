@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import corpus, held_out_pairs, learnable_pairs, write_jsonl
-from prefalign.errors import OutOfMemoryError, TrainingError
+from prefalign.errors import ConfigError, OutOfMemoryError, TrainingError
 from prefalign.eval.evaluate import EvalConfig, evaluate
 from prefalign.report.card_body import num, training_metrics
 from prefalign.report.card_sources import Sources
@@ -70,6 +70,29 @@ def test_non_finite_figures_are_unmeasured_and_null():
     assert broken_rules(Guards(kl_max=1.0, perplexity_increase_max=0.1), entry) == [
         {"rule": "kl_max", "value": None, "limit": 1.0}, {"rule": "perplexity_increase_max", "value": None,
                                                           "limit": 0.1}]
+
+
+def test_text_rows_that_do_not_tokenize_are_counted_and_suite_names_do_not_clash(files, tmp_path):
+    from prefalign.models.load import load_tokenizer
+    from prefalign.train.guards import Retention
+
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "a good film"}, {"prompt": "the plot", "completion": []},
+                                              {"prompt": "I loved the movie", "completion": "so much"}])
+    tok = load_tokenizer(files["model"])
+
+    def retention(**guards):
+        cfg = make_config(model=files["model"], data=files["data"], output=str(tmp_path / "o"), guard_every=1,
+                          guards=guards)
+        return Retention(cfg, tok, "cpu", nullcontext)
+    # a completion without a turn to score
+    assert retention(text=str(text)).skipped == 1 and len(retention(text=str(text)).seqs) == 2
+    fake = tmp_path / "mine.yaml"
+    fake.write_text(Path(files["suite"]).read_text().replace("name: words", "name: arithmetic"))
+    (tmp_path / "words.jsonl").write_text((Path(files["suite"]).parent / "words.jsonl").read_text())
+    with pytest.raises(ConfigError, match="named 'arithmetic'"):
+        retention(suites=["arithmetic", str(fake)])
+    with pytest.raises(ConfigError, match="named 'words'"):
+        retention(suites=[files["suite"], files["suite"]])
 
 
 def test_guards_keys_have_help():

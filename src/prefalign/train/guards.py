@@ -25,7 +25,7 @@ from ..data import load_prompts
 from ..data.batches import pad
 from ..data.tokenize import TokenizationError, tokenize
 from ..errors import ConfigError, DataError, TrainingError
-from ..judges.suites import load_suite, score_suite, suite_prompts
+from ..judges.suites import load_suite, score_suite, shipped_suites, suite_prompts
 from ..models.generate import encode_prompt, generate
 from ..models.logps import sequence_logps
 from ..runtime.distributed import World
@@ -119,19 +119,25 @@ class Retention:
     def __init__(self, cfg: RunConfig, tokenizer, device, autocast, batch_size: int = 16):
         self.tokenizer, self.device, self.autocast, self.batch_size = tokenizer, device, autocast, batch_size
         self.chunk_mb, g = cfg.logits_chunk_mb, cfg.guards
-        self.suites = []
+        self.suites, names = [], {}
         for spec in g.suites:
             suite, items = load_suite(spec)
+            # scores are keyed by the suite's name: two suites of one name (or a YAML named like a shipped
+            # suite) would overwrite each other's, or pass for the shipped one's
+            if suite.name in names or (Path(spec).suffix and suite.name in shipped_suites()):
+                raise ConfigError(f"guards.suites: {spec} is named {suite.name!r}, as "
+                                  f"{names.get(suite.name, 'a shipped suite')} is: give it another `name`")
+            names[suite.name] = spec
             items = items[:g.suite_limit] if g.suite_limit else items
             ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in suite_prompts(suite, items, tokenizer)]
             self.suites.append((suite, items, ids))
-        self.seqs = []
+        self.seqs, self.skipped = [], 0  # skipped: guards.text's rows that do not tokenize (run.json says how many)
         for prompt, completion in (text_pieces(g.text) if g.text else []):
             try:
                 self.seqs.append(tokenize(tokenizer, prompt, completion, max_length=getattr(cfg, "max_length", 512),
                                           max_prompt_length=cfg.max_prompt_length))
             except TokenizationError:
-                continue
+                self.skipped += 1
         if g.text and not self.seqs:
             raise ConfigError(f"{g.text}: no row of guards.text tokenizes")
 
@@ -384,7 +390,8 @@ class Guard:
         self.log(f"guard: {reason}")
         return {"every": self.cfg.guard_every, "rules": self.rules.model_dump(mode="json"), "select": self.cfg.select,
                 "fired": self.fired, "final_step": final_step, "reason": reason, "reference": self.reference,
-                "candidates": [h["step"] for h in self.history if not h["broken"]], "history": self.history}
+                "candidates": [h["step"] for h in self.history if not h["broken"]], "history": self.history,
+                "text_rows_skipped": self.retention.skipped}
 
 
 def guard_row(entry: dict[str, Any], reference: dict[str, float]) -> dict[str, float]:
@@ -422,7 +429,11 @@ def build_guard(cfg: RunConfig, monitor, eval_fn, tokenizer, device, autocast, l
                           f"which {cfg.method} does not log (only the DPO family and reward models do; RL ranks "
                           "by held-out reward: eval_prompts)")
     log(f"guards every {cfg.guard_every} steps: {describe_rules(cfg)}")
-    return Guard(cfg, monitor, eval_fn, Retention(cfg, tokenizer, device, autocast), log, heldout_reward, world)
+    retention = Retention(cfg, tokenizer, device, autocast)
+    if retention.skipped:
+        log(f"guards.text: {retention.skipped} of {retention.skipped + len(retention.seqs)} rows do not tokenize "
+            f"(max_prompt_length / max_length leave no completion): perplexity leaves them out")
+    return Guard(cfg, monitor, eval_fn, retention, log, heldout_reward, world)
 
 
 def describe_rules(cfg: RunConfig) -> str:
