@@ -304,13 +304,13 @@ def _short(files, out, max_steps, **kw):
 
 
 def test_guards_leave_training_unchanged_and_check_the_last_step(files, tmp_path):
-    """Every measurement on (suites, text, held-out accuracy) and max_steps 5, not a multiple of guard_every:
+    """Every measurement on (suites, text, held-out accuracy) and max_steps 3, not a multiple of guard_every:
     the last step is checked too, and final/'s weights are bit for bit those of the same run unguarded (the
     measurements take nothing from the training's random draws or its model state)."""
-    plain = _short(files, tmp_path / "plain", 5)
+    plain = _short(files, tmp_path / "plain", 3)
     every = {"suites": ["arithmetic"], "suite_limit": 2, "text": files["text"], "min_heldout_accuracy": 0}
-    guarded = _short(files, tmp_path / "guarded", 5, guard_every=2, guards=every)
-    assert [h["step"] for h in guarded["guard"]["history"]] == [2, 4, 5] and plain["steps"] == 5
+    guarded = _short(files, tmp_path / "guarded", 3, guard_every=2, guards=every)
+    assert [h["step"] for h in guarded["guard"]["history"]] == [2, 3] and plain["steps"] == 3
     assert all(h["heldout_accuracy"] is not None and h["perplexity"] for h in guarded["guard"]["history"])
     a, b = (load_file(str(tmp_path / n / "final" / "model.safetensors")) for n in ("plain", "guarded"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -318,7 +318,7 @@ def test_guards_leave_training_unchanged_and_check_the_last_step(files, tmp_path
 
 def test_nothing_to_roll_back_to_or_choose_is_an_error(files, tmp_path):
     with pytest.raises(TrainingError, match="nothing to roll back to"):
-        _short(files, tmp_path / "rb", 4, guard_every=2, guards={"kl_max": 1e-12, "action": "rollback"})
+        _short(files, tmp_path / "rb", 2, guard_every=1, guards={"kl_max": 1e-12, "action": "rollback"})
     with pytest.raises(TrainingError, match="no guard step kept every rule"):
         _short(files, tmp_path / "fr", 2, guard_every=1, select="frontier",
                guards={"kl_max": 1e-12, "action": "continue"})

@@ -300,8 +300,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                 runlog.write(row)
             last = row
             update_bar(bar, step, _bar_text(row))
-            # the monitor's own measurements only: a guard's extra ones must not stop a run an unguarded one continues
-            over = measured and budget.over(row["kl/policy_ref_token"], step)
+            over = measured and budget.over(row["kl/policy_ref_token"], step)  # the monitor's KLs only, not a guard's
             if world.any_true(over) and stopped == "max_steps":  # rank 0 measured it; every rank stops with it
                 stopped = "kl_budget"
             if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
@@ -316,17 +315,17 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
         if bar is not None:
             bar[0].stop()
         runlog.close(ok)
-    chosen = None
-    if summary and summary["final_step"] != step and world.main:
-        chosen = _logged_row(Path(cfg.output) / "metrics.jsonl", summary["final_step"])
     return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last,
-                      hardware(device), summary, chosen)
+                      hardware(device), summary, _chosen_row(cfg, step, summary, world))
 
 
-def _logged_row(path: Path, step: int) -> dict[str, Any] | None:
-    """metrics.jsonl's row of `step` (a guard step's: always logged), or None."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return next((r for r in reversed(rows) if r.get("step") == step), None)
+def _chosen_row(cfg: RunConfig, step: int, guard: dict[str, Any] | None, world: World) -> dict[str, Any] | None:
+    """metrics.jsonl's row of the step a guard chose for final/ (guard steps are always logged) when it is
+    not the last, `step`; else None."""
+    if not guard or guard["final_step"] == step or not world.main:
+        return None
+    rows = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return next((r for r in reversed(rows) if r.get("step") == guard["final_step"]), None)
 
 
 def _measure(cfg: RunConfig, step: int, row: dict[str, Any], model, eval_fn, monitor, world: World) -> bool:
