@@ -308,7 +308,7 @@ def test_guards_leave_training_unchanged_and_check_the_last_step(files, tmp_path
     the last step is checked too, and final/'s weights are bit for bit those of the same run unguarded (the
     measurements take nothing from the training's random draws or its model state)."""
     plain = _short(files, tmp_path / "plain", 3)
-    every = {"suites": ["arithmetic"], "suite_limit": 2, "text": files["text"], "min_heldout_accuracy": 0}
+    every = {"suites": [files["suite"]], "text": files["text"], "min_heldout_accuracy": 0}
     guarded = _short(files, tmp_path / "guarded", 3, guard_every=2, guards=every)
     assert [h["step"] for h in guarded["guard"]["history"]] == [2, 3] and plain["steps"] == 3
     assert all(h["heldout_accuracy"] is not None and h["perplexity"] for h in guarded["guard"]["history"])
