@@ -7,6 +7,7 @@ to the same decisions."""
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,10 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import corpus, held_out_pairs, learnable_pairs, write_jsonl
-from prefalign.errors import OutOfMemoryError
+from prefalign.errors import ConfigError, OutOfMemoryError, TrainingError
 from prefalign.eval.evaluate import EvalConfig, evaluate
+from prefalign.report.card_body import num, training_metrics
+from prefalign.report.card_sources import Sources
 from prefalign.train.config import Guards
 from prefalign.train.guards import broken_rules, frontier, last_good
+from prefalign.train.guards import figures as figures_of
 from prefalign.train.help import config_help
 from prefalign.train.methods import make_config
 from prefalign.train.run import train
@@ -52,6 +56,43 @@ def test_frontier_and_rollback_pick_by_hand():
     assert frontier(h)["step"] == 6
     assert last_good(h)["step"] == 10 and last_good(h[:4])["step"] == 6
     assert frontier(h[3:4]) is None and last_good(h[3:4]) is None
+
+
+def test_non_finite_figures_are_unmeasured_and_null():
+    nan = float("nan")
+    h = [{"step": 2, "kl": nan, "heldout_accuracy": 0.5, "broken": []},  # ties 4's accuracy; its KL unknown
+         {"step": 4, "kl": 0.3, "heldout_accuracy": 0.5, "broken": []},
+         {"step": 6, "kl": 0.1, "heldout_accuracy": nan, "broken": []}]  # no held-out figure: no candidate
+    assert frontier(h)["step"] == 4 and frontier(h[2:]) is None
+    entry = figures_of(nan, nan, {"suites/a": 1.0, "perplexity": nan}, {"suites/a": 1.0, "perplexity": 2.0})
+    assert entry["kl"] is entry["heldout_accuracy"] is entry["perplexity"] is entry["perplexity_increase"] is None
+    json.dumps(entry, allow_nan=False)  # valid JSON in state.json and run.json
+    assert broken_rules(Guards(kl_max=1.0, perplexity_increase_max=0.1), entry) == [
+        {"rule": "kl_max", "value": None, "limit": 1.0}, {"rule": "perplexity_increase_max", "value": None,
+                                                          "limit": 0.1}]
+
+
+def test_text_rows_that_do_not_tokenize_are_counted_and_suite_names_do_not_clash(files, tmp_path):
+    from prefalign.models.load import load_tokenizer
+    from prefalign.train.guards import Retention
+
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "a good film"}, {"prompt": "the plot", "completion": []},
+                                              {"prompt": "I loved the movie", "completion": "so much"}])
+    tok = load_tokenizer(files["model"])
+
+    def retention(**guards):
+        cfg = make_config(model=files["model"], data=files["data"], output=str(tmp_path / "o"), guard_every=1,
+                          guards=guards)
+        return Retention(cfg, tok, "cpu", nullcontext)
+    # a completion without a turn to score
+    assert retention(text=str(text)).skipped == 1 and len(retention(text=str(text)).seqs) == 2
+    fake = tmp_path / "mine.yaml"
+    fake.write_text(Path(files["suite"]).read_text().replace("name: words", "name: arithmetic"))
+    (tmp_path / "words.jsonl").write_text((Path(files["suite"]).parent / "words.jsonl").read_text())
+    with pytest.raises(ConfigError, match="named 'arithmetic'"):
+        retention(suites=["arithmetic", str(fake)])
+    with pytest.raises(ConfigError, match="named 'words'"):
+        retention(suites=[files["suite"], files["suite"]])
 
 
 def test_guards_keys_have_help():
@@ -93,14 +134,14 @@ def files(tiny_models, tmp_path_factory):
             "suite": str(root / "words.yaml")}
 
 
-def _run(files, name, guards=None, select="last", **kw):
+def _run(files, name, guards=None, select="last", log=lambda _: None, **kw):
     # lr 5e-3, constant, on a 32-wide model: a thousand times a usual DPO rate, so the policy runs away from its
     # reference within steps (its exact KL climbs every guard step) while its held-out accuracy still moves
     cfg = make_config(model=files["model"], data=files["data"], eval_data=files["eval_data"],
                       output=str(files["root"] / name), max_steps=STEPS, batch_size=8, learning_rate=5e-3,
                       lr_schedule="constant", kl_prompts=3, kl_max_new_tokens=6,
                       guard_every=EVERY, guards=guards or {}, select=select, keep_checkpoints=1, seed=0, **kw)
-    train(cfg, log=lambda _: None, progress=False)
+    train(cfg, log=log, progress=False)
     return json.loads((files["root"] / name / "run.json").read_text())
 
 
@@ -137,7 +178,6 @@ def test_figures_are_recorded_and_documented(figures, files):
     guarded = [r for r in rows if "guard/kl" in r]
     assert [r["guard/kl"] for r in guarded] == [h["kl"] for h in history]
     assert [r["guard/heldout_accuracy"] for r in guarded] == [h["heldout_accuracy"] for h in history]
-    assert [r["kl/policy_ref_token"] for r in guarded] == [h["kl"] for h in history]
     keys = {k for r in rows for k in r} | set(figures)
     assert {"guard/perplexity_increase", "guard/suites/arithmetic/score", "guard/passed", "guard"} <= keys
     assert undocumented(keys, documented()) == set()
@@ -192,6 +232,14 @@ def test_kl_max_stops_or_rolls_back_to_the_right_step(figures, files, action):
     assert _weights_equal(files["root"] / action / "final", files["root"] / action / "checkpoints" / f"step-{expected}")
     if action == "rollback":  # the step it returned to survived pruning (keep_checkpoints: 1)
         assert (files["root"] / action / "checkpoints" / f"step-{expected}").is_dir()
+    # run.json's `final` is the row of the step final/ holds (its guard figures those recorded for it), `last`
+    # the step that broke the rule; the card's "During training" shows final/'s step
+    chosen = next(h for h in figures["guard"]["history"] if h["step"] == expected)
+    assert run["final_step"] == expected and run["final"]["step"] == expected
+    assert run["final"]["guard/kl"] == chosen["kl"] and run["final"]["guard/passed"] == float(action == "rollback")
+    assert run.get("last", {}).get("step") == (fire["step"] if action == "rollback" else None)
+    card = training_metrics(Sources(run=files["root"] / action, config={}, summary=run, stats={}))
+    assert f"| `guard/kl` | {num(chosen['kl'])} |" in card and (f"Step {expected}," in card) == (action == "rollback")
 
 
 def test_a_killed_guarded_run_resumes_to_the_same_decisions(figures, files, monkeypatch):
@@ -217,6 +265,65 @@ def test_a_killed_guarded_run_resumes_to_the_same_decisions(figures, files, monk
     assert rows[-1]["step"] == fire["step"]
     assert _weights_equal(files["root"] / "killed-late" / "final", files["root"] / "rollback" / "checkpoints" /
                           f"step-{fire['step'] - EVERY}")
+
+
+def test_a_run_resumed_with_a_loosened_rule_trains_on(figures, files):
+    """The rollback run, resumed with kl_max loosened past every recorded KL: the checkpoint's figures are
+    judged under the new rule, nothing fired, so it trains to max_steps and final/ is the last step."""
+    fire, limit = _climb(figures["guard"]["history"])
+    _once(files, "rollback", {"kl_max": limit, "action": "rollback"})
+    shutil.copytree(files["root"] / "rollback", files["root"] / "loosened")
+    logged = []
+    run = _run(files, "loosened", {"kl_max": 1e6, "action": "rollback"}, log=logged.append, resume=True)
+    g = run["guard"]
+    assert run["steps"] == STEPS and run["stopped"] == "max_steps" and g["fired"] is None
+    assert g["final_step"] == STEPS and g["rules"]["kl_max"] == 1e6 and "kl_max" not in g["reason"]
+    assert [h["step"] for h in g["history"]] == list(range(EVERY, STEPS + 1, EVERY)) and g["candidates"] == \
+        [h["step"] for h in g["history"]]
+    assert any("rules changed" in line for line in logged), logged
+
+
+def test_kl_budget_sees_only_the_monitors_measurements(files, tmp_path):
+    """kl_every 4, guard_every 2, a budget every KL is over: the guard's KL at step 2 does not stop the run,
+    the monitor's at step 4 does (as in the same run unguarded)."""
+    cfg = make_config(model=files["model"], data=files["data"], output=str(tmp_path / "b"), max_steps=6, batch_size=8,
+                      learning_rate=5e-3, kl_prompts=2, kl_max_new_tokens=4, kl_every=4, kl_budget=1e-12,
+                      stop_on_kl_budget=True, guard_every=2, seed=0)
+    train(cfg, log=lambda _: None, progress=False)
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["stopped"] == "kl_budget" and run["steps"] == 4 and [h["step"] for h in run["guard"]["history"]] == \
+        [2, 4]
+
+
+def _short(files, out, max_steps, **kw):
+    cfg = make_config(model=files["model"], data=files["data"], eval_data=files["eval_data"], output=str(out),
+                      max_steps=max_steps, batch_size=8, learning_rate=5e-3, lr_schedule="constant", kl_prompts=2,
+                      kl_max_new_tokens=4, seed=0, **kw)
+    train(cfg, log=lambda _: None, progress=False)
+    return json.loads((out / "run.json").read_text())
+
+
+def test_guards_leave_training_unchanged_and_check_the_last_step(files, tmp_path):
+    """Every measurement on (suites, text, held-out accuracy) and max_steps 3, not a multiple of guard_every:
+    the last step is checked too, and final/'s weights are bit for bit those of the same run unguarded (the
+    measurements take nothing from the training's random draws or its model state)."""
+    plain = _short(files, tmp_path / "plain", 3)
+    every = {"suites": [files["suite"]], "text": files["text"], "min_heldout_accuracy": 0}
+    guarded = _short(files, tmp_path / "guarded", 3, guard_every=2, guards=every)
+    assert [h["step"] for h in guarded["guard"]["history"]] == [2, 3] and plain["steps"] == 3
+    assert all(h["heldout_accuracy"] is not None and h["perplexity"] for h in guarded["guard"]["history"])
+    a, b = (load_file(str(tmp_path / n / "final" / "model.safetensors")) for n in ("plain", "guarded"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nothing_to_roll_back_to_or_choose_is_an_error(files, tmp_path):
+    with pytest.raises(TrainingError, match="nothing to roll back to"):
+        _short(files, tmp_path / "rb", 2, guard_every=1, guards={"kl_max": 1e-12, "action": "rollback"})
+    with pytest.raises(TrainingError, match="no guard step kept every rule"):
+        _short(files, tmp_path / "fr", 2, guard_every=1, select="frontier",
+               guards={"kl_max": 1e-12, "action": "continue"})
+    assert not (tmp_path / "rb" / "final").exists() and not (tmp_path / "fr" / "final").exists()
+    assert (tmp_path / "rb" / "metrics.jsonl").exists()
 
 
 def test_rl_runs_are_guarded_too(files, tmp_path):

@@ -197,7 +197,9 @@ def training_metrics(src: Sources) -> str:
     if not last:
         return ""
     rows = [[f"`{k}`", num(v)] for k, v in last.items()]
-    return ("## During training\n\nThe last logged step (run.json `final`; on the training batches, `eval/` on "
+    which = "The last logged step" if "last" not in src.summary else \
+        f"Step {last.get('step')}, the checkpoint the guardrails chose for final/ (not the last step)"
+    return (f"## During training\n\n{which} (run.json `final`; on the training batches, `eval/` on "
             "`eval_data`):\n\n" + table(["metric", "value"], rows))
 
 

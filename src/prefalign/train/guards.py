@@ -25,7 +25,7 @@ from ..data import load_prompts
 from ..data.batches import pad
 from ..data.tokenize import TokenizationError, tokenize
 from ..errors import ConfigError, DataError, TrainingError
-from ..judges.suites import load_suite, score_suite, suite_prompts
+from ..judges.suites import load_suite, score_suite, shipped_suites, suite_prompts
 from ..models.generate import encode_prompt, generate
 from ..models.logps import sequence_logps
 from ..runtime.distributed import World
@@ -69,10 +69,17 @@ def frontier(history: list[dict[str, Any]], by: str = "heldout_accuracy") -> dic
     """`select: frontier`'s pick among the guard steps that broke no rule: the highest held-out figure `by`
     (offline: heldout_accuracy; RL: heldout_reward); among equals the lowest KL (the least moved from the
     reference), then the earliest step."""
-    good = [h for h in history if not h["broken"] and h.get(by) is not None and math.isfinite(h[by])]
+    good = [h for h in history if not h["broken"] and finite(h.get(by)) is not None]
     if not good:
         return None
-    return min(good, key=lambda h: (-h[by], h["kl"] if h.get("kl") is not None else math.inf, h["step"]))
+    # an unmeasured (or NaN) KL ranks as the farthest from the reference, never as a tie-winner
+    return min(good, key=lambda h: (-h[by], math.inf if finite(h.get("kl")) is None else h["kl"], h["step"]))
+
+
+def finite(value: float | None) -> float | None:
+    """`value`, or None when it is missing or not finite: state.json and run.json hold null, never a bare
+    NaN (invalid JSON), and a rule or the frontier treats it as not measured."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def describe(broken: list[dict[str, Any]]) -> str:
@@ -112,19 +119,25 @@ class Retention:
     def __init__(self, cfg: RunConfig, tokenizer, device, autocast, batch_size: int = 16):
         self.tokenizer, self.device, self.autocast, self.batch_size = tokenizer, device, autocast, batch_size
         self.chunk_mb, g = cfg.logits_chunk_mb, cfg.guards
-        self.suites = []
+        self.suites, names = [], {}
         for spec in g.suites:
             suite, items = load_suite(spec)
+            # scores are keyed by the suite's name: two suites of one name (or a YAML named like a shipped
+            # suite) would overwrite each other's, or pass for the shipped one's
+            if suite.name in names or (Path(spec).suffix and suite.name in shipped_suites()):
+                raise ConfigError(f"guards.suites: {spec} is named {suite.name!r}, as "
+                                  f"{names.get(suite.name, 'a shipped suite')} is: give it another `name`")
+            names[suite.name] = spec
             items = items[:g.suite_limit] if g.suite_limit else items
             ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in suite_prompts(suite, items, tokenizer)]
             self.suites.append((suite, items, ids))
-        self.seqs = []
+        self.seqs, self.skipped = [], 0  # skipped: guards.text's rows that do not tokenize (run.json says how many)
         for prompt, completion in (text_pieces(g.text) if g.text else []):
             try:
                 self.seqs.append(tokenize(tokenizer, prompt, completion, max_length=getattr(cfg, "max_length", 512),
                                           max_prompt_length=cfg.max_prompt_length))
             except TokenizationError:
-                continue
+                self.skipped += 1
         if g.text and not self.seqs:
             raise ConfigError(f"{g.text}: no row of guards.text tokenizes")
 
@@ -198,12 +211,13 @@ def figures(kl: float | None, heldout: float | None, mine: dict[str, float], ref
     """One guard step's figures from the measurements: the drops are reference minus policy (suites,
     absolute), and policy over reference minus 1 (perplexity, relative)."""
     drops = {k: ref[k] - v for k, v in mine.items() if k.startswith("suites/")}
-    out: dict[str, Any] = {"kl": kl, "heldout_accuracy": heldout, "suites": {k[len("suites/"):]: v for k, v in
-                                                                            mine.items() if k.startswith("suites/")}}
+    out: dict[str, Any] = {"kl": finite(kl), "heldout_accuracy": finite(heldout),
+                           "suites": {k[len("suites/"):]: v for k, v in mine.items() if k.startswith("suites/")}}
     out["retention_drop"] = max(drops.values()) if drops else None
     if "perplexity" in mine:
-        out["perplexity"] = mine["perplexity"]
-        out["perplexity_increase"] = mine["perplexity"] / ref["perplexity"] - 1
+        mine_ppl, ref_ppl = finite(mine["perplexity"]), finite(ref.get("perplexity"))
+        out["perplexity"] = mine_ppl
+        out["perplexity_increase"] = None if mine_ppl is None or not ref_ppl else mine_ppl / ref_ppl - 1
     return out
 
 
@@ -296,12 +310,13 @@ class Guard:
         heldout = None
         if self.eval_fn is not None:
             heldout = heldout_of({k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")})
+        policy.eval()  # first: an adapter reference is the policy with its adapters off (no dropout either)
         if self.reference is None:
             with self.monitor.reference_ctx():
-                self.reference = self.retention.measure(self.monitor.reference)
-        policy.eval()
+                self.reference = {k: finite(v) for k, v in self.retention.measure(self.monitor.reference).items()}
         mine = self.retention.measure(policy)
-        rewards = self.heldout_reward.measure(policy) if self.heldout_reward is not None else {}
+        rewards = {k: finite(v) for k, v in self.heldout_reward.measure(policy).items()} \
+            if self.heldout_reward is not None else {}
         policy.train(was_training)
         entry = {"step": step, **figures(row["kl/policy_ref_token"], heldout, mine, self.reference), **rewards}
         entry["broken"] = broken_rules(self.rules, entry)
@@ -317,12 +332,25 @@ class Guard:
         return keep
 
     def state(self) -> dict[str, Any]:
-        return {"guard": {"history": self.history, "fired": self.fired, "reference": self.reference}}
+        return {"guard": {"history": self.history, "fired": self.fired, "reference": self.reference,
+                          "rules": self.rules.model_dump(mode="json"), "select": self.cfg.select}}
 
     def restore(self, state: dict[str, Any]) -> None:
+        """The checkpoint's history, judged again under this run's rules: a run resumed with changed rules
+        (a limit loosened after a stop) decides by the new ones, from the figures the checkpoint recorded."""
         saved = state.get("guard") or {}
-        self.history, self.fired = saved.get("history", []), saved.get("fired")
-        self.reference = saved.get("reference")
+        self.history, self.reference = saved.get("history", []), saved.get("reference")
+        for h in self.history:
+            h["broken"] = broken_rules(self.rules, h)
+        first = next((h for h in self.history if h["broken"]), None)
+        self.fired = {"step": first["step"], "broken": first["broken"]} \
+            if first is not None and self.rules.action != "continue" else None
+        now = (self.rules.model_dump(mode="json"), self.cfg.select)
+        if saved.get("rules") is not None and (saved["rules"], saved.get("select")) != now:
+            then = f"step {self.fired['step']} broke them" if self.fired else "no guard step broke them"
+            self.log(f"guard: the rules changed since the checkpoint (were {saved.get('rules')}, select "
+                     f"{saved.get('select')}; now {describe_rules(self.cfg)}): the recorded guard steps were judged "
+                     f"again, {then}")
 
     def choose(self, step: int) -> tuple[dict[str, Any] | None, str]:
         """(the guard step final/ is to hold, or None for the model as it is at `step`; why), by the rules
@@ -334,11 +362,13 @@ class Guard:
                 raise TrainingError(f"select: frontier: no guard step kept every rule ({fired}steps checked: "
                                     f"{[h['step'] for h in self.history]}); metrics.jsonl's guard/* rows have the "
                                     "figures")
+            kl = "not measured" if best["kl"] is None else format(best["kl"], ".4g")
             return best, (f"{fired}frontier: step {best['step']} has the best held-out {self.by[8:]} "
-                          f"({best[self.by]:.4g}, kl {best['kl']:.4g}) of the "
+                          f"({best[self.by]:.4g}, kl {kl}) of the "
                           f"{sum(not h['broken'] for h in self.history)} guard steps within every rule")
         if self.fired and self.rules.action == "rollback":
-            good = last_good(self.history)
+            # before the step that fired (after rules tightened on resume, later steps may be within them)
+            good = last_good([h for h in self.history if h["step"] < self.fired["step"]])
             if good is None:
                 raise TrainingError(f"guards: {fired}no earlier guard step kept every rule, so there is nothing to "
                                     "roll back to (final/ not written; the checkpoints and metrics.jsonl are kept)")
@@ -360,12 +390,13 @@ class Guard:
         self.log(f"guard: {reason}")
         return {"every": self.cfg.guard_every, "rules": self.rules.model_dump(mode="json"), "select": self.cfg.select,
                 "fired": self.fired, "final_step": final_step, "reason": reason, "reference": self.reference,
-                "candidates": [h["step"] for h in self.history if not h["broken"]], "history": self.history}
+                "candidates": [h["step"] for h in self.history if not h["broken"]], "history": self.history,
+                "text_rows_skipped": self.retention.skipped}
 
 
 def guard_row(entry: dict[str, Any], reference: dict[str, float]) -> dict[str, float]:
     """A guard step's metrics.jsonl keys (docs/metrics.md)."""
-    row = {"guard/kl": entry["kl"], "guard/passed": float(not entry["broken"])}
+    row = {"guard/passed": float(not entry["broken"]), **({"guard/kl": entry["kl"]} if entry["kl"] is not None else {})}
     for name, score in entry["suites"].items():
         row[f"guard/suites/{name}/score"] = score
         row[f"guard/suites/{name}/score_reference"] = reference[f"suites/{name}"]
@@ -373,7 +404,7 @@ def guard_row(entry: dict[str, Any], reference: dict[str, float]) -> dict[str, f
                 "heldout_reward_stderr"):
         if entry.get(key) is not None:
             row[f"guard/{key}"] = entry[key]
-    if "perplexity" in reference:
+    if reference.get("perplexity") is not None:
         row["guard/perplexity_reference"] = reference["perplexity"]
     return row
 
@@ -398,7 +429,11 @@ def build_guard(cfg: RunConfig, monitor, eval_fn, tokenizer, device, autocast, l
                           f"which {cfg.method} does not log (only the DPO family and reward models do; RL ranks "
                           "by held-out reward: eval_prompts)")
     log(f"guards every {cfg.guard_every} steps: {describe_rules(cfg)}")
-    return Guard(cfg, monitor, eval_fn, Retention(cfg, tokenizer, device, autocast), log, heldout_reward, world)
+    retention = Retention(cfg, tokenizer, device, autocast)
+    if retention.skipped:
+        log(f"guards.text: {retention.skipped} of {retention.skipped + len(retention.seqs)} rows do not tokenize "
+            f"(max_prompt_length / max_length leave no completion): perplexity leaves them out")
+    return Guard(cfg, monitor, eval_fn, retention, log, heldout_reward, world)
 
 
 def describe_rules(cfg: RunConfig) -> str:

@@ -79,6 +79,7 @@ class LoopResult:
     last: dict[str, float] = field(default_factory=dict)
     device: str = ""  # where it ran (run.json's `device`): the costs are this hardware's
     guard: dict[str, Any] | None = None  # run.json's `guard` (train/guards.py), when guard_every is set
+    chosen: dict[str, Any] | None = None  # the row of the step final/ holds, when a guard chose an earlier one
 
 
 def mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
@@ -299,7 +300,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                 runlog.write(row)
             last = row
             update_bar(bar, step, _bar_text(row))
-            over = "kl/policy_ref_token" in row and budget.over(row["kl/policy_ref_token"], step)
+            over = measured and budget.over(row["kl/policy_ref_token"], step)  # the monitor's KLs only, not a guard's
             if world.any_true(over) and stopped == "max_steps":  # rank 0 measured it; every rank stops with it
                 stopped = "kl_budget"
             if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
@@ -315,7 +316,16 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             bar[0].stop()
         runlog.close(ok)
     return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last,
-                      hardware(device), summary)
+                      hardware(device), summary, _chosen_row(cfg, step, summary, world))
+
+
+def _chosen_row(cfg: RunConfig, step: int, guard: dict[str, Any] | None, world: World) -> dict[str, Any] | None:
+    """metrics.jsonl's row of the step a guard chose for final/ (guard steps are always logged) when it is
+    not the last, `step`; else None."""
+    if not guard or guard["final_step"] == step or not world.main:
+        return None
+    rows = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return next((r for r in reversed(rows) if r.get("step") == guard["final_step"]), None)
 
 
 def _measure(cfg: RunConfig, step: int, row: dict[str, Any], model, eval_fn, monitor, world: World) -> bool:
@@ -393,7 +403,10 @@ def write_summary(out: Path, result: LoopResult, **fields: Any) -> dict[str, Any
                "wall_seconds": result.wall_seconds, "tokens": result.tokens,
                "tokens_per_s": result.tokens / result.wall_seconds if result.wall_seconds else None,
                "peak_memory_bytes": result.last.get("peak_memory_bytes"), "device": result.device,
-               "versions": versions(), "final": result.last, **({"guard": result.guard} if result.guard else {})}
+               "versions": versions(), "final_step": result.guard["final_step"] if result.guard else result.steps,
+               # `final` describes final/: a guard's pick when it chose an earlier step (then `last` is the last row)
+               "final": result.chosen or result.last, **({"last": result.last} if result.chosen else {}),
+               **({"guard": result.guard} if result.guard else {})}
     path = out / "run.json"
     text = json.dumps(summary, indent=2)  # whole under a temporary name, then renamed: never half a run.json
     with disk_full(path, len(text), tmp_name(path)):
