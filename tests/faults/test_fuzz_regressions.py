@@ -237,3 +237,19 @@ def test_serve_schema_bounds_are_the_bounds_it_accepts():
             cls.model_validate({**base, name: prop["minimum"]})
             with pytest.raises(ValidationError):
                 cls.model_validate({**base, name: prop["minimum"] - 1})
+
+
+def test_a_gz_cut_before_its_fourth_byte_gives_what_it_holds(tmp_path):
+    """make faults: `[]` + newline gzipped and cut at 3/4 was refused whole ("cannot be decompressed"), as
+    gzip's read(4) raises on a cut stream of fewer than 4 bytes; zlib reads the line. An empty .gz stays an
+    empty file, and a .gz with no decompressible byte is still refused by name."""
+    data = gzip.compress(b"[]\n")
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[:int(len(data) * 0.75)])
+    stats = compute_stats(cut, ReadOptions())
+    assert stats.records == 2 and stats.invalid == 2  # the row read (a list is not a pair) and the cut
+    (tmp_path / "empty.jsonl.gz").write_bytes(b"")
+    assert compute_stats(tmp_path / "empty.jsonl.gz", ReadOptions()).records == 0
+    (tmp_path / "header.jsonl.gz").write_bytes(data[:10])
+    with pytest.raises(DataError, match="cannot be decompressed"):
+        compute_stats(tmp_path / "header.jsonl.gz", ReadOptions())

@@ -72,19 +72,41 @@ def _open_binary(path: Path):
     a CSV's header; json.loads refuses it). A file that cannot be decompressed at all, or that is UTF-16
     or UTF-32, is a DataError naming it: none of its rows could be read."""
     gz = path.name.endswith(".gz")
-    f = gzip.open(path, "rb") if gz else open(path, "rb")
     try:
-        head = f.read(4)
+        if gz:
+            head = _gz_head(path)
+        else:
+            with open(path, "rb") as raw:
+                head = raw.read(4)
     except _BROKEN as e:
-        f.close()
         raise DataError(f"{path}: cannot be decompressed (its name ends in .gz): {e}") from None
     for bom, name in _WIDE_BOMS:
         if head.startswith(bom):
-            f.close()
             raise DataError(f"{path}: the file is {name} (it starts with a {name} byte-order mark); prefalign "
                             f"reads UTF-8: convert it, e.g. iconv -f {name} -t UTF-8")
-    f.seek(len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0)
+    f = gzip.open(path, "rb") if gz else open(path, "rb")
+    try:
+        f.seek(len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0)
+    except _BROKEN as e:  # a cut .gz holding nothing but a byte-order mark
+        f.close()
+        raise DataError(f"{path}: cannot be decompressed (its name ends in .gz): {e}") from None
     return f
+
+
+def _gz_head(path: Path) -> bytes:
+    """The first 4 bytes a .gz decompresses to, however early it was cut: gzip's read(4) raises on a cut
+    stream holding fewer than 4 bytes (make faults: a cut `[]` line refused the file it could read)."""
+    with open(path, "rb") as raw:
+        z = zlib.decompressobj(31)
+        head, seen = b"", 0
+        while len(head) < 4 and (chunk := raw.read(1 << 16)):
+            seen += len(chunk)
+            head += z.decompress(chunk, 4 - len(head))
+            while len(head) < 4 and z.unconsumed_tail:
+                head += z.decompress(z.unconsumed_tail, 4 - len(head))
+        if seen and not head and not z.eof:  # (an empty file is an empty stream, as gzip reads it)
+            raise EOFError("Compressed file ended before any byte of it could be decompressed")
+        return head
 
 
 def _decode(data: bytes, where: Location) -> str | Problem:
