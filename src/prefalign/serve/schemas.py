@@ -46,9 +46,15 @@ class Body(BaseModel):
     def _neutral(cls, data: Any) -> Any:
         if isinstance(data, dict):
             for key, neutral in NEUTRAL.items():
-                if key in data and data[key] not in (neutral, {}, []) and not (key == "best_of" and data[key] is None):
+                # a JSON true/false is not 1/0 (Python says it is; the schema's enum does not)
+                if key in data and (isinstance(data[key], bool) or data[key] not in (neutral, {}, [])) \
+                        and not (key == "best_of" and data[key] is None):
                     raise ValueError(f"{key}: not supported by prefalign serve (only {neutral!r})")
             data = {k: v for k, v in data.items() if k not in NEUTRAL or k in cls.model_fields}
+            for key, value in data.items():  # pydantic's lax mode reads true as 1: the schema says integer
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and "bool" not in str(field.annotation):
+                    raise ValueError(f"{key}: a number, not {str(value).lower()}")
             if data.get("top_k") == -1:  # vLLM's spelling of off
                 data["top_k"] = 0
         return data
