@@ -70,15 +70,21 @@ JUDGE_FIELDS = {"judge", "reward"}
 
 def judge_specs(source: str, inside_judges: bool) -> list[tuple[int, str]]:
     """(line, what) for each judge built from anything but a config's judge/reward field (`cfg.judge`);
-    judges/ itself passes its own `spec` parameter on."""
-    bad = []
-    for node in ast.walk(ast.parse(source)):
+    judges/ itself passes on a parameter of the function it is in (`spec`; data stats' `--judge`, whose
+    value the CLI takes from its own flag), never a value it read."""
+    bad, tree = [], ast.parse(source)
+    params: dict[int, set[str]] = {}  # call node -> the parameters of the functions around it
+    for f in ast.walk(tree):
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(f):
+                params.setdefault(id(inner), set()).update(a.arg for a in f.args.args + f.args.kwonlyargs)
+    for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in BUILDERS):
             continue
         arg = node.args[0] if node.args else None
         from_config = isinstance(arg, ast.Attribute) and isinstance(arg.value, ast.Name) \
             and arg.value.id == "cfg" and arg.attr in JUDGE_FIELDS
-        passed_on = inside_judges and isinstance(arg, ast.Name) and arg.id == "spec"
+        passed_on = inside_judges and isinstance(arg, ast.Name) and arg.id in params.get(id(node), set())
         if not (from_config or passed_on):
             bad.append((node.lineno, ast.unparse(node)[:120]))
     return bad
@@ -99,6 +105,10 @@ def test_only_a_config_field_names_a_judge():
     for config in (EvalConfig, IterateConfig, LabelConfig):  # ...which are config fields (StrictModel)
         assert "judge" in config.model_fields
     assert judge_specs("make_judge(row['judge'])\n", False) and judge_specs("CallableJudge(spec)\n", False)
+    # inside judges/: a parameter passes; a value read inside the function, or a name from outside, does not
+    assert not judge_specs("def f(spec):\n    return make_judge(spec)\n", True)
+    assert judge_specs("def f(path):\n    spec = read(path)\n    return make_judge(spec)\n", True)
+    assert judge_specs("spec = read(p)\nmake_judge(spec)\n", True)
 
 
 SQL_CALLS = {"execute", "executemany", "executescript"}
