@@ -9,11 +9,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import headless_chromium
 from prefalign.config import ConfigError, load_config
 from prefalign.runtime.energy import NOT_MEASURABLE, EnergyMeter, read_counters
-from prefalign.tasks.audit import AuditConfig, demo_config, load_prices, run_audit
+from prefalign.tasks.audit import AuditConfig, demo_config, hardware, load_prices, run_audit
 from prefalign.tasks.audit_verdict import choose, compare, figures, paired, verdict
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "audit.md"
@@ -39,8 +40,18 @@ def test_config_refusals(tmp_path):
     # a setting the method's own config refuses is caught before anything runs
     with pytest.raises(ConfigError, match="ppo"):
         load_config(AuditConfig, base={**base, "reward": "a:b", "train": {"ppo": {"clip_rang": 0.1}}})
+    with pytest.raises(ConfigError, match="sweep.seed 0 is one of the test seeds"):  # test runs train afresh
+        load_config(AuditConfig, base={**base, "reward": "a:b", "sweep": {"seed": 0}})
     ok = load_config(AuditConfig, base={**base, "data": "pairs.jsonl", "judge": "a:b"})
     assert ok.reward is None and ok.seeds == [0, 1, 2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is present")
+def test_cuda_without_a_gpu_is_refused_not_priced_as_cpu():
+    cfg = AuditConfig.model_construct(device="cuda", prices=None, hardware="auto")
+    with pytest.raises(ConfigError, match="no CUDA GPU is available"):
+        hardware(cfg)
+    assert hardware(AuditConfig.model_construct(device="cpu", prices=None, hardware="auto"))["unit"] == "cpu-core-hour"
 
 
 def test_price_table(tmp_path):
@@ -251,11 +262,23 @@ def test_audit_writes_the_three_files_with_documented_keys(audit):
     stages = {st["stage"] for st in s["stages"]}
     assert {"pairs", "evaluate validation", "evaluate test", "train ppo kl_coef=0.1"} <= stages
     assert all(st["seconds"] > 0 and st["peak_memory_bytes"] > 0 for st in s["stages"])
+    # CPU time of the stage's own process, and the RSS it inherited from the forkserver (inside its peak)
+    assert all(st["cpu_seconds"] > 0 and 0 < st["baseline_rss_bytes"] <= st["peak_rss_bytes"] for st in s["stages"])
+    # the sweep has its own seed: no test row comes from a sweep run
+    sweep_seed = s["config"]["sweep"]["seed"]
+    assert {r["seed"] for r in s["sweep"]} == {sweep_seed} and sweep_seed not in {r["seed"] for r in s["test"]}
+    assert sum(st["stage"] == "train ppo kl_coef=0.1" for st in s["stages"]) == 3  # sweep + 2 fresh test runs
+    trained = [st for st in s["stages"] if st["stage"].startswith("train")]
+    assert all(st["tokens_trained"] > 0 and st["tokens_sampled"] is None for st in trained)
+    assert all(st["tokens_sampled"] > 0 for st in s["stages"] if st["stage"] == "pairs")
+    assert {st["model_holds"] for st in trained if st["arm"] == "ppo"} == \
+        {"reference: adapter-disabled base, critic: value head, reward: function"}
     assert all(st["energy_joules"] is not None or st["energy"].startswith(NOT_MEASURABLE) for st in s["stages"])
     assert s["hardware"]["price_key"] == "cpu" and s["test"][0]["usd"] > 0
     # the verdict: every number in it is a figure audit.json keeps
     text = s["verdict"]["text"]
     assert text and set(_numbers(text)) <= _leaves(s["verdict"]["figures"])
+    assert assert_labelled(s["verdict"]["figures"]["dpo vs ppo"], text) >= 4  # costs, KL differences, matched
     md = (audit / "audit.md").read_text()
     assert text.split(" (")[0] in md and "![reward vs KL](frontier.png)" in md
     assert "not measurable on this machine" in md or "measured" in md
