@@ -418,9 +418,10 @@ def _energy_status(stages: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- --demo: the shipped model and task
 # The sentiment task (tasks/sentiment.py): IMDb prefixes, VADER as the reward and the judge. DEMO is
-# sized for <= 10 minutes on 2 CPU cores (docs/audit.md gives the measured time); QUICK is the test
-# suite's shrunk audit: every stage a few steps on a few prompts, so it checks the plumbing, not a verdict
-# (one setting per arm: the test seeds train afresh, and a second DPO setting would cost the suite time).
+# small: 13 minutes measured on 2 busy CPU cores (benchmarks/results/audit-demo-cpu-2core); QUICK is
+# the test suite's shrunk audit: every stage a few steps on a few prompts, so it checks the plumbing,
+# not a verdict (one setting per arm: the test seeds train afresh, and a second DPO setting would cost
+# the suite time).
 DEMO = {"eval_prompts": 64, "train_prompts": 128, "samples": 6, "max_new_tokens": 20, "seeds": [0, 1, 2],
         "sweep": {"dpo_beta": [0.1, 0.5], "ppo_kl_coef": [0.03, 0.1], "rloo_kl_coef": [0.03, 0.1]},
         "train": {"dpo": {"learning_rate": 2e-3, "max_steps": 32, "batch_size": 8},
