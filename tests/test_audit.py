@@ -9,11 +9,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import headless_chromium
 from prefalign.config import ConfigError, load_config
 from prefalign.runtime.energy import NOT_MEASURABLE, EnergyMeter, read_counters
-from prefalign.tasks.audit import AuditConfig, demo_config, load_prices, run_audit
+from prefalign.tasks.audit import AuditConfig, demo_config, hardware, load_prices, run_audit
 from prefalign.tasks.audit_verdict import choose, compare, figures, paired, verdict
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "audit.md"
@@ -39,8 +40,18 @@ def test_config_refusals(tmp_path):
     # a setting the method's own config refuses is caught before anything runs
     with pytest.raises(ConfigError, match="ppo"):
         load_config(AuditConfig, base={**base, "reward": "a:b", "train": {"ppo": {"clip_rang": 0.1}}})
+    with pytest.raises(ConfigError, match="sweep.seed 0 is one of the test seeds"):  # test runs train afresh
+        load_config(AuditConfig, base={**base, "reward": "a:b", "sweep": {"seed": 0}})
     ok = load_config(AuditConfig, base={**base, "data": "pairs.jsonl", "judge": "a:b"})
     assert ok.reward is None and ok.seeds == [0, 1, 2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is present")
+def test_cuda_without_a_gpu_is_refused_not_priced_as_cpu():
+    cfg = AuditConfig.model_construct(device="cuda", prices=None, hardware="auto")
+    with pytest.raises(ConfigError, match="no CUDA GPU is available"):
+        hardware(cfg)
+    assert hardware(AuditConfig.model_construct(device="cpu", prices=None, hardware="auto"))["unit"] == "cpu-core-hour"
 
 
 def test_price_table(tmp_path):
@@ -55,21 +66,35 @@ def test_price_table(tmp_path):
 
 # ---------------------------------------------------------------- arithmetic, by hand
 def test_paired_ratio_and_difference_by_hand():
-    # ratios 1/2 = 0.5 and 2/2 = 1.0: mean 0.75, sd = 0.5/sqrt(2) = 0.353553, t(0.975, 1) = 12.706,
-    # half-width = 12.706 * 0.353553 / sqrt(2) = 3.17650
+    # ratios 1/2 and 2/2: logs -0.693147 and 0, mean -0.346574 (geometric mean exp = 0.707107), sd 0.490129,
+    # t(0.975, 1) = 12.706, half = 12.706 * 0.490129 / sqrt(2) = 4.403573: exp(-4.750147), exp(4.056999)
     r = paired({0: 1.0, 1: 2.0}, {0: 2.0, 1: 2.0}, "ratio")
-    assert r["per_seed"] == [0.5, 1.0] and r["mean"] == pytest.approx(0.75, abs=1e-12)
-    assert r["ci95"] == pytest.approx([0.75 - 3.17650, 0.75 + 3.17650], abs=1e-5)
+    assert r["per_seed"] == [0.5, 1.0] and r["mean"] == pytest.approx(0.707107, abs=1e-6)
+    assert r["ci95"] == pytest.approx([0.0086505, 57.8001], rel=1e-4)
     # differences -1, 0, 1: mean 0, sd 1, t(0.975, 2) = 4.303, half = 4.303 / sqrt(3) = 2.484338
     d = paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 2.0, 1: 2.0, 2: 2.0}, "difference")
     assert d["mean"] == 0 and d["ci95"] == pytest.approx([-2.484338, 2.484338], abs=1e-6)
     assert paired({0: 1.0, 1: 1.0}, {0: 0.5, 1: -0.1}, "ratio") is None  # a ratio to a reward <= 0 means nothing
+    assert paired({0: -0.2, 1: 1.0}, {0: 0.5, 1: 0.6}, "ratio", centred=True) is None  # nor of one: no log
     # rewards 0.05 and 0.5: mean 0.275, sd 0.318198, half 12.706 * 0.318198 / sqrt(2) = 2.8589: the interval
     # reaches 0, so a ratio (20 and 2) would swing without bound: none is given
     assert paired({0: 1.0, 1: 1.0}, {0: 0.05, 1: 0.5}, "ratio", centred=True) is None
     assert paired({0: 1.0, 1: 1.0}, {0: 0.05, 1: 0.5}, "ratio")["per_seed"] == [20.0, 2.0]  # a cost: always
     assert paired({0: 1.0, 1: 1.0}, {0: 0.5, 1: 0.52}, "ratio", centred=True)["per_seed"] == [2.0, 1.0 / 0.52]
     assert paired({0: 1.0}, {1: 1.0}, "ratio") is None  # no seed in common
+
+
+def test_cost_ratio_interval_stays_positive():
+    """Ratios 1.45, 1.54, 0.5: a t-interval on the ratios themselves is [-0.268, 2.595] (a cost ratio below 0).
+    On the logs (0.371564, 0.431782, -0.693147): mean 0.036733, sd 0.632811, half 4.303 * 0.632811 / sqrt(3) =
+    1.572118, so exp: geometric mean 1.037416, interval [0.215373, 4.997064], which holds 1."""
+    r = paired({0: 1.45, 1: 1.54, 2: 0.5}, {0: 1.0, 1: 1.0, 2: 1.0}, "ratio")
+    assert r["mean"] == pytest.approx(1.037416, abs=1e-6)
+    assert r["ci95"] == pytest.approx([0.215373, 4.997064], abs=1e-5) and r["ci95"][0] > 0
+    f = figures("DPO", "PPO", {"device_hours_ratio": r}, None, 1.0, None, 3)
+    assert (f["device_hours_pct"], f["device_hours_pct_ci95"]) == (103.7, [21.5, 499.7])
+    assert f["device_hours_pct_direction"] == "not detectably different"
+    assert "103.7% [21.5, 499.7] of its device-hours (not detectably different)" in verdict(f)[0]
 
 
 def test_choose_on_validation_by_hand():
@@ -88,9 +113,10 @@ def test_choose_on_validation_by_hand():
 
 
 def _rows(reward, hours, peak, kl=1.0):
-    """Per-seed test rows of one arm (no energy measured)."""
+    """Per-seed test rows of one arm (no energy measured; money not proportional to device-hours, so that
+    each cost has its own ratio)."""
     return {s: {"reward_mean": r, "win_rate": 0.5, "kl_per_sequence": kl, "device_hours": h, "peak_memory_bytes": p,
-                "usd": h * 2.0, "energy_joules": None}
+                "usd": h * 2.0 + 0.5, "energy_joules": None}
             for s, (r, h, p) in enumerate(zip(reward, hours, peak, strict=True))}
 
 
@@ -106,28 +132,73 @@ def _leaves(obj) -> set[float]:
     return {float(obj)} if isinstance(obj, int | float) and not isinstance(obj, bool) else set()
 
 
+def _ci_text(ci) -> str:
+    return "" if ci is None else f" [{ci[0]}, {ci[1]}]"
+
+
+def assert_labelled(f: dict, text: str) -> int:
+    """Every figure of the verdict is printed next to its own label (written out here, not taken from the
+    code, so a label moved to another figure fails): '<figure>% [lo, hi] <label> (<direction>)'."""
+    a, b = f["a"], f["b"]
+    labels = {"reward_pct": f"of {b}'s best reward", "device_hours_pct": "of its device-hours",
+              "peak_memory_pct": "of its peak memory", "usd_pct": "of its cost in money",
+              "energy_pct": "of its measured energy"}
+    checked = 0
+    for key, label in labels.items():
+        if f[key] is None:
+            assert label not in text, label
+            continue
+        want = f"{f[key]}%{_ci_text(f[key + '_ci95'])} {label} ({f[key + '_direction']})"
+        assert want in text, (want, text)
+        checked += 1
+    for key in ("kl_difference", "matched_kl_difference"):
+        if f.get(key) is not None:
+            want = (f"{a}'s test KL to the base minus {b}'s was {f[key]}{_ci_text(f[key + '_ci95'])} nats per "
+                    f"sequence ({f[key + '_direction']})")
+            assert want in text, (want, text)
+            checked += 1
+    if f.get("matched_direction") is not None:
+        assert f"(difference{_ci_text(f['matched_difference_ci95'])}; test KL {f['matched_kl_a']} vs " \
+               f"{f['matched_kl_b']};" in text
+        assert f"validation KL ≤ {f['matched_kl']}:" in text
+        checked += 1
+    return checked
+
+
 def test_verdict_numbers_by_hand_and_traceable():
     dpo = _rows([0.40, 0.44, 0.42], [1.0, 1.0, 1.0], [100, 100, 100], kl=3.0)
     ppo = _rows([0.50, 0.55, 0.60], [2.0, 4.0, 4.0], [200, 200, 100], kl=2.0)
     f = figures("DPO", "PPO", compare(dpo, ppo), compare(dpo, ppo), 2.5, {"a": 3.0, "b": 2.0}, 3)
-    # reward ratios .8, .8, .7 -> 76.7%; device-hours 1/2, 1/4, 1/4 -> 33.3%; peak .5, .5, 1 -> 66.7%
-    assert (f["reward_pct"], f["device_hours_pct"], f["peak_memory_pct"], f["usd_pct"]) == (76.7, 33.3, 66.7, 33.3)
-    assert f["energy_pct"] is None  # not measured: no ratio, no sentence
+    # geometric means: reward ratios .8, .8, .7: logs -0.223144, -0.223144, -0.356675, mean -0.267654
+    # -> 76.5%; device-hours 1/2, 1/4, 1/4: logs mean -1.155245 -> 31.5%, sd 0.400189,
+    # half 4.303 * 0.400189 / sqrt(3) = 0.994204 -> [11.7, 85.1] (below 100: "less");
+    # peak .5, .5, 1: mean log -0.462098 -> 63.0%, sd 0.400189 -> [23.3, 170.3] (holds 100: no direction)
+    assert (f["device_hours_pct"], f["device_hours_pct_ci95"]) == (31.5, [11.7, 85.1])
+    assert (f["peak_memory_pct"], f["peak_memory_pct_ci95"]) == (63.0, [23.3, 170.3])
+    assert f["device_hours_pct_direction"] == "less"
+    assert f["peak_memory_pct_direction"] == "not detectably different"
+    assert f["reward_pct"] == 76.5 and f["reward_pct_direction"] == "less"
+    assert f["energy_pct"] is None  # not measured: no ratio, no words
     # matched differences -.10, -.11, -.18: mean -0.13, sd 0.043589, half 4.303 * 0.043589 / sqrt(3) = 0.108288
     assert f["matched_gap"] == 0.13 and f["matched_difference_ci95"] == [-0.238, -0.022]
+    assert f["kl_difference"] == 1.0 and f["kl_difference_direction"] == "higher"
     text = " ".join(verdict(f))
-    assert "DPO reached 76.7% [" in text and "33.3% [" in text and "of its peak memory" in text
+    assert assert_labelled(f, text) == 7
+    assert "63.0% [23.3, 170.3] of its peak memory (not detectably different)" in text
     assert "DPO's reward was lower than PPO's by 0.13" in text and "energy" not in text
+    # the test KL of DPO's matched setting (3.0) is above K = 2.5: the sentence says the KLs are not matched
+    assert "DPO's KL exceeded 2.5, so the KLs are not matched" in text and "PPO's KL exceeded" not in text
     assert set(_numbers(text)) <= _leaves(f), set(_numbers(text)) - _leaves(f)
     # the figures flipped, the words flip
     g = figures("PPO", "DPO", compare(ppo, dpo), compare(ppo, dpo), 2.5, {"a": 2.0, "b": 3.0}, 3)
     flipped = " ".join(verdict(g))
     assert "PPO's reward was higher than DPO's by 0.13" in flipped and g["reward_pct"] > 100
+    assert g["device_hours_pct_direction"] == "more" and assert_labelled(g, flipped) == 7
     assert set(_numbers(flipped)) <= _leaves(g)
     # an interval across 0: no side is named
     h = figures("DPO", "PPO", compare(dpo, ppo), compare(_rows([0.5, 0.3, 0.6], [1] * 3, [1] * 3), ppo), 2.5,
                 {"a": 1.0, "b": 2.0}, 3)
-    assert "not detectably different" in " ".join(verdict(h))
+    assert "not detectably different from PPO's" in " ".join(verdict(h)) and "exceeded" not in " ".join(verdict(h))
 
 
 # ---------------------------------------------------------------- energy
@@ -191,11 +262,23 @@ def test_audit_writes_the_three_files_with_documented_keys(audit):
     stages = {st["stage"] for st in s["stages"]}
     assert {"pairs", "evaluate validation", "evaluate test", "train ppo kl_coef=0.1"} <= stages
     assert all(st["seconds"] > 0 and st["peak_memory_bytes"] > 0 for st in s["stages"])
+    # CPU time of the stage's own process, and the RSS it inherited from the forkserver (inside its peak)
+    assert all(st["cpu_seconds"] > 0 and 0 < st["baseline_rss_bytes"] <= st["peak_rss_bytes"] for st in s["stages"])
+    # the sweep has its own seed: no test row comes from a sweep run
+    sweep_seed = s["config"]["sweep"]["seed"]
+    assert {r["seed"] for r in s["sweep"]} == {sweep_seed} and sweep_seed not in {r["seed"] for r in s["test"]}
+    assert sum(st["stage"] == "train ppo kl_coef=0.1" for st in s["stages"]) == 3  # sweep + 2 fresh test runs
+    trained = [st for st in s["stages"] if st["stage"].startswith("train")]
+    assert all(st["tokens_trained"] > 0 and st["tokens_sampled"] is None for st in trained)
+    assert all(st["tokens_sampled"] > 0 for st in s["stages"] if st["stage"] == "pairs")
+    assert {st["model_holds"] for st in trained if st["arm"] == "ppo"} == \
+        {"reference: adapter-disabled base, critic: value head, reward: function"}
     assert all(st["energy_joules"] is not None or st["energy"].startswith(NOT_MEASURABLE) for st in s["stages"])
     assert s["hardware"]["price_key"] == "cpu" and s["test"][0]["usd"] > 0
     # the verdict: every number in it is a figure audit.json keeps
     text = s["verdict"]["text"]
     assert text and set(_numbers(text)) <= _leaves(s["verdict"]["figures"])
+    assert assert_labelled(s["verdict"]["figures"]["dpo vs ppo"], text) >= 4  # costs, KL differences, matched
     md = (audit / "audit.md").read_text()
     assert text.split(" (")[0] in md and "![reward vs KL](frontier.png)" in md
     assert "not measurable on this machine" in md or "measured" in md

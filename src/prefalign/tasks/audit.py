@@ -3,11 +3,13 @@
 Arms, each stage in its own process (tasks/stages.py): DPO (offline, on the user's pairs, or on pairs
 made by sampling `samples` continuations per train prompt from the model and letting the reward pick
 best and worst), and the RLHF arm: a reward-model stage when there is data but no reward, then PPO
-(value head) and RLOO (critic-free). Every setting of `sweep` trains with the first seed and is
+(value head) and RLOO (critic-free). Every setting of `sweep` trains with `sweep.seed` and is
 evaluated on the validation prompts; `choose` (tasks/audit_verdict.py) picks each arm's settings
-there; the chosen settings then train with every seed and are evaluated on the test prompts, which
-played no part in choosing. The first seed's sweep runs are reused for the test (training never sees
-a held-out prompt). Per stage: wall clock, device-hours, peak memory, model copies, tokens, energy
+there; the chosen settings then train afresh with every test seed and are evaluated on the test
+prompts, which played no part in choosing. The sweep trains with its own seed (`sweep.seed`, not a
+test seed) and none of its runs is reused: the setting it picks scored highest on validation partly
+by its run's luck, and reusing that run would carry the luck into the test. Per stage: wall clock,
+CPU seconds, device-hours, peak memory, model copies, tokens sampled and trained, energy
 (runtime/energy.py: measured, or "not measurable on this machine" with the reason) and money from
 the price table. Everything lands in OUT/audit.json; OUT/audit.md and OUT/audit.html read it
 (tasks/audit_report.py). Keys: docs/audit.md.
@@ -40,9 +42,11 @@ PRICES = task.ASSETS / "prices.yaml"
 ARMS = ("dpo", "ppo", "rloo")
 SETTING = {"dpo": "beta", "ppo": "kl_coef", "rloo": "kl_coef"}
 METHOD = {"dpo": "dpo", "ppo": "ppo", "rloo": "rloo"}
+REWARD_KINDS = {"callable": "function", "reward_model": "model"}
 
 
 class Sweep(StrictModel):
+    seed: int = Field(1000, description="seed of the sweep's runs (its pairs too); never a test seed")
     dpo_beta: list[float] = Field([0.1, 0.5], min_length=1, description="DPO's beta values tried on validation")
     ppo_kl_coef: list[float] = Field([0.03, 0.1], min_length=1, description="PPO's kl_coef values tried")
     rloo_kl_coef: list[float] = Field([0.03, 0.1], min_length=1, description="RLOO's kl_coef values tried")
@@ -73,7 +77,7 @@ class AuditConfig(StrictModel):
     suites: list[str] = Field([], description="retention suites (eval/suites), scored on every evaluated model")
     samples: int = Field(4, ge=2, description="continuations sampled per prompt to make pairs")
     max_new_tokens: int = Field(32, ge=1, description="tokens sampled per completion (pairs, rollouts, eval)")
-    seeds: list[int] = Field([0, 1, 2], min_length=2, description="seeds of the test runs (the first: the sweep)")
+    seeds: list[int] = Field([0, 1, 2], min_length=2, description="seeds of the test runs, each trained afresh")
     arms: list[Literal["dpo", "ppo", "rloo"]] = Field(list(ARMS), description="arms to run; dpo and one more")
     sweep: Sweep = Field(default_factory=Sweep)
     matched_kl: float | None = Field(None, gt=0, description="KL per sequence for the matched comparison (default: "
@@ -100,6 +104,9 @@ class AuditConfig(StrictModel):
             raise ValueError("give `reward` (to make pairs and for PPO/RLOO) or `data` (pairs), or both")
         if self.judge is None and self.reward is None:
             raise ValueError("held-out completions need a judge: give `judge` (or `reward`)")
+        if self.sweep.seed in self.seeds:
+            raise ValueError(f"sweep.seed {self.sweep.seed} is one of the test seeds {self.seeds}: the test "
+                             "runs must be fresh trainings, not the runs that won the sweep")
         unknown = set(self.train) - {"dpo", "ppo", "rloo", "reward_model"}
         if unknown:
             raise ValueError(f"train: unknown arm(s) {sorted(unknown)} (dpo, ppo, rloo, reward_model)")
@@ -143,11 +150,17 @@ def load_prices(prices: str | dict | None) -> dict[str, dict]:
 def hardware(cfg: AuditConfig) -> dict:
     """What one device-hour is here, and its price (None, with the reason, when the table has none)."""
     table = load_prices(cfg.prices)
-    if cfg.device.startswith("cuda") and torch.cuda.is_available():
+    if cfg.device.startswith("cuda"):
+        if not torch.cuda.is_available():  # pricing GPU work as CPU core-hours would be silently wrong
+            raise ConfigError(f"device {cfg.device!r}: no CUDA GPU is available here (torch.cuda.is_available() "
+                              "is False); use device: cpu, or run where the GPU is")
         name, devices, unit = torch.cuda.get_device_name(), 1, "gpu-hour"
+    elif cfg.device != "cpu":
+        raise ConfigError(f"device {cfg.device!r}: the audit prices cpu or cuda devices only")
     else:
         name, unit = "cpu", "cpu-core-hour"
-        # the cores a stage computes on: torch's threads (OMP_NUM_THREADS), at most the cores it may use
+        # the cores a stage is given: torch's threads (OMP_NUM_THREADS), at most the cores it may use.
+        # On a loaded machine it gets less than that; `cpu_seconds` (user + system) is what it got.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         devices = min(torch.get_num_threads(), cores)
     key = cfg.hardware
@@ -201,6 +214,19 @@ def _write_prompts(cfg: AuditConfig, out: Path) -> dict[str, Path]:
     return paths
 
 
+def holds(run: dict) -> str:
+    """What a training run held besides its policy, from its run.json: the reference (an adapter-disabled
+    base under LoRA, a frozen copy, log-probabilities precomputed once, or none), PPO's critic, the reward."""
+    kinds = {"adapter": "adapter-disabled base", "copy": "frozen copy", "precompute": "precomputed log-probs"}
+    parts = [f"reference: {kinds.get(run.get('reference'), run.get('reference') or 'none')}"]
+    if run.get("method") == "ppo":  # model_copies counts a critic only when it is a model of its own
+        others = 1 + (run.get("reference") == "copy") + (run.get("reward") == "reward_model")
+        parts.append("critic: value head" if run.get("model_copies") == others else "critic: separate model")
+    if run.get("reward"):
+        parts.append(f"reward: {REWARD_KINDS.get(run['reward'], run['reward'])}")
+    return ", ".join(parts)
+
+
 class Audit:
     def __init__(self, cfg: AuditConfig, log, progress: bool):
         self.cfg, self.log, self.progress = cfg, log, progress
@@ -215,15 +241,18 @@ class Audit:
         energy = meter.stop()
         hours = cost["seconds"] * self.hw["devices"] / 3600
         price = self.hw["usd_per_device_hour"]
-        row = {"stage": name, "arm": arm, "seed": seed, "seconds": cost["seconds"], "device_hours": hours,
-               "peak_rss_bytes": cost["peak_rss_bytes"], "peak_cuda_bytes": cost["peak_cuda_bytes"],
+        row = {"stage": name, "arm": arm, "seed": seed, "seconds": cost["seconds"], "cpu_seconds": cost["cpu_seconds"],
+               "device_hours": hours, "peak_rss_bytes": cost["peak_rss_bytes"],
+               "baseline_rss_bytes": cost["baseline_rss_bytes"], "peak_cuda_bytes": cost["peak_cuda_bytes"],
                "peak_memory_bytes": cost["peak_cuda_bytes"] or cost["peak_rss_bytes"],
                "usd": hours * price if price is not None else None,
-               "energy_joules": energy["joules"], "energy": energy["status"], "model_copies": None, "tokens": None}
+               "energy_joules": energy["joules"], "energy": energy["status"], "model_copies": None,
+               "model_holds": None, "tokens_sampled": None, "tokens_trained": None}
         if isinstance(result, dict) and "model_copies" in result:  # a training run's run.json
-            row["model_copies"], row["tokens"] = result.get("model_copies"), result.get("tokens")
+            row["model_copies"], row["tokens_trained"] = result.get("model_copies"), result.get("tokens")
+            row["model_holds"] = holds(result)
         elif isinstance(result, tuple) and isinstance(result[1], dict) and "sample" in result[1]:
-            row["tokens"] = result[1]["sample"].get("new_tokens")  # pair making: the tokens it sampled
+            row["tokens_sampled"] = result[1]["sample"].get("new_tokens")  # pair making: the tokens it sampled
         self.stages.append(row)
         joules = energy["status"] if energy["joules"] is None else f"{energy['joules']:.0f} J"
         self.log(f"audit: {name} (seed {seed}) {cost['seconds']:.0f} s, peak {row['peak_memory_bytes'] / 2**20:.0f} "
@@ -282,14 +311,18 @@ def _quality(ev: dict) -> dict:
 
 def end_to_end(rows: list[dict | None]) -> dict:
     """Stages one after another (docs/benchmarks.md, "How costs are counted"): sums, and the largest peak;
-    energy only when every stage's was measured; tokens and model copies of the training stage."""
+    energy only when every stage's was measured; tokens sampled and trained summed; model copies (and
+    what they are) of the training stage."""
     rows = [r for r in rows if r]
     energy = [r["energy_joules"] for r in rows]
     usd = [r["usd"] for r in rows]
     return {"seconds": sum(r["seconds"] for r in rows), "device_hours": sum(r["device_hours"] for r in rows),
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rows),
             "usd": None if None in usd else sum(usd), "energy_joules": None if None in energy else sum(energy),
-            "tokens": sum(r["tokens"] or 0 for r in rows), "model_copies": rows[-1]["model_copies"],
+            "cpu_seconds": sum(r["cpu_seconds"] for r in rows),
+            "tokens_sampled": sum(r["tokens_sampled"] or 0 for r in rows),
+            "tokens_trained": sum(r["tokens_trained"] or 0 for r in rows), "model_copies": rows[-1]["model_copies"],
+            "model_holds": rows[-1]["model_holds"],
             "stages": [r["stage"] for r in rows]}
 
 
@@ -297,7 +330,7 @@ def run_audit(cfg: AuditConfig, log=print, progress: bool = True) -> dict:
     t0, load0 = time.perf_counter(), load_average()
     a = Audit(cfg, log, progress)
     prompts = _write_prompts(cfg, a.out / "prompts")
-    first = cfg.seeds[0]
+    first = cfg.sweep.seed
     log(f"audit: sweep on the validation prompts (seed {first}); arms {', '.join(cfg.arms)}")
     inputs = {first: a.inputs(first, prompts)}
     sweep_runs = [(arm, v, *a.train_arm(arm, v, first, inputs[first], prompts))
@@ -340,10 +373,10 @@ def arm_summary(rows: list[dict]) -> dict:
     """Mean and 95% t-interval over seeds of each quality and cost figure of one arm's test rows."""
     out = {"setting": rows[0]["setting"], "seeds": [r["seed"] for r in rows]}
     for key in ("reward_mean", "win_rate", "kl_per_sequence", "perplexity", "seconds", "device_hours",
-                "peak_memory_bytes", "usd", "energy_joules", "tokens"):
+                "peak_memory_bytes", "usd", "energy_joules", "cpu_seconds", "tokens_sampled", "tokens_trained"):
         vals = [r.get(key) for r in rows]
         out[key], out[key + "_ci95"] = (None, None) if None in vals else mean_ci(vals)
-    out["model_copies"] = rows[0]["model_copies"]
+    out["model_copies"], out["model_holds"] = rows[0]["model_copies"], rows[0]["model_holds"]
     return out
 
 
@@ -385,15 +418,17 @@ def _energy_status(stages: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- --demo: the shipped model and task
 # The sentiment task (tasks/sentiment.py): IMDb prefixes, VADER as the reward and the judge. DEMO is
-# sized for <= 10 minutes on 2 CPU cores (docs/audit.md gives the measured time); QUICK is the test
-# suite's shrunk audit: every stage a few steps on a few prompts, so it checks the plumbing, not a verdict.
+# small: 13 minutes measured on 2 busy CPU cores (benchmarks/results/audit-demo-cpu-2core); QUICK is
+# the test suite's shrunk audit: every stage a few steps on a few prompts, so it checks the plumbing,
+# not a verdict (one setting per arm: the test seeds train afresh, and a second DPO setting would cost
+# the suite time).
 DEMO = {"eval_prompts": 64, "train_prompts": 128, "samples": 6, "max_new_tokens": 20, "seeds": [0, 1, 2],
         "sweep": {"dpo_beta": [0.1, 0.5], "ppo_kl_coef": [0.03, 0.1], "rloo_kl_coef": [0.03, 0.1]},
         "train": {"dpo": {"learning_rate": 2e-3, "max_steps": 32, "batch_size": 8},
                   "ppo": {"learning_rate": 1e-3, "max_steps": 12, "batch_size": 16},
                   "rloo": {"learning_rate": 1e-3, "max_steps": 12, "batch_size": 8, "samples_per_prompt": 2}}}
 QUICK = {"eval_prompts": 4, "train_prompts": 8, "samples": 2, "max_new_tokens": 4, "seeds": [0, 1],
-         "arms": ["dpo", "ppo"], "sweep": {"dpo_beta": [0.1, 0.5], "ppo_kl_coef": [0.1]},
+         "arms": ["dpo", "ppo"], "sweep": {"dpo_beta": [0.1], "ppo_kl_coef": [0.1]},
          "train": {"dpo": {"learning_rate": 2e-3, "max_steps": 2, "batch_size": 4},
                    "ppo": {"learning_rate": 1e-3, "max_steps": 1, "batch_size": 4, "ppo_epochs": 1}}}
 

@@ -71,8 +71,10 @@ def _cost_rows(s: dict) -> list[list[str]]:
         energy = _ci(a["energy_joules"], a["energy_joules_ci95"], 0) if a["energy_joules"] is not None \
             else "not measurable on this machine"
         rows.append([arm.upper(), str(a["setting"]), _ci(a["seconds"], a["seconds_ci95"], 1),
+                     _ci(a["cpu_seconds"], a["cpu_seconds_ci95"], 1),
                      _ci(a["device_hours"], a["device_hours_ci95"], 5), _mib(a["peak_memory_bytes"]),
-                     str(a["model_copies"]), _n(a["tokens"], 0), energy, _ci(a["usd"], a["usd_ci95"], 5)])
+                     f"{a['model_copies']} ({a['model_holds']})", _n(a["tokens_sampled"], 0),
+                     _n(a["tokens_trained"], 0), energy, _ci(a["usd"], a["usd_ci95"], 5)])
     return rows
 
 
@@ -103,8 +105,10 @@ def _quality_rows(s: dict) -> list[list[str]]:
 
 
 def _stage_rows(s: dict) -> list[list[str]]:
-    return [[st["stage"], st["arm"] or "-", str(st["seed"]), f"{st['seconds']:.1f}", f"{st['device_hours']:.5f}",
-             _mib(st["peak_memory_bytes"]), str(st["model_copies"] or "-"), str(st["tokens"] or "-"),
+    return [[st["stage"], st["arm"] or "-", str(st["seed"]), f"{st['seconds']:.1f}", f"{st['cpu_seconds']:.1f}",
+             f"{st['device_hours']:.5f}", _mib(st["peak_memory_bytes"]), _mib(st["baseline_rss_bytes"]),
+             "-" if st["model_copies"] is None else f"{st['model_copies']} ({st['model_holds']})",
+             str(st["tokens_sampled"] or "-"), str(st["tokens_trained"] or "-"),
              "not measurable" if st["energy_joules"] is None else f"{st['energy_joules']:.0f}", _n(st["usd"], 5)]
             for st in s["stages"]]
 
@@ -119,15 +123,17 @@ def tables(s: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         ("Quality on the test prompts (mean [95% t-interval over seeds]; KL: exact, to the base, nats per sequence)",
          ["arm", "choice", "setting", "reward", "win-rate vs base", "KL/seq", "perplexity"], _quality_rows(s)),
         ("Cost end to end of each arm's best setting (mean [95% t-interval over seeds]; peak: largest stage)",
-         ["arm", "setting", "seconds", f"device-hours ({s['hardware']['unit']})", "peak MiB", "model copies",
-          "tokens", "energy J", "USD"], _cost_rows(s)),
-        ("DPO over the RLHF arm, seed by seed (ratio < 1: DPO needs less; mean [95% t-interval over seeds])",
+         ["arm", "setting", "seconds", "CPU seconds", f"device-hours ({s['hardware']['unit']})", "peak MiB",
+          "model copies (what)", "tokens sampled", "tokens trained", "energy J", "USD"], _cost_rows(s)),
+        ("DPO over the RLHF arm, seed by seed (ratio < 1: DPO needs less; geometric mean [95% t-interval on "
+         "log ratios over seeds]; reward difference: mean [95% t-interval])",
          ["comparison", "reward ratio", "device-hours ratio", "peak memory ratio", "USD ratio", "energy ratio",
           "reward difference"], _ratio_rows(s)),
         ("Validation sweep (first seed; reward: 95% bootstrap interval over prompts)",
          ["arm", "setting", "reward", "KL/seq", "win-rate", "perplexity"], _sweep_rows(s)),
         ("Every stage, each in its own process",
-         ["stage", "arm", "seed", "seconds", "device-hours", "peak MiB", "model copies", "tokens", "energy J", "USD"],
+         ["stage", "arm", "seed", "seconds", "CPU seconds", "device-hours", "peak MiB", "RSS at start MiB",
+          "model copies (what)", "tokens sampled", "tokens trained", "energy J", "USD"],
          _stage_rows(s)),
     ]
 
@@ -140,6 +146,10 @@ def _facts(s: dict) -> list[str]:
         + (f"${price['usd_per_hour']}/{price['unit']} ({price.get('source')}, {price.get('date')})" if price
            else hw["price_missing"]),
         f"Energy: {e['status']}",
+        "Peak memory on a CPU is the stage's peak RSS, which includes what its process held at its start "
+        "(torch and transformers imported by the forkserver it is forked from): that is `RSS at start`, "
+        "not subtracted.",
+        "CPU seconds: user + system time of the stage's process; device-hours: wall seconds x devices / 3600.",
         "Chosen on the validation prompts: " + "; ".join(f"{arm.upper()}: {c['reason']}"
                                                           for arm, c in s["chosen"]["arms"].items()),
         f"Whole audit {s['seconds']:.0f} s; load average (1, 5, 15 min) {s['load_average_start']} at the start, "

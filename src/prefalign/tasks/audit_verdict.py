@@ -6,18 +6,25 @@ those whose validation KL is at most K, where K is the config's `matched_kl` or,
 smallest KL at which every arm has a setting (the largest of the arms' smallest KLs).
 
 Comparing (`paired`): on the test prefixes, seed by seed. For a ratio A/B (DPO's device-hours over
-PPO's, say) each seed gives one ratio (A and B of that seed share its pairs, prompts and sampling
-draws); the figure is their mean with a 95% Student-t interval over seeds (tasks/seeds.py). A
-reward ratio is given only where B's reward is above 0 in every seed and its t-interval over seeds
-excludes 0 (VADER's scale has 0 in the middle: a ratio to a reward near or below 0 swings without
-bound); the reward difference is always given.
+PPO's, say) each seed gives one ratio (A and B of that seed share its prompts and sampling draws);
+the figure is their geometric mean with a 95% Student-t interval over seeds taken on log(A/B) and
+exponentiated (tasks/seeds.py), so a ratio of positive figures has a positive interval (a t-interval
+on three ratios themselves went below 0). A ratio's direction is "less" (interval below 1), "more"
+(above 1) or "not detectably different" (it includes 1). A reward ratio is given only where both
+rewards are above 0 in every seed and B's t-interval over seeds excludes 0 (VADER's scale has 0 in the
+middle: a ratio to a reward near or below 0 swings without bound); the reward difference is always given.
+A difference's direction is "higher", "lower" or "not detectably different" (its interval holds 0).
 
 The verdict (`verdict`) is built only from `figures`, a flat dict of rounded numbers that audit.json
-keeps under `verdict.figures`: every number in the text is one of them (tests/test_audit.py checks).
+keeps under `verdict.figures`, through the phrase templates below (`cost_phrase`, `kl_phrase`): every
+number in the text is one of them, next to its own label (tests/test_audit.py checks). Its second
+sentence compares each arm's highest-reward setting with *validation* KL ≤ K: the test KLs can differ
+and exceed K, so it prints their difference and says when one is above K.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from .seeds import mean_ci
@@ -66,9 +73,13 @@ def paired(a: dict[int, float], b: dict[int, float], kind: str, centred: bool = 
         floor = mean_ci([b[s] for s in seeds])[1]
         if any(b[s] <= 0 for s in seeds) or (centred and floor is not None and floor[0] <= 0):
             return None
+        if any(a[s] <= 0 for s in seeds):  # a reward at or below 0: no log, no ratio
+            return None
         values = [a[s] / b[s] for s in seeds]
-    else:
-        values = [a[s] - b[s] for s in seeds]
+        mean, ci = mean_ci([math.log(v) for v in values])
+        return {"mean": math.exp(mean), "ci95": None if ci is None else [math.exp(c) for c in ci],
+                "per_seed": values, "seeds": seeds}
+    values = [a[s] - b[s] for s in seeds]
     mean, ci = mean_ci(values)
     return {"mean": mean, "ci95": ci, "per_seed": values, "seeds": seeds}
 
@@ -90,24 +101,44 @@ def compare(a: dict[int, dict], b: dict[int, dict]) -> dict:
 
 
 def _direction(ci: list[float] | None, mean: float) -> str:
+    """A difference's side of 0: "higher", "lower", or "not detectably different" (the interval holds 0)."""
     if ci is None:
         return "higher" if mean > 0 else "lower" if mean < 0 else "equal"
     return "higher" if ci[0] > 0 else "lower" if ci[1] < 0 else "not detectably different"
 
 
+def _ratio_direction(ci: list[float] | None, mean: float) -> str:
+    """A ratio's side of 1: "less", "more", or "not detectably different" (the interval holds 1)."""
+    lo, hi = ci if ci is not None else (mean, mean)
+    return "less" if hi < 1 else "more" if lo > 1 else "not detectably different"
+
+
+# the verdict's phrases: figure key -> the words printed after its number (tests/test_audit.py writes
+# each label out again and checks the number next to it is its key's)
+RATIOS = (("reward_ratio", "reward_pct"), ("device_hours_ratio", "device_hours_pct"),
+          ("peak_memory_bytes_ratio", "peak_memory_pct"), ("usd_ratio", "usd_pct"),
+          ("energy_joules_ratio", "energy_pct"))
+COST_WORDS = (("device_hours_pct", "of its device-hours"), ("peak_memory_pct", "of its peak memory"),
+              ("usd_pct", "of its cost in money"), ("energy_pct", "of its measured energy"))
+
+
+def _difference(f: dict, name: str, c: dict | None, digits: int) -> None:
+    f[name] = _r(c["mean"], digits) if c else None
+    f[name + "_ci95"] = _rci(c["ci95"], digits) if c else None
+    f[name + "_direction"] = _direction(c["ci95"], c["mean"]) if c else None
+
+
 def figures(a: str, b: str, best: dict, matched: dict | None, k: float, kls: dict | None, n_seeds: int) -> dict:
-    """The verdict's numbers, rounded as printed: best/matched are `compare` results of arm A against B."""
+    """The verdict's numbers, rounded as printed: best/matched are `compare` results of arm A against B;
+    kls: the matched settings' mean test KL per arm ({"a", "b"})."""
     f: dict = {"a": a, "b": b, "seeds": n_seeds, "confidence": CONFIDENCE}
-    pct = lambda c: None if c is None else (_r(100 * c["mean"], 1), _rci([100 * x for x in c["ci95"]], 1)  # noqa: E731
-                                            if c["ci95"] else None)
-    for key, name in (("reward_ratio", "reward_pct"), ("device_hours_ratio", "device_hours_pct"),
-                      ("peak_memory_bytes_ratio", "peak_memory_pct"), ("usd_ratio", "usd_pct"),
-                      ("energy_joules_ratio", "energy_pct")):
-        p = pct(best.get(key))
-        f[name], f[name + "_ci95"] = (None, None) if p is None else p
-    d = best.get("reward_difference")
-    f["reward_difference"] = _r(d["mean"], 3) if d else None
-    f["reward_difference_ci95"] = _rci(d["ci95"], 3) if d else None
+    for key, name in RATIOS:
+        c = best.get(key)
+        f[name] = _r(100 * c["mean"], 1) if c else None
+        f[name + "_ci95"] = _rci([100 * x for x in c["ci95"]], 1) if c and c["ci95"] else None
+        f[name + "_direction"] = _ratio_direction(c["ci95"], c["mean"]) if c else None
+    _difference(f, "reward_difference", best.get("reward_difference"), 3)
+    _difference(f, "kl_difference", best.get("kl_difference"), 2)
     f["matched_kl"] = _r(k, 2)
     m = matched.get("reward_difference") if matched else None
     if m is not None:
@@ -115,6 +146,7 @@ def figures(a: str, b: str, best: dict, matched: dict | None, k: float, kls: dic
         f["matched_gap"] = _r(abs(m["mean"]), 3)
         f["matched_difference_ci95"] = _rci(m["ci95"], 3)
         f["matched_kl_a"], f["matched_kl_b"] = _r(kls["a"], 2), _r(kls["b"], 2)
+        _difference(f, "matched_kl_difference", matched.get("kl_difference"), 2)
     return f
 
 
@@ -122,31 +154,47 @@ def _ci(ci: list[float] | None) -> str:
     return "" if ci is None else f" [{ci[0]}, {ci[1]}]"
 
 
+def cost_phrase(f: dict, key: str, words: str) -> str:
+    """"88.8% [84.2, 93.4] of its peak memory (less)": the figure KEY, its interval, its words, its direction."""
+    return f"{f[key]}%{_ci(f[key + '_ci95'])} {words} ({f[key + '_direction']})"
+
+
+def kl_phrase(f: dict, key: str) -> str:
+    """A's test KL to the base minus B's, in nats per sequence, with its interval and side of 0."""
+    return (f"{f['a']}'s test KL to the base minus {f['b']}'s was {f[key]}{_ci(f[key + '_ci95'])} nats per "
+            f"sequence ({f[key + '_direction']})")
+
+
+def _best_sentence(f: dict) -> str:
+    a, b, n, c = f["a"], f["b"], f["seeds"], f["confidence"]
+    costs = [cost_phrase(f, key, words) for key, words in COST_WORDS if f.get(key) is not None]
+    at = (" at " + ", ".join(costs)) if costs else ""
+    kl = f"; {kl_phrase(f, 'kl_difference')}" if f.get("kl_difference") is not None else ""
+    tail = f" (best settings, test prefixes, {n} seeds, {c}% intervals over seeds; ratios: geometric means"
+    if f.get("reward_pct") is not None:
+        reward = cost_phrase(f, "reward_pct", f"of {b}'s best reward")
+        return f"{a} reached {reward}{at}{kl}{tail})."
+    return (f"{a}'s best reward minus {b}'s best was {f['reward_difference']}{_ci(f['reward_difference_ci95'])} "
+            f"({f['reward_difference_direction']}){at}{kl}{tail}; no reward ratio: {b}'s reward is not clearly "
+            f"above 0 over the seeds, or {a}'s is not above 0).")
+
+
+def _matched_sentence(f: dict) -> str:
+    a, b, k = f["a"], f["b"], f["matched_kl"]
+    head = f"Each arm's highest-reward setting with validation KL ≤ {k}"
+    if f.get("matched_direction") is None:
+        return f"{head}: no comparison (an arm had no setting within it on the validation prefixes)."
+    d = f["matched_direction"]
+    how = (f"{a}'s reward was {d} than {b}'s by {f['matched_gap']}" if d in ("higher", "lower")
+           else f"{a}'s reward was not detectably different from {b}'s (gap {f['matched_gap']})")
+    over = [name for name, kl in ((a, f["matched_kl_a"]), (b, f["matched_kl_b"])) if kl > k]
+    note = (f"; on the test prefixes {' and '.join(over)}'s KL exceeded {k}, so the KLs are not matched"
+            if over else "")
+    kl = f"; {kl_phrase(f, 'matched_kl_difference')}" if f.get("matched_kl_difference") is not None else ""
+    return (f"{head}: {how} (difference{_ci(f['matched_difference_ci95'])}; test KL {f['matched_kl_a']} vs "
+            f"{f['matched_kl_b']}{kl}{note}).")
+
+
 def verdict(f: dict) -> list[str]:
     """The verdict's sentences, from `figures` only (swap A and B's figures and the words follow)."""
-    a, b, n, c = f["a"], f["b"], f["seeds"], f["confidence"]
-    out = []
-    costs = []
-    for key, words in (("device_hours_pct", "of its device-hours"), ("peak_memory_pct", "of its peak memory"),
-                       ("usd_pct", "of its cost in money"), ("energy_pct", "of its measured energy")):
-        if f.get(key) is not None:
-            costs.append(f"{f[key]}%{_ci(f[key + '_ci95'])} {words}")
-    at = (" at " + ", ".join(costs)) if costs else ""
-    if f.get("reward_pct") is not None:
-        out.append(f"{a} reached {f['reward_pct']}%{_ci(f['reward_pct_ci95'])} of {b}'s best reward{at} "
-                   f"(test prefixes, {n} seeds, {c}% t-intervals over seeds).")
-    elif f.get("reward_difference") is not None:
-        out.append(f"{a}'s reward minus {b}'s best was {f['reward_difference']}{_ci(f['reward_difference_ci95'])}"
-                   f"{at} (test prefixes, {n} seeds, {c}% t-intervals over seeds; no ratio: {b}'s reward is not "
-                   "clearly above 0 over the seeds).")
-    if f.get("matched_direction") is None:
-        out.append(f"At matched KL <= {f['matched_kl']}: no comparison (an arm had no setting within it on "
-                   "the validation prefixes).")
-    else:
-        d = f["matched_direction"]
-        how = (f"{a}'s reward was {d} than {b}'s by {f['matched_gap']}" if d in ("higher", "lower")
-               else f"{a}'s reward was not detectably different from {b}'s (gap {f['matched_gap']})")
-        out.append(f"At matched KL <= {f['matched_kl']} (settings chosen on the validation prefixes), {how} "
-                   f"(difference{_ci(f['matched_difference_ci95'])}; test KL {f['matched_kl_a']} vs "
-                   f"{f['matched_kl_b']}).")
-    return out
+    return [_best_sentence(f), _matched_sentence(f)]

@@ -6,7 +6,9 @@ for both DPO and PPO). `run_stage` runs a function in a fresh child process and 
 with that child's cost (docs/benchmarks.md, "How costs are counted"):
 - `seconds`: wall clock of the function in the child (model loading included; process start-up not,
   so that a stage is not charged the interpreter's and torch's import time),
-- `peak_rss_bytes`: the child's own peak RSS (VmHWM),
+- `cpu_seconds`: user + system CPU time of the child's threads over the function (getrusage),
+- `peak_rss_bytes`: the child's own peak RSS (VmHWM), which includes what the forkserver's imports
+  left resident; `baseline_rss_bytes`: the child's RSS (VmRSS) as the function starts,
 - `peak_cuda_bytes`: on CUDA, the allocator's peak (a fresh process starts from zero), else None.
 Children are forked from a forkserver that has imported torch and transformers once, so a stage
 starts in milliseconds rather than seconds; where there is no forkserver (Windows), they are spawned.
@@ -17,12 +19,14 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import resource
 import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,16 +95,35 @@ def _exit_with(owner: int) -> None:
             os._exit(1)
 
 
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return r.ru_utime + r.ru_stime
+
+
+def _rss_now() -> int | None:
+    """VmRSS now (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _measured(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, dict]:
-    t0 = time.perf_counter()
+    # the child is forked from the forkserver with torch and transformers already imported: its peak RSS
+    # includes those pages, so the RSS at its start is reported beside the peak (not subtracted)
+    baseline, c0, t0 = _rss_now(), _cpu(), time.perf_counter()
     result = fn(*args, **kwargs)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu() - c0
     cuda = peak_memory_bytes(torch.device("cuda")) if torch.cuda.is_initialized() else None
-    return result, {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "peak_cuda_bytes": cuda}
+    return result, {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_bytes": peak_rss_bytes(),
+                    "baseline_rss_bytes": baseline, "peak_cuda_bytes": cuda}
 
 
 def chain(*costs: dict) -> dict:
     """The cost of stages run one after another: seconds add up, the peak is the largest stage's."""
     cuda = [c["peak_cuda_bytes"] for c in costs if c.get("peak_cuda_bytes") is not None]
-    return {"seconds": sum(c["seconds"] for c in costs), "peak_rss_bytes": max(c["peak_rss_bytes"] for c in costs),
-            "peak_cuda_bytes": max(cuda) if cuda else None}
+    return {"seconds": sum(c["seconds"] for c in costs), "cpu_seconds": sum(c.get("cpu_seconds", 0) for c in costs),
+            "peak_rss_bytes": max(c["peak_rss_bytes"] for c in costs), "peak_cuda_bytes": max(cuda) if cuda else None}
