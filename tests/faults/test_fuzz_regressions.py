@@ -262,3 +262,13 @@ def test_a_gz_cut_before_its_fourth_byte_gives_what_it_holds(tmp_path):
     (tmp_path / "header.jsonl.gz").write_bytes(data[:10])
     with pytest.raises(DataError, match="cannot be decompressed"):
         compute_stats(tmp_path / "header.jsonl.gz", ReadOptions())
+
+
+def test_utf16_starting_with_nul_is_refused_as_what_it_may_be(tmp_path):
+    """make faults' third run: a UTF-16 file whose first character is NUL starts FF FE 00 00, UTF-32-LE's
+    mark; it is refused whole (right) but was named UTF-32 only."""
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(("\x00" + PAIR.decode() + "\n").encode("utf-16"))
+    with pytest.raises(DataError, match="UTF-16") as e:
+        compute_stats(path, ReadOptions())
+    assert str(path) in str(e.value)

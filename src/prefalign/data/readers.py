@@ -82,8 +82,10 @@ def _open_binary(path: Path):
         raise DataError(f"{path}: cannot be decompressed (its name ends in .gz): {e}") from None
     for bom, name in _WIDE_BOMS:
         if head.startswith(bom):
-            raise DataError(f"{path}: the file is {name} (it starts with a {name} byte-order mark); prefalign "
-                            f"reads UTF-8: convert it, e.g. iconv -f {name} -t UTF-8")
+            # FF FE 00 00 is also UTF-16-LE's mark before a NUL character (make faults found one)
+            also = " (or UTF-16 whose first character is NUL)" if bom == codecs.BOM_UTF32_LE else ""
+            raise DataError(f"{path}: the file is {name}{also} (it starts with a {name} byte-order mark); "
+                            f"prefalign reads UTF-8: convert it, e.g. iconv -f {name} -t UTF-8")
     f = gzip.open(path, "rb") if gz else open(path, "rb")
     try:
         f.seek(len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0)
