@@ -192,6 +192,14 @@ def test_wandb_offline_runs_hold_metrics_jsonl_the_config_and_the_report(tracked
     assert digests == want
 
 
+def flat(config: dict, prefix: str = "") -> dict:
+    """A nested config as trackers log it: `guards.kl_max`."""
+    out = {}
+    for key, value in config.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {prefix + key: value})
+    return out
+
+
 def test_mlflow_file_store_holds_metrics_jsonl_the_config_and_the_report(tracked, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -204,7 +212,7 @@ def test_mlflow_file_store_holds_metrics_jsonl_the_config_and_the_report(tracked
     got = {k: sorted((m.step, m.value) for m in history(run.info.run_id, k)) for k in run.data.metrics}
     same_series(got, sent(tracked))  # one value a step: the resumed attempt did not log step 3 again
     # params cannot change: the first attempt's config (flat here: lora false), each value as JSON unless a string
-    params, config = run.data.params, tracked["first_config"]
+    params, config = run.data.params, flat(tracked["first_config"])
     assert set(params) == set(config)
     assert all(params[k] == v if isinstance(v, str) else json.loads(params[k]) == v for k, v in config.items())
     assert yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()) \
@@ -306,6 +314,8 @@ def test_a_twice_interrupted_resume_sends_no_step_twice(tiny_models, tmp_path, m
     state = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
     history = MlflowClient(uri).get_metric_history(state["run_id"], "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5], [m.step for m in history]
+    # a fresh run in the same folder (its old checkpoints moved away first, as a fresh start requires)
+    shutil.move(tmp_path / "run" / "checkpoints", tmp_path / "run" / "checkpoints.old")
     train(make_config(**{**base, "report_to": ["none"]}, max_steps=1), log=lambda _: None, progress=False)
     assert not (tmp_path / "run" / "trackers.json").exists()
 

@@ -31,7 +31,9 @@ from pydantic import Field, model_validator
 from ..config import ConfigError, StrictModel
 from ..eval.evaluate import EvalConfig
 from ..eval.evaluate import evaluate as run_eval
+from ..runtime.device import gpu_available
 from ..runtime.energy import EnergyMeter, load_average
+from ..train.methods import METHODS
 from . import sentiment as task
 from .audit_report import write_reports
 from .audit_verdict import choose, compare, figures, verdict
@@ -41,7 +43,6 @@ from .stages import portable, run_stage
 PRICES = task.ASSETS / "prices.yaml"
 ARMS = ("dpo", "ppo", "rloo")
 SETTING = {"dpo": "beta", "ppo": "kl_coef", "rloo": "kl_coef"}
-METHOD = {"dpo": "dpo", "ppo": "ppo", "rloo": "rloo"}
 REWARD_KINDS = {"callable": "function", "reward_model": "model"}
 
 
@@ -114,7 +115,7 @@ class AuditConfig(StrictModel):
         for arm in self.arms:
             for value in getattr(self.sweep, f"{arm}_{SETTING[arm]}"):
                 try:  # every run's settings validated now, not an hour into the audit
-                    task.train_settings(stand_in, Path(self.model), METHOD[arm], stand_in, stand_in,
+                    task.train_settings(stand_in, Path(self.model), arm, stand_in, stand_in,
                                         sizes(self, self.seeds[0]), **run_settings(self, arm, value, "x"))
                 except ConfigError as e:
                     raise ValueError(f"{arm} ({SETTING[arm]} {value}): {e}") from None
@@ -151,7 +152,7 @@ def hardware(cfg: AuditConfig) -> dict:
     """What one device-hour is here, and its price (None, with the reason, when the table has none)."""
     table = load_prices(cfg.prices)
     if cfg.device.startswith("cuda"):
-        if not torch.cuda.is_available():  # pricing GPU work as CPU core-hours would be silently wrong
+        if not gpu_available():  # pricing GPU work as CPU core-hours would be silently wrong
             raise ConfigError(f"device {cfg.device!r}: no CUDA GPU is available here (torch.cuda.is_available() "
                               "is False); use device: cpu, or run where the GPU is")
         name, devices, unit = torch.cuda.get_device_name(), 1, "gpu-hour"
@@ -219,7 +220,8 @@ def holds(run: dict) -> str:
     base under LoRA, a frozen copy, log-probabilities precomputed once, or none), PPO's critic, the reward."""
     kinds = {"adapter": "adapter-disabled base", "copy": "frozen copy", "precompute": "precomputed log-probs"}
     parts = [f"reference: {kinds.get(run.get('reference'), run.get('reference') or 'none')}"]
-    if run.get("method") == "ppo":  # model_copies counts a critic only when it is a model of its own
+    method = METHODS.get(run.get("method") or "")
+    if method is not None and "critic" in method.config.model_fields:  # counted only as a model of its own
         others = 1 + (run.get("reference") == "copy") + (run.get("reward") == "reward_model")
         parts.append("critic: value head" if run.get("model_copies") == others else "critic: separate model")
     if run.get("reward"):
@@ -287,7 +289,7 @@ class Audit:
                              and s["seed"] == seed)
         rl = arm != "dpo"
         _, row = self.stage(f"train {arm} {SETTING[arm]}={value}", arm, seed, task.train, run, Path(self.cfg.model),
-                            METHOD[arm], None if rl else pairs, prompts["train"] if rl else None,
+                            arm, None if rl else pairs, prompts["train"] if rl else None,
                             sizes(self.cfg, seed), self.child_log, self.progress,
                             **run_settings(self.cfg, arm, value, reward))
         return run, row

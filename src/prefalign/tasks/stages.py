@@ -126,4 +126,7 @@ def chain(*costs: dict) -> dict:
     """The cost of stages run one after another: seconds add up, the peak is the largest stage's."""
     cuda = [c["peak_cuda_bytes"] for c in costs if c.get("peak_cuda_bytes") is not None]
     return {"seconds": sum(c["seconds"] for c in costs), "cpu_seconds": sum(c.get("cpu_seconds", 0) for c in costs),
-            "peak_rss_bytes": max(c["peak_rss_bytes"] for c in costs), "peak_cuda_bytes": max(cuda) if cuda else None}
+            "peak_rss_bytes": max(c["peak_rss_bytes"] for c in costs), "peak_cuda_bytes": max(cuda) if cuda else None,
+            # what each process held at its start (the forkserver's): the largest, beside the largest peak
+            "baseline_rss_bytes": max((c["baseline_rss_bytes"] for c in costs if c.get("baseline_rss_bytes")),
+                                      default=None)}
