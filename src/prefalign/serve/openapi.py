@@ -209,7 +209,10 @@ def _limit(props: dict, vocab: int, served: list[str], limits, max_batch: int) -
         _prompt(branch, vocab, limits.max_prompts)
     for key, neutral in NEUTRAL.items():  # accepted at their neutral value only
         if key in props:
-            props[key] = {"type": "null"} if neutral is None else {"enum": [neutral]}
+            # None's neutral forms are the ones the body accepts: null, {} and [] (make faults: `{}` was
+            # accepted while the schema said null only)
+            props[key] = {"anyOf": [{"type": "null"}, {"type": "object", "maxProperties": 0},
+                                    {"type": "array", "maxItems": 0}]} if neutral is None else {"enum": [neutral]}
 
 
 def _prompt(branch: dict, vocab: int, max_prompts: int) -> None:
