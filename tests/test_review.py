@@ -107,6 +107,15 @@ class Page:
             time.sleep(0.02)
         raise AssertionError(f"the page did not change from {before}: {self.text('status')!r}")
 
+    def until(self, script: str, timeout: float = 10) -> bool:
+        """Whether `script` returned true within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.js(script) is True:
+                return True
+            time.sleep(0.02)
+        return False
+
     def text(self, element_id: str) -> str:
         return self.js(f"return document.getElementById({element_id!r}).textContent;")
 
@@ -157,7 +166,9 @@ def test_label_undo_resume_two_annotators_kill_restart_export_and_train(browser,
         # alice signs in through the form
         browser.get(server.url + "/")
         alice = Page(browser, browser.current_window_handle)
-        assert alice.js("return document.getElementById('login').hidden;") is False
+        # page.js shows the form; on a loaded machine it may run a moment after the load event
+        shown = alice.until("return document.getElementById('login').hidden === false;")
+        assert shown, (alice.text("status"), browser.get_log("browser"))
         browser.find_element("id", "name").send_keys("alice\n")
         assert alice.wait() == ("1", "0")
         assert "alice" in browser.current_url

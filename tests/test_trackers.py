@@ -332,3 +332,16 @@ def test_mlflow_default_store_without_sqlalchemy_is_refused_before_the_model_loa
         check_installed(["mlflow"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:./mlruns")
     check_installed(["mlflow"])
+
+
+def test_a_second_wandb_attempt_waits_for_a_folder_name_of_its_own(tmp_path):
+    """Two attempts of one W&B run in the same second would share `run-<second>-<id>`; the second waits."""
+    from prefalign.train.trackers import _next_second_if_taken
+
+    made = tmp_path / "wandb" / f"offline-run-{time.strftime('%Y%m%d_%H%M%S')}-abc"
+    made.mkdir(parents=True)
+    _next_second_if_taken(tmp_path / "wandb", "abc")
+    assert int(time.time()) > int(made.stat().st_mtime)
+    t0 = time.perf_counter()
+    _next_second_if_taken(tmp_path / "wandb", "other")  # another run's id: no wait
+    assert time.perf_counter() - t0 < 0.1

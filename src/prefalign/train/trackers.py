@@ -148,6 +148,15 @@ class TensorBoard(Tracker):
         self.writer.close()
 
 
+def _next_second_if_taken(folder: Path, run_id: str) -> None:
+    """W&B names an attempt's folder `[offline-]run-YYYYMMDD_HHMMSS-<id>`: a second attempt of the same run that
+    starts within the same second (a resume, then `prefalign report`, in a script) would write into the first
+    one's folder and replace its .wandb file. Wait for the next second then (at most 1 s, and only then)."""
+    newest = max((p.stat().st_mtime for p in folder.glob(f"*run-*-{run_id}")), default=None)
+    if newest is not None and int(time.time()) <= int(newest):
+        time.sleep(int(newest) + 1 - time.time() + 0.01)
+
+
 class WandB(Tracker):
     name = "wandb"
 
@@ -162,6 +171,8 @@ class WandB(Tracker):
         return {"id": self.run.id, "project": project, "dir": where}
 
     def _init(self, wandb, **kwargs) -> None:
+        if kwargs.get("id") and kwargs.get("dir"):
+            _next_second_if_taken(Path(kwargs["dir"]) / "wandb", kwargs["id"])
         try:  # create_new: a run of the caller's own (a notebook's wandb.run) is left alone
             self.run = wandb.init(reinit="create_new", **kwargs)
         except Exception as e:
