@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import headless_chromium
 from prefalign.config import ConfigError, load_config
@@ -234,9 +235,15 @@ def test_energy_not_measurable_says_why(tmp_path):
 # ---------------------------------------------------------------- the shrunk demo, end to end
 @pytest.fixture(scope="module")
 def audit(tmp_path_factory):
+    """The shrunk demo, with an SFT stage (the shipped model is already tuned on IMDb; one step on a few
+    demonstrations checks that every arm starts from the SFT model and every KL is to it)."""
     out = tmp_path_factory.mktemp("audit") / "out"
-    cfg = load_config(AuditConfig, base=demo_config(str(out), quick=True))
-    run_audit(cfg, log=lambda m: None, progress=False)
+    base = demo_config(str(out), quick=True)
+    prompts = [json.loads(x)["prompt"] for x in Path(base["prompts"]).read_text().splitlines()]
+    sft = out.parent / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": p, "completion": " a wonderful film."}) + "\n" for p in prompts))
+    base = {**base, "sft_data": str(sft), "train": {**base["train"], "sft": {"max_steps": 1, "batch_size": 4}}}
+    run_audit(load_config(AuditConfig, base=base), log=lambda m: None, progress=False)
     return out
 
 
@@ -268,6 +275,17 @@ def test_audit_writes_the_three_files_with_documented_keys(audit):
     sweep_seed = s["config"]["sweep"]["seed"]
     assert {r["seed"] for r in s["sweep"]} == {sweep_seed} and sweep_seed not in {r["seed"] for r in s["test"]}
     assert sum(st["stage"] == "train ppo kl_coef=0.1" for st in s["stages"]) == 3  # sweep + 2 fresh test runs
+    # the SFT stage, once per seed, is where both arms start: in both end-to-end costs, the base of every KL
+    assert [(st["seed"], st["arm"]) for st in s["stages"] if st["stage"] == "sft"] == \
+        [(sweep_seed, "shared"), (0, "shared"), (1, "shared")]
+    assert all(r["stages"][0] == "sft" for r in s["test"]) and {r["arm"] for r in s["test"]} == {"dpo", "ppo"}
+    for r in s["test"]:
+        ev = json.loads((audit / f"seed{r['seed']}" / "eval-test" / f"{r['arm']}-{r['setting_name']}{r['setting']}"
+                         / "eval.json").read_text())
+        assert Path(ev["reference"]) == audit / f"seed{r['seed']}" / "sft" / "final", ev["reference"]
+        run = yaml.safe_load((audit / f"seed{r['seed']}" / f"{r['arm']}-{r['setting_name']}{r['setting']}"
+                              / "config.yaml").read_text())
+        assert Path(run["model"]) == audit / f"seed{r['seed']}" / "sft" / "final"
     trained = [st for st in s["stages"] if st["stage"].startswith("train")]
     assert all(st["tokens_trained"] > 0 and st["tokens_sampled"] is None for st in trained)
     assert all(st["tokens_sampled"] > 0 for st in s["stages"] if st["stage"] == "pairs")

@@ -138,6 +138,23 @@ def test_kl_budget_stops_the_run_and_saves(tiny_models, pair_file, tmp_path):
     assert list((tmp_path / "run").glob("events.out.tfevents*"))  # TensorBoard beside metrics.jsonl
 
 
+def test_max_seconds_stops_after_the_step_that_reaches_it_counted_over_resumes(tiny_models, pair_file, tmp_path):
+    logs: list[str] = []
+    base = dict(model=str(tiny_models["llama"]), data=str(pair_file), output=str(tmp_path / "run"), max_steps=10_000,
+                batch_size=2, kl_every=0, lr_schedule="constant")
+    result = train(make_config(**base, max_seconds=1.0), log=logs.append, progress=False)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert result.stopped == run["stopped"] == "max_seconds" and 1 < result.steps < 10_000
+    assert run["wall_seconds"] >= 1.0  # ...and no more than a step past it: a later step would be over it too
+    rows = metrics(tmp_path / "run")
+    assert run["wall_seconds"] - rows[-1]["step_seconds"] < 1.0 + 0.5, (run["wall_seconds"], rows[-1])
+    assert (tmp_path / "run" / "checkpoints" / f"step-{result.steps}").exists()
+    assert any("reached max_seconds (1 s)" in x for x in logs)
+    # resumed (as after a crash): the budget is the run's, already spent, so one step more and it stops
+    more = train(make_config(**base, max_seconds=1.0, resume=True), log=logs.append, progress=False)
+    assert more.stopped == "max_seconds" and more.steps == result.steps + 1
+
+
 def test_non_finite_steps_are_skipped_then_stop(tiny_models, pair_file, tmp_path):
     from prefalign.train.loop import TrainingError
 

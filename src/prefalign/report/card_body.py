@@ -59,7 +59,9 @@ def intro(src: Sources) -> str:
     cfg, run = src.config, src.summary
     what = ("a reward model (a scalar head on the base)" if src.spec.inputs == "scores" else
             "a LoRA adapter" if src.adapter is not None else "a full fine-tune")
-    stop = f", stopped by the KL budget ({run['stopped']})" if run.get("stopped") not in (None, "max_steps") else ""
+    why = {"kl_budget": "the KL budget", "max_seconds": "its wall-clock budget (max_seconds)", "guard": "a guard rule"}
+    stop = f", stopped by {why.get(run['stopped'], run['stopped'])}" if run.get("stopped") not in (None, "max_steps") \
+        else ""
     return (f"# {src.run.name}\n\n{src.spec.name.upper()} ({src.spec.paper or 'supervised fine-tuning'}) on "
             f"`{cfg.get('model')}`, trained with prefalign: {what}, {run.get('steps')} steps{stop}.")
 

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +45,7 @@ PRICES = task.ASSETS / "prices.yaml"
 ARMS = ("dpo", "ppo", "rloo")
 SETTING = {"dpo": "beta", "ppo": "kl_coef", "rloo": "kl_coef"}
 REWARD_KINDS = {"callable": "function", "reward_model": "model"}
+DEFAULT_STAGE = {"learning_rate": 1e-3, "max_steps": 48, "batch_size": 8}  # sft and reward_model unless `train` says
 
 
 class Sweep(StrictModel):
@@ -55,6 +57,8 @@ class Sweep(StrictModel):
 
 class Budget(StrictModel):
     steps: int | None = Field(None, ge=1, description="max_steps of every training run (overrides `train`)")
+    wall_seconds: float | None = Field(None, gt=0, description="max_seconds of every training run: each stops at "
+                                                               "this wall time or its max_steps, whichever is first")
 
 
 class AuditConfig(StrictModel):
@@ -70,6 +74,9 @@ class AuditConfig(StrictModel):
     train_prompts: int | None = Field(None, ge=1, description="train prompts used at most (default: all)")
     data: str | None = Field(None, description="preference pairs: DPO trains on them offline (no pair making); "
                                                "without `reward`, a reward model is trained on them for PPO/RLOO")
+    sft_data: str | None = Field(None, description="demonstrations (or pairs: their chosen answers): an SFT stage "
+                                                   "trains `model` on them first, per seed; every arm then starts "
+                                                   "from the SFT model and every KL is to it")
     reward: str | None = Field(None, description="MODULE:FUNCTION, FILE.py:FUNCTION or a reward-model folder: "
                                                  "labels the pairs made from samples and is PPO/RLOO's reward")
     judge: str | None = Field(None, description="what scores held-out completions (default: `reward`)")
@@ -90,7 +97,8 @@ class AuditConfig(StrictModel):
                                  "rloo": {"learning_rate": 5e-4, "max_steps": 16, "batch_size": 8,
                                           "samples_per_prompt": 2},
                                  "reward_model": {"learning_rate": 1e-3, "max_steps": 48, "batch_size": 8}},
-        description="each arm's training settings (dpo, ppo, rloo, reward_model), as `prefalign train` takes them")
+        description="each arm's training settings (dpo, ppo, rloo, reward_model, sft), as `prefalign train` takes "
+                    "them")
     lora: dict[str, Any] | None = Field({"r": 16, "lora_alpha": 32}, description="LoRA of every run (null: full)")
     device: str = Field("cpu", description="torch device of every stage (cpu, cuda, ...)")
     hardware: str = Field("auto", description="price-table key (auto: from the device's name; cpu: core-hours)")
@@ -108,9 +116,9 @@ class AuditConfig(StrictModel):
         if self.sweep.seed in self.seeds:
             raise ValueError(f"sweep.seed {self.sweep.seed} is one of the test seeds {self.seeds}: the test "
                              "runs must be fresh trainings, not the runs that won the sweep")
-        unknown = set(self.train) - {"dpo", "ppo", "rloo", "reward_model"}
+        unknown = set(self.train) - {"dpo", "ppo", "rloo", "reward_model", "sft"}
         if unknown:
-            raise ValueError(f"train: unknown arm(s) {sorted(unknown)} (dpo, ppo, rloo, reward_model)")
+            raise ValueError(f"train: unknown arm(s) {sorted(unknown)} (dpo, ppo, rloo, reward_model, sft)")
         stand_in = Path(self.output)
         for arm in self.arms:
             for value in getattr(self.sweep, f"{arm}_{SETTING[arm]}"):
@@ -119,6 +127,12 @@ class AuditConfig(StrictModel):
                                         sizes(self, self.seeds[0]), **run_settings(self, arm, value, "x"))
                 except ConfigError as e:
                     raise ValueError(f"{arm} ({SETTING[arm]} {value}): {e}") from None
+        if self.sft_data:
+            try:
+                task.train_settings(stand_in, Path(self.model), "sft", stand_in, None, sizes(self, self.seeds[0]),
+                                    **stage_settings(self, "sft"))
+            except ConfigError as e:
+                raise ValueError(f"sft: {e}") from None
         return self
 
 
@@ -129,14 +143,23 @@ def sizes(cfg: AuditConfig, seed: int) -> task.Sizes:
 
 def run_settings(cfg: AuditConfig, arm: str, value: float, reward: str | None) -> dict[str, Any]:
     s = {**cfg.train.get(arm, {}), SETTING[arm]: value, "device": cfg.device, "kl_every": 0}
-    if cfg.budget.steps:
-        s["max_steps"] = cfg.budget.steps
+    s.update(budget(cfg))
     if arm != "dpo":
         s["reward"] = reward
     return s
 
 
 # ---------------------------------------------------------------- hardware, prices
+def budget(cfg: AuditConfig) -> dict[str, Any]:
+    """The budget's overrides of a training run's settings."""
+    return {k: v for k, v in (("max_steps", cfg.budget.steps), ("max_seconds", cfg.budget.wall_seconds)) if v}
+
+
+def stage_settings(cfg: AuditConfig, kind: str) -> dict[str, Any]:
+    """The settings of a stage every arm shares or that only feeds one (sft, reward_model)."""
+    return {**DEFAULT_STAGE, **cfg.train.get(kind, {}), "device": cfg.device, **budget(cfg)}
+
+
 def load_prices(prices: str | dict | None) -> dict[str, dict]:
     if isinstance(prices, dict):
         return prices
@@ -229,6 +252,16 @@ def holds(run: dict) -> str:
     return ", ".join(parts)
 
 
+@dataclass
+class Inputs:
+    base: Path  # what every arm of the seed starts from and every KL is to: the SFT model, else `model`
+    pairs: Path | None
+    reward: str
+    sft_stage: dict | None
+    pair_stage: dict | None
+    rm_stage: dict | None
+
+
 class Audit:
     def __init__(self, cfg: AuditConfig, log, progress: bool):
         self.cfg, self.log, self.progress = cfg, log, progress
@@ -249,9 +282,10 @@ class Audit:
                "peak_memory_bytes": cost["peak_cuda_bytes"] or cost["peak_rss_bytes"],
                "usd": hours * price if price is not None else None,
                "energy_joules": energy["joules"], "energy": energy["status"], "model_copies": None,
-               "model_holds": None, "tokens_sampled": None, "tokens_trained": None}
+               "model_holds": None, "tokens_sampled": None, "tokens_trained": None, "steps": None, "stopped": None}
         if isinstance(result, dict) and "model_copies" in result:  # a training run's run.json
             row["model_copies"], row["tokens_trained"] = result.get("model_copies"), result.get("tokens")
+            row["steps"], row["stopped"] = result.get("steps"), result.get("stopped")
             row["model_holds"] = holds(result)
         elif isinstance(result, tuple) and isinstance(result[1], dict) and "sample" in result[1]:
             row["tokens_sampled"] = result[1]["sample"].get("new_tokens")  # pair making: the tokens it sampled
@@ -261,41 +295,46 @@ class Audit:
                  f"MiB, energy {joules}")
         return result, row
 
-    def inputs(self, seed: int, prompts: dict[str, Path]) -> tuple[Path | None, dict | None, str, dict | None]:
-        """(pairs, their stage, the RL reward, the reward-model stage) for one seed."""
+    def inputs(self, seed: int, prompts: dict[str, Path]) -> Inputs:
+        """What one seed's arms start from: the SFT model (or `model`), the pairs, the RL reward, and the stages
+        that made them."""
         cfg, d = self.cfg, self.out / f"seed{seed}"
+        base, sft_stage = Path(cfg.model), None
+        if cfg.sft_data:  # every arm starts from it: the reference of both families (DPO paper, section 4)
+            _, sft_stage = self.stage("sft", "shared", seed, task.train, d / "sft", base, "sft", Path(cfg.sft_data),
+                                      None, sizes(cfg, seed), self.child_log, self.progress,
+                                      **stage_settings(cfg, "sft"))
+            base = d / "sft" / "final"
         pairs, pair_stage = (Path(cfg.data), None) if cfg.data else (None, None)
         if pairs is None:
-            (pairs, _), pair_stage = self.stage("pairs", "dpo", seed, task.make_pairs, d / "pairs", Path(cfg.model),
+            (pairs, _), pair_stage = self.stage("pairs", "dpo", seed, task.make_pairs, d / "pairs", base,
                                                 prompts["train"], sizes(cfg, seed), self.child_log, cfg.reward,
                                                 cfg.device)
         reward, rm_stage = cfg.reward, None
         if reward is None:
-            settings = {**cfg.train.get("reward_model", {}), "device": cfg.device}
-            if cfg.budget.steps:
-                settings["max_steps"] = cfg.budget.steps
-            _, rm_stage = self.stage("reward-model", "rlhf", seed, task.train, d / "reward-model", Path(cfg.model),
+            _, rm_stage = self.stage("reward-model", "rlhf", seed, task.train, d / "reward-model", base,
                                      "reward", pairs, None, sizes(cfg, seed), self.child_log, self.progress,
-                                     **settings)
+                                     **stage_settings(cfg, "reward_model"))
             reward = str(d / "reward-model" / "final")
-        return pairs, pair_stage, reward, rm_stage
+        return Inputs(base, pairs, reward, sft_stage, pair_stage, rm_stage)
 
-    def train_arm(self, arm: str, value: float, seed: int, inputs, prompts) -> tuple[Path, dict]:
-        pairs, _, reward, _ = inputs
+    def train_arm(self, arm: str, value: float, seed: int, inputs: Inputs, prompts) -> tuple[Path, dict]:
+        pairs, reward = inputs.pairs, inputs.reward
         run = self.out / f"seed{seed}" / f"{arm}-{SETTING[arm]}{value}"
         if (run / "final").exists() and any(s["stage"] == f"train {arm} {SETTING[arm]}={value}" and s["seed"] == seed
                                             for s in self.stages):
             return run, next(s for s in self.stages if s["stage"] == f"train {arm} {SETTING[arm]}={value}"
                              and s["seed"] == seed)
         rl = arm != "dpo"
-        _, row = self.stage(f"train {arm} {SETTING[arm]}={value}", arm, seed, task.train, run, Path(self.cfg.model),
+        _, row = self.stage(f"train {arm} {SETTING[arm]}={value}", arm, seed, task.train, run, inputs.base,
                             arm, None if rl else pairs, prompts["train"] if rl else None,
                             sizes(self.cfg, seed), self.child_log, self.progress,
                             **run_settings(self.cfg, arm, value, reward))
         return run, row
 
-    def evaluate(self, seed: int, split: str, runs: list[tuple[str, Path]], prompts) -> list[dict]:
-        base = self.cfg.model
+    def evaluate(self, seed: int, split: str, runs: list[tuple[str, Path]], base: Path, prompts) -> list[dict]:
+        """Every run's final/ and `base` (what the arms started from: every KL and win-rate is against it)."""
+        base = str(base)
         d = self.out / f"seed{seed}" / f"eval-{split}"
         models = [(base, d / "base")] + [(str(run / "final"), d / name) for name, run in runs]
         evals, _ = self.stage(f"evaluate {split}", None, seed, evaluate_models, models, base, prompts[split],
@@ -337,7 +376,8 @@ def run_audit(cfg: AuditConfig, log=print, progress: bool = True) -> dict:
     inputs = {first: a.inputs(first, prompts)}
     sweep_runs = [(arm, v, *a.train_arm(arm, v, first, inputs[first], prompts))
                   for arm in cfg.arms for v in getattr(cfg.sweep, f"{arm}_{SETTING[arm]}")]
-    evals = a.evaluate(first, "validation", [(run.name, run) for _, _, run, _ in sweep_runs], prompts)
+    evals = a.evaluate(first, "validation", [(run.name, run) for _, _, run, _ in sweep_runs], inputs[first].base,
+                       prompts)
     sweep = [{"arm": arm, "setting_name": SETTING[arm], "setting": v, "seed": first, **_quality(ev)}
              for (arm, v, _, _), ev in zip(sweep_runs, evals[1:], strict=True)]
     chosen = choose(sweep, cfg.matched_kl)
@@ -349,14 +389,14 @@ def run_audit(cfg: AuditConfig, log=print, progress: bool = True) -> dict:
         log(f"audit: test runs, seed {seed}")
         if seed not in inputs:
             inputs[seed] = a.inputs(seed, prompts)
-        pairs_row, rm_row = inputs[seed][1], inputs[seed][3]
-        plan = []
+        got, plan = inputs[seed], []
         for arm, c in chosen["arms"].items():
             for value in dict.fromkeys(v for v in (c["best"], c["matched"]) if v is not None):
-                run, row = a.train_arm(arm, value, seed, inputs[seed], prompts)
-                before = [pairs_row] if arm == "dpo" else [pairs_row, rm_row] if rm_row else []
-                plan.append((arm, value, run, end_to_end(before + [row])))
-        evs = a.evaluate(seed, "test", [(f"{arm}-{SETTING[arm]}{v}", run) for arm, v, run, _ in plan], prompts)
+                run, row = a.train_arm(arm, value, seed, got, prompts)
+                before = [got.pair_stage] if arm == "dpo" else [got.pair_stage, got.rm_stage] if got.rm_stage else []
+                plan.append((arm, value, run, end_to_end([got.sft_stage] + before + [row])))
+        evs = a.evaluate(seed, "test", [(f"{arm}-{SETTING[arm]}{v}", run) for arm, v, run, _ in plan], got.base,
+                         prompts)
         base_test.append({"seed": seed, **_quality(evs[0])})
         for (arm, value, _, e2e), ev in zip(plan, evs[1:], strict=True):
             c = chosen["arms"][arm]

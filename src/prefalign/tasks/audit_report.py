@@ -104,11 +104,18 @@ def _quality_rows(s: dict) -> list[list[str]]:
     return rows
 
 
+def _steps(st: dict) -> str:
+    """A training stage's steps, and why it stopped where that was not its max_steps."""
+    if st.get("steps") is None:
+        return "-"
+    return str(st["steps"]) + ("" if st.get("stopped") in (None, "max_steps") else f" ({st['stopped']})")
+
+
 def _stage_rows(s: dict) -> list[list[str]]:
     return [[st["stage"], st["arm"] or "-", str(st["seed"]), f"{st['seconds']:.1f}", f"{st['cpu_seconds']:.1f}",
              f"{st['device_hours']:.5f}", _mib(st["peak_memory_bytes"]), _mib(st["baseline_rss_bytes"]),
              "-" if st["model_copies"] is None else f"{st['model_copies']} ({st['model_holds']})",
-             str(st["tokens_sampled"] or "-"), str(st["tokens_trained"] or "-"),
+             str(st["tokens_sampled"] or "-"), str(st["tokens_trained"] or "-"), _steps(st),
              "not measurable" if st["energy_joules"] is None else f"{st['energy_joules']:.0f}", _n(st["usd"], 5)]
             for st in s["stages"]]
 
@@ -133,7 +140,7 @@ def tables(s: dict) -> list[tuple[str, list[str], list[list[str]]]]:
          ["arm", "setting", "reward", "KL/seq", "win-rate", "perplexity"], _sweep_rows(s)),
         ("Every stage, each in its own process",
          ["stage", "arm", "seed", "seconds", "CPU seconds", "device-hours", "peak MiB", "RSS at start MiB",
-          "model copies (what)", "tokens sampled", "tokens trained", "energy J", "USD"],
+          "model copies (what)", "tokens sampled", "tokens trained", "steps", "energy J", "USD"],
          _stage_rows(s)),
     ]
 

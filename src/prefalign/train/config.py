@@ -67,6 +67,9 @@ class RunConfig(Runtime):
     output: str = Field(..., description="run folder")
 
     max_steps: int = Field(100, ge=1, description="optimizer steps (RL: rollout + update iterations)")
+    max_seconds: float | None = Field(
+        None, gt=0, description="wall-clock budget of the training loop, counted over resumes: the run stops (with a "
+                                "checkpoint) after the step that reaches it; the schedule still follows max_steps")
     batch_size: int = Field(8, ge=1, description="pairs / examples per micro-batch (offline); prompts per rollout (RL)")
     learning_rate: float = Field(5e-6, ge=0, description="AdamW learning rate")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")

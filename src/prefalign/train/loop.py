@@ -72,7 +72,7 @@ def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
 @dataclass
 class LoopResult:
     steps: int
-    stopped: str  # "max_steps", "kl_budget", "guard"
+    stopped: str  # "max_steps", "max_seconds", "kl_budget", "guard"
     skipped_steps: int
     wall_seconds: float
     tokens: int
@@ -303,6 +303,9 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             over = measured and budget.over(row["kl/policy_ref_token"], step)  # the monitor's KLs only, not a guard's
             if world.any_true(over) and stopped == "max_steps":  # rank 0 measured it; every rank stops with it
                 stopped = "kl_budget"
+            if cfg.max_seconds is not None and stopped == "max_steps" and step < cfg.max_steps and \
+                    world.any_true(time.perf_counter() - t_start >= cfg.max_seconds):  # any rank's clock
+                stopped = "max_seconds"
             if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
                                   "tokens": total_tokens, "wall_seconds": time.perf_counter() - t_start,
                                   **update.state(), **guard.state()}, stopped, log, world,
@@ -460,6 +463,9 @@ def checkpoint_or_stop(cfg: RunConfig, step: int, position: int, model, opt: Opt
                         cfg.keep_checkpoints, world, sharded_format(cfg, world), opt.tensors, protect)
     if stopped == "kl_budget":
         log(f"stopping at step {step}: kl/policy_ref_token is over its budget of {cfg.kl_budget} (stop_on_kl_budget)")
+    elif stopped == "max_seconds":
+        log(f"stopping at step {step} of {cfg.max_steps}: the training loop reached max_seconds "
+            f"({cfg.max_seconds:g} s)")
     return stopped != "max_steps"
 
 
