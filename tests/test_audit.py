@@ -63,6 +63,30 @@ def test_price_table(tmp_path):
     bad.write_text("H100: {unit: gpu-hour}\n")
     with pytest.raises(ConfigError, match="usd_per_hour"):
         load_prices(str(bad))
+    bad.write_text("- H100\n- A100\n")
+    with pytest.raises(ConfigError, match=f"{re.escape(str(bad))}: a mapping of hardware name"):
+        load_prices(str(bad))
+    with pytest.raises(ConfigError, match="prices: .*missing.yaml: No such file"):
+        load_prices(str(tmp_path / "missing.yaml"))
+
+
+def test_bad_prompt_files_are_named_with_file_line_and_field(tmp_path):
+    from prefalign.errors import DataError
+    from prefalign.tasks.audit import _write_prompts
+
+    good = tmp_path / "p.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"prompt {i}"}) + "\n" for i in range(8)))
+    bad = tmp_path / "val.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "no prompt"}\n{"prompt": "b"}\n')
+    cfg = AuditConfig.model_construct(prompts=str(good), validation_prompts=str(bad), test_prompts=None,
+                                      eval_prompts=2, train_prompts=None, retention_text=None)
+    with pytest.raises(DataError, match=rf"validation_prompts: {re.escape(str(bad))}:2.*prompt.*\(1 bad row\)"):
+        _write_prompts(cfg, tmp_path / "out")
+    with pytest.raises(ConfigError, match="test_prompts: [^:]*nowhere.jsonl: no such file"):
+        _write_prompts(cfg.model_copy(update={"validation_prompts": None,
+                                              "test_prompts": str(tmp_path / "nowhere.jsonl")}), tmp_path / "out")
+    assert json.loads(_write_prompts(cfg.model_copy(update={"validation_prompts": None}), tmp_path / "out")
+                      ["validation"].read_text().splitlines()[0]) == {"prompt": "prompt 2"}
 
 
 # ---------------------------------------------------------------- arithmetic, by hand
@@ -144,6 +168,10 @@ def assert_labelled(f: dict, text: str) -> int:
     labels = {"reward_pct": f"of {b}'s best reward", "device_hours_pct": "of its device-hours",
               "peak_memory_pct": "of its peak memory", "usd_pct": "of its cost in money",
               "energy_pct": "of its measured energy"}
+    if f["one_price"]:  # money's ratio is device-hours': said once
+        labels["device_hours_pct"] += ", so of its cost in money at one price per device-hour"
+        assert "of its cost in money (" not in text
+        del labels["usd_pct"]
     checked = 0
     for key, label in labels.items():
         if f[key] is None:
@@ -200,6 +228,14 @@ def test_verdict_numbers_by_hand_and_traceable():
     h = figures("DPO", "PPO", compare(dpo, ppo), compare(_rows([0.5, 0.3, 0.6], [1] * 3, [1] * 3), ppo), 2.5,
                 {"a": 1.0, "b": 2.0}, 3)
     assert "not detectably different from PPO's" in " ".join(verdict(h)) and "exceeded" not in " ".join(verdict(h))
+    # one price per device-hour: money's ratio is device-hours', said once
+    one = {s: {**r, "usd": r["device_hours"] * 2.0} for s, r in dpo.items()}
+    other = {s: {**r, "usd": r["device_hours"] * 2.0} for s, r in ppo.items()}
+    o = figures("DPO", "PPO", compare(one, other), None, 2.5, None, 3)
+    said = " ".join(verdict(o))
+    assert o["one_price"] and not f["one_price"] and (o["usd_pct"], o["usd_pct_ci95"]) == (31.5, [11.7, 85.1])
+    assert "31.5% [11.7, 85.1] of its device-hours, so of its cost in money at one price per device-hour (less)" \
+        in said and said.count("31.5%") == 1 and assert_labelled(o, said) == 4
 
 
 # ---------------------------------------------------------------- energy

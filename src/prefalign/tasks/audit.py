@@ -30,6 +30,9 @@ import yaml
 from pydantic import Field, model_validator
 
 from ..config import ConfigError, StrictModel
+from ..data import load_prompts
+from ..data.records import text_of
+from ..errors import DataError
 from ..eval.evaluate import EvalConfig
 from ..eval.evaluate import evaluate as run_eval
 from ..runtime.device import gpu_available
@@ -39,7 +42,7 @@ from . import sentiment as task
 from .audit_report import write_reports
 from .audit_verdict import choose, compare, figures, verdict
 from .seeds import mean_ci
-from .stages import portable, run_stage
+from .stages import chain, portable, run_stage
 
 PRICES = task.ASSETS / "prices.yaml"
 ARMS = ("dpo", "ppo", "rloo")
@@ -164,7 +167,15 @@ def load_prices(prices: str | dict | None) -> dict[str, dict]:
     if isinstance(prices, dict):
         return prices
     path = Path(prices) if prices else PRICES
-    table = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        table = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"prices: {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"prices: {path}: not YAML ({e})") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"prices: {path}: a mapping of hardware name -> {{usd_per_hour, unit, source, date}}, "
+                          f"not {type(table).__name__}")
     for key, row in table.items():
         if not isinstance(row, dict) or not isinstance(row.get("usd_per_hour"), int | float):
             raise ConfigError(f"{path}: price {key!r} needs usd_per_hour (a number), unit, source, date")
@@ -209,17 +220,25 @@ def evaluate_models(models: list[tuple[str, Path]], base: str, prompts: Path, te
     return results
 
 
-def _write_prompts(cfg: AuditConfig, out: Path) -> dict[str, Path]:
-    def rows(path: str) -> list[str]:
-        got = [json.loads(x)["prompt"] for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
-        return got
+def read_prompts(field: str, path: str) -> list:
+    """A prompt file's distinct prompts (rows of {prompt}, or any preference or completion file); a bad row
+    is an error naming the key, the file and the line."""
+    try:
+        prompts, problems = load_prompts(path)
+    except OSError as e:
+        raise ConfigError(f"{field}: {e}" if str(path) in str(e) else f"{field}: {path}: {e}") from None
+    if problems:
+        raise DataError(f"{field}: {problems[0]} ({len(problems)} bad row{'s' * (len(problems) > 1)})")
+    return prompts
 
-    train = rows(cfg.prompts)
+
+def _write_prompts(cfg: AuditConfig, out: Path) -> dict[str, Path]:
+    train = read_prompts("prompts", cfg.prompts)
     n = cfg.eval_prompts
-    test = rows(cfg.test_prompts)[:n] if cfg.test_prompts else train[:n]
+    test = read_prompts("test_prompts", cfg.test_prompts)[:n] if cfg.test_prompts else train[:n]
     if not cfg.test_prompts:
         train = train[n:]
-    val = rows(cfg.validation_prompts)[:n] if cfg.validation_prompts else train[:n]
+    val = read_prompts("validation_prompts", cfg.validation_prompts)[:n] if cfg.validation_prompts else train[:n]
     if not cfg.validation_prompts:
         train = train[n:]
     train = train[:cfg.train_prompts] if cfg.train_prompts else train
@@ -227,7 +246,7 @@ def _write_prompts(cfg: AuditConfig, out: Path) -> dict[str, Path]:
     for name, texts in sets.items():
         if len(texts) < (1 if name == "train" else 2):
             raise ConfigError(f"{cfg.prompts}: too few prompts for the {name} set ({len(texts)})")
-    task.check_disjoint(sets)  # a held-out prompt seen in training would flatter every arm
+    task.check_disjoint({k: [text_of(t) for t in v] for k, v in sets.items()})  # seen in training: flattering
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f"{k}_prompts.jsonl" for k in sets}
     for k, texts in sets.items():
@@ -351,19 +370,16 @@ def _quality(ev: dict) -> dict:
 
 
 def end_to_end(rows: list[dict | None]) -> dict:
-    """Stages one after another (docs/benchmarks.md, "How costs are counted"): sums, and the largest peak;
-    energy only when every stage's was measured; tokens sampled and trained summed; model copies (and
-    what they are) of the training stage."""
+    """Stages one after another (tasks/stages.py `chain`: times add up, the peak is the largest stage's);
+    energy and money only when every stage has them; tokens summed; model copies (and what they are) of the
+    training stage, the last."""
     rows = [r for r in rows if r]
-    energy = [r["energy_joules"] for r in rows]
-    usd = [r["usd"] for r in rows]
-    return {"seconds": sum(r["seconds"] for r in rows), "device_hours": sum(r["device_hours"] for r in rows),
-            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rows),
-            "usd": None if None in usd else sum(usd), "energy_joules": None if None in energy else sum(energy),
-            "cpu_seconds": sum(r["cpu_seconds"] for r in rows),
-            "tokens_sampled": sum(r["tokens_sampled"] or 0 for r in rows),
-            "tokens_trained": sum(r["tokens_trained"] or 0 for r in rows), "model_copies": rows[-1]["model_copies"],
-            "model_holds": rows[-1]["model_holds"],
+    c = chain(*rows)
+    total = {k: None if any(r[k] is None for r in rows) else sum(r[k] for r in rows) for k in ("usd", "energy_joules")}
+    return {"seconds": c["seconds"], "device_hours": sum(r["device_hours"] for r in rows),
+            "peak_memory_bytes": c["peak_cuda_bytes"] or c["peak_rss_bytes"], **total, "cpu_seconds": c["cpu_seconds"],
+            **{k: sum(r[k] or 0 for r in rows) for k in ("tokens_sampled", "tokens_trained")},
+            "model_copies": rows[-1]["model_copies"], "model_holds": rows[-1]["model_holds"],
             "stages": [r["stage"] for r in rows]}
 
 

@@ -120,6 +120,7 @@ RATIOS = (("reward_ratio", "reward_pct"), ("device_hours_ratio", "device_hours_p
           ("energy_joules_ratio", "energy_pct"))
 COST_WORDS = (("device_hours_pct", "of its device-hours"), ("peak_memory_pct", "of its peak memory"),
               ("usd_pct", "of its cost in money"), ("energy_pct", "of its measured energy"))
+ONE_PRICE = ", so of its cost in money at one price per device-hour"
 
 
 def _difference(f: dict, name: str, c: dict | None, digits: int) -> None:
@@ -137,6 +138,9 @@ def figures(a: str, b: str, best: dict, matched: dict | None, k: float, kls: dic
         f[name] = _r(100 * c["mean"], 1) if c else None
         f[name + "_ci95"] = _rci([100 * x for x in c["ci95"]], 1) if c and c["ci95"] else None
         f[name + "_direction"] = _ratio_direction(c["ci95"], c["mean"]) if c else None
+    # every stage priced at one rate per device-hour: money's ratio is device-hours', said once, not twice
+    f["one_price"] = f["usd_pct"] is not None and (f["usd_pct"], f["usd_pct_ci95"]) == (f["device_hours_pct"],
+                                                                                      f["device_hours_pct_ci95"])
     _difference(f, "reward_difference", best.get("reward_difference"), 3)
     _difference(f, "kl_difference", best.get("kl_difference"), 2)
     f["matched_kl"] = _r(k, 2)
@@ -167,7 +171,11 @@ def kl_phrase(f: dict, key: str) -> str:
 
 def _best_sentence(f: dict) -> str:
     a, b, n, c = f["a"], f["b"], f["seeds"], f["confidence"]
-    costs = [cost_phrase(f, key, words) for key, words in COST_WORDS if f.get(key) is not None]
+    words = dict(COST_WORDS)
+    if f.get("one_price"):
+        words["device_hours_pct"] += ONE_PRICE
+        del words["usd_pct"]
+    costs = [cost_phrase(f, key, w) for key, w in words.items() if f.get(key) is not None]
     at = (" at " + ", ".join(costs)) if costs else ""
     kl = f"; {kl_phrase(f, 'kl_difference')}" if f.get("kl_difference") is not None else ""
     tail = f" (best settings, test prefixes, {n} seeds, {c}% intervals over seeds; ratios: geometric means"
