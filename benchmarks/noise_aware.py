@@ -6,8 +6,9 @@
 
 The task is the test suite's learnable one (tests/conftest.py: after "I loved ..." praise is preferred,
 after "I hated ..." the pan), on the suite's tiny Llama (hidden 32, its own corpus tokenizer). Per seed:
-96 distinct pairs, each labelled twice, each label flipped independently with probability eps (so the
-training file has 192 records and its duplicates see the noise); 64 held-out pairs with other prompts and
+`--pairs` distinct pairs (96 by default), each labelled twice, each label flipped independently with
+probability eps (so the training file has twice as many records and its duplicates see the noise; `auto`
+refuses an interval wider than 0.15, which at 35% takes about 660 comparisons); 64 held-out pairs with other prompts and
 clean labels. Every method trains with the same settings, fixed before this benchmark existed: the suite's
 DPO settings (tests/test_train_methods.py: beta 0.5, learning rate 3e-3, constant, 60 steps of 8); nothing
 here was tuned on the held-out pairs. Reported: held-out reward accuracy (the implicit reward ranks the
@@ -48,9 +49,9 @@ def noisy(rows: list[dict], eps: float, copies: int, seed: int) -> list[dict]:
     return out
 
 
-def one(model: Path, work: Path, eps: float, seed: int) -> dict:
+def one(model: Path, work: Path, eps: float, seed: int, pairs: int = 96) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    rows = learnable_pairs(96, seed=100 + seed)
+    rows = learnable_pairs(pairs, seed=100 + seed)
     data = write_jsonl(work / "train.jsonl", noisy(rows, eps, 2, seed))
     held = write_jsonl(work / "held.jsonl", held_out_pairs(rows, n=64, seed=200 + seed))
     result: dict = {"rate": eps, "seed": seed}
@@ -120,6 +121,8 @@ def main() -> None:
     ap.add_argument("--rates", default="0.05,0.2,0.35")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("-o", "--output", default="runs/noise-aware")
+    ap.add_argument("--pairs", type=int, default=96, help="distinct pairs per seed, each labelled twice (an "
+                    "informative estimate at 35%% needs about 660: docs/noise.md)")
     ap.add_argument("--out", help="write OUT.md and OUT.json")
     ap.add_argument("--report-from", metavar="OUT", help="re-render OUT.md from the per-seed values stored in "
                     "OUT.json (no training), keeping OUT.md's header")
@@ -134,7 +137,7 @@ def main() -> None:
     results = []
     for rate in rates:
         for seed in seeds:
-            results.append(one(model, root / f"rate{rate}-seed{seed}", rate, seed))
+            results.append(one(model, root / f"rate{rate}-seed{seed}", rate, seed, a.pairs))
             print(json.dumps({k: v for k, v in results[-1].items()}), flush=True)
     text = report(results, rates, sys.argv[1:], time.perf_counter() - t0)
     print(text)

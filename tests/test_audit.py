@@ -278,7 +278,8 @@ def audit(tmp_path_factory):
     prompts = [json.loads(x)["prompt"] for x in Path(base["prompts"]).read_text().splitlines()]
     sft = out.parent / "sft.jsonl"
     sft.write_text("".join(json.dumps({"prompt": p, "completion": " a wonderful film."}) + "\n" for p in prompts))
-    base = {**base, "sft_data": str(sft), "train": {**base["train"], "sft": {"max_steps": 1, "batch_size": 4}}}
+    base = {**base, "sft_data": str(sft), "train": {**base["train"], "sft": {"max_steps": 1, "batch_size": 4}},
+            "arms": ["dpo", "dpo_iterative", "ppo"], "sweep": {**base["sweep"], "dpo_iterative_beta": [0.1]}}
     run_audit(load_config(AuditConfig, base=base), log=lambda m: None, progress=False)
     return out
 
@@ -301,26 +302,40 @@ def test_audit_writes_the_three_files_with_documented_keys(audit):
     used |= {f"comparisons.<pair>.<choice>.{k}" for k in s["comparisons"]["dpo vs ppo"]["best"]}
     assert used - keys == set()
     # both seeds of each chosen setting on the test split; every stage costed
-    assert {r["seed"] for r in s["test"]} == {0, 1} and {r["arm"] for r in s["test"]} == {"dpo", "ppo"}
+    assert {r["seed"] for r in s["test"]} == {0, 1} and {r["arm"] for r in s["test"]} == {"dpo", "dpo_iterative", "ppo"}
     stages = {st["stage"] for st in s["stages"]}
     assert {"pairs", "evaluate validation", "evaluate test", "train ppo kl_coef=0.1"} <= stages
     assert all(st["seconds"] > 0 and st["peak_memory_bytes"] > 0 for st in s["stages"])
     # CPU time of the stage's own process, and the RSS it inherited from the forkserver (inside its peak)
     assert all(st["cpu_seconds"] > 0 and 0 < st["baseline_rss_bytes"] <= st["peak_rss_bytes"] for st in s["stages"])
+    # iterative DPO: round 1 on the DPO arm's pairs, round 2 on pairs sampled from round 1's model and trained
+    # from it; its end-to-end cost has every round; it is compared with PPO as DPO is
+    it = "dpo_iterative beta=0.1"
+    for seed in (sweep_seed := s["config"]["sweep"]["seed"], 0, 1):
+        got = [st["stage"] for st in s["stages"] if st["seed"] == seed and it in st["stage"]]
+        assert got == [f"train {it} round 1", f"pairs {it} round 2", f"train {it} round 2"], got
+        run = audit / f"seed{seed}" / "dpo_iterative-beta0.1"
+        assert Path(yaml.safe_load((run / "round2" / "config.yaml").read_text())["model"]) == run / "round1" / "final"
+        assert Path(yaml.safe_load((run / "round1" / "config.yaml").read_text())["data"]) == \
+            audit / f"seed{seed}" / "pairs" / "pairs.jsonl"
+    assert {tuple(r["stages"]) for r in s["test"] if r["arm"] == "dpo_iterative"} == \
+        {("sft", "pairs", f"train {it} round 1", f"pairs {it} round 2", f"train {it} round 2")}
+    assert set(s["comparisons"]) == {"dpo vs ppo", "dpo_iterative vs ppo"}
+    assert s["verdict"]["figures"]["dpo_iterative vs ppo"]["a"] == "iterative DPO"
     # the sweep has its own seed: no test row comes from a sweep run
-    sweep_seed = s["config"]["sweep"]["seed"]
     assert {r["seed"] for r in s["sweep"]} == {sweep_seed} and sweep_seed not in {r["seed"] for r in s["test"]}
     assert sum(st["stage"] == "train ppo kl_coef=0.1" for st in s["stages"]) == 3  # sweep + 2 fresh test runs
     # the SFT stage, once per seed, is where both arms start: in both end-to-end costs, the base of every KL
     assert [(st["seed"], st["arm"]) for st in s["stages"] if st["stage"] == "sft"] == \
         [(sweep_seed, "shared"), (0, "shared"), (1, "shared")]
-    assert all(r["stages"][0] == "sft" for r in s["test"]) and {r["arm"] for r in s["test"]} == {"dpo", "ppo"}
+    assert all(r["stages"][0] == "sft" for r in s["test"])
     for r in s["test"]:
         ev = json.loads((audit / f"seed{r['seed']}" / "eval-test" / f"{r['arm']}-{r['setting_name']}{r['setting']}"
                          / "eval.json").read_text())
         assert Path(ev["reference"]) == audit / f"seed{r['seed']}" / "sft" / "final", ev["reference"]
-        run = yaml.safe_load((audit / f"seed{r['seed']}" / f"{r['arm']}-{r['setting_name']}{r['setting']}"
-                              / "config.yaml").read_text())
+        first = audit / f"seed{r['seed']}" / f"{r['arm']}-{r['setting_name']}{r['setting']}"
+        first = first / "round1" if r["arm"] == "dpo_iterative" else first  # its later rounds start from round 1
+        run = yaml.safe_load((first / "config.yaml").read_text())
         assert Path(run["model"]) == audit / f"seed{r['seed']}" / "sft" / "final"
     trained = [st for st in s["stages"] if st["stage"].startswith("train")]
     assert all(st["tokens_trained"] > 0 and st["tokens_sampled"] is None for st in trained)

@@ -37,17 +37,16 @@ from ..eval.evaluate import EvalConfig
 from ..eval.evaluate import evaluate as run_eval
 from ..runtime.device import gpu_available
 from ..runtime.energy import EnergyMeter, load_average
-from ..train.methods import METHODS
 from . import sentiment as task
+from .audit_figures import DPO_FAMILY, end_to_end, holds, quality, summarise
 from .audit_report import write_reports
-from .audit_verdict import choose, compare, figures, verdict
-from .seeds import mean_ci
-from .stages import chain, portable, run_stage
+from .audit_verdict import choose
+from .stages import portable, run_stage
 
 PRICES = task.ASSETS / "prices.yaml"
-ARMS = ("dpo", "ppo", "rloo")
-SETTING = {"dpo": "beta", "ppo": "kl_coef", "rloo": "kl_coef"}
-REWARD_KINDS = {"callable": "function", "reward_model": "model"}
+ARMS = ("dpo", "ppo", "rloo")  # the default arms; dpo_iterative is optional
+SETTING = {"dpo": "beta", "dpo_iterative": "beta", "ppo": "kl_coef", "rloo": "kl_coef"}
+METHOD = {"dpo_iterative": "dpo"}  # an arm's training method, where it is not the arm's name
 DEFAULT_STAGE = {"learning_rate": 1e-3, "max_steps": 48, "batch_size": 8}  # sft and reward_model unless `train` says
 
 
@@ -56,6 +55,7 @@ class Sweep(StrictModel):
     dpo_beta: list[float] = Field([0.1, 0.5], min_length=1, description="DPO's beta values tried on validation")
     ppo_kl_coef: list[float] = Field([0.03, 0.1], min_length=1, description="PPO's kl_coef values tried")
     rloo_kl_coef: list[float] = Field([0.03, 0.1], min_length=1, description="RLOO's kl_coef values tried")
+    dpo_iterative_beta: list[float] = Field([0.1], min_length=1, description="iterative DPO's beta values tried")
 
 
 class Budget(StrictModel):
@@ -89,7 +89,10 @@ class AuditConfig(StrictModel):
     samples: int = Field(4, ge=2, description="continuations sampled per prompt to make pairs")
     max_new_tokens: int = Field(32, ge=1, description="tokens sampled per completion (pairs, rollouts, eval)")
     seeds: list[int] = Field([0, 1, 2], min_length=2, description="seeds of the test runs, each trained afresh")
-    arms: list[Literal["dpo", "ppo", "rloo"]] = Field(list(ARMS), description="arms to run; dpo and one more")
+    arms: list[Literal["dpo", "dpo_iterative", "ppo", "rloo"]] = Field(
+        list(ARMS), description="arms to run: dpo and at least one of ppo, rloo; dpo_iterative (online DPO: each "
+                                "round samples pairs from the last round's model, the reward labels them) is optional")
+    iterative_rounds: int = Field(2, ge=2, description="dpo_iterative: rounds, the first on the same pairs as dpo")
     sweep: Sweep = Field(default_factory=Sweep)
     matched_kl: float | None = Field(None, gt=0, description="KL per sequence for the matched comparison (default: "
                                                              "the smallest at which every arm has a setting)")
@@ -110,7 +113,7 @@ class AuditConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if "dpo" not in self.arms or len(self.arms) < 2:
+        if "dpo" not in self.arms or not {"ppo", "rloo"} & set(self.arms):
             raise ValueError(f"arms {self.arms}: the audit compares dpo with ppo and/or rloo")
         if self.reward is None and self.data is None:
             raise ValueError("give `reward` (to make pairs and for PPO/RLOO) or `data` (pairs), or both")
@@ -119,14 +122,15 @@ class AuditConfig(StrictModel):
         if self.sweep.seed in self.seeds:
             raise ValueError(f"sweep.seed {self.sweep.seed} is one of the test seeds {self.seeds}: the test "
                              "runs must be fresh trainings, not the runs that won the sweep")
-        unknown = set(self.train) - {"dpo", "ppo", "rloo", "reward_model", "sft"}
+        unknown = set(self.train) - {*SETTING, "reward_model", "sft"}
         if unknown:
-            raise ValueError(f"train: unknown arm(s) {sorted(unknown)} (dpo, ppo, rloo, reward_model, sft)")
+            raise ValueError(f"train: unknown arm(s) {sorted(unknown)} (dpo, dpo_iterative, ppo, rloo, "
+                             "reward_model, sft)")
         stand_in = Path(self.output)
         for arm in self.arms:
             for value in getattr(self.sweep, f"{arm}_{SETTING[arm]}"):
                 try:  # every run's settings validated now, not an hour into the audit
-                    task.train_settings(stand_in, Path(self.model), arm, stand_in, stand_in,
+                    task.train_settings(stand_in, Path(self.model), METHOD.get(arm, arm), stand_in, stand_in,
                                         sizes(self, self.seeds[0]), **run_settings(self, arm, value, "x"))
                 except ConfigError as e:
                     raise ValueError(f"{arm} ({SETTING[arm]} {value}): {e}") from None
@@ -145,9 +149,9 @@ def sizes(cfg: AuditConfig, seed: int) -> task.Sizes:
 
 
 def run_settings(cfg: AuditConfig, arm: str, value: float, reward: str | None) -> dict[str, Any]:
-    s = {**cfg.train.get(arm, {}), SETTING[arm]: value, "device": cfg.device, "kl_every": 0}
-    s.update(budget(cfg))
-    if arm != "dpo":
+    own = cfg.train.get(arm, cfg.train.get("dpo", {}) if arm == "dpo_iterative" else {})  # rounds: dpo's
+    s = {**own, SETTING[arm]: value, "device": cfg.device, "kl_every": 0, **budget(cfg)}
+    if arm not in DPO_FAMILY:
         s["reward"] = reward
     return s
 
@@ -257,20 +261,6 @@ def _write_prompts(cfg: AuditConfig, out: Path) -> dict[str, Path]:
     return paths
 
 
-def holds(run: dict) -> str:
-    """What a training run held besides its policy, from its run.json: the reference (an adapter-disabled
-    base under LoRA, a frozen copy, log-probabilities precomputed once, or none), PPO's critic, the reward."""
-    kinds = {"adapter": "adapter-disabled base", "copy": "frozen copy", "precompute": "precomputed log-probs"}
-    parts = [f"reference: {kinds.get(run.get('reference'), run.get('reference') or 'none')}"]
-    method = METHODS.get(run.get("method") or "")
-    if method is not None and "critic" in method.config.model_fields:  # counted only as a model of its own
-        others = 1 + (run.get("reference") == "copy") + (run.get("reward") == "reward_model")
-        parts.append("critic: value head" if run.get("model_copies") == others else "critic: separate model")
-    if run.get("reward"):
-        parts.append(f"reward: {REWARD_KINDS.get(run['reward'], run['reward'])}")
-    return ", ".join(parts)
-
-
 @dataclass
 class Inputs:
     base: Path  # what every arm of the seed starts from and every KL is to: the SFT model, else `model`
@@ -337,19 +327,37 @@ class Audit:
             reward = str(d / "reward-model" / "final")
         return Inputs(base, pairs, reward, sft_stage, pair_stage, rm_stage)
 
-    def train_arm(self, arm: str, value: float, seed: int, inputs: Inputs, prompts) -> tuple[Path, dict]:
-        pairs, reward = inputs.pairs, inputs.reward
-        run = self.out / f"seed{seed}" / f"{arm}-{SETTING[arm]}{value}"
-        if (run / "final").exists() and any(s["stage"] == f"train {arm} {SETTING[arm]}={value}" and s["seed"] == seed
-                                            for s in self.stages):
-            return run, next(s for s in self.stages if s["stage"] == f"train {arm} {SETTING[arm]}={value}"
-                             and s["seed"] == seed)
-        rl = arm != "dpo"
+    def train_arm(self, arm: str, value: float, seed: int, inputs: Inputs, prompts) -> tuple[Path, list[dict]]:
+        """One arm's training at one setting: its run folder and its stages (several for dpo_iterative)."""
+        name = f"{arm}-{SETTING[arm]}{value}"
+        if arm == "dpo_iterative":
+            return self._iterative(name, value, seed, inputs, prompts)
+        rl, run = arm not in DPO_FAMILY, self.out / f"seed{seed}" / name
         _, row = self.stage(f"train {arm} {SETTING[arm]}={value}", arm, seed, task.train, run, inputs.base,
-                            arm, None if rl else pairs, prompts["train"] if rl else None,
+                            arm, None if rl else inputs.pairs, prompts["train"] if rl else None,
                             sizes(self.cfg, seed), self.child_log, self.progress,
-                            **run_settings(self.cfg, arm, value, reward))
-        return run, row
+                            **run_settings(self.cfg, arm, value, inputs.reward))
+        return run, [row]
+
+    def _iterative(self, name: str, value: float, seed: int, inputs: Inputs, prompts) -> tuple[Path, list[dict]]:
+        """Online DPO (Xu et al. 2023; Yuan et al. 2024; `prefalign iterate`): round 1 trains on the DPO arm's
+        pairs; round r samples pairs from round r-1's model (its own sampling seed), the reward labels them,
+        and DPO trains from that model, anchored to it. Every KL is still measured to `inputs.base`."""
+        cfg, d, rows = self.cfg, self.out / f"seed{seed}" / name, []
+        prev, pairs = inputs.base, inputs.pairs
+        for r in range(1, cfg.iterative_rounds + 1):
+            what = f"dpo_iterative beta={value} round {r}"
+            if r > 1:
+                (pairs, _), row = self.stage(f"pairs {what}", "dpo_iterative", seed, task.make_pairs,
+                                             d / f"round{r}-pairs", prev, prompts["train"],
+                                             sizes(cfg, seed + 1000 * r), self.child_log, inputs.reward, cfg.device)
+                rows.append(row)
+            _, row = self.stage(f"train {what}", "dpo_iterative", seed, task.train, d / f"round{r}", prev, "dpo",
+                                pairs, None, sizes(cfg, seed), self.child_log, self.progress,
+                                **run_settings(cfg, "dpo_iterative", value, None))
+            rows.append(row)
+            prev = d / f"round{r}" / "final"
+        return prev.parent, rows
 
     def evaluate(self, seed: int, split: str, runs: list[tuple[str, Path]], base: Path, prompts) -> list[dict]:
         """Every run's final/ and `base` (what the arms started from: every KL and win-rate is against it)."""
@@ -361,26 +369,15 @@ class Audit:
         return evals
 
 
-def _quality(ev: dict) -> dict:
-    keys = ("reward_mean", "reward_ci95", "win_rate", "win_rate_ci95", "kl_per_sequence", "kl_per_token",
-            "perplexity", "perplexity_reference", "mean_length")
-    q = {k: ev.get(k) for k in keys}
-    q.update({k: v for k, v in ev.items() if k.startswith("suites/")})
-    return q
-
-
-def end_to_end(rows: list[dict | None]) -> dict:
-    """Stages one after another (tasks/stages.py `chain`: times add up, the peak is the largest stage's);
-    energy and money only when every stage has them; tokens summed; model copies (and what they are) of the
-    training stage, the last."""
-    rows = [r for r in rows if r]
-    c = chain(*rows)
-    total = {k: None if any(r[k] is None for r in rows) else sum(r[k] for r in rows) for k in ("usd", "energy_joules")}
-    return {"seconds": c["seconds"], "device_hours": sum(r["device_hours"] for r in rows),
-            "peak_memory_bytes": c["peak_cuda_bytes"] or c["peak_rss_bytes"], **total, "cpu_seconds": c["cpu_seconds"],
-            **{k: sum(r[k] or 0 for r in rows) for k in ("tokens_sampled", "tokens_trained")},
-            "model_copies": rows[-1]["model_copies"], "model_holds": rows[-1]["model_holds"],
-            "stages": [r["stage"] for r in rows]}
+def needs(arm: str, got: Inputs) -> list[dict | None]:
+    """The stages an arm's training needed before it (its share of the seed's inputs): DPO its pairs; iterative
+    DPO its first pairs and the reward model that labels later rounds' when there is one; PPO/RLOO the reward model
+    and the pairs it was trained on, when it was trained."""
+    if arm == "dpo":
+        return [got.pair_stage]
+    if arm == "dpo_iterative":
+        return [got.pair_stage, got.rm_stage]
+    return [got.pair_stage, got.rm_stage] if got.rm_stage else []
 
 
 def run_audit(cfg: AuditConfig, log=print, progress: bool = True) -> dict:
@@ -392,9 +389,10 @@ def run_audit(cfg: AuditConfig, log=print, progress: bool = True) -> dict:
     inputs = {first: a.inputs(first, prompts)}
     sweep_runs = [(arm, v, *a.train_arm(arm, v, first, inputs[first], prompts))
                   for arm in cfg.arms for v in getattr(cfg.sweep, f"{arm}_{SETTING[arm]}")]
-    evals = a.evaluate(first, "validation", [(run.name, run) for _, _, run, _ in sweep_runs], inputs[first].base,
+    evals = a.evaluate(first, "validation", [(f"{arm}-{SETTING[arm]}{v}", run) for arm, v, run, _ in sweep_runs],
+                       inputs[first].base,
                        prompts)
-    sweep = [{"arm": arm, "setting_name": SETTING[arm], "setting": v, "seed": first, **_quality(ev)}
+    sweep = [{"arm": arm, "setting_name": SETTING[arm], "setting": v, "seed": first, **quality(ev)}
              for (arm, v, _, _), ev in zip(sweep_runs, evals[1:], strict=True)]
     chosen = choose(sweep, cfg.matched_kl)
     log(f"audit: chosen on validation (matched KL <= {chosen['matched_kl']:.2f}): " + "; ".join(
@@ -408,70 +406,22 @@ def run_audit(cfg: AuditConfig, log=print, progress: bool = True) -> dict:
         got, plan = inputs[seed], []
         for arm, c in chosen["arms"].items():
             for value in dict.fromkeys(v for v in (c["best"], c["matched"]) if v is not None):
-                run, row = a.train_arm(arm, value, seed, got, prompts)
-                before = [got.pair_stage] if arm == "dpo" else [got.pair_stage, got.rm_stage] if got.rm_stage else []
-                plan.append((arm, value, run, end_to_end([got.sft_stage] + before + [row])))
+                run, rows = a.train_arm(arm, value, seed, got, prompts)
+                plan.append((arm, value, run, end_to_end([got.sft_stage, *needs(arm, got), *rows])))
         evs = a.evaluate(seed, "test", [(f"{arm}-{SETTING[arm]}{v}", run) for arm, v, run, _ in plan], got.base,
                          prompts)
-        base_test.append({"seed": seed, **_quality(evs[0])})
+        base_test.append({"seed": seed, **quality(evs[0])})
         for (arm, value, _, e2e), ev in zip(plan, evs[1:], strict=True):
             c = chosen["arms"][arm]
             test.append({"arm": arm, "setting_name": SETTING[arm], "setting": value, "seed": seed,
-                         "best": value == c["best"], "matched": value == c["matched"], **_quality(ev), **e2e})
-    summary = summarise(cfg, a, sweep, chosen, test, base_test)
+                         "best": value == c["best"], "matched": value == c["matched"], **quality(ev), **e2e})
+    summary = summarise(cfg, a.hw, a.stages, sweep, chosen, test, base_test)
     summary.update({"seconds": time.perf_counter() - t0, "load_average_start": load0,
                     "load_average_end": load_average()})
     write_reports(summary, a.out)
     log("\n".join(summary["verdict"]["sentences"]))
     log(f"audit: {summary['seconds']:.0f} s; {a.out / 'audit.md'}, {a.out / 'audit.html'}, {a.out / 'audit.json'}")
     return summary
-
-
-def arm_summary(rows: list[dict]) -> dict:
-    """Mean and 95% t-interval over seeds of each quality and cost figure of one arm's test rows."""
-    out = {"setting": rows[0]["setting"], "seeds": [r["seed"] for r in rows]}
-    for key in ("reward_mean", "win_rate", "kl_per_sequence", "perplexity", "seconds", "device_hours",
-                "peak_memory_bytes", "usd", "energy_joules", "cpu_seconds", "tokens_sampled", "tokens_trained"):
-        vals = [r.get(key) for r in rows]
-        out[key], out[key + "_ci95"] = (None, None) if None in vals else mean_ci(vals)
-    out["model_copies"], out["model_holds"] = rows[0]["model_copies"], rows[0]["model_holds"]
-    return out
-
-
-def summarise(cfg: AuditConfig, a: Audit, sweep: list, chosen: dict, test: list, base_test: list) -> dict:
-    arms = {}
-    for arm in cfg.arms:
-        for kind in ("best", "matched"):
-            rows = [r for r in test if r["arm"] == arm and r[kind]]
-            if rows:
-                arms.setdefault(arm, {})[kind] = arm_summary(rows)
-    by_seed = lambda arm, kind: {r["seed"]: r for r in test if r["arm"] == arm and r[kind]}  # noqa: E731
-    comparisons, sentences, figs = {}, [], {}
-    for other in [x for x in cfg.arms if x != "dpo"]:
-        best = compare(by_seed("dpo", "best"), by_seed(other, "best"))
-        m_a, m_b = by_seed("dpo", "matched"), by_seed(other, "matched")
-        matched = compare(m_a, m_b) if m_a and m_b else None
-        kls = {"a": arms["dpo"]["matched"]["kl_per_sequence"], "b": arms[other]["matched"]["kl_per_sequence"]} \
-            if matched else None
-        f = figures("DPO", other.upper(), best, matched, chosen["matched_kl"], kls, len(cfg.seeds))
-        comparisons[f"dpo vs {other}"] = {"best": best, "matched": matched}
-        figs[f"dpo vs {other}"] = f
-        sentences += verdict(f)
-    base = {k: mean_ci([r[k] for r in base_test]) for k in ("reward_mean", "perplexity")}
-    return {"audit": 1, "config": cfg.model_dump(mode="json"), "hardware": a.hw,
-            "energy": _energy_status(a.stages), "stages": a.stages, "sweep": sweep, "chosen": chosen,
-            "test": test, "base": {"rows": base_test, **{k: v[0] for k, v in base.items()},
-                                   **{k + "_ci95": v[1] for k, v in base.items()}},
-            "arms": arms, "comparisons": comparisons,
-            "verdict": {"text": " ".join(sentences), "sentences": sentences, "figures": figs}}
-
-
-def _energy_status(stages: list[dict]) -> dict:
-    measured = [s for s in stages if s["energy_joules"] is not None]
-    if len(measured) == len(stages):
-        return {"measured": True, "status": "measured", "joules": sum(s["energy_joules"] for s in stages)}
-    return {"measured": False, "status": next(s["energy"] for s in stages if s["energy_joules"] is None),
-            "joules": None}
 
 
 # ---------------------------------------------------------------- --demo: the shipped model and task

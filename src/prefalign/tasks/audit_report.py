@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 from ..runtime.plotting import pyplot
+from .audit_figures import LABEL
 
-COLORS = {"dpo": "tab:blue", "ppo": "tab:orange", "rloo": "tab:green"}
+COLORS = {"dpo": "tab:blue", "dpo_iterative": "tab:purple", "ppo": "tab:orange", "rloo": "tab:green"}
 
 
 def _n(x, digits: int = 3) -> str:
@@ -40,7 +41,7 @@ def plot_frontier(s: dict, path: Path) -> None:
         err = [[m - r["reward_ci95"][0] for m, r in zip(y, pts, strict=True)],
                [r["reward_ci95"][1] - m for m, r in zip(y, pts, strict=True)]]
         ax.errorbar(x, y, yerr=err, marker="o", mfc="none", ls="--", color=color, capsize=2, alpha=0.6,
-                    label=f"{arm.upper()} sweep (validation)")
+                    label=f"{LABEL[arm]} sweep (validation)")
         for kind, marker in (("best", "s"), ("matched", "D")):
             a = s["arms"].get(arm, {}).get(kind)
             if not a or (kind == "matched" and a["setting"] == s["arms"][arm]["best"]["setting"]):
@@ -49,7 +50,7 @@ def plot_frontier(s: dict, path: Path) -> None:
                                                                          a["kl_per_sequence"]]]
             ye = [[a["reward_mean"] - a["reward_mean_ci95"][0]], [a["reward_mean_ci95"][1] - a["reward_mean"]]]
             ax.errorbar([a["kl_per_sequence"]], [a["reward_mean"]], xerr=xe, yerr=ye, marker=marker, color=color,
-                        capsize=3, ms=7, label=f"{arm.upper()} {kind} (test, {len(a['seeds'])} seeds)")
+                        capsize=3, ms=7, label=f"{LABEL[arm]} {kind} (test, {len(a['seeds'])} seeds)")
     b = s["base"]
     ax.errorbar([0], [b["reward_mean"]], yerr=None if not b["reward_mean_ci95"] else
                 [[b["reward_mean"] - b["reward_mean_ci95"][0]], [b["reward_mean_ci95"][1] - b["reward_mean"]]],
@@ -70,7 +71,7 @@ def _cost_rows(s: dict) -> list[list[str]]:
         a = kinds["best"]
         energy = _ci(a["energy_joules"], a["energy_joules_ci95"], 0) if a["energy_joules"] is not None \
             else "not measurable on this machine"
-        rows.append([arm.upper(), str(a["setting"]), _ci(a["seconds"], a["seconds_ci95"], 1),
+        rows.append([LABEL[arm], str(a["setting"]), _ci(a["seconds"], a["seconds_ci95"], 1),
                      _ci(a["cpu_seconds"], a["cpu_seconds_ci95"], 1),
                      _ci(a["device_hours"], a["device_hours_ci95"], 5), _mib(a["peak_memory_bytes"]),
                      f"{a['model_copies']} ({a['model_holds']})", _n(a["tokens_sampled"], 0),
@@ -88,7 +89,8 @@ def _ratio_rows(s: dict) -> list[list[str]]:
             r = best.get(key)
             cells.append("-" if r is None else _ci(r["mean"], r["ci95"], 3))
         d = best.get("reward_difference")
-        rows.append([name.upper()] + cells + ["-" if d is None else _ci(d["mean"], d["ci95"], 3)])
+        one, other = name.split(" vs ")
+        rows.append([f"{LABEL[one]} vs {LABEL[other]}"] + cells + ["-" if d is None else _ci(d["mean"], d["ci95"], 3)])
     return rows
 
 
@@ -97,7 +99,7 @@ def _quality_rows(s: dict) -> list[list[str]]:
     rows = [["base", "-", "-", _ci(b["reward_mean"], b["reward_mean_ci95"]), "-", "0", _n(b["perplexity"], 2)]]
     for arm, kinds in s["arms"].items():
         for kind, a in kinds.items():
-            rows.append([arm.upper(), kind, str(a["setting"]), _ci(a["reward_mean"], a["reward_mean_ci95"]),
+            rows.append([LABEL[arm], kind, str(a["setting"]), _ci(a["reward_mean"], a["reward_mean_ci95"]),
                          _ci(a["win_rate"], a["win_rate_ci95"]),
                          _ci(a["kl_per_sequence"], a["kl_per_sequence_ci95"], 2),
                          _ci(a["perplexity"], a["perplexity_ci95"], 2)])
@@ -121,7 +123,7 @@ def _stage_rows(s: dict) -> list[list[str]]:
 
 
 def _sweep_rows(s: dict) -> list[list[str]]:
-    return [[r["arm"].upper(), f"{r['setting_name']}={r['setting']}", _ci(r["reward_mean"], r["reward_ci95"]),
+    return [[LABEL[r["arm"]], f"{r['setting_name']}={r['setting']}", _ci(r["reward_mean"], r["reward_ci95"]),
              _n(r["kl_per_sequence"], 2), _n(r["win_rate"]), _n(r["perplexity"], 2)] for r in s["sweep"]]
 
 
@@ -132,7 +134,8 @@ def tables(s: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         ("Cost end to end of each arm's best setting (mean [95% t-interval over seeds]; peak: largest stage)",
          ["arm", "setting", "seconds", "CPU seconds", f"device-hours ({s['hardware']['unit']})", "peak MiB",
           "model copies (what)", "tokens sampled", "tokens trained", "energy J", "USD"], _cost_rows(s)),
-        ("DPO over the RLHF arm, seed by seed (ratio < 1: DPO needs less; geometric mean [95% t-interval on "
+        ("Each DPO arm over each RLHF arm, seed by seed (ratio < 1: the DPO arm needs less; geometric mean "
+         "[95% t-interval on "
          "log ratios over seeds]; reward difference: mean [95% t-interval])",
          ["comparison", "reward ratio", "device-hours ratio", "peak memory ratio", "USD ratio", "energy ratio",
           "reward difference"], _ratio_rows(s)),
@@ -157,7 +160,7 @@ def _facts(s: dict) -> list[str]:
         "(torch and transformers imported by the forkserver it is forked from): that is `RSS at start`, "
         "not subtracted.",
         "CPU seconds: user + system time of the stage's process; device-hours: wall seconds x devices / 3600.",
-        "Chosen on the validation prompts: " + "; ".join(f"{arm.upper()}: {c['reason']}"
+        "Chosen on the validation prompts: " + "; ".join(f"{LABEL[arm]}: {c['reason']}"
                                                           for arm, c in s["chosen"]["arms"].items()),
         f"Whole audit {s['seconds']:.0f} s; load average (1, 5, 15 min) {s['load_average_start']} at the start, "
         f"{s['load_average_end']} at the end.",
