@@ -29,6 +29,7 @@ from ..judges.suites import load_suite, score_suite, shipped_suites, suite_promp
 from ..models.generate import encode_prompt, generate
 from ..models.logps import sequence_logps
 from ..runtime.distributed import World
+from ..storage import finite  # state.json and run.json hold null; a rule or the frontier: not measured
 from .checkpoint import load_checkpoint
 from .config import Guards, RunConfig
 
@@ -74,12 +75,6 @@ def frontier(history: list[dict[str, Any]], by: str = "heldout_accuracy") -> dic
         return None
     # an unmeasured (or NaN) KL ranks as the farthest from the reference, never as a tie-winner
     return min(good, key=lambda h: (-h[by], math.inf if finite(h.get("kl")) is None else h["kl"], h["step"]))
-
-
-def finite(value: float | None) -> float | None:
-    """`value`, or None when it is missing or not finite: state.json and run.json hold null, never a bare
-    NaN (invalid JSON), and a rule or the frontier treats it as not measured."""
-    return value if value is not None and math.isfinite(value) else None
 
 
 def describe(broken: list[dict[str, Any]]) -> str:
