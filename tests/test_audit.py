@@ -260,6 +260,25 @@ def test_rapl_from_a_fake_powercap_tree(tmp_path):
     assert got["joules"] == pytest.approx(12.0 + 3.5, abs=1e-9)
 
 
+def test_a_wrap_with_an_unreadable_range_is_not_measured(tmp_path):
+    """A RAPL counter that went down while its max_energy_range_uj cannot be read: no wrap to add, so the
+    stage's energy is not measurable (with why), never a negative difference reported as measured."""
+    _rapl(tmp_path, "intel-rapl:0", 5_000_000)
+    _rapl(tmp_path, "intel-rapl:1", 9_000_000)
+    (tmp_path / "intel-rapl:1" / "max_energy_range_uj").unlink()
+    (tmp_path / "intel-rapl:1" / "max_energy_range_uj").mkdir()  # unreadable as a number
+    rising = EnergyMeter(tmp_path, gpus=False).start()
+    _rapl(tmp_path, "intel-rapl:0", 6_000_000)
+    (tmp_path / "intel-rapl:1" / "energy_uj").write_text("9500000\n")
+    assert rising.stop()["joules"] == pytest.approx(1.5, abs=1e-9)  # no wrap: the range is not needed
+    meter = EnergyMeter(tmp_path, gpus=False).start()
+    _rapl(tmp_path, "intel-rapl:0", 7_000_000)
+    (tmp_path / "intel-rapl:1" / "energy_uj").write_text("1000000\n")  # wrapped, by how much unknown
+    got = meter.stop()
+    assert got["joules"] is None and got["status"].startswith(NOT_MEASURABLE), got
+    assert "rapl:intel-rapl:1 went down" in got["status"] and "max_energy_range_uj" in got["status"]
+
+
 def test_energy_not_measurable_says_why(tmp_path):
     got = EnergyMeter(tmp_path / "none", gpus=False).start().stop()
     assert got["joules"] is None and got["status"].startswith(NOT_MEASURABLE) and "does not exist" in got["status"]

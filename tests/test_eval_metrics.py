@@ -8,6 +8,7 @@ import torch
 from prefalign.eval import metrics
 from prefalign.eval.refusal import is_refusal
 from prefalign.models.logps import entropy_from_logps, kl_from_logps
+from prefalign.models.perplexity import perplexity
 
 
 def test_exact_kl_of_two_known_distributions():
@@ -45,7 +46,7 @@ def test_distinct_n_and_perplexity():
     texts = ["the cat sat", "the cat ran"]
     assert metrics.distinct_n(texts, 1) == pytest.approx(4 / 6)  # the, cat, sat, ran of 6 words
     assert metrics.distinct_n(texts, 2) == pytest.approx(3 / 4)  # (the cat) twice, (cat sat), (cat ran)
-    assert metrics.perplexity(4 * math.log(2), 4) == pytest.approx(2.0)
+    assert perplexity(4 * math.log(2), 4) == pytest.approx(2.0) and math.isnan(perplexity(0.0, 0))
 
 
 REFUSALS = [
@@ -114,3 +115,19 @@ def test_a_user_suite_file_and_its_errors(tmp_path):
         load_suite(str(tmp_path / "typo.yaml"))
     with pytest.raises(ConfigError, match="unknown suite"):
         load_suite("nonexistent")
+
+
+def test_text_rows_for_perplexity_are_read_alike_and_bad_ones_named(tmp_path):
+    """`prefalign eval --text` and `guards.text` read held-out text with one function (models/perplexity.py)."""
+    from prefalign.errors import ConfigError
+    from prefalign.models.perplexity import text_pieces
+
+    good = tmp_path / "t.jsonl"
+    good.write_text('{"text": "a film"}\n\n{"prompt": "p", "completion": "c"}\n{"prompt": "q", "chosen": "x", '
+                    '"rejected": "y"}\n')
+    assert text_pieces(str(good)) == [("", "a film"), ("p", "c"), ("q", "x")]
+    for body, match in [('{"text": "a"}\n{"prompt": "p"}\n', r"t\.jsonl:2: expected an object"),
+                        ("not json\n", r"t\.jsonl:1: not JSON"), ("\n", r"t\.jsonl: guards\.text has no rows")]:
+        good.write_text(body)
+        with pytest.raises(ConfigError, match=match):
+            text_pieces(str(good), "guards.text")

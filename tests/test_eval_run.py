@@ -1,6 +1,7 @@
 """`prefalign eval` end to end on tiny models, and the exact KL against a brute-force computation."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,36 @@ def test_a_reward_model_is_scored_on_pairs(tiny_models, tokenizer, pair_file, tm
     with pytest.raises(ValueError, match="reward model"):
         evaluate(EvalConfig(model=str(tmp_path / "rm"), data=str(pair_file), suites=["safety"],
                             output=str(tmp_path / "e2")), log=lambda _: None, progress=False)
+
+
+def test_perplexity_is_exp_mean_nll_by_brute_force_and_the_guards_is_the_same(tiny_models, tokenizer, tmp_path):
+    """eval's perplexity on {text} and {prompt, completion} rows (batches of 2, so rows are padded) equals
+    exp(mean NLL) of the scored tokens computed row by row from full logits, every row's first token left
+    out (nothing before it); a training guard measures the same figure on the same text (models/perplexity.py)."""
+    from contextlib import nullcontext
+
+    from transformers import AutoModelForCausalLM
+
+    from prefalign.data.tokenize import tokenize
+    from prefalign.train.guards import Retention
+    from prefalign.train.methods import make_config
+
+    rows = [{"text": "the movie was good and the plot was fun"}, {"text": "bad"},
+            {"prompt": "I hated the film", "completion": " because it was long and dull"}]
+    text = write_jsonl(tmp_path / "text.jsonl", rows)
+    res = evaluate(EvalConfig(model=str(tiny_models["llama"]), text=str(text), output=str(tmp_path / "e"),
+                              batch_size=2), log=lambda _: None, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            seq = tokenize(tokenizer, r.get("prompt", ""), r.get("text", r.get("completion")))
+            lp = torch.log_softmax(model(torch.tensor([seq.input_ids])).logits[0].double(), -1)
+            for t in range(1, len(seq.input_ids)):
+                if seq.loss_mask[t]:
+                    nll, count = nll - float(lp[t - 1, seq.input_ids[t]]), count + 1
+    assert res["perplexity_tokens"] == count and res["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    cfg = make_config(model=str(tiny_models["llama"]), data=str(text), output=str(tmp_path / "o"), guard_every=1,
+                      guards={"text": str(text)})
+    guard = Retention(cfg, tokenizer, "cpu", nullcontext, batch_size=2).measure(model)["perplexity"]
+    assert guard == pytest.approx(res["perplexity"], rel=1e-9)

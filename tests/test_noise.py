@@ -13,21 +13,22 @@ from conftest import learnable_pairs, write_jsonl
 from prefalign.data import ReadOptions
 from prefalign.data.curate import compute_stats
 from prefalign.data.noise import (
+    Z95,
     Z975,
     DuplicateComparisons,
     combine,
     describe_noise,
     flip_from_disagreement,
     from_disagreements,
-    from_judge_order,
     from_reward_model,
+    order_inconsistency,
     readiness,
     wilson,
 )
 from prefalign.errors import ConfigError
 from prefalign.train.help import config_help
 from prefalign.train.methods import make_config
-from prefalign.train.noise import resolve_label_smoothing
+from prefalign.train.noise import MAX_WIDTH, comparisons_needed, resolve_label_smoothing
 
 Z = 1.959963984540054
 
@@ -85,7 +86,7 @@ def test_reward_model_is_a_bound_alone_and_an_estimate_with_its_measured_accurac
     d_lo, d_hi = wilson(30, 100)
     assert (point.low, point.high) == pytest.approx(((d_lo - 0.1) / 0.8, (d_hi - 0.1) / 0.8), abs=1e-12)
     # measured on 200 pairs (180 right): both intervals at 97.5% (Bonferroni, jointly >= 95%), delta's enters
-    assert Z975 == pytest.approx(2.241403, abs=1e-6)
+    assert (Z95, Z975) == pytest.approx((1.959964, 2.241403), abs=1e-6)
     est = from_reward_model(30, 100, accuracy=0.9, accuracy_pairs=200)
     (d_lo, d_hi), (a_lo, a_hi) = wilson(30, 100, Z975), wilson(180, 200, Z975)
     assert est.bound == "estimate" and est.flip_rate == point.flip_rate
@@ -94,14 +95,14 @@ def test_reward_model_is_a_bound_alone_and_an_estimate_with_its_measured_accurac
 
 
 def test_judge_order_inconsistency_is_a_diagnostic_share():
-    e = from_judge_order([True] * 900 + [False] * 100)
+    e = order_inconsistency(100, 1000)
     assert (e.source, e.bound, e.flip_rate) == ("order_inconsistency", "diagnostic", 0.1)  # the share, no transform
     assert (e.low, e.high) == pytest.approx(wilson(100, 1000))
 
 
 def test_combine_chooses_by_provenance_not_the_narrowest_interval():
     dup = from_disagreements(20, 100, "duplicates")
-    pinned = from_judge_order([True] * 2000 + [False] * 3000)  # a position-biased judge: narrow, near 1/2
+    pinned = order_inconsistency(3000, 5000)  # a position-biased judge: narrow, near 1/2
     rm_point = from_reward_model(1100, 10_000, accuracy=0.9)  # narrow, but its accuracy's error is left out
     c = combine([dup, None, pinned, rm_point])
     assert (c["source"], c["flip_rate"], c["conflict"]) == ("duplicates", round(dup.flip_rate, 5), False)
@@ -109,6 +110,11 @@ def test_combine_chooses_by_provenance_not_the_narrowest_interval():
     # a reward model with a measured accuracy is used when there are no duplicates; the judge never is
     rm = from_reward_model(1100, 10_000, accuracy=0.9, accuracy_pairs=5000)
     assert combine([pinned, rm])["source"] == "reward_model"
+    # both usable, overlapping, the reward model's interval the narrower: duplicates still come first
+    rm = from_reward_model(2000, 10_000, accuracy=0.9, accuracy_pairs=5000)  # eps 0.125
+    assert rm.high - rm.low < dup.high - dup.low and rm.low <= dup.high and dup.low <= rm.high
+    both = combine([rm, dup])
+    assert (both["source"], both["flip_rate"], both["conflict"]) == ("duplicates", round(dup.flip_rate, 5), False)
     only_diag = combine([pinned])
     assert only_diag["flip_rate"] is None and only_diag["excluded"][0]["source"] == "order_inconsistency"
     assert "not estimated" in describe_noise(only_diag)
@@ -131,6 +137,12 @@ def test_upper_bounds_clip_and_flag_conflicts():
     assert loose.high < dup.high and clipped["high"] == round(loose.high, 5) and not clipped["conflict"]
     assert clipped["low"] == round(dup.low, 5) and clipped["bound"] == "estimate"
     assert tight.high < dup.low and combine([dup, tight])["conflict"]  # the estimate sits above the bound
+    # a bound between the estimate's low end and its point: the interval and the point are clipped to it
+    between = from_reward_model(70, 1000)
+    assert dup.low < between.high < dup.flip_rate
+    cut = combine([dup, between])
+    assert (cut["flip_rate"], cut["low"], cut["high"]) == (round(between.high, 5), round(dup.low, 5),
+                                                           round(between.high, 5)) and not cut["conflict"]
     # two proper intervals that do not overlap: conflict, and the interval is their union
     copies = from_disagreements(0, 2000, "duplicates")  # a file concatenated twice: agreeing copies
     rm = from_reward_model(2000, 10_000, accuracy=0.9, accuracy_pairs=5000)  # eps 0.125
@@ -194,16 +206,30 @@ def test_auto_refuses_an_estimate_with_too_little_evidence(tmp_path):
     swapped = dict(rows[0], chosen=rows[0]["rejected"], rejected=rows[0]["chosen"])
     # 300 clean pairs and one conflicting repeat: not eps = 0.45, but an interval of [0.11, 0.5] from 1 comparison
     _refused(tmp_path, [*rows, swapped], r"1 of 1 comparisons .* interval \[0\.\d+, 0\.500\], 0\.\d+ wide "
-             r"\(auto needs <= 0\.15\)\. About \d+ comparisons would do")
+             r"\(auto needs <= 0\.15\)\. About 490 comparisons would do")  # comparisons_needed(0.5)
     _refused(tmp_path, [*rows, rows[0]], r"0 of 1 comparisons .* \[0\.000, 0\.500\]")  # one agreeing repeat
     # every repeat disagrees: no information beyond chance, refused rather than capped
     _refused(tmp_path, rows + [dict(r, chosen=r["rejected"], rejected=r["chosen"]) for r in rows],
-             "300 of 300 comparisons .* no information beyond chance")
+             r"300 of 300 comparisons .* low end 1/2\): the labels carry no information beyond chance")
     # 530 of 1000 disagree: a narrow interval [0.478, 0.5] whose low end is above the cap (0.45): refused too
     rows = distinct_pairs(1000)
     _refused(tmp_path, rows + [dict(r, chosen=r["rejected"], rejected=r["chosen"]) if i < 530 else r
                                for i, r in enumerate(rows)], r"530 of 1000 comparisons .*\[0\.478, 0\.500\], low "
-             r"end >= 0\.45\): the labels carry no information beyond chance")
+             r"end >= 0\.45\): even at its low end a label keeps at most 0\.044 of the true preference's signal")
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.2, 0.35, 0.5])
+def test_comparisons_needed_gives_an_interval_that_narrow_and_not_many_more(rate):
+    """The count a refusal asks for: the interval at that many comparisons (at the disagreement share `rate`
+    implies) is at most MAX_WIDTH wide, at 0.9 times as many it is wider: enough, and not far more than enough."""
+    def width(n: int) -> float:
+        e = from_disagreements(round(2 * rate * (1 - rate) * n), n, "duplicates")
+        return e.high - e.low
+
+    n = comparisons_needed(rate)
+    assert width(n) <= MAX_WIDTH < width(int(0.9 * n)), (n, width(n), width(int(0.9 * n)))
+    # the figures docs/noise.md quotes
+    assert n == {0.05: 23, 0.2: 120, 0.35: 660, 0.5: 490}[rate]
 
 
 def test_auto_is_capped_where_robust_dpo_would_divide_by_almost_zero(tmp_path):

@@ -11,6 +11,7 @@ from conftest import learnable_pairs, write_jsonl
 from prefalign.data.batches import Example, collate, collate_prompt_once
 from prefalign.data.records import PreferencePair
 from prefalign.data.tokenize import Tokenized, tokenize_pair
+from prefalign.models import logps as logps_module
 from prefalign.models.logps import batch_logps
 from prefalign.models.prompt_once import FASTER, ROUTES, prompt_once_problem
 from prefalign.models.tiny import build_model
@@ -186,18 +187,27 @@ def test_a_biased_in_proj_is_refused_for_a_reason(tokenizer):
     assert prompt_once_problem(model) is None
 
 
-def test_dpo_training_with_prompt_once_logs_the_padded_losses(tiny_models, tmp_path):
+def test_dpo_training_with_prompt_once_logs_the_padded_losses(tiny_models, tmp_path, monkeypatch):
     """Two DPO steps on tiny Mamba: the first step's update is the same under both layouts, so the
-    second step's loss is too."""
+    second step's loss is too. The prompt-once run really fed prompt-once batches to the model (counted
+    where models/logps.py continues answers from a prompt's state); the padded run fed none."""
     data = write_jsonl(tmp_path / "d.jsonl", learnable_pairs(8))
-    losses, logs = {}, []
+    losses, logs, continued = {}, [], {}
+    real = logps_module.prompt_once_hidden_states
+
+    def counting(model, batch):
+        continued[share] += 1
+        return real(model, batch)
+
+    monkeypatch.setattr(logps_module, "prompt_once_hidden_states", counting)
     for share in ("auto", False):
-        out = tmp_path / f"run-{share}"
+        out, continued[share] = tmp_path / f"run-{share}", 0
         train(make_config(method="dpo", model=str(tiny_models["mamba"]), data=str(data), output=str(out),
                           max_steps=2, batch_size=4, learning_rate=1e-2, share_prompt=share, kl_every=0),
               log=logs.append, progress=False)
         losses[share] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("prompt-once rows" in line for line in logs), logs
+    assert continued["auto"] >= 2 and continued[False] == 0, continued  # >= one forward per step
+    assert any("prompt-once rows, attention" in line for line in logs), logs
     assert any("padded rows (share_prompt: false)" in line for line in logs), logs
     assert losses["auto"][0] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference at step 0
     assert losses["auto"][1] != pytest.approx(losses["auto"][0], abs=1e-3)  # the step moved the model

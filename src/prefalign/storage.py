@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -54,6 +55,12 @@ def remove(path: str | Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
     else:
         p.unlink(missing_ok=True)
+
+
+def finite(value: float | None) -> float | None:
+    """`value`, or None when it is missing or not finite: JSON has no NaN (a bare NaN makes a file invalid), so
+    the files prefalign writes hold null for a figure that could not be measured (or is undefined)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def storage_error(path: str | Path, needed: int | None, e: BaseException, at_least: bool = False) -> StorageError:

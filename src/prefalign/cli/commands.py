@@ -282,7 +282,7 @@ def eval_cmd(
     baseline: str | None = typer.Option(None, help="win-rate opponent (default: the reference)"),
     data: str | None = typer.Option(None, help="held-out preference pairs"),
     prompts: str | None = typer.Option(None, help="held-out prompts (default: those of --data)"),
-    text: str | None = typer.Option(None, help="held-out text for perplexity (JSONL: text, or prompt+completion)"),
+    text: str | None = typer.Option(None, help="held-out text for perplexity (JSONL: text, prompt+completion/chosen)"),
     judge: str | None = typer.Option(None, help="MODULE:FUNCTION, FILE.py:FUNCTION, reward-model or causal-LM folder"),
     suite: list[str] | None = typer.Option(None, "--suite",
                                            help="arithmetic, reasoning, safety, or a suite YAML (repeatable)"),

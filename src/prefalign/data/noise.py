@@ -38,7 +38,7 @@ from typing import Any
 
 from .hashtable import U64Table
 
-Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: two-sided 95%
+Z95 = NormalDist().inv_cdf(1 - 0.05 / 2)  # two-sided 95%: the standard normal's 97.5% quantile, 1.95996
 # two-sided 97.5% (Bonferroni): the deconvolved reward-model interval combines two intervals, each at 97.5%,
 # so that both hold, and with them the combined one, with probability at least 95%
 Z975 = NormalDist().inv_cdf(1 - 0.025 / 2)
@@ -255,17 +255,10 @@ def describe_readiness(r: dict[str, Any]) -> str:
             f"of pairs (0.5: no length bias); {r['duplicates']} duplicates, {r['conflicts']} conflicting")
 
 
-def from_judge_order(agreements: Iterable[bool]) -> Estimate | None:
-    """A pairwise judge's order inconsistency: the share of pairs whose A/B and B/A verdicts disagree, as a
-    `diagnostic` (the module docstring says why it is not the written labels' flip rate). `flip_rate`,
-    `low` and `high` are that share and its Wilson interval, untransformed."""
-    flags = [bool(a) for a in agreements]
-    if not flags:
-        return None
-    return order_inconsistency(flags.count(False), len(flags))
-
-
 def order_inconsistency(disagreements: int, comparisons: int) -> Estimate:
+    """A pairwise judge's order inconsistency: the share of `comparisons` pairs whose A/B and B/A verdicts
+    disagree, as a `diagnostic` (the module docstring says why it is not the written labels' flip rate).
+    `flip_rate`, `low` and `high` are that share and its Wilson interval, untransformed."""
     lo, hi = wilson(disagreements, comparisons)
     return Estimate("order_inconsistency", disagreements / comparisons, lo, hi, comparisons, disagreements,
                     bound="diagnostic", note="how often the judge's two presentation orders disagree (content "

@@ -38,18 +38,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from ..config import Runtime, Sampling, dump_config
 from ..data import ReadOptions, load_prompts, load_records
-from ..data.batches import collate, pad, tokenize_records
+from ..data.batches import collate, tokenize_records
 from ..data.records import PreferencePair, UnpairedExample, text_of
-from ..data.tokenize import TokenizationError, tokenize
 from ..errors import ConfigError
 from ..judges import PairwiseJudge, make_judge
 from ..judges.suites import load_suite, score_suite, suite_prompts
+from ..models import perplexity as ppl
 from ..models.backends import check_backend, make_generator
 from ..models.generate import encode_prompt
 from ..models.hub import adapter_base, resolve_model
 from ..models.kl import kl_distribution, kl_refusal, rollouts_kl
 from ..models.load import load_model, load_tokenizer_for
-from ..models.logps import batch_logps, completion_logps, sequence_logps
+from ..models.logps import batch_logps, completion_logps
 from ..models.scalar import is_reward_model, load_scalar_model, sequence_scores
 from ..runtime.device import set_up
 from ..runtime.precision import autocast_for
@@ -65,7 +65,8 @@ class EvalConfig(Runtime, Sampling):
     baseline: str | None = Field(None, description="the win-rate opponent; default: the reference")
     data: str | None = Field(None, description="held-out pairs (preference accuracy)")
     prompts: str | None = Field(None, description="held-out prompts; default: the prompts of `data`")
-    text: str | None = Field(None, description="held-out text for perplexity; default: prompt + chosen of `data`")
+    text: str | None = Field(None, description="JSONL of held-out text for perplexity: {text}, {prompt, completion} "
+                             "or {prompt, chosen}; default: prompt + chosen of `data`")
     judge: str | None = Field(None, description="reward callable, reward-model folder or pairwise LM judge")
     suites: list[str] = Field([], description="retention suites (eval/suites)")
     max_prompts: int | None = Field(256, ge=1, description="prompts sampled at most")
@@ -273,39 +274,23 @@ class Evaluator:
     def perplexity(self) -> None:
         cfg = self.cfg
         if cfg.text:
-            rows = [json.loads(x) for x in Path(cfg.text).read_text(encoding="utf-8").splitlines() if x.strip()]
-            pieces = [("", r["text"]) if "text" in r else (r["prompt"], r["completion"]) for r in rows]
+            pieces = ppl.text_pieces(cfg.text)
         else:
             records, _ = load_records(cfg.data, ReadOptions(format=cfg.format))
             pieces = [(r.prompt, r.chosen if isinstance(r, PreferencePair) else r.completion) for r in records
                       if isinstance(r, PreferencePair) or (isinstance(r, UnpairedExample) and r.label)]
-        seqs = []
-        for prompt, completion in pieces:
-            try:
-                seqs.append(tokenize(self.tokenizer, prompt, completion, max_length=cfg.max_length,
-                                     max_prompt_length=cfg.max_prompt_length))
-            except TokenizationError:
-                continue
-        totals = {"model": 0.0, "reference": 0.0}
-        tokens = 0
-        task = self._task("perplexity", len(seqs))
-        for i in range(0, len(seqs), cfg.batch_size):
-            batch = {
-                k: v.to(self.device) for k, v in pad(seqs[i : i + cfg.batch_size], self.tokenizer.pad_token_id).items()
-            }
-            mask = batch["loss_mask"].clone()
-            mask[:, 0] = False  # the first token has no context to be predicted from
-            tokens += int(mask.sum())
-            for name, model in (("model", self.model), ("reference", self.reference)):
-                if model is not None and not (name == "reference" and model is self.model):
-                    with self.autocast():
-                        totals[name] -= float(sequence_logps(model, batch["input_ids"], batch["attention_mask"],
-                                                             mask, chunk_mb=cfg.logits_chunk_mb).sum())
-            self._advance(task, len(seqs[i:i + cfg.batch_size]))
-        self.results.update({"perplexity": metrics.perplexity(totals["model"], tokens), "perplexity_tokens": tokens})
+        seqs, _ = ppl.tokenize_pieces(self.tokenizer, pieces, cfg.max_length, cfg.max_prompt_length)
+        # the reference is the model (evaluated against itself): the same figure, not computed twice
+        other = self.reference is not None and self.reference is not self.model
+        models = {"model": self.model, **({"reference": self.reference} if other else {})}
+        task = self._task("perplexity", len(seqs) * len(models))
+        nll = {name: ppl.total_nll(model, seqs, self.tokenizer.pad_token_id, self.device, batch_size=cfg.batch_size,
+                               chunk_mb=cfg.logits_chunk_mb, autocast=self.autocast,
+                               advance=lambda n: self._advance(task, n)) for name, model in models.items()}
+        tokens = nll["model"][1]
+        self.results.update({"perplexity": ppl.perplexity(*nll["model"]), "perplexity_tokens": tokens})
         if self.reference is not None:
-            same = self.reference is self.model
-            self.results["perplexity_reference"] = metrics.perplexity(totals["model" if same else "reference"], tokens)
+            self.results["perplexity_reference"] = ppl.perplexity(*nll.get("reference", nll["model"]))
 
     # ------------------------------------------------------------ suites
     def suites(self) -> None:

@@ -4,7 +4,8 @@
 - win_rate: wins count 1, ties 1/2, losses 0, averaged over prompts, with a bootstrap interval.
 - the exact KL and entropy of next-token distributions are models/logps.py's (kl_from_logps).
 - distinct_n: distinct n-grams / all n-grams over a set of completions (Li et al. 2016).
-- perplexity: exp(total negative log-likelihood / total tokens).
+- perplexity: exp(total negative log-likelihood / total tokens): models/perplexity.py's (the training guards
+  measure it with the same code).
 """
 
 from __future__ import annotations
@@ -53,7 +54,3 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     """Distinct n-grams over all n-grams of whitespace tokens, pooled over the texts."""
     grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def perplexity(total_nll: float, tokens: int) -> float:
-    return math.exp(total_nll / tokens) if tokens else float("nan")

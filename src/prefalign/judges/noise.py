@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import ReadOptions, load_records
-from ..data.noise import Estimate, from_judge_order, from_reward_model
+from ..data.noise import Estimate, from_reward_model, order_inconsistency
 from ..data.records import PreferencePair, text_of
 from ..errors import ConfigError
 from . import make_judge
@@ -23,7 +23,7 @@ def judge_order_estimate(judge, pairs: list[PreferencePair]) -> Estimate | None:
         _, agree = judge.compare([p.prompt for p in part], [text_of(p.chosen) for p in part],
                                  [text_of(p.rejected) for p in part])
         agreements += [bool(a) for a in agree.tolist()]
-    return from_judge_order(agreements)
+    return order_inconsistency(agreements.count(False), len(agreements)) if agreements else None
 
 
 def reward_model_estimate(scorer, pairs: list[PreferencePair], accuracy: float | None = None,

@@ -8,12 +8,8 @@ from collections import Counter
 from itertools import combinations
 from typing import Any
 
+from ..storage import finite  # an undefined kappa (NaN) is not JSON: null
 from .agreement import VERDICTS, cohen_kappa, counts_table, fleiss_kappa, item_outcome
-
-
-def _finite(x: float) -> float | None:
-    """NaN (an undefined kappa) is not JSON: null."""
-    return None if math.isnan(x) else x
 
 
 def agreement(items: list[dict[str, Any]], per_item: int) -> dict[str, Any]:
@@ -30,9 +26,9 @@ def agreement(items: list[dict[str, Any]], per_item: int) -> dict[str, Any]:
         shared = sorted(by_annotator[a].keys() & by_annotator[b].keys())
         if shared:
             kappa = cohen_kappa([by_annotator[a][i] for i in shared], [by_annotator[b][i] for i in shared])
-            pairs.append({"annotators": [a, b], "items": len(shared), "kappa": _finite(kappa)})
+            pairs.append({"annotators": [a, b], "items": len(shared), "kappa": finite(kappa)})
     defined = [p["kappa"] for p in pairs if p["kappa"] is not None]
-    return {"fleiss_kappa": _finite(fleiss), "fleiss_items": len(complete) if per_item >= 2 else 0,
+    return {"fleiss_kappa": finite(fleiss), "fleiss_items": len(complete) if per_item >= 2 else 0,
             "cohen_kappa": sum(defined) / len(defined) if defined else None, "cohen_kappa_pairs": pairs}
 
 

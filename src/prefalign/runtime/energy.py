@@ -4,7 +4,8 @@ Only counters the vendors expose are read; nothing is estimated from a TDP or a 
 (CodeCarbon falls back to such estimates when it finds no counter, so it is not used here):
 - RAPL (Intel, and AMD Zen through the same powercap driver): `energy_uj` of every top-level
   package domain under /sys/class/powercap (`intel-rapl:N`), summed; the counter wraps at
-  `max_energy_range_uj`, which `EnergyMeter` corrects for one wrap per domain between reads.
+  `max_energy_range_uj`, which `EnergyMeter` corrects for one wrap per domain between reads (a counter that
+  went down while that range is unreadable makes the stage's energy not measurable, with why).
 - NVML (`pynvml`, NVIDIA): `nvmlDeviceGetTotalEnergyConsumption` of every visible GPU (mJ since driver load).
 - AMD SMI (`amdsmi`): `amdsmi_get_energy_count` of every GPU (counter x resolution, µJ).
 Every one of them counts the whole package or device, other processes' work included: on a shared
@@ -133,12 +134,18 @@ class EnergyMeter:
         if not keys:
             reasons = "; ".join(dict.fromkeys(self.first.reasons + last.reasons)) or "no energy counter"
             return {"joules": None, "sources": [], "status": f"{NOT_MEASURABLE}: {reasons}"}
-        total = 0.0
+        total, lost = 0.0, []
         for k in keys:
             d = last.joules[k] - self.first.joules[k]
             if d < 0:  # the counter wrapped (RAPL: every few minutes to hours, by package power)
-                d += self.first.wrap.get(k, 0.0)
+                if not self.first.wrap.get(k):
+                    lost.append(f"{k} went down between the reads and its range is unknown (RAPL: "
+                                "max_energy_range_uj unreadable), so the wrap cannot be corrected")
+                    continue
+                d += self.first.wrap[k]
             total += d
+        if lost:  # the other counters' sum leaves out a package or device: not the stage's energy either
+            return {"joules": None, "sources": [], "status": f"{NOT_MEASURABLE}: {'; '.join(lost)}"}
         return {"joules": total, "sources": sorted({k.split(":")[0] for k in keys}), "status": "measured",
                 "counters": keys, "seconds": time.perf_counter() - self.t0}
 

@@ -12,7 +12,6 @@ decides what the uninterrupted one would) and loads the chosen checkpoint at the
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +21,12 @@ import torch
 
 from ..config import Sampling
 from ..data import load_prompts
-from ..data.batches import pad
-from ..data.tokenize import TokenizationError, tokenize
 from ..errors import ConfigError, DataError, TrainingError
 from ..judges.suites import load_suite, score_suite, shipped_suites, suite_prompts
 from ..models.generate import encode_prompt, generate
-from ..models.logps import sequence_logps
+from ..models.perplexity import perplexity, text_pieces, tokenize_pieces, total_nll
 from ..runtime.distributed import World
+from ..storage import finite  # state.json and run.json hold null; a rule or the frontier: not measured
 from .checkpoint import load_checkpoint
 from .config import Guards, RunConfig
 
@@ -76,12 +74,6 @@ def frontier(history: list[dict[str, Any]], by: str = "heldout_accuracy") -> dic
     return min(good, key=lambda h: (-h[by], math.inf if finite(h.get("kl")) is None else h["kl"], h["step"]))
 
 
-def finite(value: float | None) -> float | None:
-    """`value`, or None when it is missing or not finite: state.json and run.json hold null, never a bare
-    NaN (invalid JSON), and a rule or the frontier treats it as not measured."""
-    return value if value is not None and math.isfinite(value) else None
-
-
 def describe(broken: list[dict[str, Any]]) -> str:
     """`kl_max: 0.91 > 0.5; ...` for the log and run.json's reason."""
     sign = {r: "<" if not at_most else ">" for r, (_, at_most) in RULES.items()}
@@ -90,26 +82,6 @@ def describe(broken: list[dict[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------ measuring
-
-
-def text_pieces(path: str) -> list[tuple[str, str]]:
-    """guards.text's rows as (prompt, completion): {text} or {prompt, completion}, as `prefalign eval --text`,
-    or a preference pair's {prompt, chosen} (eval's default text: the chosen answers of held-out pairs)."""
-    pieces = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise ConfigError(f"{path}:{n}: not JSON: {e}") from None
-        answer = next((k for k in ("completion", "chosen") if isinstance(row, dict) and k in row), None)
-        if not isinstance(row, dict) or not ("text" in row or ("prompt" in row and answer)):
-            raise ConfigError(f"{path}:{n}: expected an object with `text`, or `prompt` and `completion` (or `chosen`)")
-        pieces.append(("", row["text"]) if "text" in row else (row["prompt"], row[answer]))
-    if not pieces:
-        raise ConfigError(f"{path}: guards.text has no rows")
-    return pieces
 
 
 class Retention:
@@ -131,13 +103,9 @@ class Retention:
             items = items[:g.suite_limit] if g.suite_limit else items
             ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in suite_prompts(suite, items, tokenizer)]
             self.suites.append((suite, items, ids))
-        self.seqs, self.skipped = [], 0  # skipped: guards.text's rows that do not tokenize (run.json says how many)
-        for prompt, completion in (text_pieces(g.text) if g.text else []):
-            try:
-                self.seqs.append(tokenize(tokenizer, prompt, completion, max_length=getattr(cfg, "max_length", 512),
-                                          max_prompt_length=cfg.max_prompt_length))
-            except TokenizationError:
-                self.skipped += 1
+        # skipped: guards.text's rows that do not tokenize (run.json says how many)
+        self.seqs, self.skipped = tokenize_pieces(tokenizer, text_pieces(g.text, "guards.text") if g.text else [],
+                                                  getattr(cfg, "max_length", 512), cfg.max_prompt_length)
         if g.text and not self.seqs:
             raise ConfigError(f"{g.text}: no row of guards.text tokenizes")
 
@@ -152,18 +120,10 @@ class Retention:
                        for t in generate(model, self.tokenizer, ids[i:i + self.batch_size], sampling, seed=0,
                                          device=self.device, autocast=self.autocast).completion_texts]
             out[f"suites/{suite.name}"] = score_suite(suite, items, answers)["score"]
-        if self.seqs:
-            nll, tokens = 0.0, 0
-            for i in range(0, len(self.seqs), self.batch_size):
-                batch = {k: v.to(self.device) for k, v in pad(self.seqs[i:i + self.batch_size],
-                                                              self.tokenizer.pad_token_id).items()}
-                mask = batch["loss_mask"].clone()
-                mask[:, 0] = False  # the first token has no context to be predicted from
-                tokens += int(mask.sum())
-                with self.autocast():
-                    nll -= float(sequence_logps(model, batch["input_ids"], batch["attention_mask"], mask,
-                                                chunk_mb=self.chunk_mb).sum())
-            out["perplexity"] = math.exp(nll / tokens) if tokens else float("nan")
+        if self.seqs:  # as `prefalign eval` measures it (models/perplexity.py)
+            out["perplexity"] = perplexity(*total_nll(model, self.seqs, self.tokenizer.pad_token_id, self.device,
+                                                      batch_size=self.batch_size, chunk_mb=self.chunk_mb,
+                                                      autocast=self.autocast))
         return out
 
 

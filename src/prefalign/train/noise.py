@@ -49,10 +49,16 @@ def resolve_label_smoothing(cfg, log: Callable[[str], None] = print):
             "number (the flip rate you assume), or add repeated labels (docs/noise.md)")
     dup = next(s for s in noise["sources"] if s["source"] == "duplicates")
     seen = f"{dup['disagreements']} of {dup['comparisons']} comparisons of repeated labels disagree"
-    if noise["flip_rate"] is None or noise["low"] >= EPS_CAP:
-        raise ConfigError(refuse + f"is at chance: {seen} (flip rate interval [{dup['low']:.3f}, {dup['high']:.3f}]"
-                          f", low end >= {EPS_CAP}): the labels carry no information beyond chance. Check the "
-                          "labels (swapped chosen/rejected?) rather than train on them")
+    interval = f"flip rate interval [{dup['low']:.3f}, {dup['high']:.3f}]"
+    check = " Check the labels (swapped chosen/rejected?) rather than train on them"
+    if noise["flip_rate"] is None:  # combine excluded it: the interval's low end is 1/2
+        raise ConfigError(refuse + f"is at chance: {seen} ({interval}, low end 1/2): the labels carry no "
+                          "information beyond chance." + check)
+    if noise["low"] >= EPS_CAP:
+        # a label keeps 1 - 2 eps of the true preference's signal: at eps >= low, at most 1 - 2 low of it
+        raise ConfigError(refuse + f"is near chance: {seen} ({interval}, low end >= {EPS_CAP}): even at its low "
+                          f"end a label keeps at most {1 - 2 * noise['low']:.3f} of the true preference's signal "
+                          "(1 - 2 eps), too little to train on." + check)
     if noise.get("conflict"):  # only one source (duplicates) today; a second would have to agree with it
         raise ConfigError(refuse + f"is contradictory: its sources disagree ({noise['sources']}); give "
                           "label_smoothing a number")
