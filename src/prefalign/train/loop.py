@@ -260,12 +260,12 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                log: Callable[[str], None] = print, progress: bool = True, label: str = "training",
                world: World = World(), opt: Optimization | None = None, guard=None) -> LoopResult:
     """The one loop of every method: `update` runs each step; logging, the NaN/Inf policy,
-    checkpoints and resume, the KL budget, TensorBoard and the run's last row are here, once.
-    `monitor` (train/kl_monitor.py) measures the exact KL to the reference on sampled completions.
-    Several processes (`world`): each step's metrics are averaged and its tokens summed over the
-    ranks; rank 0 logs, measures the KL and writes; every rank loads a checkpoint to resume.
-    `opt`: the optimizer a strategy built (DeepSpeed's engine); by default AdamW over `model`. `guard`
-    (train/guards.py) checks its rules every guard_every steps and picks the checkpoint final/ holds."""
+    checkpoints and resume, the KL and time budgets, TensorBoard and the run's last row are here, once.
+    `monitor` (train/kl_monitor.py) measures the exact KL to the reference on sampled completions. Several
+    processes (`world`): each step's metrics are averaged and its tokens summed over the ranks; rank 0 logs,
+    measures the KL and writes; every rank loads a checkpoint to resume. `opt`: the optimizer a strategy built
+    (DeepSpeed's engine); by default AdamW over `model`. `guard` (train/guards.py) checks its rules every
+    guard_every steps and picks the checkpoint final/ holds."""
     opt, guard = opt or Optimization.build(cfg, model, log, world), guard or NoGuard()
     bad, state = opt.guard, _resume(cfg, model, update, opt, log, world, guard)
     step = state.get("step", 0)
@@ -303,9 +303,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             over = measured and budget.over(row["kl/policy_ref_token"], step)  # the monitor's KLs only, not a guard's
             if world.any_true(over) and stopped == "max_steps":  # rank 0 measured it; every rank stops with it
                 stopped = "kl_budget"
-            if cfg.max_seconds is not None and stopped == "max_steps" and step < cfg.max_steps and \
-                    world.any_true(time.perf_counter() - t_start >= cfg.max_seconds):  # any rank's clock
-                stopped = "max_seconds"
+            stopped = _out_of_time(cfg, step, stopped, t_start, world)
             if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
                                   "tokens": total_tokens, "wall_seconds": time.perf_counter() - t_start,
                                   **update.state(), **guard.state()}, stopped, log, world,
@@ -320,6 +318,15 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
         runlog.close(ok)
     return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last,
                       hardware(device), summary, _chosen_row(cfg, step, summary, world))
+
+
+def _out_of_time(cfg: RunConfig, step: int, stopped: str, t_start: float, world: World) -> str:
+    """"max_seconds" once the loop has run cfg.max_seconds (any rank's clock: every rank stops with it), else
+    `stopped`; no collective unless a budget is set."""
+    if cfg.max_seconds is not None and stopped == "max_steps" and step < cfg.max_steps and \
+            world.any_true(time.perf_counter() - t_start >= cfg.max_seconds):
+        return "max_seconds"
+    return stopped
 
 
 def _chosen_row(cfg: RunConfig, step: int, guard: dict[str, Any] | None, world: World) -> dict[str, Any] | None:
