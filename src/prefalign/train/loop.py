@@ -259,13 +259,12 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                eval_fn: Callable[[], dict[str, float]] | None = None, monitor=None,
                log: Callable[[str], None] = print, progress: bool = True, label: str = "training",
                world: World = World(), opt: Optimization | None = None, guard=None) -> LoopResult:
-    """The one loop of every method: `update` runs each step; logging, the NaN/Inf policy,
-    checkpoints and resume, the KL and time budgets, TensorBoard and the run's last row are here, once.
-    `monitor` (train/kl_monitor.py) measures the exact KL to the reference on sampled completions. Several
-    processes (`world`): each step's metrics are averaged and its tokens summed over the ranks; rank 0 logs,
-    measures the KL and writes; every rank loads a checkpoint to resume. `opt`: the optimizer a strategy built
-    (DeepSpeed's engine); by default AdamW over `model`. `guard` (train/guards.py) checks its rules every
-    guard_every steps and picks the checkpoint final/ holds."""
+    """The one loop of every method: `update` runs each step; logging, the NaN/Inf policy, checkpoints and
+    resume, the KL and time budgets, TensorBoard and the run's last row are here, once. `monitor`
+    (train/kl_monitor.py) measures the exact KL to the reference on sampled completions. Several processes
+    (`world`): metrics averaged and tokens summed over the ranks; rank 0 logs, measures the KL and writes;
+    every rank loads a checkpoint to resume. `opt`: a strategy's optimizer (DeepSpeed's engine); by default
+    AdamW over `model`. `guard` (train/guards.py) checks its rules and picks the checkpoint final/ holds."""
     opt, guard = opt or Optimization.build(cfg, model, log, world), guard or NoGuard()
     bad, state = opt.guard, _resume(cfg, model, update, opt, log, world, guard)
     step = state.get("step", 0)
