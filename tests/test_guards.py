@@ -7,6 +7,7 @@ to the same decisions."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -140,7 +141,7 @@ def _run(files, name, guards=None, select="last", log=lambda _: None, **kw):
     cfg = make_config(model=files["model"], data=files["data"], eval_data=files["eval_data"],
                       output=str(files["root"] / name), max_steps=STEPS, batch_size=8, learning_rate=5e-3,
                       lr_schedule="constant", kl_prompts=3, kl_max_new_tokens=6,
-                      guard_every=EVERY, guards=guards or {}, select=select, keep_checkpoints=1, seed=0, **kw)
+                      guard_every=EVERY, guards=guards or {}, select=select, seed=0, **{"keep_checkpoints": 1, **kw})
     train(cfg, log=log, progress=False)
     return json.loads((files["root"] / name / "run.json").read_text())
 
@@ -282,6 +283,35 @@ def test_a_run_resumed_with_a_loosened_rule_trains_on(figures, files):
     assert [h["step"] for h in g["history"]] == list(range(EVERY, STEPS + 1, EVERY)) and g["candidates"] == \
         [h["step"] for h in g["history"]]
     assert any("rules changed" in line for line in logged), logged
+
+
+@pytest.mark.parametrize("keep", [1, STEPS])
+def test_a_run_resumed_with_a_tightened_rule_rolls_back_only_to_a_checkpoint_it_has(figures, files, monkeypatch, keep):
+    """Killed writing final/ under a kl_max nothing broke, resumed with the climb's limit: the recorded steps are
+    judged again, no step more trains, and rollback goes to the last step within the rule whose checkpoint is
+    still on disk. With keep_checkpoints 1 the old rules let pruning remove every such step: a clear error
+    naming them, not a load of a missing checkpoint."""
+    fire, limit = _climb(figures["guard"]["history"])
+    name = f"tightened-{keep}"
+    monkeypatch.setenv("PREFALIGN_FAULTS", "oom@final.write#1")
+    with pytest.raises(OutOfMemoryError):
+        _run(files, name, {"kl_max": 1e6, "action": "rollback"}, keep_checkpoints=keep)
+    monkeypatch.delenv("PREFALIGN_FAULTS")
+    saved = {int(p.name.split("-")[1]) for p in (files["root"] / name / "checkpoints").iterdir()}
+    within = [h["step"] for h in figures["guard"]["history"] if h["step"] < fire["step"] and h["kl"] <= limit]
+    target = max((s for s in within if s in saved), default=None)
+    assert (target is None) == (keep == 1), (saved, within)
+    if target is None:
+        with pytest.raises(TrainingError, match=re.escape(f"steps {within} kept every rule but their checkpoints "
+                                                          "were pruned under earlier rules; no earlier guard step kept "
+                                                          "every rule and still has its checkpoint")):
+            _run(files, name, {"kl_max": limit, "action": "rollback"}, keep_checkpoints=keep, resume=True)
+        assert not (files["root"] / name / "final" / "model.safetensors").exists()
+        return
+    run = _run(files, name, {"kl_max": limit, "action": "rollback"}, keep_checkpoints=keep, resume=True)
+    assert run["steps"] == STEPS and run["stopped"] == "guard" and run["guard"]["final_step"] == target
+    assert run["guard"]["fired"]["step"] == fire["step"]
+    assert _weights_equal(files["root"] / name / "final", files["root"] / name / "checkpoints" / f"step-{target}")
 
 
 def test_kl_budget_sees_only_the_monitors_measurements(files, tmp_path):

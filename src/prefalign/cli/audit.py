@@ -13,7 +13,7 @@ from .base import _config_and_overrides, _log, app, build, fail
 def audit(
     args: list[str] | None = typer.Argument(None, help="CONFIG.yaml and/or key=value overrides"),
     output: str | None = typer.Option(None, "-o", "--output", help="folder for audit.json, audit.md, audit.html"),
-    demo: bool = typer.Option(False, "--demo", help="on the shipped model and task (13 min measured on 2 busy cores)"),
+    demo: bool = typer.Option(False, "--demo", help="on the shipped model and task (6 min measured on 2 CPU cores)"),
     quick: bool = typer.Option(False, "--quick", help="with --demo: every stage shrunk (seconds, for tests)"),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:

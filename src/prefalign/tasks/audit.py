@@ -426,7 +426,7 @@ def run_audit(cfg: AuditConfig, log=print, progress: bool = True) -> dict:
 
 # ---------------------------------------------------------------- --demo: the shipped model and task
 # The sentiment task (tasks/sentiment.py): IMDb prefixes, VADER as the reward and the judge. DEMO is
-# small: 13 minutes measured on 2 busy CPU cores (benchmarks/results/audit-demo-cpu-2core); QUICK is
+# small: 6 minutes measured on 2 CPU cores (benchmarks/results/audit-demo-cpu-2core); QUICK is
 # the test suite's shrunk audit: every stage a few steps on a few prompts, so it checks the plumbing,
 # not a verdict (one setting per arm: the test seeds train afresh, and a second DPO setting would cost
 # the suite time).

@@ -316,8 +316,12 @@ class Guard:
         """(the guard step final/ is to hold, or None for the model as it is at `step`; why), by the rules
         of docs/guardrails.md: frontier whenever asked for; else rollback's last good step after a rule broke."""
         fired = f"step {self.fired['step']} broke {describe(self.fired['broken'])}; " if self.fired else ""
+        # a run resumed with tightened rules may want a step whose checkpoint the old rules let pruning remove
+        kept = [h for h in self.history if h["step"] == step or self._saved(h["step"])]
+        gone = [h["step"] for h in self.history if not h["broken"] and h not in kept]
+        fired += f"steps {gone} kept every rule but their checkpoints were pruned under earlier rules; " if gone else ""
         if self.cfg.select == "frontier":
-            best = frontier(self.history, self.by)
+            best = frontier(kept, self.by)
             if best is None:
                 raise TrainingError(f"select: frontier: no guard step kept every rule ({fired}steps checked: "
                                     f"{[h['step'] for h in self.history]}); metrics.jsonl's guard/* rows have the "
@@ -328,16 +332,20 @@ class Guard:
                           f"{sum(not h['broken'] for h in self.history)} guard steps within every rule")
         if self.fired and self.rules.action == "rollback":
             # before the step that fired (after rules tightened on resume, later steps may be within them)
-            good = last_good([h for h in self.history if h["step"] < self.fired["step"]])
+            good = last_good([h for h in kept if h["step"] < self.fired["step"]])
             if good is None:
-                raise TrainingError(f"guards: {fired}no earlier guard step kept every rule, so there is nothing to "
-                                    "roll back to (final/ not written; the checkpoints and metrics.jsonl are kept)")
+                left = " and still has its checkpoint (keep_checkpoints)" if gone else ""
+                raise TrainingError(f"guards: {fired}no earlier guard step kept every rule{left}, so there is nothing "
+                                    "to roll back to (final/ not written; the checkpoints and metrics.jsonl are kept)")
             return good, f"{fired}rolled back to step {good['step']}, the last guard step within every rule"
         if self.fired:
             return None, f"{fired}stopped there (action: stop)"
         broke = [h["step"] for h in self.history if h["broken"]]
         return None, (f"guard steps {broke} broke rules (action: continue)" if broke else
                       "every guard step kept every rule") + f"; final/ is step {step}, the last"
+
+    def _saved(self, step: int) -> bool:
+        return (Path(self.cfg.output) / "checkpoints" / f"step-{step}").is_dir()
 
     def finish(self, step: int, model, opt, world: World = World()) -> dict[str, Any]:
         """Load the chosen checkpoint into `model` (when it is not `step`'s own weights) and return run.json's
