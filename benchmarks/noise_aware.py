@@ -49,17 +49,18 @@ def noisy(rows: list[dict], eps: float, copies: int, seed: int) -> list[dict]:
     return out
 
 
-def one(model: Path, work: Path, eps: float, seed: int, pairs: int = 96) -> dict:
+def one(model: Path, work: Path, eps: float, seed: int, pairs: int = 96, steps: int | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     rows = learnable_pairs(pairs, seed=100 + seed)
     data = write_jsonl(work / "train.jsonl", noisy(rows, eps, 2, seed))
     held = write_jsonl(work / "held.jsonl", held_out_pairs(rows, n=64, seed=200 + seed))
     result: dict = {"rate": eps, "seed": seed}
+    settings = {**SETTINGS, "max_steps": steps or SETTINGS["max_steps"]}
     for method, smoothing in METHODS.items():
         out = work / method
         t0 = time.perf_counter()
         cfg = make_config(method=method, model=str(model), data=str(data), eval_data=str(held), output=str(out),
-                          eval_every=SETTINGS["max_steps"], seed=seed, label_smoothing=smoothing, **SETTINGS)
+                          eval_every=settings["max_steps"], seed=seed, label_smoothing=smoothing, **settings)
         train(cfg, log=lambda _: None, progress=False)
         last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
         run = json.loads((out / "run.json").read_text())
@@ -124,6 +125,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=96, help="distinct pairs per seed, each labelled twice (an "
                     "informative estimate at 35%% needs about 660: docs/noise.md)")
     ap.add_argument("--out", help="write OUT.md and OUT.json")
+    ap.add_argument("--steps", type=int, help="max_steps of every run (default: the suite's 60)")
     ap.add_argument("--report-from", metavar="OUT", help="re-render OUT.md from the per-seed values stored in "
                     "OUT.json (no training), keeping OUT.md's header")
     a = ap.parse_args()
@@ -137,7 +139,7 @@ def main() -> None:
     results = []
     for rate in rates:
         for seed in seeds:
-            results.append(one(model, root / f"rate{rate}-seed{seed}", rate, seed, a.pairs))
+            results.append(one(model, root / f"rate{rate}-seed{seed}", rate, seed, a.pairs, a.steps))
             print(json.dumps({k: v for k, v in results[-1].items()}), flush=True)
     text = report(results, rates, sys.argv[1:], time.perf_counter() - t0)
     print(text)
