@@ -47,6 +47,23 @@ def test_config_refusals(tmp_path):
     assert ok.reward is None and ok.seeds == [0, 1, 2]
 
 
+def test_the_budget_reaches_every_training_run_and_each_arm_is_charged_what_it_needs():
+    from prefalign.tasks.audit import Inputs, needs, run_settings, stage_settings
+
+    cfg = load_config(AuditConfig, base={"output": "out", "model": "m", "prompts": "p.jsonl", "reward": "a:b",
+                                         "budget": {"steps": 7, "wall_seconds": 600}})
+    for arm in ("dpo", "dpo_iterative", "ppo", "rloo"):
+        got = run_settings(cfg, arm, 0.1, "rm")
+        assert (got["max_steps"], got["max_seconds"], "reward" in got) == (7, 600, arm in ("ppo", "rloo")), arm
+    for kind in ("sft", "reward_model"):
+        assert (stage_settings(cfg, kind)["max_steps"], stage_settings(cfg, kind)["max_seconds"]) == (7, 600)
+    sft, pairs, rm = {"stage": "sft"}, {"stage": "pairs"}, {"stage": "reward-model"}
+    learned = Inputs(Path("base"), Path("pairs.jsonl"), "rm", sft, pairs, rm)
+    given = Inputs(Path("base"), Path("pairs.jsonl"), "a:b", sft, pairs, None)
+    assert needs("dpo", learned) == [pairs] and needs("dpo_iterative", learned) == [pairs, rm]  # rm labels rounds
+    assert needs("ppo", learned) == [pairs, rm] and needs("rloo", given) == []  # a given reward costs nothing here
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is present")
 def test_cuda_without_a_gpu_is_refused_not_priced_as_cpu():
     cfg = AuditConfig.model_construct(device="cuda", prices=None, hardware="auto")
@@ -327,18 +344,18 @@ def test_audit_writes_the_three_files_with_documented_keys(audit):
     assert all(st["seconds"] > 0 and st["peak_memory_bytes"] > 0 for st in s["stages"])
     # CPU time of the stage's own process, and the RSS it inherited from the forkserver (inside its peak)
     assert all(st["cpu_seconds"] > 0 and 0 < st["baseline_rss_bytes"] <= st["peak_rss_bytes"] for st in s["stages"])
-    # iterative DPO: round 1 on the DPO arm's pairs, round 2 on pairs sampled from round 1's model and trained
-    # from it; its end-to-end cost has every round; it is compared with PPO as DPO is
+    # iterative DPO: round 1 is the DPO arm's run at the same beta (the same training, not run twice), round 2
+    # trains on pairs sampled from it, from it; its end-to-end cost has every round; it is compared with PPO
     it = "dpo_iterative beta=0.1"
     for seed in (sweep_seed := s["config"]["sweep"]["seed"], 0, 1):
         got = [st["stage"] for st in s["stages"] if st["seed"] == seed and it in st["stage"]]
-        assert got == [f"train {it} round 1", f"pairs {it} round 2", f"train {it} round 2"], got
+        assert got == [f"pairs {it} round 2", f"train {it} round 2"], got
         run = audit / f"seed{seed}" / "dpo_iterative-beta0.1"
-        assert Path(yaml.safe_load((run / "round2" / "config.yaml").read_text())["model"]) == run / "round1" / "final"
-        assert Path(yaml.safe_load((run / "round1" / "config.yaml").read_text())["data"]) == \
-            audit / f"seed{seed}" / "pairs" / "pairs.jsonl"
+        assert Path(yaml.safe_load((run / "round2" / "config.yaml").read_text())["model"]) == \
+            audit / f"seed{seed}" / "dpo-beta0.1" / "final"
+        assert not (run / "round1").exists()
     assert {tuple(r["stages"]) for r in s["test"] if r["arm"] == "dpo_iterative"} == \
-        {("sft", "pairs", f"train {it} round 1", f"pairs {it} round 2", f"train {it} round 2")}
+        {("sft", "pairs", "train dpo beta=0.1", f"pairs {it} round 2", f"train {it} round 2")}
     assert set(s["comparisons"]) == {"dpo vs ppo", "dpo_iterative vs ppo"}
     assert s["verdict"]["figures"]["dpo_iterative vs ppo"]["a"] == "iterative DPO"
     # the sweep has its own seed: no test row comes from a sweep run
@@ -353,7 +370,8 @@ def test_audit_writes_the_three_files_with_documented_keys(audit):
                          / "eval.json").read_text())
         assert Path(ev["reference"]) == audit / f"seed{r['seed']}" / "sft" / "final", ev["reference"]
         first = audit / f"seed{r['seed']}" / f"{r['arm']}-{r['setting_name']}{r['setting']}"
-        first = first / "round1" if r["arm"] == "dpo_iterative" else first  # its later rounds start from round 1
+        if r["arm"] == "dpo_iterative":  # round 1 is the DPO arm's run; round 2 starts from it
+            first = first.parent / "dpo-beta0.1"
         run = yaml.safe_load((first / "config.yaml").read_text())
         assert Path(run["model"]) == audit / f"seed{r['seed']}" / "sft" / "final"
     trained = [st for st in s["stages"] if st["stage"].startswith("train")]

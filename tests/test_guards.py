@@ -230,7 +230,7 @@ def test_kl_max_stops_or_rolls_back_to_the_right_step(figures, files, action):
     assert run["stopped"] == "guard" and run["steps"] == fire["step"]  # no step after the one that broke
     assert g["fired"] == {"step": fire["step"], "broken": [{"rule": "kl_max", "value": fire["kl"], "limit": limit}]}
     expected = fire["step"] - EVERY if action == "rollback" else fire["step"]
-    assert g["final_step"] == expected and "kl_max" in g["reason"]
+    assert g["final_step"] == expected and "kl_max" in g["reason"] and "pruned" not in g["reason"]
     assert _weights_equal(files["root"] / action / "final", files["root"] / action / "checkpoints" / f"step-{expected}")
     if action == "rollback":  # the step it returned to survived pruning (keep_checkpoints: 1)
         assert (files["root"] / action / "checkpoints" / f"step-{expected}").is_dir()
@@ -285,33 +285,55 @@ def test_a_run_resumed_with_a_loosened_rule_trains_on(figures, files):
     assert any("rules changed" in line for line in logged), logged
 
 
-@pytest.mark.parametrize("keep", [1, STEPS])
-def test_a_run_resumed_with_a_tightened_rule_rolls_back_only_to_a_checkpoint_it_has(figures, files, monkeypatch, keep):
+@pytest.mark.parametrize(("select", "keep"), [("last", 1), ("last", STEPS), ("frontier", 1)])
+def test_a_run_resumed_with_a_tightened_rule_chooses_only_a_checkpoint_it_has(figures, files, monkeypatch, select,
+                                                                               keep):
     """Killed writing final/ under a kl_max nothing broke, resumed with the climb's limit: the recorded steps are
-    judged again, no step more trains, and rollback goes to the last step within the rule whose checkpoint is
-    still on disk. With keep_checkpoints 1 the old rules let pruning remove every such step: a clear error
-    naming them, not a load of a missing checkpoint."""
+    judged again, no step more trains, and rollback (or the frontier) chooses among the steps whose checkpoints are
+    still on disk. With keep_checkpoints 1 the old rules let pruning remove the step the new ones pick: the reason
+    names it, and with nothing left the error does, rather than loading a missing checkpoint."""
     fire, limit = _climb(figures["guard"]["history"])
-    name = f"tightened-{keep}"
+    name = f"tightened-{select}-{keep}"
     monkeypatch.setenv("PREFALIGN_FAULTS", "oom@final.write#1")
     with pytest.raises(OutOfMemoryError):
         _run(files, name, {"kl_max": 1e6, "action": "rollback"}, keep_checkpoints=keep)
     monkeypatch.delenv("PREFALIGN_FAULTS")
-    saved = {int(p.name.split("-")[1]) for p in (files["root"] / name / "checkpoints").iterdir()}
-    within = [h["step"] for h in figures["guard"]["history"] if h["step"] < fire["step"] and h["kl"] <= limit]
-    target = max((s for s in within if s in saved), default=None)
-    assert (target is None) == (keep == 1), (saved, within)
+    saved = {int(p.name.split("-")[1]) for p in (files["root"] / name / "checkpoints").iterdir()} | {STEPS}
+    history = figures["guard"]["history"]
+    if select == "frontier":
+        rules = {"kl_max": limit, "action": "continue"}
+        best = lambda hs: max((h for h in hs if h["kl"] <= limit), default=None,  # noqa: E731
+                              key=lambda h: (h["heldout_accuracy"], -h["kl"], -h["step"]))
+    else:
+        rules = {"kl_max": limit, "action": "rollback"}
+        best = lambda hs: max((h for h in hs if h["step"] < fire["step"] and h["kl"] <= limit), default=None,  # noqa
+                              key=lambda h: h["step"])
+    ideal, target = best(history), best([h for h in history if h["step"] in saved])
+    assert ideal is not None and (ideal is target) == (keep == STEPS), (saved, ideal, target)
+    note = f"step {ideal['step']}, which the rules pick, has no checkpoint left (pruned under earlier rules)"
     if target is None:
-        with pytest.raises(TrainingError, match=re.escape(f"steps {within} kept every rule but their checkpoints "
-                                                          "were pruned under earlier rules; no earlier guard step kept "
-                                                          "every rule and still has its checkpoint")):
-            _run(files, name, {"kl_max": limit, "action": "rollback"}, keep_checkpoints=keep, resume=True)
+        with pytest.raises(TrainingError, match=re.escape(note)):
+            _run(files, name, rules, select, keep_checkpoints=keep, resume=True)
         assert not (files["root"] / name / "final" / "model.safetensors").exists()
         return
-    run = _run(files, name, {"kl_max": limit, "action": "rollback"}, keep_checkpoints=keep, resume=True)
-    assert run["steps"] == STEPS and run["stopped"] == "guard" and run["guard"]["final_step"] == target
-    assert run["guard"]["fired"]["step"] == fire["step"]
-    assert _weights_equal(files["root"] / name / "final", files["root"] / name / "checkpoints" / f"step-{target}")
+    run = _run(files, name, rules, select, keep_checkpoints=keep, resume=True)
+    g = run["guard"]
+    assert run["steps"] == STEPS and g["final_step"] == target["step"] and (note in g["reason"]) == (keep == 1)
+    assert _weights_equal(files["root"] / name / "final", files["root"] / name / "checkpoints" /
+                          f"step-{target['step']}")
+
+
+def test_a_run_stopped_by_its_time_budget_is_judged_at_the_step_it_stops(files, tmp_path):
+    """guard_every far beyond the run, max_seconds 1: the step the budget stops at is still a guard step, so a
+    rule it breaks fires there (final/ kept every rule, or the run says it broke one), not a silent last step."""
+    cfg = make_config(model=files["model"], data=files["data"], output=str(tmp_path / "t"), max_steps=10_000,
+                      batch_size=8, learning_rate=5e-3, lr_schedule="constant", kl_prompts=2, kl_max_new_tokens=4,
+                      guard_every=5_000, guards={"kl_max": 1e-12, "action": "stop"}, max_seconds=1.0)
+    train(cfg, log=lambda _: None, progress=False)
+    run = json.loads((tmp_path / "t" / "run.json").read_text())
+    g = run["guard"]
+    assert 1 < run["steps"] < 5_000 and [h["step"] for h in g["history"]] == [run["steps"]]
+    assert run["stopped"] == "guard" and g["fired"]["step"] == run["steps"] and "kl_max" in g["reason"]
 
 
 def test_kl_budget_sees_only_the_monitors_measurements(files, tmp_path):

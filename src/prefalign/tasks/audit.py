@@ -249,7 +249,9 @@ def _write_prompts(cfg: AuditConfig, out: Path) -> dict[str, Path]:
     sets = {"train": train, "validation": val, "test": test}
     for name, texts in sets.items():
         if len(texts) < (1 if name == "train" else 2):
-            raise ConfigError(f"{cfg.prompts}: too few prompts for the {name} set ({len(texts)})")
+            field = {"validation": "validation_prompts", "test": "test_prompts"}.get(name, "prompts")
+            given = getattr(cfg, field) or cfg.prompts  # a held-out set not given is carved from `prompts`
+            raise ConfigError(f"{field}: {given}: too few prompts for the {name} set ({len(texts)})")
     task.check_disjoint({k: [text_of(t) for t in v] for k, v in sets.items()})  # seen in training: flattering
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f"{k}_prompts.jsonl" for k in sets}
@@ -278,6 +280,7 @@ class Audit:
         self.out = Path(cfg.output)
         self.hw = hardware(cfg)
         self.stages: list[dict] = []
+        self.trained: dict[tuple[str, float, int], tuple[Path, list[dict]]] = {}  # (arm, setting, seed) -> run
 
     def stage(self, name: str, arm: str | None, seed: int, fn, *args, **kwargs):
         meter = EnergyMeter().start()
@@ -337,16 +340,24 @@ class Audit:
                             arm, None if rl else inputs.pairs, prompts["train"] if rl else None,
                             sizes(self.cfg, seed), self.child_log, self.progress,
                             **run_settings(self.cfg, arm, value, inputs.reward))
+        self.trained[(arm, value, seed)] = (run, [row])
         return run, [row]
 
     def _iterative(self, name: str, value: float, seed: int, inputs: Inputs, prompts) -> tuple[Path, list[dict]]:
         """Online DPO (Xu et al. 2023; Yuan et al. 2024; `prefalign iterate`): round 1 trains on the DPO arm's
         pairs; round r samples pairs from round r-1's model (its own sampling seed), the reward labels them,
-        and DPO trains from that model, anchored to it. Every KL is still measured to `inputs.base`."""
+        and DPO trains from that model, anchored to it. Every KL is still measured to `inputs.base`. Round 1 is
+        the DPO arm's run when that trained the same setting with the same settings (the same training: it is
+        reused, and its cost counted in both arms)."""
         cfg, d, rows = self.cfg, self.out / f"seed{seed}" / name, []
         prev, pairs = inputs.base, inputs.pairs
+        same = run_settings(cfg, "dpo", value, None) == run_settings(cfg, "dpo_iterative", value, None)
         for r in range(1, cfg.iterative_rounds + 1):
             what = f"dpo_iterative beta={value} round {r}"
+            if r == 1 and same and ("dpo", value, seed) in self.trained:
+                run, done = self.trained[("dpo", value, seed)]
+                rows, prev = list(done), run / "final"
+                continue
             if r > 1:
                 (pairs, _), row = self.stage(f"pairs {what}", "dpo_iterative", seed, task.make_pairs,
                                              d / f"round{r}-pairs", prev, prompts["train"],
@@ -394,7 +405,10 @@ def run_audit(cfg: AuditConfig, log=print, progress: bool = True) -> dict:
                        prompts)
     sweep = [{"arm": arm, "setting_name": SETTING[arm], "setting": v, "seed": first, **quality(ev)}
              for (arm, v, _, _), ev in zip(sweep_runs, evals[1:], strict=True)]
-    chosen = choose(sweep, cfg.matched_kl)
+    # K comes from the default arms only: running the optional iterative arm must not move DPO/PPO/RLOO's choices
+    chosen = choose([r for r in sweep if r["arm"] != "dpo_iterative"], cfg.matched_kl)
+    if "dpo_iterative" in cfg.arms:
+        chosen["arms"].update(choose([r for r in sweep if r["arm"] == "dpo_iterative"], chosen["matched_kl"])["arms"])
     log(f"audit: chosen on validation (matched KL <= {chosen['matched_kl']:.2f}): " + "; ".join(
         f"{arm}: best {c['best']}, matched {c['matched']}" for arm, c in chosen["arms"].items()))
 

@@ -201,6 +201,9 @@ class NoGuard:
     def due(self, step: int) -> bool:
         return False
 
+    def check(self, step: int, row: dict[str, Any], model=None) -> bool:
+        return False
+
     def state(self) -> dict[str, Any]:
         return {}
 
@@ -314,14 +317,13 @@ class Guard:
 
     def choose(self, step: int) -> tuple[dict[str, Any] | None, str]:
         """(the guard step final/ is to hold, or None for the model as it is at `step`; why), by the rules
-        of docs/guardrails.md: frontier whenever asked for; else rollback's last good step after a rule broke."""
+        of docs/guardrails.md: frontier whenever asked for; else rollback's last good step after a rule broke.
+        Only steps whose checkpoints are on disk (or `step` itself) can be chosen: a run resumed with tightened
+        rules may want one the old rules let pruning remove, and then the reason names it."""
         fired = f"step {self.fired['step']} broke {describe(self.fired['broken'])}; " if self.fired else ""
-        # a run resumed with tightened rules may want a step whose checkpoint the old rules let pruning remove
         kept = [h for h in self.history if h["step"] == step or self._saved(h["step"])]
-        gone = [h["step"] for h in self.history if not h["broken"] and h not in kept]
-        fired += f"steps {gone} kept every rule but their checkpoints were pruned under earlier rules; " if gone else ""
         if self.cfg.select == "frontier":
-            best = frontier(kept, self.by)
+            best, fired = self._pick(lambda hs: frontier(hs, self.by), kept, fired)
             if best is None:
                 raise TrainingError(f"select: frontier: no guard step kept every rule ({fired}steps checked: "
                                     f"{[h['step'] for h in self.history]}); metrics.jsonl's guard/* rows have the "
@@ -329,20 +331,28 @@ class Guard:
             kl = "not measured" if best["kl"] is None else format(best["kl"], ".4g")
             return best, (f"{fired}frontier: step {best['step']} has the best held-out {self.by[8:]} "
                           f"({best[self.by]:.4g}, kl {kl}) of the "
-                          f"{sum(not h['broken'] for h in self.history)} guard steps within every rule")
+                          f"{sum(not h['broken'] for h in kept)} guard steps within every rule")
         if self.fired and self.rules.action == "rollback":
             # before the step that fired (after rules tightened on resume, later steps may be within them)
-            good = last_good([h for h in kept if h["step"] < self.fired["step"]])
+            before = self.fired["step"]
+            good, fired = self._pick(lambda hs: last_good([h for h in hs if h["step"] < before]), kept, fired)
             if good is None:
-                left = " and still has its checkpoint (keep_checkpoints)" if gone else ""
-                raise TrainingError(f"guards: {fired}no earlier guard step kept every rule{left}, so there is nothing "
-                                    "to roll back to (final/ not written; the checkpoints and metrics.jsonl are kept)")
+                raise TrainingError(f"guards: {fired}no earlier guard step kept every rule with its checkpoint "
+                                    "left, so there is nothing to roll back to (final/ not written; the checkpoints "
+                                    "and metrics.jsonl are kept)")
             return good, f"{fired}rolled back to step {good['step']}, the last guard step within every rule"
         if self.fired:
             return None, f"{fired}stopped there (action: stop)"
         broke = [h["step"] for h in self.history if h["broken"]]
         return None, (f"guard steps {broke} broke rules (action: continue)" if broke else
                       "every guard step kept every rule") + f"; final/ is step {step}, the last"
+
+    def _pick(self, rule, kept: list[dict[str, Any]], why: str) -> tuple[dict[str, Any] | None, str]:
+        """`rule` over the steps still on disk; `why` grows a note when over every step it picks one that is not."""
+        got, ideal = rule(kept), rule(self.history)
+        if ideal is not None and ideal not in kept:
+            why += f"step {ideal['step']}, which the rules pick, has no checkpoint left (pruned under earlier rules); "
+        return got, why
 
     def _saved(self, step: int) -> bool:
         return (Path(self.cfg.output) / "checkpoints" / f"step-{step}").is_dir()

@@ -272,7 +272,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
     budget = KLBudget(cfg, log)
     # run.json counts the run, not its last attempt: a resumed run's tokens and seconds go on from its
     # checkpoint's, and its last row is the last one logged, also when no step is left (killed in final/)
-    stopped, total_tokens, last = "max_steps", state.get("tokens", 0), runlog.last
+    stopped, total_tokens, last = _spent(cfg, state, step), state.get("tokens", 0), runlog.last
     t_start, ok = time.perf_counter() - state.get("wall_seconds", 0.0), False
     bar = progress_bar(cfg.max_steps, step, progress and world.main, label)
     model.train()
@@ -281,8 +281,8 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             # the baseline: what the untrained model scores, logged as step 0
             runlog.write({"step": 0, **{f"eval/{k}": v for k, v in eval_fn().items()}})
             model.train()
-        # a run whose guard ended it (killed before final/) resumes to its end, not to more training
-        while step < cfg.max_steps and not guard.fired:
+        # a run whose guard or time budget ended it (killed before final/) resumes to its end, not to more training
+        while step < cfg.max_steps and not guard.fired and stopped == "max_steps":
             skipped_before = opt.skipped
             step += 1
             row, metrics, tokens = _one_step(update, step, opt, opt.scheduler, device, world)
@@ -291,7 +291,9 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                 runlog.write(row)  # the last skipped step is on record before the run stops
                 raise TrainingError(bad.exceeded)
             measured = _measure(cfg, step, row, model, eval_fn, monitor, world)
-            checked = guard.due(step)
+            over = measured and budget.over(row["kl/policy_ref_token"], step)  # the monitor's KLs only, not a guard's
+            stopped = _stop_early(cfg, step, world.any_true(over), t_start, world)  # rank 0 measured: all ranks stop
+            checked = guard.due(step) or stopped != "max_steps"  # the step a run stops at is judged too
             if checked and guard.check(step, row, model):
                 stopped = "guard"
             skipped = opt.skipped > skipped_before  # on record whatever log_every (not: no metrics; offline has some)
@@ -299,10 +301,6 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                 runlog.write(row)
             last = row
             update_bar(bar, step, _bar_text(row))
-            over = measured and budget.over(row["kl/policy_ref_token"], step)  # the monitor's KLs only, not a guard's
-            if world.any_true(over) and stopped == "max_steps":  # rank 0 measured it; every rank stops with it
-                stopped = "kl_budget"
-            stopped = _out_of_time(cfg, step, stopped, t_start, world)
             if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
                                   "tokens": total_tokens, "wall_seconds": time.perf_counter() - t_start,
                                   **update.state(), **guard.state()}, stopped, log, world,
@@ -319,13 +317,23 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                       hardware(device), summary, _chosen_row(cfg, step, summary, world))
 
 
-def _out_of_time(cfg: RunConfig, step: int, stopped: str, t_start: float, world: World) -> str:
-    """"max_seconds" once the loop has run cfg.max_seconds (any rank's clock: every rank stops with it), else
-    `stopped`; no collective unless a budget is set."""
-    if cfg.max_seconds is not None and stopped == "max_steps" and step < cfg.max_steps and \
+def _stop_early(cfg: RunConfig, step: int, over_kl: bool, t_start: float, world: World) -> str:
+    """Why the run stops after `step` before max_steps: "kl_budget", "max_seconds" once the loop has run
+    cfg.max_seconds (any rank's clock: every rank stops with it), else "max_steps" (no collective unless a time
+    budget is set; `over_kl` is the same on every rank)."""
+    if over_kl:
+        return "kl_budget"
+    if cfg.max_seconds is not None and step < cfg.max_steps and \
             world.any_true(time.perf_counter() - t_start >= cfg.max_seconds):
         return "max_seconds"
-    return stopped
+    return "max_steps"
+
+
+def _spent(cfg: RunConfig, state: dict, step: int) -> str:
+    """"max_seconds" for a run resumed (say, killed writing final/) after its time budget ended it: no step more,
+    as the uninterrupted run (the checkpoint's wall_seconds are the same on every rank)."""
+    spent = cfg.max_seconds is not None and state.get("wall_seconds", 0.0) >= cfg.max_seconds
+    return "max_seconds" if spent and 0 < step < cfg.max_steps else "max_steps"
 
 
 def _chosen_row(cfg: RunConfig, step: int, guard: dict[str, Any] | None, world: World) -> dict[str, Any] | None:

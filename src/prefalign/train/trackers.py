@@ -154,7 +154,7 @@ def _next_second_if_taken(folder: Path, run_id: str) -> None:
     one's folder and replace its .wandb file. Wait for the next second then (at most 1 s, and only then)."""
     newest = max((p.stat().st_mtime for p in folder.glob(f"*run-*-{run_id}")), default=None)
     if newest is not None and int(time.time()) <= int(newest):
-        time.sleep(int(newest) + 1 - time.time() + 0.01)
+        time.sleep(min(int(newest) + 1 - time.time() + 0.01, 1.01))  # a folder dated ahead (clock skew): 1 s
 
 
 class WandB(Tracker):
