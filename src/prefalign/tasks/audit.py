@@ -46,7 +46,7 @@ from .stages import portable, run_stage
 PRICES = task.ASSETS / "prices.yaml"
 ARMS = ("dpo", "ppo", "rloo")  # the default arms; dpo_iterative is optional
 SETTING = {"dpo": "beta", "dpo_iterative": "beta", "ppo": "kl_coef", "rloo": "kl_coef"}
-METHOD = {"dpo_iterative": "dpo"}  # an arm's training method, where it is not the arm's name
+TRAINS = {"dpo_iterative": "dpo"}  # an audit arm -> the method its runs train, where the names differ
 DEFAULT_STAGE = {"learning_rate": 1e-3, "max_steps": 48, "batch_size": 8}  # sft and reward_model unless `train` says
 
 
@@ -130,7 +130,7 @@ class AuditConfig(StrictModel):
         for arm in self.arms:
             for value in getattr(self.sweep, f"{arm}_{SETTING[arm]}"):
                 try:  # every run's settings validated now, not an hour into the audit
-                    task.train_settings(stand_in, Path(self.model), METHOD.get(arm, arm), stand_in, stand_in,
+                    task.train_settings(stand_in, Path(self.model), TRAINS.get(arm, arm), stand_in, stand_in,
                                         sizes(self, self.seeds[0]), **run_settings(self, arm, value, "x"))
                 except ConfigError as e:
                     raise ValueError(f"{arm} ({SETTING[arm]} {value}): {e}") from None
