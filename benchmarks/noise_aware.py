@@ -145,8 +145,9 @@ def main() -> None:
     print(text)
     if a.out:
         Path(a.out + ".md").write_text(text)
+        settings = {**SETTINGS, "max_steps": a.steps or SETTINGS["max_steps"]}  # what the runs did
         Path(a.out + ".json").write_text(json.dumps({"command": f"python benchmarks/noise_aware.py "
-                                                     f"{shlex.join(sys.argv[1:])}", "settings": SETTINGS,
+                                                     f"{shlex.join(sys.argv[1:])}", "settings": settings,
                                                      "results": results}, indent=2))
 
 

@@ -64,6 +64,19 @@ def test_the_budget_reaches_every_training_run_and_each_arm_is_charged_what_it_n
     assert needs("ppo", learned) == [pairs, rm] and needs("rloo", given) == []  # a given reward costs nothing here
 
 
+
+def test_iterative_round_one_reuses_the_dpo_run_only_when_it_is_the_same_training():
+    from prefalign.tasks.audit import same_training
+
+    base = {"output": "out", "model": "m", "prompts": "p.jsonl", "reward": "a:b",
+            "arms": ["dpo", "dpo_iterative", "ppo"]}
+    assert same_training(load_config(AuditConfig, base=base), 0.1)  # dpo_iterative takes train.dpo's settings
+    own = load_config(AuditConfig, base={**base, "train": {"dpo": {"learning_rate": 1e-3, "max_steps": 4},
+                                                           "dpo_iterative": {"learning_rate": 2e-3, "max_steps": 4},
+                                                           "ppo": {"max_steps": 4}}})
+    assert not same_training(own, 0.1)  # another learning rate: another training
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is present")
 def test_cuda_without_a_gpu_is_refused_not_priced_as_cpu():
     cfg = AuditConfig.model_construct(device="cuda", prices=None, hardware="auto")
@@ -99,6 +112,10 @@ def test_bad_prompt_files_are_named_with_file_line_and_field(tmp_path):
                                       eval_prompts=2, train_prompts=None, retention_text=None)
     with pytest.raises(DataError, match=rf"validation_prompts: {re.escape(str(bad))}:2.*prompt.*\(1 bad row\)"):
         _write_prompts(cfg, tmp_path / "out")
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"prompt": "only one"}\n')
+    with pytest.raises(ConfigError, match=rf"test_prompts: {re.escape(str(few))}: too few prompts for the test set"):
+        _write_prompts(cfg.model_copy(update={"validation_prompts": None, "test_prompts": str(few)}), tmp_path / "o")
     with pytest.raises(ConfigError, match="test_prompts: [^:]*nowhere.jsonl: no such file"):
         _write_prompts(cfg.model_copy(update={"validation_prompts": None,
                                               "test_prompts": str(tmp_path / "nowhere.jsonl")}), tmp_path / "out")
@@ -358,6 +375,9 @@ def test_audit_writes_the_three_files_with_documented_keys(audit):
         {("sft", "pairs", "train dpo beta=0.1", f"pairs {it} round 2", f"train {it} round 2")}
     assert set(s["comparisons"]) == {"dpo vs ppo", "dpo_iterative vs ppo"}
     assert s["verdict"]["figures"]["dpo_iterative vs ppo"]["a"] == "iterative DPO"
+    # K from the default arms only (the smallest KL at which each has a setting): the optional arm moves nothing
+    kls = {a: min(r["kl_per_sequence"] for r in s["sweep"] if r["arm"] == a) for a in ("dpo", "dpo_iterative", "ppo")}
+    assert s["chosen"]["matched_kl"] == max(kls["dpo"], kls["ppo"]), kls
     # the sweep has its own seed: no test row comes from a sweep run
     assert {r["seed"] for r in s["sweep"]} == {sweep_seed} and sweep_seed not in {r["seed"] for r in s["test"]}
     assert sum(st["stage"] == "train ppo kl_coef=0.1" for st in s["stages"]) == 3  # sweep + 2 fresh test runs

@@ -323,6 +323,30 @@ def test_a_run_resumed_with_a_tightened_rule_chooses_only_a_checkpoint_it_has(fi
                           f"step-{target['step']}")
 
 
+def test_a_resumed_frontier_whose_pick_was_pruned_takes_the_best_it_still_has_and_says_so(figures, files):
+    """select: frontier under a tight kl_max keeps only its pick b1 (and the last step); resumed with a looser
+    kl_max the rules pick a step b2 pruned meanwhile: final/ is the best of the steps still on disk, and the
+    reason names b2."""
+    history = figures["guard"]["history"]
+    key = lambda h: (h["heldout_accuracy"], -h["kl"], -h["step"])  # noqa: E731  the frontier's order
+    best = lambda limit: max((h for h in history if h["kl"] <= limit), key=key)  # noqa: E731
+    tight = min(h["kl"] for h in history)
+    b1 = best(tight)
+    loose = next((h["kl"] for h in sorted(history, key=lambda h: h["kl"])
+                  if best(h["kl"])["step"] not in (b1["step"], STEPS)), None)
+    assert loose is not None, [(h["step"], h["kl"], h["heldout_accuracy"]) for h in history]
+    b2 = best(loose)
+    _run(files, "frontier-pruned", {"kl_max": tight, "action": "continue"}, "frontier")
+    saved = {int(p.name.split("-")[1]) for p in (files["root"] / "frontier-pruned" / "checkpoints").iterdir()}
+    assert b2["step"] not in saved and b1["step"] in saved, saved
+    run = _run(files, "frontier-pruned", {"kl_max": loose, "action": "continue"}, "frontier", resume=True)
+    got = max((h for h in history if h["kl"] <= loose and h["step"] in saved | {STEPS}), key=key)
+    assert run["guard"]["final_step"] == got["step"] != b2["step"]
+    assert f"step {b2['step']}, which the rules pick, has no checkpoint left" in run["guard"]["reason"]
+    assert _weights_equal(files["root"] / "frontier-pruned" / "final", files["root"] / "frontier-pruned" /
+                          "checkpoints" / f"step-{got['step']}") or got["step"] == STEPS
+
+
 def test_a_run_stopped_by_its_time_budget_is_judged_at_the_step_it_stops(files, tmp_path):
     """guard_every far beyond the run, max_seconds 1: the step the budget stops at is still a guard step, so a
     rule it breaks fires there (final/ kept every rule, or the run says it broke one), not a silent last step."""
@@ -337,15 +361,15 @@ def test_a_run_stopped_by_its_time_budget_is_judged_at_the_step_it_stops(files, 
 
 
 def test_kl_budget_sees_only_the_monitors_measurements(files, tmp_path):
-    """kl_every 4, guard_every 2, a budget every KL is over: the guard's KL at step 2 does not stop the run,
-    the monitor's at step 4 does (as in the same run unguarded)."""
+    """kl_every 3, guard_every 2, a budget every KL is over: the guard's KL at step 2 does not stop the run,
+    the monitor's at step 3 does (as in the same run unguarded), and the guard judges step 3, where it stops."""
     cfg = make_config(model=files["model"], data=files["data"], output=str(tmp_path / "b"), max_steps=6, batch_size=8,
-                      learning_rate=5e-3, kl_prompts=2, kl_max_new_tokens=4, kl_every=4, kl_budget=1e-12,
+                      learning_rate=5e-3, kl_prompts=2, kl_max_new_tokens=4, kl_every=3, kl_budget=1e-12,
                       stop_on_kl_budget=True, guard_every=2, seed=0)
     train(cfg, log=lambda _: None, progress=False)
     run = json.loads((tmp_path / "b" / "run.json").read_text())
-    assert run["stopped"] == "kl_budget" and run["steps"] == 4 and [h["step"] for h in run["guard"]["history"]] == \
-        [2, 4]
+    assert run["stopped"] == "kl_budget" and run["steps"] == 3 and [h["step"] for h in run["guard"]["history"]] == \
+        [2, 3]
 
 
 def _short(files, out, max_steps, **kw):

@@ -136,6 +136,9 @@ def test_kl_budget_stops_the_run_and_saves(tiny_models, pair_file, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / f"step-{result.steps}").exists()
     assert json.loads((tmp_path / "run" / "run.json").read_text())["stopped"] == "kl_budget"
     assert list((tmp_path / "run").glob("events.out.tfevents*"))  # TensorBoard beside metrics.jsonl
+    # resumed (as after a kill while final/ was written): stopped by the same budget, no step more
+    again = train(cfg.model_copy(update={"resume": True}), log=logs.append, progress=False)
+    assert again.stopped == "kl_budget" and again.steps == result.steps
 
 
 def test_max_seconds_stops_after_the_step_that_reaches_it_counted_over_resumes(tiny_models, pair_file, tmp_path):
@@ -155,6 +158,9 @@ def test_max_seconds_stops_after_the_step_that_reaches_it_counted_over_resumes(t
     more = train(make_config(**base, max_seconds=1.0, resume=True), log=logs.append, progress=False)
     assert more.stopped == "max_seconds" and more.steps == result.steps
     assert (tmp_path / "run" / "final" / "model.safetensors").read_bytes() == final
+    # ...and with the budget raised, it trains on from there
+    longer = train(make_config(**base, max_seconds=1.5, resume=True), log=logs.append, progress=False)
+    assert longer.stopped == "max_seconds" and longer.steps > result.steps
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_models, pair_file, tmp_path):

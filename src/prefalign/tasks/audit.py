@@ -162,6 +162,12 @@ def budget(cfg: AuditConfig) -> dict[str, Any]:
     return {k: v for k, v in (("max_steps", cfg.budget.steps), ("max_seconds", cfg.budget.wall_seconds)) if v}
 
 
+def same_training(cfg: AuditConfig, beta: float) -> bool:
+    """Whether iterative DPO's round 1 at `beta` is the DPO arm's run at `beta` (the same settings, base,
+    pairs and seed), so that it is reused rather than trained twice."""
+    return "dpo" in cfg.arms and run_settings(cfg, "dpo", beta, None) == run_settings(cfg, "dpo_iterative", beta, None)
+
+
 def stage_settings(cfg: AuditConfig, kind: str) -> dict[str, Any]:
     """The settings of a stage every arm shares or that only feeds one (sft, reward_model)."""
     return {**DEFAULT_STAGE, **cfg.train.get(kind, {}), "device": cfg.device, **budget(cfg)}
@@ -351,7 +357,7 @@ class Audit:
         reused, and its cost counted in both arms)."""
         cfg, d, rows = self.cfg, self.out / f"seed{seed}" / name, []
         prev, pairs = inputs.base, inputs.pairs
-        same = run_settings(cfg, "dpo", value, None) == run_settings(cfg, "dpo_iterative", value, None)
+        same = same_training(cfg, value)
         for r in range(1, cfg.iterative_rounds + 1):
             what = f"dpo_iterative beta={value} round {r}"
             if r == 1 and same and ("dpo", value, seed) in self.trained:

@@ -331,7 +331,7 @@ class Guard:
             kl = "not measured" if best["kl"] is None else format(best["kl"], ".4g")
             return best, (f"{fired}frontier: step {best['step']} has the best held-out {self.by[8:]} "
                           f"({best[self.by]:.4g}, kl {kl}) of the "
-                          f"{sum(not h['broken'] for h in kept)} guard steps within every rule")
+                          f"{sum(not h['broken'] for h in self.history)} guard steps within every rule")
         if self.fired and self.rules.action == "rollback":
             # before the step that fired (after rules tightened on resume, later steps may be within them)
             before = self.fired["step"]

@@ -269,11 +269,11 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
     bad, state = opt.guard, _resume(cfg, model, update, opt, log, world, guard)
     step = state.get("step", 0)
     runlog = RunLog(Path(cfg.output), step if state else None, enabled=world.main, cfg=cfg, log=log)
-    budget = KLBudget(cfg, log)
+    budgets = Budgets(cfg, log, world, state)
     # run.json counts the run, not its last attempt: a resumed run's tokens and seconds go on from its
     # checkpoint's, and its last row is the last one logged, also when no step is left (killed in final/)
-    stopped, total_tokens, last = _spent(cfg, state, step), state.get("tokens", 0), runlog.last
-    t_start, ok = time.perf_counter() - state.get("wall_seconds", 0.0), False
+    stopped, total_tokens, last = budgets.resumed(state, step), state.get("tokens", 0), runlog.last
+    t_start, ok = budgets.t_start, False
     bar = progress_bar(cfg.max_steps, step, progress and world.main, label)
     model.train()
     try:
@@ -281,7 +281,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             # the baseline: what the untrained model scores, logged as step 0
             runlog.write({"step": 0, **{f"eval/{k}": v for k, v in eval_fn().items()}})
             model.train()
-        # a run whose guard or time budget ended it (killed before final/) resumes to its end, not to more training
+        # a run whose guard or KL or time budget ended it (killed before final/) resumes to its end, not further
         while step < cfg.max_steps and not guard.fired and stopped == "max_steps":
             skipped_before = opt.skipped
             step += 1
@@ -291,8 +291,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
                 runlog.write(row)  # the last skipped step is on record before the run stops
                 raise TrainingError(bad.exceeded)
             measured = _measure(cfg, step, row, model, eval_fn, monitor, world)
-            over = measured and budget.over(row["kl/policy_ref_token"], step)  # the monitor's KLs only, not a guard's
-            stopped = _stop_early(cfg, step, world.any_true(over), t_start, world)  # rank 0 measured: all ranks stop
+            stopped = budgets.after(step, row, measured)  # the monitor's KLs only, not a guard's
             checked = guard.due(step) or stopped != "max_steps"  # the step a run stops at is judged too
             if checked and guard.check(step, row, model):
                 stopped = "guard"
@@ -303,7 +302,7 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
             update_bar(bar, step, _bar_text(row))
             if checkpoint_or_stop(cfg, step, update.position, model, opt, {"skipped_steps": opt.skipped,
                                   "tokens": total_tokens, "wall_seconds": time.perf_counter() - t_start,
-                                  **update.state(), **guard.state()}, stopped, log, world,
+                                  **update.state(), **guard.state(), **budgets.state()}, stopped, log, world,
                                   checked and guard.needs_checkpoints, guard.protected()):
                 break
         summary = guard.finish(step, model, opt, world)
@@ -315,25 +314,6 @@ def train_loop(cfg: RunConfig, model, update: Update, device: torch.device, *,
         runlog.close(ok)
     return LoopResult(step, stopped, opt.skipped, time.perf_counter() - t_start, total_tokens, last,
                       hardware(device), summary, _chosen_row(cfg, step, summary, world))
-
-
-def _stop_early(cfg: RunConfig, step: int, over_kl: bool, t_start: float, world: World) -> str:
-    """Why the run stops after `step` before max_steps: "kl_budget", "max_seconds" once the loop has run
-    cfg.max_seconds (any rank's clock: every rank stops with it), else "max_steps" (no collective unless a time
-    budget is set; `over_kl` is the same on every rank)."""
-    if over_kl:
-        return "kl_budget"
-    if cfg.max_seconds is not None and step < cfg.max_steps and \
-            world.any_true(time.perf_counter() - t_start >= cfg.max_seconds):
-        return "max_seconds"
-    return "max_steps"
-
-
-def _spent(cfg: RunConfig, state: dict, step: int) -> str:
-    """"max_seconds" for a run resumed (say, killed writing final/) after its time budget ended it: no step more,
-    as the uninterrupted run (the checkpoint's wall_seconds are the same on every rank)."""
-    spent = cfg.max_seconds is not None and state.get("wall_seconds", 0.0) >= cfg.max_seconds
-    return "max_seconds" if spent and 0 < step < cfg.max_steps else "max_steps"
 
 
 def _chosen_row(cfg: RunConfig, step: int, guard: dict[str, Any] | None, world: World) -> dict[str, Any] | None:
@@ -430,6 +410,33 @@ def write_summary(out: Path, result: LoopResult, **fields: Any) -> dict[str, Any
         tmp_name(path).write_text(text)
         commit(tmp_name(path), path)
     return summary
+
+
+class Budgets:
+    """kl_budget (with stop_on_kl_budget) and max_seconds: after each step, whether the run stops, on every rank
+    alike (rank 0 measured the KL; any rank's clock counts); the budget that stopped it goes into the checkpoint,
+    so a run resumed after that stop (killed writing final/) takes no step more unless its budget was raised."""
+
+    def __init__(self, cfg: RunConfig, log: Callable[[str], None], world: World, state: dict[str, Any]):
+        self.cfg, self.kl, self.world, self.stopped_by = cfg, KLBudget(cfg, log), world, None
+        self.t_start = time.perf_counter() - state.get("wall_seconds", 0.0)  # counted over resumes
+
+    def resumed(self, state: dict[str, Any], step: int) -> str:
+        kind, limit = state.get("stopped_by") or (None, None)
+        now = {"kl_budget": self.cfg.kl_budget if self.cfg.stop_on_kl_budget else None,
+               "max_seconds": self.cfg.max_seconds}.get(kind)
+        return kind if now is not None and now <= limit and step < self.cfg.max_steps else "max_steps"
+
+    def after(self, step: int, row: dict[str, Any], measured: bool) -> str:
+        if self.world.any_true(measured and self.kl.over(row["kl/policy_ref_token"], step)):
+            self.stopped_by = ["kl_budget", self.cfg.kl_budget]
+        elif self.cfg.max_seconds is not None and step < self.cfg.max_steps and \
+                self.world.any_true(time.perf_counter() - self.t_start >= self.cfg.max_seconds):
+            self.stopped_by = ["max_seconds", self.cfg.max_seconds]
+        return self.stopped_by[0] if self.stopped_by else "max_steps"
+
+    def state(self) -> dict[str, Any]:
+        return {"stopped_by": self.stopped_by} if self.stopped_by else {}
 
 
 class KLBudget:
