@@ -131,6 +131,11 @@ ATHERIS_FOUND = {
     "TSV header of NULs and a cp1252 byte (UnicodeEncodeError), 88th input":
         (b"\x03prompt\tcompletion" + b"\x00" * 41 + b"\x94" + b"\x00" * 62 + b"\tlabel\nhi\tyes\ttrue\n",
          [(2, "utf8")]),
+    # found in CI (a 3-second run, 2026-12-08): a U+2028 in a quarantined CSV row, written raw, split the
+    # quarantine line for a reader that splits on it (str.splitlines); shrunk by hand to the same failure,
+    # with U+0085 and U+2029 in a kept row too
+    "a Unicode line break inside a CSV field (a JSONL line split by str.splitlines)":
+        (b'\x02prompt,chosen,rejected\n"a\xe2\x80\xa8b"\np,"c\xc2\x85d","e\xe2\x80\xa9"\n', [(2, "csv")]),
 }
 
 

@@ -8,7 +8,6 @@ dict held 1.2 GB) and a fixed-size reservoir of lengths for the percentiles.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from .hashtable import U64Table
 from .hub import resolve_model
 from .noise import DuplicateComparisons, Estimate, combine, readiness
 from .readers import read_rows
-from .records import PreferencePair, Problem, Record, UnpairedExample, json_line, text_of
+from .records import PreferencePair, Problem, Record, UnpairedExample, dumps, json_line, text_of
 from .shapes import norm, parse_rows
 
 RESERVOIR = 100_000
@@ -334,7 +333,7 @@ def curate(path: str | Path, out: str | Path, quarantine: str | Path, cfg: Curat
                     bad.write(_set_aside_line(record, *reason) + "\n")
                 else:
                     res.kept += 1
-                    good.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+                    good.write(dumps(record) + "\n")
     return res
 
 
@@ -364,5 +363,5 @@ def split(path: str | Path, out_dir: str | Path, cfg: SplitConfig) -> dict[str, 
             for record in result:
                 name = "eval" if eval_share(text_of(record.prompt), cfg.salt) < cfg.eval_fraction else "train"
                 counts[name] += 1
-                files[name].write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+                files[name].write(dumps(record) + "\n")
     return dict(counts)

@@ -103,6 +103,11 @@ def text_of(value: Text) -> str:
                         else "") for m in value)
 
 
+# Unicode line breaks JSON leaves raw inside a string: escaped, so that a line of a JSONL file prefalign writes
+# stays one line for readers that split on them too (Python's str.splitlines); the value reads back the same
+LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def json_line(obj: Any) -> str:
     """One JSONL line of a problem or a set-aside record, whatever the input held: text with an unpaired
     surrogate (a JSON \\ud800 escape read back) is written \\u-escaped, which reads back the same, and a
@@ -112,7 +117,7 @@ def json_line(obj: Any) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(obj, default=_as_text)
-    return text
+    return text.translate(LINE_BREAKS)
 
 
 def _as_text(value: Any) -> str:
@@ -122,4 +127,4 @@ def _as_text(value: Any) -> str:
 
 
 def dumps(record: Record) -> str:
-    return json.dumps(record.to_json(), ensure_ascii=False)
+    return json.dumps(record.to_json(), ensure_ascii=False).translate(LINE_BREAKS)
