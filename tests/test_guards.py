@@ -208,6 +208,8 @@ def test_frontier_picks_the_best_heldout_within_the_limits(figures, files):
     assert {h["step"]: {b["rule"] for b in h["broken"]} for h in second["history"]} == broke
     expected = max(inside, key=lambda h: (h["heldout_accuracy"], -h["kl"], -h["step"]))
     assert second["candidates"] == [h["step"] for h in inside] and second["final_step"] == expected["step"]
+    # the reason counts the steps within the rules (all of them, not only those whose checkpoints were kept)
+    assert f"of the {len(inside)} guard steps within every rule" in second["reason"], second["reason"]
     assert _weights_equal(files["root"] / "frontier-kl" / "final", files["root"] / "frontier-kl" / "checkpoints" /
                           f"step-{expected['step']}")
 

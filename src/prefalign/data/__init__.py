@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import ConfigError, DataError
 from .curate import ReadOptions, iter_parsed
 from .readers import read_rows
 from .records import Location, PreferencePair, Problem, Record, Text, UnpairedExample, text_of
@@ -51,3 +52,15 @@ def load_prompts(path: str | Path, opts: ReadOptions | None = None) -> tuple[lis
             seen.add(key)
             prompts.append(prompt)
     return prompts, problems
+
+
+def read_prompts(field: str, path: str | Path) -> list[Text]:
+    """`load_prompts` for the config key `field`: a missing file is a ConfigError, a bad row a DataError, each
+    naming the key, the file (and the line)."""
+    try:
+        prompts, problems = load_prompts(path)
+    except OSError as e:
+        raise ConfigError(f"{field}: {e}" if str(path) in str(e) else f"{field}: {path}: {e}") from None
+    if problems:
+        raise DataError(f"{field}: {problems[0]} ({len(problems)} bad row{'s' * (len(problems) > 1)})")
+    return prompts

@@ -30,9 +30,8 @@ import yaml
 from pydantic import Field, model_validator
 
 from ..config import ConfigError, StrictModel
-from ..data import load_prompts
+from ..data import read_prompts
 from ..data.records import text_of
-from ..errors import DataError
 from ..eval.evaluate import EvalConfig
 from ..eval.evaluate import evaluate as run_eval
 from ..runtime.device import gpu_available
@@ -228,18 +227,6 @@ def evaluate_models(models: list[tuple[str, Path]], base: str, prompts: Path, te
                         seed=seed + 1, device=cfg.device, max_prompts=None, suites=cfg.suites)
         results.append(run_eval(ec, log=log, progress=progress))
     return results
-
-
-def read_prompts(field: str, path: str) -> list:
-    """A prompt file's distinct prompts (rows of {prompt}, or any preference or completion file); a bad row
-    is an error naming the key, the file and the line."""
-    try:
-        prompts, problems = load_prompts(path)
-    except OSError as e:
-        raise ConfigError(f"{field}: {e}" if str(path) in str(e) else f"{field}: {path}: {e}") from None
-    if problems:
-        raise DataError(f"{field}: {problems[0]} ({len(problems)} bad row{'s' * (len(problems) > 1)})")
-    return prompts
 
 
 def _write_prompts(cfg: AuditConfig, out: Path) -> dict[str, Path]:

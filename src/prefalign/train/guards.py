@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..config import Sampling
-from ..data import load_prompts
+from ..data import read_prompts
 from ..errors import ConfigError, DataError, TrainingError
 from ..judges.suites import load_suite, score_suite, shipped_suites, suite_prompts
 from ..models.generate import encode_prompt, generate
@@ -129,12 +129,7 @@ class Retention:
 
 def heldout_prompts(path: str) -> list:
     """eval_prompts' prompts (a prompt or preference file, as `prompts`); a bad row is an error naming it."""
-    try:
-        prompts, problems = load_prompts(path)
-    except OSError as e:
-        raise ConfigError(f"eval_prompts: {path}: {e}") from None
-    if problems:
-        raise DataError(f"eval_prompts: {problems[0]} ({len(problems)} bad rows)")
+    prompts = read_prompts("eval_prompts", path)
     if not prompts:
         raise DataError(f"eval_prompts: {path}: no prompts")
     return prompts

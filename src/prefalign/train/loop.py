@@ -418,7 +418,7 @@ class Budgets:
     so a run resumed after that stop (killed writing final/) takes no step more unless its budget was raised."""
 
     def __init__(self, cfg: RunConfig, log: Callable[[str], None], world: World, state: dict[str, Any]):
-        self.cfg, self.kl, self.world, self.stopped_by = cfg, KLBudget(cfg, log), world, None
+        self.cfg, self.log, self.world, self.stopped_by, self.warned = cfg, log, world, None, False
         self.t_start = time.perf_counter() - state.get("wall_seconds", 0.0)  # counted over resumes
 
     def resumed(self, state: dict[str, Any], step: int) -> str:
@@ -428,31 +428,24 @@ class Budgets:
         return kind if now is not None and now <= limit and step < self.cfg.max_steps else "max_steps"
 
     def after(self, step: int, row: dict[str, Any], measured: bool) -> str:
-        if self.world.any_true(measured and self.kl.over(row["kl/policy_ref_token"], step)):
+        if self.world.any_true(measured and self._over_kl(row["kl/policy_ref_token"], step)):
             self.stopped_by = ["kl_budget", self.cfg.kl_budget]
         elif self.cfg.max_seconds is not None and step < self.cfg.max_steps and \
                 self.world.any_true(time.perf_counter() - self.t_start >= self.cfg.max_seconds):
             self.stopped_by = ["max_seconds", self.cfg.max_seconds]
         return self.stopped_by[0] if self.stopped_by else "max_steps"
 
-    def state(self) -> dict[str, Any]:
-        return {"stopped_by": self.stopped_by} if self.stopped_by else {}
-
-
-class KLBudget:
-    """kl_budget: warn once when the KL monitor's measured kl/policy_ref_token (exact, on sampled
-    completions: train/kl_monitor.py) exceeds it; `over` says whether the run should stop."""
-
-    def __init__(self, cfg: RunConfig, log: Callable[[str], None]):
-        self.cfg, self.log, self.warned = cfg, log, False
-
-    def over(self, kl: float, step: int) -> bool:
+    def _over_kl(self, kl: float, step: int) -> bool:
+        """Whether the monitor's kl/policy_ref_token stops the run; over kl_budget warns once either way."""
         if self.cfg.kl_budget is None or kl <= self.cfg.kl_budget:
             return False
         if not self.warned:
             self.log(f"step {step}: kl/policy_ref_token {kl:.4f} exceeds kl_budget {self.cfg.kl_budget}")
             self.warned = True
         return self.cfg.stop_on_kl_budget
+
+    def state(self) -> dict[str, Any]:
+        return {"stopped_by": self.stopped_by} if self.stopped_by else {}
 
 
 class BadSteps:
